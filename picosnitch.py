@@ -685,6 +685,22 @@ def offset_defines(btf: BTF) -> str:
     return "\n".join(lines)
 
 
+# Kernel memory readers and the BTF offsets: F_<FIELD>(p) reads a field,
+# read_ptr(p, FIELD) follows a pointer field. Shared by the program below and
+# by the offset self-check in the tests.
+BPF_PRELUDE = r"""
+static __always_inline u64 read_u64(void *p, long off) { u64 v = 0; bpf_probe_read_kernel(&v, 8, p + off); return v; }
+static __always_inline u32 read_u32(void *p, long off) { u32 v = 0; bpf_probe_read_kernel(&v, 4, p + off); return v; }
+static __always_inline u16 read_u16(void *p, long off) { u16 v = 0; bpf_probe_read_kernel(&v, 2, p + off); return v; }
+static __always_inline u8 read_u8(void *p, long off) { u8 v = 0; bpf_probe_read_kernel(&v, 1, p + off); return v; }
+#define read_ptr(p, field) ((void *)F_##field(p))
+"""
+
+
+def bpf_prelude(btf: BTF) -> str:
+    return BPF_PRELUDE + offset_defines(btf) + "\n"
+
+
 # The BPF program. $NAMES are filled by bpf_text(), in one place.
 BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
@@ -695,6 +711,7 @@ BPF_TEXT = r"""
 #define PS_AF_NETLINK 16
 #define PS_MSG_PEEK 2
 #define PS_TCP 6
+#define PS_TCP_SYN_SENT 2
 #define DIR_SEND 0
 #define DIR_RECV 1
 #define PATH_DEPTH $PATH_DEPTH
@@ -707,13 +724,11 @@ BPF_TEXT = r"""
 $EVENT_KINDS
 $STAT_INDEXES
 $CALL_KINDS
+#define CALL_CONNECT (CALL_RECVMMSG + 1)
+#define IS_SEND_CALL(c) ((c)->kind <= CALL_SENDMMSG)
+#define IS_RECV_CALL(c) ((c)->kind >= CALL_RECVFROM && (c)->kind <= CALL_RECVMMSG)
 
-static __always_inline u64 read_u64(void *p, long off) { u64 v = 0; bpf_probe_read_kernel(&v, 8, p + off); return v; }
-static __always_inline u32 read_u32(void *p, long off) { u32 v = 0; bpf_probe_read_kernel(&v, 4, p + off); return v; }
-static __always_inline u16 read_u16(void *p, long off) { u16 v = 0; bpf_probe_read_kernel(&v, 2, p + off); return v; }
-static __always_inline u8 read_u8(void *p, long off) { u8 v = 0; bpf_probe_read_kernel(&v, 1, p + off); return v; }
-#define read_ptr(p, field) ((void *)F_##field(p))
-$OFFSETS
+$PRELUDE
 
 $STRUCTS
 struct conn_event_t { struct event_hdr_t hdr; struct conn_key_t key; };
@@ -868,10 +883,10 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
     if (sock_key(sk, &key)) return 0;
     u64 id = bpf_get_current_pid_tgid();
     struct call_t *c = calls.lookup(&id);
-    if (c && dir == DIR_SEND && c->kind <= CALL_SENDMMSG) {
+    if (c && dir == DIR_SEND && IS_SEND_CALL(c)) {
         if (key.proto != PS_TCP) read_user_peer(call_name(c, c->index), &key);
         c->index++;
-    } else if (c && dir == DIR_RECV && c->kind > CALL_SENDMMSG && !has_peer(&key)) {
+    } else if (c && dir == DIR_RECV && IS_RECV_CALL(c) && !has_peer(&key)) {
         c->key = key;        /* the peer is known when the call returns */
         c->bytes += ret;
         return 0;
@@ -911,6 +926,28 @@ static __always_inline int exit_call(void *ctx, long ret) {
 }
 
 $SYSCALL_HOOKS
+
+/* a TCP connect is a connection even if it never moves a byte: the socket is
+   noted at SYN_SENT and counted when connect() returns, its local port bound */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
+    if ((int)ctx->args[2] != PS_TCP_SYN_SENT) return 0;
+    u64 id = bpf_get_current_pid_tgid();
+    struct call_t c = {};
+    c.kind = CALL_CONNECT;
+    c.uptr = ctx->args[0];
+    calls.update(&id, &c);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct call_t *c = calls.lookup(&id);
+    if (!c || c->kind != CALL_CONNECT) return 0;
+    struct conn_key_t key = {};
+    if (!sock_key((void *)c->uptr, &key)) account(args, &key, DIR_SEND, 0);
+    calls.delete(&id);
+    return 0;
+}
 
 $SOCK_HOOKS
 
@@ -1082,7 +1119,1065 @@ def bpf_text(btf: BTF, mode: str) -> str:
         EVENT_KINDS=defines("EV_", [(num, name) for name, (num, _) in EVENT_KINDS.items()]),
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
         CALL_KINDS=defines("CALL_", [(i, n.upper()) for i, (n, _) in enumerate(SYSCALL_HOOKS)]),
-        OFFSETS=offset_defines(btf), STRUCTS=structs,
+        PRELUDE=bpf_prelude(btf), STRUCTS=structs,
         MAX_CONNS=MAX_CONNS, MAX_CALLS=16384, N_STATS=len(STATS),
         SYSCALL_HOOKS=syscall_hooks_text(),
         SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_CALLS=16384))
+
+
+###############################################################################
+# 9. BPF reader process
+###############################################################################
+# Loads the program, polls its events, and at the end of each write window
+# drains the connection map of that window into Conn rows for the primary.
+
+GRACE_SECONDS = 0.02      # after switching maps, for updates already under way
+DOMAIN_CACHE = 4096       # addresses remembered from getaddrinfo answers
+
+
+def ensure_tracefs(say: typing.Callable[[str], None]) -> None:
+    """Mount tracefs when nothing provides it (attaching tracepoints needs it)."""
+    if os.path.isdir(os.path.join(TRACEFS, "events")) or os.path.isdir("/sys/kernel/debug/tracing/events"):
+        return
+    if libc().mount(b"nodev", TRACEFS.encode(), b"tracefs", 0, None) != 0:
+        raise PicosnitchError(f"could not mount tracefs at {TRACEFS}: {os.strerror(ctypes.get_errno())}")
+    say(f"mounted tracefs at {TRACEFS} (tracepoints need it)")
+
+
+def version_key(release: str) -> typing.Tuple[int, ...]:
+    return tuple(int(n) for n in "".join(c if c.isdigit() else " " for c in release).split()[:3])
+
+
+def find_kernel_headers(release: str, modules: str = "/lib/modules") -> typing.Tuple[typing.Optional[typing.List[str]], str]:
+    """Header directories for bcc: None when the running kernel's are installed.
+
+    Otherwise the newest installed set (build dir, and its source dir where a
+    distribution splits them); offsets come from BTF, so any set that
+    compiles will do.
+    """
+    if os.path.exists(os.path.join(modules, release, "build", "include", "generated", "autoconf.h")):
+        return None, f"kernel headers for {release}"
+    found = []
+    for name in os.listdir(modules) if os.path.isdir(modules) else []:
+        build = os.path.join(modules, name, "build")
+        if os.path.exists(os.path.join(build, "include", "generated", "autoconf.h")):
+            source = os.path.join(modules, name, "source")
+            dirs = [os.path.realpath(build)] + ([os.path.realpath(source)] if os.path.isdir(source) else [])
+            found.append((version_key(name), name, dirs))
+    if not found:
+        raise PicosnitchError(f"no kernel headers found for bcc (kernel {release}): install your distribution's "
+                              "kernel headers package (any version will do, e.g. linux-headers-amd64)")
+    _, name, dirs = max(found)
+    return dirs, f"no kernel headers for {release}; compiling with those of {name} (struct offsets come from BTF)"
+
+
+def merge_tree(sources: typing.List[str], target: str) -> None:
+    """A tree of symlinks that overlays several directories (first wins)."""
+    os.makedirs(target, exist_ok=True)
+    entries: typing.Dict[str, typing.List[str]] = {}
+    for source in sources:
+        for name in os.listdir(source):
+            entries.setdefault(name, []).append(os.path.join(source, name))
+    for name, paths in entries.items():
+        if len(paths) > 1 and all(os.path.isdir(p) and not os.path.islink(p) for p in paths):
+            merge_tree(paths, os.path.join(target, name))
+        else:
+            os.symlink(paths[0], os.path.join(target, name))
+
+
+def compile_program(text: str, headers: typing.Optional[typing.List[str]]):
+    """Compile and load the program with bcc, using substitute headers if given."""
+    from bcc import BPF
+    if headers is None:
+        return BPF(text=text)
+    tree = tempfile.mkdtemp(prefix="picosnitch-headers-")
+    try:
+        merge_tree(headers, tree)
+        os.environ["BCC_KERNEL_SOURCE"] = tree
+        return BPF(text=text)
+    finally:
+        os.environ.pop("BCC_KERNEL_SOURCE", None)
+        shutil.rmtree(tree, ignore_errors=True)
+
+
+def capture_mode(btf: BTF) -> str:
+    """'tracepoint' where the kernel has sock:sock_send_length (>= 6.3), else 'kprobe'."""
+    return "tracepoint" if btf.has_raw_tracepoint("sock_send_length") else "kprobe"
+
+
+MODE_DESCRIPTIONS = {
+    "tracepoint": "tracepoint (sock:sock_send_length, sock:sock_recv_length)",
+    "kprobe": "kprobe fallback (sock_sendmsg, sock_recvmsg)",
+}
+
+
+class Capture:
+    """The loaded BPF program: attach, poll events, drain windows."""
+
+    def __init__(self, bpf, mode: str, on_event, pages: int):
+        self.bpf, self.mode, self.epoch = bpf, mode, 0
+        self.lost = 0
+        self.stats_seen = [0] * len(STATS)
+        self.maps = [bpf["conns0"], bpf["conns1"]]
+        bpf["events"].open_perf_buffer(lambda cpu, data, size: on_event(decode_event(data, size)),
+                                       page_cnt=pages, lost_cb=self._on_lost)
+
+    @classmethod
+    def load(cls, pages: int, on_event, say) -> "Capture":
+        btf = BTF.from_file()
+        mode = capture_mode(btf)
+        ensure_tracefs(say)
+        headers, note = find_kernel_headers(os.uname().release)
+        say(note)
+        bpf = compile_program(bpf_text(btf, mode), headers)
+        if mode == "kprobe":
+            for function, entry, ret in KPROBE_HOOKS:
+                bpf.attach_kprobe(event=function, fn_name=entry)
+                bpf.attach_kretprobe(event=function, fn_name=ret)
+        try:
+            bpf.attach_uprobe(name="c", sym="getaddrinfo", fn_name="on_getaddrinfo")
+            bpf.attach_uretprobe(name="c", sym="getaddrinfo", fn_name="on_getaddrinfo_return")
+        except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
+            say(f"domains from getaddrinfo unavailable: {e}")
+        bpf.free_bcc_memory()
+        return cls(bpf, mode, on_event, pages)
+
+    def _on_lost(self, count: int) -> None:
+        self.lost += count
+
+    def poll(self, timeout_ms: int) -> None:
+        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+
+    def _drain(self, index: int) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
+        return [(ConnKeyT.from_buffer_copy(k), ConnValT.from_buffer_copy(v))
+                for k, v in self.maps[index].items_lookup_and_delete_batch()]
+
+    def end_window(self, final: bool = False) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
+        """Switch the kernel to the other map and drain the one just closed.
+
+        Events already submitted are polled first, so every drained key has
+        had its context delivered. On the final window both maps are drained.
+        """
+        old, self.epoch = self.epoch, self.epoch ^ 1
+        self.bpf["epoch"][ctypes.c_int(0)] = ctypes.c_uint32(self.epoch)
+        time.sleep(GRACE_SECONDS)
+        self.poll(0)
+        drained = self._drain(old)
+        if final:
+            self.poll(0)
+            drained += self._drain(self.epoch)
+        return drained
+
+    def problems(self) -> typing.List[str]:
+        """What was lost since the last call (events, full maps)."""
+        out = []
+        if self.lost:
+            out.append(f"lost {self.lost} events from the kernel: raise \"Perf ring buffer (pages)\"")
+            self.lost = 0
+        for i, (name, meaning) in enumerate(STATS.items()):
+            value = self.bpf["stats"][ctypes.c_int(i)].value
+            if value > self.stats_seen[i]:
+                out.append(f"{meaning} ({value - self.stats_seen[i]})")
+                self.stats_seen[i] = value
+        return out
+
+
+EVENT_TYPES = {num: (name, cls) for name, (num, cls) in EVENT_KINDS.items()}
+
+
+def decode_event(data, size: int) -> typing.Tuple[str, EventHdrT, typing.Any]:
+    """(kind name, header, payload) of one perf event."""
+    raw = ctypes.string_at(data, size)
+    hdr = EventHdrT.from_buffer_copy(raw)
+    name, cls = EVENT_TYPES[hdr.kind]
+    payload = cls.from_buffer_copy(raw.ljust(ctypes.sizeof(EventHdrT) + ctypes.sizeof(cls), b"\0"),
+                                   ctypes.sizeof(EventHdrT))
+    return name, hdr, payload
+
+
+def exec_path(ex: ExecT) -> str:
+    """The absolute path sent with an exec event ('' when the walk was cut short)."""
+    if not ex.complete:
+        return ""
+    parts = [ex.path[i].value for i in range(ex.depth)]
+    return "/" + "/".join(p.decode("utf-8", "replace") for p in reversed(parts) if p)
+
+
+def proc_from_proc_fs(pid: int, dev: int, ino: int, mask: int, comm: str) -> ProcInfo:
+    """What /proc says of a process, if it still runs the executable the kernel reported."""
+    exe, cmdline = "", ""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+        if (st.st_dev & mask, st.st_ino) == (dev & mask, ino):
+            exe = os.readlink(f"/proc/{pid}/exe")
+            cmdline = cmdline_text(read_proc_text(pid, "cmdline").encode())
+    except OSError:
+        pass
+    return ProcInfo(pid, exe, comm, cmdline, dev, ino)
+
+
+class Tracker:
+    """User-space view of processes, connections and domains, fed by events."""
+
+    def __init__(self, mask: int, notify_exec: typing.Callable[[tuple], None]):
+        self.mask, self.notify_exec = mask, notify_exec
+        self.procs: typing.Dict[int, ProcInfo] = {}
+        self.exited: typing.Dict[int, int] = {}
+        self.contexts: typing.Dict[bytes, typing.Tuple[ProcT, int]] = {}
+        self.domains: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+        self.window = 0
+        self.handlers = {"EXEC": self.on_exec, "FORK": self.on_fork, "EXIT": self.on_exit,
+                         "CONN": self.on_conn, "DNS": self.on_dns}
+
+    def handle(self, event: typing.Tuple[str, EventHdrT, typing.Any]) -> None:
+        name, hdr, payload = event
+        self.handlers[name](hdr.proc, payload)
+
+    def on_exec(self, p: ProcT, ex: ExecT) -> None:
+        dev = kernel_dev_to_user(p.dev)
+        exe = exec_path(ex)
+        args = ctypes.string_at(ctypes.addressof(ex) + ExecT.args.offset, min(ex.args_len, ARGS_LEN))
+        info = ProcInfo(p.pid, exe, p.comm.decode("utf-8", "replace"), cmdline_text(args), dev, p.ino)
+        if not exe:
+            info = proc_from_proc_fs(p.pid, dev, p.ino, self.mask, info.name)
+        self.procs[p.pid] = info
+        self.exited.pop(p.pid, None)
+        self.notify_exec((p.pid, dev, p.ino, info.exe))
+
+    def on_fork(self, p: ProcT, _: EmptyT) -> None:
+        parent = self.procs.get(p.ppid)
+        if parent and (parent.dev, parent.ino) == (kernel_dev_to_user(p.dev), p.ino):
+            self.procs[p.pid] = dataclasses.replace(parent, pid=p.pid)
+            self.exited.pop(p.pid, None)
+
+    def on_exit(self, p: ProcT, _: EmptyT) -> None:
+        self.exited[p.pid] = self.window
+
+    def on_conn(self, p: ProcT, key: ConnKeyT) -> None:
+        self.contexts[bytes(key)] = (ProcT.from_buffer_copy(p), self.window)
+        comm = p.comm.decode("utf-8", "replace")
+        self.lookup(p.pid, p.dev, p.ino, comm)
+        self.lookup(p.ppid, p.pdev, p.pino, "")
+
+    def on_dns(self, p: ProcT, dns: DnsT) -> None:
+        host = dns.host.decode("utf-8", "replace")
+        for i in range(min(dns.count, DNS_ADDRS)):
+            addr = format_addr(dns.families[i], bytes(dns.addrs[i]))
+            if addr:
+                self.domains[addr] = host
+                self.domains.move_to_end(addr)
+        while len(self.domains) > DOMAIN_CACHE:
+            self.domains.popitem(last=False)
+
+    def lookup(self, pid: int, kdev: int, ino: int, comm: str) -> ProcInfo:
+        """A process image by pid and the executable identity the kernel reported."""
+        dev = kernel_dev_to_user(kdev)
+        info = self.procs.get(pid)
+        if info is None or (info.dev, info.ino) != (dev, ino):
+            if pid == 0 or not ino:
+                return ProcInfo(pid, "", comm, "", dev, ino)
+            name = comm or read_proc_text(pid, "comm").strip()
+            info = self.procs[pid] = proc_from_proc_fs(pid, dev, ino, self.mask, name)
+        return info
+
+    def conn(self, key: ConnKeyT, val: ConnValT) -> Conn:
+        context = self.contexts.get(bytes(key))
+        if context:
+            p = context[0]
+            proc = self.lookup(key.pid, key.dev, key.ino, p.comm.decode("utf-8", "replace"))
+            parent = self.lookup(p.ppid, p.pdev, p.pino, "")
+        else:   # its event was lost: what /proc still says
+            proc = self.lookup(key.pid, key.dev, key.ino, "")
+            ppid = int((read_proc_text(key.pid, "stat").rsplit(")", 1)[-1].split() or ["", "0"])[1])
+            parent = self.procs.get(ppid) or ProcInfo(ppid, "", "", "", 0, 0)
+        raddr = format_addr(key.family, bytes(key.raddr))
+        return Conn(proc, parent, key.uid, proto_name(key.family, key.proto), key.lport, key.rport,
+                    format_addr(key.family, bytes(key.laddr)), raddr, self.domains.get(raddr, ""),
+                    val.send, val.recv)
+
+    def end_window(self) -> None:
+        """Forget exited processes and old contexts two windows on."""
+        self.window += 1
+        for pid in [pid for pid, w in self.exited.items() if w < self.window - 1]:
+            self.procs.pop(pid, None)
+            del self.exited[pid]
+        for key in [k for k, (_, w) in self.contexts.items() if w < self.window - 1]:
+            del self.contexts[key]
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What every process is given by the supervisor."""
+    config: Config
+    directory: str
+    owner: typing.Tuple[int, int]
+    st_dev_mask: int
+    bus_address: str
+    reporter: "Reporter"
+    exec_tx: typing.Any = None        # reader -> monitor: executables to open now
+    exec_rx: typing.Any = None
+    batch_tx: typing.Any = None       # reader -> primary: window batches
+    batch_rx: typing.Any = None
+    hash_primary: typing.Any = None   # primary <-> monitor: hash requests
+    hash_monitor: typing.Any = None
+    status_tx: typing.Any = None      # reader -> supervisor: capture started
+    status_rx: typing.Any = None
+
+
+def stop_on_sigterm() -> typing.Callable[[], bool]:
+    """Ignore SIGINT (the supervisor coordinates stops); SIGTERM sets a flag."""
+    flag = []
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: flag.append(1))
+    libc().prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG: stop with the supervisor
+    return lambda: bool(flag)
+
+
+def reader_main(rt: Runtime) -> None:
+    """Process entry: load the program, then poll and drain window by window."""
+    stopping = stop_on_sigterm()
+    tracker = Tracker(rt.st_dev_mask, rt.exec_tx.send)
+    capture = Capture.load(rt.config.perf_ring_buffer_pages, tracker.handle, rt.reporter.info)
+    rt.status_tx.send(("capturing", capture.mode))
+    window = rt.config.db_write_limit_seconds
+    deadline = time.monotonic() + window
+    while not stopping():
+        capture.poll(int(max(0.0, min(deadline - time.monotonic(), 0.2)) * 1000))
+        if time.monotonic() >= deadline:
+            deadline += window
+            send_window(rt, capture, tracker, final=False)
+    send_window(rt, capture, tracker, final=True)
+    rt.batch_tx.send(("stop",))
+
+
+def send_window(rt: Runtime, capture: Capture, tracker: Tracker, final: bool) -> None:
+    drained = capture.end_window(final)
+    conns = [tracker.conn(k, v) for k, v in drained]
+    rt.batch_tx.send(("batch", conns))
+    tracker.end_window()
+    for problem in capture.problems():
+        rt.reporter.error(problem)
+
+
+###############################################################################
+# 10. hashing, FD cache and fanotify
+###############################################################################
+# Executables are opened as early as possible (at exec), kept open in a cache
+# keyed by (st_dev & mask, st_ino), hashed on demand and re-hashed after
+# fanotify reports a modification.
+
+HASH_CHUNK = 1 << 20
+
+
+def sha256_fd(fd: int) -> str:
+    """sha256 of an open file, read from offset 0 without moving its position."""
+    digest, offset = hashlib.sha256(), 0
+    while True:
+        chunk = os.pread(fd, HASH_CHUNK, offset)
+        if not chunk:
+            return digest.hexdigest()
+        digest.update(chunk)
+        offset += len(chunk)
+
+
+def st_dev_mask(config: Config) -> int:
+    """The configured mask, else 0 when a btrfs filesystem is mounted (its
+    inodes are not unique across subvolumes), else all 32 bits."""
+    if config.set_st_dev_mask is not None:
+        return config.set_st_dev_mask
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[2] == "btrfs" for line in f if len(line.split()) > 2):
+            return 0
+    return 0xFFFFFFFF
+
+
+def open_verified(pid: int, dev: int, ino: int, exe: str, mask: int) -> typing.Tuple[int, str]:
+    """Open a process's executable and check it is the file the kernel reported.
+
+    Tries /proc/PID/exe (the process may be gone), then the path. Returns
+    (fd, '') or (-1, why it failed).
+    """
+    reasons = []
+    for path in (f"/proc/{pid}/exe", exe):
+        if not path:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            reasons.append(f"{path}: {e.strerror}")
+            continue
+        st = os.fstat(fd)
+        if (st.st_dev & mask, st.st_ino) == (dev & mask, ino):
+            return fd, ""
+        os.close(fd)
+        reasons.append(f"{path} is device {st.st_dev:#x} inode {st.st_ino}, not the executable the kernel "
+                       f"reported (device {dev:#x} inode {ino})")
+    return -1, "; ".join(reasons) or "no path known"
+
+
+class Fanotify:
+    """fanotify marks on open executables; yields (st_dev, st_ino) of modified ones."""
+    FAN_CLOEXEC, FAN_NONBLOCK, FAN_MARK_ADD = 0x1, 0x2, 0x1
+    FAN_MODIFY, FAN_CLOSE_WRITE = 0x2, 0x8
+    METADATA = struct.Struct("<IBBHQii")
+
+    def __init__(self):
+        self.libc = libc()
+        self.libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+        self.fd = self.libc.fanotify_init(self.FAN_CLOEXEC | self.FAN_NONBLOCK, os.O_RDONLY | os.O_LARGEFILE)
+        if self.fd < 0:
+            raise PicosnitchError(f"fanotify_init failed: {os.strerror(ctypes.get_errno())}")
+
+    def mark(self, fd: int) -> None:
+        if self.libc.fanotify_mark(self.fd, self.FAN_MARK_ADD, self.FAN_MODIFY | self.FAN_CLOSE_WRITE, fd, None):
+            raise OSError(ctypes.get_errno(), "fanotify_mark")
+
+    def modified(self) -> typing.List[typing.Tuple[int, int]]:
+        out = []
+        while True:
+            try:
+                data = os.read(self.fd, 8192)
+            except BlockingIOError:
+                return out
+            pos = 0
+            while pos + self.METADATA.size <= len(data):
+                length, _, _, _, _, fd, _ = self.METADATA.unpack_from(data, pos)
+                if fd >= 0:
+                    st = os.fstat(fd)
+                    os.close(fd)
+                    out.append((st.st_dev, st.st_ino))
+                pos += length
+
+
+class FdCache:
+    """Open executables by (st_dev & mask, st_ino), with their sha256 once known."""
+
+    def __init__(self, mask: int, limit: int, fanotify: Fanotify):
+        self.mask, self.limit, self.fanotify = mask, limit, fanotify
+        self.entries: "collections.OrderedDict[tuple, list]" = collections.OrderedDict()
+
+    def key(self, dev: int, ino: int) -> tuple:
+        return (dev & self.mask, ino)
+
+    def open(self, pid: int, dev: int, ino: int, exe: str) -> str:
+        """Make sure the executable is open; '' or why it could not be."""
+        key = self.key(dev, ino)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return ""
+        fd, why = open_verified(pid, dev, ino, exe, self.mask)
+        if fd < 0:
+            return why
+        self.fanotify.mark(fd)
+        self.entries[key] = [fd, None]
+        while len(self.entries) > self.limit:
+            os.close(self.entries.popitem(last=False)[1][0])
+        return ""
+
+    def sha256(self, pid: int, dev: int, ino: int, exe: str) -> typing.Tuple[str, str]:
+        """(sha256, '') or ('', why it could not be hashed)."""
+        why = self.open(pid, dev, ino, exe)
+        if why:
+            return "", why
+        entry = self.entries[self.key(dev, ino)]
+        if entry[1] is None:
+            entry[1] = sha256_fd(entry[0])
+        return entry[1], ""
+
+    def invalidate(self, dev: int, ino: int) -> None:
+        entry = self.entries.get(self.key(dev, ino))
+        if entry:
+            entry[1] = None
+
+
+###############################################################################
+# 11. monitor process
+###############################################################################
+
+def set_nofile(limit: typing.Optional[int]) -> int:
+    """Apply "Set RLIMIT_NOFILE" and return how many executables to keep open."""
+    import resource
+    if limit:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, max(limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1])))
+    return max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
+
+
+def monitor_main(rt: Runtime) -> None:
+    """Process entry: open executables at exec, answer hash requests, watch for changes."""
+    stopping = stop_on_sigterm()
+    fanotify = Fanotify()
+    cache = FdCache(rt.st_dev_mask, set_nofile(rt.config.set_rlimit_nofile), fanotify)
+    while not stopping():
+        ready = multiprocessing.connection.wait([rt.exec_rx, rt.hash_monitor, fanotify.fd], timeout=1)
+        for dev, ino in fanotify.modified():
+            cache.invalidate(dev, ino)
+        while rt.exec_rx in ready and rt.exec_rx.poll():
+            cache.open(*rt.exec_rx.recv())
+        if rt.hash_monitor in ready:
+            rt.hash_monitor.send(answer_hashes(cache, fanotify, rt.hash_monitor.recv()))
+
+
+def answer_hashes(cache: FdCache, fanotify: Fanotify, wanted: typing.List[tuple]) -> dict:
+    """{(dev, ino): (sha256, error)} for (pid, dev, ino, exe) requests."""
+    for dev, ino in fanotify.modified():
+        cache.invalidate(dev, ino)
+    return {(dev, ino): cache.sha256(pid, dev, ino, exe) for pid, dev, ino, exe in wanted}
+
+
+###############################################################################
+# 12. notifications
+###############################################################################
+# Every process reports through one Reporter; desktop notifications go to a
+# notifier process that runs as the user and talks to their session bus.
+
+NOTIFY_RETRY_SECONDS = 30
+NOTIFY_KEEP = 1000
+
+
+@dataclasses.dataclass
+class Reporter:
+    """The one way to report: errors to error.log, executables to exe.log,
+    both also as desktop notifications; information to standard output."""
+    directory: str
+    owner: typing.Tuple[int, int]
+    queue: typing.Any = None
+
+    def error(self, message: str) -> None:
+        append_line(os.path.join(self.directory, ERROR_LOG_NAME), f"{now_text()} {message}", self.owner)
+        print(f"picosnitch: error: {message}", file=sys.stderr, flush=True)
+        self._notify("picosnitch error", message)
+
+    def exe(self, message: str) -> None:
+        append_line(os.path.join(self.directory, EXE_LOG_NAME), f"{now_text()} {message}", self.owner)
+        self._notify("picosnitch", message)
+
+    def info(self, message: str) -> None:
+        print(f"picosnitch: {message}", flush=True)
+
+    def _notify(self, summary: str, body: str) -> None:
+        if self.queue is not None:
+            self.queue.put((summary, body))
+
+
+def default_bus_address(uid: int, environ: typing.Mapping[str, str] = os.environ) -> str:
+    return environ.get("DBUS_SESSION_BUS_ADDRESS") or f"unix:path=/run/user/{uid}/bus"
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    if os.getuid() == 0 and uid != 0:
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+
+
+class DesktopNotifier:
+    """org.freedesktop.Notifications on one bus; connects lazily, keeps what it could not send."""
+
+    def __init__(self, address: str):
+        self.address, self.iface, self.pending = address, None, collections.deque(maxlen=NOTIFY_KEEP)
+        self.failed_at = 0.0
+        self.last_error = ""
+
+    def send(self, summary: str, body: str) -> None:
+        self.pending.append((summary, body))
+        self.flush()
+
+    def flush(self) -> str:
+        """Deliver what is pending; '' or the error that stopped delivery."""
+        import dbus
+        try:
+            if self.iface is None:
+                bus = dbus.bus.BusConnection(self.address)
+                proxy = bus.get_object("org.freedesktop.Notifications", "/org/freedesktop/Notifications")
+                self.iface = dbus.Interface(proxy, "org.freedesktop.Notifications")
+            while self.pending:
+                summary, body = self.pending[0]
+                self.iface.Notify("picosnitch", dbus.UInt32(0), "", summary, body, [], {}, -1)
+                self.pending.popleft()
+            return ""
+        except dbus.exceptions.DBusException as e:
+            self.iface = None
+            self.failed_at = time.monotonic()
+            return e.get_dbus_message() or str(e)
+
+
+def notifier_main(rt: Runtime, queue: typing.Any) -> None:
+    """Process entry: deliver notifications as the user; keep and retry on failure."""
+    stopping = stop_on_sigterm()
+    drop_privileges(*rt.owner)
+    notifier = DesktopNotifier(rt.bus_address)
+    import queue as queue_module
+    while not stopping():
+        try:
+            notifier.pending.append(queue.get(timeout=1))
+        except queue_module.Empty:
+            if not notifier.pending or time.monotonic() - notifier.failed_at < NOTIFY_RETRY_SECONDS:
+                continue
+        error = notifier.flush()
+        if error and error != notifier.last_error:
+            append_line(os.path.join(rt.directory, ERROR_LOG_NAME),
+                        f"{now_text()} desktop notifications not delivered ({error}); "
+                        f"{len(notifier.pending)} kept for retry", rt.owner)
+        notifier.last_error = error
+
+
+###############################################################################
+# 13. primary process
+###############################################################################
+# Receives each window's connections, has their executables hashed, writes
+# snitch.db and record.json, and tells the user what is new.
+
+HASH_TIMEOUT = 300.0
+PRUNE_INTERVAL = 24 * 3600
+
+
+def conn_row(conn: Conn, contime: str, sha: str, psha: str, config: Config) -> tuple:
+    """A snitch.db row (DB_COLUMNS order); the Log switches blank what is off."""
+    cmd = lambda p: p.cmdline if config.log_commands else ""
+    port = lambda p: p if config.log_ports else None
+    addr = lambda a: a if config.log_addresses else ""
+    return (contime, conn.send, conn.recv, conn.proc.exe, conn.proc.name, cmd(conn.proc), sha,
+            conn.parent.exe, conn.parent.name, cmd(conn.parent), psha, conn.uid,
+            port(conn.lport), port(conn.rport), addr(conn.laddr), addr(conn.raddr), conn.domain, conn.proto)
+
+
+def record_add(section: dict, key: str, value: str) -> bool:
+    """Add value to the list under key; True when it was not there."""
+    values = section.setdefault(key, [])
+    if value in values:
+        return False
+    values.append(value)
+    return True
+
+
+def update_record(record: dict, conn: Conn, sha: str) -> typing.Tuple[bool, typing.List[str]]:
+    """Note a connection in record.json: (whether it changed, what to tell the user)."""
+    exe, name = conn.proc.exe, conn.proc.name
+    if not exe:
+        return False, []
+    messages = []
+    if exe not in record["Executables"]:
+        messages.append(f"First network connection detected for {name} ({exe})")
+    elif name not in record["Executables"][exe]:
+        messages.append(f"{exe} is running as a new name: {name}")
+    changed = record_add(record["Executables"], exe, name)
+    changed |= record_add(record["Names"], name, exe)
+    if conn.parent.exe:
+        changed |= record_add(record["Parent Executables"], conn.parent.exe, conn.parent.name)
+        changed |= record_add(record["Parent Names"], conn.parent.name, conn.parent.exe)
+    hashes = record["SHA256"].setdefault(exe, {})
+    if sha and sha not in hashes:
+        if hashes:
+            messages.append(f"New sha256 for {name} ({exe}): {sha}")
+        hashes[sha] = "VirusTotal not checked"
+        changed = True
+    return changed, messages
+
+
+class Primary:
+    """State of the primary process between windows."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.config = rt, rt.config
+        self.record_path = os.path.join(rt.directory, RECORD_NAME)
+        try:
+            self.record = load_record(self.record_path)
+        except PicosnitchError as e:
+            rt.reporter.error(str(e))
+            self.record = load_record(self.record_path)
+        self.db = db_open(os.path.join(rt.directory, DB_NAME), rt.owner) if self.config.db_sql_log else None
+        self.pruned_at = 0.0
+        self.reported: typing.Set[tuple] = set()
+
+    def hashes(self, conns: typing.List[Conn]) -> dict:
+        """sha256 of every executable and parent in a batch, from the monitor."""
+        wanted = {}
+        for p in [c.proc for c in conns] + [c.parent for c in conns]:
+            if p.ino:
+                wanted[(p.dev, p.ino)] = (p.pid, p.dev, p.ino, p.exe)
+        if not wanted:
+            return {}
+        self.rt.hash_primary.send(list(wanted.values()))
+        if not self.rt.hash_primary.poll(HASH_TIMEOUT):
+            raise PicosnitchError("the monitor did not answer hash requests in time")
+        return self.rt.hash_primary.recv()
+
+    def sha(self, hashes: dict, p: ProcInfo) -> str:
+        sha, why = hashes.get((p.dev, p.ino), ("", ""))
+        if why and (p.dev, p.ino, why) not in self.reported:
+            self.reported.add((p.dev, p.ino, why))
+            self.rt.reporter.error(f"could not hash {p.exe or p.name} (pid {p.pid}): {why}; "
+                                   "its traffic is logged without a hash")
+        return sha
+
+    def window(self, conns: typing.List[Conn]) -> None:
+        """Write one window's connections and tell the user what is new."""
+        contime = now_text()
+        try:
+            hashes = self.hashes(conns)
+        except PicosnitchError as e:
+            self.rt.reporter.error(str(e))
+            hashes = {}
+        rows, messages, changed = [], [], False
+        for conn in conns:
+            sha, psha = self.sha(hashes, conn.proc), self.sha(hashes, conn.parent)
+            rows.append(conn_row(conn, contime, sha, psha, self.config))
+            new, said = update_record(self.record, conn, sha)
+            changed, messages = changed or new, messages + said
+        if self.db is not None and rows:
+            db_insert(self.db, rows)
+        if changed:
+            write_atomic(self.record_path, json.dumps(self.record, indent=2).encode(), self.rt.owner)
+        for message in messages:
+            self.rt.reporter.exe(message)
+        self.prune()
+
+    def prune(self) -> None:
+        if self.db is not None and time.monotonic() - self.pruned_at > PRUNE_INTERVAL:
+            self.pruned_at = time.monotonic()
+            db_prune(self.db, self.config.db_retention_days)
+
+
+def primary_main(rt: Runtime) -> None:
+    """Process entry: one window at a time until the reader says stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    primary = Primary(rt)
+    primary.prune()
+    while True:
+        message = rt.batch_rx.recv()
+        if message[0] == "stop":
+            break
+        primary.window(message[1])
+    if primary.db is not None:
+        primary.db.close()
+
+
+###############################################################################
+# 14. supervisor, daemon and systemd unit
+###############################################################################
+
+RESTART_LIMIT = 5          # restarts of one child within RESTART_WINDOW
+RESTART_WINDOW = 60.0
+READY_TIMEOUT = 120.0
+
+
+def read_pid(path: str = PIDFILE) -> typing.Optional[int]:
+    """The pid in the pidfile if that process is alive."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def write_status(mode: str) -> None:
+    with open(STATUSFILE, "w") as f:
+        json.dump({"pid": os.getpid(), "mode": mode, "description": MODE_DESCRIPTIONS[mode],
+                   "started": now_text()}, f)
+
+
+def make_runtime(config: Config, environ: typing.Mapping[str, str] = os.environ) -> Runtime:
+    uid, gid, _ = user_identity(environ)
+    directory = config_dir(environ)
+    ctx = multiprocessing.get_context("fork")
+    rt = Runtime(config, directory, (uid, gid), st_dev_mask(config), default_bus_address(uid, environ),
+                 Reporter(directory, (uid, gid), ctx.Queue() if config.desktop_notifications else None))
+    rt.exec_rx, rt.exec_tx = ctx.Pipe(duplex=False)
+    rt.batch_rx, rt.batch_tx = ctx.Pipe(duplex=False)
+    rt.hash_primary, rt.hash_monitor = ctx.Pipe()
+    rt.status_rx, rt.status_tx = ctx.Pipe(duplex=False)
+    return rt
+
+
+class Supervisor:
+    """Starts the processes, restarts one that dies, and stops them in order:
+    the reader first (it drains the kernel), then the primary once it has
+    written the last window, then the rest."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.ctx = multiprocessing.get_context("fork")
+        self.targets = {"monitor": (monitor_main, (rt,)), "primary": (primary_main, (rt,)),
+                        "reader": (reader_main, (rt,))}
+        if rt.reporter.queue is not None:
+            self.targets["notifier"] = (notifier_main, (rt, rt.reporter.queue))
+        self.procs: typing.Dict[str, multiprocessing.Process] = {}
+        self.restarts: typing.Dict[str, typing.List[float]] = collections.defaultdict(list)
+
+    def start(self, name: str) -> None:
+        target, args = self.targets[name]
+        self.procs[name] = self.ctx.Process(target=target, args=args, name=f"picosnitch-{name}")
+        self.procs[name].start()
+
+    def wait_ready(self, timeout: float) -> str:
+        """The capture mode once the reader is capturing."""
+        while not self.rt.status_rx.poll(0.2):
+            timeout -= 0.2
+            if timeout <= 0 or not self.procs["reader"].is_alive():
+                raise PicosnitchError("the BPF reader failed to start (see the messages above)")
+        return self.rt.status_rx.recv()[1]
+
+    def check(self) -> None:
+        """Restart a child that died, unless it keeps dying."""
+        for name, proc in list(self.procs.items()):
+            if proc.is_alive():
+                continue
+            now = time.monotonic()
+            recent = [t for t in self.restarts[name] if now - t < RESTART_WINDOW]
+            self.restarts[name] = recent + [now]
+            if len(recent) >= RESTART_LIMIT:
+                raise PicosnitchError(f"the {name} process died {RESTART_LIMIT} times in {RESTART_WINDOW:.0f}s")
+            self.rt.reporter.error(f"the {name} process died (exit code {proc.exitcode}); restarting it")
+            self.start(name)
+
+    def stop(self) -> None:
+        order = [("reader", True), ("primary", False), ("monitor", True), ("notifier", True)]
+        for name, terminate in order:
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            if terminate and proc.is_alive():
+                proc.terminate()
+            proc.join(STOP_TIMEOUT)
+            if proc.is_alive():
+                self.rt.reporter.error(f"the {name} process did not stop in {STOP_TIMEOUT:.0f}s; killing it")
+                proc.kill()
+                proc.join()
+
+
+def run_supervisor(config: Config, ready: typing.Callable[[str], None]) -> int:
+    """Run picosnitch until SIGTERM or SIGINT; ready(mode) once capturing."""
+    rt = make_runtime(config)
+    secure_directory(rt.directory, rt.owner)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    supervisor = Supervisor(rt)
+    try:
+        for name in supervisor.targets:
+            supervisor.start(name)
+        mode = supervisor.wait_ready(READY_TIMEOUT)
+        write_status(mode)
+        ready(mode)
+        while not stop:
+            multiprocessing.connection.wait([p.sentinel for p in supervisor.procs.values()], timeout=0.5)
+            if not stop:
+                supervisor.check()
+    except PicosnitchError as e:
+        rt.reporter.error(str(e))
+        supervisor.stop()
+        return 1
+    supervisor.stop()
+    return 0
+
+
+def secure_directory(directory: str, owner: typing.Tuple[int, int]) -> None:
+    """The config directory and every picosnitch file in it: the user's, private
+    (modes and owners only; contents are left as they are)."""
+    os.makedirs(directory, exist_ok=True)
+    make_private(directory, owner, 0o700)
+    for name in (CONFIG_NAME, RECORD_NAME, DB_NAME, EXE_LOG_NAME, ERROR_LOG_NAME):
+        if os.path.exists(os.path.join(directory, name)):
+            make_private(os.path.join(directory, name), owner)
+
+
+def claim_pidfile() -> None:
+    running = read_pid()
+    if running and running != os.getpid():
+        raise PicosnitchError(f"picosnitch is already running (pid {running})")
+    with open(PIDFILE, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def release_pidfile() -> None:
+    for path in (PIDFILE, STATUSFILE):
+        if os.path.exists(path) and (path != PIDFILE or read_pid() in (None, os.getpid())):
+            os.unlink(path)
+
+
+def run_foreground(config: Config) -> int:
+    claim_pidfile()
+    try:
+        return run_supervisor(config, lambda mode: print(f"picosnitch: capturing, mode {MODE_DESCRIPTIONS[mode]}",
+                                                         flush=True))
+    finally:
+        release_pidfile()
+
+
+def run_daemon(config: Config) -> int:
+    """Double fork; the caller returns once the daemon captures (or failed)."""
+    read_fd, write_fd = os.pipe()
+    if os.fork():
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as f:
+            answer = f.read().decode()
+        print(answer or "picosnitch: the daemon failed to start (see error.log)", file=sys.stdout if answer.startswith("picosnitch: capturing") else sys.stderr)
+        return 0 if answer.startswith("picosnitch: capturing") else 1
+    os.close(read_fd)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+    os.chdir("/")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    pipe = os.fdopen(write_fd, "wb", buffering=0)
+
+    def ready(mode: str) -> None:
+        pipe.write(f"picosnitch: capturing, mode {MODE_DESCRIPTIONS[mode]}".encode())
+        pipe.close()
+    try:
+        claim_pidfile()
+        code = run_supervisor(config, ready)
+    except PicosnitchError as e:
+        pipe.write(f"picosnitch: {e}".encode())
+        code = 1
+    finally:
+        release_pidfile()
+    os._exit(code)
+
+
+def stop_daemon() -> bool:
+    """SIGTERM the running daemon and wait for it; False if none runs."""
+    pid = read_pid()
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT * 3
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+        time.sleep(0.1)
+    return True
+
+
+def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -> str:
+    """A service unit running `command start-no-daemon` for the invoking user."""
+    uid, _, home = user_identity(environ)
+    env = {"HOME": home, "DBUS_SESSION_BUS_ADDRESS": default_bus_address(uid, environ)}
+    if environ.get("SUDO_USER"):
+        env["SUDO_USER"] = environ["SUDO_USER"]
+    return ("[Unit]\nDescription=picosnitch: notify about and log programs using the network\n"
+            "After=network.target\n\n[Service]\nType=simple\n"
+            + "".join(f'Environment="{k}={v}"\n' for k, v in env.items())
+            + f"ExecStart={command} start-no-daemon\n"
+            "Restart=on-failure\nRestartSec=5\nKillMode=mixed\nTimeoutStopSec=120\n\n"
+            "[Install]\nWantedBy=multi-user.target\n")
+
+
+###############################################################################
+# 15. command line
+###############################################################################
+
+USAGE = """usage: picosnitch <command>
+
+commands:
+  start            start the daemon (needs root)
+  stop             stop the daemon (needs root)
+  restart          restart the daemon (needs root)
+  status           show whether the daemon runs and how it captures
+  start-no-daemon  run in the foreground; SIGINT or SIGTERM stop it cleanly (needs root)
+  systemd          write a systemd service unit for picosnitch (needs root)
+  version          show the version
+  help             show this help
+
+files: ~/.config/picosnitch/ (config.json, record.json, snitch.db, exe.log, error.log)
+"""
+
+
+def require_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise PicosnitchError(f"'{command}' needs root: run it as 'sudo picosnitch {command}'")
+
+
+def load_user_config() -> Config:
+    uid, gid, _ = user_identity()
+    return load_config(config_dir(), (uid, gid))
+
+
+def cmd_start(_: str) -> int:
+    return run_daemon(load_user_config())
+
+
+def cmd_stop(_: str) -> int:
+    if not stop_daemon():
+        print("picosnitch is not running", file=sys.stderr)
+        return 1
+    print("picosnitch stopped")
+    return 0
+
+
+def cmd_restart(command: str) -> int:
+    config = load_user_config()     # refuse a bad config before stopping anything
+    stop_daemon()
+    return run_daemon(config)
+
+
+def cmd_start_no_daemon(_: str) -> int:
+    return run_foreground(load_user_config())
+
+
+def cmd_status(_: str) -> int:
+    pid = read_pid()
+    if pid is None:
+        print("picosnitch is not running")
+        return 3
+    try:
+        with open(STATUSFILE) as f:
+            status = json.load(f)
+        print(f"picosnitch is running (pid {pid}) since {status['started']}\n"
+              f"capture mode: {status['description']}")
+    except (OSError, ValueError, KeyError):
+        print(f"picosnitch is running (pid {pid}), not capturing yet")
+    return 0
+
+
+def cmd_systemd(_: str) -> int:
+    script = os.path.realpath(sys.argv[0])
+    command = f"{sys.executable} {script}" if script.endswith(".py") else script
+    unit = systemd_unit(command)
+    os.makedirs(os.path.dirname(SYSTEMD_UNIT), exist_ok=True)
+    with open(SYSTEMD_UNIT, "w") as f:
+        f.write(unit)
+    print(f"wrote {SYSTEMD_UNIT}\nenable and start it with: systemctl daemon-reload && systemctl enable --now picosnitch")
+    return 0
+
+
+def cmd_version(_: str) -> int:
+    print(f"picosnitch {VERSION} (python {sys.version.split()[0]}, kernel {os.uname().release})")
+    return 0
+
+
+def cmd_help(_: str) -> int:
+    print(USAGE, end="")
+    return 0
+
+
+# command -> (handler, needs root)
+COMMANDS = {
+    "start": (cmd_start, True), "stop": (cmd_stop, True), "restart": (cmd_restart, True),
+    "status": (cmd_status, False), "start-no-daemon": (cmd_start_no_daemon, True),
+    "systemd": (cmd_systemd, True), "version": (cmd_version, False), "help": (cmd_help, False),
+    "--help": (cmd_help, False), "-h": (cmd_help, False),
+}
+
+
+def main(argv: typing.Optional[typing.List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in COMMANDS:
+        print(USAGE, end="", file=sys.stderr)
+        if argv:
+            print(f"\npicosnitch: unknown command: {' '.join(argv)}", file=sys.stderr)
+        return 2
+    handler, needs_root = COMMANDS[argv[0]]
+    try:
+        if needs_root:
+            require_root(argv[0])
+        return handler(argv[0])
+    except PicosnitchError as e:
+        print(f"picosnitch: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

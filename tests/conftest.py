@@ -1,0 +1,218 @@
+"""Shared fixtures: the picosnitch daemon, a peer in a network namespace, a
+session bus with a notification service, and unique traffic executables."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import picosnitch  # noqa: E402
+
+PYTHON = "/usr/bin/python3"
+SCRIPT = os.path.join(ROOT, "picosnitch.py")
+PEER_PORT = 7310
+NETNS = f"pstest{os.getpid()}"
+HOST_V4, PEER_V4 = "10.231.0.1", "10.231.0.2"
+HOST_V6, PEER_V6 = "fd31:5e::1", "fd31:5e::2"
+
+
+def need_root():
+    """Capture tests need root; in CI that is a failure, not a skip."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("the capture tests must run as root in CI")
+        pytest.skip("needs root (BPF, network namespaces)")
+
+
+def sha256_file(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def run(*cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+class Daemon:
+    """picosnitch start-no-daemon with its own HOME, stopped with SIGTERM."""
+
+    def __init__(self, home, config=None, env=None):
+        self.home = home
+        self.dir = os.path.join(home, ".config", "picosnitch")
+        os.makedirs(self.dir, exist_ok=True)
+        settings = {"DB write limit (seconds)": 1}
+        settings.update(config or {})
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
+            json.dump(settings, f)
+        self.env = dict(os.environ, HOME=home, **(env or {}))
+        self.env.pop("SUDO_USER", None)
+        self.lines = []
+        self.proc = None
+
+    def start(self, timeout=90):
+        self.proc = subprocess.Popen([PYTHON, SCRIPT, "start-no-daemon"], env=self.env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                if "capturing" in line:
+                    ready.set()
+        threading.Thread(target=pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.2):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("picosnitch did not start:\n" + "\n".join(self.lines))
+        return self
+
+    def stop(self, timeout=60):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def rows(self, **where):
+        db = self.path("snitch.db")
+        if not os.path.exists(db):
+            return []
+        try:
+            rows = picosnitch.db_rows(db)
+        except sqlite3.OperationalError:
+            return []
+        return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+    def wait_rows(self, timeout=20, settle=2.5, **where):
+        """Rows matching `where` once their byte counts stop changing."""
+        deadline, last, stable_since = time.monotonic() + timeout, None, None
+        while time.monotonic() < deadline:
+            rows = self.rows(**where)
+            totals = (len(rows), sum(r["send"] for r in rows), sum(r["recv"] for r in rows))
+            if rows and totals == last:
+                if time.monotonic() - stable_since >= settle:
+                    return rows
+            else:
+                last, stable_since = totals, time.monotonic()
+            time.sleep(0.3)
+        return self.rows(**where)
+
+    def read(self, name):
+        path = self.path(name)
+        return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+
+
+@pytest.fixture(scope="session")
+def netns():
+    """A peer in its own network namespace over a veth pair, IPv4 and IPv6."""
+    need_root()
+    host_if, peer_if = f"psv{os.getpid() % 10000}a", f"psv{os.getpid() % 10000}b"
+    cmds = [["ip", "netns", "add", NETNS],
+            ["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if],
+            ["ip", "link", "set", peer_if, "netns", NETNS],
+            ["ip", "addr", "add", f"{HOST_V4}/24", "dev", host_if],
+            ["ip", "-6", "addr", "add", f"{HOST_V6}/64", "dev", host_if, "nodad"],
+            ["ip", "link", "set", host_if, "up"],
+            ["ip", "-n", NETNS, "addr", "add", f"{PEER_V4}/24", "dev", peer_if],
+            ["ip", "-n", NETNS, "-6", "addr", "add", f"{PEER_V6}/64", "dev", peer_if, "nodad"],
+            ["ip", "-n", NETNS, "link", "set", peer_if, "up"],
+            ["ip", "-n", NETNS, "link", "set", "lo", "up"]]
+    for cmd in cmds:
+        run(*cmd)
+    yield NETNS
+    subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+
+
+def start_peer(prefix):
+    proc = subprocess.Popen(prefix + [PYTHON, os.path.join(HERE, "peer.py"), str(PEER_PORT)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def peers(netns):
+    """Peer servers: one inside the namespace, one on the host's loopback."""
+    procs = [start_peer(["ip", "netns", "exec", netns]), start_peer([])]
+    yield
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def session_bus(tmp_path_factory):
+    """A real dbus-daemon session bus with a recording notification service."""
+    need_root()
+    base = tmp_path_factory.mktemp("bus")
+    address = f"unix:path={base}/bus"
+    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={address}", "--print-address"],
+                           stdout=subprocess.PIPE, text=True)
+    assert bus.stdout.readline().startswith("unix:")
+    record = str(base / "notifications.jsonl")
+    open(record, "w").close()
+    service = subprocess.Popen([PYTHON, os.path.join(HERE, "notify_service.py"), address, record],
+                               stdout=subprocess.PIPE, text=True)
+    assert service.stdout.readline().strip() == "ready"
+    yield address, record
+    for proc in (service, bus):
+        proc.kill()
+        proc.wait()
+
+
+def notifications(record):
+    with open(record) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def exe_dir():
+    """A directory user nobody can read, with the traffic generator in it."""
+    path = tempfile.mkdtemp(prefix="picosnitch-test-")
+    os.chmod(path, 0o755)
+    shutil.copy(os.path.join(HERE, "traffic.py"), path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def unique_python(exe_dir):
+    """A copy of python with a unique name and, by appended bytes, a unique sha256."""
+    name = "pst" + uuid.uuid4().hex[:8]
+    path = os.path.join(exe_dir, name)
+    shutil.copy2(os.path.realpath(PYTHON), path)
+    with open(path, "ab") as f:
+        f.write(uuid.uuid4().bytes)
+    os.chmod(path, 0o755)
+    return path
+
+
+def unique_c_sender(exe_dir):
+    """quick.c built with a unique tag: sends one datagram and exits."""
+    tag = uuid.uuid4().hex
+    path = os.path.join(exe_dir, "psq" + tag[:8])
+    run("gcc", "-O2", f'-DTAG="{tag}"', "-o", path, os.path.join(HERE, "quick.c"))
+    os.chmod(path, 0o755)
+    return path
+
+
+def tracefs_unmounted():
+    """Unmount tracefs (and debugfs's view of it) so that picosnitch has to mount it."""
+    for path in ("/sys/kernel/debug/tracing", "/sys/kernel/tracing"):
+        subprocess.run(["umount", path], capture_output=True)
+    return not os.path.isdir("/sys/kernel/tracing/events")

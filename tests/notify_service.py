@@ -1,0 +1,48 @@
+"""A minimal org.freedesktop.Notifications service that records each call.
+
+usage: notify_service.py BUS_ADDRESS OUTPUT_FILE   (prints "ready" once it owns the name)
+Each Notify call is appended to OUTPUT_FILE as one JSON line.
+"""
+import json
+import sys
+
+import dbus
+import dbus.mainloop.glib
+import dbus.service
+from gi.repository import GLib
+
+IFACE = "org.freedesktop.Notifications"
+
+
+class Notifications(dbus.service.Object):
+    def __init__(self, bus, output):
+        super().__init__(bus, "/org/freedesktop/Notifications")
+        self.output, self.count = output, 0
+
+    @dbus.service.method(IFACE, in_signature="susssasa{sv}i", out_signature="u")
+    def Notify(self, app, replaces, icon, summary, body, actions, hints, timeout):
+        self.count += 1
+        with open(self.output, "a") as f:
+            f.write(json.dumps({"app": str(app), "summary": str(summary), "body": str(body)}) + "\n")
+        return self.count
+
+    @dbus.service.method(IFACE, in_signature="", out_signature="as")
+    def GetCapabilities(self):
+        return ["body"]
+
+    @dbus.service.method(IFACE, in_signature="", out_signature="ssss")
+    def GetServerInformation(self):
+        return ("picosnitch-test", "picosnitch", "1", "1.2")
+
+
+def main(address, output):
+    dbus.mainloop.glib.DBusGMainLoop(set_as_default=True)
+    bus = dbus.bus.BusConnection(address)
+    name = dbus.service.BusName(IFACE, bus)  # noqa: F841 - owning the name keeps it
+    Notifications(bus, output)
+    print("ready", flush=True)
+    GLib.MainLoop().run()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,138 @@
+"""Capture on the running kernel: real BPF, real traffic, real session bus.
+
+Each case runs a uniquely named and hashed copy of python as user nobody,
+moving a known number of payload bytes, and checks its rows in snitch.db.
+"""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import (PEER_PORT, PEER_V4, PEER_V6, Daemon, need_root, notifications,
+                      sha256_file, tracefs_unmounted, unique_c_sender, unique_python)
+
+NOBODY = 65534
+PAYLOAD = {"tcp-up": 2_000_000, "tcp-down": 2_000_000, "udp": 50_000}
+HOSTS = {("veth", 4): PEER_V4, ("veth", 6): PEER_V6, ("loopback", 4): "127.0.0.1", ("loopback", 6): "::1"}
+CASES = [(mode, via, ip) for mode in PAYLOAD for via in ("veth", "loopback") for ip in (4, 6)]
+
+
+def as_nobody():
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def traffic(exe, mode, host, nbytes, user=as_nobody):
+    argv = [exe, os.path.join(os.path.dirname(exe), "traffic.py"), mode, host, str(PEER_PORT), str(nbytes)]
+    out = subprocess.run(argv, capture_output=True, text=True, preexec_fn=user, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return argv, json.loads(out.stdout) if out.stdout.strip() else {}
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, peers, session_bus):
+    need_root()
+    unmounted = tracefs_unmounted()
+    d = Daemon(str(tmp_path_factory.mktemp("home")), env={"DBUS_SESSION_BUS_ADDRESS": session_bus[0]})
+    d.start()
+    d.tracefs_was_unmounted = unmounted
+    yield d
+    assert d.stop() == 0
+
+
+def me():
+    exe = os.readlink("/proc/self/exe")
+    name = open("/proc/self/comm").read().strip()
+    return exe, name, sha256_file(exe)
+
+
+def test_starts_with_tracefs_unmounted(daemon):
+    assert daemon.tracefs_was_unmounted, "tracefs could not be unmounted before the start"
+    assert any("mounted tracefs at /sys/kernel/tracing" in line for line in daemon.lines)
+    assert any("capturing, mode tracepoint" in line for line in daemon.lines)
+
+
+@pytest.mark.parametrize("mode,via,ip", CASES, ids=[f"{m}-{v}-ipv{i}" for m, v, i in CASES])
+def test_traffic_is_attributed_and_counted(daemon, exe_dir, mode, via, ip):
+    exe = unique_python(exe_dir)
+    host = HOSTS[(via, ip)]
+    argv, out = traffic(exe, mode, host, PAYLOAD[mode])
+    expected_sent = PAYLOAD[mode] + (len(f"up {PAYLOAD[mode]}\n") if mode == "tcp-up" else 0)
+    expected_recv = PAYLOAD[mode] if mode in ("tcp-down", "udp") else 0
+    if mode == "tcp-down":
+        expected_sent = len(f"down {PAYLOAD[mode]}\n")
+    assert (out["sent"], out["received"]) == (expected_sent, expected_recv)
+
+    rows = daemon.wait_rows(exe=exe, lport=out["lport"])
+    assert rows, f"no rows for {exe}; all rows: {daemon.rows()}"
+    logged = (sum(r["send"] for r in rows), sum(r["recv"] for r in rows))
+    print(f"{mode} {via} ipv{ip}: expected send/recv {expected_sent}/{expected_recv}, logged {logged[0]}/{logged[1]}")
+    assert logged == (expected_sent, expected_recv)
+
+    pexe, pname, psha = me()
+    proto = "tcp" if mode.startswith("tcp") else "udp"
+    laddr = out["laddr"] if proto == "tcp" else ("0.0.0.0" if ip == 4 else "::")
+    for r in rows:
+        assert (r["name"], r["cmdline"], r["sha256"]) == (os.path.basename(exe), " ".join(argv), sha256_file(exe))
+        assert (r["pexe"], r["pname"], r["psha256"]) == (pexe, pname, psha)
+        assert (r["uid"], r["proto"], r["rport"], r["raddr"], r["laddr"]) == (NOBODY, proto, PEER_PORT, host, laddr)
+
+
+def test_short_lived_process_is_attributed_and_hashed(daemon, exe_dir):
+    exe = unique_c_sender(exe_dir)
+    subprocess.run([exe, PEER_V4, str(PEER_PORT), "1234"], check=True)
+    rows = daemon.wait_rows(exe=exe)
+    assert [(r["send"], r["recv"], r["raddr"], r["rport"]) for r in rows] == [(1234, 0, PEER_V4, PEER_PORT)]
+    assert rows[0]["sha256"] == sha256_file(exe)
+    assert rows[0]["name"] == os.path.basename(exe)
+    assert (rows[0]["pexe"], rows[0]["psha256"]) == (me()[0], me()[2])
+
+
+def test_modified_executable_gets_new_hash_and_notification(daemon, exe_dir, session_bus):
+    exe = unique_python(exe_dir)
+    traffic(exe, "udp", PEER_V4, 2000)
+    first = daemon.wait_rows(exe=exe)
+    old_sha = sha256_file(exe)
+    assert {r["sha256"] for r in first} == {old_sha}
+    with open(exe, "ab") as f:
+        f.write(b"modified")
+    new_sha = sha256_file(exe)
+    traffic(exe, "udp", PEER_V4, 3000)
+    rows = daemon.wait_rows(exe=exe, sha256=new_sha)
+    assert sum(r["send"] for r in rows) == 3000
+    log = daemon.read("exe.log")
+    assert f"New sha256 for {os.path.basename(exe)} ({exe}): {new_sha}" in log
+    deadline = time.monotonic() + 10
+    while not [n for n in notifications(session_bus[1]) if new_sha in n["body"]] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [n for n in notifications(session_bus[1]) if new_sha in n["body"]]
+
+
+def test_new_program_notifies_exactly_once(daemon, exe_dir, session_bus):
+    exe = unique_python(exe_dir)
+    for _ in range(3):
+        traffic(exe, "udp", PEER_V4, 1000)
+    daemon.wait_rows(exe=exe)
+    time.sleep(2)
+    about = [n for n in notifications(session_bus[1]) if exe in n["body"]]
+    assert len(about) == 1, about
+    assert about[0]["body"] == f"First network connection detected for {os.path.basename(exe)} ({exe})"
+    assert about[0]["app"] == "picosnitch"
+
+
+def test_tcp_connect_without_payload_is_logged(daemon, exe_dir):
+    exe = unique_python(exe_dir)
+    code = "import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2]))); print(s.getsockname()[1])"
+    out = subprocess.run([exe, "-c", code, PEER_V4, str(PEER_PORT)],
+                         capture_output=True, text=True, check=True)
+    rows = daemon.wait_rows(exe=exe)
+    assert [(r["send"], r["recv"], r["lport"], r["raddr"]) for r in rows] == [(0, 0, int(out.stdout), PEER_V4)]
+
+
+def test_files_are_private_to_the_user(daemon):
+    for name in ("config.json", "record.json", "snitch.db", "exe.log"):
+        st = os.stat(daemon.path(name))
+        assert st.st_mode & 0o077 == 0, name
+    assert os.stat(daemon.dir).st_mode & 0o077 == 0

@@ -1,0 +1,66 @@
+"""Traffic generator for the capture tests, run by a uniquely named copy of python.
+
+usage: traffic.py MODE HOST PORT BYTES [CHUNK]
+  tcp-up     connect, send BYTES, wait for the peer to close
+  tcp-down   connect, ask for BYTES, receive them until the peer closes
+  udp        send BYTES in CHUNK-sized datagrams with sendto(), receive each echo
+             with recvfrom() (unconnected socket: the peer is only in the calls)
+  udp-exit   send one datagram of BYTES and exit at once
+Prints one JSON line: the socket's local address and port, bytes sent and received.
+"""
+import json
+import os
+import socket
+import sys
+
+
+def family(host):
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def tcp(host, port, up, n):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.connect((host, port))
+    header = f"{'up' if up else 'down'} {n}\n".encode()
+    s.sendall(header)
+    sent, received = len(header), 0
+    if up:
+        s.sendall(b"u" * n)
+        sent += n
+        s.shutdown(socket.SHUT_WR)
+    while True:
+        data = s.recv(65536)
+        if not data:
+            break
+        received += len(data)
+    return s, sent, received
+
+
+def udp(host, port, n, chunk):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(5)
+    sent = received = 0
+    while sent < n:
+        size = min(chunk, n - sent)
+        sent += s.sendto(b"d" * size, (host, port))
+        data, _ = s.recvfrom(65536)
+        received += len(data)
+    return s, sent, received
+
+
+def main(mode, host, port, n, chunk=1000):
+    port, n, chunk = int(port), int(n), int(chunk)
+    if mode == "udp-exit":
+        s = socket.socket(family(host), socket.SOCK_DGRAM)
+        s.sendto(b"x" * n, (host, port))
+        os._exit(0)
+    if mode == "udp":
+        s, sent, received = udp(host, port, n, chunk)
+    else:
+        s, sent, received = tcp(host, port, mode == "tcp-up", n)
+    laddr, lport = s.getsockname()[:2]
+    print(json.dumps({"laddr": laddr, "lport": lport, "sent": sent, "received": received}), flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
