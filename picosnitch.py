@@ -1189,12 +1189,12 @@ def compile_program(text: str, headers: typing.Optional[typing.List[str]]):
     """Compile and load the program with bcc, using substitute headers if given."""
     from bcc import BPF
     if headers is None:
-        return BPF(text=text)
+        return BPF(text=text.encode())
     tree = tempfile.mkdtemp(prefix="picosnitch-headers-")
     try:
         merge_tree(headers, tree)
         os.environ["BCC_KERNEL_SOURCE"] = tree
-        return BPF(text=text)
+        return BPF(text=text.encode())
     finally:
         os.environ.pop("BCC_KERNEL_SOURCE", None)
         shutil.rmtree(tree, ignore_errors=True)
@@ -1232,11 +1232,11 @@ class Capture:
         bpf = compile_program(bpf_text(btf, mode), headers)
         if mode == "kprobe":
             for function, entry, ret in KPROBE_HOOKS:
-                bpf.attach_kprobe(event=function, fn_name=entry)
-                bpf.attach_kretprobe(event=function, fn_name=ret)
+                bpf.attach_kprobe(event=function.encode(), fn_name=entry.encode())
+                bpf.attach_kretprobe(event=function.encode(), fn_name=ret.encode())
         try:
-            bpf.attach_uprobe(name="c", sym="getaddrinfo", fn_name="on_getaddrinfo")
-            bpf.attach_uretprobe(name="c", sym="getaddrinfo", fn_name="on_getaddrinfo_return")
+            bpf.attach_uprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo")
+            bpf.attach_uretprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo_return")
         except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
             say(f"domains from getaddrinfo unavailable: {e}")
         bpf.free_bcc_memory()
@@ -1872,10 +1872,11 @@ def read_pid(path: str = PIDFILE) -> typing.Optional[int]:
         return None
 
 
-def write_status(mode: str) -> None:
+def write_status(mode: str, started: str, children: typing.Dict[str, int]) -> None:
+    """/run/picosnitch.status: what `status` shows (capture mode, processes)."""
     with open(STATUSFILE, "w") as f:
         json.dump({"pid": os.getpid(), "mode": mode, "description": MODE_DESCRIPTIONS[mode],
-                   "started": now_text()}, f)
+                   "started": started, "children": children}, f)
 
 
 def make_runtime(config: Config, environ: typing.Mapping[str, str] = os.environ) -> Runtime:
@@ -1905,6 +1906,11 @@ class Supervisor:
             self.targets["notifier"] = (notifier_main, (rt, rt.reporter.queue))
         self.procs: typing.Dict[str, multiprocessing.Process] = {}
         self.restarts: typing.Dict[str, typing.List[float]] = collections.defaultdict(list)
+        self.mode, self.started = "", now_text()
+
+    def write_status(self) -> None:
+        if self.mode:
+            write_status(self.mode, self.started, {name: p.pid for name, p in self.procs.items()})
 
     def start(self, name: str) -> None:
         target, args = self.targets[name]
@@ -1917,7 +1923,9 @@ class Supervisor:
             timeout -= 0.2
             if timeout <= 0 or not self.procs["reader"].is_alive():
                 raise PicosnitchError("the BPF reader failed to start (see the messages above)")
-        return self.rt.status_rx.recv()[1]
+        self.mode = self.rt.status_rx.recv()[1]
+        self.write_status()
+        return self.mode
 
     def check(self) -> None:
         """Restart a child that died, unless it keeps dying."""
@@ -1931,6 +1939,9 @@ class Supervisor:
                 raise PicosnitchError(f"the {name} process died {RESTART_LIMIT} times in {RESTART_WINDOW:.0f}s")
             self.rt.reporter.error(f"the {name} process died (exit code {proc.exitcode}); restarting it")
             self.start(name)
+            if name == "reader":
+                self.wait_ready(READY_TIMEOUT)
+            self.write_status()
 
     def stop(self) -> None:
         order = [("reader", True), ("primary", False), ("monitor", True), ("notifier", True)]
@@ -1958,9 +1969,7 @@ def run_supervisor(config: Config, ready: typing.Callable[[str], None]) -> int:
     try:
         for name in supervisor.targets:
             supervisor.start(name)
-        mode = supervisor.wait_ready(READY_TIMEOUT)
-        write_status(mode)
-        ready(mode)
+        ready(supervisor.wait_ready(READY_TIMEOUT))
         while not stop:
             multiprocessing.connection.wait([p.sentinel for p in supervisor.procs.values()], timeout=0.5)
             if not stop:

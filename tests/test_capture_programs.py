@@ -1,0 +1,109 @@
+"""The BPF program text: both capture modes pass the verifier; events decode."""
+import ctypes
+import os
+
+import pytest
+
+import picosnitch
+from conftest import need_root
+
+
+@pytest.fixture(scope="module")
+def btf():
+    return picosnitch.BTF.from_file()
+
+
+def load(btf, mode):
+    need_root()
+    picosnitch.ensure_tracefs(print)
+    headers, _ = picosnitch.find_kernel_headers(os.uname().release)
+    return picosnitch.compile_program(picosnitch.bpf_text(btf, mode), headers)
+
+
+def test_kprobe_fallback_passes_the_verifier(btf):
+    """This kernel has no kprobes to attach to, but the programs must load."""
+    from bcc import BPF
+    bpf = load(btf, "kprobe")
+    try:
+        for _, entry, ret in picosnitch.KPROBE_HOOKS:
+            assert bpf.load_func(entry.encode(), BPF.KPROBE).fd >= 0
+            assert bpf.load_func(ret.encode(), BPF.KPROBE).fd >= 0
+        assert "sock_send_length" not in picosnitch.bpf_text(btf, "kprobe")
+    finally:
+        bpf.cleanup()
+
+
+def test_tracepoint_mode_attaches_every_hook(btf):
+    bpf = load(btf, "tracepoint")
+    try:
+        raw = {name.decode() for name in bpf.raw_tracepoint_fds}
+        assert raw == {"sock_send_length", "sock_recv_length", "sched_process_exec", "sched_process_fork",
+                       "sched_process_exit", "inet_sock_set_state"}
+        tracepoints = {name.decode().split(":")[1] for name in bpf.tracepoint_fds}
+        expected = {f"sys_{edge}_{name}" for name, _ in picosnitch.SYSCALL_HOOKS for edge in ("enter", "exit")}
+        assert tracepoints == expected | {"sys_exit_connect"}
+    finally:
+        bpf.cleanup()
+
+
+def test_c_structs_match_ctypes():
+    text = picosnitch.c_struct(picosnitch.ExecT, "exec_t")
+    assert "u16 depth;" in text and "char path[32][64];" in text
+    assert ctypes.sizeof(picosnitch.ConnKeyT) == 64
+
+
+def test_exec_event_decodes_to_a_path():
+    ex = picosnitch.ExecT()
+    for i, part in enumerate([b"prog", b"", b"bin", b"usr"]):   # leaf first; '' is a mount crossing
+        ex.path[i].value = part
+    ex.depth, ex.complete = 4, 1
+    assert picosnitch.exec_path(ex) == "/usr/bin/prog"
+    ex.complete = 0
+    assert picosnitch.exec_path(ex) == ""
+
+
+def test_event_decoder_reads_header_and_payload():
+    hdr = picosnitch.EventHdrT(kind=picosnitch.EVENT_KINDS["CONN"][0])
+    hdr.proc.pid, hdr.proc.comm = 42, b"curl"
+    key = picosnitch.ConnKeyT(pid=42, family=picosnitch.AF_INET, proto=6, lport=5000, rport=443)
+    key.raddr[:4] = [10, 0, 0, 1]
+    raw = bytes(hdr) + bytes(key)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    name, h, payload = picosnitch.decode_event(ctypes.addressof(buf), len(raw))
+    assert (name, h.proc.pid, h.proc.comm, payload.rport) == ("CONN", 42, b"curl", 443)
+    assert picosnitch.format_addr(payload.family, bytes(payload.raddr)) == "10.0.0.1"
+
+
+def test_addresses_and_protocols_format():
+    v6 = bytes.fromhex("00000000000000000000ffff7f000001")
+    assert picosnitch.format_addr(picosnitch.AF_INET6, v6) == "127.0.0.1"
+    assert picosnitch.format_addr(picosnitch.AF_INET6, bytes(15) + b"\x01") == "::1"
+    assert picosnitch.format_addr(picosnitch.AF_PACKET, bytes(16)) == ""
+    assert [picosnitch.proto_name(f, p) for f, p in [(2, 6), (10, 17), (2, 253), (17, 768), (2, 1)]] == \
+        ["tcp", "udp", "raw253", "packet", "icmp"]
+
+
+def test_kernel_headers_are_found_and_merged(tmp_path):
+    modules = tmp_path / "modules"
+    for version, generated in [("5.10.0-9-amd64", True), ("6.1.0-56-amd64", True), ("6.5.0-1", False)]:
+        build = tmp_path / f"build-{version}"
+        (build / "include" / "linux").mkdir(parents=True)
+        if generated:
+            (build / "include" / "generated").mkdir()
+            (build / "include" / "generated" / "autoconf.h").write_text("")
+        source = tmp_path / f"source-{version}"
+        (source / "include" / "linux").mkdir(parents=True)
+        (source / "include" / "linux" / "kconfig.h").write_text("")
+        (modules / version).mkdir(parents=True)
+        os.symlink(build, modules / version / "build")
+        os.symlink(source, modules / version / "source")
+    dirs, note = picosnitch.find_kernel_headers("6.18.0-test", str(modules))
+    assert dirs == [str(tmp_path / "build-6.1.0-56-amd64"), str(tmp_path / "source-6.1.0-56-amd64")]
+    assert "compiling with those of 6.1.0-56-amd64" in note
+    assert picosnitch.find_kernel_headers("6.1.0-56-amd64", str(modules))[0] is None
+    merged = tmp_path / "merged"
+    picosnitch.merge_tree(dirs, str(merged))
+    assert (merged / "include" / "generated" / "autoconf.h").exists()
+    assert (merged / "include" / "linux" / "kconfig.h").exists()
+    with pytest.raises(picosnitch.PicosnitchError, match="no kernel headers found"):
+        picosnitch.find_kernel_headers("6.18.0-test", str(tmp_path / "empty"))

@@ -1,0 +1,62 @@
+"""The command line: commands, help, root checks."""
+import os
+import subprocess
+
+import pytest
+
+import picosnitch
+from conftest import PYTHON, SCRIPT
+
+NOBODY = 65534
+
+
+def cli(*args, user=None, env=None):
+    preexec = (lambda: (os.setgid(NOBODY), os.setuid(NOBODY))) if user == "nobody" else None
+    return subprocess.run([PYTHON, SCRIPT, *args], capture_output=True, text=True, preexec_fn=preexec,
+                          env=env or dict(os.environ, HOME="/nonexistent"), timeout=60)
+
+
+@pytest.mark.parametrize("command", ["start", "stop", "restart", "start-no-daemon", "systemd"])
+def test_commands_needing_root_say_so(command):
+    if os.geteuid() != 0:
+        pytest.skip("switching to nobody needs root")
+    out = cli(command, user="nobody")
+    assert out.returncode == 1
+    assert f"'{command}' needs root: run it as 'sudo picosnitch {command}'" in out.stderr
+
+
+def test_version_and_help():
+    out = cli("version")
+    assert out.returncode == 0 and out.stdout.startswith(f"picosnitch {picosnitch.VERSION}")
+    out = cli("help")
+    assert out.returncode == 0
+    for command in ("start", "stop", "restart", "status", "start-no-daemon", "systemd", "version", "help"):
+        assert f"  {command} " in out.stdout
+
+
+def test_unknown_command_is_an_error():
+    out = cli("frobnicate")
+    assert out.returncode == 2 and "unknown command: frobnicate" in out.stderr
+    assert cli().returncode == 2
+
+
+def test_status_when_not_running():
+    if picosnitch.read_pid() is not None:
+        pytest.skip("a picosnitch daemon is running on this machine")
+    out = cli("status")
+    assert (out.returncode, out.stdout.strip()) == (3, "picosnitch is not running")
+
+
+def test_systemd_unit_runs_start_no_daemon_for_the_sudo_user():
+    unit = picosnitch.systemd_unit("/usr/bin/python3 /opt/picosnitch.py",
+                                   {"SUDO_USER": "root", "DBUS_SESSION_BUS_ADDRESS": "unix:path=/x"})
+    assert "ExecStart=/usr/bin/python3 /opt/picosnitch.py start-no-daemon\n" in unit
+    assert 'Environment="SUDO_USER=root"' in unit
+    assert 'Environment="DBUS_SESSION_BUS_ADDRESS=unix:path=/x"' in unit
+    assert "KillMode=mixed" in unit and "WantedBy=multi-user.target" in unit
+
+
+def test_importing_has_no_side_effects():
+    code = ("import os, sys; before = dict(os.environ); sys.path.insert(0, sys.argv[1]); import picosnitch; "
+            "assert dict(os.environ) == before; assert 'bcc' not in sys.modules; assert 'dbus' not in sys.modules")
+    subprocess.run([PYTHON, "-c", code, os.path.dirname(SCRIPT)], check=True)

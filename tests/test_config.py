@@ -1,0 +1,71 @@
+"""config.json: defaults, creation, and refusal of bad files without touching them."""
+import json
+import os
+import subprocess
+
+import pytest
+
+import picosnitch
+from conftest import PYTHON, SCRIPT
+
+SPEC_DEFAULTS = {
+    "DB retention (days)": 30, "DB sql log": True, "DB sql server": {}, "DB text log": False,
+    "DB write limit (seconds)": 10, "Dash scroll zoom": True, "Dash theme": "",
+    "Desktop notifications": True, "Every exe (not just conns)": False, "GeoIP lookup": True,
+    "Log addresses": True, "Log commands": True, "Log ignore": [], "Log ports": True,
+    "Perf ring buffer (pages)": 256, "Set RLIMIT_NOFILE": None, "Set st_dev mask": None,
+    "VT API key": "", "VT file upload": False, "VT request limit (seconds)": 15,
+}
+
+
+def test_created_with_every_key_and_default(tmp_path):
+    config = picosnitch.load_config(str(tmp_path / "ps"), (os.getuid(), os.getgid()))
+    with open(tmp_path / "ps" / "config.json") as f:
+        assert json.load(f) == SPEC_DEFAULTS
+    assert config == picosnitch.Config()
+    assert os.stat(tmp_path / "ps" / "config.json").st_mode & 0o777 == 0o600
+    assert os.stat(tmp_path / "ps").st_mode & 0o777 == 0o700
+
+
+def test_values_become_typed_attributes():
+    config = picosnitch.parse_config(json.dumps({"DB write limit (seconds)": 2.5, "Log ignore": [53, "abc"],
+                                                 "Set st_dev mask": 0}))
+    assert (config.db_write_limit_seconds, config.log_ignore, config.set_st_dev_mask) == (2.5, [53, "abc"], 0)
+    assert config.db_retention_days == 30
+
+
+BAD = [
+    ('{"DB retention (days)": 30,\n "Log ports": true,,\n}', "line 2"),
+    ('{"DB retention days": 30}', "unknown key 'DB retention days'"),
+    ('{"Log ports": "yes"}', "'Log ports' must be true or false, found \"yes\""),
+    ('{"DB retention (days)": true}', "'DB retention (days)' must be a whole number of days >= 0, found true"),
+    ('{"Perf ring buffer (pages)": 100}', "'Perf ring buffer (pages)' must be a power of two, found 100"),
+    ('{"DB write limit (seconds)": 0}', "'DB write limit (seconds)' must be a number of seconds > 0"),
+    ('{"Log ignore": [1.5]}', "'Log ignore' entries must be ports (int) or strings, found 1.5"),
+    ('[1, 2]', "expected a JSON object of settings, found list"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD)
+def test_bad_config_is_refused_with_a_message(text, message):
+    with pytest.raises(picosnitch.PicosnitchError) as e:
+        picosnitch.parse_config(text)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("text,message", BAD + [(b"\xff\xfe{}", "not UTF-8 text")])
+def test_daemon_refuses_bad_config_and_leaves_it_unchanged(tmp_path, text, message):
+    if os.geteuid() != 0:
+        pytest.skip("start-no-daemon needs root")
+    directory = tmp_path / ".config" / "picosnitch"
+    directory.mkdir(parents=True)
+    raw = text if isinstance(text, bytes) else text.encode()
+    (directory / "config.json").write_bytes(raw)
+    before = os.stat(directory / "config.json")
+    out = subprocess.run([PYTHON, SCRIPT, "start-no-daemon"], env=dict(os.environ, HOME=str(tmp_path)),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert message in out.stderr and "config.json" in out.stderr
+    assert (directory / "config.json").read_bytes() == raw
+    assert os.stat(directory / "config.json").st_mtime_ns == before.st_mtime_ns
+    assert sorted(os.listdir(directory)) == ["config.json"]

@@ -1,0 +1,91 @@
+"""snitch.db, record.json and the logs: schema, writes, retention, permissions."""
+import datetime
+import json
+import os
+
+import pytest
+
+import picosnitch
+
+OWNER = (os.getuid(), os.getgid())
+
+
+def row(contime, exe="/usr/bin/curl", send=10, recv=20):
+    return (contime, send, recv, exe, "curl", "curl x", "ab" * 32, "/usr/bin/bash", "bash", "bash", "cd" * 32,
+            1000, 40000, 443, "10.0.0.2", "10.0.0.1", "example.org", "tcp")
+
+
+def test_schema_has_the_spec_columns_and_indexes(tmp_path):
+    con = picosnitch.db_open(str(tmp_path / "snitch.db"), OWNER)
+    columns = [r[1] for r in con.execute("PRAGMA table_info(connections)")]
+    for name in ["contime", "send", "recv", "exe", "name", "cmdline", "sha256", "pexe", "pname", "pcmdline",
+                 "psha256", "uid", "lport", "rport", "laddr", "raddr", "domain"]:
+        assert name in columns
+    plan = " ".join(str(r) for r in con.execute(
+        "EXPLAIN QUERY PLAN SELECT SUM(send) FROM connections WHERE exe = ? AND contime > ?", ("x", "y")))
+    assert "USING INDEX" in plan or "USING COVERING INDEX" in plan
+    assert os.stat(tmp_path / "snitch.db").st_mode & 0o777 == 0o600
+
+
+def test_insert_and_retention(tmp_path):
+    con = picosnitch.db_open(str(tmp_path / "snitch.db"), OWNER)
+    old = (datetime.datetime.now() - datetime.timedelta(days=31)).strftime(picosnitch.TIME_FORMAT)
+    picosnitch.db_insert(con, [row(old), row(picosnitch.now_text())])
+    assert picosnitch.db_prune(con, 30) == 1
+    con.commit()
+    rows = picosnitch.db_rows(str(tmp_path / "snitch.db"))
+    assert len(rows) == 1 and rows[0]["domain"] == "example.org" and rows[0]["send"] == 10
+
+
+def test_write_atomic_replaces_and_keeps_private(tmp_path):
+    path = str(tmp_path / "record.json")
+    picosnitch.write_atomic(path, b"one", OWNER)
+    picosnitch.write_atomic(path, b"two", OWNER)
+    assert open(path, "rb").read() == b"two"
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.listdir(tmp_path) == ["record.json"]
+
+
+def test_append_line_creates_a_private_log(tmp_path):
+    path = str(tmp_path / "error.log")
+    picosnitch.append_line(path, "first\n", OWNER)
+    picosnitch.append_line(path, "second", OWNER)
+    assert open(path).read() == "first\nsecond\n"
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_damaged_record_is_kept_aside(tmp_path):
+    path = tmp_path / "record.json"
+    path.write_text("{not json")
+    with pytest.raises(picosnitch.PicosnitchError, match="moved to"):
+        picosnitch.load_record(str(path))
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("record.json.damaged-")]
+    assert len(aside) == 1 and (tmp_path / aside[0]).read_text() == "{not json"
+    assert picosnitch.load_record(str(path)) == {s: {} for s in picosnitch.RECORD_SECTIONS}
+
+
+def conn(exe="/usr/bin/curl", name="curl"):
+    proc = picosnitch.ProcInfo(10, exe, name, f"{name} https://x", 1, 2)
+    parent = picosnitch.ProcInfo(9, "/usr/bin/bash", "bash", "bash", 1, 3)
+    return picosnitch.Conn(proc, parent, 1000, "tcp", 40000, 443, "10.0.0.2", "10.0.0.1", "x.org", 5, 6)
+
+
+def test_record_notes_new_executables_names_and_hashes():
+    record = {s: {} for s in picosnitch.RECORD_SECTIONS}
+    assert picosnitch.update_record(record, conn(), "aa") == \
+        (True, ["First network connection detected for curl (/usr/bin/curl)"])
+    assert picosnitch.update_record(record, conn(), "aa") == (False, [])
+    assert picosnitch.update_record(record, conn(name="curl2"), "aa") == \
+        (True, ["/usr/bin/curl is running as a new name: curl2"])
+    assert picosnitch.update_record(record, conn(), "bb") == (True, ["New sha256 for curl (/usr/bin/curl): bb"])
+    assert record["Parent Executables"] == {"/usr/bin/bash": ["bash"]}
+    assert list(record["SHA256"]["/usr/bin/curl"]) == ["aa", "bb"]
+    json.dumps(record)
+
+
+def test_log_switches_blank_fields():
+    config = picosnitch.Config(log_addresses=False, log_commands=False, log_ports=False)
+    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", config)))
+    assert (r["cmdline"], r["pcmdline"], r["laddr"], r["raddr"], r["lport"], r["rport"]) == ("", "", "", "", None, None)
+    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", picosnitch.Config())))
+    assert (r["cmdline"], r["raddr"], r["rport"], r["sha256"], r["psha256"]) == ("curl https://x", "10.0.0.1", 443, "aa", "bb")
