@@ -405,6 +405,17 @@ CONFIG_RANGES = {
 }
 
 
+# settings whose features are not in this version: accepted, and said to have no effect
+NOT_YET_SUPPORTED = ("db_sql_server", "db_text_log", "every_exe", "log_ignore", "vt_api_key")
+
+
+def unsupported_settings(config: Config) -> typing.List[str]:
+    """JSON keys set away from their defaults whose features this version lacks."""
+    default = Config()
+    return [key for key, (attr, _, _) in CONFIG_KEYS.items()
+            if attr in NOT_YET_SUPPORTED and getattr(config, attr) != getattr(default, attr)]
+
+
 def config_to_json(config: Config) -> str:
     values = {key: getattr(config, attr) for key, (attr, _, _) in CONFIG_KEYS.items()}
     return json.dumps(values, indent=2) + "\n"
@@ -1962,6 +1973,8 @@ def run_supervisor(config: Config, ready: typing.Callable[[str], None]) -> int:
     """Run picosnitch until SIGTERM or SIGINT; ready(mode) once capturing."""
     rt = make_runtime(config)
     secure_directory(rt.directory, rt.owner)
+    for key in unsupported_settings(config):
+        rt.reporter.info(f"{key!r} is set but not supported by picosnitch {VERSION}; it has no effect")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))

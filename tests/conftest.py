@@ -29,6 +29,21 @@ HOST_V4, PEER_V4 = "10.231.0.1", "10.231.0.2"
 HOST_V6, PEER_V6 = "fd31:5e::1", "fd31:5e::2"
 
 
+REPORT = []   # lines for the end of the run: capture mode, bytes expected and logged
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORT:
+        terminalreporter.section("picosnitch capture report")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
+
+def pytest_configure(config):
+    # bcc 0.26 warns when given str instead of bytes by its own helpers
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:bcc")
+
+
 def need_root():
     """Capture tests need root; in CI that is a failure, not a skip."""
     if os.geteuid() != 0:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import (PEER_PORT, PEER_V4, PEER_V6, Daemon, need_root, notifications,
+from conftest import (PEER_PORT, PEER_V4, PEER_V6, REPORT, Daemon, need_root, notifications,
                       sha256_file, tracefs_unmounted, unique_c_sender, unique_python)
 
 NOBODY = 65534
@@ -51,6 +51,8 @@ def me():
 def test_starts_with_tracefs_unmounted(daemon):
     assert daemon.tracefs_was_unmounted, "tracefs could not be unmounted before the start"
     assert any("mounted tracefs at /sys/kernel/tracing" in line for line in daemon.lines)
+    mode = [line for line in daemon.lines if "capturing, mode" in line]
+    REPORT.append(mode[0].replace("picosnitch: capturing, mode", "capture mode:") if mode else "no capture mode")
     assert any("capturing, mode tracepoint" in line for line in daemon.lines)
 
 
@@ -68,7 +70,8 @@ def test_traffic_is_attributed_and_counted(daemon, exe_dir, mode, via, ip):
     rows = daemon.wait_rows(exe=exe, lport=out["lport"])
     assert rows, f"no rows for {exe}; all rows: {daemon.rows()}"
     logged = (sum(r["send"] for r in rows), sum(r["recv"] for r in rows))
-    print(f"{mode} {via} ipv{ip}: expected send/recv {expected_sent}/{expected_recv}, logged {logged[0]}/{logged[1]}")
+    REPORT.append(f"{mode:8} {via:8} ipv{ip}: expected send/recv {expected_sent}/{expected_recv}, "
+                  f"logged {logged[0]}/{logged[1]}")
     assert logged == (expected_sent, expected_recv)
 
     pexe, pname, psha = me()

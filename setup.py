@@ -1,0 +1,36 @@
+"""Install picosnitch as the `picosnitch` command.
+
+bcc (the BPF Compiler Collection) comes from your distribution, as
+python3-bpfcc or python3-bcc: the PyPI package named "bcc" is unrelated.
+"""
+import os
+import sys
+
+from setuptools import setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import picosnitch  # noqa: E402 - importing has no side effects
+
+setup(
+    name="picosnitch",
+    version=picosnitch.VERSION,
+    description="See which programs use the network: BPF traffic log, hashes, desktop notifications",
+    long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read(),
+    long_description_content_type="text/markdown",
+    license="GPL-3.0-or-later",
+    python_requires=">=3.8",
+    py_modules=["picosnitch"],
+    entry_points={"console_scripts": ["picosnitch = picosnitch:main"]},
+    extras_require={
+        "notifications": ["dbus-python"],
+        "full": ["dbus-python"],
+    },
+    classifiers=[
+        "Environment :: No Input/Output (Daemon)",
+        "License :: OSI Approved :: GNU General Public License v3 or later (GPLv3+)",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Monitoring",
+        "Topic :: System :: Networking :: Monitoring",
+    ],
+)
