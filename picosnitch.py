@@ -1527,10 +1527,11 @@ def open_verified(pid: int, dev: int, ino: int, exe: str, mask: int) -> typing.T
 
 
 class Fanotify:
-    """fanotify marks on open executables; yields (st_dev, st_ino) of modified ones."""
-    FAN_CLOEXEC, FAN_NONBLOCK, FAN_MARK_ADD = 0x1, 0x2, 0x1
-    FAN_MODIFY, FAN_CLOSE_WRITE = 0x2, 0x8
+    """fanotify marks on open executables; reports (st_dev, st_ino) of modified ones."""
+    FAN_CLOEXEC, FAN_NONBLOCK, FAN_MARK_ADD, FAN_MARK_REMOVE = 0x1, 0x2, 0x1, 0x2
+    FAN_MODIFY, FAN_CLOSE_WRITE, FAN_Q_OVERFLOW = 0x2, 0x8, 0x4000
     METADATA = struct.Struct("<IBBHQii")
+    OVERFLOW = (-1, -1)     # reported when events were dropped: everything may have changed
 
     def __init__(self):
         self.libc = libc()
@@ -1539,9 +1540,15 @@ class Fanotify:
         if self.fd < 0:
             raise PicosnitchError(f"fanotify_init failed: {os.strerror(ctypes.get_errno())}")
 
-    def mark(self, fd: int) -> None:
-        if self.libc.fanotify_mark(self.fd, self.FAN_MARK_ADD, self.FAN_MODIFY | self.FAN_CLOSE_WRITE, fd, None):
+    def _mark(self, action: int, fd: int) -> None:
+        if self.libc.fanotify_mark(self.fd, action, self.FAN_MODIFY | self.FAN_CLOSE_WRITE, fd, None):
             raise OSError(ctypes.get_errno(), "fanotify_mark")
+
+    def mark(self, fd: int) -> None:
+        self._mark(self.FAN_MARK_ADD, fd)
+
+    def unmark(self, fd: int) -> None:
+        self._mark(self.FAN_MARK_REMOVE, fd)
 
     def modified(self) -> typing.List[typing.Tuple[int, int]]:
         out = []
@@ -1552,7 +1559,9 @@ class Fanotify:
                 return out
             pos = 0
             while pos + self.METADATA.size <= len(data):
-                length, _, _, _, _, fd, _ = self.METADATA.unpack_from(data, pos)
+                length, _, _, _, mask, fd, _ = self.METADATA.unpack_from(data, pos)
+                if mask & self.FAN_Q_OVERFLOW:
+                    out.append(self.OVERFLOW)
                 if fd >= 0:
                     st = os.fstat(fd)
                     os.close(fd)
@@ -1582,7 +1591,9 @@ class FdCache:
         self.fanotify.mark(fd)
         self.entries[key] = [fd, None]
         while len(self.entries) > self.limit:
-            os.close(self.entries.popitem(last=False)[1][0])
+            fd = self.entries.popitem(last=False)[1][0]
+            self.fanotify.unmark(fd)
+            os.close(fd)
         return ""
 
     def sha256(self, pid: int, dev: int, ino: int, exe: str) -> typing.Tuple[str, str]:
@@ -1596,9 +1607,12 @@ class FdCache:
         return entry[1], ""
 
     def invalidate(self, dev: int, ino: int) -> None:
-        entry = self.entries.get(self.key(dev, ino))
-        if entry:
-            entry[1] = None
+        """Forget a hash (all of them after a fanotify overflow)."""
+        if (dev, ino) == Fanotify.OVERFLOW:
+            for entry in self.entries.values():
+                entry[1] = None
+        elif self.key(dev, ino) in self.entries:
+            self.entries[self.key(dev, ino)][1] = None
 
 
 ###############################################################################
@@ -2008,7 +2022,7 @@ def secure_directory(directory: str, owner: typing.Tuple[int, int]) -> None:
 def claim_pidfile() -> None:
     running = read_pid()
     if running and running != os.getpid():
-        raise PicosnitchError(f"picosnitch is already running (pid {running})")
+        raise PicosnitchError(f"already running (pid {running})")
     with open(PIDFILE, "w") as f:
         f.write(f"{os.getpid()}\n")
 
@@ -2029,14 +2043,19 @@ def run_foreground(config: Config) -> int:
 
 
 def run_daemon(config: Config) -> int:
-    """Double fork; the caller returns once the daemon captures (or failed)."""
+    """Double fork; the caller returns once the daemon captures (or failed).
+
+    The daemon answers with one line on a pipe (its children inherit the pipe,
+    so the caller reads a line, not to the end).
+    """
     read_fd, write_fd = os.pipe()
     if os.fork():
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as f:
-            answer = f.read().decode()
-        print(answer or "picosnitch: the daemon failed to start (see error.log)", file=sys.stdout if answer.startswith("picosnitch: capturing") else sys.stderr)
-        return 0 if answer.startswith("picosnitch: capturing") else 1
+            answer = f.readline().decode().strip()
+        ok = answer.startswith("picosnitch: capturing")
+        print(answer or "picosnitch: the daemon failed to start (see error.log)", file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
     os.close(read_fd)
     os.setsid()
     if os.fork():
@@ -2046,15 +2065,12 @@ def run_daemon(config: Config) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     pipe = os.fdopen(write_fd, "wb", buffering=0)
-
-    def ready(mode: str) -> None:
-        pipe.write(f"picosnitch: capturing, mode {MODE_DESCRIPTIONS[mode]}".encode())
-        pipe.close()
+    answer = lambda line: pipe.write(f"picosnitch: {line}\n".encode())
     try:
         claim_pidfile()
-        code = run_supervisor(config, ready)
+        code = run_supervisor(config, lambda mode: answer(f"capturing, mode {MODE_DESCRIPTIONS[mode]}"))
     except PicosnitchError as e:
-        pipe.write(f"picosnitch: {e}".encode())
+        answer(str(e))
         code = 1
     finally:
         release_pidfile()

@@ -83,3 +83,13 @@ def test_cache_is_bounded(tmp_path, cache):
         dev, ino = write(path, str(i).encode())
         assert small.open(0, dev, ino, path) == ""
     assert len(small.entries) == 3
+
+
+def test_overflow_forgets_every_hash(tmp_path, cache):
+    fdcache, _ = cache
+    paths = [str(tmp_path / name) for name in ("a", "b")]
+    ids = [write(path, path.encode()) for path in paths]
+    for (dev, ino), path in zip(ids, paths):
+        fdcache.sha256(0, dev, ino, path)
+    fdcache.invalidate(*picosnitch.Fanotify.OVERFLOW)
+    assert all(entry[1] is None for entry in fdcache.entries.values())

@@ -38,3 +38,40 @@ def test_killed_monitor_is_reported_and_restarted(tmp_path, peers, exe_dir):
     finally:
         assert daemon.stop() == 0
     assert not os.path.exists(picosnitch.PIDFILE)
+
+
+def test_daemon_start_status_stop(tmp_path):
+    need_root()
+    env = dict(os.environ, HOME=str(tmp_path))
+    env.pop("SUDO_USER", None)
+    ps = lambda *args: subprocess.run([PYTHON, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=120)
+    started = ps("start")
+    assert started.returncode == 0, started.stderr
+    assert "capturing, mode tracepoint" in started.stdout
+    pid = picosnitch.read_pid()
+    assert pid is not None and pid != os.getpid()
+    assert ps("start").returncode == 1       # one instance at a time
+    status = ps("status")
+    assert status.returncode == 0 and f"picosnitch is running (pid {pid})" in status.stdout
+    stopped = ps("stop")
+    assert stopped.returncode == 0 and "picosnitch stopped" in stopped.stdout
+    assert not os.path.exists(f"/proc/{pid}") and not os.path.exists(picosnitch.PIDFILE)
+    assert ps("status").returncode == 3
+    assert ps("stop").returncode == 1
+
+
+def test_lost_events_are_reported(tmp_path, session_bus):
+    """A one-page perf buffer cannot hold a burst of exec events."""
+    need_root()
+    daemon = Daemon(str(tmp_path), config={"Perf ring buffer (pages)": 1},
+                    env={"DBUS_SESSION_BUS_ADDRESS": session_bus[0]}).start()
+    try:
+        subprocess.run(["sh", "-c", "for i in $(seq 300); do /bin/true; done"], check=True)
+        deadline = time.monotonic() + 15
+        while "lost" not in daemon.read("error.log") and time.monotonic() < deadline:
+            time.sleep(0.3)
+    finally:
+        daemon.stop()
+    assert "events from the kernel: raise \"Perf ring buffer (pages)\"" in daemon.read("error.log")
+    from conftest import notifications
+    assert any("lost" in n["body"] and n["summary"] == "picosnitch error" for n in notifications(session_bus[1]))
