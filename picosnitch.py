@@ -680,6 +680,9 @@ KERNEL_FIELDS = {
     "SK_V6_RCV_SADDR": "sock_common.skc_v6_rcv_saddr",
     "SOCK_PROTOCOL": "sock.sk_protocol",
     "SOCKET_SK": "socket.sk",
+    "TCP_COPIED_SEQ": "tcp_sock.copied_seq",
+    "TCP_RCV_NXT": "tcp_sock.rcv_nxt",
+    "SOCK_SHUTDOWN": "sock.sk_shutdown",
 }
 
 
@@ -722,7 +725,10 @@ BPF_TEXT = r"""
 #define PS_AF_NETLINK 16
 #define PS_MSG_PEEK 2
 #define PS_TCP 6
+#define PS_TCP_ESTABLISHED 1
 #define PS_TCP_SYN_SENT 2
+#define PS_TCP_CLOSE 7
+#define PS_RCV_SHUTDOWN 1
 #define DIR_SEND 0
 #define DIR_RECV 1
 #define PATH_DEPTH $PATH_DEPTH
@@ -763,6 +769,7 @@ BPF_HASH(conns1, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_HASH(calls, u64, struct call_t, $MAX_CALLS);
 BPF_HASH(gai, u64, struct gai_t, 1024);
 BPF_ARRAY(stats, u64, $N_STATS);
+BPF_TABLE("lru_hash", u64, u32, tcp_seq, $MAX_CONNS);
 BPF_PERCPU_ARRAY(scratch, struct exec_event_t, 1);
 
 static __always_inline void stat_add(u32 index, u64 n) {
@@ -886,12 +893,34 @@ static __always_inline int has_peer(struct conn_key_t *key) {
     return a[0] || a[1];
 }
 
+/* TCP receive bytes are the advance of copied_seq since the last look, so that
+   recvmsg, splice and zero-copy reads all count, and none twice (the FIN takes
+   one sequence number: not a byte); a socket without a baseline (older than
+   picosnitch) starts one at its next recvmsg */
+static __always_inline u64 tcp_consumed(void *sk, u64 fallback) {
+    u64 id = (u64)sk;
+    u32 seq = F_TCP_COPIED_SEQ(sk);
+    u32 *last = tcp_seq.lookup(&id);
+    if (!last) {
+        if (fallback) tcp_seq.update(&id, &seq);
+        return fallback;
+    }
+    u32 delta = seq - *last;
+    *last = seq;
+    if (delta && (F_SOCK_SHUTDOWN(sk) & PS_RCV_SHUTDOWN) && seq == F_TCP_RCV_NXT(sk)) delta--;
+    return delta;
+}
+
 /* a socket moved bytes: called by the tracepoints or the kprobe fallback */
 static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int dir) {
     if (ret <= 0 || !sk) return 0;
     if (dir == DIR_RECV && (flags & PS_MSG_PEEK)) return 0;
     struct conn_key_t key = {};
     if (sock_key(sk, &key)) return 0;
+    if (dir == DIR_RECV && key.proto == PS_TCP && (key.family == PS_AF_INET || key.family == PS_AF_INET6)) {
+        ret = tcp_consumed(sk, ret);
+        if (!ret) return 0;
+    }
     u64 id = bpf_get_current_pid_tgid();
     struct call_t *c = calls.lookup(&id);
     if (c && dir == DIR_SEND && IS_SEND_CALL(c)) {
@@ -938,15 +967,34 @@ static __always_inline int exit_call(void *ctx, long ret) {
 
 $SYSCALL_HOOKS
 
-/* a TCP connect is a connection even if it never moves a byte: the socket is
-   noted at SYN_SENT and counted when connect() returns, its local port bound */
+/* TCP state changes: a connect is a connection even if it never moves a byte
+   (noted at SYN_SENT, counted when connect() returns with its local port
+   bound); ESTABLISHED starts the copied_seq baseline, CLOSE ends it */
 RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
-    if ((int)ctx->args[2] != PS_TCP_SYN_SENT) return 0;
-    u64 id = bpf_get_current_pid_tgid();
-    struct call_t c = {};
-    c.kind = CALL_CONNECT;
-    c.uptr = ctx->args[0];
-    calls.update(&id, &c);
+    void *sk = (void *)ctx->args[0];
+    int state = (int)ctx->args[2];
+    u64 sk_id = (u64)sk;
+    if (state == PS_TCP_ESTABLISHED && F_SOCK_PROTOCOL(sk) == PS_TCP) {
+        u32 seq = F_TCP_COPIED_SEQ(sk);
+        tcp_seq.update(&sk_id, &seq);
+    } else if (state == PS_TCP_CLOSE) {
+        tcp_seq.delete(&sk_id);
+    } else if (state == PS_TCP_SYN_SENT) {
+        u64 id = bpf_get_current_pid_tgid();
+        struct call_t c = {};
+        c.kind = CALL_CONNECT;
+        c.uptr = sk_id;
+        calls.update(&id, &c);
+    }
+    return 0;
+}
+
+/* TCP reads that bypass sock_recvmsg (splice, zero-copy receive) */
+RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust) {
+    void *sk = (void *)ctx->args[0];
+    u64 bytes = tcp_consumed(sk, 0);
+    struct conn_key_t key = {};
+    if (bytes && !sock_key(sk, &key)) account(ctx, &key, DIR_RECV, bytes);
     return 0;
 }
 

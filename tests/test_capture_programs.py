@@ -38,7 +38,7 @@ def test_tracepoint_mode_attaches_every_hook(btf):
     try:
         raw = {name.decode() for name in bpf.raw_tracepoint_fds}
         assert raw == {"sock_send_length", "sock_recv_length", "sched_process_exec", "sched_process_fork",
-                       "sched_process_exit", "inet_sock_set_state"}
+                       "sched_process_exit", "inet_sock_set_state", "tcp_rcv_space_adjust"}
         tracepoints = {name.decode().split(":")[1] for name in bpf.tracepoint_fds}
         expected = {f"sys_{edge}_{name}" for name, _ in picosnitch.SYSCALL_HOOKS for edge in ("enter", "exit")}
         assert tracepoints == expected | {"sys_exit_connect"}

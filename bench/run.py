@@ -1,0 +1,651 @@
+#!/usr/bin/python3
+"""picosnitch benchmark: what each monitor sees of 24 traffic scenarios, and what it costs.
+
+usage: sudo /usr/bin/python3 bench/run.py [--trials N] [--scenarios s01,s04] [--tools picosnitch,nethogs]
+                                          [--smoke] [--report PATH] [--sustain SECONDS]
+
+Traffic goes only to a peer in a private network namespace (over veth) and
+over loopback. References: application bytes counted by the generators
+(bench/gen.c) and wire bytes from nftables counters in the peer namespace.
+See bench/README.md.
+"""
+import argparse
+import collections
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PYTHON = "/usr/bin/python3"
+PICOSNITCH = os.path.join(ROOT, "picosnitch.py")
+PEER_NS, CT_NS = "psbench-peer", "psbench-ct"
+HOST_IF, PEER_IF, CT_IF, CT_PEER_IF = "psb0", "psb1", "psc0", "psc1"
+HOST_V4, PEER_V4, HOST_V6, PEER_V6 = "10.233.0.1", "10.233.0.2", "fd33:b::1", "fd33:b::2"
+CT_V4, CT_PEER_V4 = "10.234.0.1", "10.234.0.2"
+PORT = 9100
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class Scenario:
+    def __init__(self, sid, title, mode, nbytes, where="v4"):
+        self.sid, self.title, self.mode, self.nbytes, self.where = sid, title, mode, nbytes, where
+
+
+SCENARIOS = [
+    Scenario("s01", "TCP bulk download", "tcp-down", 50_000_000),
+    Scenario("s02", "TCP bulk upload", "tcp-up", 50_000_000),
+    Scenario("s03", "TCP full duplex", "tcp-duplex", 20_000_000),
+    Scenario("s04", "UDP bulk both ways", "udp", 3_000_000),
+    Scenario("s05", "ICMP echo flood with payload", "icmp", 1_000_000),
+    Scenario("s06", "UDP to port 443", "udp443", 3_000_000),
+    Scenario("s07", "IPv6 TCP", "tcp-up", 30_000_000, "v6"),
+    Scenario("s08", "SCTP", "sctp", 10_000_000),
+    Scenario("s09", "small-packet UDP to port 53 flood", "udp53", 2_000_000),
+    Scenario("s10", "raw IP socket, protocol 253", "raw253", 1_000_000),
+    Scenario("s11", "many short-lived processes", "short", 50_000),
+    Scenario("s12", "AF_PACKET raw frame injection", "packet", 1_000_000),
+    Scenario("s13", "io_uring send", "uring-send", 20_000_000),
+    Scenario("s14", "sendfile() upload", "sendfile", 30_000_000),
+    Scenario("s15", "sendmmsg UDP", "sendmmsg", 3_200_000),
+    Scenario("s16", "loopback-only transfer", "tcp-up", 50_000_000, "loopback"),
+    Scenario("s17", "own mount, PID and network namespaces, private root", "tcp-up", 10_000_000, "container"),
+    Scenario("s18", "low-and-slow drip upload", "drip", 60),
+    Scenario("s19", "many small TCP connections", "many-tcp", 30_000),
+    Scenario("s20", "high-rate parallel burst", "burst", 80_000_000),
+    Scenario("s21", "io_uring receive", "uring-recv", 20_000_000),
+    Scenario("s22", "splice() download", "splice", 20_000_000),
+    Scenario("s23", "recvmmsg UDP", "recvmmsg", 1_000_000),
+    Scenario("s24", "IPv6 UDP download", "udp-down", 1_000_000, "v6"),
+]
+SMOKE = ["s01", "s04", "s11", "s15"]
+HOSTS = {"v4": PEER_V4, "v6": PEER_V6, "loopback": "127.0.0.1", "container": CT_PEER_V4}
+
+
+def sh(*cmd, check=True, **kw):
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+def say(message):
+    print(f"bench: {message}", flush=True)
+
+
+###############################################################################
+# network: peer namespace, container namespace, nftables counters
+###############################################################################
+
+class Network:
+    """veth to a peer namespace (IPv4 and IPv6), a second namespace for the
+    container scenario, and nftables byte counters where the peer receives."""
+
+    def __enter__(self):
+        self.down()
+        steps = [
+            ["ip", "netns", "add", PEER_NS], ["ip", "netns", "add", CT_NS],
+            ["ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", PEER_IF, "netns", PEER_NS],
+            ["ip", "addr", "add", f"{HOST_V4}/24", "dev", HOST_IF],
+            ["ip", "-6", "addr", "add", f"{HOST_V6}/64", "dev", HOST_IF, "nodad"],
+            ["ip", "link", "set", HOST_IF, "up"],
+            ["ip", "-n", PEER_NS, "addr", "add", f"{PEER_V4}/24", "dev", PEER_IF],
+            ["ip", "-n", PEER_NS, "-6", "addr", "add", f"{PEER_V6}/64", "dev", PEER_IF, "nodad"],
+            ["ip", "-n", PEER_NS, "link", "set", PEER_IF, "up"], ["ip", "-n", PEER_NS, "link", "set", "lo", "up"],
+            ["ip", "-n", CT_NS, "link", "add", CT_IF, "type", "veth", "peer", "name", CT_PEER_IF, "netns", PEER_NS],
+            ["ip", "-n", CT_NS, "addr", "add", f"{CT_V4}/24", "dev", CT_IF],
+            ["ip", "-n", CT_NS, "link", "set", CT_IF, "up"], ["ip", "-n", CT_NS, "link", "set", "lo", "up"],
+            ["ip", "-n", PEER_NS, "addr", "add", f"{CT_PEER_V4}/24", "dev", CT_PEER_IF],
+            ["ip", "-n", PEER_NS, "link", "set", CT_PEER_IF, "up"],
+        ]
+        for step in steps:
+            sh(*step)
+        sh("ip", "netns", "exec", PEER_NS, "nft", "-f", "-", input=(
+            "table inet bench {\n chain input {\n type filter hook input priority 0;\n counter\n }\n"
+            " chain output {\n type filter hook output priority 0;\n counter\n }\n}\n"))
+        sh("nft", "-f", "-", input=(
+            "table inet psbench {\n chain input {\n type filter hook input priority 0;\n"
+            " iifname \"lo\" counter\n }\n}\n"))
+        return self
+
+    def down(self):
+        for ns in (PEER_NS, CT_NS):
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", HOST_IF, check=False)
+        sh("nft", "delete", "table", "inet", "psbench", check=False)
+
+    def __exit__(self, *exc):
+        self.down()
+
+    @staticmethod
+    def wire_bytes():
+        """Bytes the peer received and sent (IP packets), and bytes into loopback."""
+        out = json.loads(sh("ip", "netns", "exec", PEER_NS, "nft", "-j", "list", "table", "inet", "bench").stdout)
+        total = sum(item["rule"]["expr"][0]["counter"]["bytes"] for item in out["nftables"] if "rule" in item)
+        out = json.loads(sh("nft", "-j", "list", "table", "inet", "psbench").stdout)
+        lo = sum(item["rule"]["expr"][-1]["counter"]["bytes"] for item in out["nftables"] if "rule" in item)
+        return total, lo
+
+
+def start_peer(prefix):
+    proc = subprocess.Popen(prefix + [PYTHON, os.path.join(HERE, "peer.py"), str(PORT)], stdout=subprocess.PIPE,
+                            text=True)
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit("bench: the peer did not start")
+    return proc
+
+
+###############################################################################
+# footprint: CPU and PSS of a process tree, sampled
+###############################################################################
+
+def process_tree(root):
+    children = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children[ppid].append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def cpu_ticks_and_pss(pids):
+    ticks = pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                pss += int(re.search(r"^Pss:\s+(\d+)", f.read(), re.M).group(1)) * 1024
+        except (OSError, AttributeError):
+            pass
+    return ticks, pss
+
+
+class Sampler(threading.Thread):
+    """CPU % of one core and PSS of each tool's process tree, every half second."""
+
+    def __init__(self, tools):
+        super().__init__(daemon=True)
+        self.tools, self.samples, self.stop = tools, collections.defaultdict(list), threading.Event()
+
+    def run(self):
+        last = {}
+        while not self.stop.wait(0.5):
+            now = time.monotonic()
+            for tool in self.tools:
+                if not tool.pid():
+                    continue
+                ticks, pss = cpu_ticks_and_pss(process_tree(tool.pid()))
+                if tool.name in last:
+                    then, before = last[tool.name]
+                    cpu = max(0, ticks - before) / CLK_TCK / (now - then) * 100
+                    self.samples[tool.name].append((cpu, pss))
+                last[tool.name] = (now, ticks)
+
+    def summary(self, name):
+        data = self.samples.get(name, [])
+        if not data:
+            return None
+        cpus = sorted(c for c, _ in data)
+        pss = [p for _, p in data]
+        steady = pss[len(pss) // 4:] or pss
+        return {"cpu_mean": statistics.mean(cpus), "cpu_p95": cpus[int(0.95 * (len(cpus) - 1))],
+                "pss_steady": statistics.median(steady), "pss_max": max(pss), "samples": len(data)}
+
+
+###############################################################################
+# tools under test
+###############################################################################
+
+class Picosnitch:
+    """picosnitch start-no-daemon; results from snitch.db rows by executable."""
+    name, layer = "picosnitch", "socket"
+
+    def __init__(self, workdir):
+        self.home = os.path.join(workdir, "picosnitch-home")
+        self.dir = os.path.join(self.home, ".config", "picosnitch")
+        self.proc = None
+        self.start_seconds = None
+
+    def start(self):
+        os.makedirs(self.dir, exist_ok=True)
+        with open(os.path.join(self.dir, "config.json"), "w") as f:
+            json.dump({"DB write limit (seconds)": 1, "Desktop notifications": False}, f)
+        env = dict(os.environ, HOME=self.home)
+        env.pop("SUDO_USER", None)
+        started = time.monotonic()
+        self.proc = subprocess.Popen([PYTHON, PICOSNITCH, "start-no-daemon"], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in self.proc.stdout:
+            if "capturing" in line:
+                self.start_seconds = time.monotonic() - started
+                break
+        else:
+            raise SystemExit("bench: picosnitch did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(120)
+
+    def pid(self):
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    settle_seconds = 3     # two write windows and the write
+
+    def result(self, exe, comm, peer, since):
+        db = os.path.join(self.dir, "snitch.db")
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            rows = con.execute("SELECT SUM(send) + SUM(recv), COUNT(*) FROM connections WHERE exe = ?", (exe,)).fetchone()
+            if rows[1]:
+                return "PASS", rows[0]
+            other = con.execute("SELECT SUM(send) + SUM(recv), COUNT(*) FROM connections "
+                                "WHERE raddr = ? AND contime >= ? AND (exe IS NULL OR exe != ?)",
+                                (peer, since, exe)).fetchone()
+            return ("PARTIAL", other[0]) if other[1] else ("FAIL", 0)
+        finally:
+            con.close()
+
+    def errors(self):
+        path = os.path.join(self.dir, "error.log")
+        return open(path).read() if os.path.exists(path) else ""
+
+
+class LineTool:
+    """A tool whose standard output is read line by line into totals by name."""
+    cmd: list = []
+
+    def __init__(self, workdir):
+        self.proc, self.totals, self.lock = None, collections.defaultdict(int), threading.Lock()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        threading.Thread(target=self.pump, daemon=True).start()
+        time.sleep(self.warmup)
+
+    def pump(self):
+        for line in self.proc.stdout:
+            with self.lock:
+                self.parse(line)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def pid(self):
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    settle_seconds = 2.5   # two refreshes
+
+
+class Bpftrace(LineTool):
+    """bpftrace on the sock tracepoints, totals by command name (the best case on this kernel)."""
+    name, layer, warmup = "bpftrace", "socket", 8
+    SCRIPT = ("tracepoint:sock:sock_send_length /args->ret > 0 && args->family != 1 && args->family != 16/ "
+              "{ @b[comm] = sum(args->ret); } "
+              "tracepoint:sock:sock_recv_length /args->ret > 0 && args->family != 1 && args->family != 16 "
+              "&& !(args->flags & 2)/ { @b[comm] = sum(args->ret); } "
+              "interval:s:1 { print(@b); clear(@b); }")
+    cmd = ["bpftrace", "-e", SCRIPT]
+
+    def parse(self, line):
+        m = re.match(r"@b\[(.*)\]: (\d+)", line.strip())
+        if m:
+            self.totals[m.group(1)] += int(m.group(2))
+
+    def result(self, exe, comm, peer, since):
+        with self.lock:
+            total = self.totals.get(comm, 0)
+        return ("PASS", total) if total else ("FAIL", 0)
+
+
+class Nethogs(LineTool):
+    """nethogs in trace mode on the veth and loopback, totals in bytes by program."""
+    name, layer, warmup = "nethogs", "packet", 3
+    cmd = ["nethogs", "-t", "-v", "2", "-d", "1", HOST_IF, "lo"]
+
+    def parse(self, line):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) == 3:
+            program = parts[0].rsplit("/", 2)[0]
+            try:
+                self.totals[program] = max(self.totals[program], int(float(parts[1]) + float(parts[2])))
+            except ValueError:
+                pass
+
+    def result(self, exe, comm, peer, since):
+        with self.lock:
+            total = sum(v for k, v in self.totals.items() if k.split(" ")[0] == exe)
+            unknown = sum(v for k, v in self.totals.items() if k.startswith("unknown"))
+        if total:
+            return "PASS", total
+        return ("PARTIAL", 0) if unknown else ("FAIL", 0)
+
+
+TOOLS = {"picosnitch": Picosnitch, "bpftrace": Bpftrace, "nethogs": Nethogs}
+
+
+###############################################################################
+# scenarios and scoring
+###############################################################################
+
+def copy_generator(gen, workdir, sid, trial):
+    name = f"b{sid}t{trial}{uuid.uuid4().hex[:4]}"
+    path = os.path.join(workdir, "exe", name)
+    shutil.copy2(gen, path)
+    return path, name[:15]
+
+
+def container_command(gen, workdir, scenario):
+    """unshare: own mount and PID namespaces with a private root, in the container network namespace."""
+    root = os.path.join(workdir, f"ct-{uuid.uuid4().hex[:6]}")
+    os.makedirs(root)
+    exe = os.path.join(root, "gen")
+    shutil.copy2(gen + "-static", exe)
+    cmd = ["ip", "netns", "exec", CT_NS, "unshare", "--mount", "--pid", "--fork", f"--root={root}",
+           "/gen", scenario.mode, HOSTS["container"], str(PORT), str(scenario.nbytes)]
+    return cmd, exe
+
+
+def run_scenario(scenario, gen, workdir, trial, tools):
+    if scenario.where == "container":
+        cmd, exe = container_command(gen, workdir, scenario)
+        comm = "gen"
+    else:
+        exe, comm = copy_generator(gen, workdir, scenario.sid, trial)
+        cmd = [exe, scenario.mode, HOSTS[scenario.where], str(PORT), str(scenario.nbytes)]
+    env = dict(os.environ, BENCH_IFNAME=HOST_IF, BENCH_SRC=HOST_V4)
+    since = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    wire_before = Network.wire_bytes()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if out.returncode == 3:
+        return {"status": "unsupported", "why": f"{scenario.mode} is not supported by this kernel"}
+    if out.returncode != 0:
+        return {"status": "error", "why": (out.stderr or out.stdout).strip()[-200:]}
+    app = json.loads(out.stdout.strip().splitlines()[-1])
+    time.sleep(max(tool.settle_seconds for tool in tools))
+    wire_after = Network.wire_bytes()
+    wire = wire_after[1] - wire_before[1] if scenario.where == "loopback" else wire_after[0] - wire_before[0]
+    result = {"status": "ran", "app": app["sent"] + app["received"], "wire": wire, "tools": {}}
+    for tool in tools:
+        detection, counted = tool.result(exe, comm, HOSTS[scenario.where], since)
+        reference = result["app"] if tool.layer == "socket" else wire
+        result["tools"][tool.name] = {"detection": detection, "bytes": counted or 0,
+                                      "bandwidth": bandwidth_verdict(detection, counted or 0, reference),
+                                      "error_pct": error_pct(counted or 0, reference)}
+    return result
+
+
+def error_pct(counted, reference):
+    return None if not reference else (counted - reference) / reference * 100
+
+
+def bandwidth_verdict(detection, counted, reference):
+    if detection == "FAIL" or not reference:
+        return "FAIL"
+    error = abs(counted - reference) / reference
+    return "PASS" if error <= 0.10 else "PARTIAL" if error <= 0.25 else "FAIL"
+
+
+RANK = {"PASS": 0, "PARTIAL": 1, "FAIL": 2}
+
+
+def cell(verdicts):
+    """The most common verdict, ties toward the worse; '*' where trials disagreed."""
+    counts = collections.Counter(verdicts)
+    best = max(counts.values())
+    verdict = max((v for v, n in counts.items() if n == best), key=RANK.get)
+    return verdict + ("*" if len(counts) > 1 else "")
+
+
+###############################################################################
+# overhead: throughput with and without picosnitch, sustained rate, start time
+###############################################################################
+
+def loop_rate(gen, mode, host, millis):
+    out = subprocess.run([gen, mode, host, str(PORT), str(millis)], capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    return (data["calls"] if mode == "udp-loop" else data["sent"]) / data["seconds"]
+
+
+def overhead(gen, workdir, pairs, millis):
+    """Alternate runs without and with picosnitch; ratios of the medians."""
+    rates = {mode: {"off": [], "on": []} for mode in ("udp-loop", "tcp-loop")}
+    tool = Picosnitch(workdir)
+    for _ in range(pairs):
+        for state in ("off", "on"):
+            if state == "on":
+                tool.start()
+            for mode in rates:
+                rates[mode][state].append(loop_rate(gen, mode, PEER_V4 if mode == "udp-loop" else "127.0.0.1", millis))
+            if state == "on":
+                tool.stop()
+    return {mode: {"off": statistics.median(r["off"]), "on": statistics.median(r["on"]),
+                   "ratio": statistics.median(r["on"]) / statistics.median(r["off"])} for mode, r in rates.items()}
+
+
+def sustained(gen, workdir, seconds):
+    """The highest send-call rate this machine makes, for `seconds`, under picosnitch."""
+    tool = Picosnitch(workdir + "/sustained")
+    tool.start()
+    try:
+        rate = loop_rate(gen, "udp-loop", PEER_V4, seconds * 1000)
+        time.sleep(3)
+        errors = tool.errors()
+    finally:
+        tool.stop()
+    lost = sum(int(n) for n in re.findall(r"lost (\d+) events", errors))
+    full = errors.count("map full") + errors.count("table full")
+    return {"rate": rate, "seconds": seconds, "lost_events": lost, "full_maps": full, "start_seconds": tool.start_seconds}
+
+
+###############################################################################
+# report
+###############################################################################
+
+def versions():
+    def first_line(*cmd):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "not installed"
+    bcc = first_line("dpkg-query", "-W", "-f", "${Version}", "python3-bpfcc")
+    return {"picosnitch": first_line(PYTHON, PICOSNITCH, "version"), "bcc (python3-bpfcc)": bcc,
+            "bpftrace": first_line("bpftrace", "--version"), "nethogs": first_line("nethogs", "-V")}
+
+
+def mb(n):
+    return f"{n / 1e6:.1f} MB"
+
+
+def report(args, results, samples, over, sust, tools):
+    lines = [f"# picosnitch benchmark, {datetime.date.today()}", "",
+             f"- kernel: {os.uname().release}; {os.cpu_count()} cores",
+             f"- trials per scenario: {args.trials}; cells show the most common verdict (ties toward the worse),"
+             " `*` where trials disagreed",
+             "- references: application bytes counted by the generators (socket-level tools), wire bytes from "
+             "nftables in the peer namespace (packet-capture tools)", ""]
+    lines += ["| tool | version |", "|---|---|"] + [f"| {k} | {v} |" for k, v in versions().items()] + [""]
+    lines += scenario_table(results, tools) + [""] + footprint_table(samples, tools) + [""]
+    if over:
+        lines += ["## Overhead (median of alternate runs, same session)", "",
+                  "| loop | without | with picosnitch | ratio |", "|---|---|---|---|",
+                  f"| 1-byte UDP sendto | {over['udp-loop']['off']:,.0f} calls/s | {over['udp-loop']['on']:,.0f} calls/s "
+                  f"| {over['udp-loop']['ratio']:.3f} |",
+                  f"| bulk TCP over loopback | {mb(over['tcp-loop']['off'])}/s | {mb(over['tcp-loop']['on'])}/s "
+                  f"| {over['tcp-loop']['ratio']:.3f} |", ""]
+    if sust:
+        lines += [f"Sustained: {sust['rate']:,.0f} sendto calls/s (the most this machine generated) for "
+                  f"{sust['seconds']} s under picosnitch: {sust['lost_events']} lost events, "
+                  f"{sust['full_maps']} full-map reports. Start to capturing: {sust['start_seconds']:.1f} s.", ""]
+    summary = summary_line(results, samples, over, sust)
+    lines += ["## Summary", "", summary, ""]
+    return "\n".join(lines), summary
+
+
+def scenario_table(results, tools):
+    head = "| scenario | app bytes | wire bytes | " + " | ".join(f"{t} detection | {t} bandwidth" for t in tools) + " |"
+    lines = ["## Scenarios", "", head, "|" + "---|" * (3 + 2 * len(tools))]
+    for scenario in SCENARIOS:
+        trials = results.get(scenario.sid)
+        if not trials:
+            continue
+        ran = [t for t in trials if t["status"] == "ran"]
+        if not ran:
+            why = trials[0].get("why", trials[0]["status"])
+            lines.append(f"| {scenario.sid} {scenario.title} | n/a | n/a | " + " | ".join(["n/a"] * 2 * len(tools))
+                         + f" |  <!-- {why} -->")
+            continue
+        cells = []
+        for tool in tools:
+            det = cell([t["tools"][tool]["detection"] for t in ran])
+            bw = cell([t["tools"][tool]["bandwidth"] for t in ran])
+            errs = [t["tools"][tool]["error_pct"] for t in ran if t["tools"][tool]["error_pct"] is not None]
+            worst = max(errs, key=abs) if errs else None
+            cells += [det, bw + (f" ({worst:+.2f}%)" if worst is not None else "")]
+        lines.append(f"| {scenario.sid} {scenario.title} | {ran[0]['app']:,} | {ran[0]['wire']:,} | "
+                     + " | ".join(cells) + " |")
+    notes = [f"- {s.sid}: {results[s.sid][0].get('why')}" for s in SCENARIOS
+             if s.sid in results and results[s.sid][0]["status"] != "ran"]
+    return lines + ([""] + notes if notes else [])
+
+
+def footprint_table(samples, tools):
+    lines = ["## Footprint (each tool's whole process tree, sampled every 0.5 s through its session)", "",
+             "| tool | CPU mean (% of a core) | CPU p95 | PSS steady | PSS max |", "|---|---|---|---|---|"]
+    for tool in tools:
+        s = samples.get(tool)
+        if s:
+            lines.append(f"| {tool} | {s['cpu_mean']:.2f} | {s['cpu_p95']:.2f} | {mb(s['pss_steady'])} | {mb(s['pss_max'])} |")
+    return lines
+
+
+def summary_line(results, samples, over, sust):
+    ran = [t for trials in results.values() for t in trials[:1] if t["status"] == "ran"]
+    cells = [(cell([t["tools"]["picosnitch"]["detection"] for t in trials if t["status"] == "ran"]),
+              cell([t["tools"]["picosnitch"]["bandwidth"] for t in trials if t["status"] == "ran"]),
+              [t["tools"]["picosnitch"]["error_pct"] for t in trials if t["status"] == "ran"])
+             for trials in results.values() if any(t["status"] == "ran" for t in trials)]
+    within = sum(1 for _, _, errs in cells if errs and all(e is not None and abs(e) <= 1 for e in errs))
+    parts = [f"picosnitch: detection {sum(c[0].startswith('PASS') for c in cells)}/{len(results)}",
+             f"bandwidth {sum(c[1].startswith('PASS') for c in cells)}/{len(results)} "
+             f"({within} within ±1% of application bytes, {len(results) - len(ran)} not run)"]
+    s = samples.get("picosnitch")
+    if s:
+        parts.append(f"CPU mean {s['cpu_mean']:.2f}% p95 {s['cpu_p95']:.2f}%, PSS {mb(s['pss_steady'])}")
+    if over:
+        parts.append(f"throughput ratio UDP {over['udp-loop']['ratio']:.3f} TCP {over['tcp-loop']['ratio']:.3f}")
+    if sust:
+        parts.append(f"lost events {sust['lost_events']} at {sust['rate']:,.0f} calls/s, start {sust['start_seconds']:.1f} s")
+    return "; ".join(parts)
+
+
+###############################################################################
+# main
+###############################################################################
+
+def build_generator(workdir):
+    gen = os.path.join(workdir, "gen")
+    src = os.path.join(HERE, "gen.c")
+    sh("gcc", "-O2", "-o", gen, src, "-luring", "-lpthread")
+    sh("gcc", "-O2", "-static", "-o", gen + "-static", src, "-luring", "-lpthread")
+    return gen
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="picosnitch benchmark")
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--scenarios", default=",".join(s.sid for s in SCENARIOS))
+    p.add_argument("--tools", default="picosnitch,bpftrace,nethogs")
+    p.add_argument("--smoke", action="store_true", help=f"{','.join(SMOKE)}, one trial, picosnitch only, short loops")
+    p.add_argument("--report", default=None, help="where to write the scorecard (default bench/reports/DATE-KERNEL.md)")
+    p.add_argument("--sustain", type=int, default=30, help="seconds of the sustained send-rate run")
+    p.add_argument("--pairs", type=int, default=3, help="alternate without/with runs per overhead loop")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.trials, args.scenarios, args.tools, args.sustain, args.pairs = 1, ",".join(SMOKE), "picosnitch", 3, 1
+    args.report = args.report or os.path.join(HERE, "reports", f"{datetime.date.today()}-{os.uname().release}.md")
+    return args
+
+
+def run_tools(args, gen, workdir, results):
+    tools = [TOOLS[name](workdir) for name in args.tools.split(",")]
+    for tool in tools:
+        tool.start()
+    sampler = Sampler(tools)
+    sampler.start()
+    try:
+        for scenario in [s for s in SCENARIOS if s.sid in args.scenarios.split(",")]:
+            for trial in range(1, args.trials + 1):
+                result = run_scenario(scenario, gen, workdir, trial, tools)
+                results.setdefault(scenario.sid, []).append(result)
+                brief = {t: (r["detection"], r["bytes"]) for t, r in result.get("tools", {}).items()}
+                say(f"{scenario.sid} trial {trial}: {result['status']} app={result.get('app')} "
+                    f"wire={result.get('wire')} {brief or result.get('why', '')}")
+                if result["status"] == "unsupported":
+                    break
+    finally:
+        sampler.stop.set()
+        for tool in tools:
+            tool.stop()
+    return {t.name: sampler.summary(t.name) for t in tools}, [t.name for t in tools]
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.geteuid() != 0:
+        raise SystemExit("bench: run as root (BPF, network namespaces)")
+    workdir = tempfile.mkdtemp(prefix="psbench-")
+    os.makedirs(os.path.join(workdir, "exe"))
+    results = {}
+    try:
+        gen = build_generator(workdir)
+        with Network():
+            peers = [start_peer(["ip", "netns", "exec", PEER_NS]), start_peer([])]
+            try:
+                samples, tools = run_tools(args, gen, workdir, results)
+                say("overhead loops")
+                over = overhead(gen, workdir + "/overhead", args.pairs, 3000 if not args.smoke else 1000)
+                say("sustained send rate")
+                sust = sustained(gen, workdir, args.sustain)
+            finally:
+                for peer in peers:
+                    peer.kill()
+        text, summary = report(args, results, samples, over, sust, tools)
+        os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
+        with open(args.report, "w") as f:
+            f.write(text)
+        say(f"scorecard: {args.report}")
+        print(summary)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
