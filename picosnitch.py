@@ -1269,47 +1269,213 @@ MODE_DESCRIPTIONS = {
     "kprobe": "kprobe fallback (sock_sendmsg, sock_recvmsg)",
 }
 
+# maps the reader uses, in the order their descriptors are handed over
+READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1")
+
+
+def attach_program(notes: typing.List[str]):
+    """Compile, load and attach with bcc; returns (bcc object, mode)."""
+    btf = BTF.from_file()
+    mode = capture_mode(btf)
+    ensure_tracefs(notes.append)
+    headers, note = find_kernel_headers(os.uname().release)
+    notes.append(note)
+    bpf = compile_program(bpf_text(btf, mode), headers)
+    if mode == "kprobe":
+        for function, entry, ret in KPROBE_HOOKS:
+            bpf.attach_kprobe(event=function.encode(), fn_name=entry.encode())
+            bpf.attach_kretprobe(event=function.encode(), fn_name=ret.encode())
+    try:
+        bpf.attach_uprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo")
+        bpf.attach_uretprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo_return")
+    except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
+        notes.append(f"domains from getaddrinfo unavailable: {e}")
+    return bpf, mode
+
+
+def attachment_fds(bpf) -> typing.List[int]:
+    """Every descriptor that keeps a program attached."""
+    fds = list(bpf.raw_tracepoint_fds.values()) + list(bpf.tracepoint_fds.values()) + list(bpf.uprobe_fds.values())
+    return fds + [fd for per_event in bpf.kprobe_fds.values() for fd in per_event.values()]
+
+
+def load_in_child() -> typing.Tuple[dict, typing.List[int]]:
+    """Compile and attach in a short-lived child, which hands the map and
+    attachment descriptors over and exits: bcc and LLVM never weigh on the
+    reader. Returns (mode, notes) and the descriptors, maps first."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        meta: dict = {"notes": []}
+        fds: typing.List[int] = []
+        try:
+            bpf, meta["mode"] = attach_program(meta["notes"])
+            fds = [bpf[name].map_fd for name in READER_MAPS] + attachment_fds(bpf)
+        except Exception as e:  # noqa: BLE001 - whatever failed is reported by the reader
+            meta["error"] = str(e)
+        socket.send_fds(theirs, [json.dumps(meta).encode()], fds)
+        os._exit(0)     # no bcc clean-up: the reader's copies keep everything attached
+    theirs.close()
+    try:
+        data, fds, _, _ = socket.recv_fds(ours, 1 << 16, 1024)
+    finally:
+        ours.close()
+        os.waitpid(pid, 0)
+    meta = json.loads(data or b'{"error": "the program loader died"}')
+    if "error" in meta:
+        raise PicosnitchError(f"loading the BPF program failed: {meta['error']}")
+    return meta, fds
+
+
+SYSCALL_NUMBERS = {   # machine -> (bpf, perf_event_open)
+    "x86_64": (321, 298), "aarch64": (280, 241), "riscv64": (280, 241), "ppc64le": (361, 319), "s390x": (351, 331),
+}
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_LOOKUP_AND_DELETE_BATCH = 1, 2, 25
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_ = [("map_fd", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _BatchAttr(ctypes.Structure):
+    _fields_ = [("in_batch", ctypes.c_uint64), ("out_batch", ctypes.c_uint64), ("keys", ctypes.c_uint64),
+                ("values", ctypes.c_uint64), ("count", ctypes.c_uint32), ("map_fd", ctypes.c_uint32),
+                ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def syscall_numbers() -> typing.Tuple[int, int]:
+    machine = os.uname().machine
+    if machine not in SYSCALL_NUMBERS:
+        raise PicosnitchError(f"unsupported machine {machine}")
+    return SYSCALL_NUMBERS[machine]
+
+
+class BpfMap:
+    """A BPF map by descriptor, through the bpf() system call."""
+
+    def __init__(self, fd: int, key_type, value_type, capacity: int = 1):
+        self.fd, self.key_type, self.value_type = fd, key_type, value_type
+        self.libc, self.nr = libc(), syscall_numbers()[0]
+        self.keys = (key_type * capacity)()
+        self.values = (value_type * capacity)()
+
+    def _call(self, cmd: int, attr) -> int:
+        return self.libc.syscall(self.nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+
+    def lookup(self, key):
+        key, value = self.key_type(key), self.value_type()
+        attr = _ElemAttr(self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0)
+        if self._call(BPF_MAP_LOOKUP_ELEM, attr):
+            raise OSError(ctypes.get_errno(), "bpf map lookup")
+        return value
+
+    def update(self, key, value) -> None:
+        key, value = self.key_type(key), self.value_type(value)
+        attr = _ElemAttr(self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0)
+        if self._call(BPF_MAP_UPDATE_ELEM, attr):
+            raise OSError(ctypes.get_errno(), "bpf map update")
+
+    def drain(self) -> typing.List[tuple]:
+        """Look up and delete every entry, in batches: [(key, value)]."""
+        out, token, first = [], ctypes.c_uint64(), True
+        while True:
+            attr = _BatchAttr(0 if first else ctypes.addressof(token), ctypes.addressof(token),
+                              ctypes.addressof(self.keys), ctypes.addressof(self.values), len(self.keys), self.fd, 0, 0)
+            result, err = self._call(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr), ctypes.get_errno()
+            out += [(self.key_type.from_buffer_copy(self.keys[i]), self.value_type.from_buffer_copy(self.values[i]))
+                    for i in range(attr.count)]
+            if result:
+                if err == errno.ENOENT:
+                    return out
+                raise OSError(err, "bpf map lookup-and-delete batch")
+            first = False
+
+
+class _PerfAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("size", ctypes.c_uint32), ("config", ctypes.c_uint64),
+                ("sample_period", ctypes.c_uint64), ("sample_type", ctypes.c_uint64),
+                ("read_format", ctypes.c_uint64), ("flags", ctypes.c_uint64), ("wakeup_events", ctypes.c_uint32),
+                ("bp_type", ctypes.c_uint32), ("config1", ctypes.c_uint64)]
+
+
+class PerfBuffers:
+    """One perf ring buffer per CPU behind a BPF_PERF_OUTPUT map."""
+    PERF_TYPE_SOFTWARE, PERF_COUNT_SW_BPF_OUTPUT, PERF_SAMPLE_RAW = 1, 10, 1 << 10
+    PERF_FLAG_FD_CLOEXEC, PERF_EVENT_IOC_ENABLE = 8, 0x2400
+    RECORD_SAMPLE, RECORD_LOST, DATA_HEAD = 9, 2, 1024
+
+    def __init__(self, events_fd: int, pages: int):
+        import fcntl
+        import mmap
+        self.page, self.size = mmap.PAGESIZE, pages * mmap.PAGESIZE
+        self.lost, self.rings, self.poller = 0, [], select.poll()
+        events, nr = BpfMap(events_fd, ctypes.c_uint32, ctypes.c_uint32), syscall_numbers()[1]
+        for cpu in online_cpus():
+            attr = _PerfAttr(self.PERF_TYPE_SOFTWARE, ctypes.sizeof(_PerfAttr), self.PERF_COUNT_SW_BPF_OUTPUT, 1,
+                             self.PERF_SAMPLE_RAW, 0, 0, 1, 0, 0)
+            fd = libc().syscall(nr, ctypes.byref(attr), -1, cpu, -1, self.PERF_FLAG_FD_CLOEXEC)
+            if fd < 0:
+                raise PicosnitchError(f"perf_event_open on cpu {cpu}: {os.strerror(ctypes.get_errno())}")
+            ring = mmap.mmap(fd, self.page + self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            fcntl.ioctl(fd, self.PERF_EVENT_IOC_ENABLE, 0)
+            events.update(cpu, fd)
+            self.rings.append((fd, ring))
+            self.poller.register(fd, select.POLLIN)
+
+    def _read(self, ring, pos: int, n: int) -> bytes:
+        start = self.page + pos % self.size
+        end = start + n
+        if end <= self.page + self.size:
+            return ring[start:end]
+        return ring[start:self.page + self.size] + ring[self.page:end - self.size]
+
+    def poll(self, timeout_ms: int, callback: typing.Callable[[bytes], None]) -> None:
+        """Wait up to timeout_ms for events, then hand every record to callback."""
+        self.poller.poll(timeout_ms)
+        for _, ring in self.rings:
+            head, tail = struct.unpack_from("<QQ", ring, self.DATA_HEAD)
+            while tail < head:
+                kind, _, size = struct.unpack("<IHH", self._read(ring, tail, 8))
+                record = self._read(ring, tail, size)
+                if kind == self.RECORD_SAMPLE:
+                    raw_size = struct.unpack_from("<I", record, 8)[0]
+                    callback(record[12:12 + raw_size])
+                elif kind == self.RECORD_LOST:
+                    self.lost += struct.unpack_from("<Q", record, 16)[0]
+                tail += size
+            struct.pack_into("<Q", ring, self.DATA_HEAD + 8, tail)
+
+
+def online_cpus() -> typing.List[int]:
+    with open("/sys/devices/system/cpu/online") as f:
+        spans = [part.split("-") for part in f.read().strip().split(",")]
+    return [cpu for span in spans for cpu in range(int(span[0]), int(span[-1]) + 1)]
+
 
 class Capture:
-    """The loaded BPF program: attach, poll events, drain windows."""
+    """The attached program, seen through its maps: poll events, drain windows."""
 
-    def __init__(self, bpf, mode: str, on_event, pages: int):
-        self.bpf, self.mode, self.epoch = bpf, mode, 0
-        self.lost = 0
+    def __init__(self, mode: str, fds: typing.List[int], pages: int, on_event):
+        self.mode, self.epoch, self.on_event = mode, 0, on_event
+        self.fds = fds      # held open for as long as capture runs: they keep the program attached
+        named = dict(zip(READER_MAPS, fds))
+        self.stats = BpfMap(named["stats"], ctypes.c_uint32, ctypes.c_uint64)
+        self.epoch_map = BpfMap(named["epoch"], ctypes.c_uint32, ctypes.c_uint32)
+        self.maps = [BpfMap(named[name], ConnKeyT, ConnValT, MAX_CONNS) for name in ("conns0", "conns1")]
+        self.perf = PerfBuffers(named["events"], pages)
         self.stats_seen = [0] * len(STATS)
-        self.maps = [bpf["conns0"], bpf["conns1"]]
-        bpf["events"].open_perf_buffer(lambda cpu, data, size: on_event(decode_event(data, size)),
-                                       page_cnt=pages, lost_cb=self._on_lost)
 
     @classmethod
     def load(cls, pages: int, on_event, say) -> "Capture":
-        btf = BTF.from_file()
-        mode = capture_mode(btf)
-        ensure_tracefs(say)
-        headers, note = find_kernel_headers(os.uname().release)
-        say(note)
-        bpf = compile_program(bpf_text(btf, mode), headers)
-        if mode == "kprobe":
-            for function, entry, ret in KPROBE_HOOKS:
-                bpf.attach_kprobe(event=function.encode(), fn_name=entry.encode())
-                bpf.attach_kretprobe(event=function.encode(), fn_name=ret.encode())
-        try:
-            bpf.attach_uprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo")
-            bpf.attach_uretprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo_return")
-        except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
-            say(f"domains from getaddrinfo unavailable: {e}")
-        bpf.free_bcc_memory()
-        return cls(bpf, mode, on_event, pages)
-
-    def _on_lost(self, count: int) -> None:
-        self.lost += count
+        meta, fds = load_in_child()
+        for note in meta["notes"]:
+            say(note)
+        return cls(meta["mode"], fds, pages, on_event)
 
     def poll(self, timeout_ms: int) -> None:
-        self.bpf.perf_buffer_poll(timeout=timeout_ms)
-
-    def _drain(self, index: int) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
-        return [(ConnKeyT.from_buffer_copy(k), ConnValT.from_buffer_copy(v))
-                for k, v in self.maps[index].items_lookup_and_delete_batch()]
+        self.perf.poll(timeout_ms, lambda raw: self.on_event(decode_event(raw)))
 
     def end_window(self, final: bool = False) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
         """Switch the kernel to the other map and drain the one just closed.
@@ -1318,23 +1484,23 @@ class Capture:
         had its context delivered. On the final window both maps are drained.
         """
         old, self.epoch = self.epoch, self.epoch ^ 1
-        self.bpf["epoch"][ctypes.c_int(0)] = ctypes.c_uint32(self.epoch)
+        self.epoch_map.update(0, self.epoch)
         time.sleep(GRACE_SECONDS)
         self.poll(0)
-        drained = self._drain(old)
+        drained = self.maps[old].drain()
         if final:
             self.poll(0)
-            drained += self._drain(self.epoch)
+            drained += self.maps[self.epoch].drain()
         return drained
 
     def problems(self) -> typing.List[str]:
         """What was lost since the last call (events, full maps)."""
         out = []
-        if self.lost:
-            out.append(f"lost {self.lost} events from the kernel: raise \"Perf ring buffer (pages)\"")
-            self.lost = 0
-        for i, (name, meaning) in enumerate(STATS.items()):
-            value = self.bpf["stats"][ctypes.c_int(i)].value
+        if self.perf.lost:
+            out.append(f"lost {self.perf.lost} events from the kernel: raise \"Perf ring buffer (pages)\"")
+            self.perf.lost = 0
+        for i, meaning in enumerate(STATS.values()):
+            value = self.stats.lookup(i).value
             if value > self.stats_seen[i]:
                 out.append(f"{meaning} ({value - self.stats_seen[i]})")
                 self.stats_seen[i] = value
@@ -1344,9 +1510,8 @@ class Capture:
 EVENT_TYPES = {num: (name, cls) for name, (num, cls) in EVENT_KINDS.items()}
 
 
-def decode_event(data, size: int) -> typing.Tuple[str, EventHdrT, typing.Any]:
-    """(kind name, header, payload) of one perf event."""
-    raw = ctypes.string_at(data, size)
+def decode_event(raw: bytes) -> typing.Tuple[str, EventHdrT, typing.Any]:
+    """(kind name, header, payload) of one perf event record."""
     hdr = EventHdrT.from_buffer_copy(raw)
     name, cls = EVENT_TYPES[hdr.kind]
     payload = cls.from_buffer_copy(raw.ljust(ctypes.sizeof(EventHdrT) + ctypes.sizeof(cls), b"\0"),

@@ -67,9 +67,7 @@ def test_event_decoder_reads_header_and_payload():
     hdr.proc.pid, hdr.proc.comm = 42, b"curl"
     key = picosnitch.ConnKeyT(pid=42, family=picosnitch.AF_INET, proto=6, lport=5000, rport=443)
     key.raddr[:4] = [10, 0, 0, 1]
-    raw = bytes(hdr) + bytes(key)
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    name, h, payload = picosnitch.decode_event(ctypes.addressof(buf), len(raw))
+    name, h, payload = picosnitch.decode_event(bytes(hdr) + bytes(key))
     assert (name, h.proc.pid, h.proc.comm, payload.rport) == ("CONN", 42, b"curl", 443)
     assert picosnitch.format_addr(payload.family, bytes(payload.raddr)) == "10.0.0.1"
 
