@@ -244,13 +244,28 @@ class ProcT(ctypes.Structure):
 
 
 class ConnKeyT(ctypes.Structure):
-    """One connection, the key under which the kernel sums its bytes."""
-    _fields_ = [("pid", ctypes.c_uint32), ("uid", ctypes.c_uint32),
-                ("dev", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                ("ino", ctypes.c_uint64),
+    """The key under which the kernel sums a connection's bytes, cheap to build
+    on every send: the socket, the executable image (its struct file, new at
+    each exec), process and user, and the peer of unconnected sockets (whose
+    peer changes per datagram; zero otherwise)."""
+    _fields_ = [("sk", ctypes.c_uint64), ("exe", ctypes.c_uint64),
+                ("pid", ctypes.c_uint32), ("uid", ctypes.c_uint32),
+                ("raddr", ctypes.c_uint8 * 16), ("rport", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16 * 3)]
+
+
+class ConnInfoT(ctypes.Structure):
+    """What a key stands for, sent once per key and window: the executable's
+    device and inode, family, protocol, local and remote address and port."""
+    _fields_ = [("sk", ctypes.c_uint64), ("ino", ctypes.c_uint64), ("dev", ctypes.c_uint32),
                 ("family", ctypes.c_uint16), ("proto", ctypes.c_uint16),
-                ("lport", ctypes.c_uint16), ("rport", ctypes.c_uint16),
+                ("lport", ctypes.c_uint16), ("rport", ctypes.c_uint16), ("pad", ctypes.c_uint32),
                 ("laddr", ctypes.c_uint8 * 16), ("raddr", ctypes.c_uint8 * 16)]
+
+
+class ConnT(ctypes.Structure):
+    """A connection new in this window: its key and what it stands for."""
+    _fields_ = [("key", ConnKeyT), ("info", ConnInfoT)]
 
 
 class ConnValT(ctypes.Structure):
@@ -286,12 +301,11 @@ class EmptyT(ctypes.Structure):
 
 # event kinds: (number, payload type); the C program gets EV_<NAME> defines
 EVENT_KINDS = {"EXEC": (1, ExecT), "FORK": (2, EmptyT), "EXIT": (3, EmptyT),
-               "CONN": (4, ConnKeyT), "DNS": (5, DnsT)}
+               "CONN": (4, ConnT), "DNS": (5, DnsT), "TUPLE": (6, ConnInfoT)}
 
 # counters the kernel keeps in the stats array (index: meaning)
 STATS = {"MAP_FULL": "connection map full: traffic not attributed",
-         "BYTES_UNCOUNTED": "bytes not counted because a map was full",
-         "CALLS_FULL": "syscall table full: peer addresses missed"}
+         "BYTES_UNCOUNTED": "bytes not counted because a map was full"}
 
 _C_TYPES = {ctypes.c_uint8: "u8", ctypes.c_uint16: "u16", ctypes.c_uint32: "u32",
             ctypes.c_uint64: "u64", ctypes.c_char: "char"}
@@ -310,8 +324,8 @@ def c_struct(cls: type, name: str) -> str:
     return "struct %s {\n%s\n};\n" % (name, "\n".join(lines))
 
 
-STRUCT_NAMES = {ProcT: "proc_t", ConnKeyT: "conn_key_t", ConnValT: "conn_val_t",
-                EventHdrT: "event_hdr_t", ExecT: "exec_t", DnsT: "dns_t"}
+STRUCT_NAMES = {ProcT: "proc_t", ConnKeyT: "conn_key_t", ConnValT: "conn_val_t", ConnInfoT: "conn_info_t",
+                ConnT: "conn_t", EventHdrT: "event_hdr_t", ExecT: "exec_t", DnsT: "dns_t"}
 
 
 @dataclasses.dataclass
@@ -683,6 +697,19 @@ KERNEL_FIELDS = {
     "TCP_COPIED_SEQ": "tcp_sock.copied_seq",
     "TCP_RCV_NXT": "tcp_sock.rcv_nxt",
     "SOCK_SHUTDOWN": "sock.sk_shutdown",
+    "FLOWI4_PROTO": "flowi4.__fl_common.flowic_proto",
+    "FLOWI4_DADDR": "flowi4.daddr",
+    "FLOWI4_DPORT": "flowi4.uli.ports.dport",
+    "FLOWI4_SPORT": "flowi4.uli.ports.sport",
+    "FLOWI6_PROTO": "flowi6.__fl_common.flowic_proto",
+    "FLOWI6_DADDR": "flowi6.daddr",
+    "FLOWI6_DPORT": "flowi6.uli.ports.dport",
+    "FLOWI6_SPORT": "flowi6.uli.ports.sport",
+    "SK_RECEIVE_QUEUE": "sock.sk_receive_queue",
+    "SK_RECEIVE_QUEUE_PREV": "sock.sk_receive_queue.prev",
+    "SKB_HEAD": "sk_buff.head",
+    "SKB_NETWORK_HEADER": "sk_buff.network_header",
+    "SKB_TRANSPORT_HEADER": "sk_buff.transport_header",
 }
 
 
@@ -735,41 +762,29 @@ BPF_TEXT = r"""
 #define NAME_LEN $NAME_LEN
 #define ARGS_LEN $ARGS_LEN
 #define DNS_ADDRS $DNS_ADDRS
-#define MMSG_MAX 8
-#define MMSGHDR_SIZE 64
-#define MMSG_LEN_OFF 56
 $EVENT_KINDS
 $STAT_INDEXES
-$CALL_KINDS
-#define CALL_CONNECT (CALL_RECVMMSG + 1)
-#define IS_SEND_CALL(c) ((c)->kind <= CALL_SENDMMSG)
-#define IS_RECV_CALL(c) ((c)->kind >= CALL_RECVFROM && (c)->kind <= CALL_RECVMMSG)
-
 $PRELUDE
-
 $STRUCTS
-struct conn_event_t { struct event_hdr_t hdr; struct conn_key_t key; };
+struct conn_event_t { struct event_hdr_t hdr; struct conn_t conn; };
+struct tuple_event_t { struct event_hdr_t hdr; struct conn_info_t info; };
 struct exec_event_t { struct event_hdr_t hdr; struct exec_t exec; };
 struct dns_event_t { struct event_hdr_t hdr; struct dns_t dns; };
-
-/* a send or receive system call in progress on a thread */
-struct call_t {
-    u32 kind;
-    u32 index;           /* sendmmsg: message being sent */
-    u64 uptr;            /* user sockaddr, msghdr or mmsghdr vector */
-    u64 bytes;           /* receive bytes waiting for the peer address */
-    struct conn_key_t key;
-};
+/* the peer of a datagram on an unconnected socket: sent by a thread, queued on a socket */
+struct peer_t { u8 addr[16]; u16 port; u16 pad[3]; };
+/* a thread's datagram flow: protocol and source port (0 but for UDP) */
+struct flow_t { u64 thread; u16 sport; u16 proto; u32 pad; };
 struct gai_t { u64 host; u64 res; };
 
 BPF_PERF_OUTPUT(events);
 BPF_ARRAY(epoch, u32, 1);
 BPF_HASH(conns0, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_HASH(conns1, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
-BPF_HASH(calls, u64, struct call_t, $MAX_CALLS);
+BPF_TABLE("lru_hash", struct flow_t, struct peer_t, send_peers, $MAX_THREADS);
+BPF_TABLE("lru_hash", u64, struct peer_t, recv_peers, $MAX_CONNS);     /* by socket */
+BPF_TABLE("lru_hash", u64, u32, tcp_seq, $MAX_CONNS);
 BPF_HASH(gai, u64, struct gai_t, 1024);
 BPF_ARRAY(stats, u64, $N_STATS);
-BPF_TABLE("lru_hash", u64, u32, tcp_seq, $MAX_CONNS);
 BPF_PERCPU_ARRAY(scratch, struct exec_event_t, 1);
 
 static __always_inline void stat_add(u32 index, u64 n) {
@@ -782,8 +797,7 @@ static __always_inline u16 swap16(u16 v) { return (v >> 8) | (v << 8); }
 /* device and inode of a task's executable (0 for kernel threads) */
 static __always_inline void exe_id(void *task, u32 *dev, u64 *ino) {
     void *mm = read_ptr(task, TASK_MM);
-    if (!mm) return;
-    void *file = read_ptr(mm, MM_EXE_FILE);
+    void *file = mm ? read_ptr(mm, MM_EXE_FILE) : 0;
     if (!file) return;
     void *inode = read_ptr(file, FILE_INODE);
     *ino = F_INODE_INO(inode);
@@ -809,11 +823,36 @@ static __always_inline void emit_proc(void *ctx, u32 kind, void *task) {
 
 /* ---- connections: bytes summed per key in the map of the current window ---- */
 
+static __always_inline int has_addr(u8 *a) { return ((u64 *)a)[0] || ((u64 *)a)[1]; }
+
+/* family, protocol, addresses and ports of a socket */
+static __always_inline void sock_info(void *sk, struct conn_info_t *info) {
+    info->sk = (u64)sk;
+    info->family = F_SK_FAMILY(sk);
+    info->proto = F_SOCK_PROTOCOL(sk);
+    info->lport = F_SK_NUM(sk);
+    info->rport = swap16(F_SK_DPORT(sk));
+    if (info->family == PS_AF_INET) {
+        bpf_probe_read_kernel(info->laddr, 4, sk + OFF_SK_RCV_SADDR);
+        bpf_probe_read_kernel(info->raddr, 4, sk + OFF_SK_DADDR);
+    } else if (info->family == PS_AF_INET6) {
+        bpf_probe_read_kernel(info->laddr, 16, sk + OFF_SK_V6_RCV_SADDR);
+        bpf_probe_read_kernel(info->raddr, 16, sk + OFF_SK_V6_DADDR);
+    }
+}
+
 static __always_inline void emit_conn(void *ctx, struct conn_key_t *key) {
     struct conn_event_t ev = {};
+    void *task = (void *)bpf_get_current_task();
     ev.hdr.kind = EV_CONN;
-    fill_proc((void *)bpf_get_current_task(), &ev.hdr.proc);
-    ev.key = *key;
+    fill_proc(task, &ev.hdr.proc);
+    ev.conn.key = *key;
+    sock_info((void *)key->sk, &ev.conn.info);
+    exe_id(task, &ev.conn.info.dev, &ev.conn.info.ino);
+    if (key->rport || has_addr(key->raddr)) {
+        __builtin_memcpy(ev.conn.info.raddr, key->raddr, 16);
+        ev.conn.info.rport = key->rport;
+    }
     events.perf_submit(ctx, &ev, sizeof(ev));
 }
 
@@ -838,59 +877,17 @@ static __always_inline int account(void *ctx, struct conn_key_t *key, int dir, u
     return 0;
 }
 
-/* peer address from a user sockaddr (unconnected datagram and raw sockets) */
-static __always_inline void read_user_peer(u64 uaddr, struct conn_key_t *key) {
-    u16 family = 0, port = 0;
-    if (!uaddr || bpf_probe_read_user(&family, 2, (void *)uaddr)) return;
-    bpf_probe_read_user(&port, 2, (void *)(uaddr + 2));
-    if (family == PS_AF_INET) {
-        __builtin_memset(key->raddr, 0, 16);
-        bpf_probe_read_user(key->raddr, 4, (void *)(uaddr + 4));
-    } else if (family == PS_AF_INET6) {
-        bpf_probe_read_user(key->raddr, 16, (void *)(uaddr + 8));
-    } else {
-        return;
-    }
-    key->rport = swap16(port);
-}
-
-static __always_inline u64 user_ptr(u64 uaddr) {
-    u64 p = 0;
-    bpf_probe_read_user(&p, 8, (void *)uaddr);
-    return p;
-}
-
-/* the sockaddr a call names: sendto/recvfrom pass it, *msg calls point to it */
-static __always_inline u64 call_name(struct call_t *c, u32 index) {
-    if (c->kind == CALL_SENDTO || c->kind == CALL_RECVFROM) return c->uptr;
-    if (c->kind == CALL_SENDMSG || c->kind == CALL_RECVMSG) return user_ptr(c->uptr);
-    return user_ptr(c->uptr + (u64)index * MMSGHDR_SIZE);
-}
-
-static __always_inline int sock_key(void *sk, struct conn_key_t *key) {
-    u16 family = F_SK_FAMILY(sk);
-    if (family == PS_AF_UNIX || family == PS_AF_NETLINK) return -1;
-    u64 id = bpf_get_current_pid_tgid();
-    key->pid = id >> 32;
+/* the key for the current task's traffic on a socket; -1 for local IPC */
+static __always_inline int sock_key(void *sk, struct conn_key_t *key, u16 *family) {
+    *family = F_SK_FAMILY(sk);
+    if (*family == PS_AF_UNIX || *family == PS_AF_NETLINK) return -1;
+    void *task = (void *)bpf_get_current_task();
+    void *mm = read_ptr(task, TASK_MM);
+    key->sk = (u64)sk;
+    key->exe = mm ? (u64)read_ptr(mm, MM_EXE_FILE) : 0;
+    key->pid = bpf_get_current_pid_tgid() >> 32;
     key->uid = bpf_get_current_uid_gid();
-    exe_id((void *)bpf_get_current_task(), &key->dev, &key->ino);
-    key->family = family;
-    key->proto = F_SOCK_PROTOCOL(sk);
-    key->lport = F_SK_NUM(sk);
-    key->rport = swap16(F_SK_DPORT(sk));
-    if (family == PS_AF_INET) {
-        bpf_probe_read_kernel(key->laddr, 4, sk + OFF_SK_RCV_SADDR);
-        bpf_probe_read_kernel(key->raddr, 4, sk + OFF_SK_DADDR);
-    } else if (family == PS_AF_INET6) {
-        bpf_probe_read_kernel(key->laddr, 16, sk + OFF_SK_V6_RCV_SADDR);
-        bpf_probe_read_kernel(key->raddr, 16, sk + OFF_SK_V6_DADDR);
-    }
     return 0;
-}
-
-static __always_inline int has_peer(struct conn_key_t *key) {
-    u64 *a = (u64 *)key->raddr;
-    return a[0] || a[1];
 }
 
 /* TCP receive bytes are the advance of copied_seq since the last look, so that
@@ -913,78 +910,115 @@ static __always_inline u64 tcp_consumed(void *sk, u64 fallback) {
 
 /* a socket moved bytes: called by the tracepoints or the kprobe fallback */
 static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int dir) {
-    if (ret <= 0 || !sk) return 0;
-    if (dir == DIR_RECV && (flags & PS_MSG_PEEK)) return 0;
+    if (ret <= 0 || !sk || (dir == DIR_RECV && (flags & PS_MSG_PEEK))) return 0;
     struct conn_key_t key = {};
-    if (sock_key(sk, &key)) return 0;
-    if (dir == DIR_RECV && key.proto == PS_TCP && (key.family == PS_AF_INET || key.family == PS_AF_INET6)) {
-        ret = tcp_consumed(sk, ret);
-        if (!ret) return 0;
+    u16 family;
+    if (sock_key(sk, &key, &family)) return 0;
+    if (family != PS_AF_INET && family != PS_AF_INET6) return account(ctx, &key, dir, ret);
+    if (F_SOCK_PROTOCOL(sk) == PS_TCP) {
+        if (dir == DIR_RECV) ret = tcp_consumed(sk, ret);
+        return ret ? account(ctx, &key, dir, ret) : 0;
     }
-    u64 id = bpf_get_current_pid_tgid();
-    struct call_t *c = calls.lookup(&id);
-    if (c && dir == DIR_SEND && IS_SEND_CALL(c)) {
-        if (key.proto != PS_TCP) read_user_peer(call_name(c, c->index), &key);
-        c->index++;
-    } else if (c && dir == DIR_RECV && IS_RECV_CALL(c) && !has_peer(&key)) {
-        c->key = key;        /* the peer is known when the call returns */
-        c->bytes += ret;
-        return 0;
+    if (!F_SK_DPORT(sk)) {      /* unconnected: the datagram's peer */
+        u64 sk_id = (u64)sk;
+        struct flow_t flow = {bpf_get_current_pid_tgid(), 0, F_SOCK_PROTOCOL(sk)};
+        if (flow.proto == 17 || flow.proto == 136) flow.sport = F_SK_NUM(sk);
+        struct peer_t *peer = dir == DIR_SEND ? send_peers.lookup(&flow) : recv_peers.lookup(&sk_id);
+        if (peer && family == PS_AF_INET) {       /* peers are noted as IPv6 (v4-mapped) */
+            __builtin_memcpy(key.raddr, &peer->addr[12], 4);
+            key.rport = peer->port;
+        } else if (peer) {
+            __builtin_memcpy(key.raddr, peer->addr, 16);
+            key.rport = peer->port;
+        }
     }
     return account(ctx, &key, dir, ret);
 }
 
-static __always_inline int enter_call(u32 kind, u64 uptr) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct call_t c = {};
-    c.kind = kind;
-    c.uptr = uptr;
-    if (calls.update(&id, &c)) stat_add(STAT_CALLS_FULL, 1);
-    return 0;
-}
-
-static __always_inline int exit_call(void *ctx, long ret) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct call_t *c = calls.lookup(&id);
-    if (!c) return 0;
-    u64 left = c->bytes;
-    u32 messages = c->kind == CALL_RECVMMSG ? (ret > 0 ? ret : 0) : 1;
-    for (u32 i = 0; i < MMSG_MAX && left; i++) {
-        if (i >= messages) break;
-        u32 len = left;
-        if (c->kind == CALL_RECVMMSG) {
-            bpf_probe_read_user(&len, 4, (void *)(c->uptr + (u64)i * MMSGHDR_SIZE + MMSG_LEN_OFF));
-            if (len > left || i + 1 == messages) len = left;
-        }
-        read_user_peer(call_name(c, i), &c->key);
-        account(ctx, &c->key, DIR_RECV, len);
-        left -= len;
+/* route lookups name the destination of an unconnected send (IPv4, IPv6);
+   noted by thread and flow, so that lookups for other packets handled in the
+   same context (ICMP errors, input routes) do not overwrite it */
+static __always_inline int note_send_peer(void *flow, int v6) {
+    struct peer_t peer = {};
+    struct flow_t id = {bpf_get_current_pid_tgid()};
+    if (v6) {
+        id.proto = F_FLOWI6_PROTO(flow);
+        id.sport = F_FLOWI6_SPORT(flow);
+        bpf_probe_read_kernel(peer.addr, 16, flow + OFF_FLOWI6_DADDR);
+        peer.port = swap16(F_FLOWI6_DPORT(flow));
+    } else {
+        id.proto = F_FLOWI4_PROTO(flow);
+        id.sport = F_FLOWI4_SPORT(flow);
+        peer.addr[10] = peer.addr[11] = 0xff;          /* as ::ffff:a.b.c.d */
+        bpf_probe_read_kernel(&peer.addr[12], 4, flow + OFF_FLOWI4_DADDR);
+        peer.port = swap16(F_FLOWI4_DPORT(flow));
     }
-    if (left) account(ctx, &c->key, DIR_RECV, left);
-    calls.delete(&id);
+    if (!id.proto) return 0;                            /* input route: not a send */
+    id.sport = (id.proto == 17 || id.proto == 136) ? swap16(id.sport) : 0;
+    send_peers.update(&id, &peer);
     return 0;
 }
 
-$SYSCALL_HOOKS
+RAW_TRACEPOINT_PROBE(fib_table_lookup) { return note_send_peer((void *)ctx->args[1], 0); }
+RAW_TRACEPOINT_PROBE(fib6_table_lookup) { return note_send_peer((void *)ctx->args[3], 1); }
+
+/* a datagram queued on an unconnected socket (softirq): its sender, from the
+   tail of the receive queue, is the peer of the socket's next receive */
+RAW_TRACEPOINT_PROBE(sk_data_ready) {
+    void *sk = (void *)ctx->args[0];
+    u16 family = F_SK_FAMILY(sk);
+    if (F_SK_DPORT(sk) || (family != PS_AF_INET && family != PS_AF_INET6) || F_SOCK_PROTOCOL(sk) == PS_TCP)
+        return 0;
+    void *skb = read_ptr(sk, SK_RECEIVE_QUEUE_PREV);
+    if (!skb || skb == sk + OFF_SK_RECEIVE_QUEUE) return 0;     /* empty queue */
+    void *head = read_ptr(skb, SKB_HEAD);
+    void *ip = head + F_SKB_NETWORK_HEADER(skb);
+    void *l4 = head + F_SKB_TRANSPORT_HEADER(skb);
+    u8 version = read_u8(ip, 0) >> 4, proto;
+    struct peer_t peer = {};
+    if (version == 4) {
+        proto = read_u8(ip, 9);
+        peer.addr[10] = peer.addr[11] = 0xff;
+        bpf_probe_read_kernel(&peer.addr[12], 4, ip + 12);
+    } else if (version == 6) {
+        proto = read_u8(ip, 6);
+        bpf_probe_read_kernel(peer.addr, 16, ip + 8);
+    } else {
+        return 0;
+    }
+    if (proto == 17 || proto == 136) peer.port = swap16(read_u16(l4, 0));   /* UDP, UDP-Lite */
+    u64 id = (u64)sk;
+    recv_peers.update(&id, &peer);
+    return 0;
+}
 
 /* TCP state changes: a connect is a connection even if it never moves a byte
-   (noted at SYN_SENT, counted when connect() returns with its local port
-   bound); ESTABLISHED starts the copied_seq baseline, CLOSE ends it */
+   (counted at SYN_SENT; its local port follows with the tuple event of
+   ESTABLISHED, or of CLOSE when it was refused); ESTABLISHED starts the
+   copied_seq baseline, CLOSE ends it */
+static __always_inline void emit_tuple(void *ctx, void *sk) {
+    struct tuple_event_t ev = {};
+    ev.hdr.kind = EV_TUPLE;
+    sock_info(sk, &ev.info);
+    events.perf_submit(ctx, &ev, sizeof(ev));
+}
+
 RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     void *sk = (void *)ctx->args[0];
-    int state = (int)ctx->args[2];
+    int old = (int)ctx->args[1], state = (int)ctx->args[2];
     u64 sk_id = (u64)sk;
-    if (state == PS_TCP_ESTABLISHED && F_SOCK_PROTOCOL(sk) == PS_TCP) {
+    if (F_SOCK_PROTOCOL(sk) != PS_TCP) return 0;
+    if (state == PS_TCP_SYN_SENT) {
+        struct conn_key_t key = {};
+        u16 family;
+        if (!sock_key(sk, &key, &family)) account(ctx, &key, DIR_SEND, 0);
+    } else if (state == PS_TCP_ESTABLISHED) {
         u32 seq = F_TCP_COPIED_SEQ(sk);
         tcp_seq.update(&sk_id, &seq);
+        emit_tuple(ctx, sk);
     } else if (state == PS_TCP_CLOSE) {
         tcp_seq.delete(&sk_id);
-    } else if (state == PS_TCP_SYN_SENT) {
-        u64 id = bpf_get_current_pid_tgid();
-        struct call_t c = {};
-        c.kind = CALL_CONNECT;
-        c.uptr = sk_id;
-        calls.update(&id, &c);
+        if (old == PS_TCP_SYN_SENT) emit_tuple(ctx, sk);
     }
     return 0;
 }
@@ -994,17 +1028,8 @@ RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust) {
     void *sk = (void *)ctx->args[0];
     u64 bytes = tcp_consumed(sk, 0);
     struct conn_key_t key = {};
-    if (bytes && !sock_key(sk, &key)) account(ctx, &key, DIR_RECV, bytes);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_connect) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct call_t *c = calls.lookup(&id);
-    if (!c || c->kind != CALL_CONNECT) return 0;
-    struct conn_key_t key = {};
-    if (!sock_key((void *)c->uptr, &key)) account(args, &key, DIR_SEND, 0);
-    calls.delete(&id);
+    u16 family;
+    if (bytes && !sock_key(sk, &key, &family)) account(ctx, &key, DIR_RECV, bytes);
     return 0;
 }
 
@@ -1076,6 +1101,12 @@ RAW_TRACEPOINT_PROBE(sched_process_exit) {
 
 /* ---- domains: getaddrinfo(host, service, hints, res) answers ---- */
 
+static __always_inline u64 user_ptr(u64 uaddr) {
+    u64 p = 0;
+    bpf_probe_read_user(&p, 8, (void *)uaddr);
+    return p;
+}
+
 int on_getaddrinfo(struct pt_regs *ctx) {
     u64 id = bpf_get_current_pid_tgid();
     struct gai_t g = {PT_REGS_PARM1(ctx), PT_REGS_PARM4(ctx)};
@@ -1099,12 +1130,12 @@ int on_getaddrinfo_return(struct pt_regs *ctx) {
     fill_proc((void *)bpf_get_current_task(), &ev->hdr.proc);
     bpf_probe_read_user_str(ev->dns.host, sizeof(ev->dns.host), (void *)host);
     for (int i = 0; i < DNS_ADDRS && ai; i++) {
-        struct conn_key_t k = {};
-        read_user_peer(user_ptr(ai + 24), &k);      /* struct addrinfo: ai_addr */
+        u64 sa = user_ptr(ai + 24);                 /* struct addrinfo: ai_addr */
         u16 family = 0;
-        bpf_probe_read_user(&family, 2, (void *)user_ptr(ai + 24));
+        bpf_probe_read_user(&family, 2, (void *)sa);
         ev->dns.families[i] = family;
-        __builtin_memcpy(ev->dns.addrs[i], k.raddr, 16);
+        if (family == PS_AF_INET) bpf_probe_read_user(ev->dns.addrs[i], 4, (void *)(sa + 4));
+        else if (family == PS_AF_INET6) bpf_probe_read_user(ev->dns.addrs[i], 16, (void *)(sa + 8));
         ev->dns.count = i + 1;
         ai = user_ptr(ai + 40);                      /* ai_next */
     }
@@ -1125,7 +1156,7 @@ RAW_TRACEPOINT_PROBE(sock_recv_length) {
 """,
     "kprobe": r"""
 struct sockcall_t { u64 sock; u64 flags; };
-BPF_HASH(sockcalls, u64, struct sockcall_t, $MAX_CALLS);
+BPF_HASH(sockcalls, u64, struct sockcall_t, $MAX_THREADS);
 static __always_inline int sock_enter(void *sock, u64 flags) {
     u64 id = bpf_get_current_pid_tgid();
     struct sockcall_t s = {(u64)sock, flags};
@@ -1152,21 +1183,8 @@ int on_sock_recvmsg_return(struct pt_regs *ctx) { return sock_return(ctx, DIR_RE
 KPROBE_HOOKS = [("sock_sendmsg", "on_sock_sendmsg", "on_sock_sendmsg_return"),
                 ("sock_recvmsg", "on_sock_recvmsg", "on_sock_recvmsg_return")]
 
-# system calls that name a peer: (syscall, call kind, argument with the address)
-SYSCALL_HOOKS = [("sendto", "addr"), ("sendmsg", "msg"), ("sendmmsg", "mmsg"),
-                 ("recvfrom", "addr"), ("recvmsg", "msg"), ("recvmmsg", "mmsg")]
-
-MAX_CONNS = 32768
-
-
-def syscall_hooks_text() -> str:
-    """Entry and exit tracepoints for each of SYSCALL_HOOKS."""
-    out = []
-    for name, arg in SYSCALL_HOOKS:
-        kind = f"CALL_{name.upper()}"
-        out.append(f"TRACEPOINT_PROBE(syscalls, sys_enter_{name}) {{ return enter_call({kind}, (u64)args->{arg}); }}\n"
-                   f"TRACEPOINT_PROBE(syscalls, sys_exit_{name}) {{ return exit_call(args, args->ret); }}")
-    return "\n".join(out)
+MAX_CONNS = 32768      # connections per window
+MAX_THREADS = 16384    # threads with the destination of their last route lookup noted
 
 
 def bpf_text(btf: BTF, mode: str) -> str:
@@ -1177,11 +1195,9 @@ def bpf_text(btf: BTF, mode: str) -> str:
         PATH_DEPTH=PATH_DEPTH, NAME_LEN=NAME_LEN, ARGS_LEN=ARGS_LEN, DNS_ADDRS=DNS_ADDRS,
         EVENT_KINDS=defines("EV_", [(num, name) for name, (num, _) in EVENT_KINDS.items()]),
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
-        CALL_KINDS=defines("CALL_", [(i, n.upper()) for i, (n, _) in enumerate(SYSCALL_HOOKS)]),
         PRELUDE=bpf_prelude(btf), STRUCTS=structs,
-        MAX_CONNS=MAX_CONNS, MAX_CALLS=16384, N_STATS=len(STATS),
-        SYSCALL_HOOKS=syscall_hooks_text(),
-        SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_CALLS=16384))
+        MAX_CONNS=MAX_CONNS, MAX_THREADS=MAX_THREADS, N_STATS=len(STATS),
+        SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS))
 
 
 ###############################################################################
@@ -1547,11 +1563,12 @@ class Tracker:
         self.mask, self.notify_exec = mask, notify_exec
         self.procs: typing.Dict[int, ProcInfo] = {}
         self.exited: typing.Dict[int, int] = {}
-        self.contexts: typing.Dict[bytes, typing.Tuple[ProcT, int]] = {}
+        self.contexts: typing.Dict[bytes, typing.Tuple[ProcT, ConnInfoT, int]] = {}
+        self.tuples: typing.Dict[int, typing.Tuple[ConnInfoT, int]] = {}
         self.domains: "collections.OrderedDict[str, str]" = collections.OrderedDict()
         self.window = 0
         self.handlers = {"EXEC": self.on_exec, "FORK": self.on_fork, "EXIT": self.on_exit,
-                         "CONN": self.on_conn, "DNS": self.on_dns}
+                         "CONN": self.on_conn, "DNS": self.on_dns, "TUPLE": self.on_tuple}
 
     def handle(self, event: typing.Tuple[str, EventHdrT, typing.Any]) -> None:
         name, hdr, payload = event
@@ -1577,11 +1594,14 @@ class Tracker:
     def on_exit(self, p: ProcT, _: EmptyT) -> None:
         self.exited[p.pid] = self.window
 
-    def on_conn(self, p: ProcT, key: ConnKeyT) -> None:
-        self.contexts[bytes(key)] = (ProcT.from_buffer_copy(p), self.window)
-        comm = p.comm.decode("utf-8", "replace")
-        self.lookup(p.pid, p.dev, p.ino, comm)
+    def on_conn(self, p: ProcT, conn: ConnT) -> None:
+        info = ConnInfoT.from_buffer_copy(conn.info)
+        self.contexts[bytes(conn.key)] = (ProcT.from_buffer_copy(p), info, self.window)
+        self.lookup(p.pid, info.dev, info.ino, p.comm.decode("utf-8", "replace"))
         self.lookup(p.ppid, p.pdev, p.pino, "")
+
+    def on_tuple(self, _: ProcT, info: ConnInfoT) -> None:
+        self.tuples[info.sk] = (ConnInfoT.from_buffer_copy(info), self.window)
 
     def on_dns(self, p: ProcT, dns: DnsT) -> None:
         host = dns.host.decode("utf-8", "replace")
@@ -1604,29 +1624,41 @@ class Tracker:
             info = self.procs[pid] = proc_from_proc_fs(pid, dev, ino, self.mask, name)
         return info
 
+    def lost_context(self, key: ConnKeyT) -> typing.Tuple[ProcInfo, ProcInfo, ConnInfoT]:
+        """What /proc still says of a connection whose event was lost."""
+        info = self.tuples.get(key.sk, (ConnInfoT(sk=key.sk), 0))[0]
+        try:
+            st = os.stat(f"/proc/{key.pid}/exe")
+            proc = proc_from_proc_fs(key.pid, st.st_dev, st.st_ino, self.mask, read_proc_text(key.pid, "comm").strip())
+        except OSError:
+            proc = self.procs.get(key.pid) or ProcInfo(key.pid, "", "", "", 0, 0)
+        ppid = int((read_proc_text(key.pid, "stat").rsplit(")", 1)[-1].split() or ["", "0"])[1])
+        return proc, self.procs.get(ppid) or ProcInfo(ppid, "", "", "", 0, 0), info
+
     def conn(self, key: ConnKeyT, val: ConnValT) -> Conn:
         context = self.contexts.get(bytes(key))
         if context:
-            p = context[0]
-            proc = self.lookup(key.pid, key.dev, key.ino, p.comm.decode("utf-8", "replace"))
+            p, info, _ = context
+            proc = self.lookup(key.pid, info.dev, info.ino, p.comm.decode("utf-8", "replace"))
             parent = self.lookup(p.ppid, p.pdev, p.pino, "")
-        else:   # its event was lost: what /proc still says
-            proc = self.lookup(key.pid, key.dev, key.ino, "")
-            ppid = int((read_proc_text(key.pid, "stat").rsplit(")", 1)[-1].split() or ["", "0"])[1])
-            parent = self.procs.get(ppid) or ProcInfo(ppid, "", "", "", 0, 0)
-        raddr = format_addr(key.family, bytes(key.raddr))
-        return Conn(proc, parent, key.uid, proto_name(key.family, key.proto), key.lport, key.rport,
-                    format_addr(key.family, bytes(key.laddr)), raddr, self.domains.get(raddr, ""),
+            if not info.lport and info.sk in self.tuples:    # a connect counted before its port was bound
+                info = self.tuples[info.sk][0]
+        else:
+            proc, parent, info = self.lost_context(key)
+        raddr = format_addr(info.family, bytes(info.raddr))
+        return Conn(proc, parent, key.uid, proto_name(info.family, info.proto), info.lport, info.rport,
+                    format_addr(info.family, bytes(info.laddr)), raddr, self.domains.get(raddr, ""),
                     val.send, val.recv)
 
     def end_window(self) -> None:
-        """Forget exited processes and old contexts two windows on."""
+        """Forget exited processes, old contexts and tuples two windows on."""
         self.window += 1
         for pid in [pid for pid, w in self.exited.items() if w < self.window - 1]:
             self.procs.pop(pid, None)
             del self.exited[pid]
-        for key in [k for k, (_, w) in self.contexts.items() if w < self.window - 1]:
-            del self.contexts[key]
+        for table in (self.contexts, self.tuples):
+            for key in [k for k, v in table.items() if v[-1] < self.window - 1]:
+                del table[key]
 
 
 @dataclasses.dataclass

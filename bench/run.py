@@ -109,7 +109,8 @@ class Network:
         for step in steps:
             sh(*step)
         sh("ip", "netns", "exec", PEER_NS, "nft", "-f", "-", input=(
-            "table inet bench {\n chain input {\n type filter hook input priority 0;\n counter\n }\n"
+            "table inet bench {\n chain input {\n type filter hook input priority 0;\n counter\n"
+            " udp dport 9 drop\n }\n"
             " chain output {\n type filter hook output priority 0;\n counter\n }\n}\n"))
         sh("nft", "-f", "-", input=(
             "table inet psbench {\n chain input {\n type filter hook input priority 0;\n"

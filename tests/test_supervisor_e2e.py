@@ -61,12 +61,20 @@ def test_daemon_start_status_stop(tmp_path):
 
 
 def test_lost_events_are_reported(tmp_path, session_bus):
-    """A one-page perf buffer cannot hold a burst of exec events."""
+    """A one-page perf buffer cannot hold a burst of new connections and execs."""
     need_root()
     daemon = Daemon(str(tmp_path), config={"Perf ring buffer (pages)": 1},
                     env={"DBUS_SESSION_BUS_ADDRESS": session_bus[0]}).start()
     try:
-        subprocess.run(["sh", "-c", "for i in $(seq 300); do /bin/true; done"], check=True)
+        burst = ("import socket\n"
+                 "for i in range(5000):\n"
+                 "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                 "    s.sendto(b'x', ('127.0.0.1', 9))\n"
+                 "    s.close()\n")
+        senders = [subprocess.Popen([PYTHON, "-c", burst]) for _ in range(2)]
+        subprocess.run(["sh", "-c", "seq 400 | xargs -P 16 -n 1 /bin/true"], check=True)
+        for sender in senders:
+            sender.wait()
         deadline = time.monotonic() + 15
         while "lost" not in daemon.read("error.log") and time.monotonic() < deadline:
             time.sleep(0.3)
