@@ -713,16 +713,37 @@ KERNEL_FIELDS = {
 }
 
 
+# fields read together on hot paths with one probe read: span -> its fields
+# (each probe read costs about as much as a map lookup)
+KERNEL_SPANS = {
+    "SK_HEAD": ("SK_DPORT", "SK_NUM", "SK_FAMILY"),
+    "FLOW4": ("FLOWI4_PROTO", "FLOWI4_DADDR", "FLOWI4_DPORT", "FLOWI4_SPORT"),
+    "FLOW6": ("FLOWI6_PROTO", "FLOWI6_DADDR", "FLOWI6_DPORT", "FLOWI6_SPORT"),
+}
+SPAN_MAX = 64
+
+
 def offset_defines(btf: BTF) -> str:
-    """#defines for every KERNEL_FIELDS entry: OFF_X and a typed reader F_X(p)."""
-    lines = []
-    for macro, path in KERNEL_FIELDS.items():
-        f = btf.field(path)
+    """#defines for every KERNEL_FIELDS entry: OFF_X and a typed reader F_X(p);
+    for each span, its start and length, and S_X(buf) for its fields."""
+    lines, fields = [], {macro: btf.field(path) for macro, path in KERNEL_FIELDS.items()}
+    for macro, f in fields.items():
         lines.append(f"#define OFF_{macro} {f.offset}")
         if f.bits:
             lines.append(f"#define F_{macro}(p) ((read_u32((p), {f.offset}) >> {f.shift}) & {(1 << f.bits) - 1})")
         elif f.size in (1, 2, 4, 8):
             lines.append(f"#define F_{macro}(p) read_u{8 * f.size}((p), {f.offset})")
+    for span, members in KERNEL_SPANS.items():
+        start = min(fields[m].offset for m in members)
+        length = (max(fields[m].offset + fields[m].size for m in members) - start + 7) // 8 * 8
+        if length > SPAN_MAX or any(fields[m].bits for m in members):
+            raise PicosnitchError(f"kernel BTF: the fields of {span} are not together ({length} bytes)")
+        lines += [f"#define SPAN_{span}_START {start}", f"#define SPAN_{span}_LEN {length}"]
+        for m in members:
+            ctype = {1: "u8", 2: "u16", 4: "u32", 8: "u64"}.get(fields[m].size)
+            if ctype:
+                lines.append(f"#define S_{m}(buf) (*({ctype} *)((buf) + {fields[m].offset - start}))")
+            lines.append(f"#define SOFF_{m} {fields[m].offset - start}")
     return "\n".join(lines)
 
 
@@ -786,6 +807,11 @@ BPF_TABLE("lru_hash", u64, u32, tcp_seq, $MAX_CONNS);
 BPF_HASH(gai, u64, struct gai_t, 1024);
 BPF_ARRAY(stats, u64, $N_STATS);
 BPF_PERCPU_ARRAY(scratch, struct exec_event_t, 1);
+/* the executable image of the task last seen on a CPU, valid while the exec
+   generation (bumped at every exec and fork) is unchanged */
+struct exe_cache_t { u64 task; u64 gen; u64 exe; };
+BPF_PERCPU_ARRAY(exe_cache, struct exe_cache_t, 1);
+BPF_ARRAY(exec_gen, u64, 1);
 
 static __always_inline void stat_add(u32 index, u64 n) {
     u64 *v = stats.lookup(&index);
@@ -877,14 +903,37 @@ static __always_inline int account(void *ctx, struct conn_key_t *key, int dir, u
     return 0;
 }
 
-/* the key for the current task's traffic on a socket; -1 for local IPC */
-static __always_inline int sock_key(void *sk, struct conn_key_t *key, u16 *family) {
-    *family = F_SK_FAMILY(sk);
-    if (*family == PS_AF_UNIX || *family == PS_AF_NETLINK) return -1;
-    void *task = (void *)bpf_get_current_task();
-    void *mm = read_ptr(task, TASK_MM);
+static __always_inline void bump_exec_gen(void) {
+    u32 zero = 0;
+    u64 *gen = exec_gen.lookup(&zero);
+    if (gen) __sync_fetch_and_add(gen, 1);
+}
+
+/* the current task's executable image (its struct file), cached per CPU */
+static __always_inline u64 current_exe(void) {
+    u32 zero = 0;
+    u64 task = bpf_get_current_task();
+    struct exe_cache_t *cache = exe_cache.lookup(&zero);
+    u64 *gen = exec_gen.lookup(&zero);
+    if (cache && gen && cache->task == task && cache->gen == *gen) return cache->exe;
+    void *mm = read_ptr((void *)task, TASK_MM);
+    u64 exe = mm ? (u64)read_ptr(mm, MM_EXE_FILE) : 0;
+    if (cache && gen) {
+        cache->task = task;
+        cache->gen = *gen;
+        cache->exe = exe;
+    }
+    return exe;
+}
+
+/* the key for the current task's traffic on a socket, after reading the
+   socket's port and family span into head; -1 for local IPC */
+static __always_inline int sock_key(void *sk, struct conn_key_t *key, u8 *head) {
+    bpf_probe_read_kernel(head, SPAN_SK_HEAD_LEN, sk + SPAN_SK_HEAD_START);
+    u16 family = S_SK_FAMILY(head);
+    if (family == PS_AF_UNIX || family == PS_AF_NETLINK) return -1;
     key->sk = (u64)sk;
-    key->exe = mm ? (u64)read_ptr(mm, MM_EXE_FILE) : 0;
+    key->exe = current_exe();
     key->pid = bpf_get_current_pid_tgid() >> 32;
     key->uid = bpf_get_current_uid_gid();
     return 0;
@@ -912,25 +961,25 @@ static __always_inline u64 tcp_consumed(void *sk, u64 fallback) {
 static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int dir) {
     if (ret <= 0 || !sk || (dir == DIR_RECV && (flags & PS_MSG_PEEK))) return 0;
     struct conn_key_t key = {};
-    u16 family;
-    if (sock_key(sk, &key, &family)) return 0;
+    u8 head[SPAN_SK_HEAD_LEN];
+    if (sock_key(sk, &key, head)) return 0;
+    u16 family = S_SK_FAMILY(head);
     if (family != PS_AF_INET && family != PS_AF_INET6) return account(ctx, &key, dir, ret);
-    if (F_SOCK_PROTOCOL(sk) == PS_TCP) {
-        if (dir == DIR_RECV) ret = tcp_consumed(sk, ret);
+    if (S_SK_DPORT(head)) {        /* connected: the socket knows its peer */
+        if (dir == DIR_RECV && F_SOCK_PROTOCOL(sk) == PS_TCP) ret = tcp_consumed(sk, ret);
         return ret ? account(ctx, &key, dir, ret) : 0;
     }
-    if (!F_SK_DPORT(sk)) {      /* unconnected: the datagram's peer */
-        u64 sk_id = (u64)sk;
-        struct flow_t flow = {bpf_get_current_pid_tgid(), 0, F_SOCK_PROTOCOL(sk)};
-        if (flow.proto == 17 || flow.proto == 136) flow.sport = F_SK_NUM(sk);
-        struct peer_t *peer = dir == DIR_SEND ? send_peers.lookup(&flow) : recv_peers.lookup(&sk_id);
-        if (peer && family == PS_AF_INET) {       /* peers are noted as IPv6 (v4-mapped) */
-            __builtin_memcpy(key.raddr, &peer->addr[12], 4);
-            key.rport = peer->port;
-        } else if (peer) {
-            __builtin_memcpy(key.raddr, peer->addr, 16);
-            key.rport = peer->port;
-        }
+    /* unconnected: the peer of this datagram */
+    u64 sk_id = (u64)sk;
+    struct flow_t flow = {bpf_get_current_pid_tgid(), 0, F_SOCK_PROTOCOL(sk)};
+    if (flow.proto == 17 || flow.proto == 136) flow.sport = S_SK_NUM(head);
+    struct peer_t *peer = dir == DIR_SEND ? send_peers.lookup(&flow) : recv_peers.lookup(&sk_id);
+    if (peer && family == PS_AF_INET) {       /* peers are noted as IPv6 (v4-mapped) */
+        __builtin_memcpy(key.raddr, &peer->addr[12], 4);
+        key.rport = peer->port;
+    } else if (peer) {
+        __builtin_memcpy(key.raddr, peer->addr, 16);
+        key.rport = peer->port;
     }
     return account(ctx, &key, dir, ret);
 }
@@ -938,29 +987,41 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
 /* route lookups name the destination of an unconnected send (IPv4, IPv6);
    noted by thread and flow, so that lookups for other packets handled in the
    same context (ICMP errors, input routes) do not overwrite it */
-static __always_inline int note_send_peer(void *flow, int v6) {
-    struct peer_t peer = {};
-    struct flow_t id = {bpf_get_current_pid_tgid()};
-    if (v6) {
-        id.proto = F_FLOWI6_PROTO(flow);
-        id.sport = F_FLOWI6_SPORT(flow);
-        bpf_probe_read_kernel(peer.addr, 16, flow + OFF_FLOWI6_DADDR);
-        peer.port = swap16(F_FLOWI6_DPORT(flow));
+static __always_inline void note_send_peer(struct flow_t *id, struct peer_t *peer) {
+    if (!id->proto) return;                             /* input route: not a send */
+    id->sport = (id->proto == 17 || id->proto == 136) ? swap16(id->sport) : 0;
+    struct peer_t *noted = send_peers.lookup(id);
+    if (noted) {
+        __builtin_memcpy(noted->addr, peer->addr, 16);
+        noted->port = peer->port;
     } else {
-        id.proto = F_FLOWI4_PROTO(flow);
-        id.sport = F_FLOWI4_SPORT(flow);
-        peer.addr[10] = peer.addr[11] = 0xff;          /* as ::ffff:a.b.c.d */
-        bpf_probe_read_kernel(&peer.addr[12], 4, flow + OFF_FLOWI4_DADDR);
-        peer.port = swap16(F_FLOWI4_DPORT(flow));
+        send_peers.update(id, peer);
     }
-    if (!id.proto) return 0;                            /* input route: not a send */
-    id.sport = (id.proto == 17 || id.proto == 136) ? swap16(id.sport) : 0;
-    send_peers.update(&id, &peer);
+}
+
+RAW_TRACEPOINT_PROBE(fib_table_lookup) {
+    if ((int)ctx->args[3]) return 0;                    /* only the lookup that found the route */
+    u8 f[SPAN_FLOW4_LEN];
+    bpf_probe_read_kernel(f, sizeof(f), (void *)ctx->args[1] + SPAN_FLOW4_START);
+    struct flow_t id = {bpf_get_current_pid_tgid(), S_FLOWI4_SPORT(f), S_FLOWI4_PROTO(f)};
+    struct peer_t peer = {};
+    peer.addr[10] = peer.addr[11] = 0xff;              /* as ::ffff:a.b.c.d */
+    __builtin_memcpy(&peer.addr[12], f + SOFF_FLOWI4_DADDR, 4);
+    peer.port = swap16(S_FLOWI4_DPORT(f));
+    note_send_peer(&id, &peer);
     return 0;
 }
 
-RAW_TRACEPOINT_PROBE(fib_table_lookup) { return note_send_peer((void *)ctx->args[1], 0); }
-RAW_TRACEPOINT_PROBE(fib6_table_lookup) { return note_send_peer((void *)ctx->args[3], 1); }
+RAW_TRACEPOINT_PROBE(fib6_table_lookup) {
+    u8 f[SPAN_FLOW6_LEN];
+    bpf_probe_read_kernel(f, sizeof(f), (void *)ctx->args[3] + SPAN_FLOW6_START);
+    struct flow_t id = {bpf_get_current_pid_tgid(), S_FLOWI6_SPORT(f), S_FLOWI6_PROTO(f)};
+    struct peer_t peer = {};
+    __builtin_memcpy(peer.addr, f + SOFF_FLOWI6_DADDR, 16);
+    peer.port = swap16(S_FLOWI6_DPORT(f));
+    note_send_peer(&id, &peer);
+    return 0;
+}
 
 /* a datagram queued on an unconnected socket (softirq): its sender, from the
    tail of the receive queue, is the peer of the socket's next receive */
@@ -1010,8 +1071,8 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
     if (F_SOCK_PROTOCOL(sk) != PS_TCP) return 0;
     if (state == PS_TCP_SYN_SENT) {
         struct conn_key_t key = {};
-        u16 family;
-        if (!sock_key(sk, &key, &family)) account(ctx, &key, DIR_SEND, 0);
+        u8 head[SPAN_SK_HEAD_LEN];
+        if (!sock_key(sk, &key, head)) account(ctx, &key, DIR_SEND, 0);
     } else if (state == PS_TCP_ESTABLISHED) {
         u32 seq = F_TCP_COPIED_SEQ(sk);
         tcp_seq.update(&sk_id, &seq);
@@ -1028,8 +1089,8 @@ RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust) {
     void *sk = (void *)ctx->args[0];
     u64 bytes = tcp_consumed(sk, 0);
     struct conn_key_t key = {};
-    u16 family;
-    if (bytes && !sock_key(sk, &key, &family)) account(ctx, &key, DIR_RECV, bytes);
+    u8 head[SPAN_SK_HEAD_LEN];
+    if (bytes && !sock_key(sk, &key, head)) account(ctx, &key, DIR_RECV, bytes);
     return 0;
 }
 
@@ -1073,6 +1134,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec) {
     struct exec_event_t *ev = scratch.lookup(&zero);
     if (!ev) return 0;
     void *task = (void *)bpf_get_current_task();
+    bump_exec_gen();
     __builtin_memset(&ev->hdr, 0, sizeof(ev->hdr));   /* the rest has explicit lengths */
     ev->exec.complete = 0;
     ev->hdr.kind = EV_EXEC;
@@ -1089,6 +1151,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec) {
 
 RAW_TRACEPOINT_PROBE(sched_process_fork) {
     void *child = (void *)ctx->args[1];
+    bump_exec_gen();            /* a new task may reuse a freed task's address */
     if (F_TASK_PID(child) == F_TASK_TGID(child)) emit_proc(ctx, EV_FORK, child);
     return 0;
 }

@@ -406,19 +406,27 @@ static void mode_short(void) {
 /* overhead loops: as many calls as possible for BYTES milliseconds */
 static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
 
-static void mode_udp_loop(void) {   /* to the discard port, dropped by the peer's nftables */
+/* 1-byte datagrams to the discard port (dropped by the peer's nftables),
+   for BYTES milliseconds: on a connected socket with send(), or unconnected
+   with sendto() */
+static void udp_loop(int connected) {
     struct sockaddr_storage ss;
     socklen_t len = peer_addr(&ss, 9);
     int s = udp_socket();
+    if (connected && connect(s, (struct sockaddr *)&ss, len)) die("connect");
     double end = now() + nbytes / 1000.0;
     long long calls = 0;
     while (1) {
-        for (int i = 0; i < 1000; i++) if (sendto(s, buf, 1, 0, (struct sockaddr *)&ss, len) == 1) sent++;
+        for (int i = 0; i < 1000; i++)
+            if ((connected ? send(s, buf, 1, 0) : sendto(s, buf, 1, 0, (struct sockaddr *)&ss, len)) == 1) sent++;
         calls += 1000;
         if (now() >= end) break;
     }
     printf("{\"calls\": %lld, \"seconds\": %.3f, ", calls, nbytes / 1000.0);
 }
+
+static void mode_udp_loop(void) { udp_loop(1); }
+static void mode_udp_sendto_loop(void) { udp_loop(0); }
 
 static void mode_tcp_loop(void) {
     int s = request("up", 1LL << 50, 0);
@@ -435,7 +443,7 @@ static const struct { const char *name; void (*run)(void); } MODES[] = {
     {"uring-send", mode_uring_send}, {"sendfile", mode_sendfile}, {"sendmmsg", mode_sendmmsg},
     {"drip", mode_drip}, {"many-tcp", mode_many_tcp}, {"burst", mode_burst}, {"uring-recv", mode_uring_recv},
     {"splice", mode_splice}, {"recvmmsg", mode_recvmmsg}, {"udp-down", mode_udp_down},
-    {"udp-loop", mode_udp_loop}, {"tcp-loop", mode_tcp_loop},
+    {"udp-loop", mode_udp_loop}, {"udp-sendto-loop", mode_udp_sendto_loop}, {"tcp-loop", mode_tcp_loop},
 };
 
 int main(int argc, char **argv) {
@@ -446,7 +454,7 @@ int main(int argc, char **argv) {
     memset(buf, 'b', sizeof(buf));
     for (size_t i = 0; i < sizeof(MODES) / sizeof(MODES[0]); i++) {
         if (strcmp(MODES[i].name, argv[1])) continue;
-        int loop = !strcmp(argv[1], "udp-loop") || !strcmp(argv[1], "tcp-loop");
+        int loop = strstr(argv[1], "-loop") != NULL;
         MODES[i].run();
         printf("%s\"sent\": %lld, \"received\": %lld}\n", loop ? "" : "{", sent, received);
         return 0;

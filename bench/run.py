@@ -427,22 +427,30 @@ def cell(verdicts):
 # overhead: throughput with and without picosnitch, sustained rate, start time
 ###############################################################################
 
-def loop_rate(gen, mode, host, millis):
-    out = subprocess.run([gen, mode, host, str(PORT), str(millis)], capture_output=True, text=True, check=True)
+# overhead loops: mode -> (what it measures, unit, target host)
+LOOPS = {
+    "udp-loop": ("1-byte UDP send() on a connected socket", "calls/s", PEER_V4),
+    "udp-sendto-loop": ("1-byte UDP sendto() on an unconnected socket", "calls/s", PEER_V4),
+    "tcp-loop": ("bulk TCP over loopback", "bytes/s", "127.0.0.1"),
+}
+
+
+def loop_rate(gen, mode, millis):
+    out = subprocess.run([gen, mode, LOOPS[mode][2], str(PORT), str(millis)], capture_output=True, text=True, check=True)
     data = json.loads(out.stdout)
-    return (data["calls"] if mode == "udp-loop" else data["sent"]) / data["seconds"]
+    return (data["calls"] if LOOPS[mode][1] == "calls/s" else data["sent"]) / data["seconds"]
 
 
 def overhead(gen, workdir, pairs, millis):
     """Alternate runs without and with picosnitch; ratios of the medians."""
-    rates = {mode: {"off": [], "on": []} for mode in ("udp-loop", "tcp-loop")}
+    rates = {mode: {"off": [], "on": []} for mode in LOOPS}
     tool = Picosnitch(workdir)
     for _ in range(pairs):
         for state in ("off", "on"):
             if state == "on":
                 tool.start()
             for mode in rates:
-                rates[mode][state].append(loop_rate(gen, mode, PEER_V4 if mode == "udp-loop" else "127.0.0.1", millis))
+                rates[mode][state].append(loop_rate(gen, mode, millis))
             if state == "on":
                 tool.stop()
     return {mode: {"off": statistics.median(r["off"]), "on": statistics.median(r["on"]),
@@ -454,7 +462,7 @@ def sustained(gen, workdir, seconds):
     tool = Picosnitch(workdir + "/sustained")
     tool.start()
     try:
-        rate = loop_rate(gen, "udp-loop", PEER_V4, seconds * 1000)
+        rate = loop_rate(gen, "udp-loop", seconds * 1000)
         time.sleep(3)
         errors = tool.errors()
     finally:
@@ -494,12 +502,11 @@ def report(args, results, samples, over, sust, tools):
     lines += ["| tool | version |", "|---|---|"] + [f"| {k} | {v} |" for k, v in versions().items()] + [""]
     lines += scenario_table(results, tools) + [""] + footprint_table(samples, tools) + [""]
     if over:
-        lines += ["## Overhead (median of alternate runs, same session)", "",
-                  "| loop | without | with picosnitch | ratio |", "|---|---|---|---|",
-                  f"| 1-byte UDP sendto | {over['udp-loop']['off']:,.0f} calls/s | {over['udp-loop']['on']:,.0f} calls/s "
-                  f"| {over['udp-loop']['ratio']:.3f} |",
-                  f"| bulk TCP over loopback | {mb(over['tcp-loop']['off'])}/s | {mb(over['tcp-loop']['on'])}/s "
-                  f"| {over['tcp-loop']['ratio']:.3f} |", ""]
+        rate = lambda mode, v: f"{v:,.0f} calls/s" if LOOPS[mode][1] == "calls/s" else f"{mb(v)}/s"
+        lines += [f"## Overhead (median of {args.pairs} alternate runs without and with picosnitch, same session)",
+                  "", "| loop | without | with picosnitch | ratio |", "|---|---|---|---|"]
+        lines += [f"| {LOOPS[m][0]} | {rate(m, r['off'])} | {rate(m, r['on'])} | {r['ratio']:.3f} |"
+                  for m, r in over.items()] + [""]
     if sust:
         lines += [f"Sustained: {sust['rate']:,.0f} sendto calls/s (the most this machine generated) for "
                   f"{sust['seconds']} s under picosnitch: {sust['lost_events']} lost events, "
@@ -560,7 +567,8 @@ def summary_line(results, samples, over, sust):
     if s:
         parts.append(f"CPU mean {s['cpu_mean']:.2f}% p95 {s['cpu_p95']:.2f}%, PSS {mb(s['pss_steady'])}")
     if over:
-        parts.append(f"throughput ratio UDP {over['udp-loop']['ratio']:.3f} TCP {over['tcp-loop']['ratio']:.3f}")
+        parts.append(f"throughput ratio UDP send {over['udp-loop']['ratio']:.3f}, UDP sendto "
+                     f"{over['udp-sendto-loop']['ratio']:.3f}, TCP {over['tcp-loop']['ratio']:.3f}")
     if sust:
         parts.append(f"lost events {sust['lost_events']} at {sust['rate']:,.0f} calls/s, start {sust['start_seconds']:.1f} s")
     return "; ".join(parts)
