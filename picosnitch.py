@@ -11,8 +11,9 @@ its parent and its hash, the user, ports, addresses and domain.
 
 Processes (all started by the supervisor, which restarts one that dies)::
 
-    kernel (BPF: sock send/recv tracepoints, sched exec/fork/exit, syscalls,
-      |     getaddrinfo uprobe; bytes are summed per connection in maps)
+    kernel (BPF: sock send/recv tracepoints, TCP state and reads, route
+      |     lookups, sched exec/fork/exit, getaddrinfo uprobe; bytes are
+      |     summed per connection in maps, drained once per write window)
       v
     reader --exec notices--> monitor (FD cache by device+inode, sha256,
       |                        ^      fanotify re-hash on modification)
@@ -28,17 +29,18 @@ Table of contents (each numbered section uses only the ones above it):
      2. imports
      3. constants and paths
      4. small utilities
-     5. types shared by the kernel program and the processes
+     5. types shared by the kernel program and the processes, reporting
      6. configuration
      7. storage (all SQL lives here)
      8. BTF reader and the BPF program text
-     9. BPF reader process
-    10. hashing, FD cache and fanotify
-    11. monitor process
-    12. notifications
-    13. primary process
-    14. supervisor, daemon and systemd unit
-    15. command line
+     9. BPF loader, maps and perf buffers
+    10. BPF reader process
+    11. hashing, FD cache and fanotify
+    12. monitor process
+    13. notifications
+    14. primary process
+    15. supervisor, daemon and systemd unit
+    16. command line
 
 Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|version|help
 """
@@ -222,7 +224,7 @@ def libc() -> ctypes.CDLL:
 
 
 ###############################################################################
-# 5. types shared by the kernel program and the processes
+# 5. types shared by the kernel program and the processes, reporting
 ###############################################################################
 # The ctypes structures below are the single definition of what the BPF
 # program and user space exchange: c_struct() renders them as C for the
@@ -355,6 +357,31 @@ class Conn:
     recv: int
 
 
+@dataclasses.dataclass
+class Reporter:
+    """The one way to report: errors to error.log, executables to exe.log,
+    both also as desktop notifications; information to standard output."""
+    directory: str
+    owner: typing.Tuple[int, int]
+    queue: typing.Any = None
+
+    def error(self, message: str) -> None:
+        append_line(os.path.join(self.directory, ERROR_LOG_NAME), f"{now_text()} {message}", self.owner)
+        print(f"picosnitch: error: {message}", file=sys.stderr, flush=True)
+        self._notify("picosnitch error", message)
+
+    def exe(self, message: str) -> None:
+        append_line(os.path.join(self.directory, EXE_LOG_NAME), f"{now_text()} {message}", self.owner)
+        self._notify("picosnitch", message)
+
+    def info(self, message: str) -> None:
+        print(f"picosnitch: {message}", flush=True)
+
+    def _notify(self, summary: str, body: str) -> None:
+        if self.queue is not None:
+            self.queue.put((summary, body))
+
+
 ###############################################################################
 # 6. configuration
 ###############################################################################
@@ -476,6 +503,25 @@ def load_config(directory: str, owner: typing.Tuple[int, int]) -> Config:
     except UnicodeDecodeError as e:
         raise PicosnitchError(f"{path}: not UTF-8 text (byte {e.start})")
     return parse_config(text, path)
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What every process is given by the supervisor."""
+    config: Config
+    directory: str
+    owner: typing.Tuple[int, int]
+    st_dev_mask: int
+    bus_address: str
+    reporter: "Reporter"
+    exec_tx: typing.Any = None        # reader -> monitor: executables to open now
+    exec_rx: typing.Any = None
+    batch_tx: typing.Any = None       # reader -> primary: window batches
+    batch_rx: typing.Any = None
+    hash_primary: typing.Any = None   # primary <-> monitor: hash requests
+    hash_monitor: typing.Any = None
+    status_tx: typing.Any = None      # reader -> supervisor: capture started
+    status_rx: typing.Any = None
 
 
 ###############################################################################
@@ -1264,13 +1310,14 @@ def bpf_text(btf: BTF, mode: str) -> str:
 
 
 ###############################################################################
-# 9. BPF reader process
+# 9. BPF loader, maps and perf buffers
 ###############################################################################
+# A short-lived child compiles and attaches the program with bcc and hands the
+# descriptors over; the reader then uses bpf() and perf_event_open() directly.
 # Loads the program, polls its events, and at the end of each write window
 # drains the connection map of that window into Conn rows for the primary.
 
 GRACE_SECONDS = 0.02      # after switching maps, for updates already under way
-DOMAIN_CACHE = 4096       # addresses remembered from getaddrinfo answers
 
 
 def ensure_tracefs(say: typing.Callable[[str], None]) -> None:
@@ -1533,6 +1580,18 @@ def online_cpus() -> typing.List[int]:
     return [cpu for span in spans for cpu in range(int(span[0]), int(span[-1]) + 1)]
 
 
+EVENT_TYPES = {num: (name, cls) for name, (num, cls) in EVENT_KINDS.items()}
+
+
+def decode_event(raw: bytes) -> typing.Tuple[str, EventHdrT, typing.Any]:
+    """(kind name, header, payload) of one perf event record."""
+    hdr = EventHdrT.from_buffer_copy(raw)
+    name, cls = EVENT_TYPES[hdr.kind]
+    payload = cls.from_buffer_copy(raw.ljust(ctypes.sizeof(EventHdrT) + ctypes.sizeof(cls), b"\0"),
+                                   ctypes.sizeof(EventHdrT))
+    return name, hdr, payload
+
+
 class Capture:
     """The attached program, seen through its maps: poll events, drain windows."""
 
@@ -1586,17 +1645,13 @@ class Capture:
         return out
 
 
-EVENT_TYPES = {num: (name, cls) for name, (num, cls) in EVENT_KINDS.items()}
+###############################################################################
+# 10. BPF reader process
+###############################################################################
+# Polls events and, at the end of each write window, drains the connection map
+# of that window into Conn rows for the primary.
 
-
-def decode_event(raw: bytes) -> typing.Tuple[str, EventHdrT, typing.Any]:
-    """(kind name, header, payload) of one perf event record."""
-    hdr = EventHdrT.from_buffer_copy(raw)
-    name, cls = EVENT_TYPES[hdr.kind]
-    payload = cls.from_buffer_copy(raw.ljust(ctypes.sizeof(EventHdrT) + ctypes.sizeof(cls), b"\0"),
-                                   ctypes.sizeof(EventHdrT))
-    return name, hdr, payload
-
+DOMAIN_CACHE = 4096       # addresses remembered from getaddrinfo answers
 
 def exec_path(ex: ExecT) -> str:
     """The absolute path sent with an exec event ('' when the walk was cut short)."""
@@ -1724,25 +1779,6 @@ class Tracker:
                 del table[key]
 
 
-@dataclasses.dataclass
-class Runtime:
-    """What every process is given by the supervisor."""
-    config: Config
-    directory: str
-    owner: typing.Tuple[int, int]
-    st_dev_mask: int
-    bus_address: str
-    reporter: "Reporter"
-    exec_tx: typing.Any = None        # reader -> monitor: executables to open now
-    exec_rx: typing.Any = None
-    batch_tx: typing.Any = None       # reader -> primary: window batches
-    batch_rx: typing.Any = None
-    hash_primary: typing.Any = None   # primary <-> monitor: hash requests
-    hash_monitor: typing.Any = None
-    status_tx: typing.Any = None      # reader -> supervisor: capture started
-    status_rx: typing.Any = None
-
-
 def stop_on_sigterm() -> typing.Callable[[], bool]:
     """Ignore SIGINT (the supervisor coordinates stops); SIGTERM sets a flag."""
     flag = []
@@ -1779,7 +1815,7 @@ def send_window(rt: Runtime, capture: Capture, tracker: Tracker, final: bool) ->
 
 
 ###############################################################################
-# 10. hashing, FD cache and fanotify
+# 11. hashing, FD cache and fanotify
 ###############################################################################
 # Executables are opened as early as possible (at exec), kept open in a cache
 # keyed by (st_dev & mask, st_ino), hashed on demand and re-hashed after
@@ -1924,7 +1960,7 @@ class FdCache:
 
 
 ###############################################################################
-# 11. monitor process
+# 12. monitor process
 ###############################################################################
 
 def set_nofile(limit: typing.Optional[int]) -> int:
@@ -1958,38 +1994,13 @@ def answer_hashes(cache: FdCache, fanotify: Fanotify, wanted: typing.List[tuple]
 
 
 ###############################################################################
-# 12. notifications
+# 13. notifications
 ###############################################################################
 # Every process reports through one Reporter; desktop notifications go to a
 # notifier process that runs as the user and talks to their session bus.
 
 NOTIFY_RETRY_SECONDS = 30
 NOTIFY_KEEP = 1000
-
-
-@dataclasses.dataclass
-class Reporter:
-    """The one way to report: errors to error.log, executables to exe.log,
-    both also as desktop notifications; information to standard output."""
-    directory: str
-    owner: typing.Tuple[int, int]
-    queue: typing.Any = None
-
-    def error(self, message: str) -> None:
-        append_line(os.path.join(self.directory, ERROR_LOG_NAME), f"{now_text()} {message}", self.owner)
-        print(f"picosnitch: error: {message}", file=sys.stderr, flush=True)
-        self._notify("picosnitch error", message)
-
-    def exe(self, message: str) -> None:
-        append_line(os.path.join(self.directory, EXE_LOG_NAME), f"{now_text()} {message}", self.owner)
-        self._notify("picosnitch", message)
-
-    def info(self, message: str) -> None:
-        print(f"picosnitch: {message}", flush=True)
-
-    def _notify(self, summary: str, body: str) -> None:
-        if self.queue is not None:
-            self.queue.put((summary, body))
 
 
 def default_bus_address(uid: int, environ: typing.Mapping[str, str] = os.environ) -> str:
@@ -2010,10 +2021,6 @@ class DesktopNotifier:
         self.address, self.iface, self.pending = address, None, collections.deque(maxlen=NOTIFY_KEEP)
         self.failed_at = 0.0
         self.last_error = ""
-
-    def send(self, summary: str, body: str) -> None:
-        self.pending.append((summary, body))
-        self.flush()
 
     def flush(self) -> str:
         """Deliver what is pending; '' or the error that stopped delivery."""
@@ -2055,7 +2062,7 @@ def notifier_main(rt: Runtime, queue: typing.Any) -> None:
 
 
 ###############################################################################
-# 13. primary process
+# 14. primary process
 ###############################################################################
 # Receives each window's connections, has their executables hashed, writes
 # snitch.db and record.json, and tells the user what is new.
@@ -2186,7 +2193,7 @@ def primary_main(rt: Runtime) -> None:
 
 
 ###############################################################################
-# 14. supervisor, daemon and systemd unit
+# 15. supervisor, daemon and systemd unit
 ###############################################################################
 
 RESTART_LIMIT = 5          # restarts of one child within RESTART_WINDOW
@@ -2412,7 +2419,7 @@ def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -
 
 
 ###############################################################################
-# 15. command line
+# 16. command line
 ###############################################################################
 
 USAGE = """usage: picosnitch <command>

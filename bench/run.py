@@ -129,11 +129,11 @@ class Network:
     @staticmethod
     def wire_bytes():
         """Bytes the peer received and sent (IP packets), and bytes into loopback."""
-        out = json.loads(sh("ip", "netns", "exec", PEER_NS, "nft", "-j", "list", "table", "inet", "bench").stdout)
-        total = sum(item["rule"]["expr"][0]["counter"]["bytes"] for item in out["nftables"] if "rule" in item)
-        out = json.loads(sh("nft", "-j", "list", "table", "inet", "psbench").stdout)
-        lo = sum(item["rule"]["expr"][-1]["counter"]["bytes"] for item in out["nftables"] if "rule" in item)
-        return total, lo
+        def counted(table, *prefix):
+            out = json.loads(sh(*prefix, "nft", "-j", "list", "table", "inet", table).stdout)
+            return sum(e["counter"]["bytes"] for item in out["nftables"] if "rule" in item
+                       for e in item["rule"]["expr"] if "counter" in e)
+        return counted("bench", "ip", "netns", "exec", PEER_NS), counted("psbench")
 
 
 def start_peer(prefix):
@@ -453,8 +453,10 @@ def overhead(gen, workdir, pairs, millis):
                 rates[mode][state].append(loop_rate(gen, mode, millis))
             if state == "on":
                 tool.stop()
+    # the machine drifts over minutes: each run is compared with the one just before it
     return {mode: {"off": statistics.median(r["off"]), "on": statistics.median(r["on"]),
-                   "ratio": statistics.median(r["on"]) / statistics.median(r["off"])} for mode, r in rates.items()}
+                   "ratio": statistics.median(on / off for off, on in zip(r["off"], r["on"]))}
+            for mode, r in rates.items()}
 
 
 def sustained(gen, workdir, seconds):
@@ -503,8 +505,9 @@ def report(args, results, samples, over, sust, tools):
     lines += scenario_table(results, tools) + [""] + footprint_table(samples, tools) + [""]
     if over:
         rate = lambda mode, v: f"{v:,.0f} calls/s" if LOOPS[mode][1] == "calls/s" else f"{mb(v)}/s"
-        lines += [f"## Overhead (median of {args.pairs} alternate runs without and with picosnitch, same session)",
-                  "", "| loop | without | with picosnitch | ratio |", "|---|---|---|---|"]
+        lines += [f"## Overhead ({args.pairs} alternate runs without and with picosnitch, same session)", "",
+                  "Rates are medians; the ratio is the median of each run with picosnitch over the run just "
+                  "before it without.", "", "| loop | without | with picosnitch | ratio |", "|---|---|---|---|"]
         lines += [f"| {LOOPS[m][0]} | {rate(m, r['off'])} | {rate(m, r['on'])} | {r['ratio']:.3f} |"
                   for m, r in over.items()] + [""]
     if sust:

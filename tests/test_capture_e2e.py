@@ -83,6 +83,18 @@ def test_traffic_is_attributed_and_counted(daemon, exe_dir, mode, via, ip):
         assert (r["uid"], r["proto"], r["rport"], r["raddr"], r["laddr"]) == (NOBODY, proto, PEER_PORT, host, laddr)
 
 
+def test_splice_download_is_counted(daemon, exe_dir):
+    """splice() from a TCP socket never goes through recvmsg."""
+    exe = unique_python(exe_dir)
+    _, out = traffic(exe, "tcp-splice", PEER_V4, 3_000_000)
+    assert out["received"] == 3_000_000
+    rows = daemon.wait_rows(exe=exe, lport=out["lport"])
+    logged = (sum(r["send"] for r in rows), sum(r["recv"] for r in rows))
+    REPORT.append(f"tcp-splice veth ipv4: expected send/recv {out['sent']}/{out['received']}, "
+                  f"logged {logged[0]}/{logged[1]}")
+    assert logged == (out["sent"], out["received"])
+
+
 def test_short_lived_process_is_attributed_and_hashed(daemon, exe_dir):
     exe = unique_c_sender(exe_dir)
     subprocess.run([exe, PEER_V4, str(PEER_PORT), "1234"], check=True)

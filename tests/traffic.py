@@ -6,6 +6,7 @@ usage: traffic.py MODE HOST PORT BYTES [CHUNK]
   udp        send BYTES in CHUNK-sized datagrams with sendto(), receive each echo
              with recvfrom() (unconnected socket: the peer is only in the calls)
   udp-exit   send one datagram of BYTES and exit at once
+  tcp-splice ask for BYTES and move them with splice() into a pipe (no recv calls)
 Prints one JSON line: the socket's local address and port, bytes sent and received.
 """
 import json
@@ -36,6 +37,23 @@ def tcp(host, port, up, n):
     return s, sent, received
 
 
+def tcp_splice(host, port, n):
+    s = socket.socket(family(host), socket.SOCK_STREAM)
+    s.connect((host, port))
+    header = f"down {n}\n".encode()
+    s.sendall(header)
+    r, w = os.pipe()
+    null = os.open(os.devnull, os.O_WRONLY)
+    received = 0
+    while True:
+        moved = os.splice(s.fileno(), w, 65536)
+        if not moved:
+            break
+        received += moved
+        os.splice(r, null, moved)
+    return s, len(header), received
+
+
 def udp(host, port, n, chunk):
     s = socket.socket(family(host), socket.SOCK_DGRAM)
     s.settimeout(5)
@@ -56,6 +74,8 @@ def main(mode, host, port, n, chunk=1000):
         os._exit(0)
     if mode == "udp":
         s, sent, received = udp(host, port, n, chunk)
+    elif mode == "tcp-splice":
+        s, sent, received = tcp_splice(host, port, n)
     else:
         s, sent, received = tcp(host, port, mode == "tcp-up", n)
     laddr, lport = s.getsockname()[:2]
