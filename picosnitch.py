@@ -1792,7 +1792,11 @@ def reader_main(rt: Runtime) -> None:
     """Process entry: load the program, then poll and drain window by window."""
     stopping = stop_on_sigterm()
     tracker = Tracker(rt.st_dev_mask, rt.exec_tx.send)
-    capture = Capture.load(rt.config.perf_ring_buffer_pages, tracker.handle, rt.reporter.info)
+    try:
+        capture = Capture.load(rt.config.perf_ring_buffer_pages, tracker.handle, rt.reporter.info)
+    except PicosnitchError as e:
+        rt.status_tx.send(("failed", str(e)))
+        return
     rt.status_tx.send(("capturing", capture.mode))
     window = rt.config.db_write_limit_seconds
     deadline = time.monotonic() + window
@@ -2263,7 +2267,10 @@ class Supervisor:
             timeout -= 0.2
             if timeout <= 0 or not self.procs["reader"].is_alive():
                 raise PicosnitchError("the BPF reader failed to start (see the messages above)")
-        self.mode = self.rt.status_rx.recv()[1]
+        state, detail = self.rt.status_rx.recv()
+        if state == "failed":
+            raise PicosnitchError(detail)
+        self.mode = detail
         self.write_status()
         return self.mode
 
