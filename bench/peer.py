@@ -1,10 +1,13 @@
 """The far end of the benchmark, run inside the peer network namespace (and on
 the host for loopback scenarios).
 
-usage: peer.py PORT      prints "ready" once listening (IPv4 and IPv6)
+usage: peer.py PORT [basic|all]      prints "ready" once listening (IPv4 and IPv6)
+  basic:
   TCP PORT    first line "up N" (read N bytes), "down N" (send N bytes) or
               "echo N" (send back what arrives, up to N bytes), then close
-  UDP PORT    echo      UDP 443  echo      UDP 53  sink
+  UDP PORT    echo
+  all (the default), also:
+  UDP 443  echo      UDP 53  sink
   UDP PORT+1  "N SIZE" answers with N datagrams of SIZE bytes
 """
 import socket
@@ -68,8 +71,9 @@ def burst(s, data, addr):
 
 if __name__ == "__main__":
     port = int(sys.argv[1])
-    services = [(tcp_loop, (port,)), (udp_loop, (port, echo)), (udp_loop, (443, echo)),
-                (udp_loop, (53, lambda *_: None)), (udp_loop, (port + 1, burst))]
+    services = [(tcp_loop, (port,)), (udp_loop, (port, echo))]
+    if sys.argv[2:] != ["basic"]:
+        services += [(udp_loop, (443, echo)), (udp_loop, (53, lambda *_: None)), (udp_loop, (port + 1, burst))]
     for target, args in services:
         threading.Thread(target=target, args=args, daemon=True).start()
     print("ready", flush=True)

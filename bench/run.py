@@ -136,9 +136,9 @@ class Network:
         return counted("bench", "ip", "netns", "exec", PEER_NS), counted("psbench")
 
 
-def start_peer(prefix):
-    proc = subprocess.Popen(prefix + [PYTHON, os.path.join(HERE, "peer.py"), str(PORT)], stdout=subprocess.PIPE,
-                            text=True)
+def start_peer(prefix, services):
+    proc = subprocess.Popen(prefix + [PYTHON, os.path.join(HERE, "peer.py"), str(PORT), services],
+                            stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "ready":
         raise SystemExit("bench: the peer did not start")
     return proc
@@ -459,6 +459,27 @@ def overhead(gen, workdir, pairs, millis):
             for mode, r in rates.items()}
 
 
+EMPTY_PROGRAM = "RAW_TRACEPOINT_PROBE(sock_send_length) { return 0; }\n"
+
+
+def floor(gen, pairs, millis):
+    """The same UDP loops with only an empty BPF program on sock:sock_send_length:
+    what any per-send hook costs on this machine, before it does anything."""
+    sys.path.insert(0, ROOT)
+    import picosnitch
+    btf = picosnitch.BTF.from_file()
+    headers, _ = picosnitch.find_kernel_headers(os.uname().release)
+    text = picosnitch.bpf_prelude(btf) + EMPTY_PROGRAM
+    ratios = collections.defaultdict(list)
+    for _ in range(pairs):
+        for mode in ("udp-loop", "udp-sendto-loop"):
+            off = loop_rate(gen, mode, millis)
+            bpf = picosnitch.compile_program(text, headers)
+            ratios[mode].append(loop_rate(gen, mode, millis) / off)
+            bpf.cleanup()
+    return {mode: statistics.median(r) for mode, r in ratios.items()}
+
+
 def sustained(gen, workdir, seconds):
     """The highest send-call rate this machine makes, for `seconds`, under picosnitch."""
     tool = Picosnitch(workdir + "/sustained")
@@ -494,7 +515,33 @@ def mb(n):
     return f"{n / 1e6:.1f} MB"
 
 
-def report(args, results, samples, over, sust, tools):
+def targets_table(results, samples, over, sust, empty):
+    """The targets of the benchmark, what was measured, and why where missed."""
+    ran = {sid: [t for t in trials if t["status"] == "ran"] for sid, trials in results.items()}
+    not_run = [f"{sid}: {trials[0].get('why')}" for sid, trials in results.items() if not ran[sid]]
+    detected = sum(1 for t in ran.values() if t and cell([x["tools"]["picosnitch"]["detection"] for x in t]) == "PASS")
+    exact = sum(1 for t in ran.values() if t and all(x["tools"]["picosnitch"]["error_pct"] is not None
+                                                     and abs(x["tools"]["picosnitch"]["error_pct"]) <= 1 for x in t))
+    unrun = "; not run: " + ", ".join(not_run) if not_run else ""
+    rows = [("detection in every scenario", f"{detected}/{len(results)}{unrun}", detected == len(results)),
+            ("bandwidth in every scenario, every count within ±1% of application bytes",
+             f"{exact}/{len(results)}{unrun}", exact == len(results))]
+    s = samples.get("picosnitch")
+    if s:
+        rows += [("CPU mean ≤ 1% of a core", f"{s['cpu_mean']:.2f}%", s["cpu_mean"] <= 1),
+                 ("steady PSS ≤ 60 MB", mb(s["pss_steady"]), s["pss_steady"] <= 60e6)]
+    if sust:
+        rows.append(("zero lost events in the sustained run", f"{sust['lost_events']} at {sust['rate']:,.0f} calls/s",
+                     sust["lost_events"] == 0 and sust["full_maps"] == 0))
+    for mode, ratio in (over or {}).items():
+        why = f"; an empty program on sock_send_length alone: {empty[mode]:.3f}" if mode in empty else ""
+        rows.append((f"{LOOPS[mode][0]} ≥ 0.97", f"{ratio['ratio']:.3f}{why}", ratio["ratio"] >= 0.97))
+    lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in rows]
+    return lines
+
+
+def report(args, results, samples, over, sust, tools, empty=None):
     lines = [f"# picosnitch benchmark, {datetime.date.today()}", "",
              f"- kernel: {os.uname().release}; {os.cpu_count()} cores",
              f"- trials per scenario: {args.trials}; cells show the most common verdict (ties toward the worse),"
@@ -514,6 +561,7 @@ def report(args, results, samples, over, sust, tools):
         lines += [f"Sustained: {sust['rate']:,.0f} sendto calls/s (the most this machine generated) for "
                   f"{sust['seconds']} s under picosnitch: {sust['lost_events']} lost events, "
                   f"{sust['full_maps']} full-map reports. Start to capturing: {sust['start_seconds']:.1f} s.", ""]
+    lines += targets_table(results, samples, over, sust, empty or {}) + [""]
     summary = summary_line(results, samples, over, sust)
     lines += ["## Summary", "", summary, ""]
     return "\n".join(lines), summary
@@ -638,17 +686,19 @@ def main(argv=None):
     try:
         gen = build_generator(workdir)
         with Network():
-            peers = [start_peer(["ip", "netns", "exec", PEER_NS]), start_peer([])]
+            peers = [start_peer(["ip", "netns", "exec", PEER_NS], "all"), start_peer([], "basic")]
             try:
                 samples, tools = run_tools(args, gen, workdir, results)
                 say("overhead loops")
                 over = overhead(gen, workdir + "/overhead", args.pairs, 3000 if not args.smoke else 1000)
                 say("sustained send rate")
                 sust = sustained(gen, workdir, args.sustain)
+                say("cost of an empty program on the send path")
+                empty = floor(gen, args.pairs, 3000 if not args.smoke else 1000)
             finally:
                 for peer in peers:
                     peer.kill()
-        text, summary = report(args, results, samples, over, sust, tools)
+        text, summary = report(args, results, samples, over, sust, tools, empty)
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         with open(args.report, "w") as f:
             f.write(text)

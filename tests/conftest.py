@@ -155,7 +155,8 @@ def netns():
 
 
 def start_peer(prefix):
-    proc = subprocess.Popen(prefix + [PYTHON, os.path.join(HERE, "peer.py"), str(PEER_PORT)],
+    """The benchmark's peer server, TCP and UDP echo only (bench/peer.py)."""
+    proc = subprocess.Popen(prefix + [PYTHON, os.path.join(ROOT, "bench", "peer.py"), str(PEER_PORT), "basic"],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     return proc
