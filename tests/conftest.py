@@ -228,7 +228,9 @@ def unique_c_sender(exe_dir):
 
 
 def tracefs_unmounted():
-    """Unmount tracefs (and debugfs's view of it) so that picosnitch has to mount it."""
-    for path in ("/sys/kernel/debug/tracing", "/sys/kernel/tracing"):
+    """Unmount tracefs, and debugfs (which mounts tracefs again under it when
+    asked), so that picosnitch has to mount tracefs itself."""
+    for path in ("/sys/kernel/debug/tracing", "/sys/kernel/debug", "/sys/kernel/tracing"):
         subprocess.run(["umount", path], capture_output=True)
-    return not os.path.isdir("/sys/kernel/tracing/events")
+    with open("/proc/self/mounts") as f:
+        return not any(line.split()[2] in ("tracefs", "debugfs") for line in f)
