@@ -1318,6 +1318,7 @@ def bpf_text(btf: BTF, mode: str) -> str:
 # drains the connection map of that window into Conn rows for the primary.
 
 GRACE_SECONDS = 0.02      # after switching maps, for updates already under way
+DRAIN_BATCH = 4096        # connections read per bpf() call when draining a window
 
 
 def ensure_tracefs(say: typing.Callable[[str], None]) -> None:
@@ -1601,7 +1602,7 @@ class Capture:
         named = dict(zip(READER_MAPS, fds))
         self.stats = BpfMap(named["stats"], ctypes.c_uint32, ctypes.c_uint64)
         self.epoch_map = BpfMap(named["epoch"], ctypes.c_uint32, ctypes.c_uint32)
-        self.maps = [BpfMap(named[name], ConnKeyT, ConnValT, MAX_CONNS) for name in ("conns0", "conns1")]
+        self.maps = [BpfMap(named[name], ConnKeyT, ConnValT, DRAIN_BATCH) for name in ("conns0", "conns1")]
         self.perf = PerfBuffers(named["events"], pages)
         self.stats_seen = [0] * len(STATS)
 
