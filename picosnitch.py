@@ -275,8 +275,9 @@ class ConnValT(ctypes.Structure):
 
 
 class EventHdrT(ctypes.Structure):
-    """Starts every event; kind selects the payload that follows."""
-    _fields_ = [("kind", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+    """Starts every event; kind selects the payload that follows; time (ns since
+    boot) orders events from different CPUs."""
+    _fields_ = [("kind", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("time", ctypes.c_uint64),
                 ("proc", ProcT)]
 
 
@@ -889,6 +890,7 @@ static __always_inline void fill_proc(void *task, struct proc_t *p) {
 static __always_inline void emit_proc(void *ctx, u32 kind, void *task) {
     struct event_hdr_t hdr = {};
     hdr.kind = kind;
+    hdr.time = bpf_ktime_get_ns();
     fill_proc(task, &hdr.proc);
     events.perf_submit(ctx, &hdr, sizeof(hdr));
 }
@@ -917,6 +919,7 @@ static __always_inline void emit_conn(void *ctx, struct conn_key_t *key) {
     struct conn_event_t ev = {};
     void *task = (void *)bpf_get_current_task();
     ev.hdr.kind = EV_CONN;
+    ev.hdr.time = bpf_ktime_get_ns();
     fill_proc(task, &ev.hdr.proc);
     ev.conn.key = *key;
     sock_info((void *)key->sk, &ev.conn.info);
@@ -1106,6 +1109,7 @@ RAW_TRACEPOINT_PROBE(sk_data_ready) {
 static __always_inline void emit_tuple(void *ctx, void *sk) {
     struct tuple_event_t ev = {};
     ev.hdr.kind = EV_TUPLE;
+    ev.hdr.time = bpf_ktime_get_ns();
     sock_info(sk, &ev.info);
     events.perf_submit(ctx, &ev, sizeof(ev));
 }
@@ -1184,6 +1188,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec) {
     __builtin_memset(&ev->hdr, 0, sizeof(ev->hdr));   /* the rest has explicit lengths */
     ev->exec.complete = 0;
     ev->hdr.kind = EV_EXEC;
+    ev->hdr.time = bpf_ktime_get_ns();
     fill_proc(task, &ev->hdr.proc);
     void *mm = read_ptr(task, TASK_MM);
     u64 start = F_MM_ARG_START(mm), len = F_MM_ARG_END(mm) - start;
@@ -1236,6 +1241,7 @@ int on_getaddrinfo_return(struct pt_regs *ctx) {
     struct dns_event_t *ev = (struct dns_event_t *)buf;
     __builtin_memset(ev, 0, sizeof(*ev));
     ev->hdr.kind = EV_DNS;
+    ev->hdr.time = bpf_ktime_get_ns();
     fill_proc((void *)bpf_get_current_task(), &ev->hdr.proc);
     bpf_probe_read_user_str(ev->dns.host, sizeof(ev->dns.host), (void *)host);
     for (int i = 0; i < DNS_ADDRS && ai; i++) {
@@ -1558,9 +1564,10 @@ class PerfBuffers:
             return ring[start:end]
         return ring[start:self.page + self.size] + ring[self.page:end - self.size]
 
-    def poll(self, timeout_ms: int, callback: typing.Callable[[bytes], None]) -> None:
-        """Wait up to timeout_ms for events, then hand every record to callback."""
+    def poll(self, timeout_ms: int) -> typing.List[bytes]:
+        """Wait up to timeout_ms for events; every record of every CPU's ring."""
         self.poller.poll(timeout_ms)
+        records = []
         for _, ring in self.rings:
             head, tail = struct.unpack_from("<QQ", ring, self.DATA_HEAD)
             while tail < head:
@@ -1568,11 +1575,12 @@ class PerfBuffers:
                 record = self._read(ring, tail, size)
                 if kind == self.RECORD_SAMPLE:
                     raw_size = struct.unpack_from("<I", record, 8)[0]
-                    callback(record[12:12 + raw_size])
+                    records.append(record[12:12 + raw_size])
                 elif kind == self.RECORD_LOST:
                     self.lost += struct.unpack_from("<Q", record, 16)[0]
                 tail += size
             struct.pack_into("<Q", ring, self.DATA_HEAD + 8, tail)
+        return records
 
 
 def online_cpus() -> typing.List[int]:
@@ -1614,7 +1622,11 @@ class Capture:
         return cls(meta["mode"], fds, pages, on_event)
 
     def poll(self, timeout_ms: int) -> None:
-        self.perf.poll(timeout_ms, lambda raw: self.on_event(decode_event(raw)))
+        """Hand new events over in the order they happened, across CPUs (an
+        exec on one CPU comes before the connection it led to on another)."""
+        events = [decode_event(raw) for raw in self.perf.poll(timeout_ms)]
+        for event in sorted(events, key=lambda e: e[1].time):
+            self.on_event(event)
 
     def end_window(self, final: bool = False) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
         """Switch the kernel to the other map and drain the one just closed.

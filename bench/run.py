@@ -260,10 +260,10 @@ class Picosnitch:
             rows = con.execute("SELECT SUM(send) + SUM(recv), COUNT(*) FROM connections WHERE exe = ?", (exe,)).fetchone()
             if rows[1]:
                 return "PASS", rows[0]
-            other = con.execute("SELECT SUM(send) + SUM(recv), COUNT(*) FROM connections "
-                                "WHERE raddr = ? AND contime >= ? AND (exe IS NULL OR exe != ?)",
+            other = con.execute("SELECT SUM(send) + SUM(recv), COUNT(*), GROUP_CONCAT(DISTINCT exe || ' ' || name) "
+                                "FROM connections WHERE raddr = ? AND contime >= ? AND (exe IS NULL OR exe != ?)",
                                 (peer, since, exe)).fetchone()
-            return ("PARTIAL", other[0]) if other[1] else ("FAIL", 0)
+            return ("PARTIAL", other[0], f"logged as: {other[2]}") if other[1] else ("FAIL", 0)
         finally:
             con.close()
 
@@ -393,9 +393,9 @@ def run_scenario(scenario, gen, workdir, trial, tools):
     wire = wire_after[1] - wire_before[1] if scenario.where == "loopback" else wire_after[0] - wire_before[0]
     result = {"status": "ran", "app": app["sent"] + app["received"], "wire": wire, "tools": {}}
     for tool in tools:
-        detection, counted = tool.result(exe, comm, HOSTS[scenario.where], since)
+        detection, counted, *note = tool.result(exe, comm, HOSTS[scenario.where], since)
         reference = result["app"] if tool.layer == "socket" else wire
-        result["tools"][tool.name] = {"detection": detection, "bytes": counted or 0,
+        result["tools"][tool.name] = {"detection": detection, "bytes": counted or 0, "note": " ".join(note),
                                       "bandwidth": bandwidth_verdict(detection, counted or 0, reference),
                                       "error_pct": error_pct(counted or 0, reference)}
     return result
@@ -591,6 +591,8 @@ def scenario_table(results, tools):
                      + " | ".join(cells) + " |")
     notes = [f"- {s.sid}: {results[s.sid][0].get('why')}" for s in SCENARIOS
              if s.sid in results and results[s.sid][0]["status"] != "ran"]
+    notes += [f"- {sid} trial {i}, {tool}: {r['detection']}, {r['note']}" for sid, trials in results.items()
+              for i, trial in enumerate(trials, 1) for tool, r in trial.get("tools", {}).items() if r.get("note")]
     return lines + ([""] + notes if notes else [])
 
 
