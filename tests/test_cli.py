@@ -60,3 +60,21 @@ def test_importing_has_no_side_effects():
     code = ("import os, sys; before = dict(os.environ); sys.path.insert(0, sys.argv[1]); import picosnitch; "
             "assert dict(os.environ) == before; assert 'bcc' not in sys.modules; assert 'dbus' not in sys.modules")
     subprocess.run([PYTHON, "-c", code, os.path.dirname(SCRIPT)], check=True)
+
+
+def test_systemd_command_writes_the_unit():
+    if os.geteuid() != 0:
+        pytest.skip("writes /etc/systemd/system")
+    path = picosnitch.SYSTEMD_UNIT
+    before = open(path).read() if os.path.exists(path) else None
+    try:
+        out = cli("systemd", env=dict(os.environ, HOME="/root", SUDO_USER="root"))
+        assert out.returncode == 0 and f"wrote {path}" in out.stdout
+        unit = open(path).read()
+        assert f"ExecStart={PYTHON} {SCRIPT} start-no-daemon\n" in unit
+        assert 'Environment="SUDO_USER=root"' in unit
+    finally:
+        if before is None:
+            os.unlink(path)
+        else:
+            open(path, "w").write(before)

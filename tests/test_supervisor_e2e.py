@@ -40,7 +40,7 @@ def test_killed_monitor_is_reported_and_restarted(tmp_path, peers, exe_dir):
     assert not os.path.exists(picosnitch.PIDFILE)
 
 
-def test_daemon_start_status_stop(tmp_path):
+def test_daemon_start_status_restart_stop(tmp_path):
     need_root()
     env = dict(os.environ, HOME=str(tmp_path))
     env.pop("SUDO_USER", None)
@@ -53,6 +53,11 @@ def test_daemon_start_status_stop(tmp_path):
     assert ps("start").returncode == 1       # one instance at a time
     status = ps("status")
     assert status.returncode == 0 and f"picosnitch is running (pid {pid})" in status.stdout
+    restarted = ps("restart")
+    assert restarted.returncode == 0 and "capturing, mode tracepoint" in restarted.stdout, restarted.stderr
+    assert not os.path.exists(f"/proc/{pid}")
+    pid = picosnitch.read_pid()
+    assert pid is not None
     stopped = ps("stop")
     assert stopped.returncode == 0 and "picosnitch stopped" in stopped.stdout
     assert not os.path.exists(f"/proc/{pid}") and not os.path.exists(picosnitch.PIDFILE)
