@@ -820,6 +820,7 @@ BPF_TEXT = r"""
 #define PS_AF_NETLINK 16
 #define PS_MSG_PEEK 2
 #define PS_TCP 6
+#define PS_IS_UDP(proto) ((proto) == 17 || (proto) == 136)   /* UDP, UDP-Lite: ports */
 #define PS_TCP_ESTABLISHED 1
 #define PS_TCP_SYN_SENT 2
 #define PS_TCP_CLOSE 7
@@ -1021,13 +1022,11 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
     /* unconnected: the peer of this datagram */
     u64 sk_id = (u64)sk;
     struct flow_t flow = {bpf_get_current_pid_tgid(), 0, F_SOCK_PROTOCOL(sk)};
-    if (flow.proto == 17 || flow.proto == 136) flow.sport = S_SK_NUM(head);
+    if (PS_IS_UDP(flow.proto)) flow.sport = S_SK_NUM(head);
     struct peer_t *peer = dir == DIR_SEND ? send_peers.lookup(&flow) : recv_peers.lookup(&sk_id);
-    if (peer && family == PS_AF_INET) {       /* peers are noted as IPv6 (v4-mapped) */
-        __builtin_memcpy(key.raddr, &peer->addr[12], 4);
-        key.rport = peer->port;
-    } else if (peer) {
-        __builtin_memcpy(key.raddr, peer->addr, 16);
+    if (peer) {                                /* peers are noted as IPv6 (v4-mapped) */
+        if (family == PS_AF_INET) __builtin_memcpy(key.raddr, &peer->addr[12], 4);
+        else __builtin_memcpy(key.raddr, peer->addr, 16);
         key.rport = peer->port;
     }
     return account(ctx, &key, dir, ret);
@@ -1038,7 +1037,7 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
    same context (ICMP errors, input routes) do not overwrite it */
 static __always_inline void note_send_peer(struct flow_t *id, struct peer_t *peer) {
     if (!id->proto) return;                             /* input route: not a send */
-    id->sport = (id->proto == 17 || id->proto == 136) ? swap16(id->sport) : 0;
+    id->sport = PS_IS_UDP(id->proto) ? swap16(id->sport) : 0;
     struct peer_t *noted = send_peers.lookup(id);
     if (noted) {
         __builtin_memcpy(noted->addr, peer->addr, 16);
@@ -1096,7 +1095,7 @@ RAW_TRACEPOINT_PROBE(sk_data_ready) {
     } else {
         return 0;
     }
-    if (proto == 17 || proto == 136) peer.port = swap16(read_u16(l4, 0));   /* UDP, UDP-Lite */
+    if (PS_IS_UDP(proto)) peer.port = swap16(read_u16(l4, 0));
     u64 id = (u64)sk;
     recv_peers.update(&id, &peer);
     return 0;
