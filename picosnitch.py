@@ -38,9 +38,10 @@ Table of contents (each numbered section uses only the ones above it):
     11. hashing, FD cache and fanotify
     12. monitor process
     13. notifications
-    14. primary process
-    15. supervisor, daemon and systemd unit
-    16. command line
+    14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
+    15. primary process
+    16. supervisor, daemon and systemd unit
+    17. command line
 
 Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|version|help
 """
@@ -52,18 +53,22 @@ Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|version|help
 # section that needs them, so that importing this module has no side effects.
 
 import collections
+import concurrent.futures
 import ctypes
 import ctypes.util
 import dataclasses
 import datetime
 import errno
+import gzip
 import hashlib
+import io
 import ipaddress
 import json
 import multiprocessing
 import multiprocessing.connection
 import os
 import pwd
+import re
 import select
 import shutil
 import signal
@@ -73,6 +78,7 @@ import string
 import struct
 import sys
 import tempfile
+import threading
 import time
 import typing
 
@@ -90,6 +96,7 @@ CONFIG_NAME = "config.json"
 RECORD_NAME = "record.json"
 DB_NAME = "snitch.db"
 EXE_LOG_NAME = "exe.log"
+CONN_LOG_NAME = "conn.log"
 ERROR_LOG_NAME = "error.log"
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -97,6 +104,10 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 AF_INET, AF_INET6, AF_PACKET = 2, 10, 17
 PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp",
                255: "raw", 262: "mptcp"}
+
+# services picosnitch talks to (each can be changed in config.json)
+VT_API_ADDRESS = "https://www.virustotal.com/api/v3"
+GEOIP_DOWNLOAD_ADDRESS = "https://download.db-ip.com/free/dbip-country-lite-{year}-{month}.mmdb.gz"
 
 # how long a stop may take before the supervisor gives up waiting
 STOP_TIMEOUT = 30.0
@@ -194,15 +205,26 @@ def write_atomic(path: str, data: bytes, owner: typing.Tuple[int, int]) -> None:
 
 def append_line(path: str, line: str, owner: typing.Tuple[int, int]) -> None:
     """Append one line to a log file, created private to the user, and fsync."""
+    append_lines(path, [line], owner)
+
+
+def append_lines(path: str, lines: typing.Sequence[str], owner: typing.Tuple[int, int]) -> None:
+    """Append lines to a log file in one write, created private to the user, and fsync."""
     created = not os.path.exists(path)
+    data = b"".join(line.rstrip("\n").encode("utf-8", "replace") + b"\n" for line in lines)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, line.rstrip("\n").encode("utf-8", "replace") + b"\n")
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     if created:
         make_private(path, owner)
+
+
+def one_line(message: str) -> str:
+    """A message fit for a one-line log entry."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 def read_proc_text(pid: int, name: str) -> str:
@@ -367,11 +389,13 @@ class Reporter:
     queue: typing.Any = None
 
     def error(self, message: str) -> None:
+        message = one_line(message)
         append_line(os.path.join(self.directory, ERROR_LOG_NAME), f"{now_text()} {message}", self.owner)
         print(f"picosnitch: error: {message}", file=sys.stderr, flush=True)
         self._notify("picosnitch error", message)
 
     def exe(self, message: str) -> None:
+        message = one_line(message)
         append_line(os.path.join(self.directory, EXE_LOG_NAME), f"{now_text()} {message}", self.owner)
         self._notify("picosnitch", message)
 
@@ -410,6 +434,8 @@ class Config:
     vt_api_key: str = ""
     vt_file_upload: bool = False
     vt_request_limit_seconds: float = 15
+    vt_api_address: str = VT_API_ADDRESS
+    geoip_download_address: str = GEOIP_DOWNLOAD_ADDRESS
 
 
 # JSON key -> (attribute, accepted types, description of what is expected)
@@ -434,6 +460,8 @@ CONFIG_KEYS = {
     "VT API key": ("vt_api_key", (str,), "a string"),
     "VT file upload": ("vt_file_upload", (bool,), "true or false"),
     "VT request limit (seconds)": ("vt_request_limit_seconds", (int, float), "a number of seconds >= 0"),
+    "VT API address": ("vt_api_address", (str,), "an http(s) address"),
+    "GeoIP download address": ("geoip_download_address", (str,), "an http(s) address"),
 }
 
 # checks beyond the type: attribute -> predicate on the value
@@ -444,18 +472,84 @@ CONFIG_RANGES = {
     "set_rlimit_nofile": lambda v: v is None or v > 0,
     "set_st_dev_mask": lambda v: v is None or v >= 0,
     "vt_request_limit_seconds": lambda v: v >= 0,
+    "vt_api_address": lambda v: v.startswith(("http://", "https://")),
+    "geoip_download_address": lambda v: v.startswith(("http://", "https://")),
 }
 
 
-# settings whose features are not in this version: accepted, and said to have no effect
-NOT_YET_SUPPORTED = ("db_sql_server", "db_text_log", "every_exe", "log_ignore", "vt_api_key")
+class IgnoreRules(typing.NamedTuple):
+    """"Log ignore" compiled: connections matching any rule stay out of the logs."""
+    ports: typing.FrozenSet[int] = frozenset()
+    hashes: typing.FrozenSet[str] = frozenset()
+    domains: typing.Tuple[str, ...] = ()     # forward notation, lower case: "example.org"
+    networks: tuple = ()
+
+    def match(self, lport: int, rport: int, sha: str, domain: str, raddr: str) -> bool:
+        if lport in self.ports or rport in self.ports or (sha and sha in self.hashes):
+            return True
+        d = domain.lower().rstrip(".")
+        if d and any(d == x or d.endswith("." + x) for x in self.domains):
+            return True
+        if raddr and self.networks:
+            try:
+                address = ipaddress.ip_address(raddr)
+            except ValueError:
+                return False
+            return any(address in net for net in self.networks)
+        return False
 
 
-def unsupported_settings(config: Config) -> typing.List[str]:
-    """JSON keys set away from their defaults whose features this version lacks."""
-    default = Config()
-    return [key for key, (attr, _, _) in CONFIG_KEYS.items()
-            if attr in NOT_YET_SUPPORTED and getattr(config, attr) != getattr(default, attr)]
+SHA256_TEXT = re.compile(r"[0-9a-fA-F]{64}")
+DOMAIN_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def ignore_rules(entries: list, source: str = CONFIG_NAME) -> IgnoreRules:
+    """Compile "Log ignore": ints are ports; strings are sha256 hashes, IP
+    subnets or domains in reverse notation ("org.example" matches example.org
+    and all its subdomains). Anything else is an error naming the entry."""
+    ports, hashes, domains, networks = set(), set(), [], []
+    for item in entries:
+        if isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= 65535:
+            ports.add(item)
+        elif not isinstance(item, str):
+            raise PicosnitchError(f"{source}: 'Log ignore' entry {json.dumps(item)} is not a port (0-65535), "
+                                  "sha256 hash, IP subnet or domain")
+        elif SHA256_TEXT.fullmatch(item):
+            hashes.add(item.lower())
+        elif ip_network(item):
+            networks.append(ip_network(item))
+        elif item and all(DOMAIN_LABEL.fullmatch(label) for label in item.rstrip(".").split(".")):
+            domains.append(".".join(reversed(item.rstrip(".").lower().split("."))))
+        else:
+            raise PicosnitchError(f"{source}: 'Log ignore' entry {json.dumps(item)} is not a port, "
+                                  "sha256 hash, IP subnet or domain in reverse notation (like \"org.example\")")
+    return IgnoreRules(frozenset(ports), frozenset(hashes), tuple(domains), tuple(networks))
+
+
+def ip_network(text: str):
+    """An IPv4 or IPv6 network from "10.0.0.0/8", "fd00::/8" or one address; None if not one."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return None
+
+
+SQL_CLIENTS = ("mariadb", "psycopg", "psycopg2", "pymysql")
+SQL_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+
+def check_sql_server(settings: dict, source: str = CONFIG_NAME) -> None:
+    """"DB sql server": {} (off) or a client name, an optional table name and
+    that client's connection parameters."""
+    if not settings:
+        return
+    if settings.get("client") not in SQL_CLIENTS:
+        raise PicosnitchError(f"{source}: 'DB sql server' needs \"client\": one of {', '.join(SQL_CLIENTS)}"
+                              f" (found {json.dumps(settings.get('client'))})")
+    table = settings.get("table_name", "connections")
+    if not isinstance(table, str) or not SQL_IDENTIFIER.fullmatch(table):
+        raise PicosnitchError(f"{source}: 'DB sql server' table_name must be a plain SQL identifier "
+                              f"(letters, digits, _), found {json.dumps(table)}")
 
 
 def config_to_json(config: Config) -> str:
@@ -481,9 +575,8 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
         if not ok or not CONFIG_RANGES.get(attr, lambda v: True)(value):
             raise PicosnitchError(f"{source}: {key!r} must be {expected}, found {json.dumps(value)}")
         setattr(config, attr, value)
-    for item in config.log_ignore:
-        if isinstance(item, bool) or not isinstance(item, (int, str)):
-            raise PicosnitchError(f"{source}: 'Log ignore' entries must be ports (int) or strings, found {json.dumps(item)}")
+    ignore_rules(config.log_ignore, source)
+    check_sql_server(config.db_sql_server, source)
     return config
 
 
@@ -601,6 +694,119 @@ def load_record(path: str) -> dict:
     for section in RECORD_SECTIONS:
         data.setdefault(section, {})
     return data
+
+
+# conn.log: the SPEC's fields are DB_COLUMNS up to domain, in that order
+TEXT_LOG_FIELDS = DB_COLUMNS[:DB_COLUMNS.index("domain") + 1]
+TEXT_LOG_STRIP = str.maketrans("", "", ",\n\r\0")
+
+
+def text_log_line(row: tuple) -> str:
+    """One conn.log line from a snitch.db row: commas, newlines and NULs removed."""
+    return ",".join("" if v is None else str(v).translate(TEXT_LOG_STRIP) for v in row[:len(TEXT_LOG_FIELDS)])
+
+
+# the remote copy: client module -> SQL dialect; dialect -> column types
+SQL_DIALECTS = {"mariadb": "mysql", "pymysql": "mysql", "psycopg": "postgres", "psycopg2": "postgres"}
+SQL_TYPES = {"mysql": {"contime": "DATETIME NOT NULL", "send": "BIGINT", "recv": "BIGINT"},
+             "postgres": {"contime": "TIMESTAMP NOT NULL", "send": "BIGINT", "recv": "BIGINT"}}
+SQL_INTEGERS = ("uid", "lport", "rport")
+SQL_SECRET_KEYS = re.compile(r"pass|secret|token|key|dsn|conninfo", re.IGNORECASE)
+
+
+def sql_secrets(settings: dict) -> typing.List[str]:
+    """Values in the server settings that must never appear in a message."""
+    return [str(v) for k, v in settings.items() if SQL_SECRET_KEYS.search(k) and str(v)]
+
+
+def without_secrets(message: str, secrets: typing.Sequence[str]) -> str:
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message
+
+
+class RemoteDB:
+    """The remote copy of the connection log on MariaDB/MySQL or PostgreSQL.
+
+    The table name was checked to be a plain identifier by the configuration;
+    values always go through the client's parameters."""
+
+    def __init__(self, settings: dict):
+        self.client = settings["client"]
+        self.table = settings.get("table_name", "connections")
+        self.params = {k: v for k, v in settings.items() if k not in ("client", "table_name")}
+        self.con = None
+
+    def schema(self) -> str:
+        types = SQL_TYPES[SQL_DIALECTS[self.client]]
+        columns = ", ".join(f"{c} {types.get(c, 'INTEGER' if c in SQL_INTEGERS else 'TEXT')}" for c in DB_COLUMNS)
+        return f"CREATE TABLE IF NOT EXISTS {self.table} ({columns})"
+
+    def connect(self) -> None:
+        module = __import__(self.client)
+        self.marks = ",".join(("?" if module.paramstyle == "qmark" else "%s") for _ in DB_COLUMNS)
+        self.con = module.connect(**self.params)
+        cur = self.con.cursor()
+        cur.execute(self.schema())
+        self.con.commit()
+
+    def insert(self, rows: typing.Sequence[tuple]) -> None:
+        """Insert rows (snitch.db order) in one transaction, connecting if needed."""
+        if self.con is None:
+            self.connect()
+        stamp = lambda text: datetime.datetime.strptime(text, TIME_FORMAT)
+        values = [(stamp(r[0]),) + tuple(r[1:]) for r in rows]
+        cur = self.con.cursor()
+        cur.executemany(f"INSERT INTO {self.table} ({','.join(DB_COLUMNS)}) VALUES ({self.marks})", values)
+        self.con.commit()
+
+    def close(self) -> None:
+        con, self.con = self.con, None
+        if con is not None:
+            try:
+                con.close()
+            except Exception:
+                pass
+
+
+class RowQueue:
+    """Rows waiting for the remote server, kept in SQLite so that none is lost
+    when the server is away or picosnitch stops; first in, first out."""
+    SCHEMA = "CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, rows TEXT NOT NULL)"
+
+    def __init__(self, path: str, owner: typing.Tuple[int, int]):
+        self.path, self.owner = path, owner
+        con = self.open()
+        con.close()
+
+    def open(self) -> sqlite3.Connection:
+        """A connection for the calling thread (sqlite3 connections are per thread)."""
+        created = not os.path.exists(self.path)
+        con = sqlite3.connect(self.path, timeout=30)
+        with con:
+            con.execute(self.SCHEMA)
+        if created:
+            make_private(self.path, self.owner)
+        return con
+
+    @staticmethod
+    def push(con: sqlite3.Connection, rows: typing.Sequence[tuple]) -> None:
+        with con:
+            con.execute("INSERT INTO pending (rows) VALUES (?)", (json.dumps(list(rows)),))
+
+    @staticmethod
+    def first(con: sqlite3.Connection) -> typing.Optional[typing.Tuple[int, typing.List[tuple]]]:
+        found = con.execute("SELECT id, rows FROM pending ORDER BY id LIMIT 1").fetchone()
+        return (found[0], [tuple(r) for r in json.loads(found[1])]) if found else None
+
+    @staticmethod
+    def done(con: sqlite3.Connection, entry: int) -> None:
+        with con:
+            con.execute("DELETE FROM pending WHERE id = ?", (entry,))
+
+    @staticmethod
+    def count(con: sqlite3.Connection) -> int:
+        return sum(len(json.loads(r)) for (r,) in con.execute("SELECT rows FROM pending"))
 
 
 ###############################################################################
@@ -1689,8 +1895,9 @@ def proc_from_proc_fs(pid: int, dev: int, ino: int, mask: int, comm: str) -> Pro
 class Tracker:
     """User-space view of processes, connections and domains, fed by events."""
 
-    def __init__(self, mask: int, notify_exec: typing.Callable[[tuple], None]):
-        self.mask, self.notify_exec = mask, notify_exec
+    def __init__(self, mask: int, notify_exec: typing.Callable[[tuple], None], every_exe: bool = False):
+        self.mask, self.notify_exec, self.every_exe = mask, notify_exec, every_exe
+        self.runs: typing.List[Conn] = []     # executables run this window ("Every exe")
         self.procs: typing.Dict[int, ProcInfo] = {}
         self.exited: typing.Dict[int, int] = {}
         self.contexts: typing.Dict[bytes, typing.Tuple[ProcT, ConnInfoT, int]] = {}
@@ -1714,6 +1921,9 @@ class Tracker:
         self.procs[p.pid] = info
         self.exited.pop(p.pid, None)
         self.notify_exec((p.pid, dev, p.ino, info.exe))
+        if self.every_exe:
+            parent = self.lookup(p.ppid, p.pdev, p.pino, "")
+            self.runs.append(Conn(info, parent, p.uid, "", -1, -1, "", "", "", 0, 0))
 
     def on_fork(self, p: ProcT, _: EmptyT) -> None:
         parent = self.procs.get(p.ppid)
@@ -1780,6 +1990,10 @@ class Tracker:
                     format_addr(info.family, bytes(info.laddr)), raddr, self.domains.get(raddr, ""),
                     val.send, val.recv)
 
+    def take_runs(self) -> typing.List[Conn]:
+        runs, self.runs = self.runs, []
+        return runs
+
     def end_window(self) -> None:
         """Forget exited processes, old contexts and tuples two windows on."""
         self.window += 1
@@ -1803,7 +2017,7 @@ def stop_on_sigterm() -> typing.Callable[[], bool]:
 def reader_main(rt: Runtime) -> None:
     """Process entry: load the program, then poll and drain window by window."""
     stopping = stop_on_sigterm()
-    tracker = Tracker(rt.st_dev_mask, rt.exec_tx.send)
+    tracker = Tracker(rt.st_dev_mask, rt.exec_tx.send, rt.config.every_exe)
     try:
         capture = Capture.load(rt.config.perf_ring_buffer_pages, tracker.handle, rt.reporter.info)
     except PicosnitchError as e:
@@ -1823,7 +2037,7 @@ def reader_main(rt: Runtime) -> None:
 
 def send_window(rt: Runtime, capture: Capture, tracker: Tracker, final: bool) -> None:
     drained = capture.end_window(final)
-    conns = [tracker.conn(k, v) for k, v in drained]
+    conns = [tracker.conn(k, v) for k, v in drained] + tracker.take_runs()
     rt.batch_tx.send(("batch", conns))
     tracker.end_window()
     for problem in capture.problems():
@@ -2078,7 +2292,304 @@ def notifier_main(rt: Runtime, queue: typing.Any) -> None:
 
 
 ###############################################################################
-# 14. primary process
+# 14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
+###############################################################################
+# Each runs in threads of the primary so that a slow resolver, SQL server or
+# web service never holds up a write window.
+
+NAME_TTL = (3600.0, 600.0)      # seconds a reverse name (found, not found) is kept
+NAME_CACHE = 4096
+NAME_PENDING = 256              # lookups in flight at most; more wait for a later window
+
+
+class ReverseNames:
+    """Reverse lookups (PTR or hosts file) for addresses no getaddrinfo named,
+    cached, and waited for only up to a budget per window."""
+
+    def __init__(self, workers: int = 4):
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="names")
+        self.cache: "collections.OrderedDict[str, typing.Tuple[str, float]]" = collections.OrderedDict()
+        self.pending: typing.Dict[str, concurrent.futures.Future] = {}
+
+    @staticmethod
+    def lookup(addr: str) -> str:
+        try:
+            return socket.gethostbyaddr(addr)[0]
+        except (OSError, UnicodeError):
+            return ""
+
+    def resolve(self, addrs: typing.Iterable[str], budget: float) -> typing.Dict[str, str]:
+        now, wanted = time.monotonic(), set(addrs)
+        for addr in wanted:
+            fresh = addr in self.cache and self.cache[addr][1] > now
+            if not fresh and addr not in self.pending and len(self.pending) < NAME_PENDING:
+                self.pending[addr] = self.pool.submit(self.lookup, addr)
+        waiting = [self.pending[a] for a in wanted if a in self.pending]
+        if waiting:
+            concurrent.futures.wait(waiting, timeout=budget)
+        for addr, future in list(self.pending.items()):
+            if future.done():
+                name = future.result()
+                self.cache[addr] = (name, time.monotonic() + NAME_TTL[0 if name else 1])
+                self.cache.move_to_end(addr)
+                del self.pending[addr]
+        while len(self.cache) > NAME_CACHE:
+            self.cache.popitem(last=False)
+        return {a: self.cache[a][0] for a in wanted if a in self.cache}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+RETRY_DELAYS = (1, 2, 4, 8, 15)     # seconds between attempts while the SQL server fails
+REMOTE_QUEUE_NAME = "sql-server-queue.db"
+
+
+class RemoteWriter:
+    """Copies each window's rows to the SQL server from a thread. Rows wait in
+    a RowQueue until the server has them, so a server that is down, slow or
+    refusing never stalls the primary and loses nothing; a failure is reported
+    once, and again only after the server has worked in between."""
+
+    def __init__(self, settings: dict, directory: str, owner: typing.Tuple[int, int], reporter: "Reporter"):
+        self.db, self.reporter = RemoteDB(settings), reporter
+        self.secrets = sql_secrets(settings)
+        self.queue = RowQueue(os.path.join(directory, REMOTE_QUEUE_NAME), owner)
+        self.con = self.queue.open()
+        self.wake, self.stopping = threading.Event(), False
+        self.failures = 0
+        self.thread = threading.Thread(target=self.run, name="sql-server", daemon=True)
+        self.thread.start()
+
+    def put(self, rows: typing.Sequence[tuple]) -> None:
+        if rows:
+            RowQueue.push(self.con, rows)
+            self.wake.set()
+
+    def run(self) -> None:
+        con = self.queue.open()
+        while True:
+            entry = RowQueue.first(con)
+            if entry is None:
+                if self.stopping:
+                    break
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            if self.send(*entry, con):
+                continue
+            if self.stopping:
+                break
+            self.wake.wait(RETRY_DELAYS[min(self.failures, len(RETRY_DELAYS)) - 1])
+            self.wake.clear()
+        con.close()
+
+    def send(self, entry: int, rows: typing.List[tuple], con: sqlite3.Connection) -> bool:
+        try:
+            self.db.insert(rows)
+        except Exception as e:
+            self.db.close()
+            self.failures += 1
+            if self.failures == 1:
+                message = without_secrets(f"{type(e).__name__}: {e}".strip(), self.secrets)
+                self.reporter.error(f"could not write to the SQL server ({self.db.client}): {message}; "
+                                    "rows are kept and retried in order")
+            return False
+        RowQueue.done(con, entry)
+        if self.failures:
+            self.failures = 0
+            self.reporter.info(f"the SQL server ({self.db.client}) accepts rows again")
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let queued rows go out for up to timeout; what remains stays queued for the next start."""
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout)
+        self.con.close()
+
+
+VT_UNCHECKED = "VirusTotal not checked"
+VT_PENDING = "VirusTotal: uploaded, analysis pending"
+VT_UPLOAD_LIMIT = 32 * 1024 * 1024      # bigger files go to an upload address first
+VT_ANALYSIS_CHECKS = 20
+
+
+class VirusTotal:
+    """Looks up new sha256 hashes (and uploads unknown files when allowed) from
+    a thread, one request per "VT request limit (seconds)". Verdicts are
+    collected by the primary with results(); the API key goes only in the
+    request header."""
+
+    def __init__(self, config: Config, reporter: "Reporter"):
+        import requests
+        self.http = requests.Session()
+        self.http.headers["x-apikey"] = config.vt_api_key
+        self.base = config.vt_api_address.rstrip("/")
+        self.limit, self.upload = config.vt_request_limit_seconds, config.vt_file_upload
+        self.reporter = reporter
+        self.todo: "collections.deque[tuple]" = collections.deque()
+        self.done: "collections.deque[tuple]" = collections.deque()
+        self.asked: typing.Set[typing.Tuple[str, str]] = set()
+        self.wake, self.failing, self.next_at = threading.Event(), False, 0.0
+        threading.Thread(target=self.run, name="virustotal", daemon=True).start()
+
+    def ask(self, exe: str, sha: str) -> None:
+        if (exe, sha) not in self.asked:
+            self.asked.add((exe, sha))
+            self.todo.append(("file", exe, sha))
+            self.wake.set()
+
+    def results(self) -> typing.List[typing.Tuple[str, str, str, bool]]:
+        """(exe, sha256, verdict text, flagged) found since the last call."""
+        found = []
+        while self.done:
+            found.append(self.done.popleft())
+        return found
+
+    def run(self) -> None:
+        steps = {"file": self.check_file, "analysis": self.check_analysis}
+        while True:
+            if not self.todo:
+                self.wake.wait(1.0)
+                self.wake.clear()
+                continue
+            time.sleep(max(0.0, self.next_at - time.monotonic()))
+            item = self.todo.popleft()
+            try:
+                steps[item[0]](*item[1:])
+                self.failing = False
+            except Exception as e:
+                self.todo.appendleft(item)
+                self.next_at = time.monotonic() + max(self.limit, 60.0)
+                if not self.failing:
+                    self.failing = True
+                    self.reporter.error(f"VirusTotal look-up failed ({type(e).__name__}: {e}); it is retried later")
+
+    def request(self, method: str, url: str, **kw):
+        self.next_at = time.monotonic() + self.limit
+        response = self.http.request(method, url, timeout=60, **kw)
+        if response.status_code in (401, 403):
+            raise PicosnitchError(f"VirusTotal refused the API key (HTTP {response.status_code})")
+        if response.status_code not in (200, 404):
+            raise PicosnitchError(f"VirusTotal answered HTTP {response.status_code}")
+        return response
+
+    def check_file(self, exe: str, sha: str) -> None:
+        response = self.request("GET", f"{self.base}/files/{sha}")
+        if response.status_code == 200:
+            self.verdict(exe, sha, response.json()["data"]["attributes"]["last_analysis_stats"])
+        elif self.upload:
+            self.send_file(exe, sha)
+        else:
+            self.done.append((exe, sha, "VirusTotal: not known (file upload is off)", False))
+
+    def send_file(self, exe: str, sha: str) -> None:
+        try:
+            with open(exe, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            data, why = b"", e.strerror
+        else:
+            why = "" if hashlib.sha256(data).hexdigest() == sha else "the file has changed"
+        if why:
+            self.done.append((exe, sha, f"VirusTotal: not known, not uploaded ({why})", False))
+            return
+        url = f"{self.base}/files"
+        if len(data) > VT_UPLOAD_LIMIT:
+            url = self.request("GET", f"{self.base}/files/upload_url").json()["data"]
+        analysis = self.request("POST", url, files={"file": (os.path.basename(exe), data)}).json()["data"]["id"]
+        self.done.append((exe, sha, VT_PENDING, False))
+        self.todo.append(("analysis", exe, sha, analysis, 0))
+
+    def check_analysis(self, exe: str, sha: str, analysis: str, checks: int) -> None:
+        attributes = self.request("GET", f"{self.base}/analyses/{analysis}").json()["data"]["attributes"]
+        if attributes.get("status") == "completed":
+            self.verdict(exe, sha, attributes["stats"])
+        elif checks < VT_ANALYSIS_CHECKS:
+            self.todo.append(("analysis", exe, sha, analysis, checks + 1))
+
+    def verdict(self, exe: str, sha: str, stats: dict) -> None:
+        counts = {k: int(stats.get(k, 0)) for k in ("malicious", "suspicious", "harmless", "undetected")}
+        text = "VirusTotal: " + ", ".join(f"{n} {k}" for k, n in counts.items())
+        self.done.append((exe, sha, text, counts["malicious"] + counts["suspicious"] > 0))
+
+
+GEOIP_NAME = "dbip-country-lite.mmdb"
+GEOIP_MAX_AGE = 31 * 24 * 3600      # refreshed monthly
+GEOIP_CACHE = 65536
+
+
+def geoip_stale(path: str, now: float) -> bool:
+    return not os.path.exists(path) or now - os.stat(path).st_mtime > GEOIP_MAX_AGE
+
+
+def geoip_download(template: str, path: str, owner: typing.Tuple[int, int], today: datetime.date) -> str:
+    """Fetch this month's (else last month's) country database to path; returns
+    the address used. PicosnitchError says what went wrong."""
+    import maxminddb
+    import requests
+    last_month = today.replace(day=1) - datetime.timedelta(days=1)
+    problems = []
+    for day in (today, last_month):
+        url = template.format(year=f"{day.year:04d}", month=f"{day.month:02d}")
+        try:
+            response = requests.get(url, timeout=120)
+            response.raise_for_status()
+            data = gzip.decompress(response.content) if url.endswith(".gz") else response.content
+            maxminddb.open_database(io.BytesIO(data), maxminddb.MODE_FD).close()
+        except Exception as e:
+            problems.append(f"{url}: {type(e).__name__}: {e}")
+            continue
+        write_atomic(path, data, owner)
+        return url
+    raise PicosnitchError("could not download the GeoIP database: " + "; ".join(problems))
+
+
+def geoip_keeper(config: Config, directory: str, owner: typing.Tuple[int, int], reporter: "Reporter") -> None:
+    """Thread body: keep the GeoIP database fresh, checking daily; one report per failure streak."""
+    path, failing = os.path.join(directory, GEOIP_NAME), False
+    while True:
+        if geoip_stale(path, time.time()):
+            try:
+                reporter.info(f"GeoIP database updated from {geoip_download(config.geoip_download_address, path, owner, datetime.date.today())}")
+                failing = False
+            except PicosnitchError as e:
+                if not failing:
+                    reporter.error(f"{e}; countries are not shown until it succeeds")
+                failing = True
+        time.sleep(24 * 3600 if not failing else 3600)
+
+
+class GeoIP:
+    """Country codes of addresses for the viewers, cached; without a database
+    every country is '' and the reason is reported once, at opening."""
+
+    def __init__(self, path: str, report: typing.Callable[[str], None]):
+        self.reader, self.cache = None, {}
+        try:
+            import geoip2.database
+            self.reader = geoip2.database.Reader(path)
+        except ImportError:
+            report("GeoIP lookup needs the geoip2 package; countries are not shown")
+        except (OSError, ValueError) as e:
+            report(f"no usable GeoIP database at {path} ({e}); countries are not shown")
+
+    def country(self, addr: str) -> str:
+        if self.reader is None or not addr:
+            return ""
+        if addr not in self.cache:
+            if len(self.cache) >= GEOIP_CACHE:
+                self.cache.clear()
+            try:
+                self.cache[addr] = self.reader.country(addr).country.iso_code or ""
+            except Exception:      # not in the database, or not an address
+                self.cache[addr] = ""
+        return self.cache[addr]
+
+
+###############################################################################
+# 15. primary process
 ###############################################################################
 # Receives each window's connections, has their executables hashed, writes
 # snitch.db and record.json, and tells the user what is new.
@@ -2087,14 +2598,14 @@ HASH_TIMEOUT = 300.0
 PRUNE_INTERVAL = 24 * 3600
 
 
-def conn_row(conn: Conn, contime: str, sha: str, psha: str, config: Config) -> tuple:
+def conn_row(conn: Conn, contime: str, sha: str, psha: str, domain: str, config: Config) -> tuple:
     """A snitch.db row (DB_COLUMNS order); the Log switches blank what is off."""
     cmd = lambda p: p.cmdline if config.log_commands else ""
     port = lambda p: p if config.log_ports else None
     addr = lambda a: a if config.log_addresses else ""
     return (contime, conn.send, conn.recv, conn.proc.exe, conn.proc.name, cmd(conn.proc), sha,
             conn.parent.exe, conn.parent.name, cmd(conn.parent), psha, conn.uid,
-            port(conn.lport), port(conn.rport), addr(conn.laddr), addr(conn.raddr), conn.domain, conn.proto)
+            port(conn.lport), port(conn.rport), addr(conn.laddr), addr(conn.raddr), domain, conn.proto)
 
 
 def record_add(section: dict, key: str, value: str) -> bool:
@@ -2112,8 +2623,9 @@ def update_record(record: dict, conn: Conn, sha: str) -> typing.Tuple[bool, typi
     if not exe:
         return False, []
     messages = []
+    first = "First network connection detected" if conn.rport != -1 else "First run seen"
     if exe not in record["Executables"]:
-        messages.append(f"First network connection detected for {name} ({exe})")
+        messages.append(f"{first} for {name} ({exe})")
     elif name not in record["Executables"][exe]:
         messages.append(f"{exe} is running as a new name: {name}")
     changed = record_add(record["Executables"], exe, name)
@@ -2125,13 +2637,19 @@ def update_record(record: dict, conn: Conn, sha: str) -> typing.Tuple[bool, typi
     if sha and sha not in hashes:
         if hashes:
             messages.append(f"New sha256 for {name} ({exe}): {sha}")
-        hashes[sha] = "VirusTotal not checked"
+        hashes[sha] = VT_UNCHECKED
         changed = True
     return changed, messages
 
 
+def unchecked_hashes(record: dict) -> typing.List[typing.Tuple[str, str]]:
+    """(exe, sha256) pairs that VirusTotal has not answered for yet."""
+    return [(exe, sha) for exe, hashes in record["SHA256"].items()
+            for sha, verdict in hashes.items() if verdict in (VT_UNCHECKED, VT_PENDING)]
+
+
 class Primary:
-    """State of the primary process between windows."""
+    """State of the primary process between windows, and where rows go."""
 
     def __init__(self, rt: Runtime):
         self.rt, self.config = rt, rt.config
@@ -2141,7 +2659,18 @@ class Primary:
         except PicosnitchError as e:
             rt.reporter.error(str(e))
             self.record = load_record(self.record_path)
+        self.ignore = ignore_rules(self.config.log_ignore)
+        self.names = ReverseNames()
         self.db = db_open(os.path.join(rt.directory, DB_NAME), rt.owner) if self.config.db_sql_log else None
+        self.remote = None
+        if self.config.db_sql_server:
+            self.remote = RemoteWriter(self.config.db_sql_server, rt.directory, rt.owner, rt.reporter)
+        self.vt = VirusTotal(self.config, rt.reporter) if self.config.vt_api_key else None
+        for exe, sha in unchecked_hashes(self.record) if self.vt else []:
+            self.vt.ask(exe, sha)
+        if self.config.geoip_lookup:
+            threading.Thread(target=geoip_keeper, args=(self.config, rt.directory, rt.owner, rt.reporter),
+                             name="geoip", daemon=True).start()
         self.pruned_at = 0.0
         self.reported: typing.Set[tuple] = set()
 
@@ -2163,7 +2692,7 @@ class Primary:
         if why and (p.dev, p.ino, why) not in self.reported:
             self.reported.add((p.dev, p.ino, why))
             self.rt.reporter.error(f"could not hash {p.exe or p.name} (pid {p.pid}): {why}; "
-                                   "its traffic is logged without a hash")
+                                   "it is logged without a hash")
         return sha
 
     def window(self, conns: typing.List[Conn]) -> None:
@@ -2174,24 +2703,56 @@ class Primary:
         except PicosnitchError as e:
             self.rt.reporter.error(str(e))
             hashes = {}
+        budget = min(0.5, self.config.db_write_limit_seconds / 4)
+        names = self.names.resolve([c.raddr for c in conns if c.raddr and not c.domain], budget)
         rows, messages, changed = [], [], False
         for conn in conns:
             sha, psha = self.sha(hashes, conn.proc), self.sha(hashes, conn.parent)
-            rows.append(conn_row(conn, contime, sha, psha, self.config))
+            domain = conn.domain or names.get(conn.raddr, "")
             new, said = update_record(self.record, conn, sha)
             changed, messages = changed or new, messages + said
-        if self.db is not None and rows:
-            db_insert(self.db, rows)
+            if self.vt and sha and self.record["SHA256"][conn.proc.exe][sha] == VT_UNCHECKED:
+                self.vt.ask(conn.proc.exe, sha)
+            if not self.ignore.match(conn.lport, conn.rport, sha, domain, conn.raddr):
+                rows.append(conn_row(conn, contime, sha, psha, domain, self.config))
+        self.write_rows(rows)
+        changed |= self.virustotal_results()
         if changed:
             write_atomic(self.record_path, json.dumps(self.record, indent=2).encode(), self.rt.owner)
         for message in messages:
             self.rt.reporter.exe(message)
         self.prune()
 
+    def write_rows(self, rows: typing.List[tuple]) -> None:
+        if not rows:
+            return
+        if self.db is not None:
+            db_insert(self.db, rows)
+        if self.config.db_text_log:
+            append_lines(os.path.join(self.rt.directory, CONN_LOG_NAME), [text_log_line(r) for r in rows], self.rt.owner)
+        if self.remote is not None:
+            self.remote.put(rows)
+
+    def virustotal_results(self) -> bool:
+        """Store verdicts in record.json and warn about flagged executables."""
+        found = self.vt.results() if self.vt else []
+        for exe, sha, verdict, flagged in found:
+            self.record["SHA256"].setdefault(exe, {})[sha] = verdict
+            if flagged:
+                self.rt.reporter.exe(f"VirusTotal flags {exe} (sha256 {sha}): {verdict}")
+        return bool(found)
+
     def prune(self) -> None:
         if self.db is not None and time.monotonic() - self.pruned_at > PRUNE_INTERVAL:
             self.pruned_at = time.monotonic()
             db_prune(self.db, self.config.db_retention_days)
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.stop()
+        if self.db is not None:
+            self.db.close()
+        self.names.close()
 
 
 def primary_main(rt: Runtime) -> None:
@@ -2204,12 +2765,11 @@ def primary_main(rt: Runtime) -> None:
         if message[0] == "stop":
             break
         primary.window(message[1])
-    if primary.db is not None:
-        primary.db.close()
+    primary.close()
 
 
 ###############################################################################
-# 15. supervisor, daemon and systemd unit
+# 16. supervisor, daemon and systemd unit
 ###############################################################################
 
 RESTART_LIMIT = 5          # restarts of one child within RESTART_WINDOW
@@ -2321,8 +2881,6 @@ def run_supervisor(config: Config, ready: typing.Callable[[str], None]) -> int:
     """Run picosnitch until SIGTERM or SIGINT; ready(mode) once capturing."""
     rt = make_runtime(config)
     secure_directory(rt.directory, rt.owner)
-    for key in unsupported_settings(config):
-        rt.reporter.info(f"{key!r} is set but not supported by picosnitch {VERSION}; it has no effect")
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
@@ -2438,7 +2996,7 @@ def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -
 
 
 ###############################################################################
-# 16. command line
+# 17. command line
 ###############################################################################
 
 USAGE = """usage: picosnitch <command>

@@ -216,6 +216,20 @@ class Sampler(threading.Thread):
 # tools under test
 ###############################################################################
 
+def private_resolver(cmd, directory, names=None):
+    """cmd in its own mount namespace whose /etc/hosts holds `names` (address:
+    name) and whose resolver asks only 127.0.0.1, so that picosnitch's reverse
+    lookups never leave the machine."""
+    hosts, resolv = os.path.join(directory, "hosts"), os.path.join(directory, "resolv.conf")
+    with open(hosts, "w") as f:
+        f.write("127.0.0.1 localhost\n::1 localhost\n")
+        f.writelines(f"{addr} {name}\n" for addr, name in (names or {}).items())
+    with open(resolv, "w") as f:
+        f.write("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    script = 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", hosts, resolv, *cmd]
+
+
 class Picosnitch:
     """picosnitch start-no-daemon; results from snitch.db rows by executable."""
     name, layer = "picosnitch", "socket"
@@ -229,11 +243,11 @@ class Picosnitch:
     def start(self):
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "config.json"), "w") as f:
-            json.dump({"DB write limit (seconds)": 1, "Desktop notifications": False}, f)
+            json.dump({"DB write limit (seconds)": 1, "Desktop notifications": False, "GeoIP lookup": False}, f)
         env = dict(os.environ, HOME=self.home)
         env.pop("SUDO_USER", None)
         started = time.monotonic()
-        self.proc = subprocess.Popen([PYTHON, PICOSNITCH, "start-no-daemon"], env=env, text=True,
+        self.proc = subprocess.Popen(private_resolver([PYTHON, PICOSNITCH, "start-no-daemon"], self.home), env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for line in self.proc.stdout:
             if "capturing" in line:

@@ -19,7 +19,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
 import picosnitch  # noqa: E402
+import run as bench_run  # noqa: E402
+import sqlservers  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
 SCRIPT = os.path.join(ROOT, "picosnitch.py")
@@ -27,6 +31,7 @@ PEER_PORT = 7310
 NETNS = f"pstest{os.getpid()}"
 HOST_V4, PEER_V4 = "10.231.0.1", "10.231.0.2"
 HOST_V6, PEER_V6 = "fd31:5e::1", "fd31:5e::2"
+PEER_NAMES = {PEER_V4: "peer4.picosnitch.test", PEER_V6: "peer6.picosnitch.test"}
 
 
 REPORT = []   # lines for the end of the run: capture mode, bytes expected and logged
@@ -61,6 +66,12 @@ def run(*cmd, **kw):
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
+def private_resolver(cmd, directory):
+    """cmd with a hosts file naming the peer and no resolver beyond the machine
+    (see bench/run.py)."""
+    return bench_run.private_resolver(cmd, directory, PEER_NAMES)
+
+
 class Daemon:
     """picosnitch start-no-daemon with its own HOME, stopped with SIGTERM."""
 
@@ -68,7 +79,7 @@ class Daemon:
         self.home = home
         self.dir = os.path.join(home, ".config", "picosnitch")
         os.makedirs(self.dir, exist_ok=True)
-        settings = {"DB write limit (seconds)": 1}
+        settings = {"DB write limit (seconds)": 1, "GeoIP lookup": False}
         settings.update(config or {})
         with open(os.path.join(self.dir, "config.json"), "w") as f:
             json.dump(settings, f)
@@ -78,7 +89,8 @@ class Daemon:
         self.proc = None
 
     def start(self, timeout=90):
-        self.proc = subprocess.Popen([PYTHON, SCRIPT, "start-no-daemon"], env=self.env, text=True,
+        cmd = private_resolver([PYTHON, SCRIPT, "start-no-daemon"], self.home)
+        self.proc = subprocess.Popen(cmd, env=self.env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         ready = threading.Event()
 
@@ -190,6 +202,24 @@ def session_bus(tmp_path_factory):
     for proc in (service, bus):
         proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server (Debian's package) on 127.0.0.1:55432."""
+    need_root()
+    server = sqlservers.Postgres().start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="session")
+def mariadb():
+    """A private MariaDB server (Debian's package) on 127.0.0.1:33306."""
+    need_root()
+    server = sqlservers.MariaDB().start()
+    yield server
+    server.remove()
 
 
 def notifications(record):

@@ -15,6 +15,8 @@ SPEC_DEFAULTS = {
     "Log addresses": True, "Log commands": True, "Log ignore": [], "Log ports": True,
     "Perf ring buffer (pages)": 256, "Set RLIMIT_NOFILE": None, "Set st_dev mask": None,
     "VT API key": "", "VT file upload": False, "VT request limit (seconds)": 15,
+    "VT API address": "https://www.virustotal.com/api/v3",
+    "GeoIP download address": "https://download.db-ip.com/free/dbip-country-lite-{year}-{month}.mmdb.gz",
 }
 
 
@@ -28,9 +30,9 @@ def test_created_with_every_key_and_default(tmp_path):
 
 
 def test_values_become_typed_attributes():
-    config = picosnitch.parse_config(json.dumps({"DB write limit (seconds)": 2.5, "Log ignore": [53, "abc"],
+    config = picosnitch.parse_config(json.dumps({"DB write limit (seconds)": 2.5, "Log ignore": [53, "org.example"],
                                                  "Set st_dev mask": 0}))
-    assert (config.db_write_limit_seconds, config.log_ignore, config.set_st_dev_mask) == (2.5, [53, "abc"], 0)
+    assert (config.db_write_limit_seconds, config.log_ignore, config.set_st_dev_mask) == (2.5, [53, "org.example"], 0)
     assert config.db_retention_days == 30
 
 
@@ -41,9 +43,27 @@ BAD = [
     ('{"DB retention (days)": true}', "'DB retention (days)' must be a whole number of days >= 0, found true"),
     ('{"Perf ring buffer (pages)": 100}', "'Perf ring buffer (pages)' must be a power of two, found 100"),
     ('{"DB write limit (seconds)": 0}', "'DB write limit (seconds)' must be a number of seconds > 0"),
-    ('{"Log ignore": [1.5]}', "'Log ignore' entries must be ports (int) or strings, found 1.5"),
+    ('{"Log ignore": [1.5]}', "'Log ignore' entry 1.5 is not a port (0-65535), sha256 hash, IP subnet or domain"),
+    ('{"Log ignore": [70000]}', "'Log ignore' entry 70000 is not a port"),
+    ('{"Log ignore": ["10.0.0.0/33"]}', "'Log ignore' entry \"10.0.0.0/33\" is not a port, sha256 hash, IP subnet"),
+    ('{"Log ignore": ["not a domain!"]}', "'Log ignore' entry \"not a domain!\" is not a port"),
+    ('{"DB sql server": {"host": "db"}}', "'DB sql server' needs \"client\": one of mariadb, psycopg, psycopg2, pymysql"),
+    ('{"DB sql server": {"client": "pymysql", "table_name": "x; DROP TABLE y"}}',
+     "table_name must be a plain SQL identifier (letters, digits, _), found \"x; DROP TABLE y\""),
+    ('{"VT API address": "ftp://vt"}', "'VT API address' must be an http(s) address"),
     ('[1, 2]', "expected a JSON object of settings, found list"),
 ]
+
+
+def test_ignore_rules_match_ports_hashes_domains_and_subnets():
+    sha = "ab" * 32
+    rules = picosnitch.ignore_rules([53, sha.upper(), "org.example", "10.1.0.0/16", "fd00::/8", "192.0.2.7"])
+    match = lambda lport=40000, rport=443, sha="", domain="", raddr="": rules.match(lport, rport, sha, domain, raddr)
+    assert match(rport=53) and match(lport=53) and not match()
+    assert match(sha=sha) and not match(sha="cd" * 32)
+    assert match(domain="example.org") and match(domain="www.EXAMPLE.org.") and not match(domain="badexample.org")
+    assert match(raddr="10.1.200.3") and match(raddr="fd12::1") and match(raddr="192.0.2.7")
+    assert not match(raddr="10.2.0.1") and not match(raddr="192.0.2.8") and not match(raddr="fe80::1")
 
 
 @pytest.mark.parametrize("text,message", BAD)

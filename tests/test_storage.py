@@ -85,7 +85,44 @@ def test_record_notes_new_executables_names_and_hashes():
 
 def test_log_switches_blank_fields():
     config = picosnitch.Config(log_addresses=False, log_commands=False, log_ports=False)
-    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", config)))
+    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", "x.org", config)))
     assert (r["cmdline"], r["pcmdline"], r["laddr"], r["raddr"], r["lport"], r["rport"]) == ("", "", "", "", None, None)
-    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", picosnitch.Config())))
+    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", "x.org", picosnitch.Config())))
     assert (r["cmdline"], r["raddr"], r["rport"], r["sha256"], r["psha256"]) == ("curl https://x", "10.0.0.1", 443, "aa", "bb")
+
+
+def test_text_log_line_has_the_spec_fields_in_order_and_strips_separators():
+    c = conn(name="cu,rl")
+    c.proc.cmdline = "curl\n-d a,b\0c\r"
+    row = picosnitch.conn_row(c, "2026-11-21 10:00:00", "aa", "bb", "x.org", picosnitch.Config())
+    line = picosnitch.text_log_line(row)
+    assert line == ("2026-11-21 10:00:00,5,6,/usr/bin/curl,curl,curl-d abc,aa,/usr/bin/bash,bash,bash,bb,"
+                    "1000,40000,443,10.0.0.2,10.0.0.1,x.org")
+    config = picosnitch.Config(log_ports=False, log_addresses=False, log_commands=False)
+    line = picosnitch.text_log_line(picosnitch.conn_row(conn(), "t", "", "", "", config))
+    assert line == "t,5,6,/usr/bin/curl,curl,,,/usr/bin/bash,bash,,,1000,,,,,"
+    assert len(picosnitch.TEXT_LOG_FIELDS) == 17
+
+
+def test_row_queue_keeps_order_across_connections(tmp_path):
+    queue = picosnitch.RowQueue(str(tmp_path / "q.db"), (os.getuid(), os.getgid()))
+    con = queue.open()
+    picosnitch.RowQueue.push(con, [("t1", 1), ("t1", 2)])
+    picosnitch.RowQueue.push(con, [("t2", 3)])
+    con.close()
+    con = queue.open()
+    assert picosnitch.RowQueue.count(con) == 3
+    entry, rows = picosnitch.RowQueue.first(con)
+    assert rows == [("t1", 1), ("t1", 2)]
+    picosnitch.RowQueue.done(con, entry)
+    assert picosnitch.RowQueue.first(con)[1] == [("t2", 3)]
+    assert os.stat(tmp_path / "q.db").st_mode & 0o777 == 0o600
+
+
+def test_remote_schema_uses_only_the_checked_table_name():
+    db = picosnitch.RemoteDB({"client": "psycopg2", "table_name": "snitch_log"})
+    assert db.schema().startswith("CREATE TABLE IF NOT EXISTS snitch_log (contime TIMESTAMP NOT NULL, send BIGINT")
+    assert "uid INTEGER" in db.schema() and "domain TEXT" in db.schema()
+    assert "DATETIME" in picosnitch.RemoteDB({"client": "pymysql"}).schema()
+    secrets = picosnitch.sql_secrets({"client": "psycopg", "password": "hunter2", "host": "db", "passwd": "x9"})
+    assert picosnitch.without_secrets("login hunter2 failed for x9 at db", secrets) == "login *** failed for *** at db"

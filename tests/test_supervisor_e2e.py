@@ -6,7 +6,7 @@ import subprocess
 import time
 
 import picosnitch
-from conftest import PEER_PORT, PEER_V4, PYTHON, SCRIPT, Daemon, need_root, sha256_file, unique_python
+from conftest import PEER_PORT, PEER_V4, PYTHON, SCRIPT, Daemon, need_root, private_resolver, sha256_file, unique_python
 
 
 def children():
@@ -44,7 +44,10 @@ def test_daemon_start_status_restart_stop(tmp_path):
     need_root()
     env = dict(os.environ, HOME=str(tmp_path))
     env.pop("SUDO_USER", None)
-    ps = lambda *args: subprocess.run([PYTHON, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=120)
+    os.makedirs(tmp_path / ".config" / "picosnitch")
+    (tmp_path / ".config" / "picosnitch" / "config.json").write_text('{"GeoIP lookup": false}')
+    ps = lambda *args: subprocess.run(private_resolver([PYTHON, SCRIPT, *args], str(tmp_path)),
+                                      capture_output=True, text=True, env=env, timeout=120)
     started = ps("start")
     assert started.returncode == 0, started.stderr
     assert "capturing, mode tracepoint" in started.stdout
