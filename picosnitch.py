@@ -49,8 +49,9 @@ Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|version|help
 ###############################################################################
 # 2. imports
 ###############################################################################
-# Heavy or optional dependencies (bcc, dbus, psutil) are imported inside the
-# section that needs them, so that importing this module has no side effects.
+# Heavy or optional dependencies (bcc, dbus, requests, geoip2, the SQL clients)
+# are imported inside the section that needs them, so that importing this
+# module has no side effects.
 
 import collections
 import concurrent.futures
@@ -61,7 +62,6 @@ import datetime
 import errno
 import gzip
 import hashlib
-import io
 import ipaddress
 import json
 import multiprocessing
@@ -1869,7 +1869,7 @@ class Capture:
 # Polls events and, at the end of each write window, drains the connection map
 # of that window into Conn rows for the primary.
 
-DOMAIN_CACHE = 4096       # addresses remembered from getaddrinfo answers
+DOMAIN_CACHE = 8192       # (process, address) pairs remembered from getaddrinfo answers
 
 def exec_path(ex: ExecT) -> str:
     """The absolute path sent with an exec event ('' when the walk was cut short)."""
@@ -1902,7 +1902,8 @@ class Tracker:
         self.exited: typing.Dict[int, int] = {}
         self.contexts: typing.Dict[bytes, typing.Tuple[ProcT, ConnInfoT, int]] = {}
         self.tuples: typing.Dict[int, typing.Tuple[ConnInfoT, int]] = {}
-        self.domains: "collections.OrderedDict[str, str]" = collections.OrderedDict()
+        self.unbound: typing.Dict[int, typing.List[bytes]] = {}     # socket -> contexts awaiting its tuple
+        self.domains: "collections.OrderedDict[typing.Tuple[int, str], str]" = collections.OrderedDict()
         self.window = 0
         self.handlers = {"EXEC": self.on_exec, "FORK": self.on_fork, "EXIT": self.on_exit,
                          "CONN": self.on_conn, "DNS": self.on_dns, "TUPLE": self.on_tuple}
@@ -1937,19 +1938,33 @@ class Tracker:
     def on_conn(self, p: ProcT, conn: ConnT) -> None:
         info = ConnInfoT.from_buffer_copy(conn.info)
         self.contexts[bytes(conn.key)] = (ProcT.from_buffer_copy(p), info, self.window)
+        if not info.lport:      # a connect counted before its port was bound: the tuple follows
+            self.unbound.setdefault(info.sk, []).append(bytes(conn.key))
         self.lookup(p.pid, info.dev, info.ino, p.comm.decode("utf-8", "replace"))
         self.lookup(p.ppid, p.pdev, p.pino, "")
 
     def on_tuple(self, _: ProcT, info: ConnInfoT) -> None:
+        """A TCP socket's addresses once connected (or refused). They complete
+        the contexts of that socket now, in event order: by the window's end the
+        socket may be gone and its address reused by another."""
         self.tuples[info.sk] = (ConnInfoT.from_buffer_copy(info), self.window)
+        for key in self.unbound.pop(info.sk, []):
+            if key in self.contexts:
+                p, old, window = self.contexts[key]
+                new = ConnInfoT.from_buffer_copy(info)
+                new.dev, new.ino = old.dev, old.ino
+                self.contexts[key] = (p, new, window)
 
     def on_dns(self, p: ProcT, dns: DnsT) -> None:
         host = dns.host.decode("utf-8", "replace")
+        if not host or ip_network(host.split("%")[0]):     # an address literal names nothing
+            return
         for i in range(min(dns.count, DNS_ADDRS)):
             addr = format_addr(dns.families[i], bytes(dns.addrs[i]))
-            if addr:
-                self.domains[addr] = host
-                self.domains.move_to_end(addr)
+            for key in ((p.pid, addr), (0, addr)):     # this process's answer, and anyone's
+                if addr:
+                    self.domains[key] = host
+                    self.domains.move_to_end(key)
         while len(self.domains) > DOMAIN_CACHE:
             self.domains.popitem(last=False)
 
@@ -1981,14 +1996,16 @@ class Tracker:
             p, info, _ = context
             proc = self.lookup(key.pid, info.dev, info.ino, p.comm.decode("utf-8", "replace"))
             parent = self.lookup(p.ppid, p.pdev, p.pino, "")
-            if not info.lport and info.sk in self.tuples:    # a connect counted before its port was bound
-                info = self.tuples[info.sk][0]
         else:
             proc, parent, info = self.lost_context(key)
         raddr = format_addr(info.family, bytes(info.raddr))
         return Conn(proc, parent, key.uid, proto_name(info.family, info.proto), info.lport, info.rport,
-                    format_addr(info.family, bytes(info.laddr)), raddr, self.domains.get(raddr, ""),
+                    format_addr(info.family, bytes(info.laddr)), raddr, self.domain(key.pid, raddr),
                     val.send, val.recv)
+
+    def domain(self, pid: int, addr: str) -> str:
+        """The name the process itself looked up for addr, else the latest anyone did."""
+        return self.domains.get((pid, addr)) or self.domains.get((0, addr), "")
 
     def take_runs(self) -> typing.List[Conn]:
         runs, self.runs = self.runs, []
@@ -2003,6 +2020,7 @@ class Tracker:
         for table in (self.contexts, self.tuples):
             for key in [k for k, v in table.items() if v[-1] < self.window - 1]:
                 del table[key]
+        self.unbound = {sk: live for sk, keys in self.unbound.items() if (live := [k for k in keys if k in self.contexts])}
 
 
 def stop_on_sigterm() -> typing.Callable[[], bool]:
@@ -2537,11 +2555,14 @@ def geoip_download(template: str, path: str, owner: typing.Tuple[int, int], toda
             response = requests.get(url, timeout=120)
             response.raise_for_status()
             data = gzip.decompress(response.content) if url.endswith(".gz") else response.content
-            maxminddb.open_database(io.BytesIO(data), maxminddb.MODE_FD).close()
+            write_atomic(path + ".new", data, owner)
+            maxminddb.open_database(path + ".new").close()
         except Exception as e:
             problems.append(f"{url}: {type(e).__name__}: {e}")
+            if os.path.exists(path + ".new"):
+                os.unlink(path + ".new")
             continue
-        write_atomic(path, data, owner)
+        os.replace(path + ".new", path)
         return url
     raise PicosnitchError("could not download the GeoIP database: " + "; ".join(problems))
 
