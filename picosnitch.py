@@ -41,9 +41,10 @@ Table of contents (each numbered section uses only the ones above it):
     14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
     15. primary process
     16. supervisor, daemon and systemd unit
-    17. command line
+    17. terminal viewer
+    18. command line
 
-Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|version|help
+Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|version|help
 """
 
 ###############################################################################
@@ -53,6 +54,7 @@ Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|version|help
 # are imported inside the section that needs them, so that importing this
 # module has no side effects.
 
+import calendar
 import collections
 import concurrent.futures
 import ctypes
@@ -81,6 +83,7 @@ import tempfile
 import threading
 import time
 import typing
+import unicodedata
 
 ###############################################################################
 # 3. constants and paths
@@ -672,6 +675,37 @@ def db_rows(path: str) -> typing.List[dict]:
         return [dict(r) for r in con.execute("SELECT * FROM connections ORDER BY rowid")]
     finally:
         con.close()
+
+
+# what the viewer reads: the columns it groups by, after time and bytes
+VIEW_DB_COLUMNS = ["exe", "name", "sha256", "pexe", "pname", "domain", "raddr", "lport", "rport", "uid"]
+
+
+def db_open_readonly(path: str) -> sqlite3.Connection:
+    """snitch.db for reading only. Text comes back as bytes, so that names that
+    are not UTF-8 cannot fail a read; callers decode what they show."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+    con.text_factory = bytes
+    return con
+
+
+def db_rowid_range(con: sqlite3.Connection) -> typing.Tuple[int, int]:
+    """The smallest and largest rowid (0, 0 when empty), from the table's own key."""
+    low, high = con.execute("SELECT (SELECT MIN(rowid) FROM connections), "
+                            "(SELECT MAX(rowid) FROM connections)").fetchone()
+    return low or 0, high or 0
+
+
+def db_view_rows(con: sqlite3.Connection, after: int, batch: int = 65536) -> typing.Iterator[list]:
+    """Rows after a rowid, in rowid order and batches: rowid, contime, send,
+    recv, then VIEW_DB_COLUMNS."""
+    cur = con.execute(f"SELECT rowid, contime, send, recv, {', '.join(VIEW_DB_COLUMNS)} "
+                      "FROM connections WHERE rowid > ? ORDER BY rowid", (after,))
+    while True:
+        rows = cur.fetchmany(batch)
+        if not rows:
+            return
+        yield rows
 
 
 RECORD_SECTIONS = ("Executables", "Names", "Parent Executables", "Parent Names", "SHA256")
@@ -3017,7 +3051,432 @@ def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -
 
 
 ###############################################################################
-# 17. command line
+# 17. terminal viewer
+###############################################################################
+# `picosnitch view`: snitch.db grouped by one column at a time, largest first,
+# under a chain of filters, a time range and byte units. The log is read once
+# into numpy columns of integer codes, so that each key press regroups a
+# million rows in milliseconds; r reads only the rows added since.
+
+VIEWS = [("executable", "exe"), ("name", "name"), ("sha256", "sha256"), ("parent executable", "pexe"),
+         ("parent name", "pname"), ("domain", "domain"), ("remote address", "raddr"), ("local port", "lport"),
+         ("remote port", "rport"), ("user", "uid"), ("time", "time")]
+TIME_RANGES = [("minute", 60), ("hour", 3600), ("day", 86400), ("week", 7 * 86400),
+               ("month", 30 * 86400), ("year", 365 * 86400), ("all", 0)]
+DEFAULT_RANGE = "all"
+# the time view's bucket per range: (seconds, label format)
+TIME_BUCKETS = {"minute": (1, "%Y-%m-%d %H:%M:%S"), "hour": (60, "%Y-%m-%d %H:%M"), "day": (3600, "%Y-%m-%d %H:00"),
+                "week": (86400, "%Y-%m-%d"), "month": (86400, "%Y-%m-%d"), "year": (86400, "%Y-%m-%d"),
+                "all": (86400, "%Y-%m-%d")}
+# byte units: (name, divisor or None for automatic, counted in bits)
+UNITS = [("bytes", None, False), ("B", 1, False), ("kB", 1e3, False), ("MB", 1e6, False), ("GB", 1e9, False),
+         ("bits", None, True), ("b", 1, True), ("kb", 1e3, True), ("Mb", 1e6, True), ("Gb", 1e9, True)]
+AUTO_STEPS = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")]
+HELP_LINE = "←→ view f filter e exclude ⌫/F/E unfilter t/T range h/H history u/U units r q"
+
+
+def local_seconds(contime) -> int:
+    """'YYYY-MM-DD HH:MM:SS' (bytes or str) as seconds, the local time read as if UTC; -1 if malformed."""
+    t = contime.decode("ascii", "replace") if isinstance(contime, bytes) else contime or ""
+    try:
+        if len(t) != 19 or t[4] + t[7] + t[10] + t[13] + t[16] != "-- ::":
+            raise ValueError(t)
+        return calendar.timegm((int(t[0:4]), int(t[5:7]), int(t[8:10]), int(t[11:13]), int(t[14:16]), int(t[17:19])))
+    except (ValueError, TypeError):
+        return -1
+
+
+def seconds_of(np, contimes: list):
+    """local_seconds of many contime values, parsed by numpy when all are well formed."""
+    try:
+        return np.array(contimes, dtype="S19").astype("U19").astype("datetime64[s]").astype(np.int64)
+    except (ValueError, TypeError, UnicodeError):
+        return np.array([local_seconds(v) for v in contimes], np.int64)
+
+
+def format_amount(n: int, unit: typing.Tuple[str, typing.Optional[float], bool]) -> str:
+    name, divisor, bits = unit
+    value, suffix = n * 8 if bits else n, "b" if bits else "B"
+    if divisor is None:
+        divisor, prefix = next((d, p) for d, p in AUTO_STEPS if value >= d or d == 1)
+        return f"{value / divisor:.1f} {prefix}{suffix}" if prefix else f"{value} {suffix}"
+    return f"{value / divisor:.1f} {name}" if divisor > 1 else f"{value} {name}"
+
+
+def char_width(ch: str) -> int:
+    return 2 if unicodedata.east_asian_width(ch) in "WF" else 0 if unicodedata.combining(ch) else 1
+
+
+def fit(text: str, width: int) -> str:
+    """text made printable (control characters become '?') and cut to width columns."""
+    out, used = [], 0
+    for ch in text:
+        ch = "?" if unicodedata.category(ch)[0] == "C" else ch
+        w = char_width(ch)
+        if used + w > width:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out) + " " * (width - used)
+
+
+class LogColumns:
+    """snitch.db as numpy arrays: rowid, time, send, recv, and for each of
+    VIEW_DB_COLUMNS a code per row with the distinct values in `values`."""
+
+    def __init__(self, np):
+        self.np = np
+        self.rowid = np.zeros(0, np.int64)
+        self.time, self.send, self.recv = (np.zeros(0, np.int64) for _ in range(3))
+        self.codes = {c: np.zeros(0, np.int32) for c in VIEW_DB_COLUMNS}
+        self.values: typing.Dict[str, list] = {c: [] for c in VIEW_DB_COLUMNS + ["contime"]}
+        self.index: typing.Dict[str, dict] = {c: {} for c in VIEW_DB_COLUMNS + ["contime"]}
+        self.seconds = np.zeros(0, np.int64)     # contime code -> local time as seconds
+
+    def __len__(self) -> int:
+        return len(self.rowid)
+
+    def load(self, con: sqlite3.Connection, progress: typing.Callable[[int], None] = lambda n: None) -> None:
+        """Forget pruned rows, then read the rows added since the last load."""
+        low, high = db_rowid_range(con)
+        if len(self) and (low > self.rowid[0] or high < self.rowid[-1]):
+            keep = (self.rowid >= low) & (self.rowid <= high)
+            self.rowid, self.time, self.send, self.recv = (a[keep] for a in (self.rowid, self.time, self.send, self.recv))
+            self.codes = {c: a[keep] for c, a in self.codes.items()}
+        last = int(self.rowid[-1]) if len(self) else 0
+        chunks = []
+        for rows in db_view_rows(con, last):
+            chunks.append(self.encode(rows))
+            progress(sum(len(c[0]) for c in chunks))
+        if chunks:
+            np = self.np
+            self.rowid, self.time, self.send, self.recv = (
+                np.concatenate([old] + [c[i] for c in chunks]) for i, old in
+                enumerate((self.rowid, self.time, self.send, self.recv)))
+            for j, c in enumerate(VIEW_DB_COLUMNS):
+                self.codes[c] = np.concatenate([self.codes[c]] + [chunk[4 + j] for chunk in chunks])
+
+    def encode(self, rows: list) -> list:
+        """One batch as arrays: rowid, time, send, recv, then a code per column."""
+        np, columns = self.np, list(zip(*rows))
+        times = self.intern("contime", columns[1])
+        out = [np.array(columns[0], np.int64), self.seconds[times], np.array(columns[2], np.int64),
+               np.array(columns[3], np.int64)]
+        return out + [self.intern(c, columns[4 + j]) for j, c in enumerate(VIEW_DB_COLUMNS)]
+
+    def intern(self, column: str, values: tuple):
+        """Codes for values, adding new ones to the column's distinct values
+        (dict and map work at C speed here; Python only sees new values)."""
+        np, index, known = self.np, self.index[column], self.values[column]
+        fresh = [v for v in dict.fromkeys(values) if v not in index]
+        index.update(zip(fresh, range(len(known), len(known) + len(fresh))))
+        known.extend(fresh)
+        if column == "contime" and fresh:
+            self.seconds = np.concatenate([self.seconds, seconds_of(np, fresh)])
+        return np.fromiter(map(index.__getitem__, values), np.int32, len(values))
+
+    def select(self, filters: list, start: int, end: int):
+        """A mask of the rows in [start, end) (end 0: no time limit) that pass every filter."""
+        np = self.np
+        mask = np.ones(len(self), bool)
+        if end:
+            mask &= (self.time >= start) & (self.time < end)
+        for f in filters:
+            match = (self.time // f.bucket == f.code) if f.column == "time" else (self.codes[f.column] == f.code)
+            mask &= ~match if f.exclude else match
+        return mask
+
+    def totals(self, column: str, mask, bucket: int) -> typing.List[typing.Tuple[int, int, int]]:
+        """(code, send, recv) per value of column among the masked rows, largest first;
+        for "time" the code is the bucket number."""
+        np = self.np
+        send, recv = self.send[mask], self.recv[mask]
+        if column == "time":
+            codes, keys = np.unique(self.time[mask] // bucket, return_inverse=True)
+            keys = keys.reshape(-1)
+        else:
+            keys = self.codes[column][mask]
+            codes = np.nonzero(np.bincount(keys, minlength=len(self.values[column])))[0]
+        size = int(keys.max()) + 1 if len(keys) else 0
+        sums = [np.bincount(keys, weights=w, minlength=size) for w in (send, recv)]
+        if column != "time":
+            sums = [s[codes] for s in sums]
+        order = np.argsort(-(sums[0] + sums[1]), kind="stable")
+        return [(int(codes[i]), int(sums[0][i]), int(sums[1][i])) for i in order]
+
+
+@dataclasses.dataclass
+class ViewFilter:
+    column: str
+    code: int
+    exclude: bool
+    label: str
+    bucket: int = 0      # for time: the bucket size the code counts in
+
+
+class Viewer:
+    """The state of `picosnitch view` and what a key press does to it. screen()
+    gives the lines to draw; curses only draws them."""
+
+    def __init__(self, path: str, geoip: typing.Optional["GeoIP"], np, clock=time.time,
+                 progress: typing.Callable[[int], None] = lambda n: None):
+        self.path, self.geoip, self.clock = path, geoip, clock
+        self.log = LogColumns(np)
+        self.view, self.range, self.offset, self.unit = 0, [r[0] for r in TIME_RANGES].index(DEFAULT_RANGE), 0, 0
+        self.filters: typing.List[ViewFilter] = []
+        self.cursor = self.top = 0
+        self.message, self.problem = "", ""
+        self.entries: typing.List[typing.Tuple[int, int, int]] = []
+        self.computed: typing.Optional[tuple] = None
+        self.refresh(progress)
+
+    # -- data ---------------------------------------------------------------
+    def refresh(self, progress: typing.Callable[[int], None] = lambda n: None) -> None:
+        """Read new rows; a missing, empty or locked database becomes a message."""
+        self.computed, self.problem = None, ""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            self.problem = f"no connection log at {self.path} yet (is picosnitch running?); r retries"
+            return
+        except OSError as e:
+            self.problem = f"cannot read {self.path}: {e.strerror}"
+            return
+        try:
+            con = db_open_readonly(self.path)
+            try:
+                self.log.load(con, progress)
+            finally:
+                con.close()
+        except sqlite3.OperationalError as e:
+            busy = "locked" in str(e) or "busy" in str(e)
+            self.problem = (f"{self.path} is locked by a writer; r retries" if busy
+                            else f"cannot read {self.path}: {e}; r retries")
+        except sqlite3.DatabaseError as e:
+            self.problem = f"cannot read {self.path}: {e}"
+        if not self.problem and not len(self.log):
+            self.problem = f"{self.path} has no connections yet; r retries"
+
+    def span(self) -> typing.Tuple[int, int]:
+        """[start, end) of the time range in snitch.db's clock (local time as seconds)."""
+        seconds = TIME_RANGES[self.range][1]
+        if not seconds:
+            return 0, 0
+        now = calendar.timegm(time.localtime(self.clock())) + 1
+        end = now - self.offset * seconds
+        return end - seconds, end
+
+    def current(self) -> typing.List[typing.Tuple[int, int, int]]:
+        key = (self.view, self.range, self.offset, tuple(dataclasses.astuple(f) for f in self.filters), len(self.log))
+        if key != self.computed and not self.problem:
+            start, end = self.span()
+            mask = self.log.select(self.filters, start, end)
+            self.entries = self.log.totals(VIEWS[self.view][1], mask, self.bucket()[0])
+            self.computed = key
+            self.cursor = min(self.cursor, max(len(self.entries) - 1, 0))
+        return [] if self.problem else self.entries
+
+    def bucket(self) -> typing.Tuple[int, str]:
+        return TIME_BUCKETS[TIME_RANGES[self.range][0]]
+
+    def label(self, column: str, code: int) -> str:
+        if column == "time":
+            size, form = self.bucket()
+            return time.strftime(form, time.gmtime(code * size))
+        value = self.log.values[column][code]
+        if value is None:
+            return "(not logged)"
+        if column == "uid":
+            try:
+                return f"{pwd.getpwuid(value).pw_name} ({value})"
+            except KeyError:
+                return str(value)
+        if column == "raddr" and value and self.geoip is not None:
+            value = value.decode("utf-8", "replace")
+            country = self.geoip.country(value)
+            return f"{value} ({country})" if country else value
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        return str(value) if value != "" else "(none)"
+
+    # -- keys ---------------------------------------------------------------
+    def press(self, action: typing.Optional[str], page: int) -> None:
+        """Apply one key's action; page is how many entries fit on screen."""
+        self.message = ""
+        if action is None:
+            return
+        moves = {"up": -1, "down": 1, "page_up": -page, "page_down": page, "home": -10 ** 12, "end": 10 ** 12}
+        if action in moves:
+            self.cursor = max(0, min(self.cursor + moves[action], len(self.current()) - 1))
+            return
+        getattr(self, "do_" + action)()
+
+    def do_filter(self, exclude: bool = False) -> None:
+        entries = self.current()
+        if not entries:
+            return
+        column = VIEWS[self.view][1]
+        code = entries[self.cursor][0]
+        label = f"{VIEWS[self.view][0]} {'≠' if exclude else '='} {self.label(column, code)}"
+        self.filters.append(ViewFilter(column, code, exclude, label, self.bucket()[0] if column == "time" else 0))
+        if not exclude:
+            self.step_view(1)
+        self.cursor = self.top = 0
+
+    def do_exclude(self) -> None:
+        self.do_filter(exclude=True)
+
+    def do_undo(self) -> None:
+        if self.filters:
+            self.filters.pop()
+            self.cursor = self.top = 0
+
+    def do_clear_filters(self) -> None:
+        self.filters = [f for f in self.filters if f.exclude]
+        self.cursor = self.top = 0
+
+    def do_clear_excludes(self) -> None:
+        self.filters = [f for f in self.filters if not f.exclude]
+        self.cursor = self.top = 0
+
+    def step_view(self, step: int) -> None:
+        self.view = (self.view + step) % len(VIEWS)
+        self.cursor = self.top = 0
+
+    def do_view_next(self) -> None:
+        self.step_view(1)
+
+    def do_view_prev(self) -> None:
+        self.step_view(-1)
+
+    def step_range(self, step: int) -> None:
+        self.range = (self.range + step) % len(TIME_RANGES)
+        self.offset, self.cursor, self.top = 0, 0, 0
+
+    def do_range_next(self) -> None:
+        self.step_range(1)
+
+    def do_range_prev(self) -> None:
+        self.step_range(-1)
+
+    def do_older(self) -> None:
+        if TIME_RANGES[self.range][1]:
+            self.offset += 1
+            self.cursor = self.top = 0
+
+    def do_newer(self) -> None:
+        if self.offset:
+            self.offset -= 1
+            self.cursor = self.top = 0
+
+    def do_unit_next(self) -> None:
+        self.unit = (self.unit + 1) % len(UNITS)
+
+    def do_unit_prev(self) -> None:
+        self.unit = (self.unit - 1) % len(UNITS)
+
+    def do_refresh(self) -> None:
+        self.refresh()
+
+    # -- screen -------------------------------------------------------------
+    def heading(self) -> str:
+        name, seconds = TIME_RANGES[self.range]
+        if seconds:
+            start, end = self.span()
+            fmt = lambda t: time.strftime("%m-%d %H:%M", time.gmtime(t))
+            when = f"{name} {fmt(start)} to {fmt(end - 1)}" + (f" (-{self.offset})" if self.offset else "")
+        else:
+            when = "all time"
+        return f"by {VIEWS[self.view][0]} ({self.view + 1}/{len(VIEWS)}) · {when} · {UNITS[self.unit][0]}"
+
+    def screen(self, height: int, width: int) -> typing.List[typing.Tuple[str, bool]]:
+        """The lines to show, each (text exactly width columns, highlighted)."""
+        if height < 5 or width < 20:
+            return [(fit("terminal too small", width), False)][:height]
+        entries = self.current()
+        rows = height - 4
+        self.top = min(max(self.top, self.cursor - rows + 1), self.cursor)
+        chain = " > ".join(f.label for f in self.filters) or "none"
+        unit, column = UNITS[self.unit], VIEWS[self.view][1]
+        shown = [(i, format_amount(entries[i][1], unit), format_amount(entries[i][2], unit))
+                 for i in range(self.top, min(self.top + rows, len(entries)))]
+        w = max([9] + [max(len(a), len(b)) for _, a, b in shown])
+        lines = [(fit(self.heading(), width), True), (fit(f"filters: {chain}", width), False),
+                 (fit(f"{'sent':>{w}} {'received':>{w}}  {VIEWS[self.view][0]}", width), False)]
+        for i, sent, received in shown:
+            text = f"{sent:>{w}} {received:>{w}}  {self.label(column, entries[i][0])}"
+            lines.append((fit(text, width), i == self.cursor))
+        if self.problem:
+            lines.append((fit(self.problem, width), False))
+        lines += [(" " * width, False)] * (height - 1 - len(lines))
+        lines.append((fit(self.message or HELP_LINE, width), True))
+        return lines
+
+
+# keys of the viewer -> actions of Viewer.press
+VIEW_KEYS = {" ": "filter", "\n": "filter", "\r": "filter", "f": "filter", "e": "exclude",
+             "\x7f": "undo", "\b": "undo", "F": "clear_filters", "E": "clear_excludes",
+             "t": "range_next", "T": "range_prev", "h": "older", "H": "newer",
+             "u": "unit_next", "U": "unit_prev", "r": "refresh"}
+CURSES_KEYS = {"KEY_ENTER": "filter", "KEY_BACKSPACE": "undo", "KEY_UP": "up", "KEY_DOWN": "down",
+               "KEY_PPAGE": "page_up", "KEY_NPAGE": "page_down", "KEY_HOME": "home", "KEY_END": "end",
+               "KEY_LEFT": "view_prev", "KEY_RIGHT": "view_next"}
+
+
+def view_loop(stdscr, viewer: Viewer) -> None:
+    """Draw, wait for a key, apply it; q quits, a resize redraws."""
+    import curses
+    keys = {**VIEW_KEYS, **{getattr(curses, name): action for name, action in CURSES_KEYS.items()}}
+    try:
+        curses.curs_set(0)
+    except curses.error:
+        pass
+    stdscr.keypad(True)
+    while True:
+        height, width = stdscr.getmaxyx()
+        stdscr.erase()
+        for y, (text, highlight) in enumerate(viewer.screen(height, width)):
+            try:
+                stdscr.addstr(y, 0, text, curses.A_REVERSE if highlight else curses.A_NORMAL)
+            except curses.error:      # the bottom-right cell cannot be written; the rest is drawn
+                pass
+        stdscr.refresh()
+        key = stdscr.get_wch()
+        if key in ("q", "Q"):
+            return
+        if key == curses.KEY_RESIZE:
+            curses.update_lines_cols()
+            continue
+        viewer.press(keys.get(key), max(height - 4, 1))
+
+
+def read_config(directory: str) -> Config:
+    """config.json if there is one, else the defaults (the viewer writes nothing)."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(path):
+        return Config()
+    with open(path, "rb") as f:
+        return parse_config(f.read().decode("utf-8", "replace"), path)
+
+
+def run_viewer(directory: str) -> int:
+    try:
+        import numpy
+    except ImportError:
+        raise PicosnitchError("'view' needs numpy (Debian: python3-numpy)")
+    import curses
+    config = read_config(directory)
+    said: typing.List[str] = []
+    geoip = GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
+    say = lambda n: print(f"\rpicosnitch view: reading {DB_NAME}, {n} rows", end="", file=sys.stderr, flush=True)
+    viewer = Viewer(os.path.join(directory, DB_NAME), geoip, numpy, progress=say)
+    viewer.message = said[0] if said else ""
+    curses.wrapper(view_loop, viewer)
+    return 0
+
+
+###############################################################################
+# 18. command line
 ###############################################################################
 
 USAGE = """usage: picosnitch <command>
@@ -3029,6 +3488,7 @@ commands:
   status           show whether the daemon runs and how it captures
   start-no-daemon  run in the foreground; SIGINT or SIGTERM stop it cleanly (needs root)
   systemd          write a systemd service unit for picosnitch (needs root)
+  view             browse the connection log in the terminal
   version          show the version
   help             show this help
 
@@ -3094,6 +3554,10 @@ def cmd_systemd(_: str) -> int:
     return 0
 
 
+def cmd_view(_: str) -> int:
+    return run_viewer(config_dir())
+
+
 def cmd_version(_: str) -> int:
     print(f"picosnitch {VERSION} (python {sys.version.split()[0]}, kernel {os.uname().release})")
     return 0
@@ -3108,7 +3572,7 @@ def cmd_help(_: str) -> int:
 COMMANDS = {
     "start": (cmd_start, True), "stop": (cmd_stop, True), "restart": (cmd_restart, True),
     "status": (cmd_status, False), "start-no-daemon": (cmd_start_no_daemon, True),
-    "systemd": (cmd_systemd, True), "version": (cmd_version, False), "help": (cmd_help, False),
+    "systemd": (cmd_systemd, True), "view": (cmd_view, False), "version": (cmd_version, False), "help": (cmd_help, False),
     "--help": (cmd_help, False), "-h": (cmd_help, False),
 }
 
