@@ -3192,8 +3192,11 @@ class LogColumns:
         np = self.np
         send, recv = self.send[mask], self.recv[mask]
         if column == "time":
-            codes, keys = np.unique(self.time[mask] // bucket, return_inverse=True)
-            keys = keys.reshape(-1)
+            buckets = self.time[mask] // bucket
+            base = int(buckets.min()) if len(buckets) else 0
+            keys = buckets - base
+            codes = np.nonzero(np.bincount(keys))[0] + base if len(keys) else keys
+            keys = np.searchsorted(codes, buckets)
         else:
             keys = self.codes[column][mask]
             codes = np.nonzero(np.bincount(keys, minlength=len(self.values[column])))[0]

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+import mmdb
 import picosnitch
 from conftest import PEER_V4, PYTHON, SCRIPT, Daemon, need_root, unique_python
 from test_log_e2e import traffic
@@ -214,6 +215,31 @@ def test_views_cover_every_grouping(sample, home):
         assert "root (0)" in s
         s = t.press("left", "by remote port (9/11)")
         assert "(not logged)" in s and any(e.endswith(" 443") for e in body(s))
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("database", [True, False])
+def test_remote_addresses_with_their_country(sample, home, database):
+    directory = home / ".config" / "picosnitch"
+    (directory / "config.json").write_text('{"GeoIP lookup": true}')
+    if database:
+        (directory / picosnitch.GEOIP_NAME).write_bytes(mmdb.build({"192.0.2.0/28": "DE", "192.0.2.32/27": "FR"}))
+        os.chown(directory / picosnitch.GEOIP_NAME, NOBODY, NOBODY)
+    t = view(home)
+    try:
+        s = t.wait("by executable (1/11)")
+        said = "no usable GeoIP database"
+        assert (said in s.splitlines()[-1]) != database          # reported once, in place of the help line
+        for _ in range(6):
+            s = t.press("right", lambda s: True)
+        s = t.wait("by remote address (7/11)")
+        assert said not in s and "filter" in s.splitlines()[-1]
+        if database:
+            assert "192.0.2.10 (DE)" in s and "192.0.2.33 (FR)" in s and "192.0.2.44 (FR)" in s
+            assert "192.0.2.22 (" not in s
+        else:
+            assert "192.0.2.10" in s and "(DE)" not in s
     finally:
         t.close()
 
