@@ -2766,7 +2766,7 @@ class Primary:
             domain = conn.domain or names.get(conn.raddr, "")
             new, said = update_record(self.record, conn, sha)
             changed, messages = changed or new, messages + said
-            if self.vt and sha and self.record["SHA256"][conn.proc.exe][sha] == VT_UNCHECKED:
+            if self.vt and sha and self.record["SHA256"].get(conn.proc.exe, {}).get(sha) == VT_UNCHECKED:
                 self.vt.ask(conn.proc.exe, sha)
             if not self.ignore.match(conn.lport, conn.rport, sha, domain, conn.raddr):
                 rows.append(conn_row(conn, contime, sha, psha, domain, self.config))
