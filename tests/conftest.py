@@ -49,6 +49,16 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:bcc")
 
 
+def wait_for(predicate, timeout=30, step=0.1):
+    """True once predicate() is, polling every step seconds; its last value after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
 def need_root():
     """Capture tests need root; in CI that is a failure, not a skip."""
     if os.geteuid() != 0:

@@ -11,18 +11,12 @@ import pytest
 
 import mmdb
 import picosnitch
+from conftest import wait_for
 from http_services import API_KEY, FLAG_MARK, FakeVirusTotal, FileServer, stats
 
 OWNER = (os.getuid(), os.getgid())
 
 
-def wait_for(predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def test_reverse_names_come_from_the_hosts_file_and_are_cached():

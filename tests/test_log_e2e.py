@@ -18,7 +18,7 @@ import pytest
 import mmdb
 import picosnitch
 from conftest import (PEER_NAMES, PEER_PORT, PEER_V4, PEER_V6, Daemon, bench_run, need_root, notifications,
-                      sha256_file, unique_python)
+                      sha256_file, unique_python, wait_for)
 from http_services import API_KEY, FakeVirusTotal, FileServer, stats
 
 IGNORED_PORT = 7399
@@ -31,21 +31,17 @@ def traffic(exe, mode, host, nbytes, names=None, port=PEER_PORT):
     """traffic.py run by exe as root; with names, in a mount namespace whose
     /etc/hosts has them, so that getaddrinfo answers from it."""
     argv = [exe, os.path.join(os.path.dirname(exe), "traffic.py"), mode, host, str(port), str(nbytes)]
+    home = tempfile.mkdtemp(prefix="ps-hosts-")
     if names:
-        home = tempfile.mkdtemp(prefix="ps-hosts-")
         argv = bench_run.private_resolver(argv, home, names)
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout) if out.stdout.strip() else {}
 
 
-def wait_for(predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.3)
-    return predicate()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import picosnitch
+from conftest import wait_for
 from sqlservers import PASSWORD
 
 CLIENTS = [("postgres", "psycopg"), ("postgres", "psycopg2"), ("mariadb", "mariadb"), ("mariadb", "pymysql")]
@@ -27,13 +28,6 @@ def remote_sends(server, table):
         return []
 
 
-def wait_for(predicate, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
 
 
 @pytest.fixture(params=CLIENTS, ids=[c for _, c in CLIENTS])
