@@ -1089,11 +1089,11 @@ BPF_PERF_OUTPUT(events);
 BPF_ARRAY(epoch, u32, 1);
 BPF_HASH(conns0, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_HASH(conns1, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
-BPF_TABLE("lru_hash", struct flow_t, struct peer_t, send_peers, $MAX_THREADS);
 BPF_TABLE("lru_hash", u64, struct peer_t, recv_peers, $MAX_CONNS);     /* by socket */
 BPF_TABLE("lru_hash", u64, u32, tcp_seq, $MAX_CONNS);
 BPF_HASH(gai, u64, struct gai_t, 1024);
 BPF_ARRAY(stats, u64, $N_STATS);
+$PEER_STORE
 BPF_PERCPU_ARRAY(scratch, struct exec_event_t, 1);
 /* the executable image of the task last seen on a CPU, valid while the exec
    generation (bumped at every exec and fork) is unchanged */
@@ -1263,7 +1263,7 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
     u64 sk_id = (u64)sk;
     struct flow_t flow = {bpf_get_current_pid_tgid(), 0, F_SOCK_PROTOCOL(sk)};
     if (PS_IS_UDP(flow.proto)) flow.sport = S_SK_NUM(head);
-    struct peer_t *peer = dir == DIR_SEND ? send_peers.lookup(&flow) : recv_peers.lookup(&sk_id);
+    struct peer_t *peer = dir == DIR_SEND ? noted_peer(&flow) : recv_peers.lookup(&sk_id);
     if (peer) {                                /* peers are noted as IPv6 (v4-mapped) */
         if (family == PS_AF_INET) __builtin_memcpy(key.raddr, &peer->addr[12], 4);
         else __builtin_memcpy(key.raddr, peer->addr, 16);
@@ -1278,13 +1278,7 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
 static __always_inline void note_send_peer(struct flow_t *id, struct peer_t *peer) {
     if (!id->proto) return;                             /* input route: not a send */
     id->sport = PS_IS_UDP(id->proto) ? swap16(id->sport) : 0;
-    struct peer_t *noted = send_peers.lookup(id);
-    if (noted) {
-        __builtin_memcpy(noted->addr, peer->addr, 16);
-        noted->port = peer->port;
-    } else {
-        send_peers.update(id, peer);
-    }
+    note_peer(id, peer);
 }
 
 RAW_TRACEPOINT_PROBE(fib_table_lookup) {
@@ -1498,6 +1492,58 @@ int on_getaddrinfo_return(struct pt_regs *ctx) {
 }
 """
 
+# where a thread's route lookups note the destinations of its datagrams, for
+# the send that follows: the task's own storage (Linux >= 5.11, so always with
+# the sock tracepoints: no hash lookup on every send), else a hash by thread
+PEER_STORES = {
+    "task": r"""
+#define PEER_SLOTS 8
+struct flow_note_t { u16 sport; u16 proto; u32 pad; struct peer_t peer; };
+struct send_notes_t { u32 next; u32 pad; struct flow_note_t slot[PEER_SLOTS]; };
+BPF_TASK_STORAGE(send_notes, struct send_notes_t);
+static __always_inline struct peer_t *noted_peer(struct flow_t *id) {
+    struct send_notes_t *n = send_notes.task_storage_get(bpf_get_current_task_btf(), 0, 0);
+    if (!n) return 0;
+    #pragma unroll
+    for (int i = 0; i < PEER_SLOTS; i++)
+        if (n->slot[i].sport == id->sport && n->slot[i].proto == id->proto) return &n->slot[i].peer;
+    return 0;
+}
+/* the slot of this flow, else the oldest one */
+static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
+    struct send_notes_t *n = send_notes.task_storage_get(bpf_get_current_task_btf(), 0,
+                                                         BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!n) return;
+    u32 at = n->next;
+    #pragma unroll
+    for (int i = 0; i < PEER_SLOTS; i++)
+        if (n->slot[i].sport == id->sport && n->slot[i].proto == id->proto) at = i;
+    if (at == n->next) n->next = (at + 1) % PEER_SLOTS;
+    struct flow_note_t *slot = &n->slot[at % PEER_SLOTS];
+    slot->sport = id->sport;
+    slot->proto = id->proto;
+    __builtin_memcpy(slot->peer.addr, peer->addr, 16);
+    slot->peer.port = peer->port;
+}
+""",
+    "hash": r"""
+BPF_TABLE("lru_hash", struct flow_t, struct peer_t, send_peers, $MAX_THREADS);
+static __always_inline struct peer_t *noted_peer(struct flow_t *id) {
+    return send_peers.lookup(id);
+}
+static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
+    struct peer_t *noted = send_peers.lookup(id);
+    if (noted) {
+        __builtin_memcpy(noted->addr, peer->addr, 16);
+        noted->port = peer->port;
+    } else {
+        send_peers.update(id, peer);
+    }
+}
+""",
+}
+PEER_STORE_OF_MODE = {"tracepoint": "task", "kprobe": "hash"}
+
 # socket hooks: sock tracepoints (Linux >= 6.3), else kprobes on the send/receive path
 SOCK_HOOKS = {
     "tracepoint": r"""
@@ -1551,7 +1597,8 @@ def bpf_text(btf: BTF, mode: str) -> str:
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
         PRELUDE=bpf_prelude(btf), STRUCTS=structs,
         MAX_CONNS=MAX_CONNS, MAX_THREADS=MAX_THREADS, N_STATS=len(STATS),
-        SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS))
+        SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS),
+        PEER_STORE=string.Template(PEER_STORES[PEER_STORE_OF_MODE[mode]]).substitute(MAX_THREADS=MAX_THREADS))
 
 
 ###############################################################################

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """How fast `picosnitch view` answers on a big log.
 
-Generates a snitch.db of ROWS rows (default one million) the way the daemon
-writes them (one row per connection per 10 s window, shared contime, a few
-hundred programs and thousands of domains with long-tailed use), then:
+Generates a snitch.db of ROWS rows (default one million over 30 days) the
+way the daemon writes them (one row per connection per 10 s window, shared
+contime, a few hundred programs and thousands of domains with long-tailed
+use), then:
 
 1. times each key press of a scripted session inside the viewer: the key's
    action and the drawing of an 80x24 screen (Viewer.press + Viewer.screen,
@@ -49,8 +50,10 @@ def pareto(n, alpha=1.1):
     return min(int(random.paretovariate(alpha)) - 1, n - 1)
 
 
-def generate(path, rows, days=30):
-    """rows rows over `days` days, newest last, as the primary writes them."""
+def generate(path, rows):
+    """rows rows as the primary writes them, newest last, over 30 days for a
+    million rows (fewer days for fewer rows: about 4 rows a window)."""
+    days = max(1, min(30, rows // 33000))
     random.seed(7)
     con = picosnitch.db_open(path, (os.getuid(), os.getgid()))
     exes = [f"/usr/bin/program-{i}" for i in range(400)]
@@ -71,7 +74,7 @@ def generate(path, rows, days=30):
                           f"{name} --profile default", f"{e:064x}", "/usr/lib/systemd/systemd", "systemd",
                           "/sbin/init", "f" * 64, 1000 if e % 3 else 0, lport, rport, "192.168.1.20",
                           f"10.{d % 200}.{d // 200 % 250}.{e % 250}", domain, "tcp"))
-        live = live[count // 2:]
+        live = live[max(1, count // 2):]
         written += count
         if len(batch) >= 50000 or w == windows - 1:
             picosnitch.db_insert(con, batch)
