@@ -2651,6 +2651,12 @@ def geoip_download(template: str, path: str, owner: typing.Tuple[int, int], toda
 def geoip_keeper(config: Config, directory: str, owner: typing.Tuple[int, int], reporter: "Reporter") -> None:
     """Thread body: keep the GeoIP database fresh, checking daily; one report per failure streak."""
     path, failing = os.path.join(directory, GEOIP_NAME), False
+    try:
+        for module in ("maxminddb", "requests"):       # maxminddb comes with geoip2
+            __import__(module)
+    except ImportError as e:
+        reporter.error(f"\"GeoIP lookup\" needs geoip2 and requests ({e}); the country database is not kept")
+        return
     while True:
         if geoip_stale(path, time.time()):
             try:
@@ -2767,7 +2773,11 @@ class Primary:
         self.remote = None
         if self.config.db_sql_server:
             self.remote = RemoteWriter(self.config.db_sql_server, rt.directory, rt.owner, rt.reporter)
-        self.vt = VirusTotal(self.config, rt.reporter) if self.config.vt_api_key else None
+        self.vt = None
+        try:
+            self.vt = VirusTotal(self.config, rt.reporter) if self.config.vt_api_key else None
+        except ImportError as e:
+            rt.reporter.error(f"VirusTotal look-ups need requests ({e}); hashes are not checked")
         for exe, sha in unchecked_hashes(self.record) if self.vt else []:
             self.vt.ask(exe, sha)
         if self.config.geoip_lookup:

@@ -18,12 +18,15 @@ setup(
     long_description=open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")).read(),
     long_description_content_type="text/markdown",
     license="GPL-3.0-or-later",
-    python_requires=">=3.8",
+    python_requires=">=3.9",
     py_modules=["picosnitch"],
     entry_points={"console_scripts": ["picosnitch = picosnitch:main"]},
     extras_require={
         "notifications": ["dbus-python"],
-        "full": ["dbus-python"],
+        "virustotal": ["requests"],
+        "geoip": ["geoip2", "requests"],
+        "view": ["numpy"],
+        "full": ["dbus-python", "requests", "geoip2", "numpy"],
     },
     classifiers=[
         "Environment :: No Input/Output (Daemon)",
