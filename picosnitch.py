@@ -3288,6 +3288,7 @@ class Viewer:
         self.message, self.problem = "", ""
         self.entries: typing.List[typing.Tuple[int, int, int]] = []
         self.computed: typing.Optional[tuple] = None
+        self.shown = (0, 0)           # the time span the entries were computed for
         self.refresh(progress)
 
     # -- data ---------------------------------------------------------------
@@ -3329,7 +3330,7 @@ class Viewer:
     def current(self) -> typing.List[typing.Tuple[int, int, int]]:
         key = (self.view, self.range, self.offset, tuple(dataclasses.astuple(f) for f in self.filters), len(self.log))
         if key != self.computed and not self.problem:
-            start, end = self.span()
+            start, end = self.shown = self.span()
             mask = self.log.select(self.filters, start, end)
             self.entries = self.log.totals(VIEWS[self.view][1], mask, self.bucket()[0])
             self.computed = key
@@ -3442,7 +3443,7 @@ class Viewer:
     def heading(self) -> str:
         name, seconds = TIME_RANGES[self.range]
         if seconds:
-            start, end = self.span()
+            start, end = self.shown if self.computed else self.span()
             fmt = lambda t: time.strftime("%m-%d %H:%M", time.gmtime(t))
             when = f"{name} {fmt(start)} to {fmt(end - 1)}" + (f" (-{self.offset})" if self.offset else "")
         else:

@@ -330,3 +330,16 @@ def test_viewing_a_log_written_by_the_daemon(tmp_path, peers, exe_dir):
             t.close()
         assert d.stop() == 0
     shutil.rmtree(tmp_path / ".config", ignore_errors=True)
+
+
+def test_amounts_text_fitting_and_times():
+    units = {name: (name, div, bits) for name, div, bits in picosnitch.UNITS}
+    assert picosnitch.format_amount(999, units["bytes"]) == "999 B"
+    assert picosnitch.format_amount(1_500_000, units["bytes"]) == "1.5 MB"
+    assert picosnitch.format_amount(1_500_000, units["bits"]) == "12.0 Mb"
+    assert picosnitch.format_amount(1_500_000, units["kB"]) == "1500.0 kB"
+    assert picosnitch.format_amount(3, units["b"]) == "24 b"
+    assert picosnitch.fit("ab\x1b[1m\x00c", 8) == "ab?[1m?c"
+    assert picosnitch.fit("数据库名", 5) == "数据 " and picosnitch.fit("x" * 30, 4) == "xxxx"
+    assert picosnitch.local_seconds(b"1970-01-02 00:00:01") == 86401
+    assert picosnitch.local_seconds(b"yesterday") == -1 and picosnitch.local_seconds(None) == -1
