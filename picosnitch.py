@@ -1309,8 +1309,10 @@ RAW_TRACEPOINT_PROBE(fib6_table_lookup) {
    tail of the receive queue, is the peer of the socket's next receive */
 RAW_TRACEPOINT_PROBE(sk_data_ready) {
     void *sk = (void *)ctx->args[0];
-    u16 family = F_SK_FAMILY(sk);
-    if (F_SK_DPORT(sk) || (family != PS_AF_INET && family != PS_AF_INET6) || F_SOCK_PROTOCOL(sk) == PS_TCP)
+    u8 span[SPAN_SK_HEAD_LEN];                          /* port and family in one read */
+    bpf_probe_read_kernel(span, sizeof(span), sk + SPAN_SK_HEAD_START);
+    u16 family = S_SK_FAMILY(span);
+    if (S_SK_DPORT(span) || (family != PS_AF_INET && family != PS_AF_INET6) || F_SOCK_PROTOCOL(sk) == PS_TCP)
         return 0;
     void *skb = read_ptr(sk, SK_RECEIVE_QUEUE_PREV);
     if (!skb || skb == sk + OFF_SK_RECEIVE_QUEUE) return 0;     /* empty queue */
