@@ -464,7 +464,8 @@ CONFIG_KEYS = {
     "VT file upload": ("vt_file_upload", (bool,), "true or false"),
     "VT request limit (seconds)": ("vt_request_limit_seconds", (int, float), "a number of seconds >= 0"),
     "VT API address": ("vt_api_address", (str,), "an http(s) address"),
-    "GeoIP download address": ("geoip_download_address", (str,), "an http(s) address"),
+    "GeoIP download address": ("geoip_download_address", (str,),
+                               "an http(s) address, where {year} and {month} may be filled in"),
 }
 
 # checks beyond the type: attribute -> predicate on the value
@@ -476,8 +477,17 @@ CONFIG_RANGES = {
     "set_st_dev_mask": lambda v: v is None or v >= 0,
     "vt_request_limit_seconds": lambda v: v >= 0,
     "vt_api_address": lambda v: v.startswith(("http://", "https://")),
-    "geoip_download_address": lambda v: v.startswith(("http://", "https://")),
+    "geoip_download_address": lambda v: v.startswith(("http://", "https://")) and fills_year_month(v),
 }
+
+
+def fills_year_month(template: str) -> bool:
+    """Whether an address template takes {year} and {month} (and no other field)."""
+    try:
+        template.format(year="2026", month="01")
+        return True
+    except (KeyError, IndexError, ValueError):
+        return False
 
 
 class IgnoreRules(typing.NamedTuple):
@@ -521,7 +531,11 @@ def ignore_rules(entries: list, source: str = CONFIG_NAME) -> IgnoreRules:
             hashes.add(item.lower())
         elif ip_network(item):
             networks.append(ip_network(item))
-        elif item and all(DOMAIN_LABEL.fullmatch(label) for label in item.rstrip(".").split(".")):
+        elif item.isdigit():
+            raise PicosnitchError(f"{source}: 'Log ignore' entry {json.dumps(item)}: write ports as numbers, "
+                                  "without quotes")
+        elif item and all(DOMAIN_LABEL.fullmatch(label) for label in item.rstrip(".").split(".")) \
+                and not item.split(".")[0].isdigit():        # a top-level domain is never a number
             domains.append(".".join(reversed(item.rstrip(".").lower().split("."))))
         else:
             raise PicosnitchError(f"{source}: 'Log ignore' entry {json.dumps(item)} is not a port, "
@@ -742,9 +756,9 @@ def text_log_line(row: tuple) -> str:
 
 # the remote copy: client module -> SQL dialect; dialect -> column types
 SQL_DIALECTS = {"mariadb": "mysql", "pymysql": "mysql", "psycopg": "postgres", "psycopg2": "postgres"}
-SQL_TYPES = {"mysql": {"contime": "DATETIME NOT NULL", "send": "BIGINT", "recv": "BIGINT"},
-             "postgres": {"contime": "TIMESTAMP NOT NULL", "send": "BIGINT", "recv": "BIGINT"}}
-SQL_INTEGERS = ("uid", "lport", "rport")
+SQL_TYPES = {"mysql": {"contime": "DATETIME NOT NULL", "send": "BIGINT", "recv": "BIGINT", "uid": "BIGINT"},
+             "postgres": {"contime": "TIMESTAMP NOT NULL", "send": "BIGINT", "recv": "BIGINT", "uid": "BIGINT"}}
+SQL_INTEGERS = ("lport", "rport")      # uid is BIGINT: uids go up to 2**32 - 2
 SQL_SECRET_KEYS = re.compile(r"pass|secret|token|key|dsn|conninfo", re.IGNORECASE)
 
 

@@ -327,6 +327,14 @@ class Bpftrace(LineTool):
               "interval:s:1 { print(@b); clear(@b); }")
     cmd = ["bpftrace", "-e", SCRIPT]
 
+    def start(self):
+        # bpftrace finds tracepoints through tracefs, which nothing may have mounted
+        # (picosnitch mounts it for itself, in its own mount namespace here)
+        with open("/proc/self/mounts") as f:
+            if not any(line.split()[2] == "tracefs" for line in f):
+                subprocess.run(["mount", "-t", "tracefs", "tracefs", "/sys/kernel/tracing"], check=True)
+        super().start()
+
     def parse(self, line):
         m = re.match(r"@b\[(.*)\]: (\d+)", line.strip())
         if m:

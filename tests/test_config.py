@@ -47,10 +47,13 @@ BAD = [
     ('{"Log ignore": [70000]}', "'Log ignore' entry 70000 is not a port"),
     ('{"Log ignore": ["10.0.0.0/33"]}', "'Log ignore' entry \"10.0.0.0/33\" is not a port, sha256 hash, IP subnet"),
     ('{"Log ignore": ["not a domain!"]}', "'Log ignore' entry \"not a domain!\" is not a port"),
+    ('{"Log ignore": ["53"]}', "'Log ignore' entry \"53\": write ports as numbers, without quotes"),
+    ('{"Log ignore": ["10.1.2"]}', "'Log ignore' entry \"10.1.2\" is not a port"),
     ('{"DB sql server": {"host": "db"}}', "'DB sql server' needs \"client\": one of mariadb, psycopg, psycopg2, pymysql"),
     ('{"DB sql server": {"client": "pymysql", "table_name": "x; DROP TABLE y"}}',
      "table_name must be a plain SQL identifier (letters, digits, _), found \"x; DROP TABLE y\""),
     ('{"VT API address": "ftp://vt"}', "'VT API address' must be an http(s) address"),
+    ('{"GeoIP download address": "https://x/{day}.mmdb"}', "'GeoIP download address' must be an http(s) address, where"),
     ('[1, 2]', "expected a JSON object of settings, found list"),
 ]
 

@@ -122,7 +122,7 @@ def test_row_queue_keeps_order_across_connections(tmp_path):
 def test_remote_schema_uses_only_the_checked_table_name():
     db = picosnitch.RemoteDB({"client": "psycopg2", "table_name": "snitch_log"})
     assert db.schema().startswith("CREATE TABLE IF NOT EXISTS snitch_log (contime TIMESTAMP NOT NULL, send BIGINT")
-    assert "uid INTEGER" in db.schema() and "domain TEXT" in db.schema()
+    assert "uid BIGINT" in db.schema() and "lport INTEGER" in db.schema() and "domain TEXT" in db.schema()
     assert "DATETIME" in picosnitch.RemoteDB({"client": "pymysql"}).schema()
     secrets = picosnitch.sql_secrets({"client": "psycopg", "password": "hunter2", "host": "db", "passwd": "x9"})
     assert picosnitch.without_secrets("login hunter2 failed for x9 at db", secrets) == "login *** failed for *** at db"
