@@ -2457,6 +2457,8 @@ class ReverseNames:
 
 
 RETRY_DELAYS = (1, 2, 4, 8, 15)     # seconds between attempts while the SQL server fails
+# DB-API errors about the rows themselves: the server is up but will never take them
+SQL_DATA_ERRORS = ("DataError", "IntegrityError")
 REMOTE_QUEUE_NAME = "sql-server-queue.db"
 
 
@@ -2500,13 +2502,19 @@ class RemoteWriter:
         con.close()
 
     def send(self, entry: int, rows: typing.List[tuple], con: sqlite3.Connection) -> bool:
+        """One queued batch to the server: True when it is done with (written, or refused for its data)."""
         try:
             self.db.insert(rows)
         except Exception as e:
             self.db.close()
+            message = without_secrets(f"{type(e).__name__}: {e}".strip(), self.secrets)
+            if any(c.__name__ in SQL_DATA_ERRORS for c in type(e).__mro__):    # retrying would fail the same way
+                self.reporter.error(f"the SQL server ({self.db.client}) refused {len(rows)} rows: {message}; "
+                                    "they are left out there (snitch.db has them)")
+                RowQueue.done(con, entry)
+                return True
             self.failures += 1
             if self.failures == 1:
-                message = without_secrets(f"{type(e).__name__}: {e}".strip(), self.secrets)
                 self.reporter.error(f"could not write to the SQL server ({self.db.client}): {message}; "
                                     "rows are kept and retried in order")
             return False
@@ -3569,7 +3577,7 @@ commands:
   version          show the version
   help             show this help
 
-files: ~/.config/picosnitch/ (config.json, record.json, snitch.db, exe.log, error.log)
+files: ~/.config/picosnitch/ (config.json, record.json, snitch.db, exe.log, error.log, conn.log)
 """
 
 

@@ -119,3 +119,16 @@ def test_refused_login_keeps_rows_for_the_next_start(tmp_path, server_client):
     assert wait_for(lambda: remote_sends(server, table) == list(range(8)))
     w.stop()
     assert picosnitch.RowQueue.count(queue.open()) == 0
+
+
+def test_rows_the_server_refuses_are_left_out_without_holding_up_the_rest(tmp_path, server_client):
+    server, client = server_client
+    table = f"refused_rows_{client}"
+    w = writer(tmp_path, server.settings(client, table_name=table))
+    bad = [rows(client, 1, 5)[0][:12] + (10 ** 12,) + rows(client, 1, 5)[0][13:]]     # lport out of range
+    w.put(rows(client, 2))
+    w.put(bad)
+    w.put(rows(client, 2, 2))
+    assert wait_for(lambda: remote_sends(server, table) == [0, 1, 2, 3])
+    w.stop()
+    assert len(errors(tmp_path)) == 1 and f"the SQL server ({client}) refused 1 rows" in errors(tmp_path)[0]
