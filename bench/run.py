@@ -369,7 +369,62 @@ class Nethogs(LineTool):
         return ("PARTIAL", 0) if unknown else ("FAIL", 0)
 
 
-TOOLS = {"picosnitch": Picosnitch, "bpftrace": Bpftrace, "nethogs": Nethogs}
+class Opensnitch(LineTool):
+    """opensnitchd in its /proc mode (detection only): with no UI it applies a rule
+    that allows and logs every new connection, '✔ EXE -> ADDR:PORT (rule)'."""
+    name, layer, warmup = "opensnitch", "detection", 5
+    RULE = {"created": "2026-01-01T00:00:00Z", "updated": "2026-01-01T00:00:00Z", "name": "000-bench-log-all",
+            "enabled": True, "precedence": False, "action": "allow", "duration": "always",
+            "operator": {"type": "simple", "operand": "true", "sensitive": False, "data": "", "list": []}}
+    LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\].*✔ (\S+) -> (\S+):(\d+) ")
+    ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+    def __init__(self, workdir):
+        super().__init__(workdir)
+        self.rules = os.path.join(workdir, "opensnitch-rules")
+        os.makedirs(self.rules, exist_ok=True)
+        with open(os.path.join(self.rules, "000-bench-log-all.json"), "w") as f:
+            json.dump(self.RULE, f)
+        self.cmd = ["opensnitchd", "-debug", "-process-monitor-method", "proc", "-rules-path", self.rules,
+                    "-ui-socket", f"unix://{workdir}/opensnitch-no-ui.sock"]
+        self.seen = []          # (local time, exe, address, port) of every connection it judged
+        self.tables = set()
+
+    def start(self):
+        # opensnitch adds iptables(-nft) tables to the host's ruleset: note the
+        # ones there before, to remove only its own afterwards
+        self.tables = set(nft_tables())
+        super().start()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for family, table in set(nft_tables()) - self.tables:
+            subprocess.run(["nft", "delete", "table", family, table], capture_output=True)
+
+    def parse(self, line):
+        m = self.LINE.search(self.ANSI.sub("", line))
+        if m:
+            self.seen.append(m.groups())
+
+    def result(self, exe, comm, peer, since):
+        with self.lock:
+            to_peer = [s[1] for s in self.seen if s[2] == peer and s[0] >= since]
+        if exe in to_peer:
+            return "PASS", 0
+        return ("PARTIAL", 0, "seen as: " + ", ".join(sorted(set(to_peer)))) if to_peer else ("FAIL", 0)
+
+
+def nft_tables():
+    out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    return [tuple(line.split()[1:3]) for line in out.splitlines() if line.startswith("table ")]
+
+
+TOOLS = {"picosnitch": Picosnitch, "bpftrace": Bpftrace, "nethogs": Nethogs, "opensnitch": Opensnitch}
 
 
 ###############################################################################
@@ -416,10 +471,11 @@ def run_scenario(scenario, gen, workdir, trial, tools):
     result = {"status": "ran", "app": app["sent"] + app["received"], "wire": wire, "tools": {}}
     for tool in tools:
         detection, counted, *note = tool.result(exe, comm, HOSTS[scenario.where], since)
-        reference = result["app"] if tool.layer == "socket" else wire
+        reference = {"socket": result["app"], "packet": wire}.get(tool.layer)
+        counts = reference is not None      # a detection-only tool counts no bytes
         result["tools"][tool.name] = {"detection": detection, "bytes": counted or 0, "note": " ".join(note),
-                                      "bandwidth": bandwidth_verdict(detection, counted or 0, reference),
-                                      "error_pct": error_pct(counted or 0, reference)}
+                                      "bandwidth": bandwidth_verdict(detection, counted or 0, reference) if counts else "n/a",
+                                      "error_pct": error_pct(counted or 0, reference) if counts else None}
     return result
 
 
@@ -434,7 +490,7 @@ def bandwidth_verdict(detection, counted, reference):
     return "PASS" if error <= 0.10 else "PARTIAL" if error <= 0.25 else "FAIL"
 
 
-RANK = {"PASS": 0, "PARTIAL": 1, "FAIL": 2}
+RANK = {"PASS": 0, "PARTIAL": 1, "FAIL": 2, "n/a": 3}
 
 
 def cell(verdicts):
@@ -530,7 +586,8 @@ def versions():
             return "not installed"
     bcc = first_line("dpkg-query", "-W", "-f", "${Version}", "python3-bpfcc")
     return {"picosnitch": first_line(PYTHON, PICOSNITCH, "version"), "bcc (python3-bpfcc)": bcc,
-            "bpftrace": first_line("bpftrace", "--version"), "nethogs": first_line("nethogs", "-V")}
+            "bpftrace": first_line("bpftrace", "--version"), "nethogs": first_line("nethogs", "-V"),
+            "opensnitch": first_line("opensnitchd", "-version")}
 
 
 def mb(n):
@@ -665,7 +722,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description="picosnitch benchmark")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--scenarios", default=",".join(s.sid for s in SCENARIOS))
-    p.add_argument("--tools", default="picosnitch,bpftrace,nethogs")
+    p.add_argument("--tools", default="picosnitch,bpftrace,nethogs,opensnitch")
     p.add_argument("--smoke", action="store_true", help=f"{','.join(SMOKE)}, one trial, picosnitch only, short loops")
     p.add_argument("--report", default=None, help="where to write the scorecard (default bench/reports/DATE-KERNEL.md)")
     p.add_argument("--sustain", type=int, default=30, help="seconds of the sustained send-rate run")
