@@ -214,22 +214,23 @@ def session_bus(tmp_path_factory):
         proc.wait()
 
 
+def served(kind):
+    need_root()
+    server = kind().start()
+    yield server
+    server.remove()
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A private PostgreSQL server (Debian's package) on 127.0.0.1:55432."""
-    need_root()
-    server = sqlservers.Postgres().start()
-    yield server
-    server.remove()
+    yield from served(sqlservers.Postgres)
 
 
 @pytest.fixture(scope="session")
 def mariadb():
     """A private MariaDB server (Debian's package) on 127.0.0.1:33306."""
-    need_root()
-    server = sqlservers.MariaDB().start()
-    yield server
-    server.remove()
+    yield from served(sqlservers.MariaDB)
 
 
 def notifications(record):
