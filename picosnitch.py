@@ -3313,6 +3313,7 @@ class Viewer:
         self.entries: typing.List[typing.Tuple[int, int, int]] = []
         self.computed: typing.Optional[tuple] = None
         self.shown = (0, 0)           # the time span the entries were computed for
+        self.users: typing.Dict[int, str] = {}
         self.refresh(progress)
 
     # -- data ---------------------------------------------------------------
@@ -3372,10 +3373,12 @@ class Viewer:
         if value is None:
             return "(not logged)"
         if column == "uid":
-            try:
-                return f"{pwd.getpwuid(value).pw_name} ({value})"
-            except KeyError:
-                return str(value)
+            if value not in self.users:      # looked up once, not at every redraw
+                try:
+                    self.users[value] = f"{pwd.getpwuid(value).pw_name} ({value})"
+                except KeyError:
+                    self.users[value] = str(value)
+            return self.users[value]
         if column == "raddr" and value and self.geoip is not None:
             value = value.decode("utf-8", "replace")
             country = self.geoip.country(value)
