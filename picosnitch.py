@@ -15,21 +15,27 @@ Processes (all started by the supervisor, which restarts one that dies)::
       |     lookups, sched exec/fork/exit, getaddrinfo uprobe; bytes are
       |     summed per connection in maps, drained once per write window)
       v
-    reader --exec notices--> monitor (FD cache by device+inode, sha256,
-      |                        ^      fanotify re-hash on modification)
-      | window batches         | hash requests / results
-      v                        v
-    primary -> snitch.db, record.json, exe.log, error.log
+    supervisor (root: loads the program, holds its maps and perf buffers)
       |
+    reader --exec notices--> monitor (FD cache by device+inode, sha256 at
+      |  root, CAP_SYS_PTRACE ^  exec, fanotify; root, CAP_DAC_READ_SEARCH
+      |                       |  and CAP_SYS_PTRACE)
+      | windows (acked)       | hash requests / answers
+      v                       v
+    primary (the user, no capabilities) -> snitch.db, record.json, conn.log,
+      |                                    remote SQL copy, VirusTotal, GeoIP
       v
-    notifier -> org.freedesktop.Notifications on the user's session bus
+    notifier (the user) -> error.log, exe.log, desktop notifications
+
+Messages between processes are JSON over SOCK_SEQPACKET pairs: the user's
+processes can never make a root process run code or write a file.
 
 Table of contents (each numbered section uses only the ones above it):
      1. header (this docstring)
      2. imports
      3. constants and paths
      4. small utilities
-     5. types shared by the kernel program and the processes, reporting
+     5. types shared by the kernel program and the processes, messages, reporting
      6. configuration
      7. storage (all SQL lives here)
      8. BTF reader and the BPF program text
@@ -40,7 +46,7 @@ Table of contents (each numbered section uses only the ones above it):
     13. notifications
     14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
     15. primary process
-    16. supervisor, daemon and systemd unit
+    16. supervisor, privileges, daemon and systemd unit
     17. terminal viewer
     18. command line
 
@@ -76,12 +82,14 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat as stat_module
 import string
 import struct
 import sys
 import tempfile
 import threading
 import time
+import traceback
 import typing
 import unicodedata
 
@@ -159,33 +167,42 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def user_identity(environ: typing.Mapping[str, str] = os.environ) -> typing.Tuple[int, int, str]:
-    """(uid, gid, home) of the user picosnitch works for: SUDO_USER under sudo."""
+class User(typing.NamedTuple):
+    """The user picosnitch works for: their files, settings and session."""
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+    @property
+    def directory(self) -> str:
+        return os.path.join(self.home, ".config", "picosnitch")
+
+
+def user_identity(environ: typing.Mapping[str, str] = os.environ) -> User:
+    """SUDO_USER under sudo, else whoever runs picosnitch (with $HOME as home)."""
     name = environ.get("SUDO_USER")
     if name:
-        entry = pwd.getpwnam(name)
-        return entry.pw_uid, entry.pw_gid, entry.pw_dir
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            raise PicosnitchError(f"SUDO_USER names no user: {name!r}")
+        return User(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
     uid = os.getuid()
     try:
         entry = pwd.getpwuid(uid)
-        return uid, entry.pw_gid, environ.get("HOME") or entry.pw_dir
+        return User(entry.pw_name, uid, entry.pw_gid, environ.get("HOME") or entry.pw_dir)
     except KeyError:
-        return uid, os.getgid(), environ.get("HOME", "/root")
+        return User(str(uid), uid, os.getgid(), environ.get("HOME", "/"))
 
 
 def config_dir(environ: typing.Mapping[str, str] = os.environ) -> str:
-    return os.path.join(user_identity(environ)[2], ".config", "picosnitch")
+    return user_identity(environ).directory
 
 
-def make_private(path: str, owner: typing.Tuple[int, int], mode: int = 0o600) -> None:
-    """Give a file or directory to the user and make it readable by them only."""
-    os.chmod(path, mode)
-    if os.geteuid() == 0:
-        os.chown(path, *owner)
-
-
-def write_atomic(path: str, data: bytes, owner: typing.Tuple[int, int]) -> None:
-    """Replace a file with new content: temp file, fsync, rename."""
+def write_atomic(path: str, data: bytes) -> None:
+    """Replace a file with new content, private to whoever runs this: temp
+    file, fsync, rename. The caller runs as the owner of the directory."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
@@ -193,7 +210,6 @@ def write_atomic(path: str, data: bytes, owner: typing.Tuple[int, int]) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        make_private(tmp, owner)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -206,23 +222,17 @@ def write_atomic(path: str, data: bytes, owner: typing.Tuple[int, int]) -> None:
         os.close(dir_fd)
 
 
-def append_line(path: str, line: str, owner: typing.Tuple[int, int]) -> None:
-    """Append one line to a log file, created private to the user, and fsync."""
-    append_lines(path, [line], owner)
-
-
-def append_lines(path: str, lines: typing.Sequence[str], owner: typing.Tuple[int, int]) -> None:
-    """Append lines to a log file in one write, created private to the user, and fsync."""
-    created = not os.path.exists(path)
+def append_lines(path: str, lines: typing.Sequence[str]) -> None:
+    """Append lines to a log file in one write (created 0600) and fsync."""
     data = b"".join(line.rstrip("\n").encode("utf-8", "replace") + b"\n" for line in lines)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, data)
+        written = os.write(fd, data)
+        if written != len(data):         # a full disk can cut a write short
+            raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written")
         os.fsync(fd)
     finally:
         os.close(fd)
-    if created:
-        make_private(path, owner)
 
 
 def one_line(message: str) -> str:
@@ -247,13 +257,13 @@ def cmdline_text(raw: bytes) -> str:
 def libc() -> ctypes.CDLL:
     return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
-
 ###############################################################################
-# 5. types shared by the kernel program and the processes, reporting
+# 5. types shared by the kernel program and the processes, messages, reporting
 ###############################################################################
 # The ctypes structures below are the single definition of what the BPF
 # program and user space exchange: c_struct() renders them as C for the
-# program text, and the reader decodes events with them.
+# program text, and the reader decodes events with them. The messages after
+# them are everything the processes say to each other.
 
 PATH_DEPTH = 32      # directory levels of an executable's path sent at exec
 NAME_LEN = 64        # bytes of each path component (longer ones: path unknown)
@@ -262,32 +272,33 @@ DNS_ADDRS = 8        # addresses per getaddrinfo answer
 
 
 class ProcT(ctypes.Structure):
-    """A process image: who it is, what it runs, and its parent."""
-    _fields_ = [("pid", ctypes.c_uint32), ("ppid", ctypes.c_uint32),
-                ("uid", ctypes.c_uint32), ("dev", ctypes.c_uint32),
-                ("pdev", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                ("ino", ctypes.c_uint64), ("pino", ctypes.c_uint64),
+    """A process image: who it is, what it runs, its parent and grandparent."""
+    _fields_ = [("pid", ctypes.c_uint32), ("ppid", ctypes.c_uint32), ("gppid", ctypes.c_uint32),
+                ("uid", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("pdev", ctypes.c_uint32),
+                ("gpdev", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("ino", ctypes.c_uint64), ("pino", ctypes.c_uint64), ("gpino", ctypes.c_uint64),
                 ("comm", ctypes.c_char * 16)]
 
 
 class ConnKeyT(ctypes.Structure):
-    """The key under which the kernel sums a connection's bytes, cheap to build
-    on every send: the socket, the executable image (its struct file, new at
-    each exec), process and user, and the peer of unconnected sockets (whose
-    peer changes per datagram; zero otherwise)."""
-    _fields_ = [("sk", ctypes.c_uint64), ("exe", ctypes.c_uint64),
+    """The key under which the kernel sums a connection's bytes, built on every
+    send from one read of the socket: the socket and its protocol (struct
+    proto), family, addresses and ports, so that a socket whose memory is
+    reused, or which connects elsewhere, is a new key; the executable image
+    (its struct file, new at each exec), process and user. Unconnected sockets
+    have the peer of each datagram as remote address and port."""
+    _fields_ = [("sk", ctypes.c_uint64), ("exe", ctypes.c_uint64), ("prot", ctypes.c_uint64),
                 ("pid", ctypes.c_uint32), ("uid", ctypes.c_uint32),
-                ("raddr", ctypes.c_uint8 * 16), ("rport", ctypes.c_uint16),
-                ("pad", ctypes.c_uint16 * 3)]
+                ("raddr", ctypes.c_uint8 * 16), ("laddr", ctypes.c_uint8 * 16),
+                ("rport", ctypes.c_uint16), ("lport", ctypes.c_uint16),
+                ("family", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class ConnInfoT(ctypes.Structure):
-    """What a key stands for, sent once per key and window: the executable's
-    device and inode, family, protocol, local and remote address and port."""
-    _fields_ = [("sk", ctypes.c_uint64), ("ino", ctypes.c_uint64), ("dev", ctypes.c_uint32),
-                ("family", ctypes.c_uint16), ("proto", ctypes.c_uint16),
-                ("lport", ctypes.c_uint16), ("rport", ctypes.c_uint16), ("pad", ctypes.c_uint32),
-                ("laddr", ctypes.c_uint8 * 16), ("raddr", ctypes.c_uint8 * 16)]
+    """What the key does not say, sent once per key and window: the
+    executable's device and inode, and the socket's protocol number."""
+    _fields_ = [("ino", ctypes.c_uint64), ("dev", ctypes.c_uint32),
+                ("proto", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class ConnT(ctypes.Structure):
@@ -307,12 +318,14 @@ class EventHdrT(ctypes.Structure):
 
 
 class ExecT(ctypes.Structure):
-    """argv (args_len bytes) and the executable's path, leaf first (depth
-    slots, empty ones where the walk crossed a mount; complete when it
-    reached the root)."""
+    """argv (args_len bytes), the executable's change time and link count, and
+    its path, leaf first (depth slots, empty ones where the walk crossed a
+    mount). complete is 1 when the walk reached the root, and 2 when the file
+    is in no directory (a memfd): its one slot is then its name."""
     _fields_ = [("depth", ctypes.c_uint16), ("complete", ctypes.c_uint16),
-                ("args_len", ctypes.c_uint32), ("args", ctypes.c_char * ARGS_LEN),
-                ("path", (ctypes.c_char * NAME_LEN) * PATH_DEPTH)]
+                ("args_len", ctypes.c_uint32), ("ctime_sec", ctypes.c_uint64),
+                ("ctime_nsec", ctypes.c_uint32), ("nlink", ctypes.c_uint32),
+                ("args", ctypes.c_char * ARGS_LEN), ("path", (ctypes.c_char * NAME_LEN) * PATH_DEPTH)]
 
 
 class DnsT(ctypes.Structure):
@@ -327,13 +340,18 @@ class EmptyT(ctypes.Structure):
     _fields_: typing.List[typing.Any] = []
 
 
-# event kinds: (number, payload type); the C program gets EV_<NAME> defines
+# event kinds: (number, payload type); the C program gets EV_<NAME> defines.
+# CONN: first bytes of a key in a window (by the task that moved them).
+# CONNECT: a TCP connect begins (by the connecting task; its port may not be
+# chosen yet). OPEN: that connect was answered or refused, and the kernel
+# opened its key for the connecting task (in any context: no process info).
 EVENT_KINDS = {"EXEC": (1, ExecT), "FORK": (2, EmptyT), "EXIT": (3, EmptyT),
-               "CONN": (4, ConnT), "DNS": (5, DnsT), "TUPLE": (6, ConnInfoT)}
+               "CONN": (4, ConnT), "DNS": (5, DnsT), "CONNECT": (6, ConnT), "OPEN": (7, ConnT)}
 
 # counters the kernel keeps in the stats array (index: meaning)
 STATS = {"MAP_FULL": "connection map full: traffic not attributed",
-         "BYTES_UNCOUNTED": "bytes not counted because a map was full"}
+         "BYTES_UNCOUNTED": "bytes not counted because a map was full",
+         "EVENTS_UNSENT": "events the kernel could not hand over (perf buffer full or not ready)"}
 
 _C_TYPES = {ctypes.c_uint8: "u8", ctypes.c_uint16: "u16", ctypes.c_uint32: "u32",
             ctypes.c_uint64: "u64", ctypes.c_char: "char"}
@@ -358,13 +376,23 @@ STRUCT_NAMES = {ProcT: "proc_t", ConnKeyT: "conn_key_t", ConnValT: "conn_val_t",
 
 @dataclasses.dataclass
 class ProcInfo:
-    """What user space knows of a process image (exe is '' when unknown)."""
+    """What user space knows of a process image (exe is '' when unknown).
+    ctime is the executable's change time (ns) when it was executed, and
+    exec_id (pid, kernel time) names that exec; both are 0 for a process
+    that ran before picosnitch saw its exec. ondisk is False for a program
+    that runs from no file on disk (a memfd, a deleted file)."""
     pid: int
     exe: str
     name: str
     cmdline: str
     dev: int          # st_dev of the executable, as stat() reports it
     ino: int
+    ctime: int = 0
+    exec_id: typing.Tuple[int, int] = (0, 0)
+    ondisk: bool = True
+
+
+NO_PROC = ProcInfo(0, "", "", "", 0, 0)
 
 
 @dataclasses.dataclass
@@ -372,6 +400,7 @@ class Conn:
     """One connection's traffic in one write window, as the reader sends it."""
     proc: ProcInfo
     parent: ProcInfo
+    grandparent: ProcInfo
     uid: int
     proto: str
     lport: int
@@ -382,33 +411,181 @@ class Conn:
     send: int
     recv: int
 
+    @classmethod
+    def from_list(cls, values: list) -> "Conn":
+        procs = [ProcInfo(*p[:7], tuple(p[7]), *p[8:]) for p in values[:3]]
+        return cls(*procs, *values[3:])
 
-@dataclasses.dataclass
+
+# -- messages between the processes ----------------------------------------
+# Every message is one of these types. They travel as JSON (never pickle: the
+# user's processes must not be able to make a root process run code) over
+# SOCK_SEQPACKET pairs, one whole message per packet, so a process that dies
+# mid-send cannot leave half a message behind for its successor.
+
+class Ready(typing.NamedTuple):          # reader -> supervisor: polling the kernel
+    mode: str
+
+
+class ExecNotice(typing.NamedTuple):     # reader -> monitor: open and hash this now
+    pid: int
+    dev: int
+    ino: int
+    exe: str
+    ctime: int                           # the executable's change time at exec (ns)
+    exec_id: typing.List[int]
+    fresh: bool                          # changed within a clock tick before the exec
+
+
+class HashRequest(typing.NamedTuple):    # primary -> monitor
+    id: int
+    procs: typing.List[list]             # [pid, dev, ino, exe, ctime, exec_id]
+
+
+class HashAnswer(typing.NamedTuple):     # monitor -> primary: [sha256, why not] per proc
+    id: int
+    results: typing.List[typing.List[str]]
+
+
+class Batch(typing.NamedTuple):          # reader -> primary: part of one window
+    seq: int                             # the window (monotonic ns at its end)
+    part: int
+    last: bool
+    contime: str                         # local time of the window's end, as logged
+    conns: typing.List[Conn]
+
+
+class Hello(typing.NamedTuple):          # primary -> reader: started; resend after this
+    seq: int
+
+
+class Ack(typing.NamedTuple):            # primary -> reader: window seq is written
+    seq: int
+
+
+class Stop(typing.NamedTuple):           # reader -> primary: the last window was sent
+    pass
+
+
+class Report(typing.NamedTuple):         # any -> notifier: for error.log or exe.log
+    kind: str                            # "error" or "exe"
+    text: str
+    detail: str                          # a traceback, written below the line
+
+
+MESSAGES = {cls.__name__: cls for cls in (Ready, ExecNotice, HashRequest, HashAnswer, Batch, Hello, Ack,
+                                          Stop, Report)}
+MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
+
+
+def encode_message(message: typing.NamedTuple) -> bytes:
+    to_list = lambda v: dataclasses.astuple(v) if dataclasses.is_dataclass(v) else list(v)
+    return json.dumps([type(message).__name__, *message], default=to_list).encode()
+
+
+def decode_message(data: bytes) -> typing.NamedTuple:
+    """A message from its JSON; ValueError for anything that is not one."""
+    try:
+        name, *fields = json.loads(data)
+        message = MESSAGES[name](*fields)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"not a message: {e}")
+    if isinstance(message, Batch):
+        message = message._replace(conns=[Conn.from_list(c) for c in message.conns])
+    return message
+
+
+class Channel:
+    """One end of a SOCK_SEQPACKET pair carrying messages."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    @classmethod
+    def pair(cls) -> typing.Tuple["Channel", "Channel"]:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (a, b):
+            try:        # root may go past net.core.wmem_max
+                s.setsockopt(socket.SOL_SOCKET, 32, MESSAGE_BUFFER)     # SO_SNDBUFFORCE
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MESSAGE_BUFFER)
+        return cls(a), cls(b)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, message: typing.NamedTuple, block: bool = True) -> bool:
+        """Send a message; without block, False when the peer's queue is full."""
+        data = encode_message(message)
+        try:
+            self.sock.sendmsg([data], [], 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        return True
+
+    def recv(self, timeout: typing.Optional[float] = None) -> typing.Optional[typing.NamedTuple]:
+        """The next message, or None after timeout seconds without one."""
+        if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
+            return None
+        peek = bytearray(1)
+        size = self.sock.recv_into(peek, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+        data = self.sock.recv(max(size, 1))
+        if not data:
+            raise EOFError("the channel is closed")
+        return decode_message(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Reporter:
-    """The one way to report: errors to error.log, executables to exe.log,
-    both also as desktop notifications; information to standard output."""
-    directory: str
-    owner: typing.Tuple[int, int]
-    queue: typing.Any = None
+    """The one way to report: errors (for error.log) and news about
+    executables (for exe.log) go to the notifier, which writes them and shows
+    them as desktop notifications; information goes to standard output. A
+    failure that lasts is reported once, and again only after it has worked
+    in between (failing/working)."""
 
-    def error(self, message: str) -> None:
+    def __init__(self, channel: typing.Optional[Channel] = None):
+        self.channel = channel
+        self.down: typing.Set[str] = set()
+        self.dropped = 0
+
+    def error(self, message: str, detail: str = "") -> None:
         message = one_line(message)
-        append_line(os.path.join(self.directory, ERROR_LOG_NAME), f"{now_text()} {message}", self.owner)
         print(f"picosnitch: error: {message}", file=sys.stderr, flush=True)
-        self._notify("picosnitch error", message)
+        self.send(Report("error", message, detail))
 
     def exe(self, message: str) -> None:
-        message = one_line(message)
-        append_line(os.path.join(self.directory, EXE_LOG_NAME), f"{now_text()} {message}", self.owner)
-        self._notify("picosnitch", message)
+        self.send(Report("exe", one_line(message), ""))
 
     def info(self, message: str) -> None:
         print(f"picosnitch: {message}", flush=True)
 
-    def _notify(self, summary: str, body: str) -> None:
-        if self.queue is not None:
-            self.queue.put((summary, body))
+    def failing(self, what: str, message: str) -> None:
+        """Report message unless `what` is already known to be failing."""
+        if what not in self.down:
+            self.down.add(what)
+            self.error(message)
 
+    def working(self, what: str, message: str = "") -> None:
+        """`what` works (again); say so if it had failed."""
+        if what in self.down:
+            self.down.discard(what)
+            if message:
+                self.info(message)
+
+    def send(self, report: Report) -> None:
+        """Never blocks: when the notifier cannot keep up, reports are counted
+        as dropped, and the next one that gets through says how many."""
+        if self.channel is None:
+            return
+        if self.dropped:
+            report = report._replace(text=f"{report.text} ({self.dropped} earlier reports were dropped)")
+        try:
+            sent = self.channel.send(report, block=False)
+        except OSError:
+            sent = False
+        self.dropped = 0 if sent else self.dropped + 1
 
 ###############################################################################
 # 6. configuration
@@ -597,43 +774,83 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
     return config
 
 
-def load_config(directory: str, owner: typing.Tuple[int, int]) -> Config:
-    """Read config.json, creating it with the defaults when missing.
+def check_directory(directory: str, uid: int, create: bool = True) -> None:
+    """The config directory must be the user's own real directory (made 0700
+    when missing): picosnitch refuses a symbolic link there, so that no link
+    can send its files elsewhere. Run as the user."""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        if not create:
+            raise PicosnitchError(f"{directory} does not exist")
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.lstat(directory)
+    if stat_module.S_ISLNK(st.st_mode):
+        raise PicosnitchError(f"{directory} is a symbolic link; picosnitch refuses to use it: make it a "
+                              f"real directory owned by you")
+    if not stat_module.S_ISDIR(st.st_mode):
+        raise PicosnitchError(f"{directory} is not a directory")
+    if st.st_uid != uid:
+        raise PicosnitchError(f"{directory} belongs to uid {st.st_uid}, not to the user picosnitch works for "
+                              f"(uid {uid})")
+    if st.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+
+
+def read_config_text(directory: str) -> str:
+    """config.json's text, creating the file with the defaults when missing.
+    Run as the user: the file is theirs, and so is what it can reach.
 
     An existing file is never rewritten: a bad one is refused as it is.
     """
     path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.exists(path):
-        os.makedirs(directory, exist_ok=True)
-        make_private(directory, owner, 0o700)
-        write_atomic(path, config_to_json(Config()).encode(), owner)
-    with open(path, "rb") as f:
-        raw = f.read()
+    if not os.path.lexists(path):
+        write_atomic(path, config_to_json(Config()).encode())
     try:
-        text = raw.decode("utf-8")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise PicosnitchError(f"cannot read {path}: {e.strerror}")
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PicosnitchError(f"{path}: not UTF-8 text (byte {e.start})")
-    return parse_config(text, path)
+
+
+def load_config(directory: str) -> Config:
+    """config.json parsed; PicosnitchError names what is wrong."""
+    return parse_config(read_config_text(directory), os.path.join(directory, CONFIG_NAME))
 
 
 @dataclasses.dataclass
 class Runtime:
-    """What every process is given by the supervisor."""
+    """What every process is given by the supervisor. Each process keeps only
+    its own ends of the channels (ROLES in section 16 lists them)."""
     config: Config
-    directory: str
-    owner: typing.Tuple[int, int]
+    user: User
     st_dev_mask: int
     bus_address: str
-    reporter: "Reporter"
-    exec_tx: typing.Any = None        # reader -> monitor: executables to open now
-    exec_rx: typing.Any = None
-    batch_tx: typing.Any = None       # reader -> primary: window batches
-    batch_rx: typing.Any = None
-    hash_primary: typing.Any = None   # primary <-> monitor: hash requests
-    hash_monitor: typing.Any = None
-    status_tx: typing.Any = None      # reader -> supervisor: capture started
-    status_rx: typing.Any = None
+    run_id: str                          # names this run of the daemon
+    reporter: Reporter = dataclasses.field(default_factory=Reporter)
+    stopping: typing.Callable[[], bool] = lambda: False     # set by process_entry: SIGTERM came
+    kernel: typing.Any = None            # the loaded BPF program (section 9): the reader's only
+    exec_tx: typing.Optional[Channel] = None     # reader -> monitor: executables to open now
+    exec_rx: typing.Optional[Channel] = None
+    batch_tx: typing.Optional[Channel] = None    # reader -> primary: windows; primary -> reader: acks
+    batch_rx: typing.Optional[Channel] = None
+    hash_primary: typing.Optional[Channel] = None    # primary <-> monitor: hash requests
+    hash_monitor: typing.Optional[Channel] = None
+    ready_tx: typing.Optional[Channel] = None    # reader -> supervisor: capturing
+    ready_rx: typing.Optional[Channel] = None
+    report_tx: typing.Optional[Channel] = None   # everyone -> notifier: reports
+    report_rx: typing.Optional[Channel] = None
 
+    @property
+    def directory(self) -> str:
+        return self.user.directory
+
+    CHANNELS = ("exec_tx", "exec_rx", "batch_tx", "batch_rx", "hash_primary", "hash_monitor",
+                "ready_tx", "ready_rx", "report_tx", "report_rx")
 
 ###############################################################################
 # 7. storage (all SQL lives here)
@@ -641,7 +858,10 @@ class Runtime:
 
 DB_COLUMNS = ["contime", "send", "recv", "exe", "name", "cmdline", "sha256",
               "pexe", "pname", "pcmdline", "psha256", "uid", "lport", "rport",
-              "laddr", "raddr", "domain", "proto"]
+              "laddr", "raddr", "domain", "proto", "gpexe", "gpname", "gpcmdline", "gpsha256"]
+# the remote copy keeps the columns it has always had
+REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
+DB_TEXT_COLUMNS = [c for c in DB_COLUMNS if c not in ("contime", "send", "recv", "uid", "lport", "rport")]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS connections (
@@ -649,29 +869,66 @@ CREATE TABLE IF NOT EXISTS connections (
     exe TEXT, name TEXT, cmdline TEXT, sha256 TEXT,
     pexe TEXT, pname TEXT, pcmdline TEXT, psha256 TEXT,
     uid INTEGER, lport INTEGER, rport INTEGER, laddr TEXT, raddr TEXT,
-    domain TEXT, proto TEXT);
+    domain TEXT, proto TEXT, gpexe TEXT, gpname TEXT, gpcmdline TEXT, gpsha256 TEXT);
 CREATE INDEX IF NOT EXISTS connections_contime ON connections (contime);
 CREATE INDEX IF NOT EXISTS connections_exe ON connections (exe, contime);
 CREATE INDEX IF NOT EXISTS connections_sha256 ON connections (sha256, contime);
+CREATE TABLE IF NOT EXISTS picosnitch_meta (key TEXT PRIMARY KEY, value TEXT);
 """
+DB_BUSY_TIMEOUT = 1.0       # seconds a write waits for a lock; then the rows wait in memory
 
 
-def db_open(path: str, owner: typing.Tuple[int, int]) -> sqlite3.Connection:
-    """Open (creating) snitch.db with its schema."""
-    created = not os.path.exists(path)
-    con = sqlite3.connect(path, timeout=30)
-    con.executescript(SCHEMA)
-    con.commit()
-    if created:
-        make_private(path, owner)
+def move_aside(path: str) -> str:
+    """Rename a damaged file (with SQLite's journal files) out of the way,
+    keeping it for the user; returns where it went."""
+    aside = f"{path}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(path, aside)
+    for suffix in ("-journal", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.rename(path + suffix, aside + suffix)
+    return aside
+
+
+def db_open(path: str) -> sqlite3.Connection:
+    """Open (creating) snitch.db with its schema, adding the columns that an
+    older layout lacks (upstream 1.0.3 has no proto, earlier versions of
+    this one no gp* columns). sqlite3.DatabaseError when it is no database."""
+    con = sqlite3.connect(path, timeout=DB_BUSY_TIMEOUT)
+    try:
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'connections'").fetchone():
+            have = {row[1] for row in con.execute("PRAGMA table_info(connections)")}
+            for column in DB_COLUMNS:
+                if column not in have:
+                    con.execute(f"ALTER TABLE connections ADD COLUMN {column} "
+                                f"{'TEXT' if column in DB_TEXT_COLUMNS else 'INTEGER'}")
+        con.executescript(SCHEMA)
+        con.commit()
+    except sqlite3.Error:
+        con.close()
+        raise
     return con
 
 
-def db_insert(con: sqlite3.Connection, rows: typing.Sequence[tuple]) -> None:
-    """Insert rows in DB_COLUMNS order, in one transaction."""
+def db_insert(con: sqlite3.Connection, rows: typing.Sequence[tuple], mark: typing.Tuple[str, int] = ("", 0)) -> None:
+    """Insert rows in DB_COLUMNS order, in one transaction with mark (the
+    run and the window they came from), so that a window sent again after a
+    crash is recognised as written."""
     marks = ",".join("?" * len(DB_COLUMNS))
     with con:
         con.executemany(f"INSERT INTO connections ({','.join(DB_COLUMNS)}) VALUES ({marks})", rows)
+        if mark[0]:
+            con.execute("INSERT OR REPLACE INTO picosnitch_meta VALUES ('written', ?)", (json.dumps(mark),))
+
+
+def db_written(con: sqlite3.Connection) -> typing.Tuple[str, int]:
+    """The mark of the last window written: (run, window)."""
+    found = con.execute("SELECT value FROM picosnitch_meta WHERE key = 'written'").fetchone()
+    try:
+        run, seq = json.loads(found[0]) if found else ("", 0)
+        return str(run), int(seq)
+    except (ValueError, TypeError):
+        return "", 0
 
 
 def db_prune(con: sqlite3.Connection, days: int) -> int:
@@ -725,20 +982,38 @@ def db_view_rows(con: sqlite3.Connection, after: int, batch: int = 65536) -> typ
 RECORD_SECTIONS = ("Executables", "Names", "Parent Executables", "Parent Names", "SHA256")
 
 
+def record_problem(data) -> str:
+    """What is wrong with the shape of a record.json ('' if nothing)."""
+    if not isinstance(data, dict):
+        return f"expected an object, found {type(data).__name__}"
+    for section in RECORD_SECTIONS:
+        entries = data.get(section, {})
+        if not isinstance(entries, dict):
+            return f"{section!r} is not an object"
+        for key, value in entries.items():
+            if section != "SHA256" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                return f"{section!r} entry {key!r} is not a list of names"
+            if section == "SHA256" and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+                return f"{section!r} entry {key!r} is not an object of hashes"
+    return ""
+
+
 def load_record(path: str) -> dict:
-    """record.json, or an empty record. A damaged file is kept aside, not lost."""
+    """record.json, or an empty record. A file that cannot be read as one is
+    moved aside, not lost, and PicosnitchError says where it went."""
     empty = {section: {} for section in RECORD_SECTIONS}
     if not os.path.exists(path):
         return empty
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        if not isinstance(data, dict):
-            raise ValueError("not an object")
+        problem = record_problem(data)
     except (ValueError, UnicodeDecodeError) as e:
-        aside = f"{path}.damaged-{int(time.time())}"
-        os.rename(path, aside)
-        raise PicosnitchError(f"{path} could not be read ({e}); it was moved to {aside} and a new record started")
+        problem = str(e)
+    if problem:
+        aside = move_aside(path)
+        raise PicosnitchError(f"{path} could not be read ({problem}); it was moved to {aside} "
+                              "and a new record started")
     for section in RECORD_SECTIONS:
         data.setdefault(section, {})
     return data
@@ -787,12 +1062,12 @@ class RemoteDB:
 
     def schema(self) -> str:
         types = SQL_TYPES[SQL_DIALECTS[self.client]]
-        columns = ", ".join(f"{c} {types.get(c, 'INTEGER' if c in SQL_INTEGERS else 'TEXT')}" for c in DB_COLUMNS)
+        columns = ", ".join(f"{c} {types.get(c, 'INTEGER' if c in SQL_INTEGERS else 'TEXT')}" for c in REMOTE_COLUMNS)
         return f"CREATE TABLE IF NOT EXISTS {self.table} ({columns})"
 
     def connect(self) -> None:
         module = __import__(self.client)
-        self.marks = ",".join(("?" if module.paramstyle == "qmark" else "%s") for _ in DB_COLUMNS)
+        self.marks = ",".join(("?" if module.paramstyle == "qmark" else "%s") for _ in REMOTE_COLUMNS)
         self.con = module.connect(**self.params)
         cur = self.con.cursor()
         cur.execute(self.schema())
@@ -803,9 +1078,9 @@ class RemoteDB:
         if self.con is None:
             self.connect()
         stamp = lambda text: datetime.datetime.strptime(text, TIME_FORMAT)
-        values = [(stamp(r[0]),) + tuple(r[1:]) for r in rows]
+        values = [(stamp(r[0]),) + tuple(r[1:len(REMOTE_COLUMNS)]) for r in rows]
         cur = self.con.cursor()
-        cur.executemany(f"INSERT INTO {self.table} ({','.join(DB_COLUMNS)}) VALUES ({self.marks})", values)
+        cur.executemany(f"INSERT INTO {self.table} ({','.join(REMOTE_COLUMNS)}) VALUES ({self.marks})", values)
         self.con.commit()
 
     def close(self) -> None:
@@ -822,19 +1097,16 @@ class RowQueue:
     when the server is away or picosnitch stops; first in, first out."""
     SCHEMA = "CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, rows TEXT NOT NULL)"
 
-    def __init__(self, path: str, owner: typing.Tuple[int, int]):
-        self.path, self.owner = path, owner
+    def __init__(self, path: str):
+        self.path = path
         con = self.open()
         con.close()
 
     def open(self) -> sqlite3.Connection:
         """A connection for the calling thread (sqlite3 connections are per thread)."""
-        created = not os.path.exists(self.path)
         con = sqlite3.connect(self.path, timeout=30)
         with con:
             con.execute(self.SCHEMA)
-        if created:
-            make_private(self.path, self.owner)
         return con
 
     @staticmethod
@@ -964,7 +1236,8 @@ class Field(typing.NamedTuple):
     bits: int
 
 
-# macro name -> kernel field; each becomes OFF_<NAME> and a reader F_<NAME>(p)
+# macro name -> kernel field (or alternatives, newest kernel first); each
+# becomes OFF_<NAME> and a reader F_<NAME>(p)
 KERNEL_FIELDS = {
     "TASK_PID": "task_struct.pid",
     "TASK_TGID": "task_struct.tgid",
@@ -979,6 +1252,9 @@ KERNEL_FIELDS = {
     "FILE_DENTRY": "file.f_path.dentry",
     "INODE_INO": "inode.i_ino",
     "INODE_SB": "inode.i_sb",
+    "INODE_NLINK": "inode.i_nlink",
+    "INODE_CTIME_SEC": ("inode.i_ctime_sec", "inode.__i_ctime.tv_sec", "inode.i_ctime.tv_sec"),
+    "INODE_CTIME_NSEC": ("inode.i_ctime_nsec", "inode.__i_ctime.tv_nsec", "inode.i_ctime.tv_nsec"),
     "SB_DEV": "super_block.s_dev",
     "DENTRY_PARENT": "dentry.d_parent",
     "DENTRY_NAME": "dentry.d_name.name",
@@ -991,6 +1267,7 @@ KERNEL_FIELDS = {
     "SK_RCV_SADDR": "sock_common.skc_rcv_saddr",
     "SK_DPORT": "sock_common.skc_dport",
     "SK_NUM": "sock_common.skc_num",
+    "SK_PROT": "sock_common.skc_prot",
     "SK_V6_DADDR": "sock_common.skc_v6_daddr",
     "SK_V6_RCV_SADDR": "sock_common.skc_v6_rcv_saddr",
     "SOCK_PROTOCOL": "sock.sk_protocol",
@@ -1017,17 +1294,30 @@ KERNEL_FIELDS = {
 # fields read together on hot paths with one probe read: span -> its fields
 # (each probe read costs about as much as a map lookup)
 KERNEL_SPANS = {
-    "SK_HEAD": ("SK_DPORT", "SK_NUM", "SK_FAMILY"),
+    "SK": ("SK_DADDR", "SK_RCV_SADDR", "SK_DPORT", "SK_NUM", "SK_FAMILY", "SK_PROT", "SK_V6_DADDR",
+           "SK_V6_RCV_SADDR"),
     "FLOW4": ("FLOWI4_PROTO", "FLOWI4_DADDR", "FLOWI4_DPORT", "FLOWI4_SPORT"),
     "FLOW6": ("FLOWI6_PROTO", "FLOWI6_DADDR", "FLOWI6_DPORT", "FLOWI6_SPORT"),
 }
-SPAN_MAX = 64
+SPAN_MAX = 128
+
+
+def kernel_field(btf: BTF, paths) -> "Field":
+    """The first of a field's alternative paths that this kernel has."""
+    paths = (paths,) if isinstance(paths, str) else paths
+    for path in paths[:-1]:
+        try:
+            return btf.field(path)
+        except PicosnitchError:
+            continue
+    return btf.field(paths[-1])
 
 
 def offset_defines(btf: BTF) -> str:
     """#defines for every KERNEL_FIELDS entry: OFF_X and a typed reader F_X(p);
-    for each span, its start and length, and S_X(buf) for its fields."""
-    lines, fields = [], {macro: btf.field(path) for macro, path in KERNEL_FIELDS.items()}
+    for each span, its start and length (a multiple of 8: spans are read into
+    u64 arrays, which keeps stack reads aligned), and S_X(buf) for its fields."""
+    lines, fields = [], {macro: kernel_field(btf, path) for macro, path in KERNEL_FIELDS.items()}
     for macro, f in fields.items():
         lines.append(f"#define OFF_{macro} {f.offset}")
         if f.bits:
@@ -1035,7 +1325,7 @@ def offset_defines(btf: BTF) -> str:
         elif f.size in (1, 2, 4, 8):
             lines.append(f"#define F_{macro}(p) read_u{8 * f.size}((p), {f.offset})")
     for span, members in KERNEL_SPANS.items():
-        start = min(fields[m].offset for m in members)
+        start = min(fields[m].offset for m in members) // 8 * 8
         length = (max(fields[m].offset + fields[m].size for m in members) - start + 7) // 8 * 8
         if length > SPAN_MAX or any(fields[m].bits for m in members):
             raise PicosnitchError(f"kernel BTF: the fields of {span} are not together ({length} bytes)")
@@ -1043,7 +1333,7 @@ def offset_defines(btf: BTF) -> str:
         for m in members:
             ctype = {1: "u8", 2: "u16", 4: "u32", 8: "u64"}.get(fields[m].size)
             if ctype:
-                lines.append(f"#define S_{m}(buf) (*({ctype} *)((buf) + {fields[m].offset - start}))")
+                lines.append(f"#define S_{m}(buf) (*({ctype} *)((u8 *)(buf) + {fields[m].offset - start}))")
             lines.append(f"#define SOFF_{m} {fields[m].offset - start}")
     return "\n".join(lines)
 
@@ -1064,7 +1354,9 @@ def bpf_prelude(btf: BTF) -> str:
     return BPF_PRELUDE + offset_defines(btf) + "\n"
 
 
-# The BPF program. $NAMES are filled by bpf_text(), in one place.
+# The BPF program. $NAMES are filled by bpf_text(), in one place. Hooks are
+# HOOK(tracepoint) functions, attached by name once the perf buffers are in
+# place (RAW_HOOKS), so that no event is sent before anyone can receive it.
 BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
 
@@ -1085,12 +1377,12 @@ BPF_TEXT = r"""
 #define NAME_LEN $NAME_LEN
 #define ARGS_LEN $ARGS_LEN
 #define DNS_ADDRS $DNS_ADDRS
+#define HOOK(event) int hook__##event(struct bpf_raw_tracepoint_args *ctx)
 $EVENT_KINDS
 $STAT_INDEXES
 $PRELUDE
 $STRUCTS
 struct conn_event_t { struct event_hdr_t hdr; struct conn_t conn; };
-struct tuple_event_t { struct event_hdr_t hdr; struct conn_info_t info; };
 struct exec_event_t { struct event_hdr_t hdr; struct exec_t exec; };
 struct dns_event_t { struct event_hdr_t hdr; struct dns_t dns; };
 /* the peer of a datagram on an unconnected socket: sent by a thread, queued on a socket */
@@ -1098,6 +1390,8 @@ struct peer_t { u8 addr[16]; u16 port; u16 pad[3]; };
 /* a thread's datagram flow: protocol and source port (0 but for UDP) */
 struct flow_t { u64 thread; u16 sport; u16 proto; u32 pad; };
 struct gai_t { u64 host; u64 res; };
+/* who started a TCP connect whose local port is not chosen yet */
+struct owner_t { u64 exe; u32 pid; u32 uid; };
 
 BPF_PERF_OUTPUT(events);
 BPF_ARRAY(epoch, u32, 1);
@@ -1105,6 +1399,7 @@ BPF_HASH(conns0, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_HASH(conns1, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_TABLE("lru_hash", u64, struct peer_t, recv_peers, $MAX_CONNS);     /* by socket */
 BPF_TABLE("lru_hash", u64, u32, tcp_seq, $MAX_CONNS);
+BPF_TABLE("lru_hash", u64, struct owner_t, connects, $MAX_CONNS);    /* by socket */
 BPF_HASH(gai, u64, struct gai_t, 1024);
 BPF_ARRAY(stats, u64, $N_STATS);
 $PEER_STORE
@@ -1118,6 +1413,11 @@ BPF_ARRAY(exec_gen, u64, 1);
 static __always_inline void stat_add(u32 index, u64 n) {
     u64 *v = stats.lookup(&index);
     if (v) __sync_fetch_and_add(v, n);
+}
+
+/* hand an event to user space; one that cannot go is counted, never silent */
+static __always_inline void submit(void *ctx, void *ev, u32 size) {
+    if (events.perf_submit(ctx, ev, size) < 0) stat_add(STAT_EVENTS_UNSENT, 1);
 }
 
 static __always_inline u16 swap16(u16 v) { return (v >> 8) | (v << 8); }
@@ -1134,11 +1434,14 @@ static __always_inline void exe_id(void *task, u32 *dev, u64 *ino) {
 
 static __always_inline void fill_proc(void *task, struct proc_t *p) {
     void *parent = read_ptr(task, TASK_REAL_PARENT);
+    void *grandparent = read_ptr(parent, TASK_REAL_PARENT);
     p->pid = F_TASK_TGID(task);
     p->ppid = F_TASK_TGID(parent);
+    p->gppid = F_TASK_TGID(grandparent);
     p->uid = bpf_get_current_uid_gid();
     exe_id(task, &p->dev, &p->ino);
     exe_id(parent, &p->pdev, &p->pino);
+    exe_id(grandparent, &p->gpdev, &p->gpino);
     bpf_probe_read_kernel_str(p->comm, sizeof(p->comm), task + OFF_TASK_COMM);
 }
 
@@ -1147,46 +1450,49 @@ static __always_inline void emit_proc(void *ctx, u32 kind, void *task) {
     hdr.kind = kind;
     hdr.time = bpf_ktime_get_ns();
     fill_proc(task, &hdr.proc);
-    events.perf_submit(ctx, &hdr, sizeof(hdr));
+    submit(ctx, &hdr, sizeof(hdr));
 }
 
 /* ---- connections: bytes summed per key in the map of the current window ---- */
 
-static __always_inline int has_addr(u8 *a) { return ((u64 *)a)[0] || ((u64 *)a)[1]; }
-
-/* family, protocol, addresses and ports of a socket */
-static __always_inline void sock_info(void *sk, struct conn_info_t *info) {
-    info->sk = (u64)sk;
-    info->family = F_SK_FAMILY(sk);
-    info->proto = F_SOCK_PROTOCOL(sk);
-    info->lport = F_SK_NUM(sk);
-    info->rport = swap16(F_SK_DPORT(sk));
-    if (info->family == PS_AF_INET) {
-        bpf_probe_read_kernel(info->laddr, 4, sk + OFF_SK_RCV_SADDR);
-        bpf_probe_read_kernel(info->raddr, 4, sk + OFF_SK_DADDR);
-    } else if (info->family == PS_AF_INET6) {
-        bpf_probe_read_kernel(info->laddr, 16, sk + OFF_SK_V6_RCV_SADDR);
-        bpf_probe_read_kernel(info->raddr, 16, sk + OFF_SK_V6_DADDR);
+/* the socket's part of a key, from one read of the start of sock_common:
+   protocol, family, addresses and ports; -1 for local IPC */
+static __always_inline int sock_tuple(void *sk, struct conn_key_t *key) {
+    u64 s[SPAN_SK_LEN / 8];
+    bpf_probe_read_kernel(s, sizeof(s), sk + SPAN_SK_START);
+    u16 family = S_SK_FAMILY(s);
+    if (family == PS_AF_UNIX || family == PS_AF_NETLINK) return -1;
+    key->sk = (u64)sk;
+    key->prot = S_SK_PROT(s);
+    key->family = family;
+    key->lport = S_SK_NUM(s);
+    key->rport = swap16(S_SK_DPORT(s));
+    if (family == PS_AF_INET) {
+        __builtin_memcpy(key->raddr, (u8 *)s + SOFF_SK_DADDR, 4);
+        __builtin_memcpy(key->laddr, (u8 *)s + SOFF_SK_RCV_SADDR, 4);
+    } else if (family == PS_AF_INET6) {
+        __builtin_memcpy(key->raddr, (u8 *)s + SOFF_SK_V6_DADDR, 16);
+        __builtin_memcpy(key->laddr, (u8 *)s + SOFF_SK_V6_RCV_SADDR, 16);
     }
+    return 0;
 }
 
-static __always_inline void emit_conn(void *ctx, struct conn_key_t *key) {
+static __always_inline void emit_conn(void *ctx, struct conn_key_t *key, u32 kind) {
     struct conn_event_t ev = {};
-    void *task = (void *)bpf_get_current_task();
-    ev.hdr.kind = EV_CONN;
+    ev.hdr.kind = kind;
     ev.hdr.time = bpf_ktime_get_ns();
-    fill_proc(task, &ev.hdr.proc);
     ev.conn.key = *key;
-    sock_info((void *)key->sk, &ev.conn.info);
-    exe_id(task, &ev.conn.info.dev, &ev.conn.info.ino);
-    if (key->rport || has_addr(key->raddr)) {
-        __builtin_memcpy(ev.conn.info.raddr, key->raddr, 16);
-        ev.conn.info.rport = key->rport;
+    ev.conn.info.proto = F_SOCK_PROTOCOL((void *)key->sk);
+    if (kind != EV_OPEN) {             /* in the task that moved the bytes */
+        void *task = (void *)bpf_get_current_task();
+        fill_proc(task, &ev.hdr.proc);
+        exe_id(task, &ev.conn.info.dev, &ev.conn.info.ino);
     }
-    events.perf_submit(ctx, &ev, sizeof(ev));
+    submit(ctx, &ev, sizeof(ev));
 }
 
-static __always_inline int account(void *ctx, struct conn_key_t *key, int dir, u64 bytes) {
+/* add bytes to the key's entry; a new entry is announced with an event of kind */
+static __always_inline int account(void *ctx, struct conn_key_t *key, int dir, u64 bytes, u32 kind) {
     u32 zero = 0;
     u32 *ep = epoch.lookup(&zero);
     u32 e = ep ? *ep : 0;
@@ -1194,7 +1500,7 @@ static __always_inline int account(void *ctx, struct conn_key_t *key, int dir, u
     if (!v) {
         struct conn_val_t init = {};
         int err = e ? conns1.insert(key, &init) : conns0.insert(key, &init);
-        if (err == 0) emit_conn(ctx, key);
+        if (err == 0) emit_conn(ctx, key, kind);
         v = e ? conns1.lookup(key) : conns0.lookup(key);
         if (!v) {
             stat_add(STAT_MAP_FULL, 1);
@@ -1230,13 +1536,9 @@ static __always_inline u64 current_exe(void) {
     return exe;
 }
 
-/* the key for the current task's traffic on a socket, after reading the
-   socket's port and family span into head; -1 for local IPC */
-static __always_inline int sock_key(void *sk, struct conn_key_t *key, u8 *head) {
-    bpf_probe_read_kernel(head, SPAN_SK_HEAD_LEN, sk + SPAN_SK_HEAD_START);
-    u16 family = S_SK_FAMILY(head);
-    if (family == PS_AF_UNIX || family == PS_AF_NETLINK) return -1;
-    key->sk = (u64)sk;
+/* the key for the current task's traffic on a socket; -1 for local IPC */
+static __always_inline int sock_key(void *sk, struct conn_key_t *key) {
+    if (sock_tuple(sk, key)) return -1;
     key->exe = current_exe();
     key->pid = bpf_get_current_pid_tgid() >> 32;
     key->uid = bpf_get_current_uid_gid();
@@ -1265,25 +1567,23 @@ static __always_inline u64 tcp_consumed(void *sk, u64 fallback) {
 static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int dir) {
     if (ret <= 0 || !sk || (dir == DIR_RECV && (flags & PS_MSG_PEEK))) return 0;
     struct conn_key_t key = {};
-    u8 head[SPAN_SK_HEAD_LEN];
-    if (sock_key(sk, &key, head)) return 0;
-    u16 family = S_SK_FAMILY(head);
-    if (family != PS_AF_INET && family != PS_AF_INET6) return account(ctx, &key, dir, ret);
-    if (S_SK_DPORT(head)) {        /* connected: the socket knows its peer */
+    if (sock_key(sk, &key)) return 0;
+    if (key.family != PS_AF_INET && key.family != PS_AF_INET6) return account(ctx, &key, dir, ret, EV_CONN);
+    if (key.rport) {               /* connected: the socket knows its peer */
         if (dir == DIR_RECV && F_SOCK_PROTOCOL(sk) == PS_TCP) ret = tcp_consumed(sk, ret);
-        return ret ? account(ctx, &key, dir, ret) : 0;
+        return ret ? account(ctx, &key, dir, ret, EV_CONN) : 0;
     }
     /* unconnected: the peer of this datagram */
     u64 sk_id = (u64)sk;
     struct flow_t flow = {bpf_get_current_pid_tgid(), 0, F_SOCK_PROTOCOL(sk)};
-    if (PS_IS_UDP(flow.proto)) flow.sport = S_SK_NUM(head);
+    if (PS_IS_UDP(flow.proto)) flow.sport = key.lport;
     struct peer_t *peer = dir == DIR_SEND ? noted_peer(&flow) : recv_peers.lookup(&sk_id);
     if (peer) {                                /* peers are noted as IPv6 (v4-mapped) */
-        if (family == PS_AF_INET) __builtin_memcpy(key.raddr, &peer->addr[12], 4);
+        if (key.family == PS_AF_INET) __builtin_memcpy(key.raddr, &peer->addr[12], 4);
         else __builtin_memcpy(key.raddr, peer->addr, 16);
         key.rport = peer->port;
     }
-    return account(ctx, &key, dir, ret);
+    return account(ctx, &key, dir, ret, EV_CONN);
 }
 
 /* route lookups name the destination of an unconnected send (IPv4, IPv6);
@@ -1295,25 +1595,25 @@ static __always_inline void note_send_peer(struct flow_t *id, struct peer_t *pee
     note_peer(id, peer);
 }
 
-RAW_TRACEPOINT_PROBE(fib_table_lookup) {
+HOOK(fib_table_lookup) {
     if ((int)ctx->args[3]) return 0;                    /* only the lookup that found the route */
-    u8 f[SPAN_FLOW4_LEN];
+    u64 f[SPAN_FLOW4_LEN / 8];
     bpf_probe_read_kernel(f, sizeof(f), (void *)ctx->args[1] + SPAN_FLOW4_START);
     struct flow_t id = {bpf_get_current_pid_tgid(), S_FLOWI4_SPORT(f), S_FLOWI4_PROTO(f)};
     struct peer_t peer = {};
     peer.addr[10] = peer.addr[11] = 0xff;              /* as ::ffff:a.b.c.d */
-    __builtin_memcpy(&peer.addr[12], f + SOFF_FLOWI4_DADDR, 4);
+    __builtin_memcpy(&peer.addr[12], (u8 *)f + SOFF_FLOWI4_DADDR, 4);
     peer.port = swap16(S_FLOWI4_DPORT(f));
     note_send_peer(&id, &peer);
     return 0;
 }
 
-RAW_TRACEPOINT_PROBE(fib6_table_lookup) {
-    u8 f[SPAN_FLOW6_LEN];
+HOOK(fib6_table_lookup) {
+    u64 f[SPAN_FLOW6_LEN / 8];
     bpf_probe_read_kernel(f, sizeof(f), (void *)ctx->args[3] + SPAN_FLOW6_START);
     struct flow_t id = {bpf_get_current_pid_tgid(), S_FLOWI6_SPORT(f), S_FLOWI6_PROTO(f)};
     struct peer_t peer = {};
-    __builtin_memcpy(peer.addr, f + SOFF_FLOWI6_DADDR, 16);
+    __builtin_memcpy(peer.addr, (u8 *)f + SOFF_FLOWI6_DADDR, 16);
     peer.port = swap16(S_FLOWI6_DPORT(f));
     note_send_peer(&id, &peer);
     return 0;
@@ -1321,10 +1621,10 @@ RAW_TRACEPOINT_PROBE(fib6_table_lookup) {
 
 /* a datagram queued on an unconnected socket (softirq): its sender, from the
    tail of the receive queue, is the peer of the socket's next receive */
-RAW_TRACEPOINT_PROBE(sk_data_ready) {
+HOOK(sk_data_ready) {
     void *sk = (void *)ctx->args[0];
-    u8 span[SPAN_SK_HEAD_LEN];                          /* port and family in one read */
-    bpf_probe_read_kernel(span, sizeof(span), sk + SPAN_SK_HEAD_START);
+    u64 span[SPAN_SK_LEN / 8];                          /* port and family in one read */
+    bpf_probe_read_kernel(span, sizeof(span), sk + SPAN_SK_START);
     u16 family = S_SK_FAMILY(span);
     if (S_SK_DPORT(span) || (family != PS_AF_INET && family != PS_AF_INET6) || F_SOCK_PROTOCOL(sk) == PS_TCP)
         return 0;
@@ -1351,45 +1651,53 @@ RAW_TRACEPOINT_PROBE(sk_data_ready) {
     return 0;
 }
 
-/* TCP state changes: a connect is a connection even if it never moves a byte
-   (counted at SYN_SENT; its local port follows with the tuple event of
-   ESTABLISHED, or of CLOSE when it was refused); ESTABLISHED starts the
-   copied_seq baseline, CLOSE ends it */
-static __always_inline void emit_tuple(void *ctx, void *sk) {
-    struct tuple_event_t ev = {};
-    ev.hdr.kind = EV_TUPLE;
-    ev.hdr.time = bpf_ktime_get_ns();
-    sock_info(sk, &ev.info);
-    events.perf_submit(ctx, &ev, sizeof(ev));
+/* TCP state changes. A connect is a connection even if it never moves a byte,
+   but at SYN_SENT its local port may not be chosen yet: the connecting task
+   is noted (and announced with CONNECT), and when the connect is answered
+   (ESTABLISHED) or refused (CLOSE), its key is complete and opened for that
+   task (OPEN). ESTABLISHED also starts the copied_seq baseline, CLOSE ends it. */
+static __always_inline void open_connect(void *ctx, void *sk) {
+    u64 sk_id = (u64)sk;
+    struct owner_t *owner = connects.lookup(&sk_id);
+    if (!owner) return;
+    struct conn_key_t key = {};
+    if (!sock_tuple(sk, &key)) {
+        key.exe = owner->exe;
+        key.pid = owner->pid;
+        key.uid = owner->uid;
+        account(ctx, &key, DIR_SEND, 0, EV_OPEN);
+    }
+    connects.delete(&sk_id);
 }
 
-RAW_TRACEPOINT_PROBE(inet_sock_set_state) {
+HOOK(inet_sock_set_state) {
     void *sk = (void *)ctx->args[0];
     int old = (int)ctx->args[1], state = (int)ctx->args[2];
     u64 sk_id = (u64)sk;
     if (F_SOCK_PROTOCOL(sk) != PS_TCP) return 0;
     if (state == PS_TCP_SYN_SENT) {
         struct conn_key_t key = {};
-        u8 head[SPAN_SK_HEAD_LEN];
-        if (!sock_key(sk, &key, head)) account(ctx, &key, DIR_SEND, 0);
+        if (sock_key(sk, &key)) return 0;
+        struct owner_t owner = {key.exe, key.pid, key.uid};
+        connects.update(&sk_id, &owner);
+        emit_conn(ctx, &key, EV_CONNECT);
     } else if (state == PS_TCP_ESTABLISHED) {
         u32 seq = F_TCP_COPIED_SEQ(sk);
         tcp_seq.update(&sk_id, &seq);
-        emit_tuple(ctx, sk);
+        if (old == PS_TCP_SYN_SENT) open_connect(ctx, sk);
     } else if (state == PS_TCP_CLOSE) {
         tcp_seq.delete(&sk_id);
-        if (old == PS_TCP_SYN_SENT) emit_tuple(ctx, sk);
+        if (old == PS_TCP_SYN_SENT) open_connect(ctx, sk);
     }
     return 0;
 }
 
 /* TCP reads that bypass sock_recvmsg (splice, zero-copy receive) */
-RAW_TRACEPOINT_PROBE(tcp_rcv_space_adjust) {
+HOOK(tcp_rcv_space_adjust) {
     void *sk = (void *)ctx->args[0];
     u64 bytes = tcp_consumed(sk, 0);
     struct conn_key_t key = {};
-    u8 head[SPAN_SK_HEAD_LEN];
-    if (bytes && !sock_key(sk, &key, head)) account(ctx, &key, DIR_RECV, bytes);
+    if (bytes && !sock_key(sk, &key)) account(ctx, &key, DIR_RECV, bytes, EV_CONN);
     return 0;
 }
 
@@ -1398,11 +1706,9 @@ $SOCK_HOOKS
 /* ---- processes ---- */
 
 /* the executable's path, leaf first, walking dentries and mounts to the root;
-   a step that crosses a mount leaves its slot empty */
-static __always_inline void exe_path(void *task, struct exec_t *ex) {
-    void *mm = read_ptr(task, TASK_MM);
-    void *file = mm ? read_ptr(mm, MM_EXE_FILE) : 0;
-    if (!file) return;
+   a step that crosses a mount leaves its slot empty; a file in no directory
+   (a memfd) is named by its own dentry */
+static __always_inline void exe_path(void *file, struct exec_t *ex) {
     void *dentry = read_ptr(file, FILE_DENTRY);
     void *vfsmnt = read_ptr(file, FILE_MNT);
     void *mnt = vfsmnt - OFF_MOUNT_MNT;
@@ -1411,9 +1717,15 @@ static __always_inline void exe_path(void *task, struct exec_t *ex) {
         void *parent = read_ptr(dentry, DENTRY_PARENT);
         ex->depth = i;
         ex->path[i][0] = 0;
-        if (dentry == root || dentry == parent) {
+        if (dentry == parent && dentry != root) {
+            bpf_probe_read_kernel_str(ex->path[i], NAME_LEN, read_ptr(dentry, DENTRY_NAME));
+            ex->depth = i + 1;
+            ex->complete = 2;
+            return;
+        }
+        if (dentry == root) {
             void *mnt_parent = read_ptr(mnt, MOUNT_PARENT);
-            if (dentry != root || mnt_parent == mnt) {
+            if (mnt_parent == mnt) {
                 ex->complete = 1;
                 return;
             }
@@ -1428,7 +1740,7 @@ static __always_inline void exe_path(void *task, struct exec_t *ex) {
     ex->depth = PATH_DEPTH;
 }
 
-RAW_TRACEPOINT_PROBE(sched_process_exec) {
+HOOK(sched_process_exec) {
     u32 zero = 0;
     struct exec_event_t *ev = scratch.lookup(&zero);
     if (!ev) return 0;
@@ -1436,6 +1748,7 @@ RAW_TRACEPOINT_PROBE(sched_process_exec) {
     bump_exec_gen();
     __builtin_memset(&ev->hdr, 0, sizeof(ev->hdr));   /* the rest has explicit lengths */
     ev->exec.complete = 0;
+    ev->exec.ctime_sec = ev->exec.ctime_nsec = ev->exec.nlink = 0;
     ev->hdr.kind = EV_EXEC;
     ev->hdr.time = bpf_ktime_get_ns();
     fill_proc(task, &ev->hdr.proc);
@@ -1444,19 +1757,26 @@ RAW_TRACEPOINT_PROBE(sched_process_exec) {
     if (len > ARGS_LEN - 1) len = ARGS_LEN - 1;
     ev->exec.args_len = len & (ARGS_LEN - 1);
     bpf_probe_read_user(ev->exec.args, len & (ARGS_LEN - 1), (void *)start);
-    exe_path(task, &ev->exec);
-    events.perf_submit(ctx, ev, sizeof(*ev));
+    void *file = mm ? read_ptr(mm, MM_EXE_FILE) : 0;
+    if (file) {
+        void *inode = read_ptr(file, FILE_INODE);
+        ev->exec.ctime_sec = F_INODE_CTIME_SEC(inode);
+        ev->exec.ctime_nsec = F_INODE_CTIME_NSEC(inode);
+        ev->exec.nlink = F_INODE_NLINK(inode);
+        exe_path(file, &ev->exec);
+    }
+    submit(ctx, ev, sizeof(*ev));
     return 0;
 }
 
-RAW_TRACEPOINT_PROBE(sched_process_fork) {
+HOOK(sched_process_fork) {
     void *child = (void *)ctx->args[1];
     bump_exec_gen();            /* a new task may reuse a freed task's address */
     if (F_TASK_PID(child) == F_TASK_TGID(child)) emit_proc(ctx, EV_FORK, child);
     return 0;
 }
 
-RAW_TRACEPOINT_PROBE(sched_process_exit) {
+HOOK(sched_process_exit) {
     void *task = (void *)bpf_get_current_task();
     if (F_TASK_PID(task) == F_TASK_TGID(task)) emit_proc(ctx, EV_EXIT, task);
     return 0;
@@ -1503,7 +1823,7 @@ int on_getaddrinfo_return(struct pt_regs *ctx) {
         ev->dns.count = i + 1;
         ai = user_ptr(ai + 40);                      /* ai_next */
     }
-    events.perf_submit(ctx, ev, sizeof(*ev));
+    submit(ctx, ev, sizeof(*ev));
     return 0;
 }
 """
@@ -1563,10 +1883,10 @@ PEER_STORE_OF_MODE = {"tracepoint": "task", "kprobe": "hash"}
 # socket hooks: sock tracepoints (Linux >= 6.3), else kprobes on the send/receive path
 SOCK_HOOKS = {
     "tracepoint": r"""
-RAW_TRACEPOINT_PROBE(sock_send_length) {
+HOOK(sock_send_length) {
     return on_sock(ctx, (void *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], DIR_SEND);
 }
-RAW_TRACEPOINT_PROBE(sock_recv_length) {
+HOOK(sock_recv_length) {
     return on_sock(ctx, (void *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], DIR_RECV);
 }
 """,
@@ -1599,6 +1919,11 @@ int on_sock_recvmsg_return(struct pt_regs *ctx) { return sock_return(ctx, DIR_RE
 KPROBE_HOOKS = [("sock_sendmsg", "on_sock_sendmsg", "on_sock_sendmsg_return"),
                 ("sock_recvmsg", "on_sock_recvmsg", "on_sock_recvmsg_return")]
 
+# raw tracepoints each mode attaches, in this order (the getaddrinfo uprobes follow)
+RAW_HOOKS = {"tracepoint": ["sock_send_length", "sock_recv_length"], "kprobe": []}
+RAW_HOOKS_ALL = ["sched_process_exec", "sched_process_fork", "sched_process_exit", "inet_sock_set_state",
+                 "tcp_rcv_space_adjust", "fib_table_lookup", "fib6_table_lookup", "sk_data_ready"]
+
 MAX_CONNS = 32768      # connections per window
 MAX_THREADS = 16384    # threads with the destination of their last route lookup noted
 
@@ -1612,7 +1937,7 @@ def bpf_text(btf: BTF, mode: str) -> str:
         EVENT_KINDS=defines("EV_", [(num, name) for name, (num, _) in EVENT_KINDS.items()]),
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
         PRELUDE=bpf_prelude(btf), STRUCTS=structs,
-        MAX_CONNS=MAX_CONNS, MAX_THREADS=MAX_THREADS, N_STATS=len(STATS),
+        MAX_CONNS=MAX_CONNS, MAX_THREADS=MAX_THREADS, N_STATS=2 * len(STATS),
         SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS),
         PEER_STORE=string.Template(PEER_STORES[PEER_STORE_OF_MODE[mode]]).substitute(MAX_THREADS=MAX_THREADS))
 
@@ -1620,10 +1945,11 @@ def bpf_text(btf: BTF, mode: str) -> str:
 ###############################################################################
 # 9. BPF loader, maps and perf buffers
 ###############################################################################
-# A short-lived child compiles and attaches the program with bcc and hands the
-# descriptors over; the reader then uses bpf() and perf_event_open() directly.
-# Loads the program, polls its events, and at the end of each write window
-# drains the connection map of that window into Conn rows for the primary.
+# A short-lived child compiles the program with bcc, sets up the perf buffers,
+# attaches the hooks, and hands every descriptor to the supervisor, which
+# holds them (and the mapped perf rings) for as long as picosnitch runs. Each
+# reader it starts inherits them and uses bpf() directly: a reader that dies
+# loses nothing the kernel has counted, and its successor goes on.
 
 GRACE_SECONDS = 0.02      # after switching maps, for updates already under way
 DRAIN_BATCH = 4096        # connections read per bpf() call when draining a window
@@ -1706,16 +2032,27 @@ MODE_DESCRIPTIONS = {
 
 # maps the reader uses, in the order their descriptors are handed over
 READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1")
+# struct proto of each protocol, for keys whose event was lost: symbol -> protocol
+PROTO_SYMBOLS = {"tcp_prot": 6, "tcpv6_prot": 6, "udp_prot": 17, "udpv6_prot": 17, "udplite_prot": 136,
+                 "udplitev6_prot": 136, "ping_prot": 1, "pingv6_prot": 58, "mptcp_prot": 262,
+                 "mptcp_v6_prot": 262, "sctp_prot": 132, "sctpv6_prot": 132}
 
 
-def attach_program(notes: typing.List[str]):
-    """Compile, load and attach with bcc; returns (bcc object, mode)."""
+def attach_program(notes: typing.List[str], perf_fds: typing.List[int]):
+    """Compile and load with bcc, put the perf events (already mapped by the
+    supervisor) in the events map, then attach every hook: no event is sent
+    before it can be received. Returns (bcc object, mode)."""
     btf = BTF.from_file()
     mode = capture_mode(btf)
     ensure_tracefs(notes.append)
     headers, note = find_kernel_headers(os.uname().release)
     notes.append(note)
     bpf = compile_program(bpf_text(btf, mode), headers)
+    events = BpfMap(bpf["events"].map_fd, ctypes.c_uint32, ctypes.c_uint32)
+    for cpu, fd in zip(online_cpus(), perf_fds):
+        events.update(cpu, fd)
+    for name in RAW_HOOKS[mode] + RAW_HOOKS_ALL:
+        bpf.attach_raw_tracepoint(tp=name.encode(), fn_name=f"hook__{name}".encode())
     if mode == "kprobe":
         for function, entry, ret in KPROBE_HOOKS:
             bpf.attach_kprobe(event=function.encode(), fn_name=entry.encode())
@@ -1734,10 +2071,27 @@ def attachment_fds(bpf) -> typing.List[int]:
     return fds + [fd for per_event in bpf.kprobe_fds.values() for fd in per_event.values()]
 
 
-def load_in_child() -> typing.Tuple[dict, typing.List[int]]:
-    """Compile and attach in a short-lived child, which hands the map and
-    attachment descriptors over and exits: bcc and LLVM never weigh on the
-    reader. Returns (mode, notes) and the descriptors, maps first."""
+def proto_addresses(path: str = "/proc/kallsyms") -> typing.Dict[int, int]:
+    """Addresses of the kernel's struct proto objects -> protocol numbers
+    ({} when the kernel hides its addresses)."""
+    found = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.endswith("_prot\n") or "_prot\t" in line:
+                    address, _, name = line.split()[:3]
+                    if name in PROTO_SYMBOLS and int(address, 16):
+                        found[int(address, 16)] = PROTO_SYMBOLS[name]
+    except OSError:
+        pass
+    return found
+
+
+def load_in_child(perf_fds: typing.List[int]) -> typing.Tuple[dict, typing.List[int]]:
+    """Compile and attach in a short-lived child, which hands the descriptors
+    over and exits: bcc and LLVM never weigh on picosnitch while it runs.
+    Returns (mode, notes, protos) and the descriptors: READER_MAPS, then the
+    attachments."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
@@ -1745,20 +2099,23 @@ def load_in_child() -> typing.Tuple[dict, typing.List[int]]:
         meta: dict = {"notes": []}
         fds: typing.List[int] = []
         try:
-            bpf, meta["mode"] = attach_program(meta["notes"])
+            bpf, meta["mode"] = attach_program(meta["notes"], perf_fds)
             fds = [bpf[name].map_fd for name in READER_MAPS] + attachment_fds(bpf)
-        except Exception as e:  # noqa: BLE001 - whatever failed is reported by the reader
+            meta["protos"] = list(proto_addresses().items())
+        except Exception as e:  # noqa: BLE001 - whatever failed is reported by the supervisor
             meta["error"] = str(e)
         socket.send_fds(theirs, [json.dumps(meta).encode()], fds)
-        os._exit(0)     # no bcc clean-up: the reader's copies keep everything attached
+        os._exit(0)     # no bcc clean-up: the supervisor's copies keep everything attached
     theirs.close()
     try:
-        data, fds, _, _ = socket.recv_fds(ours, 1 << 16, 1024)
+        data, fds, _, _ = socket.recv_fds(ours, 1 << 20, 4096)
     finally:
         ours.close()
         os.waitpid(pid, 0)
     meta = json.loads(data or b'{"error": "the program loader died"}')
     if "error" in meta:
+        for fd in fds:
+            os.close(fd)
         raise PicosnitchError(f"loading the BPF program failed: {meta['error']}")
     return meta, fds
 
@@ -1835,29 +2192,52 @@ class _PerfAttr(ctypes.Structure):
                 ("bp_type", ctypes.c_uint32), ("config1", ctypes.c_uint64)]
 
 
+PERF_TYPE_SOFTWARE, PERF_COUNT_SW_BPF_OUTPUT, PERF_SAMPLE_RAW = 1, 10, 1 << 10
+PERF_FLAG_FD_CLOEXEC, PERF_EVENT_IOC_ENABLE = 8, 0x2400
+
+
+def open_perf_events() -> typing.List[int]:
+    """A BPF output perf event per CPU, enabled."""
+    import fcntl
+    nr, fds = syscall_numbers()[1], []
+    for cpu in online_cpus():
+        attr = _PerfAttr(PERF_TYPE_SOFTWARE, ctypes.sizeof(_PerfAttr), PERF_COUNT_SW_BPF_OUTPUT, 1,
+                         PERF_SAMPLE_RAW, 0, 0, 1, 0, 0)
+        fd = libc().syscall(nr, ctypes.byref(attr), -1, cpu, -1, PERF_FLAG_FD_CLOEXEC)
+        if fd < 0:
+            raise PicosnitchError(f"perf_event_open on cpu {cpu}: {os.strerror(ctypes.get_errno())}")
+        fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+        fds.append(fd)
+    return fds
+
+
 class PerfBuffers:
-    """One perf ring buffer per CPU behind a BPF_PERF_OUTPUT map."""
-    PERF_TYPE_SOFTWARE, PERF_COUNT_SW_BPF_OUTPUT, PERF_SAMPLE_RAW = 1, 10, 1 << 10
-    PERF_FLAG_FD_CLOEXEC, PERF_EVENT_IOC_ENABLE = 8, 0x2400
+    """The perf ring buffers of the per-CPU events. The supervisor maps them
+    first and keeps them mapped, so that events wait in them while a reader
+    restarts; each reader maps them again (remap), and reads on from the tail
+    its predecessor left."""
     RECORD_SAMPLE, RECORD_LOST, DATA_HEAD = 9, 2, 1024
 
-    def __init__(self, events_fd: int, pages: int):
-        import fcntl
+    def __init__(self, fds: typing.List[int], pages: int):
         import mmap
-        self.page, self.size = mmap.PAGESIZE, pages * mmap.PAGESIZE
-        self.lost, self.rings, self.poller = 0, [], select.poll()
-        events, nr = BpfMap(events_fd, ctypes.c_uint32, ctypes.c_uint32), syscall_numbers()[1]
-        for cpu in online_cpus():
-            attr = _PerfAttr(self.PERF_TYPE_SOFTWARE, ctypes.sizeof(_PerfAttr), self.PERF_COUNT_SW_BPF_OUTPUT, 1,
-                             self.PERF_SAMPLE_RAW, 0, 0, 1, 0, 0)
-            fd = libc().syscall(nr, ctypes.byref(attr), -1, cpu, -1, self.PERF_FLAG_FD_CLOEXEC)
-            if fd < 0:
-                raise PicosnitchError(f"perf_event_open on cpu {cpu}: {os.strerror(ctypes.get_errno())}")
-            ring = mmap.mmap(fd, self.page + self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            fcntl.ioctl(fd, self.PERF_EVENT_IOC_ENABLE, 0)
-            events.update(cpu, fd)
-            self.rings.append((fd, ring))
+        self.fds, self.page, self.size = fds, mmap.PAGESIZE, pages * mmap.PAGESIZE
+        self.lost, self.stale = 0, []
+        self.rings = self.map()
+
+    def map(self) -> list:
+        import mmap
+        self.poller = select.poll()
+        rings = []
+        for fd in self.fds:
+            rings.append((fd, mmap.mmap(fd, self.page + self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)))
             self.poller.register(fd, select.POLLIN)
+        return rings
+
+    def remap(self) -> None:
+        """Map the rings in a forked process. The kernel does not copy perf
+        mappings into a child; the inherited mmap objects are kept, and never
+        closed, because their addresses are not mapped here."""
+        self.stale, self.rings = self.rings, self.map()
 
     def _read(self, ring, pos: int, n: int) -> bytes:
         start = self.page + pos % self.size
@@ -1885,6 +2265,45 @@ class PerfBuffers:
         return records
 
 
+class Kernel:
+    """The loaded program as the supervisor holds it: map descriptors, the
+    mapped perf rings, the attachments, and the struct proto addresses."""
+
+    def __init__(self, perf: PerfBuffers, meta: dict, fds: typing.List[int]):
+        n = len(READER_MAPS)
+        self.perf, self.perf_fds = perf, [fd for fd, _ in perf.rings]
+        self.mode, self.notes = meta["mode"], meta["notes"]
+        self.protos = {address: proto for address, proto in meta["protos"]}
+        self.maps = dict(zip(READER_MAPS, fds[:n]))
+        self.links = fds[n:]
+
+    @classmethod
+    def load(cls, pages: int) -> "Kernel":
+        """Open and map the perf buffers, then have the program loaded."""
+        perf = PerfBuffers(open_perf_events(), pages)
+        try:
+            return cls(perf, *load_in_child([fd for fd, _ in perf.rings]))
+        except BaseException:
+            for fd, ring in perf.rings:
+                ring.close()
+                os.close(fd)
+            raise
+
+    def fds(self) -> typing.List[int]:
+        return list(self.maps.values()) + self.perf_fds + self.links
+
+    def close_fds(self) -> None:
+        """Close the descriptors in a process that does not read the kernel
+        (the mapped rings are not inherited: nothing else to release)."""
+        for fd in self.fds():
+            os.close(fd)
+
+    def close(self) -> None:
+        for _, ring in self.perf.rings:
+            ring.close()
+        self.close_fds()
+
+
 def online_cpus() -> typing.List[int]:
     with open("/sys/devices/system/cpu/online") as f:
         spans = [part.split("-") for part in f.read().strip().split(",")]
@@ -1904,24 +2323,16 @@ def decode_event(raw: bytes) -> typing.Tuple[str, EventHdrT, typing.Any]:
 
 
 class Capture:
-    """The attached program, seen through its maps: poll events, drain windows."""
+    """The attached program, seen through its maps: poll events, drain windows.
+    A reader that starts after another died takes the window under way as it
+    is, and what its predecessor reported of the kernel's counters."""
 
-    def __init__(self, mode: str, fds: typing.List[int], pages: int, on_event):
-        self.mode, self.epoch, self.on_event = mode, 0, on_event
-        self.fds = fds      # held open for as long as capture runs: they keep the program attached
-        named = dict(zip(READER_MAPS, fds))
-        self.stats = BpfMap(named["stats"], ctypes.c_uint32, ctypes.c_uint64)
-        self.epoch_map = BpfMap(named["epoch"], ctypes.c_uint32, ctypes.c_uint32)
-        self.maps = [BpfMap(named[name], ConnKeyT, ConnValT, DRAIN_BATCH) for name in ("conns0", "conns1")]
-        self.perf = PerfBuffers(named["events"], pages)
-        self.stats_seen = [0] * len(STATS)
-
-    @classmethod
-    def load(cls, pages: int, on_event, say) -> "Capture":
-        meta, fds = load_in_child()
-        for note in meta["notes"]:
-            say(note)
-        return cls(meta["mode"], fds, pages, on_event)
+    def __init__(self, kernel: Kernel, on_event):
+        self.mode, self.on_event, self.perf = kernel.mode, on_event, kernel.perf
+        self.stats = BpfMap(kernel.maps["stats"], ctypes.c_uint32, ctypes.c_uint64)
+        self.epoch_map = BpfMap(kernel.maps["epoch"], ctypes.c_uint32, ctypes.c_uint32)
+        self.maps = [BpfMap(kernel.maps[name], ConnKeyT, ConnValT, DRAIN_BATCH) for name in ("conns0", "conns1")]
+        self.epoch = self.epoch_map.lookup(0).value
 
     def poll(self, timeout_ms: int) -> None:
         """Hand new events over in the order they happened, across CPUs (an
@@ -1929,6 +2340,11 @@ class Capture:
         events = [decode_event(raw) for raw in self.perf.poll(timeout_ms)]
         for event in sorted(events, key=lambda e: e[1].time):
             self.on_event(event)
+
+    def leftover(self) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
+        """A closed window that a reader which died did not drain."""
+        self.poll(0)
+        return self.maps[self.epoch ^ 1].drain()
 
     def end_window(self, final: bool = False) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
         """Switch the kernel to the other map and drain the one just closed.
@@ -1947,33 +2363,57 @@ class Capture:
         return drained
 
     def problems(self) -> typing.List[str]:
-        """What was lost since the last call (events, full maps)."""
+        """What was lost since the last call (events, full maps). The kernel
+        keeps each counter at i and what readers have reported of it at
+        i + len(STATS), so a new reader reports only what is new."""
         out = []
         if self.perf.lost:
             out.append(f"lost {self.perf.lost} events from the kernel: raise \"Perf ring buffer (pages)\"")
             self.perf.lost = 0
         for i, meaning in enumerate(STATS.values()):
-            value = self.stats.lookup(i).value
-            if value > self.stats_seen[i]:
-                out.append(f"{meaning} ({value - self.stats_seen[i]})")
-                self.stats_seen[i] = value
+            value, seen = self.stats.lookup(i).value, self.stats.lookup(i + len(STATS)).value
+            if value > seen:
+                out.append(f"{meaning} ({value - seen})")
+                self.stats.update(i + len(STATS), value)
         return out
-
 
 ###############################################################################
 # 10. BPF reader process
 ###############################################################################
 # Polls events and, at the end of each write window, drains the connection map
-# of that window into Conn rows for the primary.
+# of that window into Conn rows for the primary. It runs as root with one
+# capability left (CAP_SYS_PTRACE, to read /proc/PID/exe of any process) and
+# never waits for another process: its messages go out from threads.
 
 DOMAIN_CACHE = 8192       # (process, address) pairs remembered from getaddrinfo answers
+CONNECT_CACHE = 65536     # TCP connects waiting to be answered
+WINDOWS_KEPT = 60         # windows the primary has not confirmed, kept to send again
+EXEC_NOTICES_KEPT = 65536
+CTIME_QUERIED = 1 << 31   # a flag the kernel keeps in the ctime's nanoseconds
+CLOCK_REALTIME_COARSE = 5
 
-def exec_path(ex: ExecT) -> str:
-    """The absolute path sent with an exec event ('' when the walk was cut short)."""
+
+def exec_path(ex: ExecT) -> typing.Tuple[str, bool]:
+    """The path sent with an exec event ('' when the walk was cut short) and
+    whether the file is on disk. A memfd, or a file deleted before the exec,
+    is named as the kernel names it in /proc/PID/exe: '/memfd:NAME (deleted)'."""
+    parts = [ex.path[i].value.decode("utf-8", "replace") for i in range(min(ex.depth, PATH_DEPTH))]
+    if ex.complete == 2:
+        return f"/{parts[-1] if parts else ''} (deleted)", False
     if not ex.complete:
-        return ""
-    parts = [ex.path[i].value for i in range(ex.depth)]
-    return "/" + "/".join(p.decode("utf-8", "replace") for p in reversed(parts) if p)
+        return "", True
+    path = "/" + "/".join(p for p in reversed(parts) if p)
+    return (path, True) if ex.nlink else (f"{path} (deleted)", False)
+
+
+def coarse_tick_ns() -> int:
+    """How far apart the kernel's file timestamps can be (a clock tick)."""
+    class Timespec(ctypes.Structure):
+        _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
+    res = Timespec()
+    if libc().clock_getres(CLOCK_REALTIME_COARSE, ctypes.byref(res)):
+        return 10_000_000
+    return res.sec * 10 ** 9 + res.nsec
 
 
 def proc_from_proc_fs(pid: int, dev: int, ino: int, mask: int, comm: str) -> ProcInfo:
@@ -1986,84 +2426,88 @@ def proc_from_proc_fs(pid: int, dev: int, ino: int, mask: int, comm: str) -> Pro
             cmdline = cmdline_text(read_proc_text(pid, "cmdline").encode())
     except OSError:
         pass
-    return ProcInfo(pid, exe, comm, cmdline, dev, ino)
+    return ProcInfo(pid, exe, comm, cmdline, dev, ino, ondisk=not exe.endswith(" (deleted)"))
+
+
+class Context(typing.NamedTuple):
+    """Who a key's bytes belong to, resolved when its event arrived."""
+    proto: int
+    proc: ProcInfo
+    parent: ProcInfo
+    grandparent: ProcInfo
+    window: int
 
 
 class Tracker:
-    """User-space view of processes, connections and domains, fed by events."""
+    """User-space view of processes, connections and domains, fed by events.
 
-    def __init__(self, mask: int, notify_exec: typing.Callable[[tuple], None], every_exe: bool = False):
+    A process's parent and grandparent are kept as they were when it ran its
+    executable (or was forked): a program started through a double fork
+    still names the program that launched it after pid 1 adopts it."""
+
+    def __init__(self, mask: int, notify_exec: typing.Callable[[ExecNotice], None], every_exe: bool = False,
+                 protos: typing.Optional[typing.Dict[int, int]] = None):
         self.mask, self.notify_exec, self.every_exe = mask, notify_exec, every_exe
         self.runs: typing.List[Conn] = []     # executables run this window ("Every exe")
         self.procs: typing.Dict[int, ProcInfo] = {}
+        self.lineage: typing.Dict[int, typing.Tuple[ProcInfo, ProcInfo]] = {}
         self.exited: typing.Dict[int, int] = {}
-        self.contexts: typing.Dict[bytes, typing.Tuple[ProcT, ConnInfoT, int]] = {}
-        self.tuples: typing.Dict[int, typing.Tuple[ConnInfoT, int]] = {}
-        self.unbound: typing.Dict[int, typing.List[bytes]] = {}     # socket -> contexts awaiting its tuple
+        self.contexts: typing.Dict[bytes, Context] = {}
+        self.connects: "collections.OrderedDict[tuple, Context]" = collections.OrderedDict()
+        self.opens: typing.Dict[bytes, typing.Tuple[tuple, int, int]] = {}     # key -> (connect, proto, window)
+        self.protos: typing.Dict[int, int] = dict(protos or {})      # struct proto address -> protocol
         self.domains: "collections.OrderedDict[typing.Tuple[int, str], str]" = collections.OrderedDict()
+        self.unattributed: typing.List[str] = []
         self.window = 0
-        self.handlers = {"EXEC": self.on_exec, "FORK": self.on_fork, "EXIT": self.on_exit,
-                         "CONN": self.on_conn, "DNS": self.on_dns, "TUPLE": self.on_tuple}
+        self.boot_to_real = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self.tick = coarse_tick_ns()
+        self.handlers = {"EXEC": self.on_exec, "FORK": self.on_fork, "EXIT": self.on_exit, "CONN": self.on_conn,
+                         "DNS": self.on_dns, "CONNECT": self.on_connect, "OPEN": self.on_open}
 
     def handle(self, event: typing.Tuple[str, EventHdrT, typing.Any]) -> None:
         name, hdr, payload = event
-        self.handlers[name](hdr.proc, payload)
+        self.handlers[name](hdr, payload)
 
-    def on_exec(self, p: ProcT, ex: ExecT) -> None:
+    # -- processes ------------------------------------------------------------
+    def on_exec(self, hdr: EventHdrT, ex: ExecT) -> None:
+        p = hdr.proc
         dev = kernel_dev_to_user(p.dev)
-        exe = exec_path(ex)
+        exe, ondisk = exec_path(ex)
         args = ctypes.string_at(ctypes.addressof(ex) + ExecT.args.offset, min(ex.args_len, ARGS_LEN))
-        info = ProcInfo(p.pid, exe, p.comm.decode("utf-8", "replace"), cmdline_text(args), dev, p.ino)
+        ctime = ex.ctime_sec * 10 ** 9 + (ex.ctime_nsec & ~CTIME_QUERIED)
+        info = ProcInfo(p.pid, exe, p.comm.decode("utf-8", "replace"), cmdline_text(args), dev, p.ino,
+                        ctime, (p.pid, hdr.time), ondisk)
         if not exe:
-            info = proc_from_proc_fs(p.pid, dev, p.ino, self.mask, info.name)
+            found = proc_from_proc_fs(p.pid, dev, p.ino, self.mask, info.name)
+            info = dataclasses.replace(info, exe=found.exe, ondisk=found.ondisk)
+        forked = self.lineage.get(p.pid)
+        if forked and forked[0].pid != p.ppid:       # adopted since its fork: keep who launched it
+            parent, grandparent = forked
+        else:
+            parent, grandparent = self.parents(p)
         self.procs[p.pid] = info
+        self.lineage[p.pid] = (parent, grandparent)
         self.exited.pop(p.pid, None)
-        self.notify_exec((p.pid, dev, p.ino, info.exe))
+        fresh = ctime and self.boot_to_real + hdr.time - ctime < 2 * self.tick
+        self.notify_exec(ExecNotice(p.pid, dev, p.ino, info.exe, ctime, list(info.exec_id), bool(fresh)))
         if self.every_exe:
-            parent = self.lookup(p.ppid, p.pdev, p.pino, "")
-            self.runs.append(Conn(info, parent, p.uid, "", -1, -1, "", "", "", 0, 0))
+            self.runs.append(Conn(info, parent, grandparent, p.uid, "", -1, -1, "", "", "", 0, 0))
 
-    def on_fork(self, p: ProcT, _: EmptyT) -> None:
-        parent = self.procs.get(p.ppid)
-        if parent and (parent.dev, parent.ino) == (kernel_dev_to_user(p.dev), p.ino):
-            self.procs[p.pid] = dataclasses.replace(parent, pid=p.pid)
-            self.exited.pop(p.pid, None)
+    def on_fork(self, hdr: EventHdrT, _: EmptyT) -> None:
+        p = hdr.proc
+        forker = self.lookup(p.ppid, p.pdev, p.pino, "")
+        known = self.lineage.get(p.ppid)
+        self.lineage[p.pid] = (forker, known[0] if known else self.lookup(p.gppid, p.gpdev, p.gpino, ""))
+        if forker.ino and (forker.dev, forker.ino) == (kernel_dev_to_user(p.dev), p.ino):
+            self.procs[p.pid] = dataclasses.replace(forker, pid=p.pid)
+        self.exited.pop(p.pid, None)
 
-    def on_exit(self, p: ProcT, _: EmptyT) -> None:
-        self.exited[p.pid] = self.window
+    def on_exit(self, hdr: EventHdrT, _: EmptyT) -> None:
+        self.exited[hdr.proc.pid] = self.window
 
-    def on_conn(self, p: ProcT, conn: ConnT) -> None:
-        info = ConnInfoT.from_buffer_copy(conn.info)
-        self.contexts[bytes(conn.key)] = (ProcT.from_buffer_copy(p), info, self.window)
-        if not info.lport:      # a connect counted before its port was bound: the tuple follows
-            self.unbound.setdefault(info.sk, []).append(bytes(conn.key))
-        self.lookup(p.pid, info.dev, info.ino, p.comm.decode("utf-8", "replace"))
-        self.lookup(p.ppid, p.pdev, p.pino, "")
-
-    def on_tuple(self, _: ProcT, info: ConnInfoT) -> None:
-        """A TCP socket's addresses once connected (or refused). They complete
-        the contexts of that socket now, in event order: by the window's end the
-        socket may be gone and its address reused by another."""
-        self.tuples[info.sk] = (ConnInfoT.from_buffer_copy(info), self.window)
-        for key in self.unbound.pop(info.sk, []):
-            if key in self.contexts:
-                p, old, window = self.contexts[key]
-                new = ConnInfoT.from_buffer_copy(info)
-                new.dev, new.ino = old.dev, old.ino
-                self.contexts[key] = (p, new, window)
-
-    def on_dns(self, p: ProcT, dns: DnsT) -> None:
-        host = dns.host.decode("utf-8", "replace")
-        if not host or ip_network(host.split("%")[0]):     # an address literal names nothing
-            return
-        for i in range(min(dns.count, DNS_ADDRS)):
-            addr = format_addr(dns.families[i], bytes(dns.addrs[i]))
-            for key in ((p.pid, addr), (0, addr)):     # this process's answer, and anyone's
-                if addr:
-                    self.domains[key] = host
-                    self.domains.move_to_end(key)
-        while len(self.domains) > DOMAIN_CACHE:
-            self.domains.popitem(last=False)
+    def parents(self, p: ProcT) -> typing.Tuple[ProcInfo, ProcInfo]:
+        """Parent and grandparent of a process as the kernel sees them now."""
+        return self.lookup(p.ppid, p.pdev, p.pino, ""), self.lookup(p.gppid, p.gpdev, p.gpino, "")
 
     def lookup(self, pid: int, kdev: int, ino: int, comm: str) -> ProcInfo:
         """A process image by pid and the executable identity the kernel reported."""
@@ -2073,31 +2517,82 @@ class Tracker:
             if pid == 0 or not ino:
                 return ProcInfo(pid, "", comm, "", dev, ino)
             name = comm or read_proc_text(pid, "comm").strip()
-            info = self.procs[pid] = proc_from_proc_fs(pid, dev, ino, self.mask, name)
+            info = proc_from_proc_fs(pid, dev, ino, self.mask, name)
+            if info.exe:            # running since before picosnitch saw it: hash it now
+                info.exec_id = (pid, 0)
+                self.notify_exec(ExecNotice(pid, dev, ino, info.exe, 0, [pid, 0], False))
+            self.procs[pid] = info
+            self.lineage.pop(pid, None)
         return info
 
-    def lost_context(self, key: ConnKeyT) -> typing.Tuple[ProcInfo, ProcInfo, ConnInfoT]:
+    def context(self, hdr: EventHdrT, conn: ConnT) -> Context:
+        """Who moved a key's first bytes (or started its connect), as of now."""
+        p = hdr.proc
+        proc = self.lookup(p.pid, conn.info.dev, conn.info.ino, p.comm.decode("utf-8", "replace"))
+        parent, grandparent = self.lineage.get(p.pid) or self.parents(p)
+        self.protos[conn.key.prot] = conn.info.proto
+        return Context(conn.info.proto, proc, parent, grandparent, self.window)
+
+    # -- connections ---------------------------------------------------------
+    def on_conn(self, hdr: EventHdrT, conn: ConnT) -> None:
+        self.contexts[bytes(conn.key)] = self.context(hdr, conn)
+
+    def on_connect(self, hdr: EventHdrT, conn: ConnT) -> None:
+        ident = connect_ident(conn.key)
+        self.connects[ident] = self.context(hdr, conn)
+        self.connects.move_to_end(ident)
+        while len(self.connects) > CONNECT_CACHE:
+            self.connects.popitem(last=False)
+
+    def on_open(self, _: EventHdrT, conn: ConnT) -> None:
+        """A connect's key, opened by the kernel for the task that started it:
+        the context is that of its CONNECT (looked up at the window's end, in
+        case the CONNECT was read later from another CPU's buffer)."""
+        self.protos[conn.key.prot] = conn.info.proto
+        self.opens[bytes(conn.key)] = (connect_ident(conn.key), conn.info.proto, self.window)
+
+    def on_dns(self, hdr: EventHdrT, dns: DnsT) -> None:
+        host = dns.host.decode("utf-8", "replace")
+        if not host or ip_network(host.split("%")[0]):     # an address literal names nothing
+            return
+        for i in range(min(dns.count, DNS_ADDRS)):
+            addr = format_addr(dns.families[i], bytes(dns.addrs[i]))
+            for key in ((hdr.proc.pid, addr), (0, addr)):     # this process's answer, and anyone's
+                if addr:
+                    self.domains[key] = host
+                    self.domains.move_to_end(key)
+        while len(self.domains) > DOMAIN_CACHE:
+            self.domains.popitem(last=False)
+
+    def lost_context(self, key: ConnKeyT) -> Context:
         """What /proc still says of a connection whose event was lost."""
-        info = self.tuples.get(key.sk, (ConnInfoT(sk=key.sk), 0))[0]
         try:
             st = os.stat(f"/proc/{key.pid}/exe")
             proc = proc_from_proc_fs(key.pid, st.st_dev, st.st_ino, self.mask, read_proc_text(key.pid, "comm").strip())
         except OSError:
-            proc = self.procs.get(key.pid) or ProcInfo(key.pid, "", "", "", 0, 0)
-        ppid = int((read_proc_text(key.pid, "stat").rsplit(")", 1)[-1].split() or ["", "0"])[1])
-        return proc, self.procs.get(ppid) or ProcInfo(ppid, "", "", "", 0, 0), info
+            proc = self.procs.get(key.pid) or ProcInfo(key.pid, "", read_proc_text(key.pid, "comm").strip(), "", 0, 0)
+        stat_fields = read_proc_text(key.pid, "stat").rsplit(")", 1)[-1].split()
+        ppid = int(stat_fields[1]) if len(stat_fields) > 1 else 0
+        parent = self.procs.get(ppid) or ProcInfo(ppid, "", "", "", 0, 0)
+        parent, grandparent = self.lineage.get(key.pid) or (parent, NO_PROC)
+        return Context(self.protos.get(key.prot, -1), proc, parent, grandparent, self.window)
 
     def conn(self, key: ConnKeyT, val: ConnValT) -> Conn:
-        context = self.contexts.get(bytes(key))
-        if context:
-            p, info, _ = context
-            proc = self.lookup(key.pid, info.dev, info.ino, p.comm.decode("utf-8", "replace"))
-            parent = self.lookup(p.ppid, p.pdev, p.pino, "")
-        else:
-            proc, parent, info = self.lost_context(key)
-        raddr = format_addr(info.family, bytes(info.raddr))
-        return Conn(proc, parent, key.uid, proto_name(info.family, info.proto), info.lport, info.rport,
-                    format_addr(info.family, bytes(info.laddr)), raddr, self.domain(key.pid, raddr),
+        kb = bytes(key)
+        context = self.contexts.get(kb)
+        if context is None and kb in self.opens:
+            ident, proto, _ = self.opens[kb]
+            if ident in self.connects:
+                context = self.connects[ident]._replace(proto=proto)
+        if context is None:
+            context = self.lost_context(key)
+        proc = context.proc
+        if not proc.exe:
+            self.unattributed.append(f"pid {key.pid} ({proc.name or 'unknown'}), {val.send + val.recv} bytes")
+        raddr = format_addr(key.family, bytes(key.raddr))
+        proto = proto_name(key.family, context.proto) if context.proto >= 0 else "unknown"
+        return Conn(proc, context.parent, context.grandparent, key.uid, proto, key.lport, key.rport,
+                    format_addr(key.family, bytes(key.laddr)), raddr, self.domain(key.pid, raddr),
                     val.send, val.recv)
 
     def domain(self, pid: int, addr: str) -> str:
@@ -2108,63 +2603,200 @@ class Tracker:
         runs, self.runs = self.runs, []
         return runs
 
+    def take_unattributed(self) -> typing.List[str]:
+        found, self.unattributed = self.unattributed, []
+        return found
+
     def end_window(self) -> None:
-        """Forget exited processes, old contexts and tuples two windows on."""
+        """Forget exited processes, and contexts, two windows on."""
         self.window += 1
         for pid in [pid for pid, w in self.exited.items() if w < self.window - 1]:
             self.procs.pop(pid, None)
+            self.lineage.pop(pid, None)
             del self.exited[pid]
-        for table in (self.contexts, self.tuples):
+        for table in (self.contexts, self.opens):
             for key in [k for k, v in table.items() if v[-1] < self.window - 1]:
                 del table[key]
-        self.unbound = {sk: live for sk, keys in self.unbound.items() if (live := [k for k in keys if k in self.contexts])}
 
 
-def stop_on_sigterm() -> typing.Callable[[], bool]:
-    """Ignore SIGINT (the supervisor coordinates stops); SIGTERM sets a flag."""
-    flag = []
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: flag.append(1))
-    libc().prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG: stop with the supervisor
-    return lambda: bool(flag)
+def connect_ident(key: ConnKeyT) -> tuple:
+    """What a CONNECT and the OPEN that follows it have in common."""
+    return key.sk, key.exe, key.pid, key.uid
 
 
-def reader_main(rt: Runtime) -> None:
-    """Process entry: load the program, then poll and drain window by window."""
-    stopping = stop_on_sigterm()
-    tracker = Tracker(rt.st_dev_mask, rt.exec_tx.send, rt.config.every_exe)
-    try:
-        capture = Capture.load(rt.config.perf_ring_buffer_pages, tracker.handle, rt.reporter.info)
-    except PicosnitchError as e:
-        rt.status_tx.send(("failed", str(e)))
-        return
-    rt.status_tx.send(("capturing", capture.mode))
+class Outbox:
+    """Messages to one peer, sent from a thread so that the reader never waits
+    for a slow or dead peer. Beyond `limit` waiting, the oldest are dropped
+    and counted (take_dropped)."""
+
+    def __init__(self, channel: Channel, limit: int):
+        self.channel, self.limit, self.dropped = channel, limit, 0
+        self.queue: "collections.deque" = collections.deque()
+        self.cond = threading.Condition()
+        threading.Thread(target=self.run, name="outbox", daemon=True).start()
+
+    def put(self, message: typing.NamedTuple) -> None:
+        with self.cond:
+            self.queue.append(message)
+            while len(self.queue) > self.limit:
+                self.queue.popleft()
+                self.dropped += 1
+            self.cond.notify()
+
+    def take_dropped(self) -> int:
+        with self.cond:
+            dropped, self.dropped = self.dropped, 0
+        return dropped
+
+    def run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue:
+                    self.cond.wait()
+                message = self.queue.popleft()
+            self.channel.send(message)
+
+
+class WindowSender:
+    """Sends each window to the primary, in parts, from a thread, and keeps it
+    until the primary confirms it (Ack). A primary that starts says which
+    window it wrote last (Hello), and everything after that is sent again.
+    At most WINDOWS_KEPT windows are kept; older ones are dropped and counted."""
+    PART = 256      # connections per message
+
+    def __init__(self, channel: Channel):
+        self.channel = channel
+        self.windows: "collections.OrderedDict[int, typing.List[Batch]]" = collections.OrderedDict()
+        self.todo: "collections.deque[Batch]" = collections.deque()
+        self.cond = threading.Condition()
+        self.dropped: typing.List[int] = []         # connections of each dropped window
+        self.stopped = False
+        threading.Thread(target=self.send_loop, name="windows", daemon=True).start()
+        threading.Thread(target=self.ack_loop, name="acks", daemon=True).start()
+
+    def put(self, seq: int, conns: typing.List[Conn]) -> None:
+        chunks = [conns[i:i + self.PART] for i in range(0, len(conns), self.PART)] or [[]]
+        contime = now_text()
+        parts = [Batch(seq, i, i == len(chunks) - 1, contime, chunk) for i, chunk in enumerate(chunks)]
+        with self.cond:
+            self.windows[seq] = parts
+            self.todo.extend(parts)
+            while len(self.windows) > WINDOWS_KEPT:
+                old, lost = self.windows.popitem(last=False)
+                self.dropped.append(sum(len(p.conns) for p in lost))
+                self.todo = collections.deque(p for p in self.todo if p.seq != old)
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.todo.append(Stop())
+            self.cond.notify_all()
+
+    def wait_sent(self, timeout: float) -> bool:
+        """True once everything queued has gone into the channel."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.todo and time.monotonic() < deadline:
+                self.cond.wait(0.1)
+            return not self.todo
+
+    def take_dropped(self) -> typing.List[int]:
+        with self.cond:
+            dropped, self.dropped = self.dropped, []
+        return dropped
+
+    def send_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.todo:
+                    self.cond.wait()
+                message = self.todo[0]
+            self.channel.send(message)
+            with self.cond:
+                if self.todo and self.todo[0] is message:
+                    self.todo.popleft()
+                self.cond.notify_all()
+
+    def ack_loop(self) -> None:
+        while True:
+            try:
+                message = self.channel.recv()
+            except (EOFError, ValueError, OSError):
+                continue
+            with self.cond:
+                if isinstance(message, Ack):
+                    for seq in [s for s in self.windows if s <= message.seq]:
+                        del self.windows[seq]
+                elif isinstance(message, Hello):       # a new primary: send again what it lacks
+                    pending = [p for seq, parts in self.windows.items() if seq > message.seq for p in parts]
+                    again = {id(p) for p in pending}
+                    self.todo = collections.deque(pending + [p for p in self.todo if id(p) not in again])
+                    self.cond.notify_all()
+
+
+def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float]] = None) -> None:
+    """Process entry: poll and drain window by window. downtime is when the
+    previous reader died and when this one was started, if it is a restart."""
+    execs = Outbox(rt.exec_tx, EXEC_NOTICES_KEPT)
+    windows = WindowSender(rt.batch_tx)
+    tracker = Tracker(rt.st_dev_mask, execs.put, rt.config.every_exe, rt.kernel.protos)
+    capture = Capture(rt.kernel, tracker.handle)
+    stopping = rt.stopping
+    leftover = capture.leftover()
+    if leftover:
+        windows.put(time.monotonic_ns(), [tracker.conn(k, v) for k, v in leftover])
+    rt.ready_tx.send(Ready(capture.mode))
+    if downtime:
+        lost = capture.problems()
+        span = f"{time.strftime('%H:%M:%S', time.localtime(downtime[0]))} to " \
+               f"{time.strftime('%H:%M:%S', time.localtime(downtime[1]))}"
+        if lost:
+            rt.reporter.error(f"while the reader was restarting ({span}): " + "; ".join(lost))
+        else:
+            rt.reporter.info(f"the reader restarted ({span}); the kernel kept counting, nothing was lost")
     window = rt.config.db_write_limit_seconds
     deadline = time.monotonic() + window
     while not stopping():
         capture.poll(int(max(0.0, min(deadline - time.monotonic(), 0.2)) * 1000))
         if time.monotonic() >= deadline:
             deadline += window
-            send_window(rt, capture, tracker, final=False)
-    send_window(rt, capture, tracker, final=True)
-    rt.batch_tx.send(("stop",))
+            send_window(rt, capture, tracker, windows, execs, final=False)
+    send_window(rt, capture, tracker, windows, execs, final=True)
+    windows.stop()
+    if not windows.wait_sent(STOP_TIMEOUT):
+        rt.reporter.error("the primary did not take the last windows before the stop")
 
 
-def send_window(rt: Runtime, capture: Capture, tracker: Tracker, final: bool) -> None:
+def send_window(rt: Runtime, capture: Capture, tracker: Tracker, windows: WindowSender, execs: Outbox,
+                final: bool) -> None:
     drained = capture.end_window(final)
     conns = [tracker.conn(k, v) for k, v in drained] + tracker.take_runs()
-    rt.batch_tx.send(("batch", conns))
+    windows.put(time.monotonic_ns(), conns)
     tracker.end_window()
-    for problem in capture.problems():
+    problems = capture.problems()
+    unattributed = tracker.take_unattributed()
+    if unattributed:
+        problems.append(f"{len(unattributed)} connections could not be attributed to an executable (their "
+                        f"processes had exited before picosnitch could identify them, and their events were "
+                        f"lost): " + "; ".join(unattributed[:5]) + (" …" if len(unattributed) > 5 else ""))
+    dropped = windows.take_dropped()
+    if dropped:
+        problems.append(f"{len(dropped)} windows ({sum(dropped)} connections) were dropped: the primary "
+                        f"did not take them")
+    if execs.take_dropped():
+        problems.append("exec notices were dropped: the monitor is not keeping up, so some executables are "
+                        "hashed later, when they may be gone")
+    for problem in problems:
         rt.reporter.error(problem)
-
 
 ###############################################################################
 # 11. hashing, FD cache and fanotify
 ###############################################################################
 # Executables are opened as early as possible (at exec), kept open in a cache
-# keyed by (st_dev & mask, st_ino), hashed on demand and re-hashed after
-# fanotify reports a modification.
+# keyed by (st_dev & mask, st_ino), and hashed at once. fanotify (in its
+# file-handle mode, which needs no CAP_SYS_ADMIN) reports modifications of
+# cached files. A hash is only kept as that of what ran when nothing can
+# have changed the file between the exec and the hash (see Hasher).
 
 HASH_CHUNK = 1 << 20
 
@@ -2191,18 +2823,31 @@ def st_dev_mask(config: Config) -> int:
     return 0xFFFFFFFF
 
 
+def open_regular(path: str) -> int:
+    """Open a regular file for reading without side effects: through an O_PATH
+    descriptor first, so that whatever is at the path now (a FIFO, a device)
+    is never opened for real. OSError if it is not a regular file."""
+    pathfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        if not stat_module.S_ISREG(os.fstat(pathfd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return os.open(f"/proc/self/fd/{pathfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(pathfd)
+
+
 def open_verified(pid: int, dev: int, ino: int, exe: str, mask: int) -> typing.Tuple[int, str]:
     """Open a process's executable and check it is the file the kernel reported.
 
-    Tries /proc/PID/exe (the process may be gone), then the path. Returns
-    (fd, '') or (-1, why it failed).
+    Tries /proc/PID/exe (the process may be gone), then the path (pass '' to
+    not try one). Returns (fd, '') or (-1, why it failed).
     """
     reasons = []
     for path in (f"/proc/{pid}/exe", exe):
         if not path:
             continue
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = open_regular(path)
         except OSError as e:
             reasons.append(f"{path}: {e.strerror}")
             continue
@@ -2215,98 +2860,202 @@ def open_verified(pid: int, dev: int, ino: int, exe: str, mask: int) -> typing.T
     return -1, "; ".join(reasons) or "no path known"
 
 
+def runs(pid: int, dev: int, ino: int, mask: int) -> bool:
+    """Whether process pid runs that executable now (the kernel then refuses
+    every write to the file: it cannot have changed since the exec)."""
+    return not not_running(pid, dev, ino, mask)
+
+
+def not_running(pid: int, dev: int, ino: int, mask: int) -> str:
+    """Why process pid is not seen running that executable ('' when it is)."""
+    try:
+        st = os.stat(f"/proc/{pid}/exe")
+    except (FileNotFoundError, ProcessLookupError):
+        return "its process had exited before picosnitch could hash it"
+    except OSError as e:
+        return f"/proc/{pid}/exe: {e.strerror}"
+    if (st.st_dev & mask, st.st_ino) != (dev & mask, ino):
+        return "its process had exited before picosnitch could hash it (its pid now runs another executable)"
+    return ""
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_uint32), ("type", ctypes.c_int), ("handle", ctypes.c_ubyte * 128)]
+
+
 class Fanotify:
-    """fanotify marks on open executables; reports (st_dev, st_ino) of modified ones."""
-    FAN_CLOEXEC, FAN_NONBLOCK, FAN_MARK_ADD, FAN_MARK_REMOVE = 0x1, 0x2, 0x1, 0x2
-    FAN_MODIFY, FAN_CLOSE_WRITE, FAN_Q_OVERFLOW = 0x2, 0x8, 0x4000
+    """fanotify marks on open executables, in file-handle mode; modified()
+    reports the handles of modified ones (see handle())."""
+    FAN_CLOEXEC, FAN_NONBLOCK, FAN_REPORT_FID, FAN_MARK_ADD, FAN_MARK_REMOVE = 0x1, 0x2, 0x200, 0x1, 0x2
+    FAN_MODIFY, FAN_CLOSE_WRITE, FAN_Q_OVERFLOW, FAN_EVENT_INFO_TYPE_FID = 0x2, 0x8, 0x4000, 1
+    AT_EMPTY_PATH = 0x1000
     METADATA = struct.Struct("<IBBHQii")
-    OVERFLOW = (-1, -1)     # reported when events were dropped: everything may have changed
+    OVERFLOW = ("overflow",)     # reported when events were dropped: everything may have changed
 
     def __init__(self):
         self.libc = libc()
         self.libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
-        self.fd = self.libc.fanotify_init(self.FAN_CLOEXEC | self.FAN_NONBLOCK, os.O_RDONLY | os.O_LARGEFILE)
+        self.fd = self.libc.fanotify_init(self.FAN_CLOEXEC | self.FAN_NONBLOCK | self.FAN_REPORT_FID,
+                                          os.O_RDONLY | os.O_LARGEFILE)
         if self.fd < 0:
             raise PicosnitchError(f"fanotify_init failed: {os.strerror(ctypes.get_errno())}")
+
+    def handle(self, fd: int) -> tuple:
+        """What fanotify will report for this file: (fsid, handle type, handle)."""
+        fh, mount_id = _FileHandle(128), ctypes.c_int()
+        if self.libc.name_to_handle_at(fd, b"", ctypes.byref(fh), ctypes.byref(mount_id), self.AT_EMPTY_PATH):
+            raise OSError(ctypes.get_errno(), "name_to_handle_at")
+        return os.fstatvfs(fd).f_fsid, fh.type, bytes(fh.handle[:fh.bytes])
 
     def _mark(self, action: int, fd: int) -> None:
         if self.libc.fanotify_mark(self.fd, action, self.FAN_MODIFY | self.FAN_CLOSE_WRITE, fd, None):
             raise OSError(ctypes.get_errno(), "fanotify_mark")
 
-    def mark(self, fd: int) -> None:
+    def mark(self, fd: int) -> tuple:
+        """Watch an open file; its handle."""
         self._mark(self.FAN_MARK_ADD, fd)
+        return self.handle(fd)
 
     def unmark(self, fd: int) -> None:
-        self._mark(self.FAN_MARK_REMOVE, fd)
+        try:
+            self._mark(self.FAN_MARK_REMOVE, fd)
+        except OSError:
+            pass
 
-    def modified(self) -> typing.List[typing.Tuple[int, int]]:
+    def modified(self) -> typing.List[tuple]:
         out = []
         while True:
             try:
-                data = os.read(self.fd, 8192)
+                data = os.read(self.fd, 65536)
             except BlockingIOError:
                 return out
             pos = 0
             while pos + self.METADATA.size <= len(data):
-                length, _, _, _, mask, fd, _ = self.METADATA.unpack_from(data, pos)
+                length, _, _, meta_len, mask, _, _ = self.METADATA.unpack_from(data, pos)
                 if mask & self.FAN_Q_OVERFLOW:
                     out.append(self.OVERFLOW)
-                if fd >= 0:
-                    st = os.fstat(fd)
-                    os.close(fd)
-                    out.append((st.st_dev, st.st_ino))
+                info = pos + meta_len
+                while info + 4 <= pos + length:
+                    kind, _, size = struct.unpack_from("<BBH", data, info)
+                    if kind == self.FAN_EVENT_INFO_TYPE_FID and size >= 20:
+                        fsid0, fsid1, nbytes, htype = struct.unpack_from("<IIIi", data, info + 4)
+                        out.append((fsid0 | fsid1 << 32, htype, bytes(data[info + 20:info + 20 + nbytes])))
+                    info += max(size, 4)
                 pos += length
 
 
+class CacheEntry:
+    """An open executable: its descriptor, its fanotify handle (None when it
+    could not be watched), and the sha256 of each content version hashed
+    while nothing could change it, by the file's change time (ns)."""
+
+    def __init__(self, fd: int, handle: typing.Optional[tuple]):
+        self.fd, self.handle = fd, handle
+        self.versions: typing.Dict[int, str] = {}
+
+
 class FdCache:
-    """Open executables by (st_dev & mask, st_ino), with their sha256 once known."""
+    """Open executables by (st_dev & mask, st_ino)."""
 
     def __init__(self, mask: int, limit: int, fanotify: Fanotify):
         self.mask, self.limit, self.fanotify = mask, limit, fanotify
-        self.entries: "collections.OrderedDict[tuple, list]" = collections.OrderedDict()
+        self.entries: "collections.OrderedDict[tuple, CacheEntry]" = collections.OrderedDict()
+        self.by_handle: typing.Dict[tuple, tuple] = {}
 
     def key(self, dev: int, ino: int) -> tuple:
         return (dev & self.mask, ino)
 
-    def open(self, pid: int, dev: int, ino: int, exe: str) -> str:
-        """Make sure the executable is open; '' or why it could not be."""
+    def open(self, pid: int, dev: int, ino: int, exe: str) -> typing.Tuple[typing.Optional[CacheEntry], str]:
+        """The cache entry of an executable, opening and watching it if needed;
+        (None, why) when it cannot be opened."""
         key = self.key(dev, ino)
         if key in self.entries:
             self.entries.move_to_end(key)
-            return ""
+            return self.entries[key], ""
         fd, why = open_verified(pid, dev, ino, exe, self.mask)
         if fd < 0:
-            return why
-        self.fanotify.mark(fd)
-        self.entries[key] = [fd, None]
+            return None, why
+        try:
+            handle = self.fanotify.mark(fd)
+        except OSError:         # a filesystem without file handles: hashes are checked by change time only
+            handle = None
+        entry = self.entries[key] = CacheEntry(fd, handle)
+        if handle is not None:
+            self.by_handle[handle] = key
         while len(self.entries) > self.limit:
-            fd = self.entries.popitem(last=False)[1][0]
-            self.fanotify.unmark(fd)
-            os.close(fd)
-        return ""
+            self.forget(next(iter(self.entries)))
+        return entry, ""
 
-    def sha256(self, pid: int, dev: int, ino: int, exe: str) -> typing.Tuple[str, str]:
-        """(sha256, '') or ('', why it could not be hashed)."""
-        why = self.open(pid, dev, ino, exe)
-        if why:
+    def forget(self, key: tuple) -> None:
+        entry = self.entries.pop(key)
+        if entry.handle is not None:
+            self.fanotify.unmark(entry.fd)
+            self.by_handle.pop(entry.handle, None)
+        os.close(entry.fd)
+
+    def apply_changes(self) -> typing.Set[tuple]:
+        """Forget the hashes of files fanotify saw modified (all of them after
+        an overflow); the keys of those files."""
+        changed = set()
+        for handle in self.fanotify.modified():
+            keys = list(self.entries) if handle == Fanotify.OVERFLOW else [self.by_handle.get(handle)]
+            for key in keys:
+                if key in self.entries:
+                    self.entries[key].versions.clear()
+                    changed.add(key)
+        return changed
+
+
+class Hasher:
+    """sha256 of what a process executed. A hash is only given when nothing
+    can have changed the file between the exec and the end of the hash:
+
+    - the process still ran the file after it was opened and watched (the
+      kernel refuses writes to a running executable), or its change time
+      is the one the kernel saw at the exec, which was not within two clock
+      ticks of an earlier change (a change within one tick can keep the
+      same change time);
+    - and fanotify saw no modification, and the change time did not move,
+      while it was hashed.
+
+    Otherwise the answer is no hash and why, naming the executable."""
+
+    def __init__(self, cache: FdCache, tick: int):
+        self.cache, self.tick = cache, tick
+
+    def hash(self, pid: int, dev: int, ino: int, exe: str, ctime: int, fresh: bool) -> typing.Tuple[str, str]:
+        self.cache.apply_changes()
+        entry, why = self.cache.open(pid, dev, ino, exe)
+        if entry is None:
             return "", why
-        entry = self.entries[self.key(dev, ino)]
-        if entry[1] is None:
-            entry[1] = sha256_fd(entry[0])
-        return entry[1], ""
-
-    def invalidate(self, dev: int, ino: int) -> None:
-        """Forget a hash (all of them after a fanotify overflow)."""
-        if (dev, ino) == Fanotify.OVERFLOW:
-            for entry in self.entries.values():
-                entry[1] = None
-        elif self.key(dev, ino) in self.entries:
-            self.entries[self.key(dev, ino)][1] = None
-
+        key = self.cache.key(dev, ino)
+        alive = runs(pid, dev, ino, self.cache.mask)
+        now = os.fstat(entry.fd).st_ctime_ns
+        if ctime and now != ctime:
+            return "", (f"{exe or 'the executable'} was modified after it ran (its change time moved from "
+                        f"{ctime / 1e9:.6f} to {now / 1e9:.6f}) before picosnitch could hash it")
+        if not alive and fresh:
+            return "", (f"{exe or 'the executable'} was changed within {2 * self.tick / 1e6:.0f} ms before it "
+                        f"ran, and had exited before picosnitch could open it: a change after the exec "
+                        f"cannot be ruled out")
+        sha = entry.versions.get(now) or sha256_fd(entry.fd)
+        if key in self.cache.apply_changes() or os.fstat(entry.fd).st_ctime_ns != now:
+            return "", f"{exe or 'the executable'} was modified while picosnitch hashed it"
+        if entry.handle is not None or alive:
+            entry.versions[now] = sha
+        return sha, ""
 
 ###############################################################################
 # 12. monitor process
 ###############################################################################
+# Runs as root with two capabilities left: CAP_DAC_READ_SEARCH (to open any
+# user's executables) and CAP_SYS_PTRACE (to open them through /proc/PID/exe).
+# Hash requests come from the primary, which runs as the user: they are
+# answered only for executables that processes run or ran, never by opening
+# a path the request names.
+
+EXEC_RESULTS = 65536      # hashes kept by exec, for the primary to ask for
+
 
 def set_nofile(limit: typing.Optional[int]) -> int:
     """Apply "Set RLIMIT_NOFILE" and return how many executables to keep open."""
@@ -2316,47 +3065,70 @@ def set_nofile(limit: typing.Optional[int]) -> int:
     return max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
 
 
+class Monitor:
+    """Hashes each executable when it runs, and answers for it later."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.fanotify = Fanotify()
+        self.cache = FdCache(rt.st_dev_mask, set_nofile(rt.config.set_rlimit_nofile), self.fanotify)
+        self.hasher = Hasher(self.cache, coarse_tick_ns())
+        self.results: "collections.OrderedDict[tuple, typing.Tuple[str, str]]" = collections.OrderedDict()
+
+    def on_exec(self, n: ExecNotice) -> None:
+        self.results[(*n.exec_id, n.dev, n.ino)] = self.hasher.hash(n.pid, n.dev, n.ino, n.exe, n.ctime, n.fresh)
+        while len(self.results) > EXEC_RESULTS:
+            self.results.popitem(last=False)
+
+    def answer(self, request: HashRequest) -> HashAnswer:
+        """[sha256, why not] for each [pid, dev, ino, exe, ctime, exec_id] asked."""
+        results = []
+        for item in request.procs:
+            try:
+                pid, dev, ino, _, ctime, (exec_pid, exec_time) = item
+                found = self.results.get((exec_pid, exec_time, dev, ino))
+                if found is None:
+                    why = not_running(pid, dev, ino, self.cache.mask)
+                    found = ("", why) if why else self.hasher.hash(pid, dev, ino, "", ctime, False)
+                results.append(list(found))
+            except (ValueError, TypeError, OSError) as e:
+                results.append(["", f"not hashed ({type(e).__name__}: {e})"])
+        return HashAnswer(request.id, results)
+
+    def run(self) -> None:
+        exec_rx, hashes = self.rt.exec_rx, self.rt.hash_monitor
+        while not self.rt.stopping():
+            ready = select.select([exec_rx, hashes, self.fanotify.fd], [], [], 1)[0]
+            self.cache.apply_changes()
+            while select.select([exec_rx], [], [], 0)[0]:      # execs first: they race with changes
+                message = exec_rx.recv()
+                if isinstance(message, ExecNotice):
+                    self.on_exec(message)
+            if hashes in ready:
+                message = hashes.recv()
+                if isinstance(message, HashRequest):
+                    hashes.send(self.answer(message))
+
+
 def monitor_main(rt: Runtime) -> None:
-    """Process entry: open executables at exec, answer hash requests, watch for changes."""
-    stopping = stop_on_sigterm()
-    fanotify = Fanotify()
-    cache = FdCache(rt.st_dev_mask, set_nofile(rt.config.set_rlimit_nofile), fanotify)
-    while not stopping():
-        ready = multiprocessing.connection.wait([rt.exec_rx, rt.hash_monitor, fanotify.fd], timeout=1)
-        for dev, ino in fanotify.modified():
-            cache.invalidate(dev, ino)
-        while rt.exec_rx in ready and rt.exec_rx.poll():
-            cache.open(*rt.exec_rx.recv())
-        if rt.hash_monitor in ready:
-            rt.hash_monitor.send(answer_hashes(cache, fanotify, rt.hash_monitor.recv()))
-
-
-def answer_hashes(cache: FdCache, fanotify: Fanotify, wanted: typing.List[tuple]) -> dict:
-    """{(dev, ino): (sha256, error)} for (pid, dev, ino, exe) requests."""
-    for dev, ino in fanotify.modified():
-        cache.invalidate(dev, ino)
-    return {(dev, ino): cache.sha256(pid, dev, ino, exe) for pid, dev, ino, exe in wanted}
-
+    """Process entry: hash executables as they run, answer hash requests."""
+    Monitor(rt).run()
 
 ###############################################################################
 # 13. notifications
 ###############################################################################
-# Every process reports through one Reporter; desktop notifications go to a
-# notifier process that runs as the user and talks to their session bus.
+# Every process reports through one Reporter; its reports go to the notifier,
+# which runs as the user: it writes error.log and exe.log, and shows each
+# report as a desktop notification on the user's session bus. When a log
+# cannot be written (a full disk), the notification still goes out.
 
 NOTIFY_RETRY_SECONDS = 30
 NOTIFY_KEEP = 1000
+REPORT_SUMMARIES = {"error": ("picosnitch error", ERROR_LOG_NAME), "exe": ("picosnitch", EXE_LOG_NAME)}
 
 
 def default_bus_address(uid: int, environ: typing.Mapping[str, str] = os.environ) -> str:
     return environ.get("DBUS_SESSION_BUS_ADDRESS") or f"unix:path=/run/user/{uid}/bus"
-
-
-def drop_privileges(uid: int, gid: int) -> None:
-    if os.getuid() == 0 and uid != 0:
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
 
 
 class DesktopNotifier:
@@ -2385,26 +3157,73 @@ class DesktopNotifier:
             self.failed_at = time.monotonic()
             return e.get_dbus_message() or str(e)
 
+    def due(self) -> bool:
+        """Whether there is something to deliver now (failures wait before a retry)."""
+        return bool(self.pending) and (self.iface is not None or time.monotonic() - self.failed_at >= NOTIFY_RETRY_SECONDS)
 
-def notifier_main(rt: Runtime, queue: typing.Any) -> None:
-    """Process entry: deliver notifications as the user; keep and retry on failure."""
-    stopping = stop_on_sigterm()
-    drop_privileges(*rt.owner)
-    notifier = DesktopNotifier(rt.bus_address)
-    import queue as queue_module
-    while not stopping():
+
+class Notifier:
+    """The notifier process's state: the logs it writes and the desktop."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.desktop = DesktopNotifier(rt.bus_address) if rt.config.desktop_notifications else None
+        self.unwritable: typing.Dict[str, str] = {}     # log name -> why it cannot be written
+
+    def write(self, name: str, lines: typing.List[str]) -> None:
+        """Append to a log; a failure is shown on the desktop once, until it works again."""
         try:
-            notifier.pending.append(queue.get(timeout=1))
-        except queue_module.Empty:
-            if not notifier.pending or time.monotonic() - notifier.failed_at < NOTIFY_RETRY_SECONDS:
-                continue
-        error = notifier.flush()
-        if error and error != notifier.last_error:
-            append_line(os.path.join(rt.directory, ERROR_LOG_NAME),
-                        f"{now_text()} desktop notifications not delivered ({error}); "
-                        f"{len(notifier.pending)} kept for retry", rt.owner)
-        notifier.last_error = error
+            append_lines(os.path.join(self.rt.directory, name), lines)
+        except OSError as e:
+            if name not in self.unwritable:
+                self.unwritable[name] = e.strerror or str(e)
+                self.notify("picosnitch error", f"{name} cannot be written ({self.unwritable[name]}); "
+                                                "reports are shown here only until it can")
+            return
+        if self.unwritable.pop(name, None) is not None:
+            self.write(ERROR_LOG_NAME, [f"{now_text()} {name} could not be written for a while; "
+                                        "reports of that time were only shown as notifications"])
 
+    def notify(self, summary: str, body: str) -> None:
+        if self.desktop is not None:
+            self.desktop.pending.append((summary, body))
+
+    def report(self, report: Report) -> None:
+        summary, log = REPORT_SUMMARIES.get(report.kind, REPORT_SUMMARIES["error"])
+        detail = ["    " + line for line in report.detail.splitlines() if line.strip()]
+        self.write(log, [f"{now_text()} {report.text}"] + detail)
+        self.notify(summary, report.text)
+
+    def deliver(self) -> None:
+        if self.desktop is None or not self.desktop.due():
+            return
+        error = self.desktop.flush()
+        if error and error != self.desktop.last_error:
+            self.write(ERROR_LOG_NAME, [f"{now_text()} desktop notifications not delivered ({error}); "
+                                        f"{len(self.desktop.pending)} kept for retry"])
+        self.desktop.last_error = error
+
+    def run(self) -> None:
+        channel = self.rt.report_rx
+        while True:
+            stopping = self.rt.stopping()
+            while select.select([channel], [], [], 0 if stopping else 1)[0]:
+                try:
+                    message = channel.recv()
+                except ValueError:
+                    continue
+                if isinstance(message, Report):
+                    self.report(message)
+                if not stopping:
+                    break
+            self.deliver()
+            if stopping:
+                return
+
+
+def notifier_main(rt: Runtime) -> None:
+    """Process entry: write the logs and deliver notifications, as the user."""
+    Notifier(rt).run()
 
 ###############################################################################
 # 14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
@@ -2468,10 +3287,10 @@ class RemoteWriter:
     refusing never stalls the primary and loses nothing; a failure is reported
     once, and again only after the server has worked in between."""
 
-    def __init__(self, settings: dict, directory: str, owner: typing.Tuple[int, int], reporter: "Reporter"):
+    def __init__(self, settings: dict, directory: str, reporter: Reporter):
         self.db, self.reporter = RemoteDB(settings), reporter
         self.secrets = sql_secrets(settings)
-        self.queue = RowQueue(os.path.join(directory, REMOTE_QUEUE_NAME), owner)
+        self.queue = RowQueue(os.path.join(directory, REMOTE_QUEUE_NAME))
         self.con = self.queue.open()
         self.wake, self.stopping = threading.Event(), False
         self.failures = 0
@@ -2514,14 +3333,12 @@ class RemoteWriter:
                 RowQueue.done(con, entry)
                 return True
             self.failures += 1
-            if self.failures == 1:
-                self.reporter.error(f"could not write to the SQL server ({self.db.client}): {message}; "
-                                    "rows are kept and retried in order")
+            self.reporter.failing("sql-server", f"could not write to the SQL server ({self.db.client}): {message}; "
+                                  "rows are kept and retried in order")
             return False
         RowQueue.done(con, entry)
-        if self.failures:
-            self.failures = 0
-            self.reporter.info(f"the SQL server ({self.db.client}) accepts rows again")
+        self.failures = 0
+        self.reporter.working("sql-server", f"the SQL server ({self.db.client}) accepts rows again")
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -2544,7 +3361,7 @@ class VirusTotal:
     collected by the primary with results(); the API key goes only in the
     request header."""
 
-    def __init__(self, config: Config, reporter: "Reporter"):
+    def __init__(self, config: Config, reporter: Reporter):
         import requests
         self.http = requests.Session()
         self.http.headers["x-apikey"] = config.vt_api_key
@@ -2554,7 +3371,7 @@ class VirusTotal:
         self.todo: "collections.deque[tuple]" = collections.deque()
         self.done: "collections.deque[tuple]" = collections.deque()
         self.asked: typing.Set[typing.Tuple[str, str]] = set()
-        self.wake, self.failing, self.next_at = threading.Event(), False, 0.0
+        self.wake, self.next_at = threading.Event(), 0.0
         threading.Thread(target=self.run, name="virustotal", daemon=True).start()
 
     def ask(self, exe: str, sha: str) -> None:
@@ -2581,13 +3398,12 @@ class VirusTotal:
             item = self.todo.popleft()
             try:
                 steps[item[0]](*item[1:])
-                self.failing = False
+                self.reporter.working("virustotal")
             except Exception as e:
                 self.todo.appendleft(item)
                 self.next_at = time.monotonic() + max(self.limit, 60.0)
-                if not self.failing:
-                    self.failing = True
-                    self.reporter.error(f"VirusTotal look-up failed ({type(e).__name__}: {e}); it is retried later")
+                self.reporter.failing("virustotal", f"VirusTotal look-up failed ({type(e).__name__}: {e}); "
+                                                    "it is retried later")
 
     def request(self, method: str, url: str, **kw):
         self.next_at = time.monotonic() + self.limit
@@ -2608,11 +3424,13 @@ class VirusTotal:
             self.done.append((exe, sha, "VirusTotal: not known (file upload is off)", False))
 
     def send_file(self, exe: str, sha: str) -> None:
+        """Upload a file VirusTotal does not know. This runs as the user: a file
+        they cannot read is not uploaded."""
         try:
             with open(exe, "rb") as f:
                 data = f.read()
         except OSError as e:
-            data, why = b"", e.strerror
+            data, why = b"", f"{e.strerror}: you cannot read it" if e.errno == errno.EACCES else e.strerror
         else:
             why = "" if hashlib.sha256(data).hexdigest() == sha else "the file has changed"
         if why:
@@ -2647,7 +3465,7 @@ def geoip_stale(path: str, now: float) -> bool:
     return not os.path.exists(path) or now - os.stat(path).st_mtime > GEOIP_MAX_AGE
 
 
-def geoip_download(template: str, path: str, owner: typing.Tuple[int, int], today: datetime.date) -> str:
+def geoip_download(template: str, path: str, today: datetime.date) -> str:
     """Fetch this month's (else last month's) country database to path; returns
     the address used. PicosnitchError says what went wrong."""
     import maxminddb
@@ -2660,7 +3478,7 @@ def geoip_download(template: str, path: str, owner: typing.Tuple[int, int], toda
             response = requests.get(url, timeout=120)
             response.raise_for_status()
             data = gzip.decompress(response.content) if url.endswith(".gz") else response.content
-            write_atomic(path + ".new", data, owner)
+            write_atomic(path + ".new", data)
             maxminddb.open_database(path + ".new").close()
         except Exception as e:
             problems.append(f"{url}: {type(e).__name__}: {e}")
@@ -2672,9 +3490,9 @@ def geoip_download(template: str, path: str, owner: typing.Tuple[int, int], toda
     raise PicosnitchError("could not download the GeoIP database: " + "; ".join(problems))
 
 
-def geoip_keeper(config: Config, directory: str, owner: typing.Tuple[int, int], reporter: "Reporter") -> None:
+def geoip_keeper(config: Config, directory: str, reporter: Reporter) -> None:
     """Thread body: keep the GeoIP database fresh, checking daily; one report per failure streak."""
-    path, failing = os.path.join(directory, GEOIP_NAME), False
+    path = os.path.join(directory, GEOIP_NAME)
     try:
         for module in ("maxminddb", "requests"):       # maxminddb comes with geoip2
             __import__(module)
@@ -2684,13 +3502,12 @@ def geoip_keeper(config: Config, directory: str, owner: typing.Tuple[int, int], 
     while True:
         if geoip_stale(path, time.time()):
             try:
-                reporter.info(f"GeoIP database updated from {geoip_download(config.geoip_download_address, path, owner, datetime.date.today())}")
-                failing = False
+                url = geoip_download(config.geoip_download_address, path, datetime.date.today())
+                reporter.info(f"GeoIP database updated from {url}")
+                reporter.working("geoip")
             except PicosnitchError as e:
-                if not failing:
-                    reporter.error(f"{e}; countries are not shown until it succeeds")
-                failing = True
-        time.sleep(24 * 3600 if not failing else 3600)
+                reporter.failing("geoip", f"{e}; countries are not shown until it succeeds")
+        time.sleep(3600 if "geoip" in reporter.down else 24 * 3600)
 
 
 class GeoIP:
@@ -2724,20 +3541,28 @@ class GeoIP:
 # 15. primary process
 ###############################################################################
 # Receives each window's connections, has their executables hashed, writes
-# snitch.db and record.json, and tells the user what is new.
+# snitch.db and record.json, and tells the user what is new. It runs as the
+# user, with no capabilities: everything it writes, reads or sends on the
+# user's settings is within the user's own rights. What it cannot write (a
+# locked database, a full disk) waits in memory, up to PENDING_ROWS rows, and
+# is written when it can be.
 
-HASH_TIMEOUT = 300.0
+HASH_RETRY = 5.0          # seconds before a hash request is sent again (the monitor may have restarted)
+HASH_TIMEOUT = 120.0
 PRUNE_INTERVAL = 24 * 3600
+PENDING_ROWS = 200_000    # rows per log kept in memory while it cannot be written
+RETRY_WRITES = 2.0        # seconds between attempts to write what waits
 
 
-def conn_row(conn: Conn, contime: str, sha: str, psha: str, domain: str, config: Config) -> tuple:
+def conn_row(conn: Conn, contime: str, sha: str, psha: str, gpsha: str, domain: str, config: Config) -> tuple:
     """A snitch.db row (DB_COLUMNS order); the Log switches blank what is off."""
     cmd = lambda p: p.cmdline if config.log_commands else ""
     port = lambda p: p if config.log_ports else None
     addr = lambda a: a if config.log_addresses else ""
     return (contime, conn.send, conn.recv, conn.proc.exe, conn.proc.name, cmd(conn.proc), sha,
             conn.parent.exe, conn.parent.name, cmd(conn.parent), psha, conn.uid,
-            port(conn.lport), port(conn.rport), addr(conn.laddr), addr(conn.raddr), domain, conn.proto)
+            port(conn.lport), port(conn.rport), addr(conn.laddr), addr(conn.raddr), domain, conn.proto,
+            conn.grandparent.exe, conn.grandparent.name, cmd(conn.grandparent), gpsha)
 
 
 def record_add(section: dict, key: str, value: str) -> bool:
@@ -2756,10 +3581,11 @@ def update_record(record: dict, conn: Conn, sha: str) -> typing.Tuple[bool, typi
         return False, []
     messages = []
     first = "First network connection detected" if conn.rport != -1 else "First run seen"
+    memory = "" if conn.proc.ondisk else "; it runs from memory, not from a file on disk"
     if exe not in record["Executables"]:
-        messages.append(f"{first} for {name} ({exe})")
+        messages.append(f"{first} for {name} ({exe}){memory}")
     elif name not in record["Executables"][exe]:
-        messages.append(f"{exe} is running as a new name: {name}")
+        messages.append(f"{exe} is running as a new name: {name}{memory}")
     changed = record_add(record["Executables"], exe, name)
     changed |= record_add(record["Names"], name, exe)
     if conn.parent.exe:
@@ -2768,7 +3594,7 @@ def update_record(record: dict, conn: Conn, sha: str) -> typing.Tuple[bool, typi
     hashes = record["SHA256"].setdefault(exe, {})
     if sha and sha not in hashes:
         if hashes:
-            messages.append(f"New sha256 for {name} ({exe}): {sha}")
+            messages.append(f"New sha256 for {name} ({exe}): {sha}{memory}")
         hashes[sha] = VT_UNCHECKED
         changed = True
     return changed, messages
@@ -2780,94 +3606,203 @@ def unchecked_hashes(record: dict) -> typing.List[typing.Tuple[str, str]]:
             for sha, verdict in hashes.items() if verdict in (VT_UNCHECKED, VT_PENDING)]
 
 
+PRIVATE_FILES = (CONFIG_NAME, RECORD_NAME, DB_NAME, EXE_LOG_NAME, ERROR_LOG_NAME, CONN_LOG_NAME)
+
+
+def make_private(directory: str) -> None:
+    """Make the user's picosnitch files readable by them only (run as the user)."""
+    for name in PRIVATE_FILES:
+        try:
+            if os.stat(os.path.join(directory, name)).st_mode & 0o077:
+                os.chmod(os.path.join(directory, name), 0o600)
+        except OSError:
+            pass
+
+
+class PendingLog:
+    """What waits for one log that cannot be written now, bounded."""
+
+    def __init__(self, name: str, reporter: Reporter):
+        self.name, self.reporter = name, reporter
+        self.items: "collections.deque" = collections.deque()
+        self.size = self.dropped = 0
+
+    def add(self, item, size: int) -> None:
+        self.items.append((item, size))
+        self.size += size
+        while self.size > PENDING_ROWS and len(self.items) > 1:
+            _, n = self.items.popleft()
+            self.size -= n
+            self.dropped += n
+
+    def flush(self, write: typing.Callable[[typing.Any], None]) -> bool:
+        """Write what waits, oldest first; False (reported once) if it still cannot be."""
+        try:
+            while self.items:
+                write(self.items[0][0])
+                self.size -= self.items.popleft()[1]
+        except (OSError, sqlite3.Error) as e:
+            self.reporter.failing(self.name, f"{self.name} cannot be written ({e}); rows wait in memory "
+                                             f"(up to {PENDING_ROWS}) and are written when it can be")
+            if self.dropped:
+                self.reporter.error(f"{self.dropped} rows for {self.name} were dropped: they waited too long")
+                self.dropped = 0
+            return False
+        self.reporter.working(self.name, f"{self.name} is written again")
+        return True
+
+
 class Primary:
     """State of the primary process between windows, and where rows go."""
 
     def __init__(self, rt: Runtime):
-        self.rt, self.config = rt, rt.config
+        self.rt, self.config, self.reporter = rt, rt.config, rt.reporter
+        make_private(rt.directory)
         self.record_path = os.path.join(rt.directory, RECORD_NAME)
         try:
             self.record = load_record(self.record_path)
         except PicosnitchError as e:
-            rt.reporter.error(str(e))
+            self.reporter.error(str(e))
             self.record = load_record(self.record_path)
+        self.record_dirty = False
         self.ignore = ignore_rules(self.config.log_ignore)
         self.names = ReverseNames()
-        self.db = db_open(os.path.join(rt.directory, DB_NAME), rt.owner) if self.config.db_sql_log else None
+        self.db_path = os.path.join(rt.directory, DB_NAME)
+        self.db: typing.Optional[sqlite3.Connection] = None
+        self.pending = {name: PendingLog(name, self.reporter) for name in (DB_NAME, CONN_LOG_NAME, REMOTE_QUEUE_NAME)}
+        self.last_seq = self.written_seq() if self.config.db_sql_log else 0
         self.remote = None
         if self.config.db_sql_server:
-            self.remote = RemoteWriter(self.config.db_sql_server, rt.directory, rt.owner, rt.reporter)
+            self.remote = RemoteWriter(self.config.db_sql_server, rt.directory, self.reporter)
         self.vt = None
         try:
-            self.vt = VirusTotal(self.config, rt.reporter) if self.config.vt_api_key else None
+            self.vt = VirusTotal(self.config, self.reporter) if self.config.vt_api_key else None
         except ImportError as e:
-            rt.reporter.error(f"VirusTotal look-ups need requests ({e}); hashes are not checked")
+            self.reporter.error(f"VirusTotal look-ups need requests ({e}); hashes are not checked")
         for exe, sha in unchecked_hashes(self.record) if self.vt else []:
             self.vt.ask(exe, sha)
         if self.config.geoip_lookup:
-            threading.Thread(target=geoip_keeper, args=(self.config, rt.directory, rt.owner, rt.reporter),
+            threading.Thread(target=geoip_keeper, args=(self.config, rt.directory, self.reporter),
                              name="geoip", daemon=True).start()
         self.pruned_at = 0.0
         self.reported: typing.Set[tuple] = set()
+        self.request_id = 0
 
+    # -- snitch.db ---------------------------------------------------------------
+    def database(self) -> sqlite3.Connection:
+        """snitch.db, opened on first use; a file that is no database (or a
+        damaged one) is moved aside and a new one started."""
+        if self.db is None:
+            try:
+                self.db = db_open(self.db_path)
+            except sqlite3.OperationalError:
+                raise
+            except sqlite3.DatabaseError as e:
+                aside = move_aside(self.db_path)
+                self.reporter.error(f"{self.db_path} could not be read as a database ({e}); it was moved to "
+                                    f"{aside} and a new one started")
+                self.db = db_open(self.db_path)
+        return self.db
+
+    def written_seq(self) -> int:
+        """The last window of this run already in snitch.db (after a restart of the primary)."""
+        try:
+            run, seq = db_written(self.database())
+        except sqlite3.Error:
+            return 0
+        return seq if run == self.rt.run_id else 0
+
+    def insert(self, item: typing.Tuple[int, typing.List[tuple]]) -> None:
+        seq, rows = item
+        try:
+            db_insert(self.database(), rows, (self.rt.run_id, seq))
+        except sqlite3.DatabaseError as e:
+            if not isinstance(e, sqlite3.OperationalError):     # damaged since it was opened
+                self.db.close()
+                self.db = None
+            raise
+
+    # -- a window ----------------------------------------------------------------
     def hashes(self, conns: typing.List[Conn]) -> dict:
-        """sha256 of every executable and parent in a batch, from the monitor."""
+        """[sha256, why not] of every executable, parent and grandparent in a
+        window, by (exec, device, inode), from the monitor. A request that
+        gets no answer is sent again, for a monitor that was restarted."""
         wanted = {}
-        for p in [c.proc for c in conns] + [c.parent for c in conns]:
+        for p in [p for c in conns for p in (c.proc, c.parent, c.grandparent)]:
             if p.ino:
-                wanted[(p.dev, p.ino)] = (p.pid, p.dev, p.ino, p.exe)
+                wanted.setdefault((tuple(p.exec_id), p.dev, p.ino), [p.pid, p.dev, p.ino, p.exe, p.ctime,
+                                                                     list(p.exec_id)])
         if not wanted:
             return {}
-        self.rt.hash_primary.send(list(wanted.values()))
-        if not self.rt.hash_primary.poll(HASH_TIMEOUT):
-            raise PicosnitchError("the monitor did not answer hash requests in time")
-        return self.rt.hash_primary.recv()
+        deadline = time.monotonic() + HASH_TIMEOUT
+        while time.monotonic() < deadline:
+            self.request_id += 1
+            self.rt.hash_primary.send(HashRequest(self.request_id, list(wanted.values())))
+            retry = time.monotonic() + HASH_RETRY
+            while time.monotonic() < retry:
+                answer = self.rt.hash_primary.recv(max(0.0, retry - time.monotonic()))
+                if isinstance(answer, HashAnswer) and answer.id == self.request_id:
+                    return dict(zip(wanted, answer.results))
+        raise PicosnitchError(f"the monitor did not answer hash requests for {HASH_TIMEOUT:.0f}s; "
+                              "this window is logged without hashes")
 
     def sha(self, hashes: dict, p: ProcInfo) -> str:
-        sha, why = hashes.get((p.dev, p.ino), ("", ""))
+        sha, why = hashes.get((tuple(p.exec_id), p.dev, p.ino), ("", ""))
         if why and (p.dev, p.ino, why) not in self.reported:
             self.reported.add((p.dev, p.ino, why))
-            self.rt.reporter.error(f"could not hash {p.exe or p.name} (pid {p.pid}): {why}; "
-                                   "it is logged without a hash")
+            self.reporter.error(f"could not hash {p.exe or p.name} (pid {p.pid}): {why}; it is logged without a hash")
         return sha
 
-    def window(self, conns: typing.List[Conn]) -> None:
+    def window(self, seq: int, contime: str, conns: typing.List[Conn]) -> None:
         """Write one window's connections and tell the user what is new."""
-        contime = now_text()
         try:
             hashes = self.hashes(conns)
         except PicosnitchError as e:
-            self.rt.reporter.error(str(e))
+            self.reporter.error(str(e))
             hashes = {}
         budget = min(0.5, self.config.db_write_limit_seconds / 4)
         names = self.names.resolve([c.raddr for c in conns if c.raddr and not c.domain], budget)
-        rows, messages, changed = [], [], False
+        rows, messages = [], []
         for conn in conns:
-            sha, psha = self.sha(hashes, conn.proc), self.sha(hashes, conn.parent)
+            sha, psha, gpsha = (self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
             domain = conn.domain or names.get(conn.raddr, "")
             new, said = update_record(self.record, conn, sha)
-            changed, messages = changed or new, messages + said
+            self.record_dirty, messages = self.record_dirty or new, messages + said
             if self.vt and sha and self.record["SHA256"].get(conn.proc.exe, {}).get(sha) == VT_UNCHECKED:
                 self.vt.ask(conn.proc.exe, sha)
             if not self.ignore.match(conn.lport, conn.rport, sha, domain, conn.raddr):
-                rows.append(conn_row(conn, contime, sha, psha, domain, self.config))
-        self.write_rows(rows)
-        changed |= self.virustotal_results()
-        if changed:
-            write_atomic(self.record_path, json.dumps(self.record, indent=2).encode(), self.rt.owner)
+                rows.append(conn_row(conn, contime, sha, psha, gpsha, domain, self.config))
+        self.write_rows(seq, rows)
+        self.record_dirty |= self.virustotal_results()
+        self.flush()
         for message in messages:
-            self.rt.reporter.exe(message)
+            self.reporter.exe(message)
         self.prune()
 
-    def write_rows(self, rows: typing.List[tuple]) -> None:
-        if not rows:
-            return
-        if self.db is not None:
-            db_insert(self.db, rows)
-        if self.config.db_text_log:
-            append_lines(os.path.join(self.rt.directory, CONN_LOG_NAME), [text_log_line(r) for r in rows], self.rt.owner)
+    def write_rows(self, seq: int, rows: typing.List[tuple]) -> None:
+        if self.config.db_sql_log and (rows or not self.pending[DB_NAME].items):
+            self.pending[DB_NAME].add((seq, rows), len(rows))       # an empty window still marks seq written
+        if rows and self.config.db_text_log:
+            self.pending[CONN_LOG_NAME].add([text_log_line(r) for r in rows], len(rows))
+        if rows and self.remote is not None:
+            self.pending[REMOTE_QUEUE_NAME].add(rows, len(rows))
+
+    def flush(self) -> bool:
+        """Write everything that waits; True when nothing waits any more."""
+        text_log = os.path.join(self.rt.directory, CONN_LOG_NAME)
+        done = self.pending[DB_NAME].flush(self.insert)
+        done &= self.pending[CONN_LOG_NAME].flush(lambda lines: append_lines(text_log, lines))
         if self.remote is not None:
-            self.remote.put(rows)
+            done &= self.pending[REMOTE_QUEUE_NAME].flush(self.remote.put)
+        if self.record_dirty:
+            try:
+                write_atomic(self.record_path, json.dumps(self.record, indent=2).encode())
+                self.record_dirty = False
+                self.reporter.working(RECORD_NAME, f"{RECORD_NAME} is written again")
+            except OSError as e:
+                self.reporter.failing(RECORD_NAME, f"{RECORD_NAME} cannot be written ({e}); it is kept in "
+                                                   "memory and written when it can be")
+        return done and not self.record_dirty
 
     def virustotal_results(self) -> bool:
         """Store verdicts in record.json and warn about flagged executables."""
@@ -2875,15 +3810,22 @@ class Primary:
         for exe, sha, verdict, flagged in found:
             self.record["SHA256"].setdefault(exe, {})[sha] = verdict
             if flagged:
-                self.rt.reporter.exe(f"VirusTotal flags {exe} (sha256 {sha}): {verdict}")
+                self.reporter.exe(f"VirusTotal flags {exe} (sha256 {sha}): {verdict}")
         return bool(found)
 
     def prune(self) -> None:
-        if self.db is not None and time.monotonic() - self.pruned_at > PRUNE_INTERVAL:
-            self.pruned_at = time.monotonic()
-            db_prune(self.db, self.config.db_retention_days)
+        if self.config.db_sql_log and time.monotonic() - self.pruned_at > PRUNE_INTERVAL:
+            try:
+                db_prune(self.database(), self.config.db_retention_days)
+                self.pruned_at = time.monotonic()
+            except sqlite3.Error as e:
+                self.reporter.failing("prune", f"old rows could not be deleted from {DB_NAME} ({e}); "
+                                               "it is tried again later")
 
     def close(self) -> None:
+        waiting = 0 if self.flush() else sum(p.size for p in self.pending.values())
+        if waiting:
+            self.reporter.error(f"picosnitch stopped with {waiting} rows it could not write; they are lost")
         if self.remote is not None:
             self.remote.stop()
         if self.db is not None:
@@ -2892,159 +3834,327 @@ class Primary:
 
 
 def primary_main(rt: Runtime) -> None:
-    """Process entry: one window at a time until the reader says stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Process entry: one window at a time until the reader says stop. Each
+    window is confirmed to the reader once it is written (or waits in memory
+    for a log that cannot be written now); a window the reader sends again
+    after a restart of this process is recognised by its seq."""
     primary = Primary(rt)
     primary.prune()
+    channel, parts = rt.batch_rx, {}
+    channel.send(Hello(primary.last_seq))
     while True:
-        message = rt.batch_rx.recv()
-        if message[0] == "stop":
+        waiting = any(p.items for p in primary.pending.values()) or primary.record_dirty
+        message = channel.recv(RETRY_WRITES if waiting else None)
+        if message is None:
+            primary.flush()
+            continue
+        if isinstance(message, Stop):
             break
-        primary.window(message[1])
+        if not isinstance(message, Batch):
+            continue
+        if message.seq <= primary.last_seq:         # written before a restart
+            channel.send(Ack(message.seq))
+            continue
+        parts.setdefault(message.seq, {})[message.part] = message
+        if message.last:
+            for seq in sorted(s for s in parts if s <= message.seq):
+                window = parts.pop(seq)
+                conns = [c for i in sorted(window) for c in window[i].conns]
+                primary.window(seq, window[max(window)].contime, conns)
+                primary.last_seq = seq
+            channel.send(Ack(message.seq))
     primary.close()
 
-
 ###############################################################################
-# 16. supervisor, daemon and systemd unit
+# 16. supervisor, privileges, daemon and systemd unit
 ###############################################################################
+# The supervisor runs as root. It loads the BPF program (section 9), holds its
+# descriptors, and starts each process through process_entry, which gives the
+# process only its own channel ends and its own privileges (ROLES): the
+# reader and the monitor stay root with the one or two capabilities they
+# need; the primary and the notifier become the user. The supervisor itself
+# never touches the user's files: its reports go to the notifier.
 
-RESTART_LIMIT = 5          # restarts of one child within RESTART_WINDOW
+RESTART_LIMIT = 5          # deaths of one child within RESTART_WINDOW before restarts slow down
 RESTART_WINDOW = 60.0
+RESTART_DELAY_MAX = 60.0
 READY_TIMEOUT = 120.0
+
+# capability numbers (linux/capability.h) of those picosnitch keeps somewhere
+CAPABILITIES = {"CAP_DAC_READ_SEARCH": 2, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_SYS_PTRACE": 19}
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 8, 24, 28
+PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
+# no capabilities come back from being uid 0 or from an exec, and that is locked
+SECUREBITS_LOCKED = 0x01 | 0x02 | 0x04 | 0x08 | 0x40 | 0x80
+CAPABILITY_VERSION_3 = 0x20080522
+
+
+class Role(typing.NamedTuple):
+    """How one child process runs."""
+    main: typing.Callable
+    caps: typing.Optional[typing.Tuple[str, ...]]     # None: as the user, with no capabilities
+    channels: typing.Tuple[str, ...]                   # the Runtime channel ends it keeps
+    kernel: bool = False                               # keeps the BPF program's descriptors
+
+
+ROLES = {
+    "notifier": Role(notifier_main, None, ("report_rx", "report_tx")),
+    "monitor": Role(monitor_main, ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"), ("exec_rx", "hash_monitor", "report_tx")),
+    "primary": Role(primary_main, None, ("batch_rx", "hash_primary", "report_tx")),
+    "reader": Role(reader_main, ("CAP_SYS_PTRACE",), ("exec_tx", "batch_tx", "ready_tx", "report_tx"), True),
+}
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def prctl(option: int, arg: int = 0) -> None:
+    if libc().prctl(ctypes.c_int(option), ctypes.c_ulong(arg), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)):
+        raise OSError(ctypes.get_errno(), f"prctl({option})")
+
+
+def capset(caps: typing.Set[int]) -> None:
+    """Set the permitted and effective capabilities (no inheritable ones)."""
+    data = (_CapData * 2)()
+    for cap in caps:
+        data[cap // 32].effective |= 1 << (cap % 32)
+        data[cap // 32].permitted |= 1 << (cap % 32)
+    if libc().capset(ctypes.byref(_CapHeader(CAPABILITY_VERSION_3, 0)), data):
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def set_capabilities(names: typing.Sequence[str]) -> None:
+    """Keep only these capabilities: in the bounding set, permitted and
+    effective (CAP_SETPCAP must be permitted, to shrink the bounding set)."""
+    keep = {CAPABILITIES[name] for name in names}
+    capset(keep | {CAPABILITIES["CAP_SETPCAP"]})
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if cap not in keep:
+            prctl(PR_CAPBSET_DROP, cap)
+    capset(keep)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def confine(caps: typing.Optional[typing.Sequence[str]], user: User) -> None:
+    """Become what a role runs as: root with only `caps`, or (caps None) the
+    user with no capabilities. Neither can gain privileges again."""
+    if os.geteuid() == 0:
+        if caps is None and user.uid != 0:
+            set_capabilities(["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"])
+            try:
+                groups = os.getgrouplist(user.name, user.gid)
+            except (KeyError, OSError):
+                groups = [user.gid]
+            os.setgroups(groups)
+            os.setresgid(user.gid, user.gid, user.gid)
+            prctl(PR_SET_KEEPCAPS, 1)                      # only to empty the bounding set next
+            os.setresuid(user.uid, user.uid, user.uid)
+            set_capabilities([])
+            prctl(PR_SET_KEEPCAPS, 0)
+        else:
+            prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED)
+            set_capabilities(caps or [])
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    prctl(PR_SET_DUMPABLE, 0)       # no one but root may look inside or take its descriptors
+
+
+def capabilities_of(pid: typing.Union[int, str] = "self") -> int:
+    """The effective capabilities of a process, as a bit mask."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+
+
+def process_entry(name: str, rt: Runtime, args: tuple) -> None:
+    """Run one child process: its signals (SIGTERM asks it to stop, SIGINT is
+    the supervisor's), its own channel ends and privileges, and any exception
+    it dies of reported with its traceback (error.log and a notification)."""
+    role, asked = ROLES[name], []
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: asked.append(1))
+    rt.stopping = lambda: bool(asked)
+    os.umask(0o077)                 # what the user-side processes create is the user's alone
+    supervisor = os.getppid()
+    try:
+        for channel in Runtime.CHANNELS:
+            if channel not in role.channels and getattr(rt, channel) is not None:
+                getattr(rt, channel).close()
+                setattr(rt, channel, None)
+        if role.kernel:
+            rt.kernel.perf.remap()          # as root: mapping the rings may need CAP_IPC_LOCK
+        elif rt.kernel is not None:
+            rt.kernel.close_fds()
+            rt.kernel = None
+        rt.reporter = Reporter(rt.report_tx)
+        confine(role.caps, rt.user)
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)       # after confine: a change of user clears it
+        if os.getppid() != supervisor:
+            os._exit(0)
+        role.main(rt, *args)
+    except BaseException as e:      # noqa: BLE001 - whatever ends a process is reported, then it exits
+        rt.reporter.error(f"the {name} process failed: {type(e).__name__}: {e}", traceback.format_exc())
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def read_pid(path: str = PIDFILE) -> typing.Optional[int]:
-    """The pid in the pidfile if that process is alive."""
+    """The pid in the pidfile if that process is alive (a process of another
+    user, such as root's daemon seen by a user, is alive too)."""
     try:
         with open(path) as f:
             pid = int(f.read().strip())
-        os.kill(pid, 0)
-        return pid
     except (OSError, ValueError):
         return None
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return pid
+    except OSError:
+        return None
+    return pid
 
 
 def write_status(mode: str, started: str, children: typing.Dict[str, int]) -> None:
     """/run/picosnitch.status: what `status` shows (capture mode, processes)."""
-    with open(STATUSFILE, "w") as f:
+    tmp = STATUSFILE + ".new"
+    with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "mode": mode, "description": MODE_DESCRIPTIONS[mode],
                    "started": started, "children": children}, f)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, STATUSFILE)
 
 
-def make_runtime(config: Config, environ: typing.Mapping[str, str] = os.environ) -> Runtime:
-    uid, gid, _ = user_identity(environ)
-    directory = config_dir(environ)
-    ctx = multiprocessing.get_context("fork")
-    rt = Runtime(config, directory, (uid, gid), st_dev_mask(config), default_bus_address(uid, environ),
-                 Reporter(directory, (uid, gid), ctx.Queue() if config.desktop_notifications else None))
-    rt.exec_rx, rt.exec_tx = ctx.Pipe(duplex=False)
-    rt.batch_rx, rt.batch_tx = ctx.Pipe(duplex=False)
-    rt.hash_primary, rt.hash_monitor = ctx.Pipe()
-    rt.status_rx, rt.status_tx = ctx.Pipe(duplex=False)
+def make_runtime(config: Config, user: User, environ: typing.Mapping[str, str] = os.environ) -> Runtime:
+    rt = Runtime(config, user, st_dev_mask(config), default_bus_address(user.uid, environ),
+                 run_id=f"{os.getpid()}-{time.time_ns()}")
+    rt.exec_tx, rt.exec_rx = Channel.pair()
+    rt.batch_tx, rt.batch_rx = Channel.pair()
+    rt.hash_primary, rt.hash_monitor = Channel.pair()
+    rt.ready_tx, rt.ready_rx = Channel.pair()
+    rt.report_tx, rt.report_rx = Channel.pair()
+    rt.reporter = Reporter(rt.report_tx)
     return rt
 
 
+def death_cause(exitcode: typing.Optional[int]) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}" + (", see the error before this one" if exitcode == 1 else "")
+
+
 class Supervisor:
-    """Starts the processes, restarts one that dies, and stops them in order:
-    the reader first (it drains the kernel), then the primary once it has
-    written the last window, then the rest."""
+    """Starts the processes, restarts one that dies (more and more slowly if
+    it keeps dying, but never gives up on it), and stops them in order: the
+    reader first (it drains the kernel), then the primary once it has written
+    the last window, then the monitor and the notifier."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.ctx = multiprocessing.get_context("fork")
-        self.targets = {"monitor": (monitor_main, (rt,)), "primary": (primary_main, (rt,)),
-                        "reader": (reader_main, (rt,))}
-        if rt.reporter.queue is not None:
-            self.targets["notifier"] = (notifier_main, (rt, rt.reporter.queue))
         self.procs: typing.Dict[str, multiprocessing.Process] = {}
-        self.restarts: typing.Dict[str, typing.List[float]] = collections.defaultdict(list)
+        self.deaths: typing.Dict[str, typing.List[float]] = collections.defaultdict(list)
+        self.restart_at: typing.Dict[str, typing.Tuple[float, float]] = {}     # name -> (when, died at)
         self.mode, self.started = "", now_text()
 
     def write_status(self) -> None:
         if self.mode:
             write_status(self.mode, self.started, {name: p.pid for name, p in self.procs.items()})
 
-    def start(self, name: str) -> None:
-        target, args = self.targets[name]
-        self.procs[name] = self.ctx.Process(target=target, args=args, name=f"picosnitch-{name}")
+    def start(self, name: str, *args) -> None:
+        self.procs[name] = self.ctx.Process(target=process_entry, args=(name, self.rt, args),
+                                            name=f"picosnitch-{name}")
         self.procs[name].start()
 
     def wait_ready(self, timeout: float) -> str:
-        """The capture mode once the reader is capturing."""
-        while not self.rt.status_rx.poll(0.2):
-            timeout -= 0.2
-            if timeout <= 0 or not self.procs["reader"].is_alive():
-                raise PicosnitchError("the BPF reader failed to start (see the messages above)")
-        state, detail = self.rt.status_rx.recv()
-        if state == "failed":
-            raise PicosnitchError(detail)
-        self.mode = detail
-        self.write_status()
-        return self.mode
+        """The capture mode once the reader is polling the kernel."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.procs["reader"].is_alive():
+            message = self.rt.ready_rx.recv(0.2)
+            if isinstance(message, Ready):
+                self.mode = message.mode
+                self.write_status()
+                return self.mode
+        raise PicosnitchError("the BPF reader failed to start (see error.log)")
 
     def check(self) -> None:
-        """Restart a child that died, unless it keeps dying."""
+        """Report a child that died, and restart it (now, or later if it keeps dying)."""
+        now = time.monotonic()
         for name, proc in list(self.procs.items()):
-            if proc.is_alive():
+            if name in self.restart_at or proc.is_alive():
                 continue
-            now = time.monotonic()
-            recent = [t for t in self.restarts[name] if now - t < RESTART_WINDOW]
-            self.restarts[name] = recent + [now]
-            if len(recent) >= RESTART_LIMIT:
-                raise PicosnitchError(f"the {name} process died {RESTART_LIMIT} times in {RESTART_WINDOW:.0f}s")
-            self.rt.reporter.error(f"the {name} process died (exit code {proc.exitcode}); restarting it")
-            self.start(name)
-            if name == "reader":
-                self.wait_ready(READY_TIMEOUT)
-            self.write_status()
+            self.deaths[name] = [t for t in self.deaths[name] if now - t < RESTART_WINDOW] + [now]
+            delay = 0.0
+            if len(self.deaths[name]) > RESTART_LIMIT:
+                delay = min(RESTART_DELAY_MAX, 2.0 ** (len(self.deaths[name]) - RESTART_LIMIT))
+            self.rt.reporter.error(f"the {name} process died ({death_cause(proc.exitcode)}); "
+                                   + (f"it keeps dying: restarting it in {delay:.0f}s" if delay else "restarting it"))
+            self.restart_at[name] = (now + delay, time.time())
+        for name, (when, died) in list(self.restart_at.items()):
+            if now >= when:
+                del self.restart_at[name]
+                if name == "reader":
+                    self.start(name, (died, time.time()))
+                    try:
+                        self.wait_ready(READY_TIMEOUT)
+                    except PicosnitchError as e:
+                        self.rt.reporter.error(str(e))
+                else:
+                    self.start(name)
+                self.write_status()
 
     def stop(self) -> None:
-        order = [("reader", True), ("primary", False), ("monitor", True), ("notifier", True)]
-        for name, terminate in order:
+        order = [("reader", True, STOP_TIMEOUT + 10), ("primary", False, STOP_TIMEOUT),
+                 ("monitor", True, 5), ("notifier", True, 5)]
+        for name, terminate, timeout in order:
             proc = self.procs.get(name)
             if proc is None:
                 continue
             if terminate and proc.is_alive():
                 proc.terminate()
-            proc.join(STOP_TIMEOUT)
+            proc.join(timeout)
             if proc.is_alive():
-                self.rt.reporter.error(f"the {name} process did not stop in {STOP_TIMEOUT:.0f}s; killing it")
+                self.rt.reporter.error(f"the {name} process did not stop in {timeout:.0f}s; killing it")
                 proc.kill()
-                proc.join()
+                proc.join(5)
 
 
-def run_supervisor(config: Config, ready: typing.Callable[[str], None]) -> int:
+def run_supervisor(config: Config, user: User, ready: typing.Callable[[str], None]) -> int:
     """Run picosnitch until SIGTERM or SIGINT; ready(mode) once capturing."""
-    rt = make_runtime(config)
-    secure_directory(rt.directory, rt.owner)
-    stop = []
+    rt = make_runtime(config, user)
+    stop: typing.List[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     supervisor = Supervisor(rt)
+    supervisor.start("notifier")
     try:
-        for name in supervisor.targets:
+        rt.kernel = Kernel.load(config.perf_ring_buffer_pages)
+        for note in rt.kernel.notes:
+            rt.reporter.info(note)
+        for name in ("monitor", "primary", "reader"):
             supervisor.start(name)
         ready(supervisor.wait_ready(READY_TIMEOUT))
         while not stop:
-            multiprocessing.connection.wait([p.sentinel for p in supervisor.procs.values()], timeout=0.5)
+            waits = [p.sentinel for n, p in supervisor.procs.items() if n not in supervisor.restart_at]
+            multiprocessing.connection.wait(waits, timeout=0.5)
             if not stop:
                 supervisor.check()
     except PicosnitchError as e:
         rt.reporter.error(str(e))
         supervisor.stop()
+        if rt.kernel is not None:
+            rt.kernel.close()
         return 1
     supervisor.stop()
+    rt.kernel.close()
     return 0
-
-
-def secure_directory(directory: str, owner: typing.Tuple[int, int]) -> None:
-    """The config directory and every picosnitch file in it: the user's, private
-    (modes and owners only; contents are left as they are)."""
-    os.makedirs(directory, exist_ok=True)
-    make_private(directory, owner, 0o700)
-    for name in (CONFIG_NAME, RECORD_NAME, DB_NAME, EXE_LOG_NAME, ERROR_LOG_NAME):
-        if os.path.exists(os.path.join(directory, name)):
-            make_private(os.path.join(directory, name), owner)
 
 
 def claim_pidfile() -> None:
@@ -3061,16 +4171,16 @@ def release_pidfile() -> None:
             os.unlink(path)
 
 
-def run_foreground(config: Config) -> int:
+def run_foreground(config: Config, user: User) -> int:
     claim_pidfile()
     try:
-        return run_supervisor(config, lambda mode: print(f"picosnitch: capturing, mode {MODE_DESCRIPTIONS[mode]}",
-                                                         flush=True))
+        return run_supervisor(config, user, lambda mode: print(
+            f"picosnitch: capturing, mode {MODE_DESCRIPTIONS[mode]}", flush=True))
     finally:
         release_pidfile()
 
 
-def run_daemon(config: Config) -> int:
+def run_daemon(config: Config, user: User) -> int:
     """Double fork; the caller returns once the daemon captures (or failed).
 
     The daemon answers with one line on a pipe (its children inherit the pipe,
@@ -3096,7 +4206,7 @@ def run_daemon(config: Config) -> int:
     answer = lambda line: pipe.write(f"picosnitch: {line}\n".encode())
     try:
         claim_pidfile()
-        code = run_supervisor(config, lambda mode: answer(f"capturing, mode {MODE_DESCRIPTIONS[mode]}"))
+        code = run_supervisor(config, user, lambda mode: answer(f"capturing, mode {MODE_DESCRIPTIONS[mode]}"))
     except PicosnitchError as e:
         answer(str(e))
         code = 1
@@ -3119,8 +4229,8 @@ def stop_daemon() -> bool:
 
 def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -> str:
     """A service unit running `command start-no-daemon` for the invoking user."""
-    uid, _, home = user_identity(environ)
-    env = {"HOME": home, "DBUS_SESSION_BUS_ADDRESS": default_bus_address(uid, environ)}
+    user = user_identity(environ)
+    env = {"HOME": user.home, "DBUS_SESSION_BUS_ADDRESS": default_bus_address(user.uid, environ)}
     if environ.get("SUDO_USER"):
         env["SUDO_USER"] = environ["SUDO_USER"]
     return ("[Unit]\nDescription=picosnitch: notify about and log programs using the network\n"
@@ -3129,7 +4239,6 @@ def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -
             + f"ExecStart={command} start-no-daemon\n"
             "Restart=on-failure\nRestartSec=5\nKillMode=mixed\nTimeoutStopSec=120\n\n"
             "[Install]\nWantedBy=multi-user.target\n")
-
 
 ###############################################################################
 # 17. terminal viewer
@@ -3589,13 +4698,48 @@ def require_root(command: str) -> None:
         raise PicosnitchError(f"'{command}' needs root: run it as 'sudo picosnitch {command}'")
 
 
-def load_user_config() -> Config:
-    uid, gid, _ = user_identity()
-    return load_config(config_dir(), (uid, gid))
+def as_user(user: User, work: typing.Callable[[], typing.Any]) -> typing.Any:
+    """work() run in a child process that is the user (when picosnitch runs as
+    root), so that it reaches only what the user can; its JSON result, or its
+    PicosnitchError raised here."""
+    if os.geteuid() != 0:
+        return work()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_fd)
+        try:
+            os.umask(0o077)
+            confine(None, user)
+            result = {"ok": work()}
+        except PicosnitchError as e:
+            result = {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - the parent reports it
+            result = {"error": f"{type(e).__name__}: {e}"}
+        os.write(write_fd, json.dumps(result).encode())
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    result = json.loads(data or b'{"error": "the helper running as the user died"}')
+    if "error" in result:
+        raise PicosnitchError(result["error"])
+    return result["ok"]
+
+
+def load_user_config(user: User) -> Config:
+    """The user's config.json, read (and created) as the user, in a directory
+    that must be the user's own real directory."""
+    def read() -> str:
+        check_directory(user.directory, user.uid)
+        return read_config_text(user.directory)
+    return parse_config(as_user(user, read), os.path.join(user.directory, CONFIG_NAME))
 
 
 def cmd_start(_: str) -> int:
-    return run_daemon(load_user_config())
+    user = user_identity()
+    return run_daemon(load_user_config(user), user)
 
 
 def cmd_stop(_: str) -> int:
@@ -3607,13 +4751,15 @@ def cmd_stop(_: str) -> int:
 
 
 def cmd_restart(command: str) -> int:
-    config = load_user_config()     # refuse a bad config before stopping anything
+    user = user_identity()
+    config = load_user_config(user)     # refuse a bad config before stopping anything
     stop_daemon()
-    return run_daemon(config)
+    return run_daemon(config, user)
 
 
 def cmd_start_no_daemon(_: str) -> int:
-    return run_foreground(load_user_config())
+    user = user_identity()
+    return run_foreground(load_user_config(user), user)
 
 
 def cmd_status(_: str) -> int:

@@ -55,7 +55,7 @@ def generate(path, rows):
     million rows (fewer days for fewer rows: about 4 rows a window)."""
     days = max(1, min(30, rows // 33000))
     random.seed(7)
-    con = picosnitch.db_open(path, (os.getuid(), os.getgid()))
+    con = picosnitch.db_open(path)
     exes = [f"/usr/bin/program-{i}" for i in range(400)]
     domains = [f"host{i}.service{i % 97}.example" for i in range(6000)]
     windows = max(1, days * 86400 // WINDOW)
@@ -73,7 +73,8 @@ def generate(path, rows):
             batch.append((contime, random.randint(40, 2 * 10 ** 5), random.randint(40, 3 * 10 ** 6), exe, name,
                           f"{name} --profile default", f"{e:064x}", "/usr/lib/systemd/systemd", "systemd",
                           "/sbin/init", "f" * 64, 1000 if e % 3 else 0, lport, rport, "192.168.1.20",
-                          f"10.{d % 200}.{d // 200 % 250}.{e % 250}", domain, "tcp"))
+                          f"10.{d % 200}.{d // 200 % 250}.{e % 250}", domain, "tcp", "/usr/bin/login", "login",
+                          "login -p", "e" * 64))
         live = live[max(1, count // 2):]
         written += count
         if len(batch) >= 50000 or w == windows - 1:

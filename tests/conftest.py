@@ -49,6 +49,29 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:bcc")
 
 
+class Reports:
+    """A Reporter as picosnitch's processes have one, with the notifier's end
+    of its channel read back here."""
+
+    def __init__(self):
+        tx, self.rx = picosnitch.Channel.pair()
+        self.reporter = picosnitch.Reporter(tx)
+        self.received = []
+
+    def read(self):
+        while True:
+            message = self.rx.recv(0)
+            if message is None:
+                return self.received
+            self.received.append(message)
+
+    def errors(self):
+        return [r.text for r in self.read() if r.kind == "error"]
+
+    def text(self):
+        return "\n".join(r.text + r.detail for r in self.read())
+
+
 def wait_for(predicate, timeout=30, step=0.1):
     """True once predicate() is, polling every step seconds; its last value after timeout."""
     deadline = time.monotonic() + timeout

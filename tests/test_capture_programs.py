@@ -33,33 +33,45 @@ def test_kprobe_fallback_passes_the_verifier(btf):
         bpf.cleanup()
 
 
-def test_tracepoint_mode_attaches_every_hook(btf):
-    bpf = load(btf, "tracepoint")
+def test_tracepoint_mode_attaches_every_hook():
+    """The loader attaches the hooks only once the perf buffers are in place."""
+    need_root()
+    kernel = picosnitch.Kernel.load(8)
     try:
-        raw = {name.decode() for name in bpf.raw_tracepoint_fds}
-        assert raw == {"sock_send_length", "sock_recv_length", "sched_process_exec", "sched_process_fork",
-                       "sched_process_exit", "inet_sock_set_state", "tcp_rcv_space_adjust", "fib_table_lookup",
-                       "fib6_table_lookup", "sk_data_ready"}
+        assert kernel.mode == "tracepoint"
+        info = [open(f"/proc/self/fdinfo/{fd}").read() for fd in kernel.links]
+        tracepoints = {line.split()[1] for text in info for line in text.splitlines() if line.startswith("tp_name:")}
+        assert tracepoints == {"sock_send_length", "sock_recv_length", "sched_process_exec", "sched_process_fork",
+                               "sched_process_exit", "inet_sock_set_state", "tcp_rcv_space_adjust",
+                               "fib_table_lookup", "fib6_table_lookup", "sk_data_ready"}
+        uprobes = [fd for fd in kernel.links if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[perf_event]"]
+        assert len(uprobes) == 2           # getaddrinfo, entry and return
         # no system call tracepoints: they would slow every system call of every process
-        assert not bpf.tracepoint_fds
+        text = picosnitch.bpf_text(picosnitch.BTF.from_file(), "tracepoint")
+        assert "TRACEPOINT_PROBE(syscalls" not in text and "sys_enter" not in text
     finally:
-        bpf.cleanup()
+        kernel.close()
 
 
 def test_c_structs_match_ctypes():
     text = picosnitch.c_struct(picosnitch.ExecT, "exec_t")
     assert "u16 depth;" in text and "char path[32][64];" in text
-    assert ctypes.sizeof(picosnitch.ConnKeyT) == 48
+    assert ctypes.sizeof(picosnitch.ConnKeyT) == 72
+    assert "u8 raddr[16];" in picosnitch.c_struct(picosnitch.ConnKeyT, "conn_key_t")
 
 
 def test_exec_event_decodes_to_a_path():
     ex = picosnitch.ExecT()
     for i, part in enumerate([b"prog", b"", b"bin", b"usr"]):   # leaf first; '' is a mount crossing
         ex.path[i].value = part
-    ex.depth, ex.complete = 4, 1
-    assert picosnitch.exec_path(ex) == "/usr/bin/prog"
+    ex.depth, ex.complete, ex.nlink = 4, 1, 1
+    assert picosnitch.exec_path(ex) == ("/usr/bin/prog", True)
+    ex.nlink = 0                      # deleted before it ran: not on disk
+    assert picosnitch.exec_path(ex) == ("/usr/bin/prog (deleted)", False)
     ex.complete = 0
-    assert picosnitch.exec_path(ex) == ""
+    assert picosnitch.exec_path(ex) == ("", True)
+    ex.path[0].value, ex.depth, ex.complete = b"memfd:payload", 1, 2      # in no directory: a memfd
+    assert picosnitch.exec_path(ex) == ("/memfd:payload (deleted)", False)
 
 
 def test_event_decoder_reads_header_and_payload():
@@ -67,11 +79,11 @@ def test_event_decoder_reads_header_and_payload():
     hdr.proc.pid, hdr.proc.comm = 42, b"curl"
     conn = picosnitch.ConnT()
     conn.key.pid, conn.key.sk = 42, 0xffff0001
-    conn.info.family, conn.info.proto, conn.info.lport, conn.info.rport = picosnitch.AF_INET, 6, 5000, 443
-    conn.info.raddr[:4] = [10, 0, 0, 1]
+    conn.key.family, conn.info.proto, conn.key.lport, conn.key.rport = picosnitch.AF_INET, 6, 5000, 443
+    conn.key.raddr[:4] = [10, 0, 0, 1]
     name, h, payload = picosnitch.decode_event(bytes(hdr) + bytes(conn))
-    assert (name, h.proc.pid, h.proc.comm, payload.key.sk, payload.info.rport) == ("CONN", 42, b"curl", 0xffff0001, 443)
-    assert picosnitch.format_addr(payload.info.family, bytes(payload.info.raddr)) == "10.0.0.1"
+    assert (name, h.proc.pid, h.proc.comm, payload.key.sk, payload.key.rport) == ("CONN", 42, b"curl", 0xffff0001, 443)
+    assert picosnitch.format_addr(payload.key.family, bytes(payload.key.raddr)) == "10.0.0.1"
 
 
 def test_addresses_and_protocols_format():

@@ -21,7 +21,8 @@ SPEC_DEFAULTS = {
 
 
 def test_created_with_every_key_and_default(tmp_path):
-    config = picosnitch.load_config(str(tmp_path / "ps"), (os.getuid(), os.getgid()))
+    picosnitch.check_directory(str(tmp_path / "ps"), os.getuid())
+    config = picosnitch.load_config(str(tmp_path / "ps"))
     with open(tmp_path / "ps" / "config.json") as f:
         assert json.load(f) == SPEC_DEFAULTS
     assert config == picosnitch.Config()

@@ -11,10 +11,9 @@ import pytest
 
 import mmdb
 import picosnitch
-from conftest import wait_for
+from conftest import Reports, wait_for
 from http_services import API_KEY, FLAG_MARK, FakeVirusTotal, FileServer, stats
 
-OWNER = (os.getuid(), os.getgid())
 
 
 
@@ -55,7 +54,10 @@ def vt():
 def make_vt(tmp_path, vt, **settings):
     config = picosnitch.Config(vt_api_key=settings.pop("key", API_KEY), vt_api_address=vt.base,
                                vt_request_limit_seconds=settings.pop("limit", 0), **settings)
-    return picosnitch.VirusTotal(config, picosnitch.Reporter(str(tmp_path), OWNER))
+    reports = Reports()
+    client = picosnitch.VirusTotal(config, reports.reporter)
+    client.reports = reports
+    return client
 
 
 def collect(client, n, timeout=30):
@@ -117,9 +119,9 @@ def test_a_refused_key_is_reported_once_and_never_logged(tmp_path, vt):
     client = make_vt(tmp_path, vt, key="wrong-key-abcdef")
     client.ask("/bin/a", "44" * 32)
     client.ask("/bin/b", "55" * 32)
-    assert wait_for(lambda: (tmp_path / "error.log").exists())
+    assert wait_for(lambda: client.reports.errors())
     time.sleep(0.5)
-    log = (tmp_path / "error.log").read_text()
+    log = client.reports.text()
     assert log.count("VirusTotal refused the API key (HTTP 401)") == 1
     assert "wrong-key-abcdef" not in log and client.results() == []
 
@@ -146,7 +148,7 @@ def test_geoip_download_takes_this_month_or_the_last(tmp_path):
     files = FileServer({"/dbip-country-lite-2026-10.mmdb.gz": gzip.compress(raw), "/broken-2026-11.mmdb.gz": b"junk"})
     try:
         path = str(tmp_path / picosnitch.GEOIP_NAME)
-        url = picosnitch.geoip_download(files.base + "/dbip-country-lite-{year}-{month}.mmdb.gz", path, OWNER,
+        url = picosnitch.geoip_download(files.base + "/dbip-country-lite-{year}-{month}.mmdb.gz", path,
                                         datetime.date(2026, 11, 21))
         assert url.endswith("/dbip-country-lite-2026-10.mmdb.gz")
         assert picosnitch.GeoIP(path, print).country("10.231.0.9") == "DE"
@@ -154,7 +156,7 @@ def test_geoip_download_takes_this_month_or_the_last(tmp_path):
         assert not picosnitch.geoip_stale(path, time.time())
         assert picosnitch.geoip_stale(path, time.time() + 32 * 24 * 3600)
         with pytest.raises(picosnitch.PicosnitchError, match="could not download the GeoIP database: .*broken-2026-11"):
-            picosnitch.geoip_download(files.base + "/broken-{year}-{month}.mmdb.gz", path, OWNER, datetime.date(2026, 11, 2))
+            picosnitch.geoip_download(files.base + "/broken-{year}-{month}.mmdb.gz", path, datetime.date(2026, 11, 2))
         assert picosnitch.GeoIP(path, print).country("10.231.0.9") == "DE"     # the good file was kept
     finally:
         files.close()

@@ -1,19 +1,25 @@
-"""Hashing through cached file descriptors, identity checks, and fanotify re-hashing."""
+"""Sections 11 and 12: hashing through cached file descriptors, identity
+checks, fanotify in file-handle mode, and the rules that decide whether a
+hash is that of the content a process executed."""
 import hashlib
 import os
+import shutil
+import subprocess
 import time
 
 import pytest
 
 import picosnitch
-from conftest import need_root
+from conftest import need_root, wait_for
+
+TICK = picosnitch.coarse_tick_ns()
 
 
 @pytest.fixture
 def cache():
     need_root()
     fan = picosnitch.Fanotify()
-    yield picosnitch.FdCache(0xFFFFFFFF, 64, fan), fan
+    yield picosnitch.FdCache(0xFFFFFFFF, 64, fan)
     os.close(fan.fd)
 
 
@@ -24,40 +30,92 @@ def write(path, data):
     return st.st_dev, st.st_ino
 
 
+def ctime(path):
+    return os.stat(path).st_ctime_ns
+
+
+def sha(data):
+    return hashlib.sha256(data).hexdigest()
+
+
 def test_hash_is_read_through_the_cached_fd(tmp_path, cache):
-    fdcache, _ = cache
+    hasher = picosnitch.Hasher(cache, TICK)
     path = str(tmp_path / "prog")
     dev, ino = write(path, b"binary one")
-    assert fdcache.sha256(999999999, dev, ino, path) == (hashlib.sha256(b"binary one").hexdigest(), "")
+    assert hasher.hash(999999999, dev, ino, path, ctime(path), False) == (sha(b"binary one"), "")
     os.rename(path, path + ".moved")     # the cache holds the file open: the path is no longer needed
-    assert fdcache.sha256(999999999, dev, ino, "")[0] == hashlib.sha256(b"binary one").hexdigest()
+    assert hasher.hash(999999999, dev, ino, "", 0, False) == (sha(b"binary one"), "")
 
 
-def test_modification_is_seen_by_fanotify(tmp_path, cache):
-    fdcache, fan = cache
+def test_fanotify_reports_a_modification_by_file_handle(tmp_path, cache):
     path = str(tmp_path / "prog")
     dev, ino = write(path, b"version 1")
-    assert fdcache.sha256(0, dev, ino, path)[0] == hashlib.sha256(b"version 1").hexdigest()
+    entry, why = cache.open(0, dev, ino, path)
+    assert why == "" and entry.handle is not None
+    entry.versions[ctime(path)] = sha(b"version 1")
     with open(path, "ab") as f:
         f.write(b" and 2")
-    deadline = time.monotonic() + 5
-    modified = []
-    while (dev, ino) not in modified and time.monotonic() < deadline:
-        modified += fan.modified()
-        time.sleep(0.05)
-    assert (dev, ino) in modified
-    fdcache.invalidate(dev, ino)
-    assert fdcache.sha256(0, dev, ino, path)[0] == hashlib.sha256(b"version 1 and 2").hexdigest()
+    changed = set()
+    assert wait_for(lambda: changed.update(cache.apply_changes()) or (dev, ino) in changed, 5)
+    assert entry.versions == {}
+    hasher = picosnitch.Hasher(cache, TICK)
+    assert hasher.hash(0, dev, ino, path, ctime(path), False) == (sha(b"version 1 and 2"), "")
+
+
+def test_a_change_after_the_exec_is_an_error_naming_the_executable(tmp_path, cache):
+    """The process is gone and the file's change time is not the one it had
+    when the process ran: its content now is not what ran."""
+    path = str(tmp_path / "prog")
+    dev, ino = write(path, b"what ran")
+    at_exec = ctime(path)
+    time.sleep(3 * TICK / 1e9)
+    with open(path, "r+b") as f:     # the same inode, rewritten
+        f.write(b"what now")
+    got, why = picosnitch.Hasher(cache, TICK).hash(999999999, dev, ino, path, at_exec, False)
+    assert got == "" and f"{path} was modified after it ran" in why
+
+
+def test_a_change_in_the_tick_before_an_exec_of_a_gone_process_is_not_trusted(tmp_path, cache):
+    path = str(tmp_path / "prog")
+    dev, ino = write(path, b"x")
+    got, why = picosnitch.Hasher(cache, TICK).hash(999999999, dev, ino, path, ctime(path), True)
+    assert got == "" and "a change after the exec cannot be ruled out" in why
+
+
+def test_a_running_process_proves_its_file_unchanged(tmp_path, cache):
+    """While a process runs a file, the kernel refuses writes to it."""
+    path = str(tmp_path / "sleeper")
+    shutil.copy("/usr/bin/sleep", path)
+    st = os.stat(path)
+    proc = subprocess.Popen([path, "5"])
+    try:
+        assert wait_for(lambda: os.path.exists(f"/proc/{proc.pid}/exe") and
+                        os.stat(f"/proc/{proc.pid}/exe").st_ino == st.st_ino, 5)
+        with pytest.raises(OSError):
+            open(path, "r+b")
+        got, why = picosnitch.Hasher(cache, TICK).hash(proc.pid, st.st_dev, st.st_ino, "", st.st_ctime_ns, True)
+        assert (got, why) == (picosnitch.sha256_fd(os.open(path, os.O_RDONLY)), "")
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_different_file_at_the_path_is_an_error(tmp_path, cache):
-    fdcache, _ = cache
     path = str(tmp_path / "prog")
     dev, ino = write(path, b"original")
     write(path + ".new", b"impostor")
     os.rename(path + ".new", path)     # another inode now has the path
-    sha, why = fdcache.sha256(0, dev, ino, path)
-    assert sha == "" and f"not the executable the kernel reported (device {dev:#x} inode {ino})" in why
+    got, why = picosnitch.Hasher(cache, TICK).hash(0, dev, ino, path, 0, False)
+    assert got == "" and f"not the executable the kernel reported (device {dev:#x} inode {ino})" in why
+
+
+def test_a_fifo_at_the_path_is_never_opened(tmp_path):
+    path = str(tmp_path / "prog")
+    os.mkfifo(path)
+    st = os.stat(path)
+    began = time.monotonic()
+    fd, why = picosnitch.open_verified(999999999, st.st_dev, st.st_ino, path, 0xFFFFFFFF)
+    assert fd == -1 and "not a regular file" in why and time.monotonic() - began < 1
 
 
 def test_the_device_check_honours_the_mask(tmp_path):
@@ -76,20 +134,36 @@ def test_st_dev_mask_setting():
 
 
 def test_cache_is_bounded(tmp_path, cache):
-    _, fan = cache
-    small = picosnitch.FdCache(0xFFFFFFFF, 3, fan)
+    small = picosnitch.FdCache(0xFFFFFFFF, 3, cache.fanotify)
     for i in range(5):
         path = str(tmp_path / f"p{i}")
         dev, ino = write(path, str(i).encode())
-        assert small.open(0, dev, ino, path) == ""
-    assert len(small.entries) == 3
+        assert small.open(0, dev, ino, path)[1] == ""
+    assert len(small.entries) == 3 and len(small.by_handle) == 3
 
 
-def test_overflow_forgets_every_hash(tmp_path, cache):
-    fdcache, _ = cache
-    paths = [str(tmp_path / name) for name in ("a", "b")]
-    ids = [write(path, path.encode()) for path in paths]
-    for (dev, ino), path in zip(ids, paths):
-        fdcache.sha256(0, dev, ino, path)
-    fdcache.invalidate(*picosnitch.Fanotify.OVERFLOW)
-    assert all(entry[1] is None for entry in fdcache.entries.values())
+def test_overflow_forgets_every_hash(tmp_path, cache, monkeypatch):
+    for name in ("a", "b"):
+        path = str(tmp_path / name)
+        dev, ino = write(path, path.encode())
+        picosnitch.Hasher(cache, TICK).hash(0, dev, ino, path, 0, False)
+    assert all(entry.versions for entry in cache.entries.values())
+    monkeypatch.setattr(cache.fanotify, "modified", lambda: [picosnitch.Fanotify.OVERFLOW])
+    assert len(cache.apply_changes()) == 2
+    assert all(not entry.versions for entry in cache.entries.values())
+
+
+def test_hash_requests_never_open_a_path_they_name(tmp_path):
+    """The primary runs as the user: a request it sends for a file no process
+    runs is refused, whatever path it names."""
+    need_root()
+    path = str(tmp_path / "secret")
+    dev, ino = write(path, b"root only")
+    os.chmod(path, 0o600)
+    config = picosnitch.Config()
+    rt = picosnitch.Runtime(config, picosnitch.User("root", 0, 0, str(tmp_path)), 0xFFFFFFFF, "", "run")
+    monitor = picosnitch.Monitor(rt)
+    answer = monitor.answer(picosnitch.HashRequest(1, [[os.getpid(), dev, ino, path, 0, [0, 0]],
+                                                      ["x", "y"]]))
+    assert answer.results[0][0] == "" and "its process had exited before picosnitch could hash it" in answer.results[0][1]
+    assert answer.results[1][0] == "" and "not hashed" in answer.results[1][1]

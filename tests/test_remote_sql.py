@@ -9,7 +9,7 @@ import time
 import pytest
 
 import picosnitch
-from conftest import wait_for
+from conftest import Reports, wait_for
 from sqlservers import PASSWORD
 
 CLIENTS = [("postgres", "psycopg"), ("postgres", "psycopg2"), ("mariadb", "mariadb"), ("mariadb", "pymysql")]
@@ -37,13 +37,14 @@ def server_client(request):
 
 
 def writer(tmp_path, settings):
-    reporter = picosnitch.Reporter(str(tmp_path), (os.getuid(), os.getgid()))
-    return picosnitch.RemoteWriter(settings, str(tmp_path), (os.getuid(), os.getgid()), reporter)
+    reports = Reports()
+    w = picosnitch.RemoteWriter(settings, str(tmp_path), reports.reporter)
+    w.reports = reports
+    return w
 
 
-def errors(tmp_path):
-    path = tmp_path / picosnitch.ERROR_LOG_NAME
-    return path.read_text().splitlines() if path.exists() else []
+def errors(w):
+    return w.reports.errors()
 
 
 def test_rows_arrive_in_order_in_the_named_table(tmp_path, server_client):
@@ -57,7 +58,7 @@ def test_rows_arrive_in_order_in_the_named_table(tmp_path, server_client):
     got = server.query(f"SELECT contime, exe, cmdline, uid, lport, raddr, domain, proto FROM {table} WHERE send = 3")
     assert got == [["2026-11-21 10:00:03", f"/opt/{client}", f"{client} --x", "1000", "40003", "10.0.0.2",
                     "example.org", "tcp"]]
-    assert errors(tmp_path) == []
+    assert errors(w) == []
 
 
 def test_a_stopped_server_loses_nothing_and_is_reported_once(tmp_path, server_client):
@@ -71,14 +72,14 @@ def test_a_stopped_server_loses_nothing_and_is_reported_once(tmp_path, server_cl
         for start in range(5, 25, 5):     # four windows while the server is away
             w.put(rows(client, 5, start))
             time.sleep(1.5)
-        assert len(errors(tmp_path)) == 1
-        assert f"could not write to the SQL server ({client})" in errors(tmp_path)[0]
-        assert PASSWORD not in (tmp_path / picosnitch.ERROR_LOG_NAME).read_text()
+        assert len(errors(w)) == 1
+        assert f"could not write to the SQL server ({client})" in errors(w)[0]
+        assert PASSWORD not in w.reports.text()
     finally:
         server.start()
     assert wait_for(lambda: remote_sends(server, table) == list(range(25)))
     w.stop()
-    assert len(errors(tmp_path)) == 1
+    assert len(errors(w)) == 1
 
 
 def test_a_paused_server_never_stalls_the_caller(tmp_path, server_client):
@@ -108,11 +109,11 @@ def test_refused_login_keeps_rows_for_the_next_start(tmp_path, server_client):
     w = writer(tmp_path, bad)
     w.put(rows(client, 3))
     w.put(rows(client, 3, 3))
-    assert wait_for(lambda: len(errors(tmp_path)) == 1, 30)
+    assert wait_for(lambda: len(errors(w)) == 1, 30)
     w.stop(timeout=2)
-    log = (tmp_path / picosnitch.ERROR_LOG_NAME).read_text()
+    log = w.reports.text()
     assert PASSWORD not in log and "wrong-" not in log
-    queue = picosnitch.RowQueue(str(tmp_path / picosnitch.REMOTE_QUEUE_NAME), (0, 0))
+    queue = picosnitch.RowQueue(str(tmp_path / picosnitch.REMOTE_QUEUE_NAME))
     assert picosnitch.RowQueue.count(queue.open()) == 6
     w = writer(tmp_path, settings)      # fixed settings, next start: the kept rows go out first
     w.put(rows(client, 2, 6))
@@ -131,4 +132,4 @@ def test_rows_the_server_refuses_are_left_out_without_holding_up_the_rest(tmp_pa
     w.put(rows(client, 2, 2))
     assert wait_for(lambda: remote_sends(server, table) == [0, 1, 2, 3])
     w.stop()
-    assert len(errors(tmp_path)) == 1 and f"the SQL server ({client}) refused 1 rows" in errors(tmp_path)[0]
+    assert len(errors(w)) == 1 and f"the SQL server ({client}) refused 1 rows" in errors(w)[0]

@@ -7,19 +7,20 @@ import pytest
 
 import picosnitch
 
-OWNER = (os.getuid(), os.getgid())
-
-
 def row(contime, exe="/usr/bin/curl", send=10, recv=20):
     return (contime, send, recv, exe, "curl", "curl x", "ab" * 32, "/usr/bin/bash", "bash", "bash", "cd" * 32,
-            1000, 40000, 443, "10.0.0.2", "10.0.0.1", "example.org", "tcp")
+            1000, 40000, 443, "10.0.0.2", "10.0.0.1", "example.org", "tcp", "/usr/bin/login", "login", "login -p",
+            "ef" * 32)
 
 
 def test_schema_has_the_spec_columns_and_indexes(tmp_path):
-    con = picosnitch.db_open(str(tmp_path / "snitch.db"), OWNER)
+    os.umask(0o077)
+    con = picosnitch.db_open(str(tmp_path / "snitch.db"))
     columns = [r[1] for r in con.execute("PRAGMA table_info(connections)")]
+    assert columns == picosnitch.DB_COLUMNS
     for name in ["contime", "send", "recv", "exe", "name", "cmdline", "sha256", "pexe", "pname", "pcmdline",
-                 "psha256", "uid", "lport", "rport", "laddr", "raddr", "domain"]:
+                 "psha256", "uid", "lport", "rport", "laddr", "raddr", "domain", "proto", "gpexe", "gpname",
+                 "gpcmdline", "gpsha256"]:
         assert name in columns
     plan = " ".join(str(r) for r in con.execute(
         "EXPLAIN QUERY PLAN SELECT SUM(send) FROM connections WHERE exe = ? AND contime > ?", ("x", "y")))
@@ -28,7 +29,7 @@ def test_schema_has_the_spec_columns_and_indexes(tmp_path):
 
 
 def test_insert_and_retention(tmp_path):
-    con = picosnitch.db_open(str(tmp_path / "snitch.db"), OWNER)
+    con = picosnitch.db_open(str(tmp_path / "snitch.db"))
     old = (datetime.datetime.now() - datetime.timedelta(days=31)).strftime(picosnitch.TIME_FORMAT)
     picosnitch.db_insert(con, [row(old), row(picosnitch.now_text())])
     assert picosnitch.db_prune(con, 30) == 1
@@ -39,18 +40,18 @@ def test_insert_and_retention(tmp_path):
 
 def test_write_atomic_replaces_and_keeps_private(tmp_path):
     path = str(tmp_path / "record.json")
-    picosnitch.write_atomic(path, b"one", OWNER)
-    picosnitch.write_atomic(path, b"two", OWNER)
+    picosnitch.write_atomic(path, b"one")
+    picosnitch.write_atomic(path, b"two")
     assert open(path, "rb").read() == b"two"
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert os.listdir(tmp_path) == ["record.json"]
 
 
-def test_append_line_creates_a_private_log(tmp_path):
+def test_append_lines_creates_a_private_log(tmp_path):
     path = str(tmp_path / "error.log")
-    picosnitch.append_line(path, "first\n", OWNER)
-    picosnitch.append_line(path, "second", OWNER)
-    assert open(path).read() == "first\nsecond\n"
+    picosnitch.append_lines(path, ["first\n"])
+    picosnitch.append_lines(path, ["second", "third"])
+    assert open(path).read() == "first\nsecond\nthird\n"
     assert os.stat(path).st_mode & 0o777 == 0o600
 
 
@@ -67,7 +68,8 @@ def test_damaged_record_is_kept_aside(tmp_path):
 def conn(exe="/usr/bin/curl", name="curl"):
     proc = picosnitch.ProcInfo(10, exe, name, f"{name} https://x", 1, 2)
     parent = picosnitch.ProcInfo(9, "/usr/bin/bash", "bash", "bash", 1, 3)
-    return picosnitch.Conn(proc, parent, 1000, "tcp", 40000, 443, "10.0.0.2", "10.0.0.1", "x.org", 5, 6)
+    grandparent = picosnitch.ProcInfo(8, "/usr/bin/login", "login", "login -p", 1, 4)
+    return picosnitch.Conn(proc, parent, grandparent, 1000, "tcp", 40000, 443, "10.0.0.2", "10.0.0.1", "x.org", 5, 6)
 
 
 def test_record_notes_new_executables_names_and_hashes():
@@ -85,27 +87,28 @@ def test_record_notes_new_executables_names_and_hashes():
 
 def test_log_switches_blank_fields():
     config = picosnitch.Config(log_addresses=False, log_commands=False, log_ports=False)
-    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", "x.org", config)))
+    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", "cc", "x.org", config)))
     assert (r["cmdline"], r["pcmdline"], r["laddr"], r["raddr"], r["lport"], r["rport"]) == ("", "", "", "", None, None)
-    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", "x.org", picosnitch.Config())))
+    r = dict(zip(picosnitch.DB_COLUMNS, picosnitch.conn_row(conn(), "t", "aa", "bb", "cc", "x.org", picosnitch.Config())))
     assert (r["cmdline"], r["raddr"], r["rport"], r["sha256"], r["psha256"]) == ("curl https://x", "10.0.0.1", 443, "aa", "bb")
 
 
 def test_text_log_line_has_the_spec_fields_in_order_and_strips_separators():
     c = conn(name="cu,rl")
     c.proc.cmdline = "curl\n-d a,b\0c\r"
-    row = picosnitch.conn_row(c, "2026-11-21 10:00:00", "aa", "bb", "x.org", picosnitch.Config())
+    row = picosnitch.conn_row(c, "2026-11-21 10:00:00", "aa", "bb", "cc", "x.org", picosnitch.Config())
     line = picosnitch.text_log_line(row)
     assert line == ("2026-11-21 10:00:00,5,6,/usr/bin/curl,curl,curl-d abc,aa,/usr/bin/bash,bash,bash,bb,"
                     "1000,40000,443,10.0.0.2,10.0.0.1,x.org")
     config = picosnitch.Config(log_ports=False, log_addresses=False, log_commands=False)
-    line = picosnitch.text_log_line(picosnitch.conn_row(conn(), "t", "", "", "", config))
+    line = picosnitch.text_log_line(picosnitch.conn_row(conn(), "t", "", "", "", "", config))
     assert line == "t,5,6,/usr/bin/curl,curl,,,/usr/bin/bash,bash,,,1000,,,,,"
     assert len(picosnitch.TEXT_LOG_FIELDS) == 17
 
 
 def test_row_queue_keeps_order_across_connections(tmp_path):
-    queue = picosnitch.RowQueue(str(tmp_path / "q.db"), (os.getuid(), os.getgid()))
+    os.umask(0o077)
+    queue = picosnitch.RowQueue(str(tmp_path / "q.db"))
     con = queue.open()
     picosnitch.RowQueue.push(con, [("t1", 1), ("t1", 2)])
     picosnitch.RowQueue.push(con, [("t2", 3)])

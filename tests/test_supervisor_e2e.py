@@ -28,7 +28,7 @@ def test_killed_monitor_is_reported_and_restarted(tmp_path, peers, exe_dir):
         while children()["monitor"] == before["monitor"] and time.monotonic() < deadline:
             time.sleep(0.2)
         assert children()["monitor"] != before["monitor"]
-        assert "the monitor process died (exit code -9); restarting it" in daemon.read("error.log")
+        assert "the monitor process died (killed by SIGKILL); restarting it" in daemon.read("error.log")
         exe = unique_python(exe_dir)
         subprocess.run([exe, os.path.join(exe_dir, "traffic.py"), "udp", PEER_V4, str(PEER_PORT), "4000"],
                        check=True, capture_output=True)

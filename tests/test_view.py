@@ -77,7 +77,8 @@ def body(screen):
 def row(contime, exe, send, recv, domain="example.org", raddr="192.0.2.10", rport=443, uid=0):
     name = os.path.basename(exe)
     return (contime, send, recv, exe, name, f"{name} --flag", "ab" * 32, "/usr/bin/bash", "bash", "bash",
-            "cd" * 32, uid, 40000, rport, "10.0.0.2", raddr, domain, "tcp")
+            "cd" * 32, uid, 40000, rport, "10.0.0.2", raddr, domain, "tcp", "/usr/bin/login", "login", "login",
+            "ef" * 32)
 
 
 def at(**delta):
@@ -100,7 +101,8 @@ def home():
 def make_db(home, rows, raw=()):
     """snitch.db in home with rows (through picosnitch's storage) and raw SQL inserts."""
     path = str(home / ".config" / "picosnitch" / "snitch.db")
-    con = picosnitch.db_open(path, (NOBODY, NOBODY))
+    con = picosnitch.db_open(path)
+    os.chown(path, NOBODY, NOBODY)
     picosnitch.db_insert(con, rows)
     for sql, params in raw:
         with con:
