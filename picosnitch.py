@@ -437,6 +437,11 @@ class ExecNotice(typing.NamedTuple):     # reader -> monitor: open and hash this
     fresh: bool                          # changed within a clock tick before the exec
 
 
+class Exited(typing.NamedTuple):         # reader -> monitor: a process whose exec was fresh ended
+    exec_id: typing.List[int]
+    time: int                            # when (ns, realtime)
+
+
 class HashRequest(typing.NamedTuple):    # primary -> monitor
     id: int
     procs: typing.List[list]             # [pid, dev, ino, exe, ctime, exec_id]
@@ -448,7 +453,7 @@ class HashAnswer(typing.NamedTuple):     # monitor -> primary: [sha256, why not]
 
 
 class Batch(typing.NamedTuple):          # reader -> primary: part of one window
-    seq: int                             # the window (monotonic ns at its end)
+    seq: int                             # the window's number, counted in the kernel's epoch map
     part: int
     last: bool
     contime: str                         # local time of the window's end, as logged
@@ -473,8 +478,8 @@ class Report(typing.NamedTuple):         # any -> notifier: for error.log or exe
     detail: str                          # a traceback, written below the line
 
 
-MESSAGES = {cls.__name__: cls for cls in (Ready, ExecNotice, HashRequest, HashAnswer, Batch, Hello, Ack,
-                                          Stop, Report)}
+MESSAGES = {cls.__name__: cls for cls in (Ready, ExecNotice, Exited, HashRequest, HashAnswer, Batch, Hello,
+                                          Ack, Stop, Report)}
 MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
 
 
@@ -1394,7 +1399,7 @@ struct gai_t { u64 host; u64 res; };
 struct owner_t { u64 exe; u32 pid; u32 uid; };
 
 BPF_PERF_OUTPUT(events);
-BPF_ARRAY(epoch, u32, 1);
+BPF_ARRAY(epoch, u32, 2);       /* [0]: the map being filled; [1]: its window number */
 BPF_HASH(conns0, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_HASH(conns1, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_TABLE("lru_hash", u64, struct peer_t, recv_peers, $MAX_CONNS);     /* by socket */
@@ -2123,7 +2128,8 @@ def load_in_child(perf_fds: typing.List[int]) -> typing.Tuple[dict, typing.List[
 SYSCALL_NUMBERS = {   # machine -> (bpf, perf_event_open)
     "x86_64": (321, 298), "aarch64": (280, 241), "riscv64": (280, 241), "ppc64le": (361, 319), "s390x": (351, 331),
 }
-BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_LOOKUP_AND_DELETE_BATCH = 1, 2, 25
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_LOOKUP_BATCH, BPF_MAP_LOOKUP_AND_DELETE_BATCH = 1, 2, 24, 25
+BPF_MAP_DELETE_BATCH = 27
 
 
 class _ElemAttr(ctypes.Structure):
@@ -2169,20 +2175,31 @@ class BpfMap:
         if self._call(BPF_MAP_UPDATE_ELEM, attr):
             raise OSError(ctypes.get_errno(), "bpf map update")
 
-    def drain(self) -> typing.List[tuple]:
-        """Look up and delete every entry, in batches: [(key, value)]."""
+    def read_all(self, delete: bool = False) -> typing.List[tuple]:
+        """Every entry, in batches: [(key, value)]; deleted as read with delete."""
         out, token, first = [], ctypes.c_uint64(), True
+        cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
         while True:
             attr = _BatchAttr(0 if first else ctypes.addressof(token), ctypes.addressof(token),
                               ctypes.addressof(self.keys), ctypes.addressof(self.values), len(self.keys), self.fd, 0, 0)
-            result, err = self._call(BPF_MAP_LOOKUP_AND_DELETE_BATCH, attr), ctypes.get_errno()
+            result, err = self._call(cmd, attr), ctypes.get_errno()
             out += [(self.key_type.from_buffer_copy(self.keys[i]), self.value_type.from_buffer_copy(self.values[i]))
                     for i in range(attr.count)]
             if result:
                 if err == errno.ENOENT:
                     return out
-                raise OSError(err, "bpf map lookup-and-delete batch")
+                raise OSError(err, "bpf map batch lookup")
             first = False
+
+    def delete(self, keys: typing.Sequence) -> None:
+        """Delete these keys (those already gone are skipped), in batches."""
+        for start in range(0, len(keys), len(self.keys)):
+            chunk = keys[start:start + len(self.keys)]
+            for i, key in enumerate(chunk):
+                self.keys[i] = key
+            attr = _BatchAttr(0, 0, ctypes.addressof(self.keys), 0, len(chunk), self.fd, 0, 0)
+            if self._call(BPF_MAP_DELETE_BATCH, attr) and ctypes.get_errno() != errno.ENOENT:
+                raise OSError(ctypes.get_errno(), "bpf map delete batch")
 
 
 class _PerfAttr(ctypes.Structure):
@@ -2323,16 +2340,25 @@ def decode_event(raw: bytes) -> typing.Tuple[str, EventHdrT, typing.Any]:
 
 
 class Capture:
-    """The attached program, seen through its maps: poll events, drain windows.
-    A reader that starts after another died takes the window under way as it
-    is, and what its predecessor reported of the kernel's counters."""
+    """The attached program, seen through its maps: poll events, close windows.
+
+    The kernel fills one of two maps; closing a window switches it to the
+    other, and the closed map is read (not emptied) so that its window can
+    be sent first: the reader empties it (clear) once the window is in the
+    primary's channel, where it survives the reader. A reader that starts
+    after another died sends what that one left (leftover), under the same
+    window number, which the primary recognises if it has the window."""
 
     def __init__(self, kernel: Kernel, on_event):
         self.mode, self.on_event, self.perf = kernel.mode, on_event, kernel.perf
         self.stats = BpfMap(kernel.maps["stats"], ctypes.c_uint32, ctypes.c_uint64)
         self.epoch_map = BpfMap(kernel.maps["epoch"], ctypes.c_uint32, ctypes.c_uint32)
         self.maps = [BpfMap(kernel.maps[name], ConnKeyT, ConnValT, DRAIN_BATCH) for name in ("conns0", "conns1")]
-        self.epoch = self.epoch_map.lookup(0).value
+        self.epoch, self.number = self.epoch_map.lookup(0).value, self.epoch_map.lookup(1).value
+        if not self.number:             # the first reader: windows count from 1
+            self.number = 1
+            self.epoch_map.update(1, self.number)
+        self.unclear: typing.Dict[int, typing.Tuple[int, list]] = {}     # epoch -> (window, keys read)
 
     def poll(self, timeout_ms: int) -> None:
         """Hand new events over in the order they happened, across CPUs (an
@@ -2341,26 +2367,44 @@ class Capture:
         for event in sorted(events, key=lambda e: e[1].time):
             self.on_event(event)
 
-    def leftover(self) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
-        """A closed window that a reader which died did not drain."""
+    def read(self, epoch: int, number: int) -> typing.Tuple[int, typing.List[typing.Tuple[ConnKeyT, ConnValT]]]:
+        entries = self.maps[epoch].read_all()
+        self.unclear[epoch] = (number, [k for k, _ in entries])
+        return number, entries
+
+    def leftover(self) -> typing.Tuple[int, typing.List[typing.Tuple[ConnKeyT, ConnValT]]]:
+        """The window before the current one, if a reader that died left it."""
         self.poll(0)
-        return self.maps[self.epoch ^ 1].drain()
+        return self.read(self.epoch ^ 1, self.number - 1)
 
-    def end_window(self, final: bool = False) -> typing.List[typing.Tuple[ConnKeyT, ConnValT]]:
-        """Switch the kernel to the other map and drain the one just closed.
-
-        Events already submitted are polled first, so every drained key has
-        had its context delivered. On the final window both maps are drained.
-        """
-        old, self.epoch = self.epoch, self.epoch ^ 1
+    def end_window(self, final: bool = False) -> typing.List[typing.Tuple[int, list]]:
+        """Switch the kernel to the other map and read the one just closed:
+        [(window number, [(key, value)])]. Events already submitted are polled
+        first, so every key read has had its context delivered. The final
+        window also reads the other map."""
+        self.clear(self.epoch ^ 1)                # about to be filled again
+        closed = (self.epoch, self.number)
+        self.number += 1
+        self.epoch_map.update(1, self.number)
+        self.epoch ^= 1
         self.epoch_map.update(0, self.epoch)
         time.sleep(GRACE_SECONDS)
         self.poll(0)
-        drained = self.maps[old].drain()
+        windows = [self.read(*closed)]
         if final:
             self.poll(0)
-            drained += self.maps[self.epoch].drain()
-        return drained
+            windows.append(self.read(self.epoch, self.number))
+        return windows
+
+    def clear(self, epoch: int) -> None:
+        """Delete what was read of a closed map (bytes added since stay for a later window)."""
+        if epoch in self.unclear:
+            self.maps[epoch].delete(self.unclear.pop(epoch)[1])
+
+    def clear_sent(self, sent: typing.Callable[[int], bool]) -> None:
+        for epoch, (number, _) in list(self.unclear.items()):
+            if sent(number):
+                self.clear(epoch)
 
     def problems(self) -> typing.List[str]:
         """What was lost since the last call (events, full maps). The kernel
@@ -2376,6 +2420,7 @@ class Capture:
                 out.append(f"{meaning} ({value - seen})")
                 self.stats.update(i + len(STATS), value)
         return out
+
 
 ###############################################################################
 # 10. BPF reader process
@@ -2445,7 +2490,7 @@ class Tracker:
     executable (or was forked): a program started through a double fork
     still names the program that launched it after pid 1 adopts it."""
 
-    def __init__(self, mask: int, notify_exec: typing.Callable[[ExecNotice], None], every_exe: bool = False,
+    def __init__(self, mask: int, notify_exec: typing.Callable[[typing.NamedTuple], None], every_exe: bool = False,
                  protos: typing.Optional[typing.Dict[int, int]] = None):
         self.mask, self.notify_exec, self.every_exe = mask, notify_exec, every_exe
         self.runs: typing.List[Conn] = []     # executables run this window ("Every exe")
@@ -2458,6 +2503,7 @@ class Tracker:
         self.protos: typing.Dict[int, int] = dict(protos or {})      # struct proto address -> protocol
         self.domains: "collections.OrderedDict[typing.Tuple[int, str], str]" = collections.OrderedDict()
         self.unattributed: typing.List[str] = []
+        self.fresh: typing.Dict[int, typing.List[int]] = {}     # pid -> exec_id of an exec soon after a change
         self.window = 0
         self.boot_to_real = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self.tick = coarse_tick_ns()
@@ -2488,8 +2534,12 @@ class Tracker:
         self.procs[p.pid] = info
         self.lineage[p.pid] = (parent, grandparent)
         self.exited.pop(p.pid, None)
-        fresh = ctime and self.boot_to_real + hdr.time - ctime < 2 * self.tick
-        self.notify_exec(ExecNotice(p.pid, dev, p.ino, info.exe, ctime, list(info.exec_id), bool(fresh)))
+        fresh = bool(ctime) and self.boot_to_real + hdr.time - ctime < 2 * self.tick
+        if fresh:
+            self.fresh[p.pid] = list(info.exec_id)
+        else:
+            self.fresh.pop(p.pid, None)
+        self.notify_exec(ExecNotice(p.pid, dev, p.ino, info.exe, ctime, list(info.exec_id), fresh))
         if self.every_exe:
             self.runs.append(Conn(info, parent, grandparent, p.uid, "", -1, -1, "", "", "", 0, 0))
 
@@ -2504,6 +2554,8 @@ class Tracker:
 
     def on_exit(self, hdr: EventHdrT, _: EmptyT) -> None:
         self.exited[hdr.proc.pid] = self.window
+        if hdr.proc.pid in self.fresh:
+            self.notify_exec(Exited(self.fresh.pop(hdr.proc.pid), self.boot_to_real + hdr.time))
 
     def parents(self, p: ProcT) -> typing.Tuple[ProcInfo, ProcInfo]:
         """Parent and grandparent of a process as the kernel sees them now."""
@@ -2684,13 +2736,18 @@ class WindowSender:
             while len(self.windows) > WINDOWS_KEPT:
                 old, lost = self.windows.popitem(last=False)
                 self.dropped.append(sum(len(p.conns) for p in lost))
-                self.todo = collections.deque(p for p in self.todo if p.seq != old)
+                self.todo = collections.deque(p for p in self.todo if getattr(p, "seq", None) != old)
             self.cond.notify_all()
 
     def stop(self) -> None:
         with self.cond:
             self.todo.append(Stop())
             self.cond.notify_all()
+
+    def sent(self, seq: int) -> bool:
+        """Whether every part of window seq has gone into the channel."""
+        with self.cond:
+            return seq in self.windows and all(p.seq != seq for p in self.todo if isinstance(p, Batch))
 
     def wait_sent(self, timeout: float) -> bool:
         """True once everything queued has gone into the channel."""
@@ -2742,9 +2799,9 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
     tracker = Tracker(rt.st_dev_mask, execs.put, rt.config.every_exe, rt.kernel.protos)
     capture = Capture(rt.kernel, tracker.handle)
     stopping = rt.stopping
-    leftover = capture.leftover()
+    number, leftover = capture.leftover()
     if leftover:
-        windows.put(time.monotonic_ns(), [tracker.conn(k, v) for k, v in leftover])
+        windows.put(number, [tracker.conn(k, v) for k, v in leftover])
     rt.ready_tx.send(Ready(capture.mode))
     if downtime:
         lost = capture.problems()
@@ -2758,20 +2815,24 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
     deadline = time.monotonic() + window
     while not stopping():
         capture.poll(int(max(0.0, min(deadline - time.monotonic(), 0.2)) * 1000))
+        capture.clear_sent(windows.sent)
         if time.monotonic() >= deadline:
             deadline += window
             send_window(rt, capture, tracker, windows, execs, final=False)
     send_window(rt, capture, tracker, windows, execs, final=True)
     windows.stop()
-    if not windows.wait_sent(STOP_TIMEOUT):
+    if windows.wait_sent(STOP_TIMEOUT):
+        capture.clear_sent(lambda seq: True)
+    else:
         rt.reporter.error("the primary did not take the last windows before the stop")
 
 
 def send_window(rt: Runtime, capture: Capture, tracker: Tracker, windows: WindowSender, execs: Outbox,
                 final: bool) -> None:
-    drained = capture.end_window(final)
-    conns = [tracker.conn(k, v) for k, v in drained] + tracker.take_runs()
-    windows.put(time.monotonic_ns(), conns)
+    closed = capture.end_window(final)
+    for i, (number, entries) in enumerate(closed):
+        conns = [tracker.conn(k, v) for k, v in entries] + (tracker.take_runs() if i == len(closed) - 1 else [])
+        windows.put(number, conns)
     tracker.end_window()
     problems = capture.problems()
     unattributed = tracker.take_unattributed()
@@ -3006,15 +3067,21 @@ class FdCache:
         return changed
 
 
+class Hashed(typing.NamedTuple):
+    sha: str           # '' when there is no hash to trust
+    why: str           # why not, naming the executable
+    alive: bool        # the process still ran the file once it was opened and watched
+
+
 class Hasher:
     """sha256 of what a process executed. A hash is only given when nothing
     can have changed the file between the exec and the end of the hash:
 
-    - the process still ran the file after it was opened and watched (the
-      kernel refuses writes to a running executable), or its change time
-      is the one the kernel saw at the exec, which was not within two clock
-      ticks of an earlier change (a change within one tick can keep the
-      same change time);
+    - the process still ran the file once it was opened and watched (the
+      kernel refuses writes to a running executable), or its change time is
+      the one the kernel saw at the exec (the Monitor deals with a change
+      less than two clock ticks before the exec, which the change time may
+      not show);
     - and fanotify saw no modification, and the change time did not move,
       while it was hashed.
 
@@ -3023,27 +3090,23 @@ class Hasher:
     def __init__(self, cache: FdCache, tick: int):
         self.cache, self.tick = cache, tick
 
-    def hash(self, pid: int, dev: int, ino: int, exe: str, ctime: int, fresh: bool) -> typing.Tuple[str, str]:
+    def hash(self, pid: int, dev: int, ino: int, exe: str, ctime: int) -> Hashed:
         self.cache.apply_changes()
         entry, why = self.cache.open(pid, dev, ino, exe)
         if entry is None:
-            return "", why
+            return Hashed("", why, False)
         key = self.cache.key(dev, ino)
         alive = runs(pid, dev, ino, self.cache.mask)
         now = os.fstat(entry.fd).st_ctime_ns
         if ctime and now != ctime:
-            return "", (f"{exe or 'the executable'} was modified after it ran (its change time moved from "
-                        f"{ctime / 1e9:.6f} to {now / 1e9:.6f}) before picosnitch could hash it")
-        if not alive and fresh:
-            return "", (f"{exe or 'the executable'} was changed within {2 * self.tick / 1e6:.0f} ms before it "
-                        f"ran, and had exited before picosnitch could open it: a change after the exec "
-                        f"cannot be ruled out")
+            return Hashed("", f"{exe or 'the executable'} was modified after it ran (its change time moved from "
+                              f"{ctime / 1e9:.6f} to {now / 1e9:.6f}) before picosnitch could hash it", alive)
         sha = entry.versions.get(now) or sha256_fd(entry.fd)
         if key in self.cache.apply_changes() or os.fstat(entry.fd).st_ctime_ns != now:
-            return "", f"{exe or 'the executable'} was modified while picosnitch hashed it"
+            return Hashed("", f"{exe or 'the executable'} was modified while picosnitch hashed it", alive)
         if entry.handle is not None or alive:
             entry.versions[now] = sha
-        return sha, ""
+        return Hashed(sha, "", alive)
 
 ###############################################################################
 # 12. monitor process
@@ -3066,7 +3129,13 @@ def set_nofile(limit: typing.Optional[int]) -> int:
 
 
 class Monitor:
-    """Hashes each executable when it runs, and answers for it later."""
+    """Hashes each executable when it runs, and answers for it later.
+
+    A file changed less than two clock ticks before its exec may change again
+    without its change time moving. If its process had already exited when
+    the monitor opened it, the hash is only settled once the reader says when
+    the process exited (Exited): the kernel refused writes until then, so a
+    change after an exit two ticks past the earlier change would show."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -3074,11 +3143,29 @@ class Monitor:
         self.cache = FdCache(rt.st_dev_mask, set_nofile(rt.config.set_rlimit_nofile), self.fanotify)
         self.hasher = Hasher(self.cache, coarse_tick_ns())
         self.results: "collections.OrderedDict[tuple, typing.Tuple[str, str]]" = collections.OrderedDict()
+        self.unsettled: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+    def keep(self, table: collections.OrderedDict, key: tuple, value) -> None:
+        table[key] = value
+        while len(table) > EXEC_RESULTS:
+            table.popitem(last=False)
 
     def on_exec(self, n: ExecNotice) -> None:
-        self.results[(*n.exec_id, n.dev, n.ino)] = self.hasher.hash(n.pid, n.dev, n.ino, n.exe, n.ctime, n.fresh)
-        while len(self.results) > EXEC_RESULTS:
-            self.results.popitem(last=False)
+        key = (*n.exec_id, n.dev, n.ino)
+        hashed = self.hasher.hash(n.pid, n.dev, n.ino, n.exe, n.ctime)
+        if hashed.sha and n.fresh and not hashed.alive:
+            self.keep(self.unsettled, tuple(n.exec_id), (key, hashed.sha, n.ctime))
+            self.keep(self.results, key, ("", f"{n.exe or 'the executable'} was changed less than "
+                                              f"{2 * self.hasher.tick / 1e6:.0f} ms before it ran, and had exited "
+                                              f"before picosnitch could open it: a change after the exec cannot "
+                                              f"be ruled out"))
+        else:
+            self.keep(self.results, key, (hashed.sha, hashed.why))
+
+    def on_exit(self, n: "Exited") -> None:
+        found = self.unsettled.pop(tuple(n.exec_id), None)
+        if found and n.time - found[2] >= 2 * self.hasher.tick:
+            self.results[found[0]] = (found[1], "")
 
     def answer(self, request: HashRequest) -> HashAnswer:
         """[sha256, why not] for each [pid, dev, ino, exe, ctime, exec_id] asked."""
@@ -3089,7 +3176,7 @@ class Monitor:
                 found = self.results.get((exec_pid, exec_time, dev, ino))
                 if found is None:
                     why = not_running(pid, dev, ino, self.cache.mask)
-                    found = ("", why) if why else self.hasher.hash(pid, dev, ino, "", ctime, False)
+                    found = ("", why) if why else self.hasher.hash(pid, dev, ino, "", ctime)[:2]
                 results.append(list(found))
             except (ValueError, TypeError, OSError) as e:
                 results.append(["", f"not hashed ({type(e).__name__}: {e})"])
@@ -3097,13 +3184,14 @@ class Monitor:
 
     def run(self) -> None:
         exec_rx, hashes = self.rt.exec_rx, self.rt.hash_monitor
+        handlers = {ExecNotice: self.on_exec, Exited: self.on_exit}
         while not self.rt.stopping():
             ready = select.select([exec_rx, hashes, self.fanotify.fd], [], [], 1)[0]
             self.cache.apply_changes()
             while select.select([exec_rx], [], [], 0)[0]:      # execs first: they race with changes
                 message = exec_rx.recv()
-                if isinstance(message, ExecNotice):
-                    self.on_exec(message)
+                if type(message) in handlers:
+                    handlers[type(message)](message)
             if hashes in ready:
                 message = hashes.recv()
                 if isinstance(message, HashRequest):

@@ -42,9 +42,9 @@ def test_hash_is_read_through_the_cached_fd(tmp_path, cache):
     hasher = picosnitch.Hasher(cache, TICK)
     path = str(tmp_path / "prog")
     dev, ino = write(path, b"binary one")
-    assert hasher.hash(999999999, dev, ino, path, ctime(path), False) == (sha(b"binary one"), "")
+    assert hasher.hash(999999999, dev, ino, path, ctime(path))[:2] == (sha(b"binary one"), "")
     os.rename(path, path + ".moved")     # the cache holds the file open: the path is no longer needed
-    assert hasher.hash(999999999, dev, ino, "", 0, False) == (sha(b"binary one"), "")
+    assert hasher.hash(999999999, dev, ino, "", 0)[:2] == (sha(b"binary one"), "")
 
 
 def test_fanotify_reports_a_modification_by_file_handle(tmp_path, cache):
@@ -59,7 +59,7 @@ def test_fanotify_reports_a_modification_by_file_handle(tmp_path, cache):
     assert wait_for(lambda: changed.update(cache.apply_changes()) or (dev, ino) in changed, 5)
     assert entry.versions == {}
     hasher = picosnitch.Hasher(cache, TICK)
-    assert hasher.hash(0, dev, ino, path, ctime(path), False) == (sha(b"version 1 and 2"), "")
+    assert hasher.hash(0, dev, ino, path, ctime(path))[:2] == (sha(b"version 1 and 2"), "")
 
 
 def test_a_change_after_the_exec_is_an_error_naming_the_executable(tmp_path, cache):
@@ -71,15 +71,34 @@ def test_a_change_after_the_exec_is_an_error_naming_the_executable(tmp_path, cac
     time.sleep(3 * TICK / 1e9)
     with open(path, "r+b") as f:     # the same inode, rewritten
         f.write(b"what now")
-    got, why = picosnitch.Hasher(cache, TICK).hash(999999999, dev, ino, path, at_exec, False)
-    assert got == "" and f"{path} was modified after it ran" in why
+    got, why, alive = picosnitch.Hasher(cache, TICK).hash(999999999, dev, ino, path, at_exec)
+    assert got == "" and f"{path} was modified after it ran" in why and not alive
 
 
-def test_a_change_in_the_tick_before_an_exec_of_a_gone_process_is_not_trusted(tmp_path, cache):
-    path = str(tmp_path / "prog")
-    dev, ino = write(path, b"x")
-    got, why = picosnitch.Hasher(cache, TICK).hash(999999999, dev, ino, path, ctime(path), True)
-    assert got == "" and "a change after the exec cannot be ruled out" in why
+@pytest.fixture
+def monitor(tmp_path):
+    need_root()
+    rt = picosnitch.Runtime(picosnitch.Config(), picosnitch.User("root", 0, 0, str(tmp_path)), 0xFFFFFFFF, "", "run")
+    m = picosnitch.Monitor(rt)
+    yield m
+    os.close(m.fanotify.fd)
+
+
+def test_a_change_just_before_the_exec_of_a_gone_process_waits_for_its_exit(tmp_path, monitor):
+    """A change less than two ticks before the exec may be followed by another
+    that keeps the same change time: the hash counts only once the process is
+    known to have run (so writes were refused) for two ticks past the change."""
+    for name, ran_for in (("quick", 0), ("long enough", 3 * TICK)):
+        path = str(tmp_path / name)
+        dev, ino = write(path, name.encode())
+        changed = ctime(path)
+        exec_id = [999999999, changed]
+        monitor.on_exec(picosnitch.ExecNotice(999999999, dev, ino, path, changed, exec_id, True))
+        got, why = monitor.answer(picosnitch.HashRequest(1, [[999999999, dev, ino, path, changed, exec_id]])).results[0]
+        assert got == "" and f"{path} was changed less than" in why and "cannot be ruled out" in why
+        monitor.on_exit(picosnitch.Exited(exec_id, changed + ran_for))
+        got, why = monitor.answer(picosnitch.HashRequest(2, [[999999999, dev, ino, path, changed, exec_id]])).results[0]
+        assert (got, why) == ((sha(name.encode()), "") if ran_for else ("", why))
 
 
 def test_a_running_process_proves_its_file_unchanged(tmp_path, cache):
@@ -93,8 +112,8 @@ def test_a_running_process_proves_its_file_unchanged(tmp_path, cache):
                         os.stat(f"/proc/{proc.pid}/exe").st_ino == st.st_ino, 5)
         with pytest.raises(OSError):
             open(path, "r+b")
-        got, why = picosnitch.Hasher(cache, TICK).hash(proc.pid, st.st_dev, st.st_ino, "", st.st_ctime_ns, True)
-        assert (got, why) == (picosnitch.sha256_fd(os.open(path, os.O_RDONLY)), "")
+        got, why, alive = picosnitch.Hasher(cache, TICK).hash(proc.pid, st.st_dev, st.st_ino, "", st.st_ctime_ns)
+        assert (got, why, alive) == (picosnitch.sha256_fd(os.open(path, os.O_RDONLY)), "", True)
     finally:
         proc.kill()
         proc.wait()
@@ -105,7 +124,7 @@ def test_a_different_file_at_the_path_is_an_error(tmp_path, cache):
     dev, ino = write(path, b"original")
     write(path + ".new", b"impostor")
     os.rename(path + ".new", path)     # another inode now has the path
-    got, why = picosnitch.Hasher(cache, TICK).hash(0, dev, ino, path, 0, False)
+    got, why, _ = picosnitch.Hasher(cache, TICK).hash(0, dev, ino, path, 0)
     assert got == "" and f"not the executable the kernel reported (device {dev:#x} inode {ino})" in why
 
 
@@ -146,23 +165,19 @@ def test_overflow_forgets_every_hash(tmp_path, cache, monkeypatch):
     for name in ("a", "b"):
         path = str(tmp_path / name)
         dev, ino = write(path, path.encode())
-        picosnitch.Hasher(cache, TICK).hash(0, dev, ino, path, 0, False)
+        picosnitch.Hasher(cache, TICK).hash(0, dev, ino, path, 0)
     assert all(entry.versions for entry in cache.entries.values())
     monkeypatch.setattr(cache.fanotify, "modified", lambda: [picosnitch.Fanotify.OVERFLOW])
     assert len(cache.apply_changes()) == 2
     assert all(not entry.versions for entry in cache.entries.values())
 
 
-def test_hash_requests_never_open_a_path_they_name(tmp_path):
+def test_hash_requests_never_open_a_path_they_name(tmp_path, monitor):
     """The primary runs as the user: a request it sends for a file no process
     runs is refused, whatever path it names."""
-    need_root()
     path = str(tmp_path / "secret")
     dev, ino = write(path, b"root only")
     os.chmod(path, 0o600)
-    config = picosnitch.Config()
-    rt = picosnitch.Runtime(config, picosnitch.User("root", 0, 0, str(tmp_path)), 0xFFFFFFFF, "", "run")
-    monitor = picosnitch.Monitor(rt)
     answer = monitor.answer(picosnitch.HashRequest(1, [[os.getpid(), dev, ino, path, 0, [0, 0]],
                                                       ["x", "y"]]))
     assert answer.results[0][0] == "" and "its process had exited before picosnitch could hash it" in answer.results[0][1]
