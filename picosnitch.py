@@ -17,11 +17,13 @@ Processes (all started by the supervisor, which restarts one that dies)::
       v
     supervisor (root: loads the program, holds its maps and perf buffers)
       |
-    reader --exec notices--> monitor (FD cache by device+inode, sha256 at
-      |  root, CAP_SYS_PTRACE ^  exec, fanotify; root, CAP_DAC_READ_SEARCH
-      |                       |  and CAP_SYS_PTRACE)
-      | windows (acked)       | hash requests / answers
-      v                       v
+    reader --exec notices + files--> monitor (FD cache by device+inode,
+      |  (opens and watches each   ^  sha256 at exec, fanotify)
+      |   executable as it runs)   |
+      |  both root, with CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE only
+      |                            |
+      | windows (acked)            | hash requests / answers
+      v                            v
     primary (the user, no capabilities) -> snitch.db, record.json, conn.log,
       |                                    remote SQL copy, VirusTotal, GeoIP
       v
@@ -427,19 +429,15 @@ class Ready(typing.NamedTuple):          # reader -> supervisor: polling the ker
     mode: str
 
 
-class ExecNotice(typing.NamedTuple):     # reader -> monitor: open and hash this now
+class ExecNotice(typing.NamedTuple):     # reader -> monitor: hash this now (its file sent along, if caught)
     pid: int
     dev: int
     ino: int
     exe: str
     ctime: int                           # the executable's change time at exec (ns)
     exec_id: typing.List[int]
-    fresh: bool                          # changed within a clock tick before the exec
-
-
-class Exited(typing.NamedTuple):         # reader -> monitor: a process whose exec was fresh ended
-    exec_id: typing.List[int]
-    time: int                            # when (ns, realtime)
+    caught: int = 0                      # its change time when the reader opened it (0: not caught)
+    alive: bool = False                  # the process still ran it then
 
 
 class HashRequest(typing.NamedTuple):    # primary -> monitor
@@ -478,8 +476,8 @@ class Report(typing.NamedTuple):         # any -> notifier: for error.log or exe
     detail: str                          # a traceback, written below the line
 
 
-MESSAGES = {cls.__name__: cls for cls in (Ready, ExecNotice, Exited, HashRequest, HashAnswer, Batch, Hello,
-                                          Ack, Stop, Report)}
+MESSAGES = {cls.__name__: cls for cls in (Ready, ExecNotice, HashRequest, HashAnswer, Batch, Hello, Ack, Stop,
+                                          Report)}
 MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
 
 
@@ -519,25 +517,44 @@ class Channel:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, message: typing.NamedTuple, block: bool = True) -> bool:
-        """Send a message; without block, False when the peer's queue is full."""
+    def send(self, message: typing.NamedTuple, block: bool = True, fds: typing.Sequence[int] = ()) -> bool:
+        """Send a message (with descriptors for the peer); without block,
+        False when the peer's queue is full."""
         data = encode_message(message)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
         try:
-            self.sock.sendmsg([data], [], 0 if block else socket.MSG_DONTWAIT)
+            self.sock.sendmsg([data], ancillary, 0 if block else socket.MSG_DONTWAIT)
         except BlockingIOError:
             return False
         return True
 
-    def recv(self, timeout: typing.Optional[float] = None) -> typing.Optional[typing.NamedTuple]:
-        """The next message, or None after timeout seconds without one."""
+    def recv_with_fds(self, timeout: typing.Optional[float] = None) -> typing.Tuple[typing.Optional[typing.NamedTuple],
+                                                                                     typing.List[int]]:
+        """The next message and the descriptors sent with it; (None, [])
+        after timeout seconds without one. ValueError for a bad message (its
+        descriptors closed)."""
         if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
-            return None
+            return None, []
         peek = bytearray(1)
         size = self.sock.recv_into(peek, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
-        data = self.sock.recv(max(size, 1))
+        data, ancillary, _, _ = self.sock.recvmsg(max(size, 1), socket.CMSG_SPACE(16 * 4))
         if not data:
             raise EOFError("the channel is closed")
-        return decode_message(data)
+        fds = [fd for level, kind, raw in ancillary if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+               for fd in struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4])]
+        try:
+            return decode_message(data), fds
+        except ValueError:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def recv(self, timeout: typing.Optional[float] = None) -> typing.Optional[typing.NamedTuple]:
+        """The next message, or None after timeout seconds without one."""
+        message, fds = self.recv_with_fds(timeout)
+        for fd in fds:          # none is expected here
+            os.close(fd)
+        return message
 
     def close(self) -> None:
         self.sock.close()
@@ -2349,8 +2366,8 @@ class Capture:
     after another died sends what that one left (leftover), under the same
     window number, which the primary recognises if it has the window."""
 
-    def __init__(self, kernel: Kernel, on_event):
-        self.mode, self.on_event, self.perf = kernel.mode, on_event, kernel.perf
+    def __init__(self, kernel: Kernel, on_event, first=lambda events: None):
+        self.mode, self.on_event, self.first, self.perf = kernel.mode, on_event, first, kernel.perf
         self.stats = BpfMap(kernel.maps["stats"], ctypes.c_uint32, ctypes.c_uint64)
         self.epoch_map = BpfMap(kernel.maps["epoch"], ctypes.c_uint32, ctypes.c_uint32)
         self.maps = [BpfMap(kernel.maps[name], ConnKeyT, ConnValT, DRAIN_BATCH) for name in ("conns0", "conns1")]
@@ -2364,6 +2381,7 @@ class Capture:
         """Hand new events over in the order they happened, across CPUs (an
         exec on one CPU comes before the connection it led to on another)."""
         events = [decode_event(raw) for raw in self.perf.poll(timeout_ms)]
+        self.first(events)
         for event in sorted(events, key=lambda e: e[1].time):
             self.on_event(event)
 
@@ -2426,16 +2444,16 @@ class Capture:
 # 10. BPF reader process
 ###############################################################################
 # Polls events and, at the end of each write window, drains the connection map
-# of that window into Conn rows for the primary. It runs as root with one
-# capability left (CAP_SYS_PTRACE, to read /proc/PID/exe of any process) and
-# never waits for another process: its messages go out from threads.
+# of that window into Conn rows for the primary. It runs as root with two
+# capabilities left (CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH, to open any
+# process's executable through /proc/PID/exe the moment it runs) and never
+# waits for another process: its messages go out from threads.
 
 DOMAIN_CACHE = 8192       # (process, address) pairs remembered from getaddrinfo answers
 CONNECT_CACHE = 65536     # TCP connects waiting to be answered
 WINDOWS_KEPT = 60         # windows the primary has not confirmed, kept to send again
 EXEC_NOTICES_KEPT = 65536
 CTIME_QUERIED = 1 << 31   # a flag the kernel keeps in the ctime's nanoseconds
-CLOCK_REALTIME_COARSE = 5
 
 
 def exec_path(ex: ExecT) -> typing.Tuple[str, bool]:
@@ -2449,16 +2467,6 @@ def exec_path(ex: ExecT) -> typing.Tuple[str, bool]:
         return "", True
     path = "/" + "/".join(p for p in reversed(parts) if p)
     return (path, True) if ex.nlink else (f"{path} (deleted)", False)
-
-
-def coarse_tick_ns() -> int:
-    """How far apart the kernel's file timestamps can be (a clock tick)."""
-    class Timespec(ctypes.Structure):
-        _fields_ = [("sec", ctypes.c_long), ("nsec", ctypes.c_long)]
-    res = Timespec()
-    if libc().clock_getres(CLOCK_REALTIME_COARSE, ctypes.byref(res)):
-        return 10_000_000
-    return res.sec * 10 ** 9 + res.nsec
 
 
 def proc_from_proc_fs(pid: int, dev: int, ino: int, mask: int, comm: str) -> ProcInfo:
@@ -2490,7 +2498,7 @@ class Tracker:
     executable (or was forked): a program started through a double fork
     still names the program that launched it after pid 1 adopts it."""
 
-    def __init__(self, mask: int, notify_exec: typing.Callable[[typing.NamedTuple], None], every_exe: bool = False,
+    def __init__(self, mask: int, notify_exec: typing.Callable[[ExecNotice], None], every_exe: bool = False,
                  protos: typing.Optional[typing.Dict[int, int]] = None):
         self.mask, self.notify_exec, self.every_exe = mask, notify_exec, every_exe
         self.runs: typing.List[Conn] = []     # executables run this window ("Every exe")
@@ -2503,10 +2511,7 @@ class Tracker:
         self.protos: typing.Dict[int, int] = dict(protos or {})      # struct proto address -> protocol
         self.domains: "collections.OrderedDict[typing.Tuple[int, str], str]" = collections.OrderedDict()
         self.unattributed: typing.List[str] = []
-        self.fresh: typing.Dict[int, typing.List[int]] = {}     # pid -> exec_id of an exec soon after a change
         self.window = 0
-        self.boot_to_real = time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        self.tick = coarse_tick_ns()
         self.handlers = {"EXEC": self.on_exec, "FORK": self.on_fork, "EXIT": self.on_exit, "CONN": self.on_conn,
                          "DNS": self.on_dns, "CONNECT": self.on_connect, "OPEN": self.on_open}
 
@@ -2526,6 +2531,7 @@ class Tracker:
         if not exe:
             found = proc_from_proc_fs(p.pid, dev, p.ino, self.mask, info.name)
             info = dataclasses.replace(info, exe=found.exe, ondisk=found.ondisk)
+        self.notify_exec(ExecNotice(p.pid, dev, p.ino, info.exe, ctime, list(info.exec_id)))
         forked = self.lineage.get(p.pid)
         if forked and forked[0].pid != p.ppid:       # adopted since its fork: keep who launched it
             parent, grandparent = forked
@@ -2534,12 +2540,6 @@ class Tracker:
         self.procs[p.pid] = info
         self.lineage[p.pid] = (parent, grandparent)
         self.exited.pop(p.pid, None)
-        fresh = bool(ctime) and self.boot_to_real + hdr.time - ctime < 2 * self.tick
-        if fresh:
-            self.fresh[p.pid] = list(info.exec_id)
-        else:
-            self.fresh.pop(p.pid, None)
-        self.notify_exec(ExecNotice(p.pid, dev, p.ino, info.exe, ctime, list(info.exec_id), fresh))
         if self.every_exe:
             self.runs.append(Conn(info, parent, grandparent, p.uid, "", -1, -1, "", "", "", 0, 0))
 
@@ -2554,8 +2554,6 @@ class Tracker:
 
     def on_exit(self, hdr: EventHdrT, _: EmptyT) -> None:
         self.exited[hdr.proc.pid] = self.window
-        if hdr.proc.pid in self.fresh:
-            self.notify_exec(Exited(self.fresh.pop(hdr.proc.pid), self.boot_to_real + hdr.time))
 
     def parents(self, p: ProcT) -> typing.Tuple[ProcInfo, ProcInfo]:
         """Parent and grandparent of a process as the kernel sees them now."""
@@ -2572,7 +2570,7 @@ class Tracker:
             info = proc_from_proc_fs(pid, dev, ino, self.mask, name)
             if info.exe:            # running since before picosnitch saw it: hash it now
                 info.exec_id = (pid, 0)
-                self.notify_exec(ExecNotice(pid, dev, ino, info.exe, 0, [pid, 0], False))
+                self.notify_exec(ExecNotice(pid, dev, ino, info.exe, 0, [pid, 0]))
             self.procs[pid] = info
             self.lineage.pop(pid, None)
         return info
@@ -2678,8 +2676,9 @@ def connect_ident(key: ConnKeyT) -> tuple:
 
 class Outbox:
     """Messages to one peer, sent from a thread so that the reader never waits
-    for a slow or dead peer. Beyond `limit` waiting, the oldest are dropped
-    and counted (take_dropped)."""
+    for a slow or dead peer; a descriptor sent with one is closed here once
+    it is sent. Beyond `limit` waiting, the oldest are dropped and counted
+    (take_dropped)."""
 
     def __init__(self, channel: Channel, limit: int):
         self.channel, self.limit, self.dropped = channel, limit, 0
@@ -2687,11 +2686,13 @@ class Outbox:
         self.cond = threading.Condition()
         threading.Thread(target=self.run, name="outbox", daemon=True).start()
 
-    def put(self, message: typing.NamedTuple) -> None:
+    def put(self, message: typing.NamedTuple, fd: int = -1) -> None:
         with self.cond:
-            self.queue.append(message)
+            self.queue.append((message, fd))
             while len(self.queue) > self.limit:
-                self.queue.popleft()
+                _, dropped_fd = self.queue.popleft()
+                if dropped_fd >= 0:
+                    os.close(dropped_fd)
                 self.dropped += 1
             self.cond.notify()
 
@@ -2705,8 +2706,53 @@ class Outbox:
             with self.cond:
                 while not self.queue:
                     self.cond.wait()
-                message = self.queue.popleft()
-            self.channel.send(message)
+                message, fd = self.queue.popleft()
+            try:
+                self.channel.send(message, fds=[fd] if fd >= 0 else ())
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+
+
+class Catcher:
+    """Opens each executable as soon as the reader learns that it runs,
+    before the process can exit (a program may run for a millisecond, and a
+    memfd is gone with its process), and sends the file to the monitor with
+    the notice, with its change time then (reading it makes the kernel give
+    any later change a change time of its own) and whether the process
+    still ran it (the kernel refuses writes to a running executable on disk,
+    so it had not changed since the exec). This is why the reader keeps
+    CAP_DAC_READ_SEARCH: the files may be any user's."""
+
+    def __init__(self, outbox: Outbox, mask: int):
+        self.outbox, self.mask = outbox, mask
+        self.caught: typing.Dict[tuple, typing.Tuple[int, int, bool]] = {}    # exec -> (fd, ctime, alive)
+
+    def first(self, events: list) -> None:
+        """Catch the executables of a batch's execs before anything else is done with it."""
+        for name, hdr, _ in events:
+            if name == "EXEC":
+                self.caught[(hdr.proc.pid, hdr.time)] = self.catch(hdr.proc.pid, kernel_dev_to_user(hdr.proc.dev),
+                                                                   hdr.proc.ino)
+
+    def catch(self, pid: int, dev: int, ino: int) -> typing.Tuple[int, int, bool]:
+        try:
+            fd = os.open(f"/proc/{pid}/exe", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1, 0, False
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev & self.mask, st.st_ino) == (dev & self.mask, ino) and stat_module.S_ISREG(st.st_mode):
+                alive = os.stat(f"/proc/{pid}/exe").st_ino == ino
+                return fd, st.st_ctime_ns, alive and st.st_nlink > 0
+        except OSError:
+            pass
+        os.close(fd)
+        return -1, 0, False
+
+    def __call__(self, notice: ExecNotice) -> None:
+        fd, ctime, alive = self.caught.pop(tuple(notice.exec_id), None) or self.catch(notice.pid, notice.dev, notice.ino)
+        self.outbox.put(notice._replace(caught=ctime, alive=alive) if fd >= 0 else notice, fd)
 
 
 class WindowSender:
@@ -2796,8 +2842,9 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
     previous reader died and when this one was started, if it is a restart."""
     execs = Outbox(rt.exec_tx, EXEC_NOTICES_KEPT)
     windows = WindowSender(rt.batch_tx)
-    tracker = Tracker(rt.st_dev_mask, execs.put, rt.config.every_exe, rt.kernel.protos)
-    capture = Capture(rt.kernel, tracker.handle)
+    catcher = Catcher(execs, rt.st_dev_mask)
+    tracker = Tracker(rt.st_dev_mask, catcher, rt.config.every_exe, rt.kernel.protos)
+    capture = Capture(rt.kernel, tracker.handle, catcher.first)
     stopping = rt.stopping
     number, leftover = capture.leftover()
     if leftover:
@@ -3026,16 +3073,23 @@ class FdCache:
     def key(self, dev: int, ino: int) -> tuple:
         return (dev & self.mask, ino)
 
-    def open(self, pid: int, dev: int, ino: int, exe: str) -> typing.Tuple[typing.Optional[CacheEntry], str]:
-        """The cache entry of an executable, opening and watching it if needed;
-        (None, why) when it cannot be opened."""
+    def open(self, pid: int, dev: int, ino: int, exe: str, fd: int = -1) -> typing.Tuple[typing.Optional[CacheEntry], str]:
+        """The cache entry of an executable, opening and watching it if needed
+        (or taking fd, the file as the reader caught it); (None, why) when it
+        cannot be opened."""
         key = self.key(dev, ino)
+        if fd >= 0:
+            st = os.fstat(fd)
+            if key in self.entries or (st.st_dev & self.mask, st.st_ino) != key:
+                os.close(fd)
+                fd = -1
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key], ""
-        fd, why = open_verified(pid, dev, ino, exe, self.mask)
         if fd < 0:
-            return None, why
+            fd, why = open_verified(pid, dev, ino, exe, self.mask)
+            if fd < 0:
+                return None, why
         try:
             handle = self.fanotify.mark(fd)
         except OSError:         # a filesystem without file handles: hashes are checked by change time only
@@ -3067,46 +3121,45 @@ class FdCache:
         return changed
 
 
-class Hashed(typing.NamedTuple):
-    sha: str           # '' when there is no hash to trust
-    why: str           # why not, naming the executable
-    alive: bool        # the process still ran the file once it was opened and watched
-
-
 class Hasher:
-    """sha256 of what a process executed. A hash is only given when nothing
-    can have changed the file between the exec and the end of the hash:
+    """sha256 of what a process executed, given only when nothing can have
+    changed the file from the exec to the end of the hash:
 
-    - the process still ran the file once it was opened and watched (the
-      kernel refuses writes to a running executable), or its change time is
-      the one the kernel saw at the exec (the Monitor deals with a change
-      less than two clock ticks before the exec, which the change time may
-      not show);
-    - and fanotify saw no modification, and the change time did not move,
-      while it was hashed.
+    - from the exec to the moment the reader opened it (the catch, section
+      10): the process still ran it then, or its change time was still the
+      one the kernel saw at the exec;
+    - from the catch to the end of the hash: its change time never moved
+      (once read, the kernel gives any change a change time of its own),
+      and fanotify saw no modification while it was hashed.
 
-    Otherwise the answer is no hash and why, naming the executable."""
+    Without a catch (the process was gone), the file is opened here, and its
+    change time must be the one of the exec. Otherwise the answer is no hash
+    and why, naming the executable. (A change made before the catch, in the
+    same clock tick as the change before the exec, keeps the change time:
+    the README lists this limit.)"""
 
-    def __init__(self, cache: FdCache, tick: int):
-        self.cache, self.tick = cache, tick
+    def __init__(self, cache: FdCache):
+        self.cache = cache
 
-    def hash(self, pid: int, dev: int, ino: int, exe: str, ctime: int) -> Hashed:
-        self.cache.apply_changes()
-        entry, why = self.cache.open(pid, dev, ino, exe)
+    def hash(self, pid: int, dev: int, ino: int, exe: str, ctime: int, fd: int = -1, caught: int = 0,
+             alive: bool = False) -> typing.Tuple[str, str]:
+        name = exe or "the executable"
+        entry, why = self.cache.open(pid, dev, ino, exe, fd)
         if entry is None:
-            return Hashed("", why, False)
+            return "", why
         key = self.cache.key(dev, ino)
-        alive = runs(pid, dev, ino, self.cache.mask)
+        self.cache.apply_changes()
         now = os.fstat(entry.fd).st_ctime_ns
-        if ctime and now != ctime:
-            return Hashed("", f"{exe or 'the executable'} was modified after it ran (its change time moved from "
-                              f"{ctime / 1e9:.6f} to {now / 1e9:.6f}) before picosnitch could hash it", alive)
+        if caught and not alive and ctime and caught != ctime:
+            return "", f"{name} was changed after it ran, before picosnitch could open it"
+        if (caught or ctime) and now != (caught or ctime):
+            return "", (f"{name} was changed (written, moved, deleted or given another mode) after it ran, "
+                        "before picosnitch could hash it")
         sha = entry.versions.get(now) or sha256_fd(entry.fd)
         if key in self.cache.apply_changes() or os.fstat(entry.fd).st_ctime_ns != now:
-            return Hashed("", f"{exe or 'the executable'} was modified while picosnitch hashed it", alive)
-        if entry.handle is not None or alive:
-            entry.versions[now] = sha
-        return Hashed(sha, "", alive)
+            return "", f"{name} was modified while picosnitch hashed it"
+        entry.versions[now] = sha
+        return sha, ""
 
 ###############################################################################
 # 12. monitor process
@@ -3129,43 +3182,22 @@ def set_nofile(limit: typing.Optional[int]) -> int:
 
 
 class Monitor:
-    """Hashes each executable when it runs, and answers for it later.
-
-    A file changed less than two clock ticks before its exec may change again
-    without its change time moving. If its process had already exited when
-    the monitor opened it, the hash is only settled once the reader says when
-    the process exited (Exited): the kernel refused writes until then, so a
-    change after an exit two ticks past the earlier change would show."""
+    """Hashes each executable when it runs, and answers for it later."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
         self.fanotify = Fanotify()
         self.cache = FdCache(rt.st_dev_mask, set_nofile(rt.config.set_rlimit_nofile), self.fanotify)
-        self.hasher = Hasher(self.cache, coarse_tick_ns())
+        self.hasher = Hasher(self.cache)
         self.results: "collections.OrderedDict[tuple, typing.Tuple[str, str]]" = collections.OrderedDict()
-        self.unsettled: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
-    def keep(self, table: collections.OrderedDict, key: tuple, value) -> None:
-        table[key] = value
-        while len(table) > EXEC_RESULTS:
-            table.popitem(last=False)
-
-    def on_exec(self, n: ExecNotice) -> None:
-        key = (*n.exec_id, n.dev, n.ino)
-        hashed = self.hasher.hash(n.pid, n.dev, n.ino, n.exe, n.ctime)
-        if hashed.sha and n.fresh and not hashed.alive:
-            self.keep(self.unsettled, tuple(n.exec_id), (key, hashed.sha, n.ctime))
-            self.keep(self.results, key, ("", f"{n.exe or 'the executable'} was changed less than "
-                                              f"{2 * self.hasher.tick / 1e6:.0f} ms before it ran, and had exited "
-                                              f"before picosnitch could open it: a change after the exec cannot "
-                                              f"be ruled out"))
-        else:
-            self.keep(self.results, key, (hashed.sha, hashed.why))
-
-    def on_exit(self, n: "Exited") -> None:
-        found = self.unsettled.pop(tuple(n.exec_id), None)
-        if found and n.time - found[2] >= 2 * self.hasher.tick:
-            self.results[found[0]] = (found[1], "")
+    def on_exec(self, n: ExecNotice, fds: typing.Sequence[int] = ()) -> None:
+        self.results[(*n.exec_id, n.dev, n.ino)] = self.hasher.hash(n.pid, n.dev, n.ino, n.exe, n.ctime,
+                                                                    fds[0] if fds else -1, n.caught, n.alive)
+        for fd in fds[1:]:
+            os.close(fd)
+        while len(self.results) > EXEC_RESULTS:
+            self.results.popitem(last=False)
 
     def answer(self, request: HashRequest) -> HashAnswer:
         """[sha256, why not] for each [pid, dev, ino, exe, ctime, exec_id] asked."""
@@ -3176,7 +3208,7 @@ class Monitor:
                 found = self.results.get((exec_pid, exec_time, dev, ino))
                 if found is None:
                     why = not_running(pid, dev, ino, self.cache.mask)
-                    found = ("", why) if why else self.hasher.hash(pid, dev, ino, "", ctime)[:2]
+                    found = ("", why) if why else self.hasher.hash(pid, dev, ino, "", ctime)
                 results.append(list(found))
             except (ValueError, TypeError, OSError) as e:
                 results.append(["", f"not hashed ({type(e).__name__}: {e})"])
@@ -3184,14 +3216,16 @@ class Monitor:
 
     def run(self) -> None:
         exec_rx, hashes = self.rt.exec_rx, self.rt.hash_monitor
-        handlers = {ExecNotice: self.on_exec, Exited: self.on_exit}
         while not self.rt.stopping():
             ready = select.select([exec_rx, hashes, self.fanotify.fd], [], [], 1)[0]
             self.cache.apply_changes()
             while select.select([exec_rx], [], [], 0)[0]:      # execs first: they race with changes
-                message = exec_rx.recv()
-                if type(message) in handlers:
-                    handlers[type(message)](message)
+                message, fds = exec_rx.recv_with_fds()
+                if isinstance(message, ExecNotice):
+                    self.on_exec(message, fds)
+                else:
+                    for fd in fds:
+                        os.close(fd)
             if hashes in ready:
                 message = hashes.recv()
                 if isinstance(message, HashRequest):
@@ -3989,7 +4023,8 @@ ROLES = {
     "notifier": Role(notifier_main, None, ("report_rx", "report_tx")),
     "monitor": Role(monitor_main, ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"), ("exec_rx", "hash_monitor", "report_tx")),
     "primary": Role(primary_main, None, ("batch_rx", "hash_primary", "report_tx")),
-    "reader": Role(reader_main, ("CAP_SYS_PTRACE",), ("exec_tx", "batch_tx", "ready_tx", "report_tx"), True),
+    "reader": Role(reader_main, ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
+                   ("exec_tx", "batch_tx", "ready_tx", "report_tx"), kernel=True),
 }
 
 
@@ -4249,7 +4284,9 @@ def claim_pidfile() -> None:
     running = read_pid()
     if running and running != os.getpid():
         raise PicosnitchError(f"already running (pid {running})")
-    with open(PIDFILE, "w") as f:
+    fd = os.open(PIDFILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(fd, 0o644)            # readable by `status` run by any user, whatever the umask
         f.write(f"{os.getpid()}\n")
 
 

@@ -3,6 +3,7 @@ session bus with a notification service, and unique traffic executables."""
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import signal
 import sqlite3
@@ -106,23 +107,29 @@ def private_resolver(cmd, directory):
 
 
 class Daemon:
-    """picosnitch start-no-daemon with its own HOME, stopped with SIGTERM."""
+    """picosnitch start-no-daemon with its own HOME (as root), or for a user
+    (as under sudo: their home, their files), stopped with SIGTERM."""
 
-    def __init__(self, home, config=None, env=None):
-        self.home = home
-        self.dir = os.path.join(home, ".config", "picosnitch")
+    def __init__(self, home=None, config=None, env=None, user=None):
+        self.home = user.pw_dir if user else home
+        self.dir = os.path.join(self.home, ".config", "picosnitch")
         os.makedirs(self.dir, exist_ok=True)
         settings = {"DB write limit (seconds)": 1, "GeoIP lookup": False}
         settings.update(config or {})
         with open(os.path.join(self.dir, "config.json"), "w") as f:
             json.dump(settings, f)
-        self.env = dict(os.environ, HOME=home, **(env or {}))
+        self.env = dict(os.environ, HOME=self.home, **(env or {}))
         self.env.pop("SUDO_USER", None)
+        if user:
+            for path in (os.path.dirname(self.dir), self.dir, os.path.join(self.dir, "config.json")):
+                os.chown(path, user.pw_uid, user.pw_gid)
+            self.env["SUDO_USER"] = user.pw_name
         self.lines = []
         self.proc = None
 
     def start(self, timeout=90):
-        cmd = private_resolver([PYTHON, SCRIPT, "start-no-daemon"], self.home)
+        self.resolver = tempfile.mkdtemp(prefix="ps-resolver-")
+        cmd = private_resolver([PYTHON, SCRIPT, "start-no-daemon"], self.resolver)
         self.proc = subprocess.Popen(cmd, env=self.env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         ready = threading.Event()
@@ -143,6 +150,7 @@ class Daemon:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(timeout)
+        shutil.rmtree(getattr(self, "resolver", ""), ignore_errors=True)
         return self.proc.returncode
 
     def path(self, name):
@@ -237,6 +245,58 @@ def session_bus(tmp_path_factory):
         proc.wait()
 
 
+@pytest.fixture(scope="session")
+def throwaway_user():
+    """A real user, made for this run and removed after it, with a home of its own."""
+    need_root()
+    name = f"pst{os.getpid() % 100000}"
+    home = tempfile.mkdtemp(prefix="ps-user-")
+    run("useradd", "--home-dir", home, "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name)
+    entry = pwd.getpwnam(name)
+    os.chown(home, entry.pw_uid, entry.pw_gid)
+    os.chmod(home, 0o700)
+    yield entry
+    subprocess.run(["userdel", name], capture_output=True)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def as_user(entry):
+    """preexec_fn for running a command as a user."""
+    def switch():
+        os.setgroups([])
+        os.setgid(entry.pw_gid)
+        os.setuid(entry.pw_uid)
+    return switch
+
+
+@pytest.fixture
+def user_home(throwaway_user):
+    """The throwaway user's home, with no picosnitch directory in it yet."""
+    shutil.rmtree(os.path.join(throwaway_user.pw_dir, ".config"), ignore_errors=True)
+    return throwaway_user
+
+
+@pytest.fixture(scope="session")
+def user_session_bus(throwaway_user):
+    """The throwaway user's own session bus (a session bus admits only its
+    owner), with the recording notification service."""
+    base = tempfile.mkdtemp(prefix="ps-user-bus-")
+    os.chown(base, throwaway_user.pw_uid, throwaway_user.pw_gid)
+    address = f"unix:path={base}/bus"
+    record = os.path.join(base, "notifications.jsonl")
+    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={address}", "--print-address"],
+                           stdout=subprocess.PIPE, text=True, preexec_fn=as_user(throwaway_user))
+    assert bus.stdout.readline().startswith("unix:")
+    service = subprocess.Popen([PYTHON, os.path.join(HERE, "notify_service.py"), address, record],
+                               stdout=subprocess.PIPE, text=True, preexec_fn=as_user(throwaway_user))
+    assert service.stdout.readline().strip() == "ready"
+    yield address, record
+    for proc in (service, bus):
+        proc.kill()
+        proc.wait()
+    shutil.rmtree(base, ignore_errors=True)
+
+
 def served(kind):
     need_root()
     server = kind().start()
@@ -288,10 +348,6 @@ def unique_c_sender(exe_dir):
     path = os.path.join(exe_dir, "psq" + tag[:8])
     run("gcc", "-O2", f'-DTAG="{tag}"', "-o", path, os.path.join(HERE, "quick.c"))
     os.chmod(path, 0o755)
-    # A program run within two clock ticks of its last change, and gone before
-    # picosnitch opens it, is logged without a hash (test_monitor.py): let the
-    # build settle, as an installed program has.
-    time.sleep(0.05)
     return path
 
 

@@ -131,3 +131,62 @@ class MariaDB(Server):
     def query(self, sql):
         out = self.root_sql(f"USE {DATABASE}; {sql}")
         return [line.split("\t") for line in out.splitlines()]
+
+
+class PasswordTrap:
+    """A listener that speaks just enough of the PostgreSQL protocol to ask a
+    client for its password in clear text, and records every startup (the
+    user named) and every password it gets."""
+    SSL_REQUEST, GSS_REQUEST = 80877103, 80877104
+
+    def __init__(self):
+        import socket
+        import threading
+        self.startups, self.passwords = [], []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        import threading
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.talk, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def read(conn, n):
+        data = b""
+        while len(data) < n:
+            chunk = conn.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def talk(self, conn):
+        import struct
+        with conn:
+            try:
+                while True:
+                    length, code = struct.unpack("!II", self.read(conn, 8))
+                    body = self.read(conn, length - 8)
+                    if code in (self.SSL_REQUEST, self.GSS_REQUEST):
+                        conn.sendall(b"N")
+                        continue
+                    fields = body.split(b"\0")
+                    self.startups.append(dict(zip(fields[0::2], fields[1::2])))
+                    break
+                conn.sendall(b"R" + struct.pack("!II", 8, 3))        # AuthenticationCleartextPassword
+                kind, length = struct.unpack("!cI", self.read(conn, 5))
+                if kind == b"p":
+                    self.passwords.append(self.read(conn, length - 4).rstrip(b"\0").decode())
+            except (EOFError, OSError, struct.error):
+                pass
+
+    def close(self):
+        self.sock.close()

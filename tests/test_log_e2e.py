@@ -128,10 +128,11 @@ def test_every_exe_is_recorded_with_port_minus_one(daemon, exe_dir):
 
 
 def test_an_executable_gone_before_it_could_be_opened_is_recorded_and_reported(daemon):
-    """The monitor is paused while a program runs from a tmpfs that exists only
-    in its own mount namespace, and which is gone when the monitor resumes."""
+    """The reader (which opens each executable as it runs) is paused while a
+    program runs from a tmpfs that exists only in its own mount namespace,
+    and which is gone when the reader resumes."""
     with open(picosnitch.STATUSFILE) as f:
-        monitor = json.load(f)["children"]["monitor"]
+        monitor = json.load(f)["children"]["reader"]
     mount = tempfile.mkdtemp(prefix="ps-gone-")
     name = "psgone" + uuid.uuid4().hex[:8]
     script = f'mount -t tmpfs none {mount} && cp /usr/bin/true {mount}/{name} && {mount}/{name}'

@@ -1,7 +1,7 @@
 """Section 15, the primary: one window through every sink, with the monitor's
 side of the hash pipe answered by a thread."""
 import json
-import multiprocessing
+import sqlite3
 import os
 import threading
 import time
@@ -69,3 +69,41 @@ def test_a_window_reaches_every_sink_and_skips_ignored_rows(tmp_path):
         p.close()
     finally:
         vt.close()
+
+
+def test_a_locked_database_keeps_windows_in_memory_and_is_reported_once(tmp_path):
+    p = primary(tmp_path, geoip_lookup=False)
+    db = str(tmp_path / ".config" / "picosnitch" / "snitch.db")
+    p.window(1, picosnitch.now_text(), [conn("/usr/bin/curl", "curl", 7)])
+    lock = sqlite3.connect(db)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        for seq in (2, 3):
+            p.window(seq, picosnitch.now_text(), [conn("/usr/bin/wget", "wget", 8)])
+        assert p.pending[picosnitch.DB_NAME].size == 2
+    finally:
+        lock.rollback()
+        lock.close()
+    errors = p.reports.errors()
+    assert len(errors) == 1 and errors[0].startswith("snitch.db cannot be written (database is locked)")
+    assert p.flush()
+    assert [r["exe"] for r in picosnitch.db_rows(db)] == ["/usr/bin/curl", "/usr/bin/wget", "/usr/bin/wget"]
+    assert picosnitch.db_written(sqlite3.connect(db)) == ("test-run", 3)
+    p.close()
+
+
+def test_what_waits_is_bounded_and_what_was_dropped_is_reported(monkeypatch):
+    monkeypatch.setattr(picosnitch, "PENDING_ROWS", 5)
+    reports = Reports()
+    log = picosnitch.PendingLog("snitch.db", reports.reporter)
+    for window in range(4):
+        log.add(window, 2)
+    assert (log.size, log.dropped, [item for item, _ in log.items]) == (4, 4, [2, 3])
+
+    def locked(_):
+        raise sqlite3.OperationalError("database is locked")
+    assert not log.flush(locked)
+    assert reports.errors() == ["snitch.db cannot be written (database is locked); rows wait in memory (up to 5) "
+                                "and are written when it can be", "4 rows for snitch.db were dropped: they waited too long"]
+    written = []
+    assert log.flush(written.append) and written == [2, 3] and log.size == 0

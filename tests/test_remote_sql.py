@@ -2,7 +2,6 @@
 PostgreSQL and MariaDB servers, through each of the four clients: rows arrive
 in order, and a server that is down, paused or refusing loses nothing, stalls
 nothing and is reported once, without the password."""
-import os
 import subprocess
 import time
 

@@ -13,8 +13,15 @@ def row(contime, exe="/usr/bin/curl", send=10, recv=20):
             "ef" * 32)
 
 
-def test_schema_has_the_spec_columns_and_indexes(tmp_path):
-    os.umask(0o077)
+@pytest.fixture
+def private_umask():
+    """The umask of picosnitch's user-side processes, for this test only."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
+def test_schema_has_the_spec_columns_and_indexes(tmp_path, private_umask):
     con = picosnitch.db_open(str(tmp_path / "snitch.db"))
     columns = [r[1] for r in con.execute("PRAGMA table_info(connections)")]
     assert columns == picosnitch.DB_COLUMNS
@@ -106,8 +113,7 @@ def test_text_log_line_has_the_spec_fields_in_order_and_strips_separators():
     assert len(picosnitch.TEXT_LOG_FIELDS) == 17
 
 
-def test_row_queue_keeps_order_across_connections(tmp_path):
-    os.umask(0o077)
+def test_row_queue_keeps_order_across_connections(tmp_path, private_umask):
     queue = picosnitch.RowQueue(str(tmp_path / "q.db"))
     con = queue.open()
     picosnitch.RowQueue.push(con, [("t1", 1), ("t1", 2)])

@@ -7,12 +7,16 @@ usage: traffic.py MODE HOST PORT BYTES [CHUNK]
              with recvfrom() (unconnected socket: the peer is only in the calls)
   udp-exit   send one datagram of BYTES and exit at once
   tcp-splice ask for BYTES and move them with splice() into a pipe (no recv calls)
+  tcp-alternate  BYTES sequential uploads of 1000 + 7 * i bytes, to 127.0.0.1 and
+             127.0.0.2 in turn (HOST is ignored); prints the list of them
+  udp-steady send BYTES datagrams of CHUNK bytes, 100 a second, receiving each echo
 Prints one JSON line: the socket's local address and port, bytes sent and received.
 """
 import json
 import os
 import socket
 import sys
+import time
 
 
 def family(host):
@@ -66,8 +70,38 @@ def udp(host, port, n, chunk):
     return s, sent, received
 
 
+def tcp_alternate(port, n):
+    """One upload after another from this process: the kernel reuses the
+    memory of each closed socket for the next one."""
+    out = []
+    for i in range(n):
+        host = f"127.0.0.{1 + i % 2}"
+        s, sent, _ = tcp(host, port, True, 1000 + 7 * i)
+        out.append({"raddr": host, "laddr": s.getsockname()[0], "lport": s.getsockname()[1], "sent": sent})
+        s.close()
+    return out
+
+
+def udp_steady(host, port, n, chunk):
+    s = socket.socket(family(host), socket.SOCK_DGRAM)
+    s.settimeout(5)
+    sent = received = 0
+    for _ in range(n):
+        sent += s.sendto(b"s" * chunk, (host, port))
+        received += len(s.recvfrom(65536)[0])
+        time.sleep(0.01)
+    return s, sent, received
+
+
 def main(mode, host, port, n, chunk=1000):
     port, n, chunk = int(port), int(n), int(chunk)
+    if mode == "tcp-alternate":
+        print(json.dumps(tcp_alternate(port, n)), flush=True)
+        return
+    if mode == "udp-steady":
+        s, sent, received = udp_steady(host, port, n, chunk)
+        print(json.dumps({"lport": s.getsockname()[1], "sent": sent, "received": received}), flush=True)
+        return
     if mode == "udp-exit":
         s = socket.socket(family(host), socket.SOCK_DGRAM)
         s.sendto(b"x" * n, (host, port))

@@ -1,0 +1,78 @@
+"""Section 5: the messages between the processes, their channels, and the
+Reporter."""
+import os
+import pickle
+import time
+
+import pytest
+
+import picosnitch
+
+PROC = picosnitch.ProcInfo(7, "/usr/bin/curl", "curl", "curl -s x", 64769, 1234, 1_700_000_000_123, (7, 99), True)
+
+
+def test_every_message_type_goes_through_a_channel_unchanged():
+    conn = picosnitch.Conn(PROC, picosnitch.NO_PROC, PROC, 1000, "tcp", 40000, 443, "10.0.0.2", "10.0.0.1",
+                           "example.org", 5, 6)
+    messages = [picosnitch.Ready("tracepoint"),
+                picosnitch.ExecNotice(7, 64769, 1234, "/usr/bin/curl", 5, [7, 99], 5, True),
+                picosnitch.HashRequest(3, [[7, 64769, 1234, "/usr/bin/curl", 5, [7, 99]]]),
+                picosnitch.HashAnswer(3, [["ab" * 32, ""]]), picosnitch.Batch(12, 0, True, "2026-11-29 10:00:00", [conn]),
+                picosnitch.Hello(11), picosnitch.Ack(12), picosnitch.Stop(), picosnitch.Report("error", "x", "tb")]
+    assert set(type(m) for m in messages) == set(picosnitch.MESSAGES.values())
+    a, b = picosnitch.Channel.pair()
+    for message in messages:
+        a.send(message)
+        got = b.recv(1)
+        assert got == message and type(got) is type(message)
+    assert b.recv(0.05) is None
+
+
+def test_what_is_not_a_message_is_refused():
+    for data in [b"not json", b'["NoSuchMessage"]', b'["Ack", 1, 2]', b'{"Ack": 1}',
+                 pickle.dumps(picosnitch.Ack(1))]:
+        with pytest.raises(ValueError):
+            picosnitch.decode_message(data)
+
+
+def test_big_messages_arrive_whole_and_descriptors_go_with_them(tmp_path):
+    a, b = picosnitch.Channel.pair()
+    report = picosnitch.Report("error", "x" * 3_000_000, "")
+    path = tmp_path / "file"
+    path.write_bytes(b"content")
+    fd = os.open(path, os.O_RDONLY)
+    a.send(report, fds=[fd])
+    os.close(fd)
+    got, fds = b.recv_with_fds(1)
+    assert got == report and len(fds) == 1 and os.read(fds[0], 100) == b"content"
+    os.close(fds[0])
+
+
+def test_the_reporter_never_waits_and_says_what_it_dropped():
+    a, b = picosnitch.Channel.pair()
+    reporter = picosnitch.Reporter(a)
+    began = time.monotonic()
+    for i in range(100000):                  # until the channel is full: nobody reads it
+        reporter.send(picosnitch.Report("error", f"report {i} " + "x" * 1000, ""))
+        if reporter.dropped >= 10:
+            break
+    assert time.monotonic() - began < 10 and reporter.dropped == 10
+    dropped = reporter.dropped
+    while b.recv(0) is not None:
+        pass
+    reporter.error("after")
+    assert b.recv(1).text == f"after ({dropped} earlier reports were dropped)"
+
+
+def test_a_lasting_failure_is_reported_once_until_it_works_again(capsys):
+    a, b = picosnitch.Channel.pair()
+    reporter = picosnitch.Reporter(a)
+    for _ in range(3):
+        reporter.failing("db", "the database cannot be written")
+    reporter.working("db", "the database is written again")
+    reporter.failing("db", "the database cannot be written")
+    texts = []
+    while (m := b.recv(0)) is not None:
+        texts.append(m.text)
+    assert texts == ["the database cannot be written"] * 2
+    assert "picosnitch: the database is written again" in capsys.readouterr().out

@@ -1,0 +1,191 @@
+"""Nothing a user controls can steer root (sections 16 and 18): the processes
+that write the user's files or act on the user's settings run as that user,
+with no capabilities. Each case runs picosnitch for a real throwaway user,
+as `sudo picosnitch` would, and plants what a hostile user would."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+import picosnitch
+from conftest import (PEER_PORT, PYTHON, SCRIPT, Daemon, as_user, notifications, sha256_file, unique_c_sender,
+                      wait_for)
+from http_services import API_KEY, FakeVirusTotal
+from sqlservers import PasswordTrap
+
+CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE = 1 << 2, 1 << 19
+
+
+def status_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+@pytest.fixture
+def root_only():
+    """A directory only root can enter, for files the user must never reach."""
+    path = tempfile.mkdtemp(prefix="ps-root-only-")
+    os.chmod(path, 0o700)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def secret_file(directory, name, content=None):
+    path = os.path.join(directory, name)
+    with open(path, "wb") as f:
+        f.write(content if content is not None else os.urandom(64))
+    os.chmod(path, 0o600)
+    return path
+
+
+def fingerprint(path):
+    st = os.lstat(path)
+    content = hashlib.sha256(open(path, "rb").read()).hexdigest() if os.path.isfile(path) else sorted(os.listdir(path))
+    return st.st_uid, st.st_gid, st.st_mode, content
+
+
+def plant_link(user, target, link):
+    subprocess.run(["ln", "-s", target, link], check=True, preexec_fn=as_user(user))
+
+
+def run_cli(user, *args, timeout=60):
+    env = dict(os.environ, SUDO_USER=user.pw_name)
+    return subprocess.run([PYTHON, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def test_each_process_runs_with_only_what_it_needs(user_home, user_session_bus, peers):
+    """Reader and monitor: root with CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE
+    only (to open any process's executable). Primary and notifier: the
+    user, with no capabilities at all. None can gain privileges again."""
+    daemon = Daemon(user=user_home, env={"DBUS_SESSION_BUS_ADDRESS": user_session_bus[0]}).start()
+    try:
+        with open(picosnitch.STATUSFILE) as f:
+            children = json.load(f)["children"]
+        expected = {"reader": ("0", CAP_DAC_READ_SEARCH | CAP_SYS_PTRACE),
+                    "monitor": ("0", CAP_DAC_READ_SEARCH | CAP_SYS_PTRACE),
+                    "primary": (str(user_home.pw_uid), 0), "notifier": (str(user_home.pw_uid), 0)}
+        confined = lambda status, uid, caps: (status["Uid"].split() == [uid] * 4 and status["NoNewPrivs"] == "1" and
+                                              all(int(status[f], 16) == caps for f in ("CapEff", "CapPrm", "CapBnd")))
+        for name, (uid, caps) in expected.items():     # (a process may still be dropping them as it starts)
+            assert wait_for(lambda: confined(status_of(children[name]), uid, caps), 10), (name, status_of(children[name]))
+        # the user's files are the user's, and private
+        subprocess.run([PYTHON, "-c", "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                        f".sendto(b'x', ('127.0.0.1', {PEER_PORT}))"], check=True)
+        assert wait_for(lambda: os.path.exists(daemon.path("snitch.db")) and daemon.rows())
+        for name in ("config.json", "snitch.db", "record.json", "exe.log"):
+            st = os.stat(daemon.path(name))
+            assert (st.st_uid, st.st_mode & 0o777) == (user_home.pw_uid, 0o600), name
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_links_to_roots_files_change_nothing_of_them(user_home, user_session_bus, peers, exe_dir, root_only):
+    """The user made the logs, the database and the record links to root-only
+    files. They stay as they were (owner, mode, content); the notifications
+    still reach the user."""
+    targets = {name: secret_file(root_only, name) for name in ("error.log", "snitch.db", "exe.log", "record.json")}
+    before = {name: fingerprint(path) for name, path in targets.items()}
+    daemon = Daemon(user=user_home, env={"DBUS_SESSION_BUS_ADDRESS": user_session_bus[0]})
+    for name, target in targets.items():
+        plant_link(user_home, target, daemon.path(name))
+    daemon.start()
+    try:
+        exe = unique_c_sender(exe_dir)
+        subprocess.run([exe, "127.0.0.1", str(PEER_PORT), "100"], check=True)
+        said = lambda: " ".join(n["body"] for n in notifications(user_session_bus[1]))
+        assert wait_for(lambda: "error.log cannot be written" in said() and "snitch.db cannot be written" in said())
+        assert wait_for(lambda: f"First network connection detected for {os.path.basename(exe)}" in said())
+    finally:
+        assert daemon.stop() == 0
+    assert {name: fingerprint(path) for name, path in targets.items()} == before
+    assert all(os.path.islink(daemon.path(name)) for name in ("error.log", "snitch.db", "exe.log"))
+
+
+def test_a_linked_config_is_read_as_the_user(user_home, root_only):
+    target = secret_file(root_only, "config.json", b'{"DB write limit (seconds)": 1}')
+    before = fingerprint(target)
+    directory = os.path.join(user_home.pw_dir, ".config", "picosnitch")
+    subprocess.run(["mkdir", "-p", directory], check=True, preexec_fn=as_user(user_home))
+    plant_link(user_home, target, os.path.join(directory, "config.json"))
+    out = run_cli(user_home, "start-no-daemon")
+    assert out.returncode == 1
+    assert f"cannot read {directory}/config.json: Permission denied" in out.stderr
+    assert fingerprint(target) == before
+
+
+def test_a_linked_config_directory_is_refused(user_home, root_only):
+    before = fingerprint(root_only)
+    config = os.path.join(user_home.pw_dir, ".config")
+    subprocess.run(["mkdir", "-p", config], check=True, preexec_fn=as_user(user_home))
+    plant_link(user_home, root_only, os.path.join(config, "picosnitch"))
+    out = run_cli(user_home, "start-no-daemon")
+    assert out.returncode == 1
+    assert f"{config}/picosnitch is a symbolic link; picosnitch refuses to use it" in out.stderr
+    assert fingerprint(root_only) == before
+
+
+def test_the_sql_copy_never_sends_a_password_the_user_cannot_read(user_home, root_only, peers, exe_dir):
+    """"DB sql server" names the user's own server and a root-only passfile:
+    the client runs as the user and has no password to send. The same trap
+    does get a password when the passfile is readable (as root here)."""
+    trap = PasswordTrap()
+    try:
+        passfile = secret_file(root_only, "pgpass", f"127.0.0.1:{trap.port}:logs:snitch:root-secret-4711\n".encode())
+        settings = {"client": "psycopg2", "host": "127.0.0.1", "port": trap.port, "user": "snitch",
+                    "dbname": "logs", "passfile": passfile, "connect_timeout": 5}
+        daemon = Daemon(user=user_home, config={"DB sql server": settings, "Desktop notifications": False}).start()
+        try:
+            exe = unique_c_sender(exe_dir)
+            subprocess.run([exe, "127.0.0.1", str(PEER_PORT), "100"], check=True)
+            assert wait_for(lambda: "could not write to the SQL server (psycopg2)" in daemon.read("error.log"))
+            assert wait_for(lambda: len(trap.startups) >= 1)
+        finally:
+            assert daemon.stop() == 0
+        assert {s[b"user"] for s in trap.startups} == {b"snitch"} and trap.passwords == []
+        import psycopg2
+        with pytest.raises(psycopg2.OperationalError):
+            psycopg2.connect(**{k: v for k, v in settings.items() if k != "client"})
+        assert trap.passwords == ["root-secret-4711"]         # the trap does catch a readable one
+    finally:
+        trap.close()
+
+
+def test_virustotal_uploads_only_what_the_user_can_read(user_home, root_only, peers, exe_dir):
+    vt = FakeVirusTotal()
+    try:
+        hidden = os.path.join(root_only, "hidden-sender")
+        shutil.copy2(unique_c_sender(exe_dir), hidden)
+        os.chmod(hidden, 0o700)
+        visible = unique_c_sender(exe_dir)
+        config = {"VT API key": API_KEY, "VT API address": vt.base, "VT file upload": True,
+                  "VT request limit (seconds)": 0, "Desktop notifications": False}
+        daemon = Daemon(user=user_home, config=config).start()
+        try:
+            for exe in (hidden, visible):
+                subprocess.run([exe, "127.0.0.1", str(PEER_PORT), "100"], check=True)
+            verdict = lambda exe: json.loads(daemon.read("record.json") or "{}").get("SHA256", {}).get(exe, {})
+            assert wait_for(lambda: verdict(hidden).get(sha256_file(hidden), "").startswith("VirusTotal: not known"))
+            assert wait_for(lambda: sha256_file(visible) in vt.uploads)
+        finally:
+            assert daemon.stop() == 0
+        assert verdict(hidden) == {sha256_file(hidden): "VirusTotal: not known, not uploaded "
+                                                         "(Permission denied: you cannot read it)"}
+        assert sha256_file(visible) in vt.uploads and sha256_file(hidden) not in vt.uploads
+    finally:
+        vt.close()
+
+
+def test_status_run_by_a_user_sees_the_daemon(user_home, peers):
+    daemon = Daemon(user=user_home, config={"Desktop notifications": False}).start()
+    try:
+        out = subprocess.run([PYTHON, SCRIPT, "status"], capture_output=True, text=True, preexec_fn=as_user(user_home),
+                             env=dict(os.environ, HOME=user_home.pw_dir))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"picosnitch is running (pid {daemon.proc.pid})" in out.stdout
+        assert "capture mode: tracepoint" in out.stdout
+    finally:
+        assert daemon.stop() == 0
