@@ -883,21 +883,159 @@ DB_COLUMNS = ["contime", "send", "recv", "exe", "name", "cmdline", "sha256",
               "laddr", "raddr", "domain", "proto", "gpexe", "gpname", "gpcmdline", "gpsha256"]
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
-DB_TEXT_COLUMNS = [c for c in DB_COLUMNS if c not in ("contime", "send", "recv", "uid", "lport", "rport")]
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS connections (
-    contime TEXT NOT NULL, send INTEGER NOT NULL, recv INTEGER NOT NULL,
-    exe TEXT, name TEXT, cmdline TEXT, sha256 TEXT,
-    pexe TEXT, pname TEXT, pcmdline TEXT, psha256 TEXT,
-    uid INTEGER, lport INTEGER, rport INTEGER, laddr TEXT, raddr TEXT,
-    domain TEXT, proto TEXT, gpexe TEXT, gpname TEXT, gpcmdline TEXT, gpsha256 TEXT);
-CREATE INDEX IF NOT EXISTS connections_contime ON connections (contime);
-CREATE INDEX IF NOT EXISTS connections_exe ON connections (exe, contime);
-CREATE INDEX IF NOT EXISTS connections_sha256 ON connections (sha256, contime);
-CREATE TABLE IF NOT EXISTS picosnitch_meta (key TEXT PRIMARY KEY, value TEXT);
-"""
+SCHEMA_VERSION = 2
 DB_BUSY_TIMEOUT = 1.0       # seconds a write waits for a lock; then the rows wait in memory
+HOUR, DAY = 3600, 86400
+ALL_TIME = 1 << 40          # the rollup level of the whole log: one bucket
+ROLLUP_LEVELS = (HOUR, DAY, ALL_TIME)
+NOT_LOGGED = -1000          # a NULL uid or port, in the rollups (whose keys cannot be NULL)
+INTEGER_KEYS = ("uid", "lport", "rport")
+NO_TIME = -1                # the bucket of rows whose time is no time (kept as text)
+INTERN_CACHE = 200_000      # strings and processes remembered by id, per open log
+MIGRATE_BATCH = 50_000      # old rows moved per transaction
+PRUNE_BATCH = 20_000        # rows deleted per transaction
+
+# Schema version 2. Each distinct process (exe, name, cmdline, sha256) and
+# each distinct string (address, domain, protocol) is stored once; a row of
+# conns refers to them by id. Times are local wall-clock seconds (the local
+# time read as if it were UTC), so that the text of every time reads back
+# exactly as it was written, whatever the time zone does; a time that is
+# not one keeps its text. The rollups add rows up per hour, per day and for
+# the whole log: rollups by every column but the local port, ports by
+# process and local port (and, per day and for the whole log, by local port
+# alone: process 0). NULL is a value like any other in procs and strs
+# (their unique indexes map it to x'ff', which no text equals), so that
+# every id is set.
+SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS procs (id INTEGER PRIMARY KEY, exe, name, cmdline, sha256);
+CREATE UNIQUE INDEX IF NOT EXISTS procs_key ON procs (coalesce(exe, x'ff'), coalesce(name, x'ff'),
+    coalesce(cmdline, x'ff'), coalesce(sha256, x'ff'));
+CREATE INDEX IF NOT EXISTS procs_exe ON procs (exe);
+CREATE INDEX IF NOT EXISTS procs_name ON procs (name);
+CREATE INDEX IF NOT EXISTS procs_sha256 ON procs (sha256);
+CREATE TABLE IF NOT EXISTS strs (id INTEGER PRIMARY KEY, value);
+CREATE UNIQUE INDEX IF NOT EXISTS strs_key ON strs (coalesce(value, x'ff'));
+CREATE TABLE IF NOT EXISTS conns (id INTEGER PRIMARY KEY AUTOINCREMENT, t, send INTEGER, recv INTEGER,
+    proc INTEGER, parent INTEGER, gp INTEGER, uid INTEGER, lport INTEGER, rport INTEGER, laddr INTEGER,
+    raddr INTEGER, domain INTEGER, proto INTEGER);
+CREATE INDEX IF NOT EXISTS conns_t ON conns (t);
+CREATE TABLE IF NOT EXISTS rollups (level INTEGER, b INTEGER, proc INTEGER, parent INTEGER, gp INTEGER,
+    uid INTEGER, domain INTEGER, laddr INTEGER, raddr INTEGER, rport INTEGER, proto INTEGER, send INTEGER,
+    recv INTEGER, rows INTEGER,
+    PRIMARY KEY (level, b, proc, parent, gp, uid, domain, laddr, raddr, rport, proto)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS ports (level INTEGER, b INTEGER, proc INTEGER, lport INTEGER, send INTEGER,
+    recv INTEGER, rows INTEGER, PRIMARY KEY (level, b, proc, lport)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+"""
+# rollup table -> its key columns (after level and b)
+ROLLUPS = {"rollups": ("proc", "parent", "gp", "uid", "domain", "laddr", "raddr", "rport", "proto"),
+           "ports": ("proc", "lport")}
+ALL_PROCS_LEVELS = (DAY, ALL_TIME)     # where ports also has the total over every process (proc 0)
+CONNS_COLUMNS = ("t", "send", "recv", "proc", "parent", "gp", "uid", "lport", "rport", "laddr", "raddr", "domain",
+                 "proto")
+
+# the columns of the connections view, from conns (c) and what it refers to
+_PROC_ATTRS = ("exe", "name", "cmdline", "sha256")
+VIEW_SQL = {"contime": "CASE WHEN typeof(c.t) = 'integer' THEN strftime('%Y-%m-%d %H:%M:%S', c.t, 'unixepoch') "
+                       "ELSE c.t END",
+            "send": "c.send", "recv": "c.recv", "uid": "c.uid", "lport": "c.lport", "rport": "c.rport",
+            "laddr": "la.value", "raddr": "ra.value", "domain": "d.value", "proto": "pr.value",
+            **{a: f"p.{a}" for a in _PROC_ATTRS}, **{f"p{a}": f"pp.{a}" for a in _PROC_ATTRS},
+            **{f"gp{a}": f"g.{a}" for a in _PROC_ATTRS}}
+VIEW_FROM = ("conns c JOIN procs p ON p.id = c.proc JOIN procs pp ON pp.id = c.parent JOIN procs g ON g.id = c.gp "
+             "JOIN strs la ON la.id = c.laddr JOIN strs ra ON ra.id = c.raddr JOIN strs d ON d.id = c.domain "
+             "JOIN strs pr ON pr.id = c.proto")
+LEGACY_TABLE = "connections_v1"
+
+
+def rollup_value(column: str, source: str) -> str:
+    """A conns column as its rollups key (NULL integers become NOT_LOGGED)."""
+    return f"coalesce({source}{column}, {NOT_LOGGED})" if column in INTEGER_KEYS else f"{source}{column}"
+
+
+def rollup_upserts(source: str, rows: str) -> typing.List[str]:
+    """Statements adding conns rows (columns prefixed source, `rows` each) to every rollup."""
+    out = []
+    for table, keys in ROLLUPS.items():
+        for level in ROLLUP_LEVELS:
+            bucket = f"CASE WHEN typeof({source}t) = 'integer' THEN {source}t / {level} * {level} ELSE {NO_TIME} END"
+            variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
+            for values in variants:
+                out.append(f"INSERT INTO {table} (level, b, {', '.join(keys)}, send, recv, rows) SELECT {level}, "
+                           f"{bucket}, {', '.join(v if v == '0' else rollup_value(v, source) for v in values)}, "
+                           f"{source}send, {source}recv, {rows} FROM conns WHERE id = last_insert_rowid() ON CONFLICT "
+                           f"DO UPDATE SET send = send + excluded.send, recv = recv + excluded.recv, "
+                           f"rows = rows + excluded.rows")
+    return out
+
+
+def roll_statements() -> typing.Dict[int, typing.List[str]]:
+    """Statements adding the conns rows with first < id <= last to the rollups, by level."""
+    out: typing.Dict[int, typing.List[str]] = {level: [] for level in ROLLUP_LEVELS}
+    for table, keys in ROLLUPS.items():
+        for level in ROLLUP_LEVELS:
+            bucket = f"CASE WHEN typeof(t) = 'integer' THEN t / {level} * {level} ELSE {NO_TIME} END"
+            variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
+            for values in variants:
+                columns = [bucket] + [v if v == "0" else rollup_value(v, "") for v in values]
+                out[level].append(f"INSERT INTO {table} (level, b, {', '.join(keys)}, send, recv, rows) SELECT {level}, "
+                           f"{', '.join(columns)}, sum(send), sum(recv), count(*) FROM conns WHERE id > ? AND id <= ? "
+                           f"GROUP BY {', '.join(str(i + 2) for i in range(len(columns)))} ON CONFLICT DO UPDATE SET "
+                           f"send = send + excluded.send, recv = recv + excluded.recv, rows = rows + excluded.rows")
+    return out
+
+
+ROLL_STATEMENTS = roll_statements()
+
+
+def insert_trigger() -> str:
+    """INSERT INTO connections goes on working for scripts: the view takes it."""
+    def match(prefix: str) -> str:
+        return " AND ".join(f"coalesce({a}, x'ff') = coalesce(NEW.{prefix}{a}, x'ff')" for a in _PROC_ATTRS)
+    prefixes, strs = ("", "p", "gp"), ("laddr", "raddr", "domain", "proto")
+    statements = [f"INSERT OR IGNORE INTO procs (exe, name, cmdline, sha256) VALUES "
+                  f"({', '.join(f'NEW.{p}{a}' for a in _PROC_ATTRS)})" for p in prefixes]
+    statements += [f"INSERT OR IGNORE INTO strs (value) VALUES (NEW.{s})" for s in strs]
+    proc_ids = ", ".join(f"(SELECT id FROM procs WHERE {match(p)})" for p in prefixes)
+    str_ids = ", ".join(f"(SELECT id FROM strs WHERE coalesce(value, x'ff') = coalesce(NEW.{s}, x'ff'))" for s in strs)
+    statements.append(
+        "INSERT INTO conns (t, send, recv, proc, parent, gp, uid, lport, rport, laddr, raddr, domain, proto) VALUES ("
+        "CASE WHEN strftime('%Y-%m-%d %H:%M:%S', strftime('%s', NEW.contime), 'unixepoch') = NEW.contime "
+        "THEN CAST(strftime('%s', NEW.contime) AS INTEGER) ELSE NEW.contime END, "
+        f"NEW.send, NEW.recv, {proc_ids}, NEW.uid, NEW.lport, NEW.rport, {str_ids})")
+    statements += rollup_upserts("", "1")
+    body = ";\n    ".join(statements)
+    return f"CREATE TRIGGER IF NOT EXISTS connections_insert INSTEAD OF INSERT ON connections BEGIN\n    {body};\nEND"
+
+
+def view_sql(legacy: typing.Optional[typing.Sequence[str]]) -> str:
+    """The connections view; while an older log is moved over (legacy: its
+    columns), its rows not moved yet come first, as they are."""
+    v2 = f"SELECT {', '.join(f'{VIEW_SQL[c]} AS {c}' for c in DB_COLUMNS)} FROM {VIEW_FROM}"
+    if legacy is None:
+        return f"CREATE VIEW connections AS {v2}"
+    old = ", ".join(c if c in legacy else f"NULL AS {c}" for c in DB_COLUMNS)
+    return (f"CREATE VIEW connections AS SELECT {old} FROM {LEGACY_TABLE} WHERE rowid > "
+            f"(SELECT value FROM meta WHERE key = 'migrated') UNION ALL {v2}")
+
+
+def local_seconds(contime) -> typing.Union[int, str, bytes, None]:
+    """'YYYY-MM-DD HH:MM:SS' as local wall-clock seconds (read as if UTC); a
+    value that is not such a time comes back as it is."""
+    t = contime.decode("ascii", "replace") if isinstance(contime, bytes) else contime
+    try:
+        if len(t) != 19 or t[4] + t[7] + t[10] + t[13] + t[16] != "-- ::":
+            raise ValueError(t)
+        seconds = calendar.timegm((int(t[0:4]), int(t[5:7]), int(t[8:10]), int(t[11:13]), int(t[14:16]),
+                                   int(t[17:19])))
+        return seconds if time.strftime(TIME_FORMAT, time.gmtime(seconds)) == t else contime
+    except (ValueError, TypeError, OverflowError):
+        return contime
+
+
+def now_seconds(clock: typing.Callable[[], float] = time.time) -> int:
+    """The local wall-clock time now, in the log's seconds."""
+    return calendar.timegm(time.localtime(clock()))
 
 
 def move_aside(path: str) -> str:
@@ -911,94 +1049,578 @@ def move_aside(path: str) -> str:
     return aside
 
 
-def db_open(path: str) -> sqlite3.Connection:
-    """Open (creating) snitch.db with its schema, adding the columns that an
-    older layout lacks (upstream 1.0.3 has no proto, earlier versions of
-    this one no gp* columns). sqlite3.DatabaseError when it is no database."""
-    con = sqlite3.connect(path, timeout=DB_BUSY_TIMEOUT)
-    try:
-        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'connections'").fetchone():
-            have = {row[1] for row in con.execute("PRAGMA table_info(connections)")}
-            for column in DB_COLUMNS:
-                if column not in have:
-                    con.execute(f"ALTER TABLE connections ADD COLUMN {column} "
-                                f"{'TEXT' if column in DB_TEXT_COLUMNS else 'INTEGER'}")
-        con.executescript(SCHEMA)
-        con.commit()
-    except sqlite3.Error:
-        con.close()
-        raise
-    return con
+class Log:
+    """snitch.db, as the primary writes it: rows go in with their strings
+    and processes interned, and added to the rollups, in one transaction."""
 
+    def __init__(self, con: sqlite3.Connection):
+        self.con = con
+        self.procs: typing.Dict[tuple, int] = {}
+        self.strs: typing.Dict[typing.Any, int] = {}
+        self.times: typing.Dict[typing.Any, typing.Any] = {}
 
-def db_insert(con: sqlite3.Connection, rows: typing.Sequence[tuple], mark: typing.Tuple[str, int] = ("", 0)) -> None:
-    """Insert rows in DB_COLUMNS order, in one transaction with mark (the
-    run and the window they came from), so that a window sent again after a
-    crash is recognised as written."""
-    marks = ",".join("?" * len(DB_COLUMNS))
-    with con:
-        con.executemany(f"INSERT INTO connections ({','.join(DB_COLUMNS)}) VALUES ({marks})", rows)
-        if mark[0]:
-            con.execute("INSERT OR REPLACE INTO picosnitch_meta VALUES ('written', ?)", (json.dumps(mark),))
+    @classmethod
+    def open(cls, path: str, timeout: float = DB_BUSY_TIMEOUT) -> "Log":
+        """Open (creating) snitch.db at version 2. An older log is renamed
+        and moved over later, in the background (migrate); nothing here
+        reads it. sqlite3.DatabaseError when the file is no database."""
+        con = sqlite3.connect(path, timeout=timeout)
+        try:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise sqlite3.OperationalError(f"it has layout version {version}, newer than this picosnitch's "
+                                               f"({SCHEMA_VERSION}); it is left as it is")
+            con.execute("PRAGMA journal_mode = WAL")
+            if version < SCHEMA_VERSION:
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    cls.upgrade(con)
+                    con.commit()
+                except BaseException:
+                    con.rollback()
+                    raise
+        except sqlite3.Error:
+            con.close()
+            raise
+        return cls(con)
 
+    @staticmethod
+    def upgrade(con: sqlite3.Connection) -> None:
+        """Version 2 over whatever is there, in the caller's transaction: an
+        older connections table becomes connections_v1, to be moved over."""
+        legacy = None
+        found = con.execute("SELECT type FROM sqlite_master WHERE name = 'connections'").fetchone()
+        if found and found[0] == "table":
+            con.execute(f"ALTER TABLE connections RENAME TO {LEGACY_TABLE}")
+            legacy = [row[1] for row in con.execute(f"PRAGMA table_info({LEGACY_TABLE})")]
+        for statement in SCHEMA_V2.split(";"):
+            if statement.strip():
+                con.execute(statement)
+        if legacy is not None:
+            last = con.execute(f"SELECT max(rowid) FROM {LEGACY_TABLE}").fetchone()[0] or 0
+            con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                            [("migrated", 0), ("legacy_columns", json.dumps(legacy)), ("legacy_last", last),
+                             ("live_from", now_seconds()), ("rolled", NO_TIME - 1)])
+            con.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('conns', ?)", (last,))
+        con.execute("DROP VIEW IF EXISTS connections")
+        con.execute(view_sql(legacy))
+        con.execute(insert_trigger())
+        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
-def db_written(con: sqlite3.Connection) -> typing.Tuple[str, int]:
-    """The mark of the last window written: (run, window)."""
-    found = con.execute("SELECT value FROM picosnitch_meta WHERE key = 'written'").fetchone()
-    try:
-        run, seq = json.loads(found[0]) if found else ("", 0)
-        return str(run), int(seq)
-    except (ValueError, TypeError):
-        return "", 0
+    # -- writing -------------------------------------------------------------
+    def proc_id(self, attrs: tuple) -> int:
+        found = self.procs.get(attrs)
+        if found is None:
+            self.con.execute("INSERT OR IGNORE INTO procs (exe, name, cmdline, sha256) VALUES (?, ?, ?, ?)", attrs)
+            found = self.con.execute(
+                "SELECT id FROM procs WHERE coalesce(exe, x'ff') = coalesce(?, x'ff') AND coalesce(name, x'ff') = "
+                "coalesce(?, x'ff') AND coalesce(cmdline, x'ff') = coalesce(?, x'ff') AND coalesce(sha256, x'ff') = "
+                "coalesce(?, x'ff')", attrs).fetchone()[0]
+            self.procs[attrs] = found
+        return found
 
+    def str_id(self, value) -> int:
+        found = self.strs.get(value)
+        if found is None:
+            self.con.execute("INSERT OR IGNORE INTO strs (value) VALUES (?)", (value,))
+            found = self.con.execute("SELECT id FROM strs WHERE coalesce(value, x'ff') = coalesce(?, x'ff')",
+                                     (value,)).fetchone()[0]
+            self.strs[value] = found
+        return found
 
-def db_prune(con: sqlite3.Connection, days: int) -> int:
-    """Delete rows older than the retention; returns how many."""
-    cutoff = (datetime.datetime.now() - datetime.timedelta(days=days)).strftime(TIME_FORMAT)
-    with con:
-        return con.execute("DELETE FROM connections WHERE contime < ?", (cutoff,)).rowcount
+    def encode(self, row: typing.Sequence) -> tuple:
+        """A row in DB_COLUMNS order as conns values (CONNS_COLUMNS)."""
+        t = self.times.get(row[0])
+        if t is None:
+            t = self.times[row[0]] = local_seconds(row[0])
+        return (t, row[1], row[2], self.proc_id(tuple(row[3:7])), self.proc_id(tuple(row[7:11])),
+                self.proc_id(tuple(row[18:22])), row[11], row[12], row[13], self.str_id(row[14]), self.str_id(row[15]),
+                self.str_id(row[16]), self.str_id(row[17]))
+
+    def add(self, rows: typing.Sequence[tuple], ids: typing.Optional[typing.Sequence[int]] = None) -> None:
+        """Insert encoded rows (with ids, for rows moved from an older log,
+        in order) and add them to the rollups; the caller holds the
+        transaction."""
+        if not rows:
+            return
+        marks = ",".join("?" * len(CONNS_COLUMNS))
+        if ids is None:
+            first = self.con.execute("SELECT coalesce(max(id), 0) FROM conns").fetchone()[0]
+            self.con.executemany(f"INSERT INTO conns ({', '.join(CONNS_COLUMNS)}) VALUES ({marks})", rows)
+            last = self.con.execute("SELECT max(id) FROM conns").fetchone()[0]
+        else:
+            self.con.executemany(f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) VALUES (?, {marks})",
+                                 [(i, *r) for i, r in zip(ids, rows)])
+            first, last = ids[0] - 1, ids[-1]
+        for statements in ROLL_STATEMENTS.values():
+            for statement in statements:
+                self.con.execute(statement, (first, last))
+
+    def insert(self, rows: typing.Sequence[tuple], mark: typing.Tuple[str, int] = ("", 0)) -> None:
+        """Insert rows in DB_COLUMNS order, in one transaction with mark (the
+        run and the window they came from), so that a window sent again after a
+        crash is recognised as written."""
+        if len(self.procs) + len(self.strs) > INTERN_CACHE:
+            self.procs.clear()
+            self.strs.clear()
+        if len(self.times) > 4096:
+            self.times.clear()
+        try:
+            with self.con:
+                self.add([self.encode(r) for r in rows])
+                if mark[0]:
+                    self.con.execute("INSERT OR REPLACE INTO meta VALUES ('written', ?)", (json.dumps(mark),))
+        except sqlite3.Error:
+            self.procs.clear()          # ids handed out in a transaction that was rolled back
+            self.strs.clear()
+            raise
+
+    def written(self) -> typing.Tuple[str, int]:
+        """The mark of the last window written: (run, window)."""
+        found = self.con.execute("SELECT value FROM meta WHERE key = 'written'").fetchone()
+        try:
+            run, seq = json.loads(found[0]) if found else ("", 0)
+            return str(run), int(seq)
+        except (ValueError, TypeError):
+            return "", 0
+
+    # -- migration from an older layout ------------------------------------------
+    # Old rows move over in batches, in SQL: their strings interned, their
+    # times converted, their rowids kept, and only the hour rollups kept up
+    # (the query layer uses no other while a migration runs). Once every row
+    # is over, each old day gets its day and whole-log totals from its hour
+    # rollups, one day per transaction (the day the new rows began, which
+    # has both, from the old rows themselves). Progress is kept with each
+    # step: a stop loses and repeats nothing.
+    def migrating(self) -> bool:
+        return self.con.execute("SELECT 1 FROM meta WHERE key = 'legacy_columns'").fetchone() is not None
+
+    def meta(self) -> dict:
+        return dict(self.con.execute("SELECT key, value FROM meta"))
+
+    def migrate(self, batch: int = MIGRATE_BATCH) -> typing.Optional[int]:
+        """One step of the migration: how many old rows it moved (0 for a
+        step of the rolling up); None when there is nothing left to do."""
+        state = self.meta()
+        if "legacy_columns" not in state:
+            return None
+        try:
+            if state["migrated"] < state["legacy_last"]:
+                return self.move(json.loads(state["legacy_columns"]), state["migrated"], batch)
+            rolled = state["rolled"]
+            after = NO_TIME if rolled < NO_TIME else rolled + (DAY if rolled >= 0 else 1)
+            hour = self.con.execute(f"SELECT min(b) FROM rollups WHERE level = {HOUR} AND b >= ?", (after,)).fetchone()[0]
+            if hour is not None:
+                day = hour if hour < 0 else hour // DAY * DAY
+                with self.con:
+                    self.roll_day(day, day >= state["live_from"] // DAY * DAY, state["legacy_last"])
+                    self.con.execute("UPDATE meta SET value = ? WHERE key = 'rolled'", (day,))
+                return 0
+            with self.con:
+                self.con.execute("DROP VIEW connections")
+                self.con.execute(view_sql(None))
+                self.con.execute(insert_trigger())
+                self.con.execute(f"DROP TABLE {LEGACY_TABLE}")
+                self.con.execute("DELETE FROM meta WHERE key IN ('migrated', 'legacy_columns', 'legacy_last', "
+                                 "'live_from', 'rolled')")
+            return 0
+        except sqlite3.Error:
+            self.procs.clear()
+            self.strs.clear()
+            raise
+
+    def move(self, legacy: typing.List[str], done: int, batch: int) -> int:
+        """Move the old rows with done < rowid <= done + batch."""
+        col = lambda c: f"l.{c}" if c in legacy else "NULL"
+        where, params = "l.rowid > ? AND l.rowid <= ?", (done, done + batch)
+        with self.con:
+            for prefix in ("", "p", "gp"):
+                self.con.execute(f"INSERT OR IGNORE INTO procs (exe, name, cmdline, sha256) SELECT DISTINCT "
+                                 f"{', '.join(col(prefix + a) for a in _PROC_ATTRS)} FROM {LEGACY_TABLE} l "
+                                 f"WHERE {where}", params)
+            for column in ("laddr", "raddr", "domain", "proto"):
+                self.con.execute(f"INSERT OR IGNORE INTO strs (value) SELECT DISTINCT {col(column)} "
+                                 f"FROM {LEGACY_TABLE} l WHERE {where}", params)
+            proc = lambda alias, prefix: (f"JOIN procs {alias} ON " + " AND ".join(
+                f"coalesce({alias}.{a}, x'ff') = coalesce({col(prefix + a)}, x'ff')" for a in _PROC_ATTRS))
+            text = lambda alias, c: f"JOIN strs {alias} ON coalesce({alias}.value, x'ff') = coalesce({col(c)}, x'ff')"
+            seconds = "strftime('%s', l.contime)"
+            moved = self.con.execute(
+                f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) SELECT l.rowid, "
+                f"CASE WHEN strftime('%Y-%m-%d %H:%M:%S', {seconds}, 'unixepoch') = l.contime "
+                f"THEN CAST({seconds} AS INTEGER) ELSE l.contime END, l.send, l.recv, p.id, pp.id, g.id, "
+                f"{col('uid')}, {col('lport')}, {col('rport')}, la.id, ra.id, d.id, pr.id FROM {LEGACY_TABLE} l "
+                f"{proc('p', '')} {proc('pp', 'p')} {proc('g', 'gp')} {text('la', 'laddr')} {text('ra', 'raddr')} "
+                f"{text('d', 'domain')} {text('pr', 'proto')} WHERE {where} ORDER BY l.rowid", params).rowcount
+            for statement in ROLL_STATEMENTS[HOUR]:
+                self.con.execute(statement, params)
+            self.con.execute("UPDATE meta SET value = ? WHERE key = 'migrated'", (done + batch,))
+        return moved
+
+    def roll_day(self, day: int, mixed: bool, legacy_last: int) -> None:
+        """The day and whole-log totals of the old rows of one day (day -1:
+        the rows whose time is no time): from the day's hour rollups, or, from
+        the day the new rows began (mixed), from the old rows themselves."""
+        if mixed:
+            for level in (DAY, ALL_TIME):
+                for statement in ROLL_STATEMENTS[level]:
+                    self.con.execute(statement.replace("WHERE id > ? AND id <= ?",
+                                                       "WHERE id > ? AND id <= ? AND t >= ? AND t < ?"),
+                                     (0, legacy_last, day, day + DAY))
+            return
+        for table, keys in ROLLUPS.items():
+            hours = f"level = {HOUR} AND b >= ? AND b < ?" if day >= 0 else f"level = {HOUR} AND b = {NO_TIME}"
+            span = (day, day + DAY) if day >= 0 else ()
+            for level in (DAY, ALL_TIME):
+                bucket = NO_TIME if day < 0 else (day if level == DAY else 0)
+                variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
+                for values in variants:
+                    self.con.execute(
+                        f"INSERT INTO {table} (level, b, {', '.join(keys)}, send, recv, rows) SELECT {level}, {bucket}, "
+                        f"{', '.join(values)}, sum(send), sum(recv), sum(rows) FROM {table} WHERE {hours} "
+                        f"GROUP BY {', '.join(str(i + 3) for i in range(len(values)))} ON CONFLICT DO UPDATE SET "
+                        f"send = send + excluded.send, recv = recv + excluded.recv, rows = rows + excluded.rows", span)
+
+    # -- retention -----------------------------------------------------------
+    def prune(self, days: int, now: int, budget: float = 0.2) -> typing.Optional[int]:
+        """Delete rows older than the retention, whole days of them, a batch
+        per transaction, for at most budget seconds: no write lock is held
+        long. A day whose rows are gone leaves the rollups (and the whole-log
+        totals) in one transaction. How many rows went, or None when more
+        are left for the next call."""
+        cutoff, deleted, began = (now - days * DAY) // DAY * DAY, 0, time.monotonic()
+        while time.monotonic() - began < budget:
+            with self.con:
+                n = self.con.execute("DELETE FROM conns WHERE id IN (SELECT id FROM conns WHERE t < ? "
+                                     "ORDER BY t LIMIT ?)", (cutoff, PRUNE_BATCH)).rowcount
+            deleted += n
+            if n < PRUNE_BATCH:
+                old = self.con.execute("SELECT DISTINCT b FROM rollups WHERE level = ? AND b >= 0 AND b < ?",
+                                       (DAY, cutoff)).fetchall()
+                for (day,) in old:
+                    self.forget_day(day)
+                    if time.monotonic() - began >= budget:
+                        return None
+                return deleted
+        return None
+
+    def forget_day(self, day: int) -> None:
+        """Take a day out of the whole-log totals and drop its rollups."""
+        with self.con:
+            for table, keys in ROLLUPS.items():
+                match = " AND ".join(f"a.{k} = d.{k}" for k in keys)
+                self.con.execute(
+                    f"UPDATE {table} AS a SET send = a.send - d.send, recv = a.recv - d.recv, rows = a.rows - d.rows "
+                    f"FROM (SELECT * FROM {table} WHERE level = {DAY} AND b = ?) AS d "
+                    f"WHERE a.level = {ALL_TIME} AND a.b = 0 AND {match}", (day,))
+                self.con.execute(f"DELETE FROM {table} WHERE level = {ALL_TIME} AND rows <= 0")
+                self.con.execute(f"DELETE FROM {table} WHERE level < {ALL_TIME} AND b >= ? AND b < ?",
+                                 (day, day + DAY))
+
+    def close(self) -> None:
+        self.con.close()
 
 
 def db_rows(path: str) -> typing.List[dict]:
-    """Every row of a snitch.db as dicts (for tests and scripts)."""
+    """Every row of a snitch.db, through the connections view (for tests and scripts)."""
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         con.row_factory = sqlite3.Row
-        return [dict(r) for r in con.execute("SELECT * FROM connections ORDER BY rowid")]
+        return [dict(r) for r in con.execute("SELECT * FROM connections")]
     finally:
         con.close()
 
 
-# what the viewer reads: the columns it groups by, after time and bytes
-VIEW_DB_COLUMNS = ["exe", "name", "sha256", "pexe", "pname", "domain", "raddr", "lport", "rport", "uid"]
+# -- the query layer: what the viewers (view, dash), the benchmark and the
+# tests ask of a log. Totals come from the rollups: the whole-log one for all
+# time, day ones for whole days, hour ones for whole hours, the rows
+# themselves for the edges of a range and for what no rollup keeps. Rows are
+# grouped by id and the ids turned into values afterwards; a range that
+# covers most of the log is counted as the whole log minus what is outside.
+
+class Filter(typing.NamedTuple):
+    """Keep (or, with exclude, leave out) rows whose column is value. For
+    "time", value is the start of a bucket of `bucket` seconds."""
+    column: str
+    value: typing.Any
+    exclude: bool = False
+    bucket: int = 0
 
 
-def db_open_readonly(path: str) -> sqlite3.Connection:
-    """snitch.db for reading only. Text comes back as bytes, so that names that
-    are not UTF-8 cannot fail a read; callers decode what they show."""
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-    con.text_factory = bytes
-    return con
+# column -> (conns/rollups column, what its id refers to: a process
+# attribute, "str" for strs, None for a plain integer)
+QUERY_COLUMNS = {
+    **{a: ("proc", a) for a in _PROC_ATTRS}, **{f"p{a}": ("parent", a) for a in _PROC_ATTRS},
+    **{f"gp{a}": ("gp", a) for a in _PROC_ATTRS},
+    "uid": ("uid", None), "lport": ("lport", None), "rport": ("rport", None), "laddr": ("laddr", "str"),
+    "raddr": ("raddr", "str"), "domain": ("domain", "str"), "proto": ("proto", "str"),
+}
 
 
-def db_rowid_range(con: sqlite3.Connection) -> typing.Tuple[int, int]:
-    """The smallest and largest rowid (0, 0 when empty), from the table's own key."""
-    low, high = con.execute("SELECT (SELECT MIN(rowid) FROM connections), "
-                            "(SELECT MAX(rowid) FROM connections)").fetchone()
-    return low or 0, high or 0
+def param(value) -> str:
+    """A placeholder for value: text read back as bytes (which may not be
+    UTF-8) is compared as the text it is."""
+    return "CAST(? AS TEXT)" if isinstance(value, bytes) else "?"
 
 
-def db_view_rows(con: sqlite3.Connection, after: int, batch: int = 65536) -> typing.Iterator[list]:
-    """Rows after a rowid, in rowid order and batches: rowid, contime, send,
-    recv, then VIEW_DB_COLUMNS."""
-    cur = con.execute(f"SELECT rowid, contime, send, recv, {', '.join(VIEW_DB_COLUMNS)} "
-                      "FROM connections WHERE rowid > ? ORDER BY rowid", (after,))
-    while True:
-        rows = cur.fetchmany(batch)
-        if not rows:
+class Piece(typing.NamedTuple):
+    """Part of a time range and where its totals come from: a rollup level,
+    or the rows (level 0); start or end None: unbounded."""
+    level: int
+    start: typing.Optional[int]
+    end: typing.Optional[int]
+
+
+def split_range(start: typing.Optional[int], end: typing.Optional[int],
+                levels: typing.Sequence[int] = (DAY, HOUR)) -> typing.List[Piece]:
+    """[start, end) as whole days, whole hours and the rows at its edges."""
+    pieces: typing.List[Piece] = []
+
+    def cover(a: typing.Optional[int], b: typing.Optional[int], sizes: typing.Sequence[int]) -> None:
+        if a is not None and b is not None and a >= b:
             return
-        yield rows
+        if not sizes:
+            pieces.append(Piece(0, a, b))
+            return
+        size = sizes[0]
+        first = None if a is None else -(-a // size) * size
+        last = None if b is None else b // size * size
+        if first is not None and last is not None and first >= last:
+            cover(a, b, sizes[1:])
+            return
+        if first is not None:
+            cover(a, first, sizes[1:])
+        pieces.append(Piece(size, first, last))
+        if last is not None:
+            cover(last, b, sizes[1:])
+    cover(start, end, list(levels))
+    return pieces
+
+
+class LogQuery:
+    """Read-only questions to a snitch.db (version 2, or older while it is
+    moved over: the old rows not moved yet are counted from the old table)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1, check_same_thread=False)
+        self.con.text_factory = bytes       # names that are not UTF-8 cannot fail a read
+        self.legacy: typing.Optional[typing.List[str]] = None     # the columns of old rows not moved yet
+        self.moved = 0                                             # the last old rowid moved over
+        self.v2 = False
+
+    def close(self) -> None:
+        self.con.close()
+
+    def refresh(self) -> None:
+        """Check the layout: whether old rows are still being moved over.
+        sqlite3.Error when the log cannot be read (missing tables included)."""
+        self.v2 = self.con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        if not self.v2:
+            tables = {r[0] for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if b"connections" not in tables:
+                raise sqlite3.OperationalError("no connections table")
+            self.legacy, self.moved = self.columns("connections"), 0      # not opened by picosnitch 2 yet
+            return
+        found = {k.decode(): v for k, v in self.con.execute(
+            "SELECT key, value FROM meta WHERE key IN ('migrated', 'legacy_columns')")}
+        self.legacy = json.loads(found["legacy_columns"]) if "legacy_columns" in found else None
+        self.moved = int(found.get("migrated") or 0)
+
+    def columns(self, table: str) -> typing.List[str]:
+        return [r[1].decode() for r in self.con.execute(f"PRAGMA table_info({table})")]
+
+    @property
+    def legacy_table(self) -> str:
+        return LEGACY_TABLE if self.v2 else "connections"
+
+    # -- totals ------------------------------------------------------------------
+    def totals(self, group: str, filters: typing.Sequence[Filter] = (), start: typing.Optional[int] = None,
+               end: typing.Optional[int] = None, bucket: int = DAY) -> typing.List[tuple]:
+        """(value, sent, received, rows) for each value of group among the rows
+        in [start, end) (local seconds; None: unbounded) that pass every
+        filter, largest first. group "time" gives buckets of `bucket` seconds."""
+        sums = self.sums(group, filters, start, end, bucket) if self.v2 else {}
+        if self.legacy is not None:
+            self.add(sums, self.con.execute(*self._legacy(group, bucket, filters, start, end)))
+        values = self.values(group, sums)
+        merged: typing.Dict[typing.Any, list] = {}
+        for key, total in sums.items():
+            if total[2] > 0:
+                self.add(merged, [(values.get(key, key), *total)])
+        order = sorted(merged.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
+        return [(value, *total) for value, total in order]
+
+    @staticmethod
+    def add(sums: dict, rows: typing.Iterable, sign: int = 1) -> None:
+        for value, send, recv, n in rows:
+            total = sums.setdefault(value, [0, 0, 0])
+            total[0] += sign * (send or 0)
+            total[1] += sign * (recv or 0)
+            total[2] += sign * (n or 0)
+
+    def table(self, columns: typing.Set[str], bucket_sizes: typing.Set[int]) -> str:
+        """The rollup that keeps every column asked about (None: the rows)."""
+        refs = {QUERY_COLUMNS[c][0] for c in columns if c != "time"}
+        if any(size % HOUR for size in bucket_sizes):
+            return ""
+        for table, keys in ROLLUPS.items():
+            if refs <= set(keys):
+                return table
+        return ""
+
+    def sums(self, group: str, filters: typing.Sequence[Filter], start, end, bucket: int) -> dict:
+        """{group key (an id, or a value): [sent, received, rows]} from version 2."""
+        sizes = {bucket} if group == "time" else set()
+        sizes |= {f.bucket for f in filters if f.column == "time"}
+        table = self.table({group} | {f.column for f in filters}, sizes)
+        levels = [level for level in ((HOUR,) if self.legacy is not None else (DAY, HOUR))
+                  if all(s % level == 0 for s in sizes)] if table else []
+        sums: dict = {}
+        if not table:
+            self.add(sums, self.con.execute(*self._piece("", Piece(0, start, end), group, bucket, filters)))
+            return sums
+        if start is None and end is None:          # (while a migration runs, only hours are complete)
+            top = ALL_TIME if group != "time" and not sizes and self.legacy is None else levels[0]
+            self.add(sums, self.con.execute(*self._piece(table, Piece(top, None, None), group, bucket, filters)))
+            return sums
+        inside = split_range(start, end, levels)
+        low, high = self.con.execute(f"SELECT (SELECT min(b) FROM {table} WHERE level = {DAY} AND b >= 0), "
+                                     f"(SELECT max(b) FROM {table} WHERE level = {DAY})").fetchone()
+        outside = []
+        if group != "time" and not sizes and low is not None and self.legacy is None:   # maybe cheaper: all but the rest
+            outside = (split_range(None, start, levels) if start is not None else []) + \
+                      (split_range(end, None, levels) if end is not None else [])
+            span = lambda ps: sum(max(0, min(p.end if p.end is not None else high + DAY, high + DAY) -
+                                         max(p.start if p.start is not None else low, low)) // max(p.level, HOUR)
+                                  for p in ps)
+            if span(outside) < span(inside):
+                self.add(sums, self.con.execute(*self._piece(table, Piece(ALL_TIME, 0, None), group, bucket, filters)))
+                for piece in outside:
+                    self.add(sums, self.con.execute(*self._piece(table if piece.level else "", piece, group, bucket,
+                                                                 filters)), -1)
+                return sums
+        for piece in inside:
+            self.add(sums, self.con.execute(*self._piece(table if piece.level else "", piece, group, bucket, filters)))
+        return sums
+
+    def _piece(self, table: str, piece: Piece, group: str, bucket: int,
+               filters: typing.Sequence[Filter]) -> typing.Tuple[str, list]:
+        """The SQL for one piece: from a rollup table, or from conns (table '')."""
+        rollup = bool(table)
+        params: list = []
+        where = []
+        if rollup:
+            where.append(f"s.level = {piece.level}")
+            if piece.level == ALL_TIME:
+                where.append("s.b >= 0" if piece.start is not None else f"s.b >= {NO_TIME}")
+            else:
+                where.append("s.b >= ?" if piece.start is not None else "s.b >= 0")
+                params += [piece.start] if piece.start is not None else []
+                if piece.end is not None:
+                    where.append("s.b < ?")
+                    params.append(piece.end)
+        else:
+            if piece.start is not None:
+                where.append("s.t >= ?")
+                params.append(piece.start)
+            if piece.end is not None:
+                where.append("s.t < ?")
+                params.append(piece.end)
+            if piece.start is None and piece.end is None and group == "time":
+                where.append("typeof(s.t) = 'integer'")
+        for f in filters:
+            where.append(self._filter(f, rollup, params))
+        if table == "ports" and piece.level in ALL_PROCS_LEVELS:      # the rows of processes, or their total
+            by_process = any(QUERY_COLUMNS[c][0] == "proc" for c in [group] + [f.column for f in filters]
+                             if c != "time")
+            where.append("s.proc > 0" if by_process else "s.proc = 0")
+        if group == "time":
+            key = f"(s.b / {bucket} * {bucket})" if rollup else f"(s.t / {bucket} * {bucket})"
+        else:
+            ref, kind = QUERY_COLUMNS[group]
+            key = f"NULLIF(s.{ref}, {NOT_LOGGED})" if rollup and kind is None else f"s.{ref}"
+        rows = "s.rows" if rollup else "1"
+        return (f"SELECT {key}, sum(s.send), sum(s.recv), sum({rows}) FROM {table or 'conns'} s "
+                f"WHERE {' AND '.join(where) or '1'} GROUP BY 1", params)
+
+    @staticmethod
+    def _filter(f: Filter, rollup: bool, params: list) -> str:
+        if f.column == "time":
+            params += [f.value, f.value + f.bucket]
+            t = "s.b" if rollup else "s.t"
+            return f"{'NOT ' if f.exclude else ''}({t} >= ? AND {t} < ?)"
+        ref, kind = QUERY_COLUMNS[f.column]
+        if kind is None:
+            params.append(NOT_LOGGED if rollup and f.value is None else f.value)
+            return f"s.{ref} IS {'NOT ' if f.exclude else ''}?"
+        params.append(f.value)
+        table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
+        return f"s.{ref} {'NOT ' if f.exclude else ''}IN (SELECT id FROM {table} WHERE {attr} IS {param(f.value)})"
+
+    def values(self, group: str, sums: dict) -> dict:
+        """What the ids among the keys of sums stand for (group is a process
+        attribute or a string); a key that is no id of version 2 stays."""
+        if group == "time" or QUERY_COLUMNS[group][1] is None or not self.v2:
+            return {}
+        kind = QUERY_COLUMNS[group][1]
+        ids = [k for k in sums if isinstance(k, int)]
+        table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
+        found = {}
+        for i in range(0, len(ids), 900):
+            chunk = ids[i:i + 900]
+            found.update(self.con.execute(f"SELECT id, {attr} FROM {table} WHERE id IN ({','.join('?' * len(chunk))})",
+                                          chunk).fetchall())
+        return found
+
+    def _legacy(self, group: str, bucket: int, filters: typing.Sequence[Filter], start, end) -> typing.Tuple[str, list]:
+        """The same question to the old rows not moved over yet (text times);
+        the keys are values, not ids."""
+        have, params, where = self.legacy or [], [self.moved], ["rowid > ?"]
+        col = lambda c: c if c in have else "NULL"
+        text = lambda s: time.strftime(TIME_FORMAT, time.gmtime(s))
+        if start is not None:
+            where.append("contime >= ?")
+            params.append(text(start))
+        if end is not None:
+            where.append("contime < ?")
+            params.append(text(end))
+        for f in filters:
+            if f.column == "time":
+                within = "(contime >= ? AND contime < ?)"
+                params += [text(f.value), text(f.value + f.bucket)]
+                where.append(f"NOT {within}" if f.exclude else within)
+            else:
+                where.append(f"{col(f.column)} IS {'NOT ' if f.exclude else ''}{param(f.value)}")
+                params.append(f.value)
+        key = f"CAST(strftime('%s', contime) AS INTEGER) / {bucket} * {bucket}" if group == "time" else col(group)
+        if group == "time":
+            where.append("strftime('%s', contime) IS NOT NULL")
+        return (f"SELECT {key}, sum(send), sum(recv), count(*) FROM {self.legacy_table} WHERE "
+                f"{' AND '.join(where)} GROUP BY 1", params)
+
+    # -- other questions ---------------------------------------------------------------
+    def span(self) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
+        """The first and last time in the log (local seconds), None when empty."""
+        low, high = self.con.execute("SELECT min(t), max(t) FROM conns WHERE typeof(t) = 'integer'").fetchone() \
+            if self.v2 else (None, None)
+        if self.legacy is not None:
+            old = self.con.execute(f"SELECT min(contime), max(contime) FROM {self.legacy_table} WHERE rowid > ?",
+                                   (self.moved,)).fetchone()
+            seconds = [s for s in (local_seconds(v) for v in old if v is not None) if isinstance(s, int)]
+            low = min(([low] if low is not None else []) + seconds, default=None)
+            high = max(([high] if high is not None else []) + seconds, default=None)
+        return low, high
+
+    def count(self) -> int:
+        """How many rows the log has (from the whole-log rollup: no scan)."""
+        n = 0
+        if self.v2:
+            n = self.con.execute("SELECT coalesce(sum(rows), 0) FROM rollups WHERE level = ?", (ALL_TIME,)).fetchone()[0]
+        if self.legacy is not None:
+            n += self.con.execute(f"SELECT count(*) FROM {self.legacy_table} WHERE rowid > ?",
+                                  (self.moved,)).fetchone()[0]
+        return n
 
 
 RECORD_SECTIONS = ("Executables", "Names", "Parent Executables", "Parent Names", "SHA256")
@@ -3741,6 +4363,35 @@ def make_private(directory: str) -> None:
             pass
 
 
+MIGRATE_RETRY = 5.0       # seconds before a migration batch that failed is tried again
+
+
+def migrate_log(path: str, reporter: Reporter) -> None:
+    """Thread body: move an older log over to version 2, batch by batch, on
+    a connection of its own; capture and the viewers go on meanwhile. A stop
+    halfway loses nothing: the next start goes on where this one was."""
+    began, moved = time.monotonic(), 0
+    log = Log.open(path, timeout=MIGRATE_RETRY * 6)     # the windows' writes come first; it waits for them
+    try:
+        while True:
+            try:
+                n = log.migrate()
+            except sqlite3.Error as e:
+                reporter.failing("migration", f"moving the old rows of {DB_NAME} over failed ({e}); it is tried "
+                                              "again")
+                time.sleep(MIGRATE_RETRY)
+                continue
+            reporter.working("migration")
+            if n is None:
+                break
+            moved += n
+        if moved:
+            reporter.info(f"{DB_NAME}: {moved} rows of the older layout moved over in "
+                          f"{time.monotonic() - began:.0f} s")
+    finally:
+        log.close()
+
+
 class PendingLog:
     """What waits for one log that cannot be written now, bounded."""
 
@@ -3790,7 +4441,8 @@ class Primary:
         self.ignore = ignore_rules(self.config.log_ignore)
         self.names = ReverseNames()
         self.db_path = os.path.join(rt.directory, DB_NAME)
-        self.db: typing.Optional[sqlite3.Connection] = None
+        self.db: typing.Optional[Log] = None
+        self.migration: typing.Optional[threading.Thread] = None
         self.pending = {name: PendingLog(name, self.reporter) for name in (DB_NAME, CONN_LOG_NAME, REMOTE_QUEUE_NAME)}
         self.last_seq = self.written_seq() if self.config.db_sql_log else 0
         self.remote = None
@@ -3811,25 +4463,30 @@ class Primary:
         self.request_id = 0
 
     # -- snitch.db ---------------------------------------------------------------
-    def database(self) -> sqlite3.Connection:
+    def database(self) -> Log:
         """snitch.db, opened on first use; a file that is no database (or a
-        damaged one) is moved aside and a new one started."""
+        damaged one) is moved aside and a new one started. An older layout
+        is moved over by a thread, while windows go on being written."""
         if self.db is None:
             try:
-                self.db = db_open(self.db_path)
+                self.db = Log.open(self.db_path)
             except sqlite3.OperationalError:
                 raise
             except sqlite3.DatabaseError as e:
                 aside = move_aside(self.db_path)
                 self.reporter.error(f"{self.db_path} could not be read as a database ({e}); it was moved to "
                                     f"{aside} and a new one started")
-                self.db = db_open(self.db_path)
+                self.db = Log.open(self.db_path)
+            if self.db.migrating() and not self.migration:
+                self.migration = threading.Thread(target=migrate_log, args=(self.db_path, self.reporter),
+                                                  name="migration", daemon=True)
+                self.migration.start()
         return self.db
 
     def written_seq(self) -> int:
         """The last window of this run already in snitch.db (after a restart of the primary)."""
         try:
-            run, seq = db_written(self.database())
+            run, seq = self.database().written()
         except sqlite3.Error:
             return 0
         return seq if run == self.rt.run_id else 0
@@ -3837,7 +4494,7 @@ class Primary:
     def insert(self, item: typing.Tuple[int, typing.List[tuple]]) -> None:
         seq, rows = item
         try:
-            db_insert(self.database(), rows, (self.rt.run_id, seq))
+            self.database().insert(rows, (self.rt.run_id, seq))
         except sqlite3.DatabaseError as e:
             if not isinstance(e, sqlite3.OperationalError):     # damaged since it was opened
                 self.db.close()
@@ -3936,10 +4593,13 @@ class Primary:
         return bool(found)
 
     def prune(self) -> None:
+        """Delete what is past the retention, once a day, a little at each
+        window until it is done (no write lock is held long)."""
         if self.config.db_sql_log and time.monotonic() - self.pruned_at > PRUNE_INTERVAL:
             try:
-                db_prune(self.database(), self.config.db_retention_days)
-                self.pruned_at = time.monotonic()
+                if self.database().prune(self.config.db_retention_days, now_seconds()) is not None:
+                    self.pruned_at = time.monotonic()
+                self.reporter.working("prune")
             except sqlite3.Error as e:
                 self.reporter.failing("prune", f"old rows could not be deleted from {DB_NAME} ({e}); "
                                                "it is tried again later")
@@ -4369,9 +5029,9 @@ def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -
 # 17. terminal viewer
 ###############################################################################
 # `picosnitch view`: snitch.db grouped by one column at a time, largest first,
-# under a chain of filters, a time range and byte units. The log is read once
-# into numpy columns of integer codes, so that each key press regroups a
-# million rows in milliseconds; r reads only the rows added since.
+# under a chain of filters, a time range and byte units. Each key that changes
+# what is shown asks the query layer (section 7) for the totals: the log is
+# never loaded, whatever its size; r asks again.
 
 VIEWS = [("executable", "exe"), ("name", "name"), ("sha256", "sha256"), ("parent executable", "pexe"),
          ("parent name", "pname"), ("domain", "domain"), ("remote address", "raddr"), ("local port", "lport"),
@@ -4388,25 +5048,6 @@ UNITS = [("bytes", None, False), ("B", 1, False), ("kB", 1e3, False), ("MB", 1e6
          ("bits", None, True), ("b", 1, True), ("kb", 1e3, True), ("Mb", 1e6, True), ("Gb", 1e9, True)]
 AUTO_STEPS = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")]
 HELP_LINE = "←→ view f filter e exclude ⌫/F/E unfilter t/T range h/H history u/U units r q"
-
-
-def local_seconds(contime) -> int:
-    """'YYYY-MM-DD HH:MM:SS' (bytes or str) as seconds, the local time read as if UTC; -1 if malformed."""
-    t = contime.decode("ascii", "replace") if isinstance(contime, bytes) else contime or ""
-    try:
-        if len(t) != 19 or t[4] + t[7] + t[10] + t[13] + t[16] != "-- ::":
-            raise ValueError(t)
-        return calendar.timegm((int(t[0:4]), int(t[5:7]), int(t[8:10]), int(t[11:13]), int(t[14:16]), int(t[17:19])))
-    except (ValueError, TypeError):
-        return -1
-
-
-def seconds_of(np, contimes: list):
-    """local_seconds of many contime values, parsed by numpy when all are well formed."""
-    try:
-        return np.array(contimes, dtype="S19").astype("U19").astype("datetime64[s]").astype(np.int64)
-    except (ValueError, TypeError, UnicodeError):
-        return np.array([local_seconds(v) for v in contimes], np.int64)
 
 
 def format_amount(n: int, unit: typing.Tuple[str, typing.Optional[float], bool]) -> str:
@@ -4435,125 +5076,40 @@ def fit(text: str, width: int) -> str:
     return "".join(out) + " " * (width - used)
 
 
-class LogColumns:
-    """snitch.db as numpy arrays: rowid, time, send, recv, and for each of
-    VIEW_DB_COLUMNS a code per row with the distinct values in `values`."""
-
-    def __init__(self, np):
-        self.np = np
-        self.rowid = np.zeros(0, np.int64)
-        self.time, self.send, self.recv = (np.zeros(0, np.int64) for _ in range(3))
-        self.codes = {c: np.zeros(0, np.int32) for c in VIEW_DB_COLUMNS}
-        self.values: typing.Dict[str, list] = {c: [] for c in VIEW_DB_COLUMNS + ["contime"]}
-        self.index: typing.Dict[str, dict] = {c: {} for c in VIEW_DB_COLUMNS + ["contime"]}
-        self.seconds = np.zeros(0, np.int64)     # contime code -> local time as seconds
-
-    def __len__(self) -> int:
-        return len(self.rowid)
-
-    def load(self, con: sqlite3.Connection, progress: typing.Callable[[int], None] = lambda n: None) -> None:
-        """Forget pruned rows, then read the rows added since the last load."""
-        low, high = db_rowid_range(con)
-        if len(self) and (low > self.rowid[0] or high < self.rowid[-1]):
-            keep = (self.rowid >= low) & (self.rowid <= high)
-            self.rowid, self.time, self.send, self.recv = (a[keep] for a in (self.rowid, self.time, self.send, self.recv))
-            self.codes = {c: a[keep] for c, a in self.codes.items()}
-        last = int(self.rowid[-1]) if len(self) else 0
-        chunks = []
-        for rows in db_view_rows(con, last):
-            chunks.append(self.encode(rows))
-            progress(sum(len(c[0]) for c in chunks))
-        if chunks:
-            np = self.np
-            self.rowid, self.time, self.send, self.recv = (
-                np.concatenate([old] + [c[i] for c in chunks]) for i, old in
-                enumerate((self.rowid, self.time, self.send, self.recv)))
-            for j, c in enumerate(VIEW_DB_COLUMNS):
-                self.codes[c] = np.concatenate([self.codes[c]] + [chunk[4 + j] for chunk in chunks])
-
-    def encode(self, rows: list) -> list:
-        """One batch as arrays: rowid, time, send, recv, then a code per column."""
-        np, columns = self.np, list(zip(*rows))
-        times = self.intern("contime", columns[1])
-        out = [np.array(columns[0], np.int64), self.seconds[times], np.array(columns[2], np.int64),
-               np.array(columns[3], np.int64)]
-        return out + [self.intern(c, columns[4 + j]) for j, c in enumerate(VIEW_DB_COLUMNS)]
-
-    def intern(self, column: str, values: tuple):
-        """Codes for values, adding new ones to the column's distinct values
-        (dict and map work at C speed here; Python only sees new values)."""
-        np, index, known = self.np, self.index[column], self.values[column]
-        fresh = [v for v in dict.fromkeys(values) if v not in index]
-        index.update(zip(fresh, range(len(known), len(known) + len(fresh))))
-        known.extend(fresh)
-        if column == "contime" and fresh:
-            self.seconds = np.concatenate([self.seconds, seconds_of(np, fresh)])
-        return np.fromiter(map(index.__getitem__, values), np.int32, len(values))
-
-    def select(self, filters: list, start: int, end: int):
-        """A mask of the rows in [start, end) (end 0: no time limit) that pass every filter."""
-        np = self.np
-        mask = np.ones(len(self), bool)
-        if end:
-            mask &= (self.time >= start) & (self.time < end)
-        for f in filters:
-            match = (self.time // f.bucket == f.code) if f.column == "time" else (self.codes[f.column] == f.code)
-            mask &= ~match if f.exclude else match
-        return mask
-
-    def totals(self, column: str, mask, bucket: int) -> typing.List[typing.Tuple[int, int, int]]:
-        """(code, send, recv) per value of column among the masked rows, largest first;
-        for "time" the code is the bucket number."""
-        np = self.np
-        send, recv = self.send[mask], self.recv[mask]
-        if column == "time":
-            buckets = self.time[mask] // bucket
-            base = int(buckets.min()) if len(buckets) else 0
-            keys = buckets - base
-            codes = np.nonzero(np.bincount(keys))[0] + base if len(keys) else keys
-            keys = np.searchsorted(codes, buckets)
-        else:
-            keys = self.codes[column][mask]
-            codes = np.nonzero(np.bincount(keys, minlength=len(self.values[column])))[0]
-        size = int(keys.max()) + 1 if len(keys) else 0
-        sums = [np.bincount(keys, weights=w, minlength=size) for w in (send, recv)]
-        if column != "time":
-            sums = [s[codes] for s in sums]
-        order = np.argsort(-(sums[0] + sums[1]), kind="stable")
-        return [(int(codes[i]), int(sums[0][i]), int(sums[1][i])) for i in order]
-
-
 @dataclasses.dataclass
 class ViewFilter:
     column: str
-    code: int
+    value: typing.Any
     exclude: bool
     label: str
-    bucket: int = 0      # for time: the bucket size the code counts in
+    bucket: int = 0      # for time: the bucket size the value starts
+
+    def query(self) -> Filter:
+        return Filter(self.column, self.value, self.exclude, self.bucket)
 
 
 class Viewer:
     """The state of `picosnitch view` and what a key press does to it. screen()
     gives the lines to draw; curses only draws them."""
 
-    def __init__(self, path: str, geoip: typing.Optional["GeoIP"], np, clock=time.time,
-                 progress: typing.Callable[[int], None] = lambda n: None):
+    def __init__(self, path: str, geoip: typing.Optional["GeoIP"], clock=time.time):
         self.path, self.geoip, self.clock = path, geoip, clock
-        self.log = LogColumns(np)
+        self.log: typing.Optional[LogQuery] = None
         self.view, self.range, self.offset, self.unit = 0, [r[0] for r in TIME_RANGES].index(DEFAULT_RANGE), 0, 0
         self.filters: typing.List[ViewFilter] = []
         self.cursor = self.top = 0
         self.message, self.problem = "", ""
-        self.entries: typing.List[typing.Tuple[int, int, int]] = []
+        self.entries: typing.List[tuple] = []
         self.computed: typing.Optional[tuple] = None
+        self.generation = 0           # bumped by r: ask again
         self.shown = (0, 0)           # the time span the entries were computed for
         self.users: typing.Dict[int, str] = {}
-        self.refresh(progress)
+        self.refresh()
 
     # -- data ---------------------------------------------------------------
-    def refresh(self, progress: typing.Callable[[int], None] = lambda n: None) -> None:
-        """Read new rows; a missing, empty or locked database becomes a message."""
-        self.computed, self.problem = None, ""
+    def refresh(self) -> None:
+        """Ask again from now on; a missing, empty or locked database becomes a message."""
+        self.computed, self.problem, self.generation = None, "", self.generation + 1
         try:
             os.stat(self.path)
         except FileNotFoundError:
@@ -4562,36 +5118,56 @@ class Viewer:
         except OSError as e:
             self.problem = f"cannot read {self.path}: {e.strerror}"
             return
+        self.ask(lambda: self.open().count() or None, f"{self.path} has no connections yet; r retries")
+
+    def open(self) -> LogQuery:
+        if self.log is None:
+            self.log = LogQuery(self.path)
+        self.log.refresh()
+        return self.log
+
+    def ask(self, question: typing.Callable[[], typing.Any], if_none: str = "") -> typing.Any:
+        """The answer of question() on the log; a failure (or no answer)
+        becomes the problem shown instead of entries."""
         try:
-            con = db_open_readonly(self.path)
-            try:
-                self.log.load(con, progress)
-            finally:
-                con.close()
+            answer = question()
         except sqlite3.OperationalError as e:
             busy = "locked" in str(e) or "busy" in str(e)
             self.problem = (f"{self.path} is locked by a writer; r retries" if busy
                             else f"cannot read {self.path}: {e}; r retries")
+            self.close()
+            return None
         except sqlite3.DatabaseError as e:
             self.problem = f"cannot read {self.path}: {e}"
-        if not self.problem and not len(self.log):
-            self.problem = f"{self.path} has no connections yet; r retries"
+            self.close()
+            return None
+        if answer is None and if_none:
+            self.problem = if_none
+        return answer
 
-    def span(self) -> typing.Tuple[int, int]:
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+    def span(self) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
         """[start, end) of the time range in snitch.db's clock (local time as seconds)."""
         seconds = TIME_RANGES[self.range][1]
         if not seconds:
-            return 0, 0
-        now = calendar.timegm(time.localtime(self.clock())) + 1
-        end = now - self.offset * seconds
+            return None, None
+        end = now_seconds(self.clock) + 1 - self.offset * seconds
         return end - seconds, end
 
-    def current(self) -> typing.List[typing.Tuple[int, int, int]]:
-        key = (self.view, self.range, self.offset, tuple(dataclasses.astuple(f) for f in self.filters), len(self.log))
+    def current(self) -> typing.List[tuple]:
+        """(value, sent, received, rows) of the entries to show."""
+        key = (self.view, self.range, self.offset, tuple(dataclasses.astuple(f) for f in self.filters),
+               self.generation)
         if key != self.computed and not self.problem:
-            start, end = self.shown = self.span()
-            mask = self.log.select(self.filters, start, end)
-            self.entries = self.log.totals(VIEWS[self.view][1], mask, self.bucket()[0])
+            start, end = self.span()
+            self.shown = (start or 0, end or 0)
+            entries = self.ask(lambda: self.log.totals(VIEWS[self.view][1], [f.query() for f in self.filters],
+                                                       start, end, self.bucket()[0]))
+            self.entries = entries or []
             self.computed = key
             self.cursor = min(self.cursor, max(len(self.entries) - 1, 0))
         return [] if self.problem else self.entries
@@ -4599,26 +5175,23 @@ class Viewer:
     def bucket(self) -> typing.Tuple[int, str]:
         return TIME_BUCKETS[TIME_RANGES[self.range][0]]
 
-    def label(self, column: str, code: int) -> str:
+    def label(self, column: str, value) -> str:
         if column == "time":
-            size, form = self.bucket()
-            return time.strftime(form, time.gmtime(code * size))
-        value = self.log.values[column][code]
+            return time.strftime(self.bucket()[1], time.gmtime(value))
         if value is None:
             return "(not logged)"
         if column == "uid":
             if value not in self.users:      # looked up once, not at every redraw
                 try:
                     self.users[value] = f"{pwd.getpwuid(value).pw_name} ({value})"
-                except KeyError:
+                except (KeyError, TypeError, OverflowError):
                     self.users[value] = str(value)
             return self.users[value]
-        if column == "raddr" and value and self.geoip is not None:
-            value = value.decode("utf-8", "replace")
-            country = self.geoip.country(value)
-            return f"{value} ({country})" if country else value
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
+        if column == "raddr" and value and self.geoip is not None:
+            country = self.geoip.country(value)
+            return f"{value} ({country})" if country else value
         return str(value) if value != "" else "(none)"
 
     # -- keys ---------------------------------------------------------------
@@ -4638,9 +5211,9 @@ class Viewer:
         if not entries:
             return
         column = VIEWS[self.view][1]
-        code = entries[self.cursor][0]
-        label = f"{VIEWS[self.view][0]} {'≠' if exclude else '='} {self.label(column, code)}"
-        self.filters.append(ViewFilter(column, code, exclude, label, self.bucket()[0] if column == "time" else 0))
+        value = entries[self.cursor][0]
+        label = f"{VIEWS[self.view][0]} {'≠' if exclude else '='} {self.label(column, value)}"
+        self.filters.append(ViewFilter(column, value, exclude, label, self.bucket()[0] if column == "time" else 0))
         if not exclude:
             self.step_view(1)
         self.cursor = self.top = 0
@@ -4698,6 +5271,7 @@ class Viewer:
         self.unit = (self.unit - 1) % len(UNITS)
 
     def do_refresh(self) -> None:
+        self.close()
         self.refresh()
 
     # -- screen -------------------------------------------------------------
@@ -4782,20 +5356,17 @@ def read_config(directory: str) -> Config:
 
 
 def run_viewer(directory: str) -> int:
-    try:
-        import numpy
-    except ImportError:
-        raise PicosnitchError("'view' needs numpy (Debian: python3-numpy)")
     import curses
     config = read_config(directory)
     said: typing.List[str] = []
     geoip = GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
-    say = lambda n: print(f"\rpicosnitch view: reading {DB_NAME}, {n} rows", end="", file=sys.stderr, flush=True)
-    viewer = Viewer(os.path.join(directory, DB_NAME), geoip, numpy, progress=say)
+    viewer = Viewer(os.path.join(directory, DB_NAME), geoip)
     viewer.message = said[0] if said else ""
-    curses.wrapper(view_loop, viewer)
+    try:
+        curses.wrapper(view_loop, viewer)
+    finally:
+        viewer.close()
     return 0
-
 
 ###############################################################################
 # 18. command line

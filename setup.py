@@ -25,8 +25,7 @@ setup(
         "notifications": ["dbus-python"],
         "virustotal": ["requests"],
         "geoip": ["geoip2", "requests"],
-        "view": ["numpy"],
-        "full": ["dbus-python", "requests", "geoip2", "numpy"],
+        "full": ["dbus-python", "requests", "geoip2"],
     },
     classifiers=[
         "Environment :: No Input/Output (Daemon)",

@@ -73,6 +73,14 @@ class Reports:
         return "\n".join(r.text + r.detail for r in self.read())
 
 
+@pytest.fixture
+def private_umask():
+    """The umask of picosnitch's user-side processes, for one test."""
+    old = os.umask(0o077)
+    yield
+    os.umask(old)
+
+
 def wait_for(predicate, timeout=30, step=0.1):
     """True once predicate() is, polling every step seconds; its last value after timeout."""
     deadline = time.monotonic() + timeout

@@ -32,7 +32,7 @@ def primary(tmp_path, **settings):
         while True:
             try:
                 request = monitor.recv()
-            except EOFError:        # the primary is gone
+            except (EOFError, ValueError):        # the primary is gone
                 return
             monitor.send(picosnitch.HashAnswer(request.id, [[f"{ino:064x}", ""] for _, _, ino, *_ in request.procs]))
     threading.Thread(target=answer, daemon=True).start()
@@ -88,7 +88,7 @@ def test_a_locked_database_keeps_windows_in_memory_and_is_reported_once(tmp_path
     assert len(errors) == 1 and errors[0].startswith("snitch.db cannot be written (database is locked)")
     assert p.flush()
     assert [r["exe"] for r in picosnitch.db_rows(db)] == ["/usr/bin/curl", "/usr/bin/wget", "/usr/bin/wget"]
-    assert picosnitch.db_written(sqlite3.connect(db)) == ("test-run", 3)
+    assert picosnitch.Log(sqlite3.connect(db)).written() == ("test-run", 3)
     p.close()
 
 

@@ -1,4 +1,4 @@
-"""snitch.db, record.json and the logs: schema, writes, retention, permissions."""
+"""record.json, the logs, conn.log and the remote copy's tables (section 7; snitch.db is in test_log.py)."""
 import datetime
 import json
 import os
@@ -6,44 +6,6 @@ import os
 import pytest
 
 import picosnitch
-
-def row(contime, exe="/usr/bin/curl", send=10, recv=20):
-    return (contime, send, recv, exe, "curl", "curl x", "ab" * 32, "/usr/bin/bash", "bash", "bash", "cd" * 32,
-            1000, 40000, 443, "10.0.0.2", "10.0.0.1", "example.org", "tcp", "/usr/bin/login", "login", "login -p",
-            "ef" * 32)
-
-
-@pytest.fixture
-def private_umask():
-    """The umask of picosnitch's user-side processes, for this test only."""
-    old = os.umask(0o077)
-    yield
-    os.umask(old)
-
-
-def test_schema_has_the_spec_columns_and_indexes(tmp_path, private_umask):
-    con = picosnitch.db_open(str(tmp_path / "snitch.db"))
-    columns = [r[1] for r in con.execute("PRAGMA table_info(connections)")]
-    assert columns == picosnitch.DB_COLUMNS
-    for name in ["contime", "send", "recv", "exe", "name", "cmdline", "sha256", "pexe", "pname", "pcmdline",
-                 "psha256", "uid", "lport", "rport", "laddr", "raddr", "domain", "proto", "gpexe", "gpname",
-                 "gpcmdline", "gpsha256"]:
-        assert name in columns
-    plan = " ".join(str(r) for r in con.execute(
-        "EXPLAIN QUERY PLAN SELECT SUM(send) FROM connections WHERE exe = ? AND contime > ?", ("x", "y")))
-    assert "USING INDEX" in plan or "USING COVERING INDEX" in plan
-    assert os.stat(tmp_path / "snitch.db").st_mode & 0o777 == 0o600
-
-
-def test_insert_and_retention(tmp_path):
-    con = picosnitch.db_open(str(tmp_path / "snitch.db"))
-    old = (datetime.datetime.now() - datetime.timedelta(days=31)).strftime(picosnitch.TIME_FORMAT)
-    picosnitch.db_insert(con, [row(old), row(picosnitch.now_text())])
-    assert picosnitch.db_prune(con, 30) == 1
-    con.commit()
-    rows = picosnitch.db_rows(str(tmp_path / "snitch.db"))
-    assert len(rows) == 1 and rows[0]["domain"] == "example.org" and rows[0]["send"] == 10
-
 
 def test_write_atomic_replaces_and_keeps_private(tmp_path):
     path = str(tmp_path / "record.json")

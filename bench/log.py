@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""The log at scale: how picosnitch's connection log stores, moves over,
+answers and prunes millions of rows, and how `picosnitch view` answers on it.
+
+For each size asked (default 1M and 10M rows), a realistic log is generated
+(bench/loggen.py: 600 programs with 50-300 character command lines and
+their hashes, parents and grandparents, 5,000 domains over IPv4 and IPv6,
+ephemeral ports, long-tailed use over 30 days), then:
+
+1. bytes per row on disk, and per table;
+2. the primary's cost per window (inserting one window's rows);
+3. the query layer: totals by each of the viewer's columns, under chains of
+   filters and exclusions, over each time range;
+4. `picosnitch view` in tmux: time to the first screen, each key until the
+   screen changed, and the viewer's peak RSS; also each key inside the
+   viewer (its action and an 80x24 screen, without the terminal);
+5. retention: the time to prune a day, and the longest write lock it held;
+6. migration from the older layouts (this project's text table and upstream
+   picosnitch 1.0.3's), on --migrate-rows rows: the time until capture can
+   write again after opening, and the rate of moving the rows over.
+
+usage: sudo /usr/bin/python3 bench/log.py [--rows 1000000,10000000] [--migrate-rows N]
+                                          [--keep DIR] [--report FILE]
+"""
+import argparse
+import datetime
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import loggen  # noqa: E402
+import picosnitch  # noqa: E402
+
+PYTHON = "/usr/bin/python3"
+SCRIPT = os.path.join(os.path.dirname(HERE), "picosnitch.py")
+VIEW_COLUMNS = [c for _, c in picosnitch.VIEWS]
+
+# the scripted session inside the viewer: (key name for the report, Viewer action)
+SESSION = ([("start", None)] + [("down", "down")] * 3 + [("pgdn", "page_down"), ("end", "end"), ("home", "home")]
+           + [("right", "view_next")] * 11 + [("left", "view_prev")] * 2
+           + [("f", "filter"), ("right", "view_next"), ("f", "filter"), ("e", "exclude"), ("right", "view_next")]
+           + [("t", "range_next")] * 7 + [("T", "range_prev")] * 2 + [("h", "older")] * 3 + [("H", "newer")] * 2
+           + [("u", "unit_next")] * 3 + [("U", "unit_prev")]
+           + [("backspace", "undo"), ("E", "clear_excludes"), ("F", "clear_filters"), ("r", "refresh")]
+           + [("left", "view_prev")] * 3 + [("space", "filter"), ("t", "range_next"), ("backspace", "undo")])
+# keys sent in tmux, each changing the screen: every view, then filters, ranges, history
+TMUX_KEYS = ([("Right", "right")] * 10 + [("Right", "right"), ("Down", "down"), ("f", "f"), ("Right", "right"),
+             ("e", "e"), ("t", "t"), ("t", "t"), ("t", "t"), ("h", "h"), ("H", "H"), ("T", "T"), ("u", "u"),
+             ("BSpace", "backspace"), ("F", "F"), ("Left", "left"), ("End", "end"), ("Home", "home")])
+
+
+def ms(seconds):
+    return f"{seconds * 1000:.0f}"
+
+
+def disk(path):
+    """Bytes on disk of a log (with its WAL), and per table and index where SQLite can tell."""
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    try:
+        tables = con.execute("SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC").fetchall()
+    except sqlite3.OperationalError:
+        tables = []
+    con.close()
+    size = sum(os.path.getsize(path + s) for s in ("", "-wal") if os.path.exists(path + s))
+    return size, tables
+
+
+def window_cost(path, rows_per_window, windows=40):
+    """Seconds to write one window (median, max) into the log, as the primary does."""
+    world = loggen.World(11)
+    source = loggen.rows(world, rows_per_window * windows * 2, days=1)
+    log = picosnitch.Log.open(path, timeout=30)
+    times = []
+    for _ in range(windows):
+        batch = [next(source) for _ in range(rows_per_window)]
+        began = time.perf_counter()
+        log.insert(batch, ("bench", len(times)))
+        times.append(time.perf_counter() - began)
+    log.close()
+    return statistics.median(times), max(times)
+
+
+def query_times(path):
+    """Seconds of LogQuery.totals for each viewer column, filter chain and range."""
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    now = picosnitch.now_seconds()
+    exe = query.totals("exe")[0][0]
+    domain = query.totals("domain", [picosnitch.Filter("exe", exe)])[0][0]
+    chains = {"no filter": [], "exe =": [picosnitch.Filter("exe", exe)],
+              "exe =, domain ≠": [picosnitch.Filter("exe", exe), picosnitch.Filter("domain", domain, True)]}
+    ranges = {"all": (None, None), "month": (now - 30 * 86400, now + 1), "week": (now - 7 * 86400, now + 1),
+              "day": (now - 86400, now + 1), "hour": (now - 3600, now + 1)}
+    results = {}
+    for chain_name, chain in chains.items():
+        for range_name, (start, end) in ranges.items():
+            for column in VIEW_COLUMNS:
+                bucket = picosnitch.TIME_BUCKETS[range_name][0]
+                began = time.perf_counter()
+                query.totals(column, chain, start, end, bucket)
+                results[(chain_name, range_name, column)] = time.perf_counter() - began
+    query.close()
+    return results
+
+
+class Tmux:
+    def __init__(self, command):
+        self.socket = f"pslb{uuid.uuid4().hex[:8]}"
+        self.run("new-session", "-d", "-s", "v", "-x", "80", "-y", "24", command + "; sleep 600")
+
+    def run(self, *args):
+        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True, text=True).stdout
+
+    def screen(self):
+        return self.run("capture-pane", "-p", "-e", "-t", "v")     # -e: highlights too
+
+    def until(self, test, timeout=120):
+        began = time.perf_counter()
+        while time.perf_counter() - began < timeout:
+            s = self.screen()
+            if test(s):
+                return time.perf_counter() - began, s
+            time.sleep(0.003)
+        raise RuntimeError("the viewer did not answer:\n" + self.screen())
+
+    def close(self):
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+
+
+def tmux_session(home, rss_file):
+    """picosnitch view in tmux: seconds to the first screen, then per key until
+    the screen changed; the viewer's peak RSS (MB) once it quit."""
+    measure = (f"import resource, subprocess, sys; subprocess.call(sys.argv[1:]); "
+               f"open('{rss_file}', 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))")
+    t = Tmux(f"HOME={home} {PYTHON} -c \"{measure}\" {PYTHON} {SCRIPT} view")
+    try:
+        first, screen = t.until(lambda s: "by executable (1/11)" in s and "sent" in s)
+        results = []
+        for key, name in TMUX_KEYS:
+            before = t.screen()
+            t.run("send-keys", "-t", "v", key)
+            took, _ = t.until(lambda s: s != before, timeout=60)
+            results.append((name, took))
+            time.sleep(0.05)
+        t.run("send-keys", "-t", "v", "q")
+        deadline = time.monotonic() + 30
+        while not os.path.exists(rss_file) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rss = int(open(rss_file).read()) / 1024 if os.path.exists(rss_file) else float("nan")
+        return first, results, rss
+    finally:
+        t.close()
+
+
+def model_session(path):
+    """Seconds per key press inside the viewer (action and screen)."""
+    began = time.perf_counter()
+    viewer = picosnitch.Viewer(path, None)
+    viewer.screen(24, 80)
+    first = time.perf_counter() - began
+    times = []
+    for key, action in SESSION[1:]:
+        began = time.perf_counter()
+        viewer.press(action, 20)
+        viewer.screen(24, 80)
+        times.append((key, time.perf_counter() - began))
+    viewer.close()
+    return first, times
+
+
+def prune_cost(path, workdir):
+    """Prune the oldest day of a copy of the log, 0.2 s at a time (as the
+    primary does between windows): total seconds, longest call, rows gone."""
+    copy = os.path.join(workdir, "prune.db")
+    shutil.copy(path, copy)
+    query = picosnitch.LogQuery(copy)
+    query.refresh()
+    low, high = query.span()
+    query.close()
+    days = (high - low) // 86400          # keep all but the oldest day
+    log = picosnitch.Log.open(copy, timeout=30)
+    calls, gone, began = [], 0, time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        n = log.prune(days, high)
+        calls.append(time.perf_counter() - t0)
+        if n is not None:
+            gone += n
+            break
+    total = time.perf_counter() - began
+    log.close()
+    os.unlink(copy)
+    return total, max(calls), len(calls)
+
+
+def migration(workdir, rows, layout):
+    """An older log of rows rows: seconds for Log.open (until capture writes
+    again), then seconds to move every row over."""
+    path = os.path.join(workdir, f"old-{layout}.db")
+    loggen.write_legacy(path, rows, layout)
+    began = time.perf_counter()
+    log = picosnitch.Log.open(path)
+    log.insert([next(loggen.rows(loggen.World(2), 1, days=1))])      # capture writes at once
+    opened = time.perf_counter() - began
+    began = time.perf_counter()
+    moved = 0
+    while True:
+        n = log.migrate()
+        if n is None:
+            break
+        moved += n
+    took = time.perf_counter() - began
+    log.close()
+    os.unlink(path)
+    return opened, moved, took
+
+
+def report_lines(size, rows, disk_size, tables, window, queries, tmux, model, prune):
+    first, keys, rss = tmux
+    lines = [f"## {rows:,} rows", "",
+             f"- on disk: {disk_size / 1e6:.0f} MB, **{disk_size / rows:.0f} bytes a row** (target ≤ 100)"]
+    if tables:
+        lines.append("- by table and index: " + ", ".join(f"{n} {s / 1e6:.0f} MB" for n, s in tables[:8]))
+    lines += [f"- the primary's cost per window: {window[0][0] * 1000:.1f} ms median, {window[0][1] * 1000:.1f} ms max "
+              f"for {window[0][2]} rows; {window[1][0] * 1000:.1f} ms median, {window[1][1] * 1000:.1f} ms max for "
+              f"{window[1][2]} rows",
+              f"- retention: pruning the oldest day took {prune[0]:.1f} s in {prune[2]} calls; the longest call "
+              f"(the longest write lock) {ms(prune[1])} ms", ""]
+    keyed = [s for _, s in keys]
+    lines += [f"- `picosnitch view` in tmux: **first screen after {first:.2f} s**, keys until the screen changed "
+              f"(tmux polling included): median {ms(statistics.median(keyed))} ms, **max {ms(max(keyed))} ms**; "
+              f"**peak RSS {rss:.0f} MB**", "",
+              "| key (tmux) | ms |", "|---|---|"] + [f"| {k} | {ms(s)} |" for k, s in keys]
+    by_key = {}
+    for key, seconds in model[1]:
+        by_key.setdefault(key, []).append(seconds)
+    every = [s for values in by_key.values() for s in values]
+    lines += ["", f"- inside the viewer (action and an 80x24 screen): first screen {ms(model[0])} ms; "
+              f"{len(every)} presses, median {ms(statistics.median(every))} ms, max {ms(max(every))} ms", "",
+              "| key | presses | median ms | max ms |", "|---|---|---|---|"]
+    lines += [f"| {k} | {len(v)} | {ms(statistics.median(v))} | {ms(max(v))} |" for k, v in by_key.items()]
+    ranges = ["all", "month", "week", "day", "hour"]
+    lines += ["", "Totals by each viewer column (ms), by filter chain and range:", ""]
+    for chain in dict.fromkeys(c for c, _, _ in queries):
+        lines += [f"*{chain}*", "", "| range | " + " | ".join(VIEW_COLUMNS) + " |",
+                  "|---|" + "---|" * len(VIEW_COLUMNS)]
+        for r in ranges:
+            lines.append(f"| {r} | " + " | ".join(ms(queries[(chain, r, c)]) for c in VIEW_COLUMNS) + " |")
+        lines.append("")
+    slow = sorted(((s, k) for k, s in queries.items()), reverse=True)
+    over = [(s, k) for s, k in slow if s > 0.2]
+    lines.append(f"- {len(queries) - len(over)} of {len(queries)} queries within 200 ms; the slowest: "
+                 + "; ".join(f"{k[2]} under '{k[0]}' over {k[1]}: {ms(s)} ms" for s, k in slow[:5]))
+    return lines, {"bytes": disk_size / rows, "first": first, "key_max": max(keyed), "rss": rss,
+                   "queries_over": len(over), "queries": len(queries), "query_max": slow[0][0]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", default="1000000,10000000", help="sizes of the generated logs, comma separated")
+    parser.add_argument("--migrate-rows", type=int, default=1_000_000)
+    parser.add_argument("--keep", help="keep (and reuse) the generated logs in this directory")
+    parser.add_argument("--report", help="also write the report to this markdown file")
+    args = parser.parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="pslog-")
+    keep = args.keep or workdir
+    os.makedirs(keep, exist_ok=True)
+    lines = [f"# picosnitch's log at scale ({datetime.date.today()}, kernel {os.uname().release}, "
+             f"SQLite {sqlite3.sqlite_version})", ""]
+    summary = []
+    try:
+        for size in [int(s) for s in args.rows.split(",")]:
+            path = os.path.join(keep, f"log-{size}.db")
+            if not os.path.exists(path):
+                began = time.perf_counter()
+                loggen.write_v2(path, size)
+                print(f"generated {size:,} rows in {time.perf_counter() - began:.0f} s", flush=True)
+            rows = picosnitch.LogQuery(path)
+            rows.refresh()
+            count = rows.count()
+            rows.close()
+            disk_size, tables = disk(path)
+            home = os.path.join(workdir, f"home-{size}")
+            directory = os.path.join(home, ".config", "picosnitch")
+            os.makedirs(directory)
+            with open(os.path.join(directory, "config.json"), "w") as f:
+                f.write('{"GeoIP lookup": false}')
+            os.symlink(path, os.path.join(directory, "snitch.db"))
+            tmux = tmux_session(home, os.path.join(workdir, f"rss-{size}"))
+            model = model_session(path)
+            queries = query_times(path)
+            prune = prune_cost(path, workdir)
+            copy = os.path.join(workdir, "window.db")
+            shutil.copy(path, copy)
+            window = [(*window_cost(copy, n), n) for n in (40, 400)]
+            os.unlink(copy)
+            section, figures = report_lines(size, count, disk_size, tables, window, queries, tmux, model, prune)
+            lines += section + [""]
+            summary.append(f"{count:,} rows: {figures['bytes']:.0f} B/row, first screen {figures['first']:.2f} s, "
+                           f"keys max {ms(figures['key_max'])} ms, RSS {figures['rss']:.0f} MB, "
+                           f"{figures['queries'] - figures['queries_over']}/{figures['queries']} queries ≤ 200 ms "
+                           f"(max {ms(figures['query_max'])} ms)")
+            print(summary[-1], flush=True)
+        lines += ["## Migration", "", "| layout | rows | until capture writes (s) | rows moved per second |",
+                  "|---|---|---|---|"]
+        for layout in loggen.LEGACY:
+            opened, moved, took = migration(workdir, args.migrate_rows, layout)
+            lines.append(f"| {layout} | {moved:,} | {opened:.2f} | {moved / took:,.0f} |")
+            summary.append(f"migration from {layout}: {moved / took:,.0f} rows/s, capture after {opened:.2f} s")
+            print(summary[-1], flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = "\n".join(lines) + "\n\nSummary: " + "; ".join(summary) + "\n"
+    if args.report:
+        with open(args.report, "w") as f:
+            f.write(text)
+    print(text)
+    print("log: " + "; ".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

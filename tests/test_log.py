@@ -1,0 +1,207 @@
+"""Section 7, the log at scale: the compact layout (version 2), the
+connections view, rollups and retention, migrations from the older layouts,
+and the query layer, checked against sums computed from the rows themselves."""
+import os
+import sqlite3
+
+import pytest
+
+import loggen
+import picosnitch
+
+NOW = 1_795_000_000 // 86400 * 86400 + 13 * 3600 + 1234     # a fixed "now", in the log's seconds
+
+
+def text(t):
+    return picosnitch.time.strftime(picosnitch.TIME_FORMAT, picosnitch.time.gmtime(t))
+
+
+def make_log(path, n=3000, days=3, seed=3):
+    log = picosnitch.Log.open(path)
+    rows = list(loggen.rows(loggen.World(seed, exes=40, domains=120), n, days, end=NOW))
+    log.insert(rows)
+    log.close()
+    return rows
+
+
+def value(v):
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def brute(rows, group, filters=(), start=None, end=None, bucket=86400):
+    """What totals() must answer, computed from the rows of the view."""
+    out = {}
+    for r in rows:
+        t = picosnitch.local_seconds(r["contime"])
+        if (start is not None or end is not None) and not isinstance(t, int):
+            continue
+        if (start is not None and t < start) or (end is not None and t >= end):
+            continue
+        keep = True
+        for f in filters:
+            if f.column == "time":
+                match = isinstance(t, int) and f.value <= t < f.value + f.bucket
+            else:
+                match = r[f.column] == value(f.value)
+            keep &= match != f.exclude
+        if not keep:
+            continue
+        if group == "time":
+            if not isinstance(t, int):
+                continue
+            key = t // bucket * bucket
+        else:
+            key = r[group]
+        total = out.setdefault(key, [0, 0, 0])
+        total[0] += r["send"]
+        total[1] += r["recv"]
+        total[2] += 1
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def answer(query, *args, **kw):
+    return {value(v): (s, r, n) for v, s, r, n in query.totals(*args, **kw)}
+
+
+def test_the_layout_and_its_view(tmp_path, private_umask):
+    path = str(tmp_path / "snitch.db")
+    log = picosnitch.Log.open(path)
+    con = log.con
+    assert con.execute("PRAGMA user_version").fetchone()[0] == picosnitch.SCHEMA_VERSION
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert [r[1] for r in con.execute("PRAGMA table_info(connections)")] == picosnitch.DB_COLUMNS
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    log.close()
+
+
+def test_rows_read_back_exactly_as_written(tmp_path):
+    path = str(tmp_path / "snitch.db")
+    log = picosnitch.Log.open(path)
+    base = ["2026-11-21 10:00:00", 10, 20, "/usr/bin/curl", "curl", "curl -s x", "ab" * 32, "/bin/sh", "sh", "sh -c",
+            "cd" * 32, 1000, 40000, 443, "10.0.0.2", "10.0.0.1", "example.org", "tcp", "/sbin/init", "init", "init",
+            "ef" * 32]
+    odd = list(base)
+    odd[0], odd[5], odd[11], odd[12], odd[13], odd[16] = "not a time", None, None, None, None, ""
+    unicode = list(base)
+    unicode[3], unicode[4] = "/opt/数据/" + "x" * 400, "数据"
+    rows = [tuple(base), tuple(odd), tuple(unicode)]
+    log.insert(rows)
+    # scripts may go on inserting into the view; a name that is not UTF-8 keeps its bytes
+    log.con.execute("INSERT INTO connections (contime, send, recv, exe, name) VALUES (?, 1, 2, CAST(? AS TEXT), ?)",
+                    ("2026-11-21 10:00:05", b"/opt/bad\xffname", "bad"))
+    log.con.commit()
+    log.close()
+    con = sqlite3.connect(path)
+    con.text_factory = bytes
+    got = con.execute(f"SELECT {', '.join(picosnitch.DB_COLUMNS)} FROM connections").fetchall()
+    encode = lambda r: tuple(v.encode() if isinstance(v, str) else v for v in r)
+    assert got[:3] == [encode(r) for r in rows]
+    assert got[3][:5] == (b"2026-11-21 10:00:05", 1, 2, b"/opt/bad\xffname", b"bad")
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    assert {v for v, *_ in query.totals("exe")} == {b"/usr/bin/curl", unicode[3].encode(), b"/opt/bad\xffname"}
+    assert query.totals("exe", [picosnitch.Filter("exe", b"/opt/bad\xffname")]) == [(b"/opt/bad\xffname", 1, 2, 1)]
+    assert query.count() == 4
+
+
+GROUPS = ["exe", "name", "cmdline", "sha256", "pexe", "pname", "gpexe", "domain", "raddr", "laddr", "lport", "rport",
+          "uid", "proto", "time"]
+
+
+def test_totals_match_the_rows_for_every_column_filter_and_range(tmp_path):
+    path = str(tmp_path / "snitch.db")
+    make_log(path)
+    rows = picosnitch.db_rows(path)
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    exe = max(brute(rows, "exe").items(), key=lambda kv: kv[1][2])[0]
+    domain = max(brute(rows, "domain", [picosnitch.Filter("exe", exe)]).items(), key=lambda kv: kv[1][2])[0]
+    lport = rows[0]["lport"]
+    chains = [[], [picosnitch.Filter("exe", exe)], [picosnitch.Filter("exe", exe), picosnitch.Filter("domain", domain, True)],
+              [picosnitch.Filter("lport", lport, True)], [picosnitch.Filter("uid", 0)],
+              [picosnitch.Filter("time", (NOW - 86400) // 3600 * 3600, False, 3600)],
+              [picosnitch.Filter("time", (NOW - 86400) // 86400 * 86400, True, 86400)]]
+    ranges = [(None, None), (NOW - 3600, NOW + 1), (NOW - 86400, NOW + 1), (NOW - 7 * 86400, NOW + 1),
+              (NOW - 2 * 86400 - 1800, NOW - 3600 + 17), (NOW - 2 * 86400 - 61, NOW - 1 - 2 * 86400 + 3 * 3600)]
+    checked = 0
+    for group in GROUPS:
+        for chain in chains:
+            for start, end in ranges:
+                for bucket in ([60, 3600, 86400] if group == "time" else [86400]):
+                    if group == "time" and bucket < 3600 and start is None:
+                        continue
+                    expected = brute(rows, group, chain, start, end, bucket)
+                    assert answer(query, group, chain, start, end, bucket) == expected, (group, chain, start, end, bucket)
+                    checked += 1
+    assert checked > 600
+
+
+def test_retention_keeps_whole_days_and_the_totals_right(tmp_path):
+    path = str(tmp_path / "snitch.db")
+    make_log(path, n=4000, days=5)
+    log = picosnitch.Log.open(path)
+    assert log.prune(2, NOW, budget=10) > 0
+    log.close()
+    rows = picosnitch.db_rows(path)
+    cutoff = (NOW - 2 * 86400) // 86400 * 86400
+    assert min(picosnitch.local_seconds(r["contime"]) for r in rows) >= cutoff
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    for group in ("exe", "domain", "lport", "time"):
+        assert answer(query, group) == brute(rows, group)
+    assert query.count() == len(rows)
+    assert query.con.execute("SELECT count(*) FROM rollups WHERE level < ? AND b < ?",
+                             (picosnitch.ALL_TIME, cutoff)).fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("layout", ["v1", "upstream-1.0.3"])
+def test_an_older_log_is_moved_over_and_reads_back_exactly(tmp_path, layout):
+    path = str(tmp_path / "snitch.db")
+    loggen.write_legacy(path, 3000, layout, seed=4, days=2)
+    con = sqlite3.connect(path)
+    con.execute("INSERT INTO connections (contime, send, recv, exe) VALUES ('not a time', 1, 2, NULL)")
+    con.commit()
+    width = loggen.LEGACY[layout][1]
+    original = con.execute("SELECT * FROM connections ORDER BY rowid").fetchall()
+    con.close()
+
+    # before picosnitch 2 opens it, the query layer reads the old table
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    assert answer(query, "exe") == brute([dict(zip(picosnitch.DB_COLUMNS, r)) for r in original], "exe")
+    query.close()
+
+    log = picosnitch.Log.open(path)       # capture goes on at once; nothing is read yet
+    assert log.migrating()
+    log.insert([("2026-11-29 10:00:00", 5, 6, "/usr/bin/new", "new", "new", "", "", "", "", "", 0, 1, 2, "", "", "",
+                 "udp", "", "", "", "")])
+    assert log.migrate(1000) == 1000 and log.migrate(700) == 700
+    log.close()                            # a stop halfway: the view still has every row, once
+    halfway = picosnitch.db_rows(path)
+    old_part = [tuple(r[c] for c in picosnitch.DB_COLUMNS[:width]) for r in halfway if r["exe"] != "/usr/bin/new"]
+    assert sorted(old_part, key=repr) == sorted(original, key=repr) and len(halfway) == len(original) + 1
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    assert query.legacy is not None and query.moved > 0
+    assert answer(query, "exe") == brute(halfway, "exe") and answer(query, "time", bucket=3600) == \
+        brute(halfway, "time", bucket=3600)
+    query.close()
+
+    log = picosnitch.Log.open(path)        # the next start goes on
+    while log.migrate(500) is not None:
+        pass
+    assert not log.migrating()
+    log.close()
+    after = picosnitch.db_rows(path)
+    assert [tuple(r[c] for c in picosnitch.DB_COLUMNS[:width]) for r in after if r["exe"] != "/usr/bin/new"] == original
+    assert len(after) == len(original) + 1
+    con = sqlite3.connect(path)
+    assert con.execute("SELECT count(*) FROM sqlite_master WHERE name = ?", (picosnitch.LEGACY_TABLE,)).fetchone() == (0,)
+    con.close()
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    for group in ("exe", "domain", "lport", "uid"):
+        assert answer(query, group) == brute(after, group)
+    week = (NOW - 7 * 86400, NOW + 1)
+    for group, bucket in (("time", 86400), ("exe", 86400), ("lport", 86400), ("time", 3600)):
+        assert answer(query, group, [], *week, bucket=bucket) == brute(after, group, [], *week, bucket=bucket)
