@@ -65,6 +65,8 @@ Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|version
 import calendar
 import collections
 import concurrent.futures
+import contextlib
+import copy
 import ctypes
 import ctypes.util
 import dataclasses
@@ -251,6 +253,14 @@ def read_proc_text(pid: int, name: str) -> str:
         return ""
 
 
+def read_proc_link(pid: int, name: str) -> str:
+    """Where a /proc/PID link points ('' when the process is gone)."""
+    try:
+        return os.readlink(f"/proc/{pid}/{name}")
+    except OSError:
+        return ""
+
+
 def cmdline_text(raw: bytes) -> str:
     """argv as one line: NUL separators become spaces."""
     return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
@@ -274,10 +284,12 @@ DNS_ADDRS = 8        # addresses per getaddrinfo answer
 
 
 class ProcT(ctypes.Structure):
-    """A process image: who it is, what it runs, its parent and grandparent."""
+    """A process image: who it is, what it runs, its parent and grandparent.
+    The executable is the one the process was started with (its exec), even
+    if the process replaced it since (flags: EXE_REPLACED)."""
     _fields_ = [("pid", ctypes.c_uint32), ("ppid", ctypes.c_uint32), ("gppid", ctypes.c_uint32),
                 ("uid", ctypes.c_uint32), ("dev", ctypes.c_uint32), ("pdev", ctypes.c_uint32),
-                ("gpdev", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("gpdev", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("ino", ctypes.c_uint64), ("pino", ctypes.c_uint64), ("gpino", ctypes.c_uint64),
                 ("comm", ctypes.c_char * 16)]
 
@@ -479,22 +491,43 @@ class Report(typing.NamedTuple):         # any -> notifier: for error.log or exe
 MESSAGES = {cls.__name__: cls for cls in (Ready, ExecNotice, HashRequest, HashAnswer, Batch, Hello, Ack, Stop,
                                           Report)}
 MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
+MESSAGE_MAX = 2 << 20          # bytes of one message at most (the kernel carries up to about 4 MB)
 
 
 def encode_message(message: typing.NamedTuple) -> bytes:
     to_list = lambda v: dataclasses.astuple(v) if dataclasses.is_dataclass(v) else list(v)
-    return json.dumps([type(message).__name__, *message], default=to_list).encode()
+    data = json.dumps([type(message).__name__, *message], default=to_list).encode()
+    if len(data) > MESSAGE_MAX:
+        raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
+    return data
+
+
+def field_ok(value, kind) -> bool:
+    """Whether a decoded field has the type its message declares."""
+    kind = typing.get_origin(kind) or kind
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (str, list):
+        return isinstance(value, kind)
+    return True
 
 
 def decode_message(data: bytes) -> typing.NamedTuple:
-    """A message from its JSON; ValueError for anything that is not one."""
+    """A message from its JSON, each field of its declared type; ValueError
+    for anything else (a message may come from a process a user controls)."""
     try:
         name, *fields = json.loads(data)
-        message = MESSAGES[name](*fields)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"not a message: {e}")
-    if isinstance(message, Batch):
-        message = message._replace(conns=[Conn.from_list(c) for c in message.conns])
+        cls = MESSAGES[name]
+        message = cls(*fields)
+        for field, kind in cls.__annotations__.items():
+            if not field_ok(getattr(message, field), kind):
+                raise ValueError(f"{name}.{field} is not a {getattr(kind, '__name__', kind)}")
+        if isinstance(message, Batch):
+            message = message._replace(conns=[Conn.from_list(c) for c in message.conns])
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
+        raise ValueError(f"not a message: {type(e).__name__}: {e}")
     return message
 
 
@@ -537,12 +570,12 @@ class Channel:
             return None, []
         peek = bytearray(1)
         size = self.sock.recv_into(peek, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
-        data, ancillary, _, _ = self.sock.recvmsg(max(size, 1), socket.CMSG_SPACE(16 * 4))
-        if not data:
-            raise EOFError("the channel is closed")
+        data, ancillary, _, _ = self.sock.recvmsg(min(max(size, 1), MESSAGE_MAX), socket.CMSG_SPACE(16 * 4))
         fds = [fd for level, kind, raw in ancillary if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
                for fd in struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4])]
         try:
+            if not data or size > MESSAGE_MAX:
+                raise ValueError(f"not a message: {size} bytes")
             return decode_message(data), fds
         except ValueError:
             for fd in fds:
@@ -613,71 +646,17 @@ class Reporter:
 # 6. configuration
 ###############################################################################
 
-@dataclasses.dataclass
-class Config:
-    """config.json as typed attributes; KEYS maps each JSON key to one."""
-    db_retention_days: int = 30
-    db_sql_log: bool = True
-    db_sql_server: dict = dataclasses.field(default_factory=dict)
-    db_text_log: bool = False
-    db_write_limit_seconds: float = 10
-    dash_scroll_zoom: bool = True
-    dash_theme: str = ""
-    desktop_notifications: bool = True
-    every_exe: bool = False
-    geoip_lookup: bool = True
-    log_addresses: bool = True
-    log_commands: bool = True
-    log_ignore: list = dataclasses.field(default_factory=list)
-    log_ports: bool = True
-    perf_ring_buffer_pages: int = 256
-    set_rlimit_nofile: typing.Optional[int] = None
-    set_st_dev_mask: typing.Optional[int] = None
-    vt_api_key: str = ""
-    vt_file_upload: bool = False
-    vt_request_limit_seconds: float = 15
-    vt_api_address: str = VT_API_ADDRESS
-    geoip_download_address: str = GEOIP_DOWNLOAD_ADDRESS
-
-
-# JSON key -> (attribute, accepted types, description of what is expected)
-CONFIG_KEYS = {
-    "DB retention (days)": ("db_retention_days", (int,), "a whole number of days >= 0"),
-    "DB sql log": ("db_sql_log", (bool,), "true or false"),
-    "DB sql server": ("db_sql_server", (dict,), "an object of connection settings"),
-    "DB text log": ("db_text_log", (bool,), "true or false"),
-    "DB write limit (seconds)": ("db_write_limit_seconds", (int, float), "a number of seconds > 0"),
-    "Dash scroll zoom": ("dash_scroll_zoom", (bool,), "true or false"),
-    "Dash theme": ("dash_theme", (str,), "a bootswatch theme name or \"\""),
-    "Desktop notifications": ("desktop_notifications", (bool,), "true or false"),
-    "Every exe (not just conns)": ("every_exe", (bool,), "true or false"),
-    "GeoIP lookup": ("geoip_lookup", (bool,), "true or false"),
-    "Log addresses": ("log_addresses", (bool,), "true or false"),
-    "Log commands": ("log_commands", (bool,), "true or false"),
-    "Log ignore": ("log_ignore", (list,), "a list of ports, hashes, domains or subnets"),
-    "Log ports": ("log_ports", (bool,), "true or false"),
-    "Perf ring buffer (pages)": ("perf_ring_buffer_pages", (int,), "a power of two"),
-    "Set RLIMIT_NOFILE": ("set_rlimit_nofile", (int, type(None)), "a whole number or null"),
-    "Set st_dev mask": ("set_st_dev_mask", (int, type(None)), "a whole number >= 0 or null"),
-    "VT API key": ("vt_api_key", (str,), "a string"),
-    "VT file upload": ("vt_file_upload", (bool,), "true or false"),
-    "VT request limit (seconds)": ("vt_request_limit_seconds", (int, float), "a number of seconds >= 0"),
-    "VT API address": ("vt_api_address", (str,), "an http(s) address"),
-    "GeoIP download address": ("geoip_download_address", (str,),
-                               "an http(s) address, where {year} and {month} may be filled in"),
-}
-
-# checks beyond the type: attribute -> predicate on the value
-CONFIG_RANGES = {
-    "db_retention_days": lambda v: v >= 0,
-    "db_write_limit_seconds": lambda v: v > 0,
-    "perf_ring_buffer_pages": is_power_of_two,
-    "set_rlimit_nofile": lambda v: v is None or v > 0,
-    "set_st_dev_mask": lambda v: v is None or v >= 0,
-    "vt_request_limit_seconds": lambda v: v >= 0,
-    "vt_api_address": lambda v: v.startswith(("http://", "https://")),
-    "geoip_download_address": lambda v: v.startswith(("http://", "https://")) and fills_year_month(v),
-}
+class Setting(typing.NamedTuple):
+    """One key of config.json: its attribute in Config, its default, the JSON
+    types it accepts, what it must be (said when it is not), any further
+    check, and a note for the README's list (settings_text)."""
+    key: str
+    attr: str
+    default: typing.Any
+    types: tuple
+    expected: str
+    check: typing.Optional[typing.Callable[[typing.Any], bool]] = None
+    note: str = ""
 
 
 def fills_year_month(template: str) -> bool:
@@ -687,6 +666,70 @@ def fills_year_month(template: str) -> bool:
         return True
     except (KeyError, IndexError, ValueError):
         return False
+
+
+def is_address(v: str) -> bool:
+    return v.startswith(("http://", "https://"))
+
+
+SETTINGS = [
+    Setting("DB retention (days)", "db_retention_days", 30, (int,), "a whole number of days >= 0",
+            lambda v: v >= 0, "rows older than this are deleted from snitch.db"),
+    Setting("DB sql log", "db_sql_log", True, (bool,), "true or false", note="write snitch.db"),
+    Setting("DB sql server", "db_sql_server", {}, (dict,), "an object of connection settings",
+            note="also write to MariaDB/MySQL/PostgreSQL (below)"),
+    Setting("DB text log", "db_text_log", False, (bool,), "true or false", note="also write conn.log"),
+    Setting("DB write limit (seconds)", "db_write_limit_seconds", 10, (int, float), "a number of seconds > 0",
+            lambda v: v > 0, "one row per connection per window of this length"),
+    Setting("Dash scroll zoom", "dash_scroll_zoom", True, (bool,), "true or false",
+            note="the web UI's graphs zoom with the mouse wheel"),
+    Setting("Dash theme", "dash_theme", "", (str,), "a bootswatch theme name or \"\"",
+            note="a bootswatch theme for the web UI"),
+    Setting("Desktop notifications", "desktop_notifications", True, (bool,), "true or false"),
+    Setting("Every exe (not just conns)", "every_exe", False, (bool,), "true or false",
+            note="also log every program run, as a row with ports -1"),
+    Setting("GeoIP lookup", "geoip_lookup", True, (bool,), "true or false",
+            note="keep a country database for the viewers (below)"),
+    Setting("Log addresses", "log_addresses", True, (bool,), "true or false",
+            note="off: local and remote addresses are left empty"),
+    Setting("Log commands", "log_commands", True, (bool,), "true or false", note="off: command lines are left empty"),
+    Setting("Log ignore", "log_ignore", [], (list,), "a list of ports, hashes, domains or subnets",
+            note="connections left out of the logs (below)"),
+    Setting("Log ports", "log_ports", True, (bool,), "true or false", note="off: ports are left null"),
+    # the user's config sets root's resources: kernel memory and open files are bounded
+    Setting("Perf ring buffer (pages)", "perf_ring_buffer_pages", 256, (int,), "a power of two up to 4096",
+            lambda v: is_power_of_two(v) and v <= 4096, "per CPU, up to 4096; raise it if events are lost"),
+    Setting("Set RLIMIT_NOFILE", "set_rlimit_nofile", None, (int, type(None)),
+            "a whole number from 1 to 1048576 or null", lambda v: v is None or 0 < v <= 1 << 20,
+            "more open files (up to 1048576) for a bigger executable cache"),
+    Setting("Set st_dev mask", "set_st_dev_mask", None, (int, type(None)), "a whole number >= 0 or null",
+            lambda v: v is None or v >= 0, "0 turns the device check off (automatic when btrfs is mounted)"),
+    Setting("VT API key", "vt_api_key", "", (str,), "a string", note="look up new sha256 hashes on VirusTotal when set"),
+    Setting("VT file upload", "vt_file_upload", False, (bool,), "true or false",
+            note="also upload executables VirusTotal does not know"),
+    Setting("VT request limit (seconds)", "vt_request_limit_seconds", 15, (int, float), "a number of seconds >= 0",
+            lambda v: v >= 0, "at most one VirusTotal request per this many seconds"),
+    Setting("VT API address", "vt_api_address", VT_API_ADDRESS, (str,), "an http(s) address", is_address),
+    Setting("GeoIP download address", "geoip_download_address", GEOIP_DOWNLOAD_ADDRESS, (str,),
+            "an http(s) address, where {year} and {month} may be filled in",
+            lambda v: is_address(v) and fills_year_month(v)),
+]
+SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
+
+# config.json as typed attributes, with the defaults (a fresh copy of each)
+Config = dataclasses.make_dataclass("Config", [
+    (setting.attr, typing.Any, dataclasses.field(default_factory=lambda d=setting.default: copy.deepcopy(d)))
+    for setting in SETTINGS])
+Config.__module__ = __name__
+
+
+def settings_text() -> str:
+    """The README's list of settings: each key with its default and note."""
+    lines = []
+    for setting in SETTINGS:
+        head = f"{json.dumps(setting.key)}: {json.dumps(setting.default)}"
+        lines.append(f"{head:<35} {setting.note}".rstrip() if setting.note else head)
+    return "\n".join(lines) + "\n"
 
 
 class IgnoreRules(typing.NamedTuple):
@@ -769,7 +812,7 @@ def check_sql_server(settings: dict, source: str = CONFIG_NAME) -> None:
 
 
 def config_to_json(config: Config) -> str:
-    values = {key: getattr(config, attr) for key, (attr, _, _) in CONFIG_KEYS.items()}
+    values = {setting.key: getattr(config, setting.attr) for setting in SETTINGS}
     return json.dumps(values, indent=2) + "\n"
 
 
@@ -783,14 +826,14 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
         raise PicosnitchError(f"{source}: expected a JSON object of settings, found {type(data).__name__}")
     config = Config()
     for key, value in data.items():
-        if key not in CONFIG_KEYS:
-            raise PicosnitchError(f"{source}: unknown key {key!r} (known keys: {', '.join(CONFIG_KEYS)})")
-        attr, types, expected = CONFIG_KEYS[key]
+        if key not in SETTINGS_BY_KEY:
+            raise PicosnitchError(f"{source}: unknown key {key!r} (known keys: {', '.join(SETTINGS_BY_KEY)})")
+        setting = SETTINGS_BY_KEY[key]
         # bool is an int in Python: accept it only where a bool is expected
-        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if not ok or not CONFIG_RANGES.get(attr, lambda v: True)(value):
-            raise PicosnitchError(f"{source}: {key!r} must be {expected}, found {json.dumps(value)}")
-        setattr(config, attr, value)
+        ok = isinstance(value, setting.types) and not (isinstance(value, bool) and bool not in setting.types)
+        if not ok or not (setting.check is None or setting.check(value)):
+            raise PicosnitchError(f"{source}: {key!r} must be {setting.expected}, found {json.dumps(value)}")
+        setattr(config, setting.attr, value)
     ignore_rules(config.log_ignore, source)
     check_sql_server(config.db_sql_server, source)
     return config
@@ -2021,6 +2064,7 @@ BPF_TEXT = r"""
 #define NAME_LEN $NAME_LEN
 #define ARGS_LEN $ARGS_LEN
 #define DNS_ADDRS $DNS_ADDRS
+#define EXE_REPLACED $EXE_REPLACED
 #define HOOK(event) int hook__##event(struct bpf_raw_tracepoint_args *ctx)
 $EVENT_KINDS
 $STAT_INDEXES
@@ -2048,6 +2092,11 @@ BPF_HASH(gai, u64, struct gai_t, 1024);
 BPF_ARRAY(stats, u64, $N_STATS);
 $PEER_STORE
 BPF_PERCPU_ARRAY(scratch, struct exec_event_t, 1);
+/* the executable each process was started with, recorded at its exec and
+   inherited at fork: a process may replace /proc/PID/exe (prctl PR_SET_MM),
+   but not what it ran */
+struct exe_rec_t { u64 file; u64 ino; u32 dev; u32 pad; };
+BPF_TABLE("lru_hash", u32, struct exe_rec_t, execd, $MAX_PROCS);
 /* the executable image of the task last seen on a CPU, valid while the exec
    generation (bumped at every exec and fork) is unchanged */
 struct exe_cache_t { u64 task; u64 gen; u64 exe; };
@@ -2066,14 +2115,26 @@ static __always_inline void submit(void *ctx, void *ev, u32 size) {
 
 static __always_inline u16 swap16(u16 v) { return (v >> 8) | (v << 8); }
 
-/* device and inode of a task's executable (0 for kernel threads) */
-static __always_inline void exe_id(void *task, u32 *dev, u64 *ino) {
-    void *mm = read_ptr(task, TASK_MM);
-    void *file = mm ? read_ptr(mm, MM_EXE_FILE) : 0;
-    if (!file) return;
+static __always_inline void file_id(void *file, u32 *dev, u64 *ino) {
     void *inode = read_ptr(file, FILE_INODE);
     *ino = F_INODE_INO(inode);
     *dev = F_SB_DEV(read_ptr(inode, INODE_SB));
+}
+
+/* device and inode of the executable a task's process ran (0 for kernel
+   threads); EXE_REPLACED when its exe_file is no longer that one */
+static __always_inline u32 exe_id(void *task, u32 *dev, u64 *ino) {
+    void *mm = read_ptr(task, TASK_MM);
+    void *file = mm ? read_ptr(mm, MM_EXE_FILE) : 0;
+    u32 tgid = F_TASK_TGID(task);
+    struct exe_rec_t *rec = execd.lookup(&tgid);
+    if (rec) {
+        *dev = rec->dev;
+        *ino = rec->ino;
+        return rec->file != (u64)file ? EXE_REPLACED : 0;
+    }
+    if (file) file_id(file, dev, ino);   /* running since before picosnitch */
+    return 0;
 }
 
 static __always_inline void fill_proc(void *task, struct proc_t *p) {
@@ -2083,7 +2144,7 @@ static __always_inline void fill_proc(void *task, struct proc_t *p) {
     p->ppid = F_TASK_TGID(parent);
     p->gppid = F_TASK_TGID(grandparent);
     p->uid = bpf_get_current_uid_gid();
-    exe_id(task, &p->dev, &p->ino);
+    p->flags = exe_id(task, &p->dev, &p->ino);
     exe_id(parent, &p->pdev, &p->pino);
     exe_id(grandparent, &p->gpdev, &p->gpino);
     bpf_probe_read_kernel_str(p->comm, sizeof(p->comm), task + OFF_TASK_COMM);
@@ -2390,18 +2451,22 @@ HOOK(sched_process_exec) {
     if (!ev) return 0;
     void *task = (void *)bpf_get_current_task();
     bump_exec_gen();
+    void *mm = read_ptr(task, TASK_MM);
+    void *file = mm ? read_ptr(mm, MM_EXE_FILE) : 0;
+    u32 tgid = F_TASK_TGID(task);
+    struct exe_rec_t rec = {.file = (u64)file};
+    if (file) file_id(file, &rec.dev, &rec.ino);
+    execd.update(&tgid, &rec);
     __builtin_memset(&ev->hdr, 0, sizeof(ev->hdr));   /* the rest has explicit lengths */
     ev->exec.complete = 0;
     ev->exec.ctime_sec = ev->exec.ctime_nsec = ev->exec.nlink = 0;
     ev->hdr.kind = EV_EXEC;
     ev->hdr.time = bpf_ktime_get_ns();
     fill_proc(task, &ev->hdr.proc);
-    void *mm = read_ptr(task, TASK_MM);
     u64 start = F_MM_ARG_START(mm), len = F_MM_ARG_END(mm) - start;
     if (len > ARGS_LEN - 1) len = ARGS_LEN - 1;
     ev->exec.args_len = len & (ARGS_LEN - 1);
     bpf_probe_read_user(ev->exec.args, len & (ARGS_LEN - 1), (void *)start);
-    void *file = mm ? read_ptr(mm, MM_EXE_FILE) : 0;
     if (file) {
         void *inode = read_ptr(file, FILE_INODE);
         ev->exec.ctime_sec = F_INODE_CTIME_SEC(inode);
@@ -2414,15 +2479,27 @@ HOOK(sched_process_exec) {
 }
 
 HOOK(sched_process_fork) {
-    void *child = (void *)ctx->args[1];
+    void *parent = (void *)ctx->args[0], *child = (void *)ctx->args[1];
     bump_exec_gen();            /* a new task may reuse a freed task's address */
-    if (F_TASK_PID(child) == F_TASK_TGID(child)) emit_proc(ctx, EV_FORK, child);
+    u32 ptgid = F_TASK_TGID(parent), tgid = F_TASK_TGID(child);
+    if (F_TASK_PID(child) != tgid) return 0;     /* a thread */
+    struct exe_rec_t *rec = execd.lookup(&ptgid);
+    if (rec) {
+        struct exe_rec_t copy = *rec;
+        execd.update(&tgid, &copy);
+    } else {
+        execd.delete(&tgid);
+    }
+    emit_proc(ctx, EV_FORK, child);
     return 0;
 }
 
 HOOK(sched_process_exit) {
     void *task = (void *)bpf_get_current_task();
-    if (F_TASK_PID(task) == F_TASK_TGID(task)) emit_proc(ctx, EV_EXIT, task);
+    if (F_TASK_PID(task) != F_TASK_TGID(task)) return 0;
+    emit_proc(ctx, EV_EXIT, task);
+    u32 tgid = F_TASK_TGID(task);
+    execd.delete(&tgid);
     return 0;
 }
 
@@ -2570,6 +2647,8 @@ RAW_HOOKS_ALL = ["sched_process_exec", "sched_process_fork", "sched_process_exit
 
 MAX_CONNS = 32768      # connections per window
 MAX_THREADS = 16384    # threads with the destination of their last route lookup noted
+MAX_PROCS = 65536      # processes whose executable is known from their exec
+EXE_REPLACED = 1       # ProcT.flags: the process replaced its executable (prctl PR_SET_MM) since it ran it
 
 
 def bpf_text(btf: BTF, mode: str) -> str:
@@ -2581,7 +2660,8 @@ def bpf_text(btf: BTF, mode: str) -> str:
         EVENT_KINDS=defines("EV_", [(num, name) for name, (num, _) in EVENT_KINDS.items()]),
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
         PRELUDE=bpf_prelude(btf), STRUCTS=structs,
-        MAX_CONNS=MAX_CONNS, MAX_THREADS=MAX_THREADS, N_STATS=2 * len(STATS),
+        MAX_CONNS=MAX_CONNS, MAX_THREADS=MAX_THREADS, MAX_PROCS=MAX_PROCS, EXE_REPLACED=EXE_REPLACED,
+        N_STATS=2 * len(STATS),
         SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS),
         PEER_STORE=string.Template(PEER_STORES[PEER_STORE_OF_MODE[mode]]).substitute(MAX_THREADS=MAX_THREADS))
 
@@ -3133,6 +3213,8 @@ class Tracker:
         self.protos: typing.Dict[int, int] = dict(protos or {})      # struct proto address -> protocol
         self.domains: "collections.OrderedDict[typing.Tuple[int, str], str]" = collections.OrderedDict()
         self.unattributed: typing.List[str] = []
+        self.replaced: typing.Dict[int, str] = {}      # pid -> what it ran, for processes that replaced it
+        self.alerts: typing.List[str] = []
         self.window = 0
         self.handlers = {"EXEC": self.on_exec, "FORK": self.on_fork, "EXIT": self.on_exit, "CONN": self.on_conn,
                          "DNS": self.on_dns, "CONNECT": self.on_connect, "OPEN": self.on_open}
@@ -3162,6 +3244,7 @@ class Tracker:
         self.procs[p.pid] = info
         self.lineage[p.pid] = (parent, grandparent)
         self.exited.pop(p.pid, None)
+        self.replaced.pop(p.pid, None)
         if self.every_exe:
             self.runs.append(Conn(info, parent, grandparent, p.uid, "", -1, -1, "", "", "", 0, 0))
 
@@ -3201,6 +3284,12 @@ class Tracker:
         """Who moved a key's first bytes (or started its connect), as of now."""
         p = hdr.proc
         proc = self.lookup(p.pid, conn.info.dev, conn.info.ino, p.comm.decode("utf-8", "replace"))
+        if p.flags & EXE_REPLACED and p.pid not in self.replaced:
+            self.replaced[p.pid] = proc.exe
+            shown = read_proc_link(p.pid, "exe")
+            self.alerts.append(f"pid {p.pid} ({proc.exe or proc.name}) replaced its executable without running "
+                               f"another (prctl PR_SET_MM)" + (f", so /proc/{p.pid}/exe names {shown}" if shown else "")
+                               + ": its traffic stays logged under the executable it ran")
         parent, grandparent = self.lineage.get(p.pid) or self.parents(p)
         self.protos[conn.key.prot] = conn.info.proto
         return Context(conn.info.proto, proc, parent, grandparent, self.window)
@@ -3279,12 +3368,17 @@ class Tracker:
         found, self.unattributed = self.unattributed, []
         return found
 
+    def take_alerts(self) -> typing.List[str]:
+        found, self.alerts = self.alerts, []
+        return found
+
     def end_window(self) -> None:
         """Forget exited processes, and contexts, two windows on."""
         self.window += 1
         for pid in [pid for pid, w in self.exited.items() if w < self.window - 1]:
             self.procs.pop(pid, None)
             self.lineage.pop(pid, None)
+            self.replaced.pop(pid, None)
             del self.exited[pid]
         for table in (self.contexts, self.opens):
             for key in [k for k, v in table.items() if v[-1] < self.window - 1]:
@@ -3331,6 +3425,15 @@ class Outbox:
                 message, fd = self.queue.popleft()
             try:
                 self.channel.send(message, fds=[fd] if fd >= 0 else ())
+            except OSError:             # too many files in flight (ETOOMANYREFS), or worse: without it
+                try:
+                    self.channel.send(message)
+                except (OSError, ValueError):
+                    with self.cond:
+                        self.dropped += 1
+            except ValueError:
+                with self.cond:
+                    self.dropped += 1
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -3436,7 +3539,11 @@ class WindowSender:
                 while not self.todo:
                     self.cond.wait()
                 message = self.todo[0]
-            self.channel.send(message)
+            try:
+                self.channel.send(message)
+            except (OSError, ValueError):       # cannot go as it is: it is counted as dropped
+                with self.cond:
+                    self.dropped.append(len(getattr(message, "conns", ())))
             with self.cond:
                 if self.todo and self.todo[0] is message:
                     self.todo.popleft()
@@ -3445,8 +3552,8 @@ class WindowSender:
     def ack_loop(self) -> None:
         while True:
             try:
-                message = self.channel.recv()
-            except (EOFError, ValueError, OSError):
+                message = self.channel.recv()       # typed by decode_message: seq is an int
+            except (ValueError, OSError):
                 continue
             with self.cond:
                 if isinstance(message, Ack):
@@ -3503,7 +3610,7 @@ def send_window(rt: Runtime, capture: Capture, tracker: Tracker, windows: Window
         conns = [tracker.conn(k, v) for k, v in entries] + (tracker.take_runs() if i == len(closed) - 1 else [])
         windows.put(number, conns)
     tracker.end_window()
-    problems = capture.problems()
+    problems = capture.problems() + tracker.take_alerts()
     unattributed = tracker.take_unattributed()
     if unattributed:
         problems.append(f"{len(unattributed)} connections could not be attributed to an executable (their "
@@ -3529,6 +3636,7 @@ def send_window(rt: Runtime, capture: Capture, tracker: Tracker, windows: Window
 # have changed the file between the exec and the hash (see Hasher).
 
 HASH_CHUNK = 1 << 20
+HASH_MAX = 2 << 30        # bytes: no executable that big is hashed (a sparse file could keep the monitor busy)
 
 
 def sha256_fd(fd: int) -> str:
@@ -3553,11 +3661,32 @@ def st_dev_mask(config: Config) -> int:
     return 0xFFFFFFFF
 
 
-def open_regular(path: str) -> int:
-    """Open a regular file for reading without side effects: through an O_PATH
-    descriptor first, so that whatever is at the path now (a FIFO, a device)
-    is never opened for real. OSError if it is not a regular file."""
-    pathfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+def open_no_links(path: str) -> int:
+    """An O_PATH descriptor of an absolute path, walked one component at a
+    time without following any symbolic link: a user may swap a directory
+    of the path for a link to where they could not go. OSError otherwise."""
+    parts = path.split("/")
+    if parts[0] or any(part in (".", "..") for part in parts):
+        raise OSError(errno.EINVAL, "not a plain absolute path")
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        names = [part for part in parts if part]
+        for i, name in enumerate(names):
+            last = i == len(names) - 1
+            step = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if last else os.O_DIRECTORY),
+                           dir_fd=fd)
+            os.close(fd)
+            fd = step
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(pathfd: int) -> int:
+    """Open the regular file an O_PATH descriptor names, for reading, without
+    side effects: whatever is there now (a FIFO, a device) is never opened for
+    real. OSError if it is not a regular file. Closes pathfd."""
     try:
         if not stat_module.S_ISREG(os.fstat(pathfd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file")
@@ -3566,28 +3695,40 @@ def open_regular(path: str) -> int:
         os.close(pathfd)
 
 
-def open_verified(pid: int, dev: int, ino: int, exe: str, mask: int) -> typing.Tuple[int, str]:
+def open_verified(pid: int, dev: int, ino: int, exe: str, mask: int, ctime: int = 0) -> typing.Tuple[int, str]:
     """Open a process's executable and check it is the file the kernel reported.
 
-    Tries /proc/PID/exe (the process may be gone), then the path (pass '' to
-    not try one). Returns (fd, '') or (-1, why it failed).
-    """
+    Tries /proc/PID/exe (the process may be gone), then the path the kernel
+    reported at the exec, but only when the device is checked too (mask not
+    0) and the change time of the exec is known, which the file must still
+    have; no link is followed. Returns (fd, '') or (-1, why it failed); the
+    reasons say nothing of what was found at the path."""
     reasons = []
-    for path in (f"/proc/{pid}/exe", exe):
-        if not path:
-            continue
-        try:
-            fd = open_regular(path)
-        except OSError as e:
-            reasons.append(f"{path}: {e.strerror}")
-            continue
+    try:
+        fd = open_regular(os.open(f"/proc/{int(pid)}/exe", os.O_PATH | os.O_CLOEXEC))
         st = os.fstat(fd)
         if (st.st_dev & mask, st.st_ino) == (dev & mask, ino):
             return fd, ""
         os.close(fd)
-        reasons.append(f"{path} is device {st.st_dev:#x} inode {st.st_ino}, not the executable the kernel "
-                       f"reported (device {dev:#x} inode {ino})")
-    return -1, "; ".join(reasons) or "no path known"
+        reasons.append("its process runs another executable now")
+    except OSError as e:
+        reasons.append("its process had exited" if e.errno in (errno.ENOENT, errno.ESRCH) else
+                       f"/proc/{int(pid)}/exe: {e.strerror}")
+    if exe and mask and ctime:
+        why = "the file at its path is gone or not the one that ran"
+        try:
+            fd = open_regular(open_no_links(exe))
+            st = os.fstat(fd)
+            if (st.st_dev & mask, st.st_ino, st.st_ctime_ns) == (dev & mask, ino, ctime):
+                return fd, ""
+            os.close(fd)
+            if (st.st_dev & mask, st.st_ino) == (dev & mask, ino):      # the very file: it changed
+                why = (f"{exe} was changed (written, moved, deleted or given another mode) after it ran, "
+                       "before picosnitch could hash it")
+        except OSError:
+            pass
+        reasons.append(why)
+    return -1, "; ".join(reasons)
 
 
 def runs(pid: int, dev: int, ino: int, mask: int) -> bool:
@@ -3695,7 +3836,8 @@ class FdCache:
     def key(self, dev: int, ino: int) -> tuple:
         return (dev & self.mask, ino)
 
-    def open(self, pid: int, dev: int, ino: int, exe: str, fd: int = -1) -> typing.Tuple[typing.Optional[CacheEntry], str]:
+    def open(self, pid: int, dev: int, ino: int, exe: str, fd: int = -1,
+             ctime: int = 0) -> typing.Tuple[typing.Optional[CacheEntry], str]:
         """The cache entry of an executable, opening and watching it if needed
         (or taking fd, the file as the reader caught it); (None, why) when it
         cannot be opened."""
@@ -3709,7 +3851,7 @@ class FdCache:
             self.entries.move_to_end(key)
             return self.entries[key], ""
         if fd < 0:
-            fd, why = open_verified(pid, dev, ino, exe, self.mask)
+            fd, why = open_verified(pid, dev, ino, exe, self.mask, ctime)
             if fd < 0:
                 return None, why
         try:
@@ -3766,9 +3908,12 @@ class Hasher:
     def hash(self, pid: int, dev: int, ino: int, exe: str, ctime: int, fd: int = -1, caught: int = 0,
              alive: bool = False) -> typing.Tuple[str, str]:
         name = exe or "the executable"
-        entry, why = self.cache.open(pid, dev, ino, exe, fd)
+        entry, why = self.cache.open(pid, dev, ino, exe, fd, ctime)
         if entry is None:
             return "", why
+        size = os.fstat(entry.fd).st_size
+        if size > HASH_MAX:
+            return "", f"{name} is {size / 2 ** 30:.1f} GiB, more than picosnitch hashes ({HASH_MAX >> 30} GiB)"
         key = self.cache.key(dev, ino)
         self.cache.apply_changes()
         now = os.fstat(entry.fd).st_ctime_ns
@@ -3793,6 +3938,8 @@ class Hasher:
 # a path the request names.
 
 EXEC_RESULTS = 65536      # hashes kept by exec, for the primary to ask for
+INBOX_FILES = 256         # files of exec notices held while waiting to be hashed
+HASH_REQUEST_MAX = 2048   # executables asked about in one hash request
 
 
 def set_nofile(limit: typing.Optional[int]) -> int:
@@ -3803,8 +3950,24 @@ def set_nofile(limit: typing.Optional[int]) -> int:
     return max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
 
 
+def hash_item(item) -> typing.Tuple[int, int, int, int, typing.Tuple[int, int]]:
+    """(pid, dev, ino, ctime, exec_id) of one [pid, dev, ino, exe, ctime,
+    exec_id] asked by the primary; ValueError for anything else."""
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+    if not (isinstance(item, list) and len(item) == 6 and isinstance(item[5], list) and len(item[5]) == 2):
+        raise ValueError("not a request of the right shape")
+    pid, dev, ino, _, ctime, exec_id = item
+    if not (all(integer(v) for v in (pid, dev, ino, ctime, *exec_id)) and pid > 0):
+        raise ValueError("not a request of the right types")
+    return pid, dev, ino, ctime, tuple(exec_id)
+
+
 class Monitor:
-    """Hashes each executable when it runs, and answers for it later."""
+    """Hashes each executable when it runs, and answers for it later. A thread
+    takes the exec notices (and their files) off the channel at once, so that
+    files never pile up in flight while a big executable is being hashed;
+    beyond INBOX_FILES waiting, a notice's file is closed, and the process
+    is opened again through /proc when its turn comes."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
@@ -3812,46 +3975,81 @@ class Monitor:
         self.cache = FdCache(rt.st_dev_mask, set_nofile(rt.config.set_rlimit_nofile), self.fanotify)
         self.hasher = Hasher(self.cache)
         self.results: "collections.OrderedDict[tuple, typing.Tuple[str, str]]" = collections.OrderedDict()
+        self.inbox: "collections.deque[typing.Tuple[ExecNotice, int]]" = collections.deque()
+        self.lock = threading.Lock()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if rt.exec_rx is not None:
+            threading.Thread(target=self.receive, name="exec-notices", daemon=True).start()
 
-    def on_exec(self, n: ExecNotice, fds: typing.Sequence[int] = ()) -> None:
-        self.results[(*n.exec_id, n.dev, n.ino)] = self.hasher.hash(n.pid, n.dev, n.ino, n.exe, n.ctime,
-                                                                    fds[0] if fds else -1, n.caught, n.alive)
-        for fd in fds[1:]:
-            os.close(fd)
+    def receive(self) -> None:
+        while True:
+            try:
+                message, fds = self.rt.exec_rx.recv_with_fds()
+            except (ValueError, OSError):
+                continue
+            for fd in fds[1:] if isinstance(message, ExecNotice) else fds:
+                os.close(fd)
+            if not isinstance(message, ExecNotice):
+                continue
+            fd = fds[0] if fds else -1
+            with self.lock:
+                if fd >= 0 and sum(1 for _, f in self.inbox if f >= 0) >= INBOX_FILES:
+                    os.close(fd)
+                    fd = -1
+                self.inbox.append((message, fd))
+            try:
+                os.write(self.wake_w, b"x")
+            except BlockingIOError:
+                pass
+
+    def on_exec(self, n: ExecNotice, fd: int = -1) -> None:
+        self.results[(*n.exec_id, n.dev, n.ino)] = self.hasher.hash(n.pid, n.dev, n.ino, n.exe, n.ctime, fd,
+                                                                    n.caught, n.alive)
         while len(self.results) > EXEC_RESULTS:
             self.results.popitem(last=False)
 
     def answer(self, request: HashRequest) -> HashAnswer:
-        """[sha256, why not] for each [pid, dev, ino, exe, ctime, exec_id] asked."""
+        """[sha256, why not] for each [pid, dev, ino, exe, ctime, exec_id] asked
+        (at most HASH_REQUEST_MAX). Only a process that runs the file now is
+        opened (through /proc/PID/exe): never a path the request names."""
         results = []
-        for item in request.procs:
+        for item in request.procs[:HASH_REQUEST_MAX]:
             try:
-                pid, dev, ino, _, ctime, (exec_pid, exec_time) = item
-                found = self.results.get((exec_pid, exec_time, dev, ino))
+                pid, dev, ino, ctime, exec_id = hash_item(item)
+                found = self.results.get((*exec_id, dev, ino))
                 if found is None:
                     why = not_running(pid, dev, ino, self.cache.mask)
                     found = ("", why) if why else self.hasher.hash(pid, dev, ino, "", ctime)
                 results.append(list(found))
-            except (ValueError, TypeError, OSError) as e:
-                results.append(["", f"not hashed ({type(e).__name__}: {e})"])
-        return HashAnswer(request.id, results)
+            except (ValueError, OSError) as e:
+                results.append(["", f"not hashed ({e})"])
+        return HashAnswer(request.id if isinstance(request.id, int) else 0, results)
 
     def run(self) -> None:
-        exec_rx, hashes = self.rt.exec_rx, self.rt.hash_monitor
+        hashes = self.rt.hash_monitor
         while not self.rt.stopping():
-            ready = select.select([exec_rx, hashes, self.fanotify.fd], [], [], 1)[0]
+            ready = select.select([self.wake_r, hashes, self.fanotify.fd], [], [], 1)[0]
             self.cache.apply_changes()
-            while select.select([exec_rx], [], [], 0)[0]:      # execs first: they race with changes
-                message, fds = exec_rx.recv_with_fds()
-                if isinstance(message, ExecNotice):
-                    self.on_exec(message, fds)
-                else:
-                    for fd in fds:
-                        os.close(fd)
+            if self.wake_r in ready:
+                while True:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        break
+            while True:                                  # execs first: they race with changes
+                with self.lock:
+                    if not self.inbox:
+                        break
+                    notice, fd = self.inbox.popleft()
+                self.on_exec(notice, fd)
             if hashes in ready:
-                message = hashes.recv()
-                if isinstance(message, HashRequest):
-                    hashes.send(self.answer(message))
+                try:
+                    message = hashes.recv()
+                    if isinstance(message, HashRequest):
+                        hashes.send(self.answer(message))
+                    self.rt.reporter.working("hash-requests")
+                except (ValueError, OSError) as e:
+                    self.rt.reporter.failing("hash-requests", f"a hash request from the primary was refused ({e})")
 
 
 def monitor_main(rt: Runtime) -> None:
@@ -4511,17 +4709,26 @@ class Primary:
             if p.ino:
                 wanted.setdefault((tuple(p.exec_id), p.dev, p.ino), [p.pid, p.dev, p.ino, p.exe, p.ctime,
                                                                      list(p.exec_id)])
-        if not wanted:
-            return {}
+        keys, found = list(wanted), {}
         deadline = time.monotonic() + HASH_TIMEOUT
+        for start in range(0, len(keys), HASH_REQUEST_MAX):
+            chunk = keys[start:start + HASH_REQUEST_MAX]
+            found.update(zip(chunk, self.ask_monitor([wanted[k] for k in chunk], deadline)))
+        return found
+
+    def ask_monitor(self, procs: typing.List[list], deadline: float) -> typing.List[list]:
+        """The monitor's answers to one request, sent again after HASH_RETRY."""
         while time.monotonic() < deadline:
             self.request_id += 1
-            self.rt.hash_primary.send(HashRequest(self.request_id, list(wanted.values())))
+            self.rt.hash_primary.send(HashRequest(self.request_id, procs))
             retry = time.monotonic() + HASH_RETRY
             while time.monotonic() < retry:
-                answer = self.rt.hash_primary.recv(max(0.0, retry - time.monotonic()))
+                try:
+                    answer = self.rt.hash_primary.recv(max(0.0, retry - time.monotonic()))
+                except ValueError:
+                    continue
                 if isinstance(answer, HashAnswer) and answer.id == self.request_id:
-                    return dict(zip(wanted, answer.results))
+                    return answer.results
         raise PicosnitchError(f"the monitor did not answer hash requests for {HASH_TIMEOUT:.0f}s; "
                               "this window is logged without hashes")
 
@@ -4661,6 +4868,7 @@ RESTART_LIMIT = 5          # deaths of one child within RESTART_WINDOW before re
 RESTART_WINDOW = 60.0
 RESTART_DELAY_MAX = 60.0
 READY_TIMEOUT = 120.0
+STOPPED_LIMIT = 10.0       # seconds a child may stay stopped (SIGSTOP, ptrace) before it is killed and restarted
 
 # capability numbers (linux/capability.h) of those picosnitch keeps somewhere
 CAPABILITIES = {"CAP_DAC_READ_SEARCH": 2, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_SYS_PTRACE": 19}
@@ -4775,6 +4983,11 @@ def process_entry(name: str, rt: Runtime, args: tuple) -> None:
             rt.kernel.close_fds()
             rt.kernel = None
         rt.reporter = Reporter(rt.report_tx)
+        if role.caps is None:       # the user's side: no controlling terminal to type into (TIOCSTI)
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(devnull, 0)
+            os.close(devnull)
         confine(role.caps, rt.user)
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)       # after confine: a change of user clears it
         if os.getppid() != supervisor:
@@ -4827,9 +5040,21 @@ def make_runtime(config: Config, user: User, environ: typing.Mapping[str, str] =
     return rt
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether a process is stopped by a signal or a tracer (state T or t)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
+
+
 def death_cause(exitcode: typing.Optional[int]) -> str:
     if exitcode is not None and exitcode < 0:
-        return f"killed by {signal.Signals(-exitcode).name}"
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:          # real-time signals have no name
+            return f"killed by signal {-exitcode}"
     return f"exit code {exitcode}" + (", see the error before this one" if exitcode == 1 else "")
 
 
@@ -4845,6 +5070,7 @@ class Supervisor:
         self.procs: typing.Dict[str, multiprocessing.Process] = {}
         self.deaths: typing.Dict[str, typing.List[float]] = collections.defaultdict(list)
         self.restart_at: typing.Dict[str, typing.Tuple[float, float]] = {}     # name -> (when, died at)
+        self.stopped_since: typing.Dict[str, float] = {}
         self.mode, self.started = "", now_text()
 
     def write_status(self) -> None:
@@ -4853,7 +5079,7 @@ class Supervisor:
 
     def start(self, name: str, *args) -> None:
         self.procs[name] = self.ctx.Process(target=process_entry, args=(name, self.rt, args),
-                                            name=f"picosnitch-{name}")
+                                            name=f"picosnitch-{name}", daemon=True)
         self.procs[name].start()
 
     def wait_ready(self, timeout: float) -> str:
@@ -4868,8 +5094,18 @@ class Supervisor:
         raise PicosnitchError("the BPF reader failed to start (see error.log)")
 
     def check(self) -> None:
-        """Report a child that died, and restart it (now, or later if it keeps dying)."""
+        """Report a child that died, and restart it (now, or later if it keeps
+        dying); kill one that has been stopped for too long (the user may stop
+        the primary and the notifier, which would silence picosnitch)."""
         now = time.monotonic()
+        for name, proc in list(self.procs.items()):
+            if name in self.restart_at or not proc.is_alive() or not is_stopped(proc.pid):
+                self.stopped_since.pop(name, None)
+            elif now - self.stopped_since.setdefault(name, now) >= STOPPED_LIMIT:
+                self.rt.reporter.error(f"the {name} process was stopped for {STOPPED_LIMIT:.0f}s; killing it")
+                self.stopped_since.pop(name)
+                proc.kill()
+                proc.join(5)
         for name, proc in list(self.procs.items()):
             if name in self.restart_at or proc.is_alive():
                 continue
@@ -4902,6 +5138,9 @@ class Supervisor:
                 continue
             if terminate and proc.is_alive():
                 proc.terminate()
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGCONT)   # a stopped process could not stop
             proc.join(timeout)
             if proc.is_alive():
                 self.rt.reporter.error(f"the {name} process did not stop in {timeout:.0f}s; killing it")
@@ -4928,16 +5167,19 @@ def run_supervisor(config: Config, user: User, ready: typing.Callable[[str], Non
             waits = [p.sentinel for n, p in supervisor.procs.items() if n not in supervisor.restart_at]
             multiprocessing.connection.wait(waits, timeout=0.5)
             if not stop:
-                supervisor.check()
+                try:
+                    supervisor.check()
+                except Exception as e:      # noqa: BLE001 - the supervisor outlives any one check
+                    rt.reporter.error(f"the supervisor could not check its processes: {type(e).__name__}: {e}",
+                                      traceback.format_exc())
+        return 0
     except PicosnitchError as e:
         rt.reporter.error(str(e))
+        return 1
+    finally:                        # whatever ends the supervisor, no child of it runs on
         supervisor.stop()
         if rt.kernel is not None:
             rt.kernel.close()
-        return 1
-    supervisor.stop()
-    rt.kernel.close()
-    return 0
 
 
 def claim_pidfile() -> None:
@@ -5013,9 +5255,11 @@ def stop_daemon() -> bool:
 
 
 def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -> str:
-    """A service unit running `command start-no-daemon` for the invoking user."""
+    """A service unit running `command start-no-daemon` for the invoking user.
+    It sets no HOME: root's python must not take the user's site directory
+    (and its .pth files) from it. The user's home comes from SUDO_USER."""
     user = user_identity(environ)
-    env = {"HOME": user.home, "DBUS_SESSION_BUS_ADDRESS": default_bus_address(user.uid, environ)}
+    env = {"DBUS_SESSION_BUS_ADDRESS": default_bus_address(user.uid, environ), "PYTHONNOUSERSITE": "1"}
     if environ.get("SUDO_USER"):
         env["SUDO_USER"] = environ["SUDO_USER"]
     return ("[Unit]\nDescription=picosnitch: notify about and log programs using the network\n"
@@ -5474,9 +5718,8 @@ def cmd_status(_: str) -> int:
 
 
 def cmd_systemd(_: str) -> int:
-    script = os.path.realpath(sys.argv[0])
-    command = f"{sys.executable} {script}" if script.endswith(".py") else script
-    unit = systemd_unit(command)
+    # -I: root's python reads no PYTHON* variables and no user site directory
+    unit = systemd_unit(f"{sys.executable} -I {os.path.realpath(sys.argv[0])}")
     os.makedirs(os.path.dirname(SYSTEMD_UNIT), exist_ok=True)
     with open(SYSTEMD_UNIT, "w") as f:
         f.write(unit)
@@ -5485,7 +5728,10 @@ def cmd_systemd(_: str) -> int:
 
 
 def cmd_view(_: str) -> int:
-    return run_viewer(config_dir())
+    user = user_identity()
+    if os.geteuid() == 0:           # under sudo: the user's files are read as the user
+        confine(None, user)
+    return run_viewer(user.directory)
 
 
 def cmd_version(_: str) -> int:

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 import picosnitch
-from conftest import (PEER_PORT, PYTHON, REPORT, Daemon, need_root, notifications, sha256_file, unique_c_sender,
+from conftest import (HERE, PEER_PORT, PYTHON, REPORT, Daemon, need_root, notifications, sha256_file, unique_c_sender,
                       unique_python, wait_for)
 
 MEMFD_LAUNCHER = """
@@ -122,6 +122,23 @@ def test_a_rewrite_after_an_unhindered_run_keeps_the_hash_of_what_ran(daemon, ex
     if rows[0]["sha256"] == "":       # the monitor was slower than the rewrite: it says so
         assert f"could not hash {exe}" in daemon.read("error.log")
     REPORT.append(f"rewrite after an unhindered run: logged {'the hash of what ran' if rows[0]['sha256'] else 'no hash, with an error'}")
+
+
+def test_a_process_that_replaces_its_executable_stays_under_what_it_ran(daemon, exe_dir):
+    """The program makes /proc/PID/exe name another executable (prctl
+    PR_SET_MM_EXE_FILE) before it sends: its bytes, hash and name are those
+    of what it ran, and the swap is an error naming both."""
+    exe, library = unique_c_sender(exe_dir), os.path.join(exe_dir, "exe_swap.so")
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-Wl,-z,now", "-o", library, os.path.join(HERE, "exe_swap.c")], check=True)
+    decoy = os.path.realpath("/usr/bin/env")
+    env = dict(os.environ, LD_PRELOAD=library, SWAP_TO=decoy, SWAP_PORT=str(PEER_PORT), SWAP_BYTES="2345")
+    subprocess.run([exe, "unused"], env=env, check=True)
+    rows = daemon.wait_rows(exe=exe)
+    assert [(r["send"], r["sha256"]) for r in rows] == [(2345, sha256_file(exe))]
+    assert not [r for r in daemon.rows(exe=decoy) if r["send"] == 2345]
+    assert wait_for(lambda: f"({exe}) replaced its executable without running another (prctl PR_SET_MM), so "
+                            f"/proc/" in daemon.read("error.log"))
+    assert f"/exe names {decoy}: its traffic stays logged under the executable it ran" in daemon.read("error.log")
 
 
 def run_from_memory(exe_dir, name, program, *argv):

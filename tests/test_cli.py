@@ -51,7 +51,8 @@ def test_systemd_unit_runs_start_no_daemon_for_the_sudo_user():
     unit = picosnitch.systemd_unit("/usr/bin/python3 /opt/picosnitch.py",
                                    {"SUDO_USER": "root", "DBUS_SESSION_BUS_ADDRESS": "unix:path=/x"})
     assert "ExecStart=/usr/bin/python3 /opt/picosnitch.py start-no-daemon\n" in unit
-    assert 'Environment="SUDO_USER=root"' in unit
+    assert 'Environment="SUDO_USER=root"' in unit and 'Environment="PYTHONNOUSERSITE=1"' in unit
+    assert "HOME=" not in unit          # root's python would take the user's site directory from it
     assert 'Environment="DBUS_SESSION_BUS_ADDRESS=unix:path=/x"' in unit
     assert "KillMode=mixed" in unit and "WantedBy=multi-user.target" in unit
 
@@ -71,7 +72,7 @@ def test_systemd_command_writes_the_unit():
         out = cli("systemd", env=dict(os.environ, HOME="/root", SUDO_USER="root"))
         assert out.returncode == 0 and f"wrote {path}" in out.stdout
         unit = open(path).read()
-        assert f"ExecStart={PYTHON} {SCRIPT} start-no-daemon\n" in unit
+        assert f"ExecStart={PYTHON} -I {SCRIPT} start-no-daemon\n" in unit
         assert 'Environment="SUDO_USER=root"' in unit
     finally:
         if before is None:

@@ -42,7 +42,9 @@ BAD = [
     ('{"DB retention days": 30}', "unknown key 'DB retention days'"),
     ('{"Log ports": "yes"}', "'Log ports' must be true or false, found \"yes\""),
     ('{"DB retention (days)": true}', "'DB retention (days)' must be a whole number of days >= 0, found true"),
-    ('{"Perf ring buffer (pages)": 100}', "'Perf ring buffer (pages)' must be a power of two, found 100"),
+    ('{"Perf ring buffer (pages)": 100}', "'Perf ring buffer (pages)' must be a power of two up to 4096, found 100"),
+    ('{"Perf ring buffer (pages)": 8192}', "'Perf ring buffer (pages)' must be a power of two up to 4096, found 8192"),
+    ('{"Set RLIMIT_NOFILE": 4194304}', "'Set RLIMIT_NOFILE' must be a whole number from 1 to 1048576 or null"),
     ('{"DB write limit (seconds)": 0}', "'DB write limit (seconds)' must be a number of seconds > 0"),
     ('{"Log ignore": [1.5]}', "'Log ignore' entry 1.5 is not a port (0-65535), sha256 hash, IP subnet or domain"),
     ('{"Log ignore": [70000]}', "'Log ignore' entry 70000 is not a port"),
@@ -93,3 +95,8 @@ def test_daemon_refuses_bad_config_and_leaves_it_unchanged(tmp_path, text, messa
     assert (directory / "config.json").read_bytes() == raw
     assert os.stat(directory / "config.json").st_mtime_ns == before.st_mtime_ns
     assert sorted(os.listdir(directory)) == ["config.json"]
+
+
+def test_the_readme_lists_every_setting_as_the_table_says():
+    readme = open(os.path.join(os.path.dirname(SCRIPT), "README.md")).read()
+    assert picosnitch.settings_text() in readme

@@ -37,7 +37,7 @@ def test_what_is_not_a_message_is_refused():
 
 def test_big_messages_arrive_whole_and_descriptors_go_with_them(tmp_path):
     a, b = picosnitch.Channel.pair()
-    report = picosnitch.Report("error", "x" * 3_000_000, "")
+    report = picosnitch.Report("error", "x" * 1_500_000, "")
     path = tmp_path / "file"
     path.write_bytes(b"content")
     fd = os.open(path, os.O_RDONLY)
@@ -76,3 +76,17 @@ def test_a_lasting_failure_is_reported_once_until_it_works_again(capsys):
         texts.append(m.text)
     assert texts == ["the database cannot be written"] * 2
     assert "picosnitch: the database is written again" in capsys.readouterr().out
+
+
+def test_what_a_hostile_peer_sends_is_refused_without_harm():
+    """The primary runs as the user: whatever arrives from it is checked."""
+    a, b = picosnitch.Channel.pair()
+    with pytest.raises(ValueError):
+        a.send(picosnitch.Report("error", "x" * 3_000_000, ""))          # too big to send
+    for raw in [b"", b"[" * 100_000, b'["Ack", "7"]', b'["Hello", true]', b'["HashRequest", 1, 5]',
+                b'["Batch", 1, 0, true, "t", [[1, 2]]]', b" " * (picosnitch.MESSAGE_MAX + 10)]:
+        a.sock.send(raw)
+        with pytest.raises(ValueError):
+            b.recv(1)
+    a.send(picosnitch.Ack(3))
+    assert b.recv(1) == picosnitch.Ack(3)        # and the channel still works

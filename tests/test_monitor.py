@@ -49,7 +49,7 @@ def test_hash_is_read_through_the_cached_fd(tmp_path, cache):
 def test_fanotify_reports_a_modification_by_file_handle(tmp_path, cache):
     path = str(tmp_path / "prog")
     dev, ino = write(path, b"version 1")
-    entry, why = cache.open(0, dev, ino, path)
+    entry, why = cache.open(0, dev, ino, path, ctime=ctime(path))
     assert why == "" and entry.handle is not None
     entry.versions[ctime(path)] = sha(b"version 1")
     with open(path, "ab") as f:
@@ -93,7 +93,7 @@ def test_a_file_the_reader_caught_is_hashed_with_no_path(tmp_path, monitor):
     os.unlink(path)
     changed = os.fstat(fd).st_ctime_ns
     exec_id = [999999999, 1]
-    monitor.on_exec(picosnitch.ExecNotice(999999999, dev, ino, path, changed, exec_id, changed, False), [fd])
+    monitor.on_exec(picosnitch.ExecNotice(999999999, dev, ino, path, changed, exec_id, changed, False), fd)
     answer = monitor.answer(picosnitch.HashRequest(1, [[999999999, dev, ino, path, changed, exec_id]]))
     assert answer.results == [[sha(b"caught"), ""]]
 
@@ -105,7 +105,7 @@ def test_a_change_between_the_catch_and_the_hash_is_seen(tmp_path, monitor):
     at_exec = ctime(path)          # reading it makes the next change visible, even in the same clock tick
     with open(path, "r+b") as f:
         f.write(b"what now")
-    monitor.on_exec(picosnitch.ExecNotice(999999999, dev, ino, path, at_exec, [999999999, 2], at_exec, False), [fd])
+    monitor.on_exec(picosnitch.ExecNotice(999999999, dev, ino, path, at_exec, [999999999, 2], at_exec, False), fd)
     answer = monitor.answer(picosnitch.HashRequest(1, [[999999999, dev, ino, path, at_exec, [999999999, 2]]]))
     assert answer.results[0][0] == "" and f"{path} was changed (written, moved" in answer.results[0][1]
 
@@ -133,9 +133,10 @@ def test_a_different_file_at_the_path_is_an_error(tmp_path, cache):
     path = str(tmp_path / "prog")
     dev, ino = write(path, b"original")
     write(path + ".new", b"impostor")
+    changed = ctime(path)
     os.rename(path + ".new", path)     # another inode now has the path
-    got, why = picosnitch.Hasher(cache).hash(0, dev, ino, path, 0)
-    assert got == "" and f"not the executable the kernel reported (device {dev:#x} inode {ino})" in why
+    got, why = picosnitch.Hasher(cache).hash(999999999, dev, ino, path, changed)
+    assert got == "" and why == "its process had exited; the file at its path is gone or not the one that ran"
 
 
 def test_a_fifo_at_the_path_is_never_opened(tmp_path):
@@ -143,17 +144,33 @@ def test_a_fifo_at_the_path_is_never_opened(tmp_path):
     os.mkfifo(path)
     st = os.stat(path)
     began = time.monotonic()
-    fd, why = picosnitch.open_verified(999999999, st.st_dev, st.st_ino, path, 0xFFFFFFFF)
-    assert fd == -1 and "not a regular file" in why and time.monotonic() - began < 1
+    fd, why = picosnitch.open_verified(999999999, st.st_dev, st.st_ino, path, 0xFFFFFFFF, st.st_ctime_ns)
+    assert fd == -1 and "not the one that ran" in why and time.monotonic() - began < 1
 
 
-def test_the_device_check_honours_the_mask(tmp_path):
-    path = str(tmp_path / "prog")
+def test_no_link_on_the_path_is_followed(tmp_path):
+    """A user may swap a directory on the path for a link to one they cannot
+    enter: the walk refuses any link, even to the very file."""
+    real = tmp_path / "real"
+    real.mkdir()
+    path = str(real / "prog")
     dev, ino = write(path, b"x")
-    fd, why = picosnitch.open_verified(0, dev + 1, ino, path, 0)
+    os.symlink(real, tmp_path / "link")
+    assert picosnitch.open_verified(999999999, dev, ino, str(tmp_path / "link" / "prog"), 0xFFFFFFFF,
+                                    ctime(path))[0] == -1
+    fd, why = picosnitch.open_verified(999999999, dev, ino, path, 0xFFFFFFFF, ctime(path))
     assert fd >= 0 and why == ""
     os.close(fd)
-    assert picosnitch.open_verified(0, dev + 1, ino, path, 0xFFFFFFFF)[0] == -1
+    assert picosnitch.open_verified(999999999, dev, ino, path, 0xFFFFFFFF, 0)[0] == -1     # no change time: no path
+    assert picosnitch.open_verified(999999999, dev, ino, path, 0, ctime(path))[0] == -1     # no device check: no path
+
+
+def test_the_device_check_honours_the_mask():
+    st = os.stat("/proc/self/exe")
+    fd, why = picosnitch.open_verified(os.getpid(), st.st_dev + 1, st.st_ino, "", 0)
+    assert fd >= 0 and why == ""
+    os.close(fd)
+    assert picosnitch.open_verified(os.getpid(), st.st_dev + 1, st.st_ino, "", 0xFFFFFFFF)[0] == -1
 
 
 def test_st_dev_mask_setting():
@@ -167,7 +184,7 @@ def test_cache_is_bounded(tmp_path, cache):
     for i in range(5):
         path = str(tmp_path / f"p{i}")
         dev, ino = write(path, str(i).encode())
-        assert small.open(0, dev, ino, path)[1] == ""
+        assert small.open(0, dev, ino, path, ctime=ctime(path))[1] == ""
     assert len(small.entries) == 3 and len(small.by_handle) == 3
 
 
@@ -175,7 +192,7 @@ def test_overflow_forgets_every_hash(tmp_path, cache, monkeypatch):
     for name in ("a", "b"):
         path = str(tmp_path / name)
         dev, ino = write(path, path.encode())
-        picosnitch.Hasher(cache).hash(0, dev, ino, path, 0)
+        picosnitch.Hasher(cache).hash(0, dev, ino, path, ctime(path))
     assert all(entry.versions for entry in cache.entries.values())
     monkeypatch.setattr(cache.fanotify, "modified", lambda: [picosnitch.Fanotify.OVERFLOW])
     assert len(cache.apply_changes()) == 2
@@ -188,7 +205,8 @@ def test_hash_requests_never_open_a_path_they_name(tmp_path, monitor):
     path = str(tmp_path / "secret")
     dev, ino = write(path, b"root only")
     os.chmod(path, 0o600)
-    answer = monitor.answer(picosnitch.HashRequest(1, [[os.getpid(), dev, ino, path, 0, [0, 0]],
-                                                      ["x", "y"]]))
+    answer = monitor.answer(picosnitch.HashRequest(1, [[os.getpid(), dev, ino, path, 0, [0, 0]], ["x", "y"],
+                                                      ["../../etc", dev, ino, path, 0, [0, 0]],
+                                                      [True, dev, ino, path, 0, [0, 0]], [0, dev, ino, path, 0, [0, 0]]]))
     assert answer.results[0][0] == "" and "its process had exited before picosnitch could hash it" in answer.results[0][1]
-    assert answer.results[1][0] == "" and "not hashed" in answer.results[1][1]
+    assert all(r[0] == "" and r[1].startswith("not hashed") for r in answer.results[1:])

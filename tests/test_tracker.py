@@ -119,3 +119,20 @@ def test_exited_processes_are_forgotten_two_windows_on():
     assert pid in t.procs
     t.end_window()
     assert pid not in t.procs and pid not in t.lineage
+
+
+def test_a_process_that_replaced_its_executable_is_reported_once_and_keeps_its_name():
+    """The kernel names what the process ran, with EXE_REPLACED set: the
+    connection is the exec'd program's, and one alert says so."""
+    t, _ = tracker()
+    pid = BASE + 41
+    exec_event(t, pid, BASE, 0, 51, 50, 0, "/opt/malware")
+    for sk in (0xffff3000, 0xffff3001):
+        kind, hdr, c = conn_event("CONN", key(pid, sk, "10.0.0.9", 443, 40100), pid=pid, ino=51)
+        hdr.proc.flags = picosnitch.EXE_REPLACED
+        t.handle((kind, hdr, c))
+    conn = t.conn(key(pid, 0xffff3000, "10.0.0.9", 443, 40100), picosnitch.ConnValT(send=5))
+    assert conn.proc.exe == "/opt/malware"
+    alerts = t.take_alerts()
+    assert len(alerts) == 1 and alerts[0].startswith(f"pid {pid} (/opt/malware) replaced its executable without")
+    assert t.take_alerts() == []

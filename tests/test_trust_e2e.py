@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -187,5 +188,79 @@ def test_status_run_by_a_user_sees_the_daemon(user_home, peers):
         assert out.returncode == 0, out.stdout + out.stderr
         assert f"picosnitch is running (pid {daemon.proc.pid})" in out.stdout
         assert "capture mode: tracepoint" in out.stdout
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_view_under_sudo_reads_the_users_files_as_the_user(user_home, root_only):
+    """`sudo picosnitch view`: the viewer becomes the user before it opens
+    anything, so a snitch.db linked to a root-only log shows nothing of it."""
+    from test_view import Tmux, row
+    secret = os.path.join(root_only, "snitch.db")
+    log = picosnitch.Log.open(secret)
+    log.insert([row(picosnitch.now_text(), "/usr/bin/root-secret", 1, 2)])
+    log.close()
+    directory = os.path.join(user_home.pw_dir, ".config", "picosnitch")
+    subprocess.run(["mkdir", "-p", directory], check=True, preexec_fn=as_user(user_home))
+    subprocess.run(["sh", "-c", f"echo '{{\"GeoIP lookup\": false}}' > {directory}/config.json"],
+                   check=True, preexec_fn=as_user(user_home))
+    plant_link(user_home, secret, os.path.join(directory, "snitch.db"))
+    t = Tmux(f"cd / && SUDO_USER={user_home.pw_name} {PYTHON} {SCRIPT} view", width=200)
+    try:
+        screen = t.wait(lambda s: "view exited with status" in s or "by executable" in s)
+        shell = int(t.tmux("list-panes", "-t", "view", "-F", "#{pane_pid}").strip())
+        viewer = subprocess.run(["pgrep", "-P", str(shell), "-f", "picosnitch"], capture_output=True, text=True)
+        assert viewer.stdout.split(), screen
+        assert status_of(int(viewer.stdout.split()[0]))["Uid"].split() == [str(user_home.pw_uid)] * 4
+        assert "snitch.db: Permission denied" in screen and "root-secret" not in screen
+    finally:
+        t.close()
+
+
+def test_the_systemd_unit_runs_none_of_the_users_python_code(user_home):
+    """The service's python ignores the user's site directory (and its .pth
+    files, which python runs at start) even where HOME names the user's home."""
+    marker = os.path.join(tempfile.mkdtemp(prefix="ps-pth-"), "ran")
+    site = os.path.join(user_home.pw_dir, ".local", "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                        "site-packages")
+    subprocess.run(["mkdir", "-p", site], check=True, preexec_fn=as_user(user_home))
+    subprocess.run(["sh", "-c", f"echo 'import os; open(\"{marker}\", \"w\").close()' > {site}/zz-user.pth"],
+                   check=True, preexec_fn=as_user(user_home))
+    unit = picosnitch.systemd_unit(f"{PYTHON} -I {SCRIPT}", {"SUDO_USER": user_home.pw_name})
+    env = dict(line[len('Environment="'):-1].split("=", 1) for line in unit.splitlines()
+               if line.startswith("Environment="))
+    command = next(line[len("ExecStart="):] for line in unit.splitlines() if line.startswith("ExecStart="))
+    command = command.replace(" start-no-daemon", " version").split()
+    os.chmod(os.path.dirname(marker), 0o777)
+    try:
+        out = subprocess.run(command, env=dict(env, HOME=user_home.pw_dir), capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.startswith("picosnitch ")
+        assert not os.path.exists(marker)
+        subprocess.run([PYTHON, "-c", "pass"], env=dict(HOME=user_home.pw_dir), check=True)    # the trap works
+        assert os.path.exists(marker)
+    finally:
+        shutil.rmtree(os.path.dirname(marker), ignore_errors=True)
+
+
+def test_the_user_cannot_silence_the_daemon_with_signals(user_home, peers, exe_dir):
+    """The primary and the notifier are the user's: a real-time signal kills
+    one, SIGSTOP would hold it forever. The root supervisor reports both,
+    restarts the process, and goes on logging; `stop` still works."""
+    daemon = Daemon(user=user_home, config={"Desktop notifications": False}).start()
+    try:
+        user_kill = lambda sig, pid: subprocess.run(["kill", "-s", sig, str(pid)], check=True,
+                                                    preexec_fn=as_user(user_home))
+        with open(picosnitch.STATUSFILE) as f:
+            primary = json.load(f)["children"]["primary"]
+        user_kill("40", primary)
+        assert wait_for(lambda: "the primary process died (killed by signal 40); restarting it" in daemon.read("error.log"))
+        with open(picosnitch.STATUSFILE) as f:
+            primary = json.load(f)["children"]["primary"]
+        user_kill("STOP", primary)
+        assert wait_for(lambda: f"the primary process was stopped for {picosnitch.STOPPED_LIMIT:.0f}s; killing it"
+                        in daemon.read("error.log"), picosnitch.STOPPED_LIMIT + 20)
+        exe = unique_c_sender(exe_dir)
+        subprocess.run([exe, "127.0.0.1", str(PEER_PORT), "432"], check=True)
+        assert [r["send"] for r in daemon.wait_rows(exe=exe)] == [432]
     finally:
         assert daemon.stop() == 0
