@@ -926,7 +926,8 @@ DB_COLUMNS = ["contime", "send", "recv", "exe", "name", "cmdline", "sha256",
               "laddr", "raddr", "domain", "proto", "gpexe", "gpname", "gpcmdline", "gpsha256"]
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+COMPACT_VERSION = 2         # the first version of the compact layout (which later ones extend)
 DB_BUSY_TIMEOUT = 1.0       # seconds a write waits for a lock; then the rows wait in memory
 HOUR, DAY = 3600, 86400
 ALL_TIME = 1 << 40          # the rollup level of the whole log: one bucket
@@ -938,18 +939,21 @@ INTERN_CACHE = 200_000      # strings and processes remembered by id, per open l
 MIGRATE_BATCH = 50_000      # old rows moved per transaction
 PRUNE_BATCH = 20_000        # rows deleted per transaction
 
-# Schema version 2. Each distinct process (exe, name, cmdline, sha256) and
-# each distinct string (address, domain, protocol) is stored once; a row of
+# The compact layout (version 2; version 3 adds the times and programs
+# rollups). Each distinct process (exe, name, cmdline, sha256) and each
+# distinct string (address, domain, protocol) is stored once; a row of
 # conns refers to them by id. Times are local wall-clock seconds (the local
 # time read as if it were UTC), so that the text of every time reads back
 # exactly as it was written, whatever the time zone does; a time that is
 # not one keeps its text. The rollups add rows up per hour, per day and for
-# the whole log: rollups by every column but the local port, ports by
-# process and local port (and, per day and for the whole log, by local port
-# alone: process 0). NULL is a value like any other in procs and strs
+# the whole log: times by time alone, programs by process, parent,
+# grandparent and user, rollups by every column but the local port, ports
+# by process and local port (and, per day and for the whole log, by local
+# port alone: process 0). A question goes to the narrowest rollup that
+# keeps its columns. NULL is a value like any other in procs and strs
 # (their unique indexes map it to x'ff', which no text equals), so that
 # every id is set.
-SCHEMA_V2 = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS procs (id INTEGER PRIMARY KEY, exe, name, cmdline, sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS procs_key ON procs (coalesce(exe, x'ff'), coalesce(name, x'ff'),
     coalesce(cmdline, x'ff'), coalesce(sha256, x'ff'));
@@ -968,11 +972,22 @@ CREATE TABLE IF NOT EXISTS rollups (level INTEGER, b INTEGER, proc INTEGER, pare
     PRIMARY KEY (level, b, proc, parent, gp, uid, domain, laddr, raddr, rport, proto)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ports (level INTEGER, b INTEGER, proc INTEGER, lport INTEGER, send INTEGER,
     recv INTEGER, rows INTEGER, PRIMARY KEY (level, b, proc, lport)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS times (level INTEGER, b INTEGER, send INTEGER, recv INTEGER, rows INTEGER,
+    PRIMARY KEY (level, b)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS programs (level INTEGER, b INTEGER, proc INTEGER, parent INTEGER, gp INTEGER,
+    uid INTEGER, send INTEGER, recv INTEGER, rows INTEGER,
+    PRIMARY KEY (level, b, proc, parent, gp, uid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 """
-# rollup table -> its key columns (after level and b)
-ROLLUPS = {"rollups": ("proc", "parent", "gp", "uid", "domain", "laddr", "raddr", "rport", "proto"),
+# rollup table -> its key columns (after level and b), narrowest first
+ROLLUPS = {"times": (), "programs": ("proc", "parent", "gp", "uid"),
+           "rollups": ("proc", "parent", "gp", "uid", "domain", "laddr", "raddr", "rport", "proto"),
            "ports": ("proc", "lport")}
+# version 3's rollups, from version 2's (in the same transaction as the upgrade)
+ROLLUPS_V3 = [f"INSERT INTO {table} (level, b, {''.join(k + ', ' for k in keys)}send, recv, rows) SELECT level, b, "
+              f"{''.join(k + ', ' for k in keys)}sum(send), sum(recv), sum(rows) FROM rollups "
+              f"GROUP BY level, b{''.join(', ' + k for k in keys)}"
+              for table, keys in (("times", ()), ("programs", ("proc", "parent", "gp", "uid")))]
 ALL_PROCS_LEVELS = (DAY, ALL_TIME)     # where ports also has the total over every process (proc 0)
 CONNS_COLUMNS = ("t", "send", "recv", "proc", "parent", "gp", "uid", "lport", "rport", "laddr", "raddr", "domain",
                  "proto")
@@ -1004,11 +1019,11 @@ def rollup_upserts(source: str, rows: str) -> typing.List[str]:
             bucket = f"CASE WHEN typeof({source}t) = 'integer' THEN {source}t / {level} * {level} ELSE {NO_TIME} END"
             variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
             for values in variants:
-                out.append(f"INSERT INTO {table} (level, b, {', '.join(keys)}, send, recv, rows) SELECT {level}, "
-                           f"{bucket}, {', '.join(v if v == '0' else rollup_value(v, source) for v in values)}, "
-                           f"{source}send, {source}recv, {rows} FROM conns WHERE id = last_insert_rowid() ON CONFLICT "
-                           f"DO UPDATE SET send = send + excluded.send, recv = recv + excluded.recv, "
-                           f"rows = rows + excluded.rows")
+                columns = [str(level), bucket] + [v if v == "0" else rollup_value(v, source) for v in values]
+                out.append(f"INSERT INTO {table} (level, b, {''.join(k + ', ' for k in keys)}send, recv, rows) "
+                           f"SELECT {', '.join(columns)}, {source}send, {source}recv, {rows} FROM conns "
+                           f"WHERE id = last_insert_rowid() ON CONFLICT DO UPDATE SET send = send + excluded.send, "
+                           f"recv = recv + excluded.recv, rows = rows + excluded.rows")
     return out
 
 
@@ -1021,8 +1036,9 @@ def roll_statements() -> typing.Dict[int, typing.List[str]]:
             variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
             for values in variants:
                 columns = [bucket] + [v if v == "0" else rollup_value(v, "") for v in values]
-                out[level].append(f"INSERT INTO {table} (level, b, {', '.join(keys)}, send, recv, rows) SELECT {level}, "
-                           f"{', '.join(columns)}, sum(send), sum(recv), count(*) FROM conns WHERE id > ? AND id <= ? "
+                out[level].append(f"INSERT INTO {table} (level, b, {''.join(k + ', ' for k in keys)}send, recv, rows) "
+                           f"SELECT {level}, {', '.join(columns)}, sum(send), sum(recv), count(*) FROM conns "
+                           f"WHERE id > ? AND id <= ? "
                            f"GROUP BY {', '.join(str(i + 2) for i in range(len(columns)))} ON CONFLICT DO UPDATE SET "
                            f"send = send + excluded.send, recv = recv + excluded.recv, rows = rows + excluded.rows")
     return out
@@ -1117,7 +1133,7 @@ class Log:
             if version < SCHEMA_VERSION:
                 con.execute("BEGIN IMMEDIATE")
                 try:
-                    cls.upgrade(con)
+                    cls.upgrade(con, version)
                     con.commit()
                 except BaseException:
                     con.rollback()
@@ -1128,24 +1144,33 @@ class Log:
         return cls(con)
 
     @staticmethod
-    def upgrade(con: sqlite3.Connection) -> None:
-        """Version 2 over whatever is there, in the caller's transaction: an
-        older connections table becomes connections_v1, to be moved over."""
-        legacy = None
+    def upgrade(con: sqlite3.Connection, version: int) -> None:
+        """The current layout over whatever is there, in the caller's
+        transaction: an older connections table becomes connections_v1, to be
+        moved over; a compact layout gains what later versions add (and goes
+        on moving older rows over if it was)."""
+        legacy, renamed = None, False
         found = con.execute("SELECT type FROM sqlite_master WHERE name = 'connections'").fetchone()
         if found and found[0] == "table":
             con.execute(f"ALTER TABLE connections RENAME TO {LEGACY_TABLE}")
             legacy = [row[1] for row in con.execute(f"PRAGMA table_info({LEGACY_TABLE})")]
-        for statement in SCHEMA_V2.split(";"):
+            renamed = True
+        elif version >= COMPACT_VERSION:
+            columns = con.execute("SELECT value FROM meta WHERE key = 'legacy_columns'").fetchone()
+            legacy = json.loads(columns[0]) if columns else None
+        for statement in SCHEMA.split(";"):
             if statement.strip():
                 con.execute(statement)
-        if legacy is not None:
+        if version == COMPACT_VERSION:
+            for statement in ROLLUPS_V3:
+                con.execute(statement)
+        if renamed:
             last = con.execute(f"SELECT max(rowid) FROM {LEGACY_TABLE}").fetchone()[0] or 0
             con.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                             [("migrated", 0), ("legacy_columns", json.dumps(legacy)), ("legacy_last", last),
                              ("live_from", now_seconds()), ("rolled", NO_TIME - 1)])
             con.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('conns', ?)", (last,))
-        con.execute("DROP VIEW IF EXISTS connections")
+        con.execute("DROP VIEW IF EXISTS connections")      # (which drops its trigger too)
         con.execute(view_sql(legacy))
         con.execute(insert_trigger())
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -1210,7 +1235,11 @@ class Log:
             self.times.clear()
         try:
             with self.con:
-                self.add([self.encode(r) for r in rows])
+                encoded = [self.encode(r) for r in rows]
+                self.add(encoded)
+                times = [r[0] for r in encoded if isinstance(r[0], int)]
+                if times:       # while older rows are rolled up, days with new rows are told apart (roll_day)
+                    self.con.execute("UPDATE meta SET value = min(value, ?) WHERE key = 'live_from'", (min(times),))
                 if mark[0]:
                     self.con.execute("INSERT OR REPLACE INTO meta VALUES ('written', ?)", (json.dumps(mark),))
         except sqlite3.Error:
@@ -1229,12 +1258,14 @@ class Log:
 
     # -- migration from an older layout ------------------------------------------
     # Old rows move over in batches, in SQL: their strings interned, their
-    # times converted, their rowids kept, and only the hour rollups kept up
+    # times converted, their rowids kept, the old table emptied as they go
+    # (dropping it whole would hold the write lock long), and only the hour
+    # rollups kept up
     # (the query layer uses no other while a migration runs). Once every row
     # is over, each old day gets its day and whole-log totals from its hour
-    # rollups, one day per transaction (the day the new rows began, which
-    # has both, from the old rows themselves). Progress is kept with each
-    # step: a stop loses and repeats nothing.
+    # rollups, one day per transaction (from the day of the earliest new
+    # row on, whose hours have both, from the old rows themselves). Progress
+    # is kept with each step: a stop loses and repeats nothing.
     def migrating(self) -> bool:
         return self.con.execute("SELECT 1 FROM meta WHERE key = 'legacy_columns'").fetchone() is not None
 
@@ -1255,9 +1286,15 @@ class Log:
             hour = self.con.execute(f"SELECT min(b) FROM rollups WHERE level = {HOUR} AND b >= ?", (after,)).fetchone()[0]
             if hour is not None:
                 day = hour if hour < 0 else hour // DAY * DAY
-                with self.con:
-                    self.roll_day(day, day >= state["live_from"] // DAY * DAY, state["legacy_last"])
+                self.con.execute("BEGIN IMMEDIATE")     # no window comes in between: live_from is final for it
+                try:
+                    live_from = self.con.execute("SELECT value FROM meta WHERE key = 'live_from'").fetchone()[0]
+                    self.roll_day(day, day >= live_from // DAY * DAY, state["legacy_last"])
                     self.con.execute("UPDATE meta SET value = ? WHERE key = 'rolled'", (day,))
+                    self.con.commit()
+                except BaseException:
+                    self.con.rollback()
+                    raise
                 return 0
             with self.con:
                 self.con.execute("DROP VIEW connections")
@@ -1297,13 +1334,15 @@ class Log:
                 f"{text('d', 'domain')} {text('pr', 'proto')} WHERE {where} ORDER BY l.rowid", params).rowcount
             for statement in ROLL_STATEMENTS[HOUR]:
                 self.con.execute(statement, params)
+            # (the old table shrinks as it goes: dropping it whole at the end would hold the write lock long)
+            self.con.execute(f"DELETE FROM {LEGACY_TABLE} WHERE rowid > ? AND rowid <= ?", params)
             self.con.execute("UPDATE meta SET value = ? WHERE key = 'migrated'", (done + batch,))
         return moved
 
     def roll_day(self, day: int, mixed: bool, legacy_last: int) -> None:
         """The day and whole-log totals of the old rows of one day (day -1:
         the rows whose time is no time): from the day's hour rollups, or, from
-        the day the new rows began (mixed), from the old rows themselves."""
+        the day of the earliest new row on (mixed), from the old rows themselves."""
         if mixed:
             for level in (DAY, ALL_TIME):
                 for statement in ROLL_STATEMENTS[level]:
@@ -1317,12 +1356,13 @@ class Log:
             for level in (DAY, ALL_TIME):
                 bucket = NO_TIME if day < 0 else (day if level == DAY else 0)
                 variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
-                for values in variants:
+                for values in variants:      # (grouped by level, a constant, when there is no key)
                     self.con.execute(
-                        f"INSERT INTO {table} (level, b, {', '.join(keys)}, send, recv, rows) SELECT {level}, {bucket}, "
-                        f"{', '.join(values)}, sum(send), sum(recv), sum(rows) FROM {table} WHERE {hours} "
-                        f"GROUP BY {', '.join(str(i + 3) for i in range(len(values)))} ON CONFLICT DO UPDATE SET "
-                        f"send = send + excluded.send, recv = recv + excluded.recv, rows = rows + excluded.rows", span)
+                        f"INSERT INTO {table} (level, b, {''.join(k + ', ' for k in keys)}send, recv, rows) "
+                        f"SELECT {level}, {bucket}, {''.join(v + ', ' for v in values)}sum(send), sum(recv), sum(rows) "
+                        f"FROM {table} WHERE {hours} GROUP BY {', '.join(str(i + 3) for i in range(len(values))) or 'level'} "
+                        f"ON CONFLICT DO UPDATE "
+                        f"SET send = send + excluded.send, recv = recv + excluded.recv, rows = rows + excluded.rows", span)
 
     # -- retention -----------------------------------------------------------
     def prune(self, days: int, now: int, budget: float = 0.2) -> typing.Optional[int]:
@@ -1351,7 +1391,7 @@ class Log:
         """Take a day out of the whole-log totals and drop its rollups."""
         with self.con:
             for table, keys in ROLLUPS.items():
-                match = " AND ".join(f"a.{k} = d.{k}" for k in keys)
+                match = " AND ".join(f"a.{k} = d.{k}" for k in keys) or "1"
                 self.con.execute(
                     f"UPDATE {table} AS a SET send = a.send - d.send, recv = a.recv - d.recv, rows = a.rows - d.rows "
                     f"FROM (SELECT * FROM {table} WHERE level = {DAY} AND b = ?) AS d "
@@ -1382,8 +1422,9 @@ def db_rows(path: str) -> typing.List[dict]:
 # covers most of the log is counted as the whole log minus what is outside.
 
 class Filter(typing.NamedTuple):
-    """Keep (or, with exclude, leave out) rows whose column is value. For
-    "time", value is the start of a bucket of `bucket` seconds."""
+    """Keep (or, with exclude, leave out) rows whose column is value, or one
+    of the values of a tuple. For "time", value is the start of a bucket of
+    `bucket` seconds."""
     column: str
     value: typing.Any
     exclude: bool = False
@@ -1450,7 +1491,8 @@ class LogQuery:
         self.con.text_factory = bytes       # names that are not UTF-8 cannot fail a read
         self.legacy: typing.Optional[typing.List[str]] = None     # the columns of old rows not moved yet
         self.moved = 0                                             # the last old rowid moved over
-        self.v2 = False
+        self.v2 = False                                            # the compact layout (version 2 or later)
+        self.rollups: typing.List[str] = []                        # the rollup tables it has
 
     def close(self) -> None:
         self.con.close()
@@ -1458,10 +1500,11 @@ class LogQuery:
     def refresh(self) -> None:
         """Check the layout: whether old rows are still being moved over.
         sqlite3.Error when the log cannot be read (missing tables included)."""
-        self.v2 = self.con.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        self.v2 = self.con.execute("PRAGMA user_version").fetchone()[0] >= COMPACT_VERSION
+        tables = {r[0].decode() for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.rollups = [table for table in ROLLUPS if table in tables]      # (older versions have fewer)
         if not self.v2:
-            tables = {r[0] for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if b"connections" not in tables:
+            if "connections" not in tables:
                 raise sqlite3.OperationalError("no connections table")
             self.legacy, self.moved = self.columns("connections"), 0      # not opened by picosnitch 2 yet
             return
@@ -1507,25 +1550,23 @@ class LogQuery:
         refs = {QUERY_COLUMNS[c][0] for c in columns if c != "time"}
         if any(size % HOUR for size in bucket_sizes):
             return ""
-        for table, keys in ROLLUPS.items():
-            if refs <= set(keys):
-                return table
-        return ""
+        return next((table for table in self.rollups if refs <= set(ROLLUPS[table])), "")
 
-    def sums(self, group: str, filters: typing.Sequence[Filter], start, end, bucket: int) -> dict:
-        """{group key (an id, or a value): [sent, received, rows]} from version 2."""
+    def sums(self, group: str, filters: typing.Sequence[Filter], start, end, bucket: int, split: str = "") -> dict:
+        """{group key (an id, or a value): [sent, received, rows]} from version 2;
+        with split (a column), the keys are (split key, group key)."""
         sizes = {bucket} if group == "time" else set()
         sizes |= {f.bucket for f in filters if f.column == "time"}
-        table = self.table({group} | {f.column for f in filters}, sizes)
+        table = self.table({group} | {f.column for f in filters} | ({split} if split else set()), sizes)
         levels = [level for level in ((HOUR,) if self.legacy is not None else (DAY, HOUR))
                   if all(s % level == 0 for s in sizes)] if table else []
         sums: dict = {}
         if not table:
-            self.add(sums, self.con.execute(*self._piece("", Piece(0, start, end), group, bucket, filters)))
+            self.add(sums, self.run(split, *self._piece("", Piece(0, start, end), group, bucket, filters, split)))
             return sums
         if start is None and end is None:          # (while a migration runs, only hours are complete)
             top = ALL_TIME if group != "time" and not sizes and self.legacy is None else levels[0]
-            self.add(sums, self.con.execute(*self._piece(table, Piece(top, None, None), group, bucket, filters)))
+            self.add(sums, self.run(split, *self._piece(table, Piece(top, None, None), group, bucket, filters, split)))
             return sums
         inside = split_range(start, end, levels)
         low, high = self.con.execute(f"SELECT (SELECT min(b) FROM {table} WHERE level = {DAY} AND b >= 0), "
@@ -1538,18 +1579,30 @@ class LogQuery:
                                          max(p.start if p.start is not None else low, low)) // max(p.level, HOUR)
                                   for p in ps)
             if span(outside) < span(inside):
-                self.add(sums, self.con.execute(*self._piece(table, Piece(ALL_TIME, 0, None), group, bucket, filters)))
+                self.add(sums, self.run(split, *self._piece(table, Piece(ALL_TIME, 0, None), group, bucket, filters,
+                                                            split)))
                 for piece in outside:
-                    self.add(sums, self.con.execute(*self._piece(table if piece.level else "", piece, group, bucket,
-                                                                 filters)), -1)
+                    self.add(sums, self.run(split, *self._piece(table if piece.level else "", piece, group, bucket,
+                                                                filters, split)), -1)
                 return sums
         for piece in inside:
-            self.add(sums, self.con.execute(*self._piece(table if piece.level else "", piece, group, bucket, filters)))
+            self.add(sums, self.run(split, *self._piece(table if piece.level else "", piece, group, bucket, filters,
+                                                        split)))
         return sums
 
+    def run(self, split: str, sql: str, params: list, rebucket: int = 0) -> typing.Iterable[tuple]:
+        """The rows of a totals query (with split, keyed by (split key, time));
+        rebucket: the times are hours or days, to be put in buckets of this size."""
+        rows = self.con.execute(sql, params)
+        place = (lambda t: t // rebucket * rebucket if isinstance(t, int) else t) if rebucket else (lambda t: t)
+        if split:
+            return (((k, place(t)), *rest) for t, k, *rest in rows)
+        return ((place(t), *rest) for t, *rest in rows) if rebucket else rows
+
     def _piece(self, table: str, piece: Piece, group: str, bucket: int,
-               filters: typing.Sequence[Filter]) -> typing.Tuple[str, list]:
-        """The SQL for one piece: from a rollup table, or from conns (table '')."""
+               filters: typing.Sequence[Filter], split: str = "") -> typing.Tuple[str, list]:
+        """The SQL for one piece: from a rollup table, or from conns (table '');
+        with split, grouped by that column first."""
         rollup = bool(table)
         params: list = []
         where = []
@@ -1572,34 +1625,49 @@ class LogQuery:
                 params.append(piece.end)
             if piece.start is None and piece.end is None and group == "time":
                 where.append("typeof(s.t) = 'integer'")
-        for f in filters:
-            where.append(self._filter(f, rollup, params))
+        where += [self._filter(f, rollup, params) for f in filters]
         if table == "ports" and piece.level in ALL_PROCS_LEVELS:      # the rows of processes, or their total
-            by_process = any(QUERY_COLUMNS[c][0] == "proc" for c in [group] + [f.column for f in filters]
-                             if c != "time")
+            by_process = any(QUERY_COLUMNS[c][0] == "proc" for c in [group, split] + [f.column for f in filters]
+                             if c and c != "time")
             where.append("s.proc > 0" if by_process else "s.proc = 0")
-        if group == "time":
-            key = f"(s.b / {bucket} * {bucket})" if rollup else f"(s.t / {bucket} * {bucket})"
-        else:
-            ref, kind = QUERY_COLUMNS[group]
-            key = f"NULLIF(s.{ref}, {NOT_LOGGED})" if rollup and kind is None else f"s.{ref}"
+        # (a rollup's times are grouped as they are, in the order of its key, which
+        # needs no sorting, and put in buckets afterwards, by run)
+        keys = [self._key(c, rollup, bucket) for c in [group] + ([split] if split else [])]
         rows = "s.rows" if rollup else "1"
-        return (f"SELECT {key}, sum(s.send), sum(s.recv), sum({rows}) FROM {table or 'conns'} s "
-                f"WHERE {' AND '.join(where) or '1'} GROUP BY 1", params)
+        return (f"SELECT {', '.join(keys)}, sum(s.send), sum(s.recv), sum({rows}) FROM {table or 'conns'} s "
+                f"WHERE {' AND '.join(where) or '1'} GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}",
+                params, bucket if rollup and group == "time" else 0)
 
     @staticmethod
-    def _filter(f: Filter, rollup: bool, params: list) -> str:
+    def _key(column: str, rollup: bool, bucket: int) -> str:
+        if column == "time":
+            return "s.b" if rollup else f"(s.t / {bucket} * {bucket})"
+        ref, kind = QUERY_COLUMNS[column]
+        return f"NULLIF(s.{ref}, {NOT_LOGGED})" if rollup and kind is None else f"s.{ref}"
+
+    @staticmethod
+    def _filter(f: Filter, rollup: bool, params: list, alias: str = "s") -> str:
+        """The condition of one filter on a rollup or on conns (as alias)."""
+        negate = "NOT " if f.exclude else ""
         if f.column == "time":
             params += [f.value, f.value + f.bucket]
-            t = "s.b" if rollup else "s.t"
-            return f"{'NOT ' if f.exclude else ''}({t} >= ? AND {t} < ?)"
+            t = f"{alias}.b" if rollup else f"{alias}.t"
+            return f"{negate}({t} >= ? AND {t} < ?)"
         ref, kind = QUERY_COLUMNS[f.column]
-        if kind is None:
-            params.append(NOT_LOGGED if rollup and f.value is None else f.value)
-            return f"s.{ref} IS {'NOT ' if f.exclude else ''}?"
-        params.append(f.value)
+        values = list(f.value) if isinstance(f.value, tuple) else [f.value]
+        present = [v for v in values if v is not None]
+        if kind is None:            # an integer column: NULL (not logged) is NOT_LOGGED in the rollups
+            if rollup:
+                present = [NOT_LOGGED if v is None else v for v in values]
+            params += present
+            tests = ([f"{alias}.{ref} IN ({','.join('?' * len(present))})"] if present else []) + \
+                    ([f"{alias}.{ref} IS NULL"] if None in values and not rollup else [])
+            return f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)"     # (NULL IN (...) is NULL)
         table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
-        return f"s.{ref} {'NOT ' if f.exclude else ''}IN (SELECT id FROM {table} WHERE {attr} IS {param(f.value)})"
+        params += present
+        tests = ([f"{attr} IN ({','.join(param(v) for v in present)})"] if present else []) + \
+                ([f"{attr} IS NULL"] if None in values else [])
+        return f"{alias}.{ref} {negate}IN (SELECT id FROM {table} WHERE {' OR '.join(tests) or '0'})"
 
     def values(self, group: str, sums: dict) -> dict:
         """What the ids among the keys of sums stand for (group is a process
@@ -1616,9 +1684,21 @@ class LogQuery:
                                           chunk).fetchall())
         return found
 
-    def _legacy(self, group: str, bucket: int, filters: typing.Sequence[Filter], start, end) -> typing.Tuple[str, list]:
+    def _legacy(self, group: str, bucket: int, filters: typing.Sequence[Filter], start, end,
+                split: str = "") -> typing.Tuple[str, list]:
         """The same question to the old rows not moved over yet (text times);
         the keys are values, not ids."""
+        where, params = self._legacy_where(filters, start, end)
+        col = lambda c: c if c in (self.legacy or []) else "NULL"
+        key = lambda c: f"CAST(strftime('%s', contime) AS INTEGER) / {bucket} * {bucket}" if c == "time" else col(c)
+        if group == "time":
+            where += " AND strftime('%s', contime) IS NOT NULL"
+        keys = [key(c) for c in [group] + ([split] if split else [])]
+        return (f"SELECT {', '.join(keys)}, sum(send), sum(recv), count(*) FROM {self.legacy_table} WHERE {where} "
+                f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}", params)
+
+    def _legacy_where(self, filters: typing.Sequence[Filter], start=None, end=None) -> typing.Tuple[str, list]:
+        """The condition on the old rows not moved over yet, in [start, end) and passing filters."""
         have, params, where = self.legacy or [], [self.moved], ["rowid > ?"]
         col = lambda c: c if c in have else "NULL"
         text = lambda s: time.strftime(TIME_FORMAT, time.gmtime(s))
@@ -1629,24 +1709,98 @@ class LogQuery:
             where.append("contime < ?")
             params.append(text(end))
         for f in filters:
+            negate = "NOT " if f.exclude else ""
             if f.column == "time":
-                within = "(contime >= ? AND contime < ?)"
                 params += [text(f.value), text(f.value + f.bucket)]
-                where.append(f"NOT {within}" if f.exclude else within)
-            else:
-                where.append(f"{col(f.column)} IS {'NOT ' if f.exclude else ''}{param(f.value)}")
-                params.append(f.value)
-        key = f"CAST(strftime('%s', contime) AS INTEGER) / {bucket} * {bucket}" if group == "time" else col(group)
-        if group == "time":
-            where.append("strftime('%s', contime) IS NOT NULL")
-        return (f"SELECT {key}, sum(send), sum(recv), count(*) FROM {self.legacy_table} WHERE "
-                f"{' AND '.join(where)} GROUP BY 1", params)
+                where.append(f"{negate}(contime >= ? AND contime < ?)")
+                continue
+            values = list(f.value) if isinstance(f.value, tuple) else [f.value]
+            present = [v for v in values if v is not None]
+            params += present
+            tests = ([f"{col(f.column)} IN ({','.join(param(v) for v in present)})"] if present else []) + \
+                    ([f"{col(f.column)} IS NULL"] if None in values else [])
+            where.append(f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)")
+        return " AND ".join(where), params
+
+    def series(self, group: str, keys: typing.Sequence, filters: typing.Sequence[Filter] = (),
+               start: typing.Optional[int] = None, end: typing.Optional[int] = None,
+               bucket: int = HOUR) -> typing.Dict[typing.Any, typing.Dict[int, typing.List[int]]]:
+        """For each of keys (values of group, as totals gives them): sent and
+        received per time bucket among the rows in [start, end) that pass
+        every filter, {value: {bucket start: [sent, received]}}."""
+        if not keys:
+            return {}
+        chosen = [*filters, Filter(group, tuple(keys))]
+        sums = self.sums("time", chosen, start, end, bucket, split=group) if self.v2 else {}
+        if self.legacy is not None:
+            sql, params = self._legacy("time", bucket, chosen, start, end, split=group)
+            self.add(sums, self.run(group, sql, params))
+        values = self.values(group, {k: None for k, _ in sums})
+        out: typing.Dict[typing.Any, typing.Dict[int, typing.List[int]]] = {}
+        for (key, t), (send, recv, n) in sums.items():
+            if n > 0:
+                cell = out.setdefault(values.get(key, key), {}).setdefault(t, [0, 0])
+                cell[0] += send
+                cell[1] += recv
+        return out
+
+    def hours(self, filters: typing.Sequence[Filter] = ()) -> typing.List[typing.Tuple[int, int]]:
+        """(hour, rows) for each hour with rows passing filters, newest first."""
+        sums = self.sums("time", filters, None, None, HOUR) if self.v2 else {}
+        return sorted(((h, total[2]) for h, total in sums.items() if total[2] > 0 and h >= 0), reverse=True)
+
+    def seen(self, filters: typing.Sequence[Filter] = ()) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
+        """The times of the first and the last row passing filters (local
+        seconds), None when there is none: the hours from the rollups, then
+        the rows of those two hours."""
+        times = []
+        hours = self.hours(filters)
+        if hours:
+            for hour, pick in ((hours[-1][0], "min"), (hours[0][0], "max")):
+                params: list = [hour, hour + HOUR]
+                where = " AND ".join(["s.t >= ? AND s.t < ?"] + [self._filter(f, False, params) for f in filters])
+                times += [v for v in self.con.execute(f"SELECT {pick}(s.t) FROM conns s WHERE {where}", params).fetchone()
+                          if v is not None]
+        if self.legacy is not None:
+            where, params = self._legacy_where(filters)
+            old = self.con.execute(f"SELECT min(contime), max(contime) FROM {self.legacy_table} WHERE {where}",
+                                   params).fetchone()
+            times += [t for t in (local_seconds(v) for v in old if v is not None) if isinstance(t, int)]
+        return (min(times), max(times)) if times else (None, None)
+
+    def latest(self, filters: typing.Sequence[Filter] = (), n: int = 20) -> typing.List[dict]:
+        """The newest n rows passing filters, newest first, with the columns of
+        the connections view (rows whose time is no time are left out)."""
+        since, count = None, 0
+        for hour, rows in self.hours(filters):       # the hours that hold the newest n
+            since, count = hour, count + rows
+            if count >= n:
+                break
+        found: typing.List[dict] = []
+        columns = ", ".join(f"{VIEW_SQL[c]} AS {c}" for c in DB_COLUMNS)
+        if since is not None:
+            params: list = [since]
+            where = " AND ".join(["c.t >= ? AND typeof(c.t) = 'integer'"] +
+                                 [self._filter(f, False, params, "c") for f in filters])
+            cursor = self.con.execute(f"SELECT {columns} FROM {VIEW_FROM} WHERE {where} "
+                                      f"ORDER BY c.t DESC, c.id DESC LIMIT ?", params + [n])
+            found = [dict(zip(DB_COLUMNS, row)) for row in cursor]
+        if self.legacy is not None and len(found) < n:
+            where, params = self._legacy_where(filters)
+            have = self.legacy or []
+            cursor = self.con.execute(f"SELECT {', '.join(c if c in have else 'NULL' for c in DB_COLUMNS)} FROM "
+                                      f"{self.legacy_table} WHERE {where} AND strftime('%s', contime) IS NOT NULL "
+                                      f"ORDER BY contime DESC LIMIT ?", params + [n - len(found)])
+            found += [dict(zip(DB_COLUMNS, row)) for row in cursor]
+        return sorted(found, key=lambda r: r["contime"], reverse=True)
 
     # -- other questions ---------------------------------------------------------------
     def span(self) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
         """The first and last time in the log (local seconds), None when empty."""
-        low, high = self.con.execute("SELECT min(t), max(t) FROM conns WHERE typeof(t) = 'integer'").fetchone() \
-            if self.v2 else (None, None)
+        # (integers sort before text: the index finds both ends at once)
+        first = "SELECT t FROM conns WHERE typeof(t) = 'integer' ORDER BY t {} LIMIT 1"
+        low, high = [(self.con.execute(first.format(order)).fetchone() or (None,))[0] if self.v2 else None
+                     for order in ("ASC", "DESC")]
         if self.legacy is not None:
             old = self.con.execute(f"SELECT min(contime), max(contime) FROM {self.legacy_table} WHERE rowid > ?",
                                    (self.moved,)).fetchone()
@@ -1654,6 +1808,12 @@ class LogQuery:
             low = min(([low] if low is not None else []) + seconds, default=None)
             high = max(([high] if high is not None else []) + seconds, default=None)
         return low, high
+
+    def has_rows(self) -> bool:
+        if self.v2 and self.con.execute("SELECT EXISTS (SELECT 1 FROM conns)").fetchone()[0]:
+            return True
+        return self.legacy is not None and bool(self.con.execute(
+            f"SELECT EXISTS (SELECT 1 FROM {self.legacy_table} WHERE rowid > ?)", (self.moved,)).fetchone()[0])
 
     def count(self) -> int:
         """How many rows the log has (from the whole-log rollup: no scan)."""

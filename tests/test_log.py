@@ -111,6 +111,7 @@ GROUPS = ["exe", "name", "cmdline", "sha256", "pexe", "pname", "gpexe", "domain"
 def test_totals_match_the_rows_for_every_column_filter_and_range(tmp_path):
     path = str(tmp_path / "snitch.db")
     make_log(path)
+    with_unlogged_ports(path)
     rows = picosnitch.db_rows(path)
     query = picosnitch.LogQuery(path)
     query.refresh()
@@ -134,6 +135,50 @@ def test_totals_match_the_rows_for_every_column_filter_and_range(tmp_path):
                     assert answer(query, group, chain, start, end, bucket) == expected, (group, chain, start, end, bucket)
                     checked += 1
     assert checked > 600
+
+
+def with_unlogged_ports(path):
+    """Rows whose ports and user were not logged (NULL), beside the others."""
+    log = picosnitch.Log.open(path)
+    log.insert([(text(NOW - 100 * i), 10 + i, 20 + i, "/usr/bin/quiet", "quiet", "", "", "", "", "", "", None, None,
+                 None, "", "", "", "udp", "", "", "", "") for i in range(5)])
+    log.close()
+
+
+def test_series_first_and_last_and_latest_match_the_rows(tmp_path):
+    path = str(tmp_path / "snitch.db")
+    make_log(path)
+    with_unlogged_ports(path)
+    rows = picosnitch.db_rows(path)
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    ranked = sorted(brute(rows, "exe").items(), key=lambda kv: -kv[1][2])
+    keys = [k for k, _ in ranked[:4]] + ["/usr/bin/quiet", "/usr/bin/none-such"]
+    chains = [[], [picosnitch.Filter("lport", rows[0]["lport"], True)], [picosnitch.Filter("uid", 0)],
+              [picosnitch.Filter("domain", rows[0]["domain"], True)]]
+    ranges = [(None, None), (NOW - 3600, NOW + 1), (NOW - 2 * 86400 - 1800, NOW - 3600 + 17)]
+    for chain in chains:
+        for start, end in ranges:
+            for bucket in (60, 3600, 86400):
+                if bucket < 3600 and start is None:
+                    continue
+                expected = {}
+                for key in keys:
+                    per = brute(rows, "time", [*chain, picosnitch.Filter("exe", key)], start, end, bucket)
+                    if per:
+                        expected[key] = {t: [s, r] for t, (s, r, n) in per.items()}
+                got = {value(k): v for k, v in query.series("exe", keys, chain, start, end, bucket).items()}
+                assert got == expected, (chain, start, end, bucket)
+    for key in keys:
+        times = [picosnitch.local_seconds(r["contime"]) for r in rows if r["exe"] == key]
+        times = [t for t in times if isinstance(t, int)]
+        assert query.seen([picosnitch.Filter("exe", key)]) == ((min(times), max(times)) if times else (None, None))
+        newest = sorted((r for r in rows if r["exe"] == key), key=lambda r: r["contime"], reverse=True)[:7]
+        latest = query.latest([picosnitch.Filter("exe", key)], 7)
+        assert [r["contime"] for r in latest] == [r["contime"].encode() for r in newest]
+        assert all(r["exe"] == key.encode() for r in latest)
+    excluded = [r for r in rows if r["lport"] != rows[0]["lport"]]
+    assert len(query.latest([picosnitch.Filter("lport", rows[0]["lport"], True)], 10 ** 6)) == len(excluded)
 
 
 def test_retention_keeps_whole_days_and_the_totals_right(tmp_path):
@@ -205,3 +250,53 @@ def test_an_older_log_is_moved_over_and_reads_back_exactly(tmp_path, layout):
     week = (NOW - 7 * 86400, NOW + 1)
     for group, bucket in (("time", 86400), ("exe", 86400), ("lport", 86400), ("time", 3600)):
         assert answer(query, group, [], *week, bucket=bucket) == brute(after, group, [], *week, bucket=bucket)
+
+
+def as_version_2(path):
+    """The log as version 2 left it: without the times and programs rollups."""
+    con = sqlite3.connect(path)
+    con.executescript("DROP TABLE times; DROP TABLE programs; PRAGMA user_version = 2;")
+    con.close()
+
+
+def test_a_version_2_log_gains_the_narrow_rollups(tmp_path):
+    path = str(tmp_path / "snitch.db")
+    make_log(path)
+    as_version_2(path)
+    rows = picosnitch.db_rows(path)
+    query = picosnitch.LogQuery(path)      # read as it is, before picosnitch opens it
+    query.refresh()
+    assert query.rollups == ["rollups", "ports"]
+    assert answer(query, "exe") == brute(rows, "exe") and answer(query, "time", bucket=3600) == \
+        brute(rows, "time", bucket=3600)
+    query.close()
+    picosnitch.Log.open(path).close()
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    assert query.rollups == list(picosnitch.ROLLUPS)
+    week = (NOW - 7 * 86400, NOW + 1)
+    for group, bucket in (("time", 3600), ("time", 86400), ("exe", 86400), ("uid", 86400), ("pexe", 86400)):
+        assert answer(query, group, bucket=bucket) == brute(rows, group, bucket=bucket)
+        assert answer(query, group, [], *week, bucket=bucket) == brute(rows, group, [], *week, bucket=bucket)
+
+
+def test_a_version_2_log_halfway_through_a_migration_goes_on(tmp_path):
+    path = str(tmp_path / "snitch.db")
+    loggen.write_legacy(path, 2000, "v1", seed=8, days=2)
+    original = picosnitch.db_rows(path)
+    log = picosnitch.Log.open(path)
+    assert log.migrate(700) == 700
+    log.close()
+    as_version_2(path)
+    log = picosnitch.Log.open(path)
+    assert log.migrating() and len(picosnitch.db_rows(path)) == len(original)
+    while log.migrate(500) is not None:
+        pass
+    log.close()
+    rows = picosnitch.db_rows(path)
+    assert sorted(map(repr, (tuple(r.values())[:17] for r in rows))) == \
+        sorted(map(repr, (tuple(r.values())[:17] for r in original)))
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    for group in ("exe", "time", "uid"):
+        assert answer(query, group, bucket=3600) == brute(rows, group, bucket=3600)
