@@ -5414,20 +5414,99 @@ def stop_daemon() -> bool:
     return True
 
 
+# The service unit's sandbox. The bounding set is what the supervisor needs;
+# each process it starts keeps less (ROLES). The supervisor's loader needs
+# CAP_SYS_ADMIN only for the uprobe on getaddrinfo: the kernel's uprobe PMU
+# asks for it (CAP_PERFMON is enough for everything else).
+UNIT_CAPABILITIES = (
+    "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN",     # load the program, open perf events, the uprobe
+    "CAP_IPC_LOCK",                                # perf rings beyond the memlock limit
+    "CAP_KILL",                                    # signal the processes that run as the user
+    "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",     # make those processes the user, shrink bounding sets
+    "CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE",       # the reader and the monitor: open any process's executable
+)
+# system calls picosnitch never makes: whole groups, and from the groups it
+# needs (@privileged for setuid, bpf and fanotify; @debug for perf_event_open)
+# those that would let CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH reach into
+# other processes or open files by handle
+UNIT_DENIED_CALLS = ("@clock @cpu-emulation @module @mount @obsolete @raw-io @reboot @resources @swap "
+                     "ptrace process_vm_readv process_vm_writev pidfd_getfd open_by_handle_at")
+UNIT_SANDBOX = """\
+# Only root can load BPF programs, so picosnitch runs as root, in this
+# sandbox, with these capabilities: BPF and PERFMON load its program,
+# SYS_ADMIN creates its uprobe on getaddrinfo, IPC_LOCK maps its perf rings;
+# KILL, SETUID, SETGID and SETPCAP start and stop the processes that run as
+# {user}, with none; DAC_READ_SEARCH and SYS_PTRACE stay with the reader and
+# the monitor, which open every executable that runs.
+CapabilityBoundingSet={capabilities}
+NoNewPrivileges=yes
+# Writable: {directory}, and /run, where picosnitch.pid and
+# picosnitch.status are made anew at each start. Everything else, kernel
+# headers (bcc compiles with them) and executables included, is read-only.
+ProtectSystem=strict
+ProtectHome=read-only
+ReadWritePaths=/run {quoted_directory}
+PrivateTmp=yes
+PrivateDevices=yes
+PrivateMounts=yes
+ProtectKernelTunables=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+# Unix sockets for the session bus, IP for VirusTotal, GeoIP and SQL servers
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+SystemCallArchitectures=native
+SystemCallFilter=~{denied_calls}
+SystemCallErrorNumber=EPERM
+UMask=0077
+"""
+
+
+def unit_escape(text: str) -> str:
+    """A path or value as a unit file takes it: % starts a specifier there."""
+    return text.replace("%", "%%")
+
+
+def unit_quote(path: str) -> str:
+    """A path in a list of paths (ReadWritePaths=), quoted: it may hold spaces."""
+    return '"' + unit_escape(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -> str:
-    """A service unit running `command start-no-daemon` for the invoking user.
-    It sets no HOME: root's python must not take the user's site directory
-    (and its .pth files) from it. The user's home comes from SUDO_USER."""
+    """A service unit running `command start-no-daemon` for the invoking user,
+    in the sandbox of UNIT_SANDBOX. It sets no HOME: root's python must not
+    take the user's site directory (and its .pth files) from it. The user's
+    home comes from SUDO_USER. The unit writes only the user's directory,
+    which must exist when it starts (cmd_systemd makes it)."""
     user = user_identity(environ)
     env = {"DBUS_SESSION_BUS_ADDRESS": default_bus_address(user.uid, environ), "PYTHONNOUSERSITE": "1"}
     if environ.get("SUDO_USER"):
         env["SUDO_USER"] = environ["SUDO_USER"]
+    sandbox = UNIT_SANDBOX.format(user=user.name, directory=user.directory, quoted_directory=unit_quote(user.directory),
+                                  capabilities=" ".join(UNIT_CAPABILITIES), denied_calls=UNIT_DENIED_CALLS)
     return ("[Unit]\nDescription=picosnitch: notify about and log programs using the network\n"
-            "After=network.target\n\n[Service]\nType=simple\n"
-            + "".join(f'Environment="{k}={v}"\n' for k, v in env.items())
-            + f"ExecStart={command} start-no-daemon\n"
-            "Restart=on-failure\nRestartSec=5\nKillMode=mixed\nTimeoutStopSec=120\n\n"
-            "[Install]\nWantedBy=multi-user.target\n")
+            # tracefs must be there: the sandbox cannot mount it
+            "Wants=sys-kernel-tracing.mount\nAfter=network.target sys-kernel-tracing.mount\n\n"
+            "[Service]\nType=simple\n"
+            + "".join(f'Environment="{unit_escape(k)}={unit_escape(v)}"\n' for k, v in env.items())
+            + f"ExecStart={unit_escape(command)} start-no-daemon\n"
+            "Restart=on-failure\nRestartSec=5\nKillMode=mixed\nTimeoutStopSec=120\n"
+            + sandbox
+            + "\n[Install]\nWantedBy=multi-user.target\n")
+
+
+# The unit the .deb and the .rpm install: picosnitch for root, until
+# `picosnitch systemd` writes one for the user in /etc/systemd/system.
+PACKAGED_COMMAND = "/usr/bin/python3 -I /usr/bin/picosnitch"
+
+
+def packaged_unit() -> str:
+    return systemd_unit(PACKAGED_COMMAND, {"SUDO_USER": "root"})
 
 ###############################################################################
 # 17. terminal viewer
@@ -5878,6 +5957,9 @@ def cmd_status(_: str) -> int:
 
 
 def cmd_systemd(_: str) -> int:
+    # The unit may write only the user's directory, which must exist when it
+    # starts: made here, as the user (a bad config.json is refused now, too).
+    load_user_config(user_identity())
     # -I: root's python reads no PYTHON* variables and no user site directory
     unit = systemd_unit(f"{sys.executable} -I {os.path.realpath(sys.argv[0])}")
     os.makedirs(os.path.dirname(SYSTEMD_UNIT), exist_ok=True)

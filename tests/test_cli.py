@@ -1,5 +1,6 @@
 """The command line: commands, help, root checks."""
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -68,14 +69,20 @@ def test_systemd_command_writes_the_unit():
         pytest.skip("writes /etc/systemd/system")
     path = picosnitch.SYSTEMD_UNIT
     before = open(path).read() if os.path.exists(path) else None
+    directory = picosnitch.user_identity({"SUDO_USER": "root"}).directory
+    made = not os.path.exists(directory)
     try:
         out = cli("systemd", env=dict(os.environ, HOME="/root", SUDO_USER="root"))
         assert out.returncode == 0 and f"wrote {path}" in out.stdout
         unit = open(path).read()
         assert f"ExecStart={PYTHON} -I {SCRIPT} start-no-daemon\n" in unit
         assert 'Environment="SUDO_USER=root"' in unit
+        # the one directory the unit lets picosnitch write exists (the unit would not start otherwise)
+        assert f'ReadWritePaths=/run "{directory}"\n' in unit and os.path.isdir(directory)
     finally:
         if before is None:
             os.unlink(path)
         else:
             open(path, "w").write(before)
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
