@@ -49,10 +49,12 @@ Table of contents (each numbered section uses only the ones above it):
     14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
     15. primary process
     16. supervisor, privileges, daemon and systemd unit
-    17. terminal viewer
-    18. command line
+    17. what the viewers share
+    18. terminal viewer
+    19. web UI
+    20. command line
 
-Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|version|help
+Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|dash|version|help
 """
 
 ###############################################################################
@@ -74,6 +76,7 @@ import datetime
 import errno
 import gzip
 import hashlib
+import hmac
 import ipaddress
 import json
 import multiprocessing
@@ -81,6 +84,7 @@ import multiprocessing.connection
 import os
 import pwd
 import re
+import secrets
 import select
 import shutil
 import signal
@@ -96,6 +100,7 @@ import time
 import traceback
 import typing
 import unicodedata
+import urllib.parse
 
 ###############################################################################
 # 3. constants and paths
@@ -5509,7 +5514,151 @@ def packaged_unit() -> str:
     return systemd_unit(PACKAGED_COMMAND, {"SUDO_USER": "root"})
 
 ###############################################################################
-# 17. terminal viewer
+# 17. what the viewers share
+###############################################################################
+# `view` and `dash` read the same log through the query layer (section 7).
+# What both need lives here: how a log is opened and what is said when it
+# cannot be read, how columns are named and values labelled, and how bytes
+# are counted.
+
+COLUMN_NAMES = {"exe": "executable", "name": "name", "cmdline": "command line", "sha256": "sha256",
+                "pexe": "parent executable", "pname": "parent name", "pcmdline": "parent command line",
+                "psha256": "parent sha256", "gpexe": "grandparent executable", "gpname": "grandparent name",
+                "gpcmdline": "grandparent command line", "gpsha256": "grandparent sha256", "uid": "user",
+                "lport": "local port", "rport": "remote port", "laddr": "local address", "raddr": "remote address",
+                "domain": "domain", "proto": "protocol", "time": "time"}
+# byte units: (name, divisor or None for automatic, counted in bits)
+UNITS = [("bytes", None, False), ("B", 1, False), ("kB", 1e3, False), ("MB", 1e6, False), ("GB", 1e9, False),
+         ("bits", None, True), ("b", 1, True), ("kb", 1e3, True), ("Mb", 1e6, True), ("Gb", 1e9, True)]
+AUTO_STEPS = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")]
+# addresses that name no place: private, shared, loopback and link-local ones
+LOCAL_NETWORKS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                     "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+                                                     "::1/128", "fc00::/7", "fe80::/10")]
+
+
+def format_amount(n: int, unit: typing.Tuple[str, typing.Optional[float], bool]) -> str:
+    name, divisor, bits = unit
+    value, suffix = n * 8 if bits else n, "b" if bits else "B"
+    if divisor is None:         # the largest step the value reaches once rounded (999,999 B is 1.0 MB)
+        divisor, prefix = next((d, p) for d, p in AUTO_STEPS if value >= d or d == 1)
+        if prefix and round(value / divisor, 1) >= 1000 and divisor < AUTO_STEPS[0][0]:
+            divisor, prefix = next((d, p) for d, p in AUTO_STEPS if d == divisor * 1000)
+        return f"{value / divisor:.1f} {prefix}{suffix}" if prefix else f"{value} {suffix}"
+    return f"{value / divisor:.1f} {name}" if divisor > 1 else f"{value} {name}"
+
+
+def is_local_address(addr: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(addr.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in LOCAL_NETWORKS if net.version == ip.version)
+
+
+class Labels:
+    """How the viewers show a value of a column: users by name, addresses with
+    their country (or as private), what was not logged as such."""
+
+    def __init__(self, geoip: typing.Optional["GeoIP"]):
+        self.geoip = geoip
+        self.users: typing.Dict[int, str] = {}
+
+    def text(self, column: str, value) -> str:
+        if value is None:
+            return "(not logged)"
+        if column == "uid":
+            if value not in self.users:      # looked up once, not at every redraw
+                try:
+                    self.users[value] = f"{pwd.getpwuid(value).pw_name} ({value})"
+                except (KeyError, TypeError, OverflowError):
+                    self.users[value] = str(value)
+            return self.users[value]
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if column in ("raddr", "laddr") and value:
+            place = self.place(value)
+            return f"{value} ({place})" if place else value
+        return str(value) if value != "" else "(none)"
+
+    def place(self, addr: str) -> str:
+        """The country of an address, "private" for one of a local network, or ''."""
+        country = self.geoip.country(addr) if self.geoip is not None else ""
+        return country or ("private" if is_local_address(addr) else "")
+
+
+class LogReader:
+    """snitch.db opened for reading, with what is wrong with it in words
+    (problem): missing, unreadable, locked by a writer, or empty. `retry`
+    ends the messages of problems that may go away."""
+
+    def __init__(self, path: str, retry: str = ""):
+        self.path, self.retry = path, retry
+        self.log: typing.Optional[LogQuery] = None
+        self.problem = ""
+
+    def refresh(self) -> None:
+        """Look at the log again: its layout, and whether it can be read at all."""
+        self.problem = ""
+        try:
+            os.stat(self.path)
+        except FileNotFoundError:
+            self.problem = f"no connection log at {self.path} yet (is picosnitch running?){self.retry}"
+            return
+        except OSError as e:
+            self.problem = f"cannot read {self.path}: {e.strerror}"
+            return
+        self.ask(lambda: self.open().has_rows() or None, f"{self.path} has no connections yet{self.retry}")
+
+    def open(self) -> LogQuery:
+        """The log, its layout looked at again."""
+        if self.log is None:
+            self.log = LogQuery(self.path)
+        self.log.refresh()
+        return self.log
+
+    def ask(self, question: typing.Callable[[], typing.Any], if_none: str = "") -> typing.Any:
+        """The answer of question() on the log; a failure (or no answer, with
+        if_none) becomes the problem, and the answer None."""
+        try:
+            answer = question()
+        except sqlite3.OperationalError as e:
+            busy = "locked" in str(e) or "busy" in str(e)
+            self.problem = (f"{self.path} is locked by a writer{self.retry}" if busy
+                            else f"cannot read {self.path}: {e}{self.retry}")
+            self.close()
+            return None
+        except sqlite3.DatabaseError as e:
+            self.problem = f"cannot read {self.path}: {e}"
+            self.close()
+            return None
+        if answer is None and if_none:
+            self.problem = if_none
+        return answer
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+def read_config(directory: str) -> Config:
+    """config.json if there is one, else the defaults (the viewers write nothing)."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.exists(path):
+        return Config()
+    with open(path, "rb") as f:
+        return parse_config(f.read().decode("utf-8", "replace"), path)
+
+
+def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typing.Optional["GeoIP"]:
+    """The GeoIP database the primary keeps, if "GeoIP lookup" is on."""
+    return GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
+
+###############################################################################
+# 18. terminal viewer
 ###############################################################################
 # `picosnitch view`: snitch.db grouped by one column at a time, largest first,
 # under a chain of filters, a time range and byte units. Each key that changes
@@ -5526,20 +5675,7 @@ DEFAULT_RANGE = "all"
 TIME_BUCKETS = {"minute": (1, "%Y-%m-%d %H:%M:%S"), "hour": (60, "%Y-%m-%d %H:%M"), "day": (3600, "%Y-%m-%d %H:00"),
                 "week": (86400, "%Y-%m-%d"), "month": (86400, "%Y-%m-%d"), "year": (86400, "%Y-%m-%d"),
                 "all": (86400, "%Y-%m-%d")}
-# byte units: (name, divisor or None for automatic, counted in bits)
-UNITS = [("bytes", None, False), ("B", 1, False), ("kB", 1e3, False), ("MB", 1e6, False), ("GB", 1e9, False),
-         ("bits", None, True), ("b", 1, True), ("kb", 1e3, True), ("Mb", 1e6, True), ("Gb", 1e9, True)]
-AUTO_STEPS = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")]
 HELP_LINE = "←→ view f filter e exclude ⌫/F/E unfilter t/T range h/H history u/U units r q"
-
-
-def format_amount(n: int, unit: typing.Tuple[str, typing.Optional[float], bool]) -> str:
-    name, divisor, bits = unit
-    value, suffix = n * 8 if bits else n, "b" if bits else "B"
-    if divisor is None:
-        divisor, prefix = next((d, p) for d, p in AUTO_STEPS if value >= d or d == 1)
-        return f"{value / divisor:.1f} {prefix}{suffix}" if prefix else f"{value} {suffix}"
-    return f"{value / divisor:.1f} {name}" if divisor > 1 else f"{value} {name}"
 
 
 def char_width(ch: str) -> int:
@@ -5576,62 +5712,30 @@ class Viewer:
     gives the lines to draw; curses only draws them."""
 
     def __init__(self, path: str, geoip: typing.Optional["GeoIP"], clock=time.time):
-        self.path, self.geoip, self.clock = path, geoip, clock
-        self.log: typing.Optional[LogQuery] = None
+        self.reader, self.labels, self.clock = LogReader(path, "; r retries"), Labels(geoip), clock
         self.view, self.range, self.offset, self.unit = 0, [r[0] for r in TIME_RANGES].index(DEFAULT_RANGE), 0, 0
         self.filters: typing.List[ViewFilter] = []
         self.cursor = self.top = 0
-        self.message, self.problem = "", ""
+        self.message = ""
         self.entries: typing.List[tuple] = []
         self.computed: typing.Optional[tuple] = None
         self.generation = 0           # bumped by r: ask again
         self.shown = (0, 0)           # the time span the entries were computed for
-        self.users: typing.Dict[int, str] = {}
         self.refresh()
 
     # -- data ---------------------------------------------------------------
+    @property
+    def problem(self) -> str:
+        """What is wrong with the log, shown instead of entries."""
+        return self.reader.problem
+
     def refresh(self) -> None:
         """Ask again from now on; a missing, empty or locked database becomes a message."""
-        self.computed, self.problem, self.generation = None, "", self.generation + 1
-        try:
-            os.stat(self.path)
-        except FileNotFoundError:
-            self.problem = f"no connection log at {self.path} yet (is picosnitch running?); r retries"
-            return
-        except OSError as e:
-            self.problem = f"cannot read {self.path}: {e.strerror}"
-            return
-        self.ask(lambda: self.open().count() or None, f"{self.path} has no connections yet; r retries")
-
-    def open(self) -> LogQuery:
-        if self.log is None:
-            self.log = LogQuery(self.path)
-        self.log.refresh()
-        return self.log
-
-    def ask(self, question: typing.Callable[[], typing.Any], if_none: str = "") -> typing.Any:
-        """The answer of question() on the log; a failure (or no answer)
-        becomes the problem shown instead of entries."""
-        try:
-            answer = question()
-        except sqlite3.OperationalError as e:
-            busy = "locked" in str(e) or "busy" in str(e)
-            self.problem = (f"{self.path} is locked by a writer; r retries" if busy
-                            else f"cannot read {self.path}: {e}; r retries")
-            self.close()
-            return None
-        except sqlite3.DatabaseError as e:
-            self.problem = f"cannot read {self.path}: {e}"
-            self.close()
-            return None
-        if answer is None and if_none:
-            self.problem = if_none
-        return answer
+        self.computed, self.generation = None, self.generation + 1
+        self.reader.refresh()
 
     def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
-            self.log = None
+        self.reader.close()
 
     def span(self) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
         """[start, end) of the time range in snitch.db's clock (local time as seconds)."""
@@ -5648,8 +5752,8 @@ class Viewer:
         if key != self.computed and not self.problem:
             start, end = self.span()
             self.shown = (start or 0, end or 0)
-            entries = self.ask(lambda: self.log.totals(VIEWS[self.view][1], [f.query() for f in self.filters],
-                                                       start, end, self.bucket()[0]))
+            entries = self.reader.ask(lambda: self.reader.log.totals(
+                VIEWS[self.view][1], [f.query() for f in self.filters], start, end, self.bucket()[0]))
             self.entries = entries or []
             self.computed = key
             self.cursor = min(self.cursor, max(len(self.entries) - 1, 0))
@@ -5661,21 +5765,7 @@ class Viewer:
     def label(self, column: str, value) -> str:
         if column == "time":
             return time.strftime(self.bucket()[1], time.gmtime(value))
-        if value is None:
-            return "(not logged)"
-        if column == "uid":
-            if value not in self.users:      # looked up once, not at every redraw
-                try:
-                    self.users[value] = f"{pwd.getpwuid(value).pw_name} ({value})"
-                except (KeyError, TypeError, OverflowError):
-                    self.users[value] = str(value)
-            return self.users[value]
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
-        if column == "raddr" and value and self.geoip is not None:
-            country = self.geoip.country(value)
-            return f"{value} ({country})" if country else value
-        return str(value) if value != "" else "(none)"
+        return self.labels.text(column, value)
 
     # -- keys ---------------------------------------------------------------
     def press(self, action: typing.Optional[str], page: int) -> None:
@@ -5829,21 +5919,10 @@ def view_loop(stdscr, viewer: Viewer) -> None:
         viewer.press(keys.get(key), max(height - 4, 1))
 
 
-def read_config(directory: str) -> Config:
-    """config.json if there is one, else the defaults (the viewer writes nothing)."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.exists(path):
-        return Config()
-    with open(path, "rb") as f:
-        return parse_config(f.read().decode("utf-8", "replace"), path)
-
-
 def run_viewer(directory: str) -> int:
     import curses
-    config = read_config(directory)
     said: typing.List[str] = []
-    geoip = GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
-    viewer = Viewer(os.path.join(directory, DB_NAME), geoip)
+    viewer = Viewer(os.path.join(directory, DB_NAME), viewer_geoip(directory, read_config(directory), said))
     viewer.message = said[0] if said else ""
     try:
         curses.wrapper(view_loop, viewer)
@@ -5852,7 +5931,733 @@ def run_viewer(directory: str) -> int:
     return 0
 
 ###############################################################################
-# 18. command line
+# 19. web UI
+###############################################################################
+# `picosnitch dash`: bytes sent and received over time, one trace per entry
+# of a grouping, a totals table and a drill-down per executable, under a
+# filter chain and a time range, as in `view`. Every interaction asks the
+# query layer (section 7) again; nothing is loaded whole. The whole view is
+# in the page's address, so a reload, a bookmark or the browser's history
+# shows it again. The server answers only requests for the address it
+# serves (no DNS rebinding), and off loopback only those with its token.
+# Dash and Plotly are imported here only, when the command runs; the page's
+# data (figures, rows) are plain values, built by functions of their own.
+
+DASH_HOST, DASH_PORT = "127.0.0.1", 5100
+DASH_GROUPS = ["exe", "name", "cmdline", "sha256", "pexe", "pname", "pcmdline", "psha256", "uid", "lport", "rport",
+               "laddr", "raddr", "domain", "proto"]
+DASH_RANGES = [("5m", 300), ("15m", 900), ("1h", HOUR), ("6h", 6 * HOUR), ("1d", DAY), ("1w", 7 * DAY),
+               ("30d", 30 * DAY), ("1y", 365 * DAY), ("all", 0)]
+DASH_DEFAULT_RANGE = "1d"
+DASH_REFRESH = [(0, "off"), (5, "5 s"), (15, "15 s"), (60, "1 min")]
+# chart buckets (seconds): the smallest that keeps a trace within DASH_POINTS;
+# ranges longer than DASH_ROWS_SPAN take whole hours, which the rollups keep
+DASH_BUCKETS = [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, HOUR, 2 * HOUR, 3 * HOUR, 6 * HOUR, 12 * HOUR,
+                DAY, 2 * DAY, 7 * DAY, 14 * DAY, 28 * DAY, 91 * DAY, 364 * DAY]
+DASH_POINTS = 180          # (with 11 traces above and below: fewer than 4,000 points in all)
+DASH_ROWS_SPAN = 6 * HOUR
+DASH_TRACES = 10           # entries charted one by one; the rest are one trace, "others"
+DASH_TABLE_ROWS = 500      # entries sent to the table (the largest)
+DASH_OPTIONS = 300         # values offered for a new filter
+DASH_DETAIL_ROWS = 15
+DASH_REUSE = 10            # seconds for which the same view's data are reused (a write window)
+DASH_SMOOTH = 5            # buckets in the moving average of "smooth"
+DASH_COOKIE = "picosnitch_token"
+DASH_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf", "#aaaaaa"]
+DASH_THEMES = {"light": {"paper": "#ffffff", "plot": "#ffffff", "text": "#222222", "grid": "#e6e6e6"},
+               "dark": {"paper": "#1e1f24", "plot": "#1e1f24", "text": "#e4e4e4", "grid": "#3a3c44"}}
+DASH_LABEL = 48            # characters of a label shown in a legend; the whole on hover
+
+
+@dataclasses.dataclass
+class DashState:
+    """What the page shows; it lives in the page's address (dash_query)."""
+    group: str = "exe"
+    filters: typing.List[typing.Tuple[str, typing.Any, bool]] = dataclasses.field(default_factory=list)
+    range: str = DASH_DEFAULT_RANGE     # a preset of DASH_RANGES, or "custom"
+    start: typing.Optional[int] = None  # of a custom range: [start, end) in the log's seconds
+    end: typing.Optional[int] = None
+    offset: int = 0                     # presets: how many of their lengths back in history
+    units: str = "bytes"                # or "bits"
+    smooth: bool = False
+    detail: typing.Any = None           # the executable drilled into
+    refresh: int = 0                    # seconds between refreshes; 0: off
+    theme: str = "light"
+
+
+def encode_value(value) -> str:
+    """A logged value as text for the address: n (NULL), i (integer), s (text) or x (bytes that are not UTF-8)."""
+    if value is None:
+        return "n"
+    if isinstance(value, int):
+        return f"i{value}"
+    if isinstance(value, bytes):
+        try:
+            return "s" + value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "x" + value.hex()
+    return f"s{value}"
+
+
+def decode_value(token: str):
+    """encode_value reversed; ValueError for text that is not one."""
+    kind, rest = token[:1], token[1:]
+    if kind == "n" and not rest:
+        return None
+    if kind == "i":
+        return int(rest)
+    if kind == "x":
+        return bytes.fromhex(rest)
+    if kind == "s":
+        return rest
+    raise ValueError(f"not a value: {token!r}")
+
+
+def dash_time_text(t: typing.Optional[int]) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) if t is not None else ""
+
+
+def dash_time(text: str) -> typing.Optional[int]:
+    """A time of the address or the from/to fields (YYYY-MM-DDTHH:MM[:SS], local) in the log's seconds."""
+    text = (text or "").strip().replace("T", " ")
+    seconds = local_seconds(text + ":00" if len(text) == 16 else text)
+    return seconds if isinstance(seconds, int) else None
+
+
+def dash_query(state: DashState) -> str:
+    """The page's address (its query string) for a state; dash_state reads it back."""
+    defaults = DashState()
+    pairs = [("g", state.group)] if state.group != defaults.group else []
+    pairs += [("f", f"{column}{'!' if exclude else '='}{encode_value(value)}") for column, value, exclude in state.filters]
+    if state.range == "custom":         # (to: the last second in the range, as the page's field shows it)
+        pairs += [("from", dash_time_text(state.start)), ("to", dash_time_text(state.end - 1))]
+    elif state.range != defaults.range:
+        pairs.append(("r", state.range))
+    pairs += [("o", str(state.offset))] if state.offset and state.range != "custom" else []
+    pairs += [("u", state.units)] if state.units != defaults.units else []
+    pairs += [("s", "1")] if state.smooth else []
+    pairs += [("d", encode_value(state.detail))] if state.detail is not None else []
+    pairs += [("a", str(state.refresh))] if state.refresh else []
+    pairs += [("t", state.theme)] if state.theme != defaults.theme else []
+    return "?" + urllib.parse.urlencode(pairs) if pairs else ""
+
+
+def dash_state(query: str) -> typing.Tuple[DashState, typing.List[str]]:
+    """The state an address asks for, and what in it was not understood (and left out)."""
+    state, problems = DashState(), []
+    ranges, groups = dict(DASH_RANGES), set(DASH_GROUPS)
+    for key, text in urllib.parse.parse_qsl((query or "").lstrip("?"), keep_blank_values=True):
+        try:
+            if key == "g" and text in groups:
+                state.group = text
+            elif key == "f":
+                found = re.match(r"([a-z0-9]+)([=!])(.*)\Z", text, re.S)
+                if not found or found.group(1) not in QUERY_COLUMNS:
+                    raise ValueError(text)
+                state.filters.append((found.group(1), decode_value(found.group(3)), found.group(2) == "!"))
+            elif key == "r" and text in ranges:
+                state.range = text
+            elif key in ("from", "to") and dash_time(text) is not None:
+                state.range = "custom"
+                if key == "from":
+                    state.start = dash_time(text)
+                else:
+                    state.end = dash_time(text) + 1
+            elif key == "o" and int(text) >= 0:
+                state.offset = int(text)
+            elif key == "u" and text in ("bytes", "bits"):
+                state.units = text
+            elif key == "s" and text in ("0", "1"):
+                state.smooth = text == "1"
+            elif key == "d":
+                state.detail = decode_value(text)
+            elif key == "a" and int(text) in dict(DASH_REFRESH):
+                state.refresh = int(text)
+            elif key == "t" and text in DASH_THEMES:
+                state.theme = text
+            else:
+                raise ValueError(text)
+        except ValueError:
+            problems.append(f"{key}={text}")
+    if state.range == "custom" and (state.start is None or state.end is None or state.start >= state.end):
+        problems.append("from/to: not a time range")
+        state.range, state.start, state.end = DASH_DEFAULT_RANGE, None, None
+    return state, problems
+
+
+def dash_span(state: DashState, now: int) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
+    """[start, end) of the state's time range in the log's seconds (None: unbounded)."""
+    if state.range == "custom":
+        return state.start, state.end
+    seconds = dict(DASH_RANGES)[state.range]
+    if not seconds:
+        return None, None
+    end = now + 1 - state.offset * seconds
+    return end - seconds, end
+
+
+def dash_bucket(first: int, last: int) -> int:
+    """The chart's time bucket for times from first to last (see DASH_BUCKETS)."""
+    span = max(last - first + 1, 1)
+    for bucket in DASH_BUCKETS:
+        if (span <= DASH_ROWS_SPAN or bucket % HOUR == 0) and span / bucket <= DASH_POINTS:
+            return bucket
+    return DASH_BUCKETS[-1]
+
+
+def dash_data(log: LogQuery, state: DashState, now: int) -> dict:
+    """What the chart and the table show: every entry of the grouping with
+    its totals (largest first), and per time bucket the sent and received
+    bytes of the largest DASH_TRACES entries and of all the others."""
+    start, end = dash_span(state, now)
+    first, last = (start, end - 1) if start is not None and end is not None else log.span()
+    if first is None or last is None:
+        return dash_nothing(state, now)
+    first, last = (start if start is not None else first), (end - 1 if end is not None else last)
+    bucket = dash_bucket(first, last)
+    filters = [Filter(column, value, exclude) for column, value, exclude in state.filters]
+    entries = log.totals(state.group, filters, start, end)
+    top = [entry[0] for entry in entries[:DASH_TRACES]]
+    series = log.series(state.group, top, filters, start, end, bucket)
+    others: typing.Dict[int, typing.List[int]] = {}
+    if len(entries) > DASH_TRACES:
+        for t, send, recv, _ in log.totals("time", filters, start, end, bucket):
+            charted = [series.get(key, {}).get(t, [0, 0]) for key in top]
+            others[t] = [send - sum(c[0] for c in charted), recv - sum(c[1] for c in charted)]
+    return {"entries": entries, "series": series, "others": others, "bucket": bucket,
+            "first": first // bucket * bucket, "last": last // bucket * bucket, "span": (first, last)}
+
+
+def dash_zoom(relayout) -> typing.Optional[typing.Tuple[int, int]]:
+    """The time range [start, end) a zoom of the chart shows (Plotly's
+    relayoutData), or None for anything else it reports."""
+    if not isinstance(relayout, dict):
+        return None
+    zoomed = relayout.get("xaxis.range") or [relayout.get(f"xaxis.range[{i}]") for i in (0, 1)]
+    if not isinstance(zoomed, (list, tuple)) or len(zoomed) != 2:
+        return None
+    start, end = (dash_time(str(t)[:19]) if t else None for t in zoomed)
+    return (start, end + 1) if start is not None and end is not None and start < end else None
+
+
+def dash_nothing(state: DashState, now: int) -> dict:
+    """dash_data of a log with nothing to show: the range, with no entries (a day for all of it)."""
+    start, end = dash_span(state, now)
+    first, last = (start, end - 1) if start is not None and end is not None else (now - DAY + 1, now)
+    return {"entries": [], "series": {}, "others": {}, "bucket": HOUR, "first": first, "last": last,
+            "span": (first, last)}
+
+
+def smoothed(values: typing.List[float], width: int = DASH_SMOOTH) -> typing.List[float]:
+    """A centred moving average (shorter at the ends)."""
+    half, out = width // 2, []
+    for i in range(len(values)):
+        window = values[max(0, i - half):i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def shorten(text: str, width: int = DASH_LABEL) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def dash_figure(data: dict, state: DashState, labels: Labels, empty: str = "no connections in this range") -> dict:
+    """The chart as a Plotly figure: sent above, received below, one trace per
+    entry (the same colour in both), exact amounts on hover; over the whole
+    range, and with `empty` written on it when there is nothing to draw."""
+    colors, theme = DASH_COLORS, DASH_THEMES[state.theme]
+    factor, unit = (8, "bits") if state.units == "bits" else (1, "bytes")
+    times = list(range(data["first"], data["last"] + 1, data["bucket"]))
+    x = [time.strftime(TIME_FORMAT, time.gmtime(t)) for t in times]
+    traces = [(labels.text(state.group, key), data["series"].get(key, {})) for key, *_ in data["entries"][:DASH_TRACES]]
+    if data["others"]:
+        traces.append((f"(all {len(data['entries']) - DASH_TRACES} others)", data["others"]))
+    figure_data = []
+    for i, (label, series) in enumerate(traces):
+        for direction, axis in ((0, "y"), (1, "y2")):
+            exact = [series.get(t, [0, 0])[direction] * factor for t in times]
+            y = smoothed(exact) if state.smooth else exact
+            figure_data.append({
+                "type": "scatter", "mode": "lines", "x": x, "y": y, "yaxis": axis, "name": shorten(label),
+                "legendgroup": str(i), "showlegend": direction == 0, "meta": label, "customdata": exact,
+                "line": {"color": colors[i % len(colors)], "width": 1.5},
+                "hovertemplate": f"%{{meta}}<br>%{{x}}<br>{'sent' if direction == 0 else 'received'} "
+                                 f"%{{customdata:,}} {unit}<extra></extra>"})
+    axis = {"gridcolor": theme["grid"], "zerolinecolor": theme["grid"], "rangemode": "tozero"}
+    bucket = data["bucket"]
+    per = f"{bucket // DAY} d" if bucket % DAY == 0 else f"{bucket // HOUR} h" if bucket % HOUR == 0 else \
+        f"{bucket // 60} min" if bucket % 60 == 0 else f"{bucket} s"
+    layout = {
+        "paper_bgcolor": theme["paper"], "plot_bgcolor": theme["plot"], "font": {"color": theme["text"]},
+        "margin": {"l": 60, "r": 10, "t": 30, "b": 40}, "height": 520, "hovermode": "closest",
+        "legend": {"orientation": "h", "y": -0.12}, "uirevision": dash_query(dataclasses.replace(state, refresh=0)),
+        "xaxis": {**axis, "type": "date", "anchor": "y2"},
+        "yaxis": {**axis, "domain": [0.54, 1], "title": {"text": f"sent ({unit} per {per})"}},
+        "yaxis2": {**axis, "domain": [0, 0.46], "title": {"text": f"received ({unit} per {per})"}},
+        "dragmode": "zoom",
+    }
+    if not traces:      # (blank lines keep both axes, over the whole range)
+        ends = [time.strftime(TIME_FORMAT, time.gmtime(t)) for t in data.get("span", (data["first"], data["last"]))]
+        layout["xaxis"]["range"] = ends
+        figure_data = [{"type": "scatter", "mode": "lines", "x": ends, "y": [0, 0], "yaxis": axis,
+                        "hoverinfo": "skip", "showlegend": False, "line": {"width": 0}} for axis in ("y", "y2")]
+        layout["annotations"] = [{"text": empty, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5,
+                                  "y": 0.77, "font": {"size": 15}}]
+    return {"data": figure_data, "layout": layout}
+
+
+def dash_table_rows(data: dict, state: DashState, labels: Labels) -> typing.Tuple[list, list, list]:
+    """The totals table: columns, rows (the largest DASH_TABLE_ROWS) and their
+    tooltips (the whole label, exact amounts)."""
+    factor = 8 if state.units == "bits" else 1
+    amount = {"type": "numeric", "format": {"specifier": ".3~s"}}      # 1.5M, exact on hover
+    columns = [{"name": COLUMN_NAMES[state.group], "id": "entry"},
+               {"name": f"sent ({state.units})", "id": "sent", **amount},
+               {"name": f"received ({state.units})", "id": "received", **amount},
+               {"name": "rows", "id": "rows", "type": "numeric", "format": {"specifier": ","}}]
+    if state.group == "exe":
+        columns.append({"name": "", "id": "details"})
+    rows, tips, unit = [], [], "bits" if factor == 8 else "bytes"
+    for i, (value, send, recv, n) in enumerate(data["entries"][:DASH_TABLE_ROWS]):
+        label = labels.text(state.group, value)
+        rows.append({"id": i, "entry": label, "sent": send * factor, "received": recv * factor, "rows": n,
+                     "key": encode_value(value), **({"details": "details"} if state.group == "exe" else {})})
+        tips.append({"entry": {"value": label, "type": "text"},
+                     "sent": {"value": f"{send * factor:,} {unit}", "type": "text"},
+                     "received": {"value": f"{recv * factor:,} {unit}", "type": "text"}})
+    return columns, rows, tips
+
+
+def read_record(path: str) -> typing.Tuple[dict, str]:
+    """record.json as it is (the viewers never move it aside), and a problem ('' if none)."""
+    empty = {section: {} for section in RECORD_SECTIONS}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return empty, ""
+    except (OSError, ValueError) as e:
+        return empty, f"{path} could not be read ({e})"
+    problem = record_problem(data)
+    return ({**empty, **data}, "") if not problem else (empty, f"{path} could not be read ({problem})")
+
+
+def dash_detail(log: LogQuery, record: dict, exe, state: DashState, now: int, labels: Labels) -> dict:
+    """The drill-down of one executable: its names and hashes (with
+    VirusTotal's verdicts) from record.json; first and last seen, over the
+    whole log; its parents, domains and addresses in the range; its latest
+    connections."""
+    start, end = dash_span(state, now)
+    mine = [Filter("exe", exe)]
+    text = exe.decode("utf-8", "replace") if isinstance(exe, bytes) else str(exe)
+    first, last = log.seen(mine)
+    shown = lambda t: time.strftime(TIME_FORMAT, time.gmtime(t)) if t is not None else "never"
+    top = lambda column: [(labels.text(column, value), send, recv) for value, send, recv, _ in
+                          log.totals(column, mine, start, end)[:DASH_DETAIL_ROWS]]
+    hashes = record.get("SHA256", {}).get(text, {})
+    logged = {labels.text("sha256", v): (s, r) for v, s, r, _ in log.totals("sha256", mine, start, end)}
+    latest = []
+    for row in log.latest(mine, DASH_DETAIL_ROWS):
+        value = lambda c: labels.text(c, row[c])
+        latest.append({"time": value("contime"), "name": value("name"), "proto": value("proto"),
+                       "local": f"{value('laddr')} {value('lport')}", "remote": f"{value('raddr')} {value('rport')}",
+                       "domain": value("domain"), "sent": row["send"] or 0, "received": row["recv"] or 0,
+                       "sha256": value("sha256")})
+    return {"exe": text, "names": list(record.get("Executables", {}).get(text, [])),
+            "hashes": [(sha, verdict, logged.get(sha)) for sha, verdict in hashes.items()] +
+                      [(sha, "", amounts) for sha, amounts in logged.items() if sha not in hashes],
+            "first": shown(first), "last": shown(last), "parents": top("pexe"), "domains": top("domain"),
+            "addresses": top("raddr"), "latest": latest}
+
+
+def dash_hosts(host: str, port: int) -> typing.Optional[typing.Set[str]]:
+    """The Host headers that name the address served (None: any, for a
+    server on every address, which the token then guards)."""
+    if host in ("0.0.0.0", "::", ""):
+        return None
+    named = f"[{host}]" if ":" in host else host
+    hosts = {f"{named}:{port}".lower()}
+    if is_loopback_host(host):
+        hosts |= {f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"}
+    if port == 80:
+        hosts |= {h.rsplit(":", 1)[0] for h in hosts}
+    return hosts
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def dash_address(environ: typing.Mapping[str, str] = os.environ) -> typing.Tuple[str, int]:
+    """HOST and PORT, checked."""
+    host = environ.get("HOST", "").strip() or DASH_HOST
+    text = environ.get("PORT", "").strip() or str(DASH_PORT)
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise PicosnitchError(f"PORT must be a port number (1-65535), found {text!r}")
+    return host, int(text)
+
+
+class DashGuard:
+    """Checks each request before Dash sees it: its Host header must name the
+    address served, and, off loopback, it must carry the token: once in the
+    address (?token=...), which sets a cookie, then in that cookie."""
+
+    def __init__(self, host: str, port: int, token: str = ""):
+        self.hosts, self.token = dash_hosts(host, port), token
+
+    def check(self):
+        from flask import make_response, redirect, request
+        text = {"Content-Type": "text/plain; charset=utf-8"}
+        if self.hosts is not None and request.host.lower() not in self.hosts:
+            return make_response(f"picosnitch dash answers only for {', '.join(sorted(self.hosts))}\n", 403, text)
+        if not self.token:
+            return None
+        given = request.args.get("token")
+        if given is not None and hmac.compare_digest(given.encode(), self.token.encode()):
+            rest = [(k, v) for k, v in request.args.items(multi=True) if k != "token"]
+            answer = redirect(request.path + ("?" + urllib.parse.urlencode(rest) if rest else ""))
+            answer.set_cookie(DASH_COOKIE, self.token, httponly=True, samesite="Strict")
+            return answer
+        if not hmac.compare_digest(request.cookies.get(DASH_COOKIE, "").encode(), self.token.encode()):
+            return make_response("picosnitch dash needs its token: open the address it printed when it started\n",
+                                 401, text)
+        return None
+
+
+DASH_CSS = """
+body { margin: 0; font-family: system-ui, sans-serif; font-size: 14px; }
+#root { min-height: 100vh; padding: 8px 14px; box-sizing: border-box; }
+.ps-light { background: #ffffff; color: #222222; }
+.ps-dark { background: #1e1f24; color: #e4e4e4; }
+.ps-bar, .ps-filters { display: flex; flex-wrap: wrap; align-items: center; gap: 8px; margin-bottom: 8px; }
+.ps-title { font-weight: 600; font-size: 18px; margin-right: 8px; }
+.ps-bar .dash-dropdown, .ps-filters .dash-dropdown { min-width: 150px; }
+#group { min-width: 190px; } #add-value { min-width: 320px; }
+.ps-bar .dash-input-container { flex: 0 0 236px; width: 236px; }
+html, body { overflow-x: hidden; }
+.ps-dark .dash-dropdown-placeholder { color: #a8adb8; }
+.ps-dark input[type=datetime-local] { color-scheme: dark; }
+.ps-dark label, .ps-dark .dash-options-list-option-text { color: inherit; }
+.ps-chip { display: inline-flex; align-items: center; gap: 4px; padding: 2px 4px 2px 8px; margin-right: 4px;
+           border-radius: 12px; border: 1px solid #888888; max-width: 420px; }
+.ps-chip span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.ps-chip button { border: none; background: transparent; color: inherit; cursor: pointer; font-size: 14px; }
+.ps-message { min-height: 1.2em; margin: 4px 0; color: #b35900; }
+.ps-main { display: flex; gap: 12px; align-items: flex-start; }
+.ps-main > .ps-chart { flex: 3 1 0; min-width: 0; }
+.ps-main > .ps-side { flex: 2 1 0; min-width: 0; }
+.ps-detail { margin-bottom: 12px; }
+.ps-detail table { border-collapse: collapse; margin-bottom: 10px; }
+.ps-detail td, .ps-detail th { padding: 2px 8px; text-align: left; border-bottom: 1px solid #8884; }
+.ps-detail h3 { margin: 12px 0 4px; font-size: 15px; }
+.ps-dark input, .ps-dark button { background: #2b2d35; color: #e4e4e4; border: 1px solid #555555; }
+button { cursor: pointer; }
+"""
+
+DASH_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}<style>""" + DASH_CSS + """</style></head>
+<body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}</footer></body>
+</html>"""
+
+
+def dash_app(directory: str, config: Config, guard: DashGuard):
+    """The Dash application for the user's directory (see dash_state for its view)."""
+    import dash
+    from dash import ALL, Input, Output, State, ctx, dash_table, dcc, html
+    from dash.exceptions import PreventUpdate
+    stylesheets = []
+    if config.dash_theme:
+        try:
+            import dash_bootstrap_components as dbc
+            stylesheets.append(getattr(dbc.themes, config.dash_theme.upper()))
+        except (ImportError, AttributeError):
+            pass        # the plain look
+    app = dash.Dash("picosnitch", title="picosnitch", update_title=None, serve_locally=True, compress=False,
+                    external_stylesheets=stylesheets, index_string=DASH_PAGE, enable_mcp=False,
+                    assets_folder=os.path.join(os.devnull, "assets"), include_assets_files=False)
+    app.server.before_request(guard.check)
+    said: typing.List[str] = []
+    labels = Labels(viewer_geoip(directory, config, said))
+    record_path, db_path = os.path.join(directory, RECORD_NAME), os.path.join(directory, DB_NAME)
+    local = threading.local()       # a reader of the log for each of the server's threads
+
+    def reader() -> LogReader:
+        if getattr(local, "reader", None) is None:
+            local.reader = LogReader(db_path)
+        return local.reader
+
+    option = lambda pairs: [{"label": label, "value": value} for value, label in pairs]
+    columns = [(c, COLUMN_NAMES[c]) for c in DASH_GROUPS]
+    app.layout = html.Div(id="root", className="ps-light", children=[
+        dcc.Location(id="url", refresh=False),
+        dcc.Interval(id="tick", interval=60_000, disabled=True),
+        html.Div(className="ps-bar", children=[
+            html.Span("picosnitch", className="ps-title"),
+            html.Label("group by"),
+            dcc.Dropdown(id="group", options=option(columns), value="exe", clearable=False),
+            html.Label("range"),
+            dcc.Dropdown(id="range", options=option([(n, n) for n, _ in DASH_RANGES] + [("custom", "custom")]),
+                         value=DASH_DEFAULT_RANGE, clearable=False),
+            html.Button("◀", id="older", title="older"), html.Button("▶", id="newer", title="newer"),
+            dcc.Input(id="from", type="datetime-local", step=1),
+            dcc.Input(id="to", type="datetime-local", step=1),
+            html.Button("apply", id="apply-range", title="show this time range"),
+            dcc.RadioItems(id="units", options=["bytes", "bits"], value="bytes", inline=True),
+            dcc.Checklist(id="smooth", options=[{"label": "smooth", "value": "smooth"}], value=[], inline=True),
+            dcc.Dropdown(id="refresh", options=option([(s, f"refresh {label}") for s, label in DASH_REFRESH]),
+                         value=0, clearable=False),
+            dcc.RadioItems(id="theme", options=list(DASH_THEMES), value="light", inline=True)]),
+        html.Div(className="ps-filters", children=[
+            html.Span("filters:"), html.Span(id="chips"),
+            dcc.Dropdown(id="add-column", options=option(columns), value="exe", clearable=False),
+            dcc.RadioItems(id="add-mode", options=option([("=", "="), ("!", "≠")]), value="=", inline=True),
+            dcc.Dropdown(id="add-value", options=[], placeholder="a value in this range…"),
+            html.Button("add filter", id="add-filter")]),
+        html.Div(id="message", className="ps-message"),
+        html.Div(id="detail", className="ps-detail"),
+        html.Div(className="ps-main", children=[
+            html.Div(className="ps-chart", children=[dcc.Graph(
+                id="graph", config={"scrollZoom": bool(config.dash_scroll_zoom), "displaylogo": False})]),
+            html.Div(className="ps-side", children=[
+                html.Div(id="table-note"),
+                dash_table.DataTable(
+                    id="table", sort_action="native", export_format="csv", export_headers="display",
+                    page_size=25, tooltip_delay=300, tooltip_duration=None,
+                    style_table={"overflowX": "auto"},
+                    style_cell={"maxWidth": "280px", "overflow": "hidden", "textOverflow": "ellipsis",
+                                "fontFamily": "system-ui, sans-serif", "fontSize": "13px"},
+                    style_cell_conditional=[{"if": {"column_id": "entry"}, "textAlign": "left"},
+                                            {"if": {"column_id": "details"}, "cursor": "pointer",
+                                             "textDecoration": "underline", "width": "56px"}],
+                    # a click filters or opens the details: no cell stays marked
+                    css=[{"selector": "td.cell--selected, td.focused",
+                          "rule": "background-color: inherit !important; border-color: inherit !important;"}])])])])
+
+    controls = [Output("group", "value"), Output("range", "value"), Output("units", "value"),
+                Output("smooth", "value"), Output("refresh", "value"), Output("theme", "value"),
+                Output("from", "value"), Output("to", "value")]
+    shown = [Output("chips", "children"), Output("graph", "figure"), Output("table", "columns"),
+             Output("table", "data"), Output("table", "tooltip_data"), Output("table", "active_cell"),
+             Output("table", "style_header"), Output("table", "style_data"), Output("table-note", "children"),
+             Output("detail", "children"), Output("message", "children"), Output("tick", "interval"),
+             Output("tick", "disabled"), Output("root", "className"), Output("add-value", "options")]
+
+    @app.callback(
+        [Output("url", "search")] + controls + shown,
+        [Input("url", "search"), Input("group", "value"), Input("range", "value"), Input("older", "n_clicks"),
+         Input("newer", "n_clicks"), Input("apply-range", "n_clicks"), Input("units", "value"),
+         Input("smooth", "value"), Input("refresh", "value"), Input("theme", "value"),
+         Input({"type": "unfilter", "index": ALL}, "n_clicks"), Input("add-filter", "n_clicks"),
+         Input("table", "active_cell"), Input({"type": "close-detail", "index": ALL}, "n_clicks"),
+         Input("tick", "n_intervals")],
+        [State("from", "value"), State("to", "value"), State("add-column", "value"), State("add-value", "value"),
+         State("add-mode", "value"), State("table", "data")])
+    def update(search, group, range_, _older, _newer, _apply, units, smooth, refresh, theme, _unfilter, _add,
+               _active, _close, _tick, start_text, end_text, add_column, add_value, add_mode, rows):
+        state, problems = dash_state(search)
+        now = now_seconds()
+        inputs = {"group": group, "range": range_, "units": units, "smooth": smooth, "refresh": refresh,
+                  "theme": theme, "start": start_text, "end": end_text, "add_column": add_column,
+                  "add_value": add_value, "add_mode": add_mode, "rows": rows}
+        try:
+            change(state, ctx.triggered_id, ctx.triggered[0]["value"] if ctx.triggered else None, inputs)
+        except ValueError as e:         # a value from the page that is not one
+            problems.append(str(e))
+        return [dash_query(state)] + control_values(state, now) + render(state, problems, now, add_column)
+
+    def change(state: DashState, trigger, value, inputs: dict) -> None:
+        """What the page asks of the state: the settings its controls show
+        (which may be ahead of the address, when an answer is still on its
+        way), then what the control that fired does. The address alone
+        counts when it fired itself (back, forward, a zoom) or for a refresh."""
+        kind = trigger.get("type") if isinstance(trigger, dict) else trigger
+        if kind not in (None, "url", "tick"):
+            state.group = inputs["group"] if inputs["group"] in DASH_GROUPS else state.group
+            state.units = inputs["units"] if inputs["units"] in ("bytes", "bits") else state.units
+            state.smooth = bool(inputs["smooth"])
+            state.refresh = inputs["refresh"] if inputs["refresh"] in dict(DASH_REFRESH) else state.refresh
+            state.theme = inputs["theme"] if inputs["theme"] in DASH_THEMES else state.theme
+            if inputs["range"] in dict(DASH_RANGES) and inputs["range"] != state.range:
+                state.range, state.offset, state.start, state.end = inputs["range"], 0, None, None
+        if kind in ("older", "newer") and value:
+            step = 1 if kind == "older" else -1
+            if state.range == "custom":
+                length = state.end - state.start
+                state.start, state.end = state.start - step * length, state.end - step * length
+            elif dict(DASH_RANGES)[state.range]:
+                state.offset = max(0, state.offset + step)
+        elif kind == "apply-range" and value:      # (to is the last second shown: the range ends after it)
+            start, last = dash_time(inputs["start"]), dash_time(inputs["end"])
+            if start is not None and last is not None and start <= last:
+                state.range, state.start, state.end, state.offset = "custom", start, last + 1, 0
+        elif kind == "unfilter" and value and trigger["index"] < len(state.filters):
+            del state.filters[trigger["index"]]
+        elif kind == "add-filter" and value and inputs["add_value"] is not None and inputs["add_column"] in QUERY_COLUMNS:
+            state.filters.append((inputs["add_column"], decode_value(inputs["add_value"]), inputs["add_mode"] == "!"))
+        elif kind == "table" and value and inputs["rows"]:
+            row = next((r for r in inputs["rows"] if r["id"] == value.get("row_id")), None)
+            if row is not None and value.get("column_id") == "details":
+                state.detail = decode_value(row["key"])
+            elif row is not None:
+                state.filters.append((state.group, decode_value(row["key"]), False))
+        elif kind == "close-detail" and value:
+            state.detail = None
+
+    def control_values(state: DashState, now: int) -> list:
+        start, end = dash_span(state, now)
+        return [state.group, state.range, state.units, ["smooth"] if state.smooth else [], state.refresh,
+                state.theme, dash_time_text(start), dash_time_text(end - 1 if end is not None else None)]
+
+    def render(state: DashState, problems: typing.List[str], now: int, add_column: str) -> list:
+        theme = DASH_THEMES[state.theme]
+        chips = [html.Span(className="ps-chip", children=[
+            html.Span(f"{COLUMN_NAMES[column]} {'≠' if exclude else '='} {labels.text(column, value)}",
+                      title=labels.text(column, value)),
+            html.Button("×", id={"type": "unfilter", "index": i}, title="remove this filter")])
+            for i, (column, value, exclude) in enumerate(state.filters)] or [html.Span("none")]
+        notes = [f"not understood in the address, and left out: {', '.join(problems)}"] if problems else []
+        notes += said
+        log = reader()
+        log.refresh()
+        data = None if log.problem else log.ask(lambda: cached_data(log.log, state, now))
+        if log.problem:
+            notes.insert(0, log.problem)
+        elif log.log is not None and log.log.legacy is not None:
+            notes.append("rows of an older layout are still being moved over; they are counted")
+        data = data or dash_nothing(state, now)
+        columns, rows, tips = dash_table_rows(data, state, labels)
+        count = len(data["entries"])
+        note = f"{count} {'entry' if count == 1 else 'entries'}" + \
+            (f", the largest {DASH_TABLE_ROWS} shown" if count > DASH_TABLE_ROWS else "")
+        detail = []
+        if state.detail is not None and not log.problem:
+            record, problem = read_record(record_path)
+            notes += [problem] if problem else []
+            found = log.ask(lambda: dash_detail(log.log, record, state.detail, state, now, labels))
+            detail = detail_view(found) if found else []
+        header = {"backgroundColor": theme["grid"], "color": theme["text"], "fontWeight": "600"}
+        cells = {"backgroundColor": theme["paper"], "color": theme["text"]}
+        offered = options(add_column, state, now, data["entries"] if add_column == state.group else None)
+        empty = "no data: see the message above" if log.problem else "no connections in this range"
+        return [chips, dash_figure(data, state, labels, empty), columns, rows, tips, None,
+                header, cells, note, detail, " · ".join(notes), max(state.refresh, 1) * 1000, not state.refresh,
+                f"ps-{state.theme}", offered]
+
+    def detail_view(found: dict) -> list:
+        def table(head: typing.List[str], rows: typing.List[typing.Sequence]) -> html.Table:
+            return html.Table([html.Tr([html.Th(h) for h in head])] +
+                              [html.Tr([html.Td(str(c), title=str(c)) for c in row]) for row in rows])
+        amount = lambda n: format_amount(n, UNITS[0])
+        return [
+            html.H2(["details: ", html.Code(found["exe"]), " ",
+                     html.Button("close", id={"type": "close-detail", "index": 0})]),
+            html.P(f"first seen {found['first']} · last seen {found['last']} · names: "
+                   f"{', '.join(found['names']) or '(none recorded)'}"),
+            html.H3("sha256 (VirusTotal)"),
+            table(["sha256", "verdict", "sent", "received"],
+                  [(sha, verdict or "(not in record.json)", amount(a[0]) if a else "", amount(a[1]) if a else "")
+                   for sha, verdict, a in found["hashes"]]),
+            html.H3("parents in this range"),
+            table(["parent executable", "sent", "received"], [(p, amount(s), amount(r)) for p, s, r in found["parents"]]),
+            html.H3("domains in this range"),
+            table(["domain", "sent", "received"], [(d, amount(s), amount(r)) for d, s, r in found["domains"]]),
+            html.H3("remote addresses in this range"),
+            table(["address", "sent", "received"], [(a, amount(s), amount(r)) for a, s, r in found["addresses"]]),
+            html.H3("latest connections"),
+            table(["time", "name", "protocol", "local", "remote", "domain", "sent", "received", "sha256"],
+                  [(c["time"], c["name"], c["proto"], c["local"], c["remote"], c["domain"], amount(c["sent"]),
+                    amount(c["received"]), shorten(c["sha256"], 16)) for c in found["latest"]])]
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("graph", "relayoutData"),
+                  State("url", "search"), prevent_initial_call=True)
+    def zoom(relayout, search):
+        """A zoom of the chart becomes the time range (which the address
+        carries to update); what else the chart reports changes nothing."""
+        zoomed = dash_zoom(relayout)
+        if zoomed is None:
+            raise PreventUpdate
+        state, _ = dash_state(search)
+        state.range, (state.start, state.end), state.offset = "custom", zoomed, 0
+        return dash_query(state)
+
+    recent: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+    recent_lock = threading.Lock()
+
+    def cached_data(log: LogQuery, state: DashState, now: int) -> dict:
+        """dash_data, kept for the rest of the write window: what only changes
+        how it is shown (units, theme, smoothing, the drill-down) asks nothing
+        again. An automatic refresh always asks again."""
+        shown = dataclasses.replace(state, units="bytes", smooth=False, detail=None, refresh=0, theme="light")
+        key = (dash_query(shown), now // DASH_REUSE)
+        with recent_lock:
+            found = recent.get(key) if ctx.triggered_id != "tick" else None
+        if found is None:
+            found = dash_data(log, state, now)
+            with recent_lock:
+                recent[key] = found
+                while len(recent) > 8:
+                    recent.popitem(last=False)
+        return found
+
+    def options(column: str, state: DashState, now: int, entries: typing.Optional[list] = None) -> list:
+        """The values the new filter's column has in the range, under the
+        current filters (the entries shown, when it is the grouping's column)."""
+        if column not in QUERY_COLUMNS:
+            return []
+        if entries is None:
+            log = reader()
+            log.refresh()
+            start, end = dash_span(state, now)
+            filters = [Filter(c, v, x) for c, v, x in state.filters]
+            entries = (None if log.problem else log.ask(lambda: log.log.totals(column, filters, start, end))) or []
+        return [{"label": shorten(labels.text(column, value), 90), "value": encode_value(value)}
+                for value, *_ in entries[:DASH_OPTIONS]]
+
+    @app.callback(Output("add-value", "options", allow_duplicate=True), Input("add-column", "value"),
+                  State("url", "search"), prevent_initial_call=True)
+    def values(column, search):
+        return options(column, dash_state(search)[0], now_seconds())
+
+    return app
+
+
+def run_dash(directory: str, host: str, port: int) -> int:
+    """Serve the web UI until Ctrl-C."""
+    import logging
+    try:
+        from werkzeug.serving import make_server
+        config = read_config(directory)
+        token = "" if is_loopback_host(host) else secrets.token_urlsafe(32)
+        app = dash_app(directory, config, DashGuard(host, port, token))
+    except ImportError as e:
+        raise PicosnitchError(f"picosnitch dash needs Dash and Plotly ({e}): install them with "
+                              f"pip install 'picosnitch[dash]', or run .ci/install-deps")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)      # no line per request
+    try:
+        server = make_server(host, port, app.server, threaded=True)
+    except OSError as e:
+        raise PicosnitchError(f"cannot serve on {host}:{port}: {e.strerror or e}")
+    named = f"[{host}]" if ":" in host else host
+    address = f"http://{'localhost' if host == DASH_HOST else named}:{port}/"
+    print(f"picosnitch dash: serving {os.path.join(directory, DB_NAME)} on {address}"
+          + (f"?token={token}" if token else "") + " (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+###############################################################################
+# 20. command line
 ###############################################################################
 
 USAGE = """usage: picosnitch <command>
@@ -5865,6 +6670,7 @@ commands:
   start-no-daemon  run in the foreground; SIGINT or SIGTERM stop it cleanly (needs root)
   systemd          write a systemd service unit for picosnitch (needs root)
   view             browse the connection log in the terminal
+  dash             serve the web UI on http://localhost:5100 (HOST and PORT change the address)
   version          show the version
   help             show this help
 
@@ -5976,6 +6782,16 @@ def cmd_view(_: str) -> int:
     return run_viewer(user.directory)
 
 
+def cmd_dash(_: str) -> int:
+    user = user_identity()
+    host, port = dash_address()
+    if os.geteuid() == 0:           # under sudo: the user's files are read as the user
+        confine(None, user)
+    for key in [k for k in os.environ if k.startswith("DASH_")]:
+        del os.environ[key]         # Dash reads settings (debug, extra endpoints) from these
+    return run_dash(user.directory, host, port)
+
+
 def cmd_version(_: str) -> int:
     print(f"picosnitch {VERSION} (python {sys.version.split()[0]}, kernel {os.uname().release})")
     return 0
@@ -5990,8 +6806,8 @@ def cmd_help(_: str) -> int:
 COMMANDS = {
     "start": (cmd_start, True), "stop": (cmd_stop, True), "restart": (cmd_restart, True),
     "status": (cmd_status, False), "start-no-daemon": (cmd_start_no_daemon, True),
-    "systemd": (cmd_systemd, True), "view": (cmd_view, False), "version": (cmd_version, False), "help": (cmd_help, False),
-    "--help": (cmd_help, False), "-h": (cmd_help, False),
+    "systemd": (cmd_systemd, True), "view": (cmd_view, False), "dash": (cmd_dash, False),
+    "version": (cmd_version, False), "help": (cmd_help, False), "--help": (cmd_help, False), "-h": (cmd_help, False),
 }
 
 

@@ -356,6 +356,8 @@ def test_viewing_a_log_written_by_the_daemon(tmp_path, peers, exe_dir):
 def test_amounts_text_fitting_and_times():
     units = {name: (name, div, bits) for name, div, bits in picosnitch.UNITS}
     assert picosnitch.format_amount(999, units["bytes"]) == "999 B"
+    assert picosnitch.format_amount(999_949, units["bytes"]) == "999.9 kB"
+    assert picosnitch.format_amount(999_999, units["bytes"]) == "1.0 MB"           # not 1000.0 kB
     assert picosnitch.format_amount(1_500_000, units["bytes"]) == "1.5 MB"
     assert picosnitch.format_amount(1_500_000, units["bits"]) == "12.0 Mb"
     assert picosnitch.format_amount(1_500_000, units["kB"]) == "1500.0 kB"

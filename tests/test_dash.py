@@ -1,0 +1,302 @@
+"""Section 19, the web UI, without a browser: the view kept in the address,
+the chart's buckets, the chart, table and drill-down data checked against
+sums computed from the rows, the request guard through Flask's test
+client, and `picosnitch dash` itself over real HTTP (the loopback-only
+binding, a foreign Host header, the token off loopback)."""
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+
+import pytest
+
+import loggen
+import picosnitch
+from conftest import PYTHON, SCRIPT
+from test_log import NOW, brute, value
+
+F = picosnitch.Filter
+
+
+@pytest.fixture(scope="module")
+def log_path(tmp_path_factory):
+    """A realistic log of 3 days up to NOW, with some rows whose ports were not logged."""
+    path = str(tmp_path_factory.mktemp("dash") / "snitch.db")
+    log = picosnitch.Log.open(path)
+    log.insert(list(loggen.rows(loggen.World(5, exes=40, domains=150), 4000, 3, end=NOW)))
+    log.insert([(picosnitch.time.strftime(picosnitch.TIME_FORMAT, picosnitch.time.gmtime(NOW - 50 * i)), 7, 9,
+                 "/opt/odd name", "odd", "", "", "", "", "", "", None, None, None, "", "", "", "udp", "", "", "",
+                 "") for i in range(3)])
+    log.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def query(log_path):
+    q = picosnitch.LogQuery(log_path)
+    q.refresh()
+    yield q
+    q.close()
+
+
+@pytest.fixture(scope="module")
+def rows(log_path):
+    return picosnitch.db_rows(log_path)
+
+
+def test_the_address_keeps_the_whole_view():
+    state = picosnitch.DashState(group="raddr", range="custom", start=NOW - 7200, end=NOW, units="bits", smooth=True,
+                                 refresh=15, theme="dark", detail="/usr/bin/curl",
+                                 filters=[("exe", "/usr/bin/a b&c=d", False), ("lport", None, True), ("uid", 1000, False),
+                                          ("exe", b"/opt/bad\xffname", True), ("domain", "", False)])
+    query = picosnitch.dash_query(state)
+    assert query.startswith("?") and " " not in query and "\xff" not in query
+    assert picosnitch.dash_state(query) == (state, [])
+    assert picosnitch.dash_query(picosnitch.DashState()) == ""
+    preset = picosnitch.DashState(range="1w", offset=3)
+    assert picosnitch.dash_state(picosnitch.dash_query(preset)) == (preset, [])
+
+
+def test_an_address_with_parts_it_does_not_understand_keeps_the_rest():
+    state, problems = picosnitch.dash_state("?g=nonsense&r=1h&f=exe=zzz&f=nocolumn=s1&o=-2&u=bits&t=pink&x=1")
+    assert (state.group, state.range, state.units, state.filters, state.offset) == ("exe", "1h", "bits", [], 0)
+    assert problems == ["g=nonsense", "f=exe=zzz", "f=nocolumn=s1", "o=-2", "t=pink", "x=1"]
+    state, problems = picosnitch.dash_state("?from=2026-11-29T10:00:00&to=2026-11-29T09:00:00")
+    assert state.range == picosnitch.DASH_DEFAULT_RANGE and problems == ["from/to: not a time range"]
+
+
+def test_time_ranges_and_buckets_keep_the_chart_small():
+    for name, seconds in picosnitch.DASH_RANGES:
+        state = picosnitch.DashState(range=name)
+        start, end = picosnitch.dash_span(state, NOW)
+        if not seconds:
+            assert (start, end) == (None, None)
+            continue
+        assert (start, end) == (NOW + 1 - seconds, NOW + 1)
+        bucket = picosnitch.dash_bucket(start, end - 1)
+        assert seconds / bucket <= picosnitch.DASH_POINTS, name
+        assert seconds <= picosnitch.DASH_ROWS_SPAN or bucket % 3600 == 0, name      # longer ranges: the rollups
+    older = picosnitch.DashState(range="1h", offset=2)
+    assert picosnitch.dash_span(older, NOW) == (NOW + 1 - 3 * 3600, NOW + 1 - 2 * 3600)
+    assert picosnitch.dash_bucket(0, 10 * 365 * 86400) == 28 * 86400           # 131 points
+    assert picosnitch.dash_bucket(0, 500 * 365 * 86400) == picosnitch.DASH_BUCKETS[-1]
+
+
+@pytest.mark.parametrize("group", ["exe", "domain", "raddr", "lport", "uid"])
+def test_the_chart_and_the_table_hold_exactly_what_the_rows_say(query, rows, group):
+    exe = max(brute(rows, "exe").items(), key=lambda kv: kv[1][2])[0]
+    for filters, rng in [([], "1d"), ([("exe", exe, False)], "1w"), ([("lport", None, True)], "all"),
+                         ([("exe", exe, True)], "6h")]:
+        state = picosnitch.DashState(group=group, filters=filters, range=rng)
+        start, end = picosnitch.dash_span(state, NOW)
+        chain = [F(c, v, x) for c, v, x in filters]
+        expected = brute(rows, group, chain, start, end)
+        data = picosnitch.dash_data(query, state, NOW)
+        assert {value(v): (s, r, n) for v, s, r, n in data["entries"]} == expected
+        bucket = data["bucket"]
+        per_time = brute(rows, "time", chain, start, end, bucket)
+        top = [v for v, *_ in data["entries"][:picosnitch.DASH_TRACES]]
+        charted = {t: [0, 0] for t in per_time}
+        for key in top:
+            mine = brute(rows, "time", [*chain, F(group, key)], start, end, bucket)
+            assert {t: [s, r] for t, (s, r, n) in mine.items()} == data["series"].get(key, {}), (group, key)
+            for t, (s, r, n) in mine.items():
+                charted[t][0] += s
+                charted[t][1] += r
+        if len(data["entries"]) > picosnitch.DASH_TRACES:       # the others: all but the charted entries
+            assert {t: v for t, v in data["others"].items() if v != [0, 0]} == \
+                {t: [s - charted[t][0], r - charted[t][1]] for t, (s, r, n) in per_time.items()
+                 if [s - charted[t][0], r - charted[t][1]] != [0, 0]}
+
+        labels = picosnitch.Labels(None)
+        figure = picosnitch.dash_figure(data, state, labels)
+        sent = [t for t in figure["data"] if t["yaxis"] == "y"]
+        assert len(sent) == min(len(data["entries"]), picosnitch.DASH_TRACES) + bool(data["others"])
+        assert len(sent[0]["x"]) <= picosnitch.DASH_POINTS + 1
+        for trace, (key, s, r, n) in zip(sent, data["entries"][:picosnitch.DASH_TRACES]):
+            assert trace["meta"] == labels.text(group, key) and sum(trace["customdata"]) == s
+        columns, table, tips = picosnitch.dash_table_rows(data, state, labels)
+        assert [(r["entry"], r["sent"], r["received"], r["rows"]) for r in table] == \
+            [(labels.text(group, v), s, r, n) for v, s, r, n in data["entries"][:picosnitch.DASH_TABLE_ROWS]]
+        assert all(picosnitch.decode_value(r["key"]) == value(v) for r, (v, *_) in zip(table, data["entries"]))
+        assert tips[0]["sent"]["value"] == f"{table[0]['sent']:,} bytes"
+
+
+def test_bits_and_smoothing_change_the_picture_not_the_amounts(query):
+    state = picosnitch.DashState(range="1w", units="bits", smooth=True)
+    data = picosnitch.dash_data(query, state, NOW)
+    figure = picosnitch.dash_figure(data, state, picosnitch.Labels(None))
+    trace = figure["data"][0]
+    key, sent = data["entries"][0][0], data["entries"][0][1]
+    assert sum(trace["customdata"]) == 8 * sent and trace["y"] != trace["customdata"]
+    assert abs(sum(trace["y"]) - sum(trace["customdata"])) < 0.25 * sum(trace["customdata"])
+    assert "bits" in figure["layout"]["yaxis"]["title"]["text"] and "%{customdata:,} bits" in trace["hovertemplate"]
+    _, table, tips = picosnitch.dash_table_rows(data, state, picosnitch.Labels(None))
+    assert table[0]["sent"] == 8 * sent and tips[0]["sent"]["value"] == f"{8 * sent:,} bits"
+
+
+def test_the_drill_down_of_one_executable(query, rows, tmp_path):
+    exe = max(brute(rows, "exe").items(), key=lambda kv: kv[1][2])[0]
+    mine = [r for r in rows if r["exe"] == exe]
+    shas = sorted({r["sha256"] for r in mine})
+    record = {"Executables": {exe: ["one", "two"]}, "SHA256": {exe: {shas[0]: "VirusTotal: 0 of 70 engines"}}}
+    state = picosnitch.DashState(range="all")
+    found = picosnitch.dash_detail(query, record, exe, state, NOW, picosnitch.Labels(None))
+    times = sorted(picosnitch.local_seconds(r["contime"]) for r in mine)
+    text = lambda t: picosnitch.time.strftime(picosnitch.TIME_FORMAT, picosnitch.time.gmtime(t))
+    assert (found["exe"], found["names"], found["first"], found["last"]) == (exe, ["one", "two"], text(times[0]),
+                                                                          text(times[-1]))
+    assert found["hashes"][0][:2] == (shas[0], "VirusTotal: 0 of 70 engines")
+    assert {h[0] for h in found["hashes"]} == set(shas) and all(h[1] == "" for h in found["hashes"][1:])
+    parents = brute(rows, "pexe", [F("exe", exe)])
+    assert [(p, s, r) for p, s, r in found["parents"]] == \
+        sorted(((p, s, r) for p, (s, r, n) in parents.items()), key=lambda x: -(x[1] + x[2]))[:len(found["parents"])]
+    newest = sorted(mine, key=lambda r: r["contime"], reverse=True)[:picosnitch.DASH_DETAIL_ROWS]
+    assert [c["time"] for c in found["latest"]] == [r["contime"] for r in newest]
+    assert picosnitch.read_record(str(tmp_path / "none.json")) == ({s: {} for s in picosnitch.RECORD_SECTIONS}, "")
+    (tmp_path / "bad.json").write_text('{"SHA256": []}')
+    assert "could not be read" in picosnitch.read_record(str(tmp_path / "bad.json"))[1]
+    assert (tmp_path / "bad.json").read_text() == '{"SHA256": []}'       # left as it is
+
+
+def test_addresses_are_labelled_with_their_place():
+    labels = picosnitch.Labels(None)
+    assert [labels.text("raddr", a) for a in ("10.1.2.3", "192.168.0.9", "fd00::1", "::ffff:172.16.0.1", "8.8.8.8",
+                                               "192.0.2.7", "")] == \
+        ["10.1.2.3 (private)", "192.168.0.9 (private)", "fd00::1 (private)", "::ffff:172.16.0.1 (private)", "8.8.8.8",
+         "192.0.2.7", "(none)"]
+    assert labels.text("uid", 0) == "root (0)" and labels.text("lport", None) == "(not logged)"
+
+
+def guarded_app(tmp_path, host, port, token=""):
+    (tmp_path / "config.json").write_text('{"GeoIP lookup": false}')
+    return picosnitch.dash_app(str(tmp_path), picosnitch.read_config(str(tmp_path)),
+                               picosnitch.DashGuard(host, port, token))
+
+
+def test_the_guard_answers_only_for_the_address_served(tmp_path):
+    client = guarded_app(tmp_path, "127.0.0.1", 5100).server.test_client()
+    for host in ("localhost:5100", "127.0.0.1:5100", "[::1]:5100", "LOCALHOST:5100"):
+        assert client.get("/", headers={"Host": host}).status_code == 200, host
+    for host in ("evil.example:5100", "localhost:5101", "127.0.0.1", "attacker.localhost.example.org:5100"):
+        answer = client.get("/", headers={"Host": host})
+        assert answer.status_code == 403 and b"answers only for" in answer.data, host
+    assert client.post("/_dash-update-component", headers={"Host": "rebound.example:5100"}, json={}).status_code == 403
+
+
+def test_off_loopback_every_request_needs_the_token(tmp_path):
+    app = guarded_app(tmp_path, "0.0.0.0", 5100, "s3cret-token")
+    client = app.server.test_client()
+    assert client.get("/", headers={"Host": "192.0.2.1:5100"}).status_code == 401
+    assert client.get("/?token=wrong", headers={"Host": "192.0.2.1:5100"}).status_code == 401
+    given = client.get("/?g=domain&token=s3cret-token", headers={"Host": "192.0.2.1:5100"})
+    assert given.status_code == 302 and given.headers["Location"].endswith("/?g=domain")
+    cookie = given.headers["Set-Cookie"]
+    assert cookie.startswith(f"{picosnitch.DASH_COOKIE}=s3cret-token") and "HttpOnly" in cookie and \
+        "SameSite=Strict" in cookie
+    assert client.get("/", headers={"Host": "192.0.2.1:5100"}).status_code == 200      # the cookie is kept
+    stranger = app.server.test_client()
+    assert stranger.get("/_dash-layout", headers={"Host": "192.0.2.1:5100"}).status_code == 401
+
+
+class Served:
+    """`picosnitch dash` as a process, until close()."""
+
+    def __init__(self, home, **env):
+        self.proc = subprocess.Popen([PYTHON, SCRIPT, "dash"], env=dict(os.environ, HOME=str(home), **env),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.line = self.proc.stdout.readline()
+
+    def close(self):
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(20)
+
+
+def listening(port):
+    """The local addresses listening on a TCP port (from /proc/net/tcp and tcp6)."""
+    found = set()
+    for name in ("tcp", "tcp6"):
+        with open(f"/proc/net/{name}") as f:
+            for line in list(f)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hexport = local.rsplit(":", 1)
+                if state == "0A" and int(hexport, 16) == port:
+                    found.add(address)
+    return found
+
+
+def get(port, path="/", host=None, address="127.0.0.1", headers=None):
+    con = http.client.HTTPConnection(address, port, timeout=10)
+    con.request("GET", path, headers={"Host": host or f"localhost:{port}", **(headers or {})})
+    answer = con.getresponse()
+    return answer.status, dict(answer.getheaders()), answer.read()
+
+
+def test_picosnitch_dash_serves_loopback_only_by_default(tmp_path, log_path):
+    home = tmp_path / "home"
+    (home / ".config" / "picosnitch").mkdir(parents=True)
+    (home / ".config" / "picosnitch" / "config.json").write_text('{"GeoIP lookup": false}')
+    os.link(log_path, home / ".config" / "picosnitch" / "snitch.db")
+    served = Served(home, PORT="5191")
+    try:
+        assert served.line.startswith(f"picosnitch dash: serving {home}/.config/picosnitch/snitch.db on "
+                                      "http://localhost:5191/ (Ctrl-C stops it)"), served.line
+        assert listening(5191) == {"0100007F"}                  # 127.0.0.1 and nothing else
+        status, _, body = get(5191)
+        assert status == 200 and b"<title>picosnitch</title>" in body
+        status, _, body = get(5191, host="evil.example:5191")
+        assert status == 403
+        status, _, body = get(5191, "/_dash-layout")
+        assert status == 200 and b'"id":"graph"' in body.replace(b" ", b"")
+    finally:
+        assert served.close() == 0
+
+
+def test_off_loopback_the_token_is_printed_and_required(tmp_path):
+    served = Served(tmp_path, HOST="0.0.0.0", PORT="5192")
+    try:
+        found = re.search(r"on http://0\.0\.0\.0:5192/\?token=([A-Za-z0-9_-]{40,}) ", served.line)
+        assert found, served.line
+        token = found.group(1)
+        assert listening(5192) == {"00000000"}
+        assert get(5192, host="192.0.2.1:5192")[0] == 401
+        status, headers, _ = get(5192, f"/?token={token}", host="192.0.2.1:5192")
+        assert status == 302 and headers["Location"] == "/"
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert get(5192, host="192.0.2.1:5192", headers={"Cookie": cookie})[0] == 200
+        assert get(5192, host="192.0.2.1:5192", headers={"Cookie": cookie[:-2] + "xx"})[0] == 401
+    finally:
+        assert served.close() == 0
+
+
+def test_a_bad_port_is_named():
+    out = subprocess.run([PYTHON, SCRIPT, "dash"], env=dict(os.environ, HOME="/nonexistent", PORT="70000"),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "PORT must be a port number (1-65535), found '70000'" in out.stderr
+
+
+def test_the_page_says_what_is_wrong_with_a_missing_log(tmp_path):
+    client = guarded_app(tmp_path, "127.0.0.1", 5100).server.test_client()
+    layout = json.loads(client.get("/_dash-dependencies", headers={"Host": "localhost:5100"}).data)
+    update = next(d for d in layout if d["output"].startswith("..url.search"))
+    inputs = [{"id": i["id"], "property": i["property"], "value": None} if not isinstance(i["id"], dict) else
+              [] for i in update["inputs"]]
+    state = [{"id": s["id"], "property": s["property"], "value": None} for s in update["state"]]
+    body = {"output": update["output"], "outputs": [
+        {"id": o.split(".")[0], "property": o.split(".")[1]} for o in update["output"].strip(".").split("...")],
+        "inputs": inputs, "state": state, "changedPropIds": []}
+    answer = client.post("/_dash-update-component", json=body, headers={"Host": "localhost:5100"})
+    assert answer.status_code == 200, answer.data[:500]
+    message = json.loads(answer.data)["response"]["message"]["children"]
+    assert message == f"no connection log at {tmp_path}/snitch.db yet (is picosnitch running?)"
+
+
+def test_a_zoom_of_the_chart_is_a_time_range():
+    assert picosnitch.dash_zoom({"xaxis.range[0]": "2026-11-29 10:00:00.5", "xaxis.range[1]": "2026-11-29 11:30:00"}) \
+        == (picosnitch.dash_time("2026-11-29T10:00:00"), picosnitch.dash_time("2026-11-29T11:30:00") + 1)
+    assert picosnitch.dash_zoom({"xaxis.range": ["2026-11-29 10:00", "2026-11-29 10:05"]}) is not None
+    for other in ({"autosize": True}, {"xaxis.autorange": True}, None, {"xaxis.range": ["x", "y"]},
+                  {"xaxis.range[0]": "2026-11-29 11:00:00", "xaxis.range[1]": "2026-11-29 10:00:00"}):
+        assert picosnitch.dash_zoom(other) is None, other
