@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import sqlite3
@@ -193,10 +194,29 @@ class Daemon:
         return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
 
 
+def read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def remove_stale_namespaces():
+    """Namespaces (and their veth pairs, which hold the test addresses) left
+    by a run that was killed before it could remove them."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in re.findall(r"^pstest(\d+)", listed, re.M):
+        if int(name) != os.getpid() and b"pytest" not in read_bytes(f"/proc/{name}/cmdline"):
+            subprocess.run(["ip", "link", "del", f"psv{int(name) % 10000}a"], capture_output=True)
+            subprocess.run(["ip", "netns", "del", f"pstest{name}"], capture_output=True)
+
+
 @pytest.fixture(scope="session")
 def netns():
     """A peer in its own network namespace over a veth pair, IPv4 and IPv6."""
     need_root()
+    remove_stale_namespaces()
     host_if, peer_if = f"psv{os.getpid() % 10000}a", f"psv{os.getpid() % 10000}b"
     cmds = [["ip", "netns", "add", NETNS],
             ["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if],
