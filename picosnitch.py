@@ -329,6 +329,18 @@ class ConnValT(ctypes.Structure):
     _fields_ = [("send", ctypes.c_uint64), ("recv", ctypes.c_uint64)]
 
 
+class EpochT(ctypes.Structure):
+    """The window the kernel fills: which of the two sets of maps, and its
+    number (8 bytes, read by the kernel in one load: the two always agree)."""
+    _fields_ = [("epoch", ctypes.c_uint32), ("window", ctypes.c_uint32)]
+
+
+class SlotT(ctypes.Structure):
+    """A connection's bytes in one window, in the arrays of the typed
+    tracepoints' fast path: its key, the window, the counts."""
+    _fields_ = [("key", ConnKeyT), ("window", ctypes.c_uint64), ("send", ctypes.c_uint64), ("recv", ctypes.c_uint64)]
+
+
 class EventHdrT(ctypes.Structure):
     """Starts every event; kind selects the payload that follows; time (ns since
     boot) orders events from different CPUs."""
@@ -365,7 +377,8 @@ class EmptyT(ctypes.Structure):
 # chosen yet). OPEN: that connect was answered or refused, and the kernel
 # opened its key for the connecting task (in any context: no process info).
 EVENT_KINDS = {"EXEC": (1, ExecT), "FORK": (2, EmptyT), "EXIT": (3, EmptyT),
-               "CONN": (4, ConnT), "DNS": (5, DnsT), "CONNECT": (6, ConnT), "OPEN": (7, ConnT)}
+               "CONN": (4, ConnT), "DNS": (5, DnsT), "CONNECT": (6, ConnT), "OPEN": (7, ConnT),
+               "ROUTE": (8, EmptyT)}
 
 # counters the kernel keeps in the stats array (index: meaning)
 STATS = {"MAP_FULL": "connection map full: traffic not attributed",
@@ -390,7 +403,8 @@ def c_struct(cls: type, name: str) -> str:
 
 
 STRUCT_NAMES = {ProcT: "proc_t", ConnKeyT: "conn_key_t", ConnValT: "conn_val_t", ConnInfoT: "conn_info_t",
-                ConnT: "conn_t", EventHdrT: "event_hdr_t", ExecT: "exec_t", DnsT: "dns_t"}
+                ConnT: "conn_t", EventHdrT: "event_hdr_t", ExecT: "exec_t", DnsT: "dns_t", EpochT: "epoch_t",
+                SlotT: "slot_t"}
 
 
 @dataclasses.dataclass
@@ -2075,10 +2089,14 @@ class BTF:
             tid, bits, bitsize = found[0], bits + found[1], found[2]
         return Field(bits // 8, self.size(tid), bits % 8 if bitsize else 0, bitsize)
 
+    def tracepoint_type(self, name: str) -> int:
+        """The type id of a tracepoint's typedef btf_trace_<name> (0 when there is none)."""
+        want = f"btf_trace_{name}"
+        return next((tid for tid, t in enumerate(self.types) if t[0] == 8 and t[1] and self.name(t[1]) == want), 0)
+
     def has_raw_tracepoint(self, name: str) -> bool:
         """Raw tracepoints show up in BTF as the typedef btf_trace_<name>."""
-        want = f"btf_trace_{name}"
-        return any(t[0] == 8 and t[1] and self.name(t[1]) == want for t in self.types)
+        return bool(self.tracepoint_type(name))
 
 
 class Field(typing.NamedTuple):
@@ -2096,6 +2114,8 @@ KERNEL_FIELDS = {
     "TASK_REAL_PARENT": "task_struct.real_parent",
     "TASK_MM": "task_struct.mm",
     "TASK_COMM": "task_struct.comm",
+    "TASK_CRED": "task_struct.cred",
+    "CRED_UID": "cred.uid.val",
     "MM_EXE_FILE": "mm_struct.exe_file",
     "MM_ARG_START": "mm_struct.arg_start",
     "MM_ARG_END": "mm_struct.arg_end",
@@ -2120,6 +2140,10 @@ KERNEL_FIELDS = {
     "SK_DPORT": "sock_common.skc_dport",
     "SK_NUM": "sock_common.skc_num",
     "SK_PROT": "sock_common.skc_prot",
+    "SK_NET": "sock_common.skc_net.net",
+    "NET_INUM": "net.ns.inum",
+    "NHC_DEV": "fib_nh_common.nhc_dev",
+    "DEV_NET": "net_device.nd_net.net",
     "SK_V6_DADDR": "sock_common.skc_v6_daddr",
     "SK_V6_RCV_SADDR": "sock_common.skc_v6_rcv_saddr",
     "SOCK_PROTOCOL": "sock.sk_protocol",
@@ -2166,9 +2190,11 @@ def kernel_field(btf: BTF, paths) -> "Field":
 
 
 def offset_defines(btf: BTF) -> str:
-    """#defines for every KERNEL_FIELDS entry: OFF_X and a typed reader F_X(p);
-    for each span, its start and length (a multiple of 8: spans are read into
-    u64 arrays, which keeps stack reads aligned), and S_X(buf) for its fields."""
+    """#defines for every KERNEL_FIELDS entry: OFF_X, a typed reader F_X(p)
+    and, for programs whose pointers the verifier knows the type of (typed
+    tracepoints), a direct load D_X(p); for each span, its start and length
+    (a multiple of 8: spans are read into u64 arrays, which keeps stack reads
+    aligned), and S_X(buf) for its fields."""
     lines, fields = [], {macro: kernel_field(btf, path) for macro, path in KERNEL_FIELDS.items()}
     for macro, f in fields.items():
         lines.append(f"#define OFF_{macro} {f.offset}")
@@ -2176,6 +2202,7 @@ def offset_defines(btf: BTF) -> str:
             lines.append(f"#define F_{macro}(p) ((read_u32((p), {f.offset}) >> {f.shift}) & {(1 << f.bits) - 1})")
         elif f.size in (1, 2, 4, 8):
             lines.append(f"#define F_{macro}(p) read_u{8 * f.size}((p), {f.offset})")
+            lines.append(f"#define D_{macro}(p) (*(volatile u{8 * f.size} *)((u8 *)(p) + {f.offset}))")
     for span, members in KERNEL_SPANS.items():
         start = min(fields[m].offset for m in members) // 8 * 8
         length = (max(fields[m].offset + fields[m].size for m in members) - start + 7) // 8 * 8
@@ -2240,21 +2267,34 @@ struct exec_event_t { struct event_hdr_t hdr; struct exec_t exec; };
 struct dns_event_t { struct event_hdr_t hdr; struct dns_t dns; };
 /* the peer of a datagram on an unconnected socket: sent by a thread, queued on a socket */
 struct peer_t { u8 addr[16]; u16 port; u16 pad[3]; };
-/* a thread's datagram flow: protocol and source port (0 but for UDP) */
-struct flow_t { u64 thread; u16 sport; u16 proto; u32 pad; };
+/* a send in flight, as its thread, local port (UDP) and protocol name it; a
+   flow that only route lookups name also carries its network namespace, so
+   that lookups for packets handled in the same thread's context in another
+   namespace (a veth peer's replies) never pass for it */
+struct flow_t { u64 thread; u16 sport; u16 proto; u32 net; };
 struct gai_t { u64 host; u64 res; };
 /* who started a TCP connect whose local port is not chosen yet */
 struct owner_t { u64 exe; u32 pid; u32 uid; };
 
 BPF_PERF_OUTPUT(events);
-BPF_ARRAY(epoch, u32, 2);       /* [0]: the map being filled; [1]: its window number */
+BPF_ARRAY(epoch, struct epoch_t, 1);    /* the window being filled: which maps (epoch), its number */
 BPF_HASH(conns0, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_HASH(conns1, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
+/* the typed tracepoints' fast path: a window's connections in the slots of
+   an array (nslots[epoch] taken so far); the hash maps above take what does
+   not fit */
+BPF_ARRAY(slots0, struct slot_t, $MAX_SLOTS);
+BPF_ARRAY(slots1, struct slot_t, $MAX_SLOTS);
+BPF_ARRAY(nslots, u64, 2);
 BPF_TABLE("lru_hash", u64, struct peer_t, recv_peers, $MAX_CONNS);     /* by socket */
 BPF_TABLE("lru_hash", u64, u32, tcp_seq, $MAX_CONNS);
 BPF_TABLE("lru_hash", u64, struct owner_t, connects, $MAX_CONNS);    /* by socket */
 BPF_HASH(gai, u64, struct gai_t, 1024);
 BPF_ARRAY(stats, u64, $N_STATS);
+/* the typed tracepoint mode's route hooks, attached while unconnected sends
+   that no cgroup hook names (ICMP, raw) go on: [0] 0 detached, 1 asked for,
+   2 attached; [1] such sends so far */
+BPF_ARRAY(route_use, u64, 2);
 $PEER_STORE
 BPF_PERCPU_ARRAY(scratch, struct exec_event_t, 1);
 /* the executable each process was started with, recorded at its exec and
@@ -2364,8 +2404,8 @@ static __always_inline void emit_conn(void *ctx, struct conn_key_t *key, u32 kin
 /* add bytes to the key's entry; a new entry is announced with an event of kind */
 static __always_inline int account(void *ctx, struct conn_key_t *key, int dir, u64 bytes, u32 kind) {
     u32 zero = 0;
-    u32 *ep = epoch.lookup(&zero);
-    u32 e = ep ? *ep : 0;
+    struct epoch_t *ep = epoch.lookup(&zero);
+    u32 e = ep ? ep->epoch : 0;
     struct conn_val_t *v = e ? conns1.lookup(key) : conns0.lookup(key);
     if (!v) {
         struct conn_val_t init = {};
@@ -2433,7 +2473,22 @@ static __always_inline u64 tcp_consumed(void *sk, u64 fallback) {
     return delta;
 }
 
-/* a socket moved bytes: called by the tracepoints or the kprobe fallback */
+/* an unconnected socket: the peer of this datagram, as its send noted it, or
+   as its receive queue had it */
+static __always_inline void datagram_peer(void *sk, struct conn_key_t *key, u16 proto, int dir) {
+    u64 sk_id = (u64)sk;
+    struct flow_t flow = {bpf_get_current_pid_tgid(), 0, proto};
+    if (PS_IS_UDP(flow.proto)) flow.sport = key->lport;
+    else flow.net = F_NET_INUM((void *)F_SK_NET(sk));
+    struct peer_t noted, *peer = dir != DIR_SEND ? recv_peers.lookup(&sk_id) : noted_peer(&flow, &noted) ? &noted : 0;
+    if (peer) {                                /* peers are noted as IPv6 (v4-mapped) */
+        if (key->family == PS_AF_INET) __builtin_memcpy(key->raddr, &peer->addr[12], 4);
+        else __builtin_memcpy(key->raddr, peer->addr, 16);
+        key->rport = peer->port;
+    }
+}
+
+/* a socket moved bytes: called by the raw tracepoints or the kprobe fallback */
 static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int dir) {
     if (ret <= 0 || !sk || (dir == DIR_RECV && (flags & PS_MSG_PEEK))) return 0;
     struct conn_key_t key = {};
@@ -2443,25 +2498,17 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
         if (dir == DIR_RECV && F_SOCK_PROTOCOL(sk) == PS_TCP) ret = tcp_consumed(sk, ret);
         return ret ? account(ctx, &key, dir, ret, EV_CONN) : 0;
     }
-    /* unconnected: the peer of this datagram */
-    u64 sk_id = (u64)sk;
-    struct flow_t flow = {bpf_get_current_pid_tgid(), 0, F_SOCK_PROTOCOL(sk)};
-    if (PS_IS_UDP(flow.proto)) flow.sport = key.lport;
-    struct peer_t *peer = dir == DIR_SEND ? noted_peer(&flow) : recv_peers.lookup(&sk_id);
-    if (peer) {                                /* peers are noted as IPv6 (v4-mapped) */
-        if (key.family == PS_AF_INET) __builtin_memcpy(key.raddr, &peer->addr[12], 4);
-        else __builtin_memcpy(key.raddr, peer->addr, 16);
-        key.rport = peer->port;
-    }
+    datagram_peer(sk, &key, F_SOCK_PROTOCOL(sk), dir);
     return account(ctx, &key, dir, ret, EV_CONN);
 }
 
 /* route lookups name the destination of an unconnected send (IPv4, IPv6);
    noted by thread and flow, so that lookups for other packets handled in the
    same context (ICMP errors, input routes) do not overwrite it */
-static __always_inline void note_send_peer(struct flow_t *id, struct peer_t *peer) {
+static __always_inline void note_send_peer(struct flow_t *id, struct peer_t *peer, u32 net) {
     if (!id->proto) return;                             /* input route: not a send */
     id->sport = PS_IS_UDP(id->proto) ? swap16(id->sport) : 0;
+    id->net = PS_IS_UDP(id->proto) ? 0 : net;
     note_peer(id, peer);
 }
 
@@ -2474,7 +2521,8 @@ HOOK(fib_table_lookup) {
     peer.addr[10] = peer.addr[11] = 0xff;              /* as ::ffff:a.b.c.d */
     __builtin_memcpy(&peer.addr[12], (u8 *)f + SOFF_FLOWI4_DADDR, 4);
     peer.port = swap16(S_FLOWI4_DPORT(f));
-    note_send_peer(&id, &peer);
+    void *dev = (void *)F_NHC_DEV((void *)ctx->args[2]);
+    note_send_peer(&id, &peer, dev ? F_NET_INUM((void *)F_DEV_NET(dev)) : 0);
     return 0;
 }
 
@@ -2485,7 +2533,7 @@ HOOK(fib6_table_lookup) {
     struct peer_t peer = {};
     __builtin_memcpy(peer.addr, (u8 *)f + SOFF_FLOWI6_DADDR, 16);
     peer.port = swap16(S_FLOWI6_DPORT(f));
-    note_send_peer(&id, &peer);
+    note_send_peer(&id, &peer, F_NET_INUM((void *)ctx->args[0]));
     return 0;
 }
 
@@ -2714,21 +2762,59 @@ int on_getaddrinfo_return(struct pt_regs *ctx) {
 }
 """
 
-# where a thread's route lookups note the destinations of its datagrams, for
-# the send that follows: the task's own storage (Linux >= 5.11, so always with
-# the sock tracepoints: no hash lookup on every send), else a hash by thread
+# where a thread's cgroup hooks or route lookups note the destinations of its
+# datagrams, for the send that follows: an array by thread and flow (typed
+# tracepoints), the task's own storage (raw tracepoints: Linux >= 5.11, so
+# always with the sock tracepoints), else a hash by thread and flow (kprobes)
 PEER_STORES = {
+    # notes in an array indexed by a hash of the thread and the flow: a cgroup
+    # hook (or a route lookup) notes the peer in the send call that the sock
+    # tracepoint then ends, with no helper beyond the thread's id; the thread
+    # id guards a note, cleared while it is written and read again after it
+    # is copied
+    "thread": r"""
+#define NOTE_BITS 14
+struct thread_note_t { struct flow_t flow; struct peer_t peer; };
+BPF_ARRAY(thread_notes, struct thread_note_t, 1 << NOTE_BITS);
+static __always_inline u32 note_index(struct flow_t *id) {
+    u64 h = id->thread ^ (u64)id->sport << 48 ^ (u64)id->proto << 32 ^ (u64)id->net << 16;
+    return (h * 0x9E3779B97F4A7C15ULL) >> (64 - NOTE_BITS);
+}
+static __always_inline int noted_peer(struct flow_t *id, struct peer_t *out) {
+    u32 at = note_index(id);
+    struct thread_note_t *n = thread_notes.lookup(&at);
+    u64 *want = (u64 *)id;
+    if (!n || n->flow.thread != want[0] || *(u64 *)&n->flow.sport != want[1]) return 0;
+    *out = n->peer;
+    return __sync_fetch_and_add(&n->flow.thread, 0) == id->thread;   /* (not rewritten meanwhile) */
+}
+static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
+    u32 at = note_index(id);
+    struct thread_note_t *n = thread_notes.lookup(&at);
+    if (!n) return;
+    u64 *want = (u64 *)id, *was = (u64 *)&n->peer, *now = (u64 *)peer;
+    if (n->flow.thread == want[0] && *(u64 *)&n->flow.sport == want[1]
+        && was[0] == now[0] && was[1] == now[1] && was[2] == now[2]) return;   /* (noted already) */
+    __sync_lock_test_and_set(&n->flow.thread, 0);
+    *(u64 *)&n->flow.sport = want[1];
+    n->peer = *peer;
+    __sync_lock_test_and_set(&n->flow.thread, id->thread);
+}
+""",
     "task": r"""
 #define PEER_SLOTS 8
-struct flow_note_t { u16 sport; u16 proto; u32 pad; struct peer_t peer; };
+struct flow_note_t { u16 sport; u16 proto; u32 net; struct peer_t peer; };
 struct send_notes_t { u32 next; u32 pad; struct flow_note_t slot[PEER_SLOTS]; };
 BPF_TASK_STORAGE(send_notes, struct send_notes_t);
-static __always_inline struct peer_t *noted_peer(struct flow_t *id) {
+static __always_inline int noted_peer(struct flow_t *id, struct peer_t *out) {
     struct send_notes_t *n = send_notes.task_storage_get(bpf_get_current_task_btf(), 0, 0);
     if (!n) return 0;
     #pragma unroll
     for (int i = 0; i < PEER_SLOTS; i++)
-        if (n->slot[i].sport == id->sport && n->slot[i].proto == id->proto) return &n->slot[i].peer;
+        if (n->slot[i].sport == id->sport && n->slot[i].proto == id->proto && n->slot[i].net == id->net) {
+            *out = n->slot[i].peer;
+            return 1;
+        }
     return 0;
 }
 /* the slot of this flow, else the oldest one */
@@ -2739,19 +2825,22 @@ static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
     u32 at = n->next;
     #pragma unroll
     for (int i = 0; i < PEER_SLOTS; i++)
-        if (n->slot[i].sport == id->sport && n->slot[i].proto == id->proto) at = i;
+        if (n->slot[i].sport == id->sport && n->slot[i].proto == id->proto && n->slot[i].net == id->net) at = i;
     if (at == n->next) n->next = (at + 1) % PEER_SLOTS;
     struct flow_note_t *slot = &n->slot[at % PEER_SLOTS];
     slot->sport = id->sport;
     slot->proto = id->proto;
+    slot->net = id->net;
     __builtin_memcpy(slot->peer.addr, peer->addr, 16);
     slot->peer.port = peer->port;
 }
 """,
     "hash": r"""
 BPF_TABLE("lru_hash", struct flow_t, struct peer_t, send_peers, $MAX_THREADS);
-static __always_inline struct peer_t *noted_peer(struct flow_t *id) {
-    return send_peers.lookup(id);
+static __always_inline int noted_peer(struct flow_t *id, struct peer_t *out) {
+    struct peer_t *noted = send_peers.lookup(id);
+    if (noted) *out = *noted;
+    return noted != 0;
 }
 static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
     struct peer_t *noted = send_peers.lookup(id);
@@ -2764,11 +2853,204 @@ static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
 }
 """,
 }
-PEER_STORE_OF_MODE = {"tracepoint": "task", "kprobe": "hash"}
+PEER_STORE_OF_MODE = {"tracepoint": "thread", "raw-tracepoint": "task", "kprobe": "hash"}
 
 # socket hooks: sock tracepoints (Linux >= 6.3), else kprobes on the send/receive path
 SOCK_HOOKS = {
+    # typed tracepoints (BTF): the socket and the task are pointers whose type
+    # the verifier knows, read directly, with no helper call. A table by socket
+    # remembers the slot each connection was last counted in; a send on a
+    # known connection compares the socket and the task with that slot's key,
+    # field by field, and adds. A new connection, or a change in any field,
+    # takes a new slot. Unconnected UDP sends note their peer from cgroup
+    # hooks, which run only for sends that carry an address; ICMP and raw
+    # ones from route lookups, attached while such sends go on.
     "tracepoint": r"""
+/* each socket's slot, in a table indexed by a hash of the socket's ports and
+   remote IPv4 address (scalars: a pointer cannot be hashed): what a send
+   finds there is checked against the slot's key, so that a stale or
+   colliding entry only costs a new slot */
+#define HELD_BITS 16
+struct held_t { u64 sk; u64 slot; };        /* slot: window << 32 | index */
+BPF_ARRAY(held, struct held_t, 1 << HELD_BITS);
+
+static __always_inline void sock_tuple_btf(void *sk, struct conn_key_t *key) {
+    u16 family = D_SK_FAMILY(sk);
+    key->sk = (u64)sk;
+    key->prot = D_SK_PROT(sk);
+    key->family = family;
+    key->lport = D_SK_NUM(sk);
+    key->rport = swap16(D_SK_DPORT(sk));
+    u32 *raddr = (u32 *)key->raddr, *laddr = (u32 *)key->laddr;
+    if (family == PS_AF_INET) {
+        raddr[0] = D_SK_DADDR(sk);
+        laddr[0] = D_SK_RCV_SADDR(sk);
+    } else if (family == PS_AF_INET6) {
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            raddr[i] = *(volatile u32 *)((u8 *)sk + OFF_SK_V6_DADDR + 4 * i);
+            laddr[i] = *(volatile u32 *)((u8 *)sk + OFF_SK_V6_RCV_SADDR + 4 * i);
+        }
+    }
+}
+
+/* a key new to this socket (or to this window): a slot of its own, announced
+   with an event; the hash map when every slot is taken */
+static __always_inline int take_slot(void *ctx, struct held_t *held, struct conn_key_t *key, u32 e, u32 window,
+                                     int dir, u64 bytes) {
+    u64 *taken = nslots.lookup(&e);
+    if (!taken) return account(ctx, key, dir, bytes, EV_CONN);
+    u32 at = __sync_fetch_and_add(taken, 1);
+    struct slot_t *slot = 0;
+    if (at < $MAX_SLOTS) slot = e ? slots1.lookup(&at) : slots0.lookup(&at);
+    if (!slot) return account(ctx, key, dir, bytes, EV_CONN);
+    slot->key = *key;
+    slot->send = dir == DIR_SEND ? bytes : 0;
+    slot->recv = dir == DIR_SEND ? 0 : bytes;
+    __sync_lock_test_and_set(&slot->window, (u64)window);     /* last, and ordered: the slot is ready */
+    if (held) {
+        held->sk = key->sk;
+        held->slot = (u64)window << 32 | at;
+    }
+    emit_conn(ctx, key, EV_CONN);
+    return 0;
+}
+
+/* the sending task as keys name it (executable, process, user), read directly */
+struct ident_t { u64 exe; u32 pid; u32 uid; };
+static __always_inline void current_ident(struct ident_t *id) {
+    void *task = bpf_get_current_task_btf();
+    void *mm = (void *)D_TASK_MM(task);
+    id->exe = mm ? D_MM_EXE_FILE(mm) : 0;
+    id->pid = D_TASK_TGID(task);
+    id->uid = D_CRED_UID((void *)D_TASK_CRED(task));
+}
+
+/* whether a slot's key is still this socket's connection, compared field by
+   field with the socket and the task as they are now (nothing is built) */
+static __always_inline int still(struct conn_key_t *k, void *sk, u16 family, struct peer_t *peer) {
+    struct ident_t id;
+    current_ident(&id);
+    if (k->sk != (u64)sk || k->exe != id.exe || k->pid != id.pid || k->uid != id.uid) return 0;
+    if (k->family != family || k->lport != D_SK_NUM(sk) || k->prot != D_SK_PROT(sk)) return 0;
+    if (k->rport != (peer ? peer->port : swap16(D_SK_DPORT(sk)))) return 0;
+    if (family == PS_AF_INET) {
+        u32 raddr = peer ? ((u32 *)peer->addr)[3] : D_SK_DADDR(sk);
+        return *(u32 *)k->raddr == raddr && *(u32 *)k->laddr == D_SK_RCV_SADDR(sk);
+    }
+    if (family == PS_AF_INET6) {
+        u64 *ra = (u64 *)k->raddr, *la = (u64 *)k->laddr, *pa = peer ? (u64 *)peer->addr : 0;
+        #pragma unroll
+        for (int i = 0; i < 2; i++)
+            if (ra[i] != (pa ? pa[i] : *(volatile u64 *)((u8 *)sk + OFF_SK_V6_DADDR + 8 * i))
+                || la[i] != *(volatile u64 *)((u8 *)sk + OFF_SK_V6_RCV_SADDR + 8 * i)) return 0;
+    }
+    return 1;
+}
+
+/* the peer of an unconnected socket's datagram: as its send noted it (for
+   this thread), or as its receive queue had it */
+static __always_inline struct peer_t *datagram_peer_btf(void *sk, u16 proto, int dir, struct peer_t *noted) {
+    if (dir != DIR_SEND) {
+        u64 sk_id = (u64)sk;
+        return recv_peers.lookup(&sk_id);
+    }
+    struct flow_t flow = {bpf_get_current_pid_tgid(), D_SK_NUM(sk), proto};
+    if (!PS_IS_UDP(proto)) {
+        flow.sport = 0;
+        flow.net = D_NET_INUM((void *)D_SK_NET(sk));
+    }
+    return noted_peer(&flow, noted) ? noted : 0;
+}
+
+/* an unconnected send that no cgroup hook names (ICMP, raw): the route
+   lookups name it, attached on demand (asked for once, with an event) */
+static __always_inline void want_routes(void *ctx) {
+    u32 zero = 0, one = 1;
+    u64 *state = route_use.lookup(&zero), *count = route_use.lookup(&one);
+    if (count) __sync_fetch_and_add(count, 1);
+    if (state && !*state && !__sync_lock_test_and_set(state, 1))
+        emit_proc(ctx, EV_ROUTE, (void *)bpf_get_current_task());
+}
+
+static __always_inline int on_sock_btf(void *ctx, void *sk, long ret, int flags, int dir) {
+    if (ret <= 0 || (dir == DIR_RECV && (flags & PS_MSG_PEEK))) return 0;
+    u16 family = D_SK_FAMILY(sk);
+    if (family == PS_AF_UNIX || family == PS_AF_NETLINK) return 0;
+    struct peer_t noted, *peer = 0;
+    if (family == PS_AF_INET || family == PS_AF_INET6) {
+        u16 proto = D_SOCK_PROTOCOL(sk);
+        if (!D_SK_DPORT(sk)) {
+            peer = datagram_peer_btf(sk, proto, dir, &noted);
+            if (dir == DIR_SEND && !PS_IS_UDP(proto)) want_routes(ctx);
+        }
+        else if (dir == DIR_RECV && proto == PS_TCP && !(ret = tcp_consumed(sk, ret))) return 0;
+    }
+    u64 tuple = (u64)D_SK_DADDR(sk) << 32 | (u32)D_SK_NUM(sk) << 16 | D_SK_DPORT(sk);
+    u32 zero = 0, hi = (tuple * 0x9E3779B97F4A7C15ULL) >> (64 - HELD_BITS);
+    struct epoch_t *ep = epoch.lookup(&zero);
+    struct held_t *h = held.lookup(&hi);
+    u64 state = ep ? *(volatile u64 *)ep : 0;     /* one load: the maps and the window number agree */
+    u32 e = (u32)state, window = state >> 32;
+    if (h && h->sk == (u64)sk) {
+        u64 last = h->slot;
+        u32 at = (u32)last;
+        struct slot_t *slot = (last >> 32) != window ? 0 : e ? slots1.lookup(&at) : slots0.lookup(&at);
+        if (slot && slot->window == window && still(&slot->key, sk, family, peer)) {
+            if (dir == DIR_SEND) __sync_fetch_and_add(&slot->send, ret);
+            else __sync_fetch_and_add(&slot->recv, ret);
+            return 0;
+        }
+    }
+    struct conn_key_t key = {};
+    sock_tuple_btf(sk, &key);
+    struct ident_t id;
+    current_ident(&id);
+    key.exe = id.exe;
+    key.pid = id.pid;
+    key.uid = id.uid;
+    if (peer) {                                   /* peers are noted as IPv6 (v4-mapped) */
+        if (family == PS_AF_INET) __builtin_memcpy(key.raddr, &peer->addr[12], 4);
+        else __builtin_memcpy(key.raddr, peer->addr, 16);
+        key.rport = peer->port;
+    }
+    if (!ep) return account(ctx, &key, dir, ret, EV_CONN);
+    return take_slot(ctx, h, &key, e, window, dir, ret);
+}
+
+int btf__sock_send_length(u64 *ctx) {
+    return on_sock_btf(ctx, (void *)ctx[0], (int)ctx[1], (int)ctx[2], DIR_SEND);
+}
+int btf__sock_recv_length(u64 *ctx) {
+    return on_sock_btf(ctx, (void *)ctx[0], (int)ctx[1], (int)ctx[2], DIR_RECV);
+}
+
+/* an unconnected UDP send names its peer: noted for the send's own thread
+   (the socket's local port and protocol tell its sockets apart) */
+static __always_inline int note_udp_peer(struct bpf_sock_addr *ctx, struct peer_t *peer) {
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk) return 1;
+    struct flow_t id = {bpf_get_current_pid_tgid(), sk->src_port, ctx->protocol};
+    note_peer(&id, peer);
+    return 1;                       /* (a cgroup hook that allows the send) */
+}
+int cg__udp4_sendmsg(struct bpf_sock_addr *ctx) {
+    struct peer_t peer = {};
+    u32 ip = ctx->user_ip4;
+    peer.addr[10] = peer.addr[11] = 0xff;               /* as ::ffff:a.b.c.d */
+    __builtin_memcpy(&peer.addr[12], &ip, 4);
+    peer.port = swap16(ctx->user_port);
+    return note_udp_peer(ctx, &peer);
+}
+int cg__udp6_sendmsg(struct bpf_sock_addr *ctx) {
+    struct peer_t peer = {};
+    u32 ip[4] = {ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3]};
+    __builtin_memcpy(peer.addr, ip, 16);
+    peer.port = swap16(ctx->user_port);
+    return note_udp_peer(ctx, &peer);
+}
+""",
+    "raw-tracepoint": r"""
 HOOK(sock_send_length) {
     return on_sock(ctx, (void *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2], DIR_SEND);
 }
@@ -2806,18 +3088,25 @@ KPROBE_HOOKS = [("sock_sendmsg", "on_sock_sendmsg", "on_sock_sendmsg_return"),
                 ("sock_recvmsg", "on_sock_recvmsg", "on_sock_recvmsg_return")]
 
 # raw tracepoints each mode attaches, in this order (the getaddrinfo uprobes follow)
-RAW_HOOKS = {"tracepoint": ["sock_send_length", "sock_recv_length"], "kprobe": []}
+ROUTE_HOOKS = ["fib_table_lookup", "fib6_table_lookup"]     # where no cgroup hook names a send's peer
+RAW_HOOKS = {"tracepoint": [], "raw-tracepoint": ["sock_send_length", "sock_recv_length"] + ROUTE_HOOKS,
+             "kprobe": ROUTE_HOOKS}
 RAW_HOOKS_ALL = ["sched_process_exec", "sched_process_fork", "sched_process_exit", "inet_sock_set_state",
-                 "tcp_rcv_space_adjust", "fib_table_lookup", "fib6_table_lookup", "sk_data_ready"]
+                 "tcp_rcv_space_adjust", "sk_data_ready"]
+# the tracepoint mode's typed tracepoints (program, tracepoint) and cgroup hooks (program, attach type)
+TYPED_HOOKS = [("btf__sock_send_length", "sock_send_length"), ("btf__sock_recv_length", "sock_recv_length")]
+BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG = 14, 15
+CGROUP_HOOKS = [("cg__udp4_sendmsg", BPF_CGROUP_UDP4_SENDMSG), ("cg__udp6_sendmsg", BPF_CGROUP_UDP6_SENDMSG)]
 
-MAX_CONNS = 32768      # connections per window
+MAX_CONNS = 32768      # connections per window (in the hash maps)
+MAX_SLOTS = 32768      # connections per window in the typed tracepoints' arrays (then the hash maps)
 MAX_THREADS = 16384    # threads with the destination of their last route lookup noted
 MAX_PROCS = 65536      # processes whose executable is known from their exec
 EXE_REPLACED = 1       # ProcT.flags: the process replaced its executable (prctl PR_SET_MM) since it ran it
 
 
 def bpf_text(btf: BTF, mode: str) -> str:
-    """The complete C program for a capture mode ('tracepoint' or 'kprobe')."""
+    """The complete C program for a capture mode (see CAPTURE_MODES)."""
     defines = lambda prefix, names: "\n".join(f"#define {prefix}{n} {i}" for i, n in names)
     structs = "".join(c_struct(cls, name) for cls, name in STRUCT_NAMES.items())
     return string.Template(BPF_TEXT).substitute(
@@ -2825,9 +3114,10 @@ def bpf_text(btf: BTF, mode: str) -> str:
         EVENT_KINDS=defines("EV_", [(num, name) for name, (num, _) in EVENT_KINDS.items()]),
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
         PRELUDE=bpf_prelude(btf), STRUCTS=structs,
-        MAX_CONNS=MAX_CONNS, MAX_THREADS=MAX_THREADS, MAX_PROCS=MAX_PROCS, EXE_REPLACED=EXE_REPLACED,
+        MAX_CONNS=MAX_CONNS, MAX_SLOTS=MAX_SLOTS, MAX_THREADS=MAX_THREADS, MAX_PROCS=MAX_PROCS,
+        EXE_REPLACED=EXE_REPLACED,
         N_STATS=2 * len(STATS),
-        SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS),
+        SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS, MAX_SLOTS=MAX_SLOTS),
         PEER_STORE=string.Template(PEER_STORES[PEER_STORE_OF_MODE[mode]]).substitute(MAX_THREADS=MAX_THREADS))
 
 
@@ -2841,7 +3131,9 @@ def bpf_text(btf: BTF, mode: str) -> str:
 # loses nothing the kernel has counted, and its successor goes on.
 
 GRACE_SECONDS = 0.02      # after switching maps, for updates already under way
+ROUTE_HOLD_SECONDS = 300  # route hooks stay attached this long after the last send that needed them
 DRAIN_BATCH = 4096        # connections read per bpf() call when draining a window
+SLOT_BATCH = 512          # slots read per bpf() call (a window's slots are mostly few)
 
 
 def ensure_tracefs(say: typing.Callable[[str], None]) -> None:
@@ -2910,38 +3202,186 @@ def compile_program(text: str, headers: typing.Optional[typing.List[str]]):
 
 
 def capture_mode(btf: BTF) -> str:
-    """'tracepoint' where the kernel has sock:sock_send_length (>= 6.3), else 'kprobe'."""
+    """'tracepoint' where the kernel has sock:sock_send_length (>= 6.3), else
+    'kprobe'; attach_program falls back from 'tracepoint' to 'raw-tracepoint'
+    where typed tracepoints or cgroup hooks are refused."""
     return "tracepoint" if btf.has_raw_tracepoint("sock_send_length") else "kprobe"
 
 
 MODE_DESCRIPTIONS = {
-    "tracepoint": "tracepoint (sock:sock_send_length, sock:sock_recv_length)",
+    "tracepoint": "tracepoint (sock:sock_send_length, sock:sock_recv_length, typed; cgroup UDP sendmsg hooks)",
+    "raw-tracepoint": "raw tracepoint (sock:sock_send_length, sock:sock_recv_length; route lookups)",
     "kprobe": "kprobe fallback (sock_sendmsg, sock_recvmsg)",
 }
 
 # maps the reader uses, in the order their descriptors are handed over
-READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1")
+READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1", "slots0", "slots1", "nslots", "route_use")
 # struct proto of each protocol, for keys whose event was lost: symbol -> protocol
 PROTO_SYMBOLS = {"tcp_prot": 6, "tcpv6_prot": 6, "udp_prot": 17, "udpv6_prot": 17, "udplite_prot": 136,
                  "udplitev6_prot": 136, "ping_prot": 1, "pingv6_prot": 58, "mptcp_prot": 262,
                  "mptcp_v6_prot": 262, "sctp_prot": 132, "sctpv6_prot": 132}
 
 
-def attach_program(notes: typing.List[str], perf_fds: typing.List[int]):
+def cgroup2_root(mounts: str = "/proc/self/mounts") -> str:
+    """Where the unified cgroup hierarchy is mounted ('' without one)."""
+    with open(mounts) as f:
+        for line in f:
+            _, path, kind = line.split()[:3]
+            if kind == "cgroup2":
+                return path.replace("\\040", " ")
+    return ""
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32), ("insns", ctypes.c_uint64),
+                ("license", ctypes.c_uint64), ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
+                ("prog_name", ctypes.c_char * 16), ("prog_ifindex", ctypes.c_uint32),
+                ("expected_attach_type", ctypes.c_uint32), ("prog_btf_fd", ctypes.c_uint32),
+                ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64),
+                ("func_info_cnt", ctypes.c_uint32), ("line_info_rec_size", ctypes.c_uint32),
+                ("line_info", ctypes.c_uint64), ("line_info_cnt", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+                ("attach_prog_fd", ctypes.c_uint32), ("reserved", ctypes.c_uint8 * 64)]
+
+
+class _LinkAttr(ctypes.Structure):
+    """BPF_LINK_CREATE's (prog_fd, target_fd, attach_type) or BPF_RAW_TRACEPOINT_OPEN's (name, prog_fd)."""
+    _fields_ = [("a", ctypes.c_uint64), ("b", ctypes.c_uint32), ("c", ctypes.c_uint32), ("reserved", ctypes.c_uint8 * 48)]
+
+
+BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN, BPF_LINK_CREATE = 5, 17, 28
+BPF_PROG_TYPE_TRACING, BPF_TRACE_RAW_TP = 26, 23
+
+
+def bpf_call(cmd: int, attr, what: str) -> int:
+    """A bpf() system call that returns a descriptor; OSError names what failed."""
+    fd = libc().syscall(syscall_numbers()[0], cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return fd
+
+
+def attach_raw_tracepoint(tracepoint: str, prog: int) -> int:
+    """Attach a loaded raw tracepoint program (a typed one, which names its
+    tracepoint itself, with tracepoint ''): the link's descriptor."""
+    name = ctypes.create_string_buffer(tracepoint.encode())
+    attr = _LinkAttr(ctypes.addressof(name) if tracepoint else 0, prog)
+    return bpf_call(BPF_RAW_TRACEPOINT_OPEN, attr, f"attaching {tracepoint or 'a typed tracepoint'}")
+
+
+def load_typed_tracepoint(bpf, function: str, tracepoint: str, btf: BTF) -> int:
+    """Load a function bcc compiled as a typed tracepoint program (the
+    verifier types its arguments from the kernel's BTF): its descriptor."""
+    insns = bpf.dump_func(function.encode())
+    code, license_ = ctypes.create_string_buffer(insns), ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = _ProgLoadAttr(prog_type=BPF_PROG_TYPE_TRACING, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
+                         license=ctypes.addressof(license_), log_level=0, prog_name=function.encode()[:15],
+                         expected_attach_type=BPF_TRACE_RAW_TP, attach_btf_id=btf.tracepoint_type(tracepoint))
+    try:
+        return bpf_call(BPF_PROG_LOAD, attr, f"loading {function}")
+    except OSError:         # again, with the verifier's log to say why
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+        try:
+            return bpf_call(BPF_PROG_LOAD, attr, f"loading {function}")
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror} ({one_line(log.value.decode(errors='replace')[-300:])})")
+
+
+def attach_cgroup_hook(prog: int, attach_type: int, cgroup: str, function: str) -> int:
+    """Attach a cgroup hook to the root of the cgroup hierarchy, as a link
+    (detached when its last descriptor closes)."""
+    target = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return bpf_call(BPF_LINK_CREATE, _LinkAttr(prog | target << 32, attach_type), f"attaching {function}")
+    finally:
+        os.close(target)
+
+
+class TypedHooks:
+    """The tracepoint mode's typed tracepoints and cgroup hooks, loaded (the
+    kernel refuses with OSError, or PicosnitchError without cgroup2) and
+    then attached as links."""
+
+    def __init__(self, bpf, btf: BTF):
+        from bcc import BPF
+        self.cgroup = cgroup2_root()
+        if not self.cgroup:
+            raise PicosnitchError("no cgroup2 hierarchy is mounted (for the UDP sendmsg hooks)")
+        self.typed: typing.List[int] = []     # (ours to close: the links hold them)
+        try:
+            for function, tracepoint in TYPED_HOOKS:
+                self.typed.append(load_typed_tracepoint(bpf, function, tracepoint, btf))
+            self.cgroups = [(bpf.load_func(function.encode(), BPF.CGROUP_SOCK_ADDR, attach_type=kind).fd, kind, function)
+                            for function, kind in CGROUP_HOOKS]
+        except BaseException:
+            self.close()
+            raise
+
+    def attach(self) -> typing.List[int]:
+        links: typing.List[int] = []
+        try:
+            links += [attach_raw_tracepoint("", prog) for prog in self.typed]
+            links += [attach_cgroup_hook(prog, kind, self.cgroup, function) for prog, kind, function in self.cgroups]
+        except BaseException:
+            for fd in links:
+                os.close(fd)
+            raise
+        finally:
+            self.close()
+        return links
+
+    def close(self) -> None:
+        for fd in self.typed:
+            os.close(fd)
+        self.typed = []
+
+
+def attach_program(notes: typing.List[str], perf_fds: typing.List[int], mode: str = ""):
     """Compile and load with bcc, put the perf events (already mapped by the
-    supervisor) in the events map, then attach every hook: no event is sent
-    before it can be received. Returns (bcc object, mode)."""
+    supervisor) in the events map, load every program, then attach them all
+    at once: no event is sent before it can be received, and none waits in
+    the buffers while the verifier checks the next program. Returns (bcc
+    object, mode, extra link fds, {route tracepoint: program fd} for the
+    reader to attach on demand). The tracepoint mode falls back to raw
+    tracepoints where the kernel refuses its typed tracepoints or cgroup
+    hooks (the note says why)."""
+    from bcc import BPF
     btf = BTF.from_file()
-    mode = capture_mode(btf)
+    mode = mode or capture_mode(btf)
     ensure_tracefs(notes.append)
     headers, note = find_kernel_headers(os.uname().release)
-    notes.append(note)
+    notes += [note] if note not in notes else []
     bpf = compile_program(bpf_text(btf, mode), headers)
     events = BpfMap(bpf["events"].map_fd, ctypes.c_uint32, ctypes.c_uint32)
     for cpu, fd in zip(online_cpus(), perf_fds):
         events.update(cpu, fd)
-    for name in RAW_HOOKS[mode] + RAW_HOOKS_ALL:
-        bpf.attach_raw_tracepoint(tp=name.encode(), fn_name=f"hook__{name}".encode())
+    # windows count from 1, from the first byte on (the reader starts later)
+    BpfMap(bpf["epoch"].map_fd, ctypes.c_uint32, EpochT).update(0, EpochT(0, 1))
+    links: typing.List[int] = []
+    routes: typing.Dict[str, int] = {}
+    typed = None
+    try:
+        if mode == "tracepoint":
+            typed = TypedHooks(bpf, btf)
+            routes = {name: bpf.load_func(f"hook__{name}".encode(), BPF.RAW_TRACEPOINT).fd for name in ROUTE_HOOKS}
+        for name in RAW_HOOKS[mode] + RAW_HOOKS_ALL:
+            bpf.load_func(f"hook__{name}".encode(), BPF.RAW_TRACEPOINT)
+        for function in [f for _, entry, ret in KPROBE_HOOKS for f in (entry, ret)] if mode == "kprobe" else []:
+            bpf.load_func(function.encode(), BPF.KPROBE)
+        # (all loaded: each attach is a system call; processes first, then traffic)
+        for name in RAW_HOOKS_ALL + RAW_HOOKS[mode]:
+            bpf.attach_raw_tracepoint(tp=name.encode(), fn_name=f"hook__{name}".encode())
+        links = typed.attach() if typed else []
+    except Exception as e:  # noqa: BLE001 - bcc raises plain Exception, the kernel OSError
+        if mode != "tracepoint":
+            raise
+        notes.append(f"typed tracepoints or cgroup hooks refused ({e}): capturing with raw tracepoints")
+        if typed:
+            typed.close()
+        bpf.cleanup()
+        return attach_program(notes, perf_fds, "raw-tracepoint")
     if mode == "kprobe":
         for function, entry, ret in KPROBE_HOOKS:
             bpf.attach_kprobe(event=function.encode(), fn_name=entry.encode())
@@ -2951,7 +3391,7 @@ def attach_program(notes: typing.List[str], perf_fds: typing.List[int]):
         bpf.attach_uretprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo_return")
     except Exception as e:  # noqa: BLE001 - bcc raises plain Exception
         notes.append(f"domains from getaddrinfo unavailable: {e}")
-    return bpf, mode
+    return bpf, mode, links, routes
 
 
 def attachment_fds(bpf) -> typing.List[int]:
@@ -2976,11 +3416,11 @@ def proto_addresses(path: str = "/proc/kallsyms") -> typing.Dict[int, int]:
     return found
 
 
-def load_in_child(perf_fds: typing.List[int]) -> typing.Tuple[dict, typing.List[int]]:
+def load_in_child(perf_fds: typing.List[int], mode: str = "") -> typing.Tuple[dict, typing.List[int]]:
     """Compile and attach in a short-lived child, which hands the descriptors
     over and exits: bcc and LLVM never weigh on picosnitch while it runs.
-    Returns (mode, notes, protos) and the descriptors: READER_MAPS, then the
-    attachments."""
+    Returns (mode, notes, protos, routes) and the descriptors: READER_MAPS,
+    the programs of the routes (attached on demand), then the attachments."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
@@ -2988,9 +3428,10 @@ def load_in_child(perf_fds: typing.List[int]) -> typing.Tuple[dict, typing.List[
         meta: dict = {"notes": []}
         fds: typing.List[int] = []
         try:
-            bpf, meta["mode"] = attach_program(meta["notes"], perf_fds)
-            fds = [bpf[name].map_fd for name in READER_MAPS] + attachment_fds(bpf)
-            meta["protos"] = list(proto_addresses().items())
+            meta["protos"] = list(proto_addresses().items())      # (before events flow)
+            bpf, meta["mode"], links, routes = attach_program(meta["notes"], perf_fds, mode)
+            meta["routes"] = list(routes)
+            fds = [bpf[name].map_fd for name in READER_MAPS] + list(routes.values()) + attachment_fds(bpf) + links
         except Exception as e:  # noqa: BLE001 - whatever failed is reported by the supervisor
             meta["error"] = str(e)
         socket.send_fds(theirs, [json.dumps(meta).encode()], fds)
@@ -3054,7 +3495,9 @@ class BpfMap:
         return value
 
     def update(self, key, value) -> None:
-        key, value = self.key_type(key), self.value_type(value)
+        """Set key to value (each a number or an instance of the map's types)."""
+        key = key if isinstance(key, self.key_type) else self.key_type(key)
+        value = value if isinstance(value, self.value_type) else self.value_type(value)
         attr = _ElemAttr(self.fd, 0, ctypes.addressof(key), ctypes.addressof(value), 0)
         if self._call(BPF_MAP_UPDATE_ELEM, attr):
             raise OSError(ctypes.get_errno(), "bpf map update")
@@ -3074,6 +3517,23 @@ class BpfMap:
                     return out
                 raise OSError(err, "bpf map batch lookup")
             first = False
+
+    def read_first(self, n: int) -> typing.List[tuple]:
+        """The first n entries of an array, in batches: [(index, value)]."""
+        out: typing.List[tuple] = []
+        token, first = ctypes.c_uint64(), True
+        while len(out) < n:
+            attr = _BatchAttr(0 if first else ctypes.addressof(token), ctypes.addressof(token),
+                              ctypes.addressof(self.keys), ctypes.addressof(self.values),
+                              min(len(self.keys), n - len(out)), self.fd, 0, 0)
+            result, err = self._call(BPF_MAP_LOOKUP_BATCH, attr), ctypes.get_errno()
+            out += [(self.keys[i], self.value_type.from_buffer_copy(self.values[i])) for i in range(attr.count)]
+            if result:
+                if err == errno.ENOENT:
+                    break
+                raise OSError(err, "bpf map batch lookup")
+            first = False
+        return out[:n]
 
     def delete(self, keys: typing.Sequence) -> None:
         """Delete these keys (those already gone are skipped), in batches."""
@@ -3171,19 +3631,21 @@ class Kernel:
     mapped perf rings, the attachments, and the struct proto addresses."""
 
     def __init__(self, perf: PerfBuffers, meta: dict, fds: typing.List[int]):
-        n = len(READER_MAPS)
+        n, r = len(READER_MAPS), len(meta["routes"])
         self.perf, self.perf_fds = perf, [fd for fd, _ in perf.rings]
         self.mode, self.notes = meta["mode"], meta["notes"]
         self.protos = {address: proto for address, proto in meta["protos"]}
         self.maps = dict(zip(READER_MAPS, fds[:n]))
-        self.links = fds[n:]
+        self.routes = dict(zip(meta["routes"], fds[n:n + r]))
+        self.links = fds[n + r:]
 
     @classmethod
-    def load(cls, pages: int) -> "Kernel":
-        """Open and map the perf buffers, then have the program loaded."""
+    def load(cls, pages: int, mode: str = "") -> "Kernel":
+        """Open and map the perf buffers, then have the program loaded (in
+        the mode this kernel allows, or in `mode`)."""
         perf = PerfBuffers(open_perf_events(), pages)
         try:
-            return cls(perf, *load_in_child([fd for fd, _ in perf.rings]))
+            return cls(perf, *load_in_child([fd for fd, _ in perf.rings], mode))
         except BaseException:
             for fd, ring in perf.rings:
                 ring.close()
@@ -3191,7 +3653,7 @@ class Kernel:
             raise
 
     def fds(self) -> typing.List[int]:
-        return list(self.maps.values()) + self.perf_fds + self.links
+        return list(self.maps.values()) + list(self.routes.values()) + self.perf_fds + self.links
 
     def close_fds(self) -> None:
         """Close the descriptors in a process that does not read the kernel
@@ -3226,36 +3688,88 @@ def decode_event(raw: bytes) -> typing.Tuple[str, EventHdrT, typing.Any]:
 class Capture:
     """The attached program, seen through its maps: poll events, close windows.
 
-    The kernel fills one of two maps; closing a window switches it to the
-    other, and the closed map is read (not emptied) so that its window can
-    be sent first: the reader empties it (clear) once the window is in the
-    primary's channel, where it survives the reader. A reader that starts
-    after another died sends what that one left (leftover), under the same
-    window number, which the primary recognises if it has the window."""
+    The kernel fills one of two maps (and, with typed tracepoints, one of two
+    arrays of slots); closing a window switches it to the other, and the
+    closed map is read (not emptied) so that its window can be sent first:
+    the reader empties it (clear) once the window is in the primary's
+    channel, where it survives the reader. Slots are marked with their
+    window and taken again from the start two windows later. A reader that
+    starts after another died sends what that one left (leftover), under
+    the same window number, which the primary recognises if it has the
+    window. The route hooks the kernel asks for are attached here."""
 
     def __init__(self, kernel: Kernel, on_event, first=lambda events: None):
         self.mode, self.on_event, self.first, self.perf = kernel.mode, on_event, first, kernel.perf
         self.stats = BpfMap(kernel.maps["stats"], ctypes.c_uint32, ctypes.c_uint64)
-        self.epoch_map = BpfMap(kernel.maps["epoch"], ctypes.c_uint32, ctypes.c_uint32)
+        self.epoch_map = BpfMap(kernel.maps["epoch"], ctypes.c_uint32, EpochT)
         self.maps = [BpfMap(kernel.maps[name], ConnKeyT, ConnValT, DRAIN_BATCH) for name in ("conns0", "conns1")]
-        self.epoch, self.number = self.epoch_map.lookup(0).value, self.epoch_map.lookup(1).value
-        if not self.number:             # the first reader: windows count from 1
-            self.number = 1
-            self.epoch_map.update(1, self.number)
+        self.slots = [BpfMap(kernel.maps[name], ctypes.c_uint32, SlotT, SLOT_BATCH) for name in ("slots0", "slots1")]
+        self.taken = BpfMap(kernel.maps["nslots"], ctypes.c_uint32, ctypes.c_uint64)
+        state = self.epoch_map.lookup(0)
+        self.epoch, self.number = state.epoch, state.window      # (the loader starts windows at 1)
+        # route hooks on demand: a reader that died took its attachments along
+        self.route_use = BpfMap(kernel.maps["route_use"], ctypes.c_uint32, ctypes.c_uint64)
+        self.route_progs, self.route_links, self.route_seen = kernel.routes, [], (0, 0.0)
+        self.route_error = ""
+        self.route_use.update(0, 0)
         self.unclear: typing.Dict[int, typing.Tuple[int, list]] = {}     # epoch -> (window, keys read)
 
     def poll(self, timeout_ms: int) -> None:
         """Hand new events over in the order they happened, across CPUs (an
         exec on one CPU comes before the connection it led to on another)."""
         events = [decode_event(raw) for raw in self.perf.poll(timeout_ms)]
+        if any(name == "ROUTE" for name, _, _ in events):
+            self.attach_routes()
+            events = [event for event in events if event[0] != "ROUTE"]
         self.first(events)
         for event in sorted(events, key=lambda e: e[1].time):
             self.on_event(event)
 
+    def attach_routes(self) -> None:
+        """Attach the route hooks the kernel asked for (unconnected ICMP or raw
+        sends go on); a refusal is reported, and not asked for again."""
+        if self.route_links or not self.route_progs:
+            return
+        try:
+            for tracepoint, prog in self.route_progs.items():
+                self.route_links.append(attach_raw_tracepoint(tracepoint, prog))
+        except OSError as e:
+            self.detach_routes()
+            self.route_error = (f"route hooks refused ({e.strerror}): unconnected ICMP and raw sends are "
+                                "logged without their peer")
+            return
+        self.route_use.update(0, 2)
+        self.route_seen = (self.route_use.lookup(1).value, time.monotonic())
+
+    def detach_routes(self) -> None:
+        for fd in self.route_links:
+            os.close(fd)
+        self.route_links = []
+
+    def idle_routes(self) -> None:
+        """Detach the route hooks once no send has needed them for a while."""
+        if not self.route_links:
+            return
+        count, since = self.route_use.lookup(1).value, time.monotonic()
+        if count != self.route_seen[0]:
+            self.route_seen = (count, since)
+        elif since - self.route_seen[1] > ROUTE_HOLD_SECONDS:
+            self.detach_routes()
+            self.route_use.update(0, 0)
+
     def read(self, epoch: int, number: int) -> typing.Tuple[int, typing.List[typing.Tuple[ConnKeyT, ConnValT]]]:
+        """A window's connections: those of its hash map, and those of the
+        slots taken in its window (one key may have several: summed)."""
         entries = self.maps[epoch].read_all()
         self.unclear[epoch] = (number, [k for k, _ in entries])
-        return number, entries
+        summed: typing.Dict[bytes, typing.Tuple[ConnKeyT, ConnValT]] = {bytes(k): (k, v) for k, v in entries}
+        taken = min(self.taken.lookup(epoch).value, MAX_SLOTS)
+        for _, slot in self.slots[epoch].read_first(taken):
+            if slot.window == number:
+                key, value = summed.setdefault(bytes(slot.key), (slot.key, ConnValT()))
+                value.send += slot.send
+                value.recv += slot.recv
+        return number, list(summed.values())
 
     def leftover(self) -> typing.Tuple[int, typing.List[typing.Tuple[ConnKeyT, ConnValT]]]:
         """The window before the current one, if a reader that died left it."""
@@ -3267,12 +3781,13 @@ class Capture:
         [(window number, [(key, value)])]. Events already submitted are polled
         first, so every key read has had its context delivered. The final
         window also reads the other map."""
+        self.idle_routes()
         self.clear(self.epoch ^ 1)                # about to be filled again
+        self.taken.update(self.epoch ^ 1, 0)       # (its slots, from two windows ago, are read or sent)
         closed = (self.epoch, self.number)
         self.number += 1
-        self.epoch_map.update(1, self.number)
         self.epoch ^= 1
-        self.epoch_map.update(0, self.epoch)
+        self.epoch_map.update(0, EpochT(self.epoch, self.number))
         time.sleep(GRACE_SECONDS)
         self.poll(0)
         windows = [self.read(*closed)]
@@ -3295,7 +3810,8 @@ class Capture:
         """What was lost since the last call (events, full maps). The kernel
         keeps each counter at i and what readers have reported of it at
         i + len(STATS), so a new reader reports only what is new."""
-        out = []
+        out = [self.route_error] if self.route_error else []
+        self.route_error = ""
         if self.perf.lost:
             out.append(f"lost {self.perf.lost} events from the kernel: raise \"Perf ring buffer (pages)\"")
             self.perf.lost = 0
@@ -5325,7 +5841,7 @@ def run_supervisor(config: Config, user: User, ready: typing.Callable[[str], Non
         rt.kernel = Kernel.load(config.perf_ring_buffer_pages)
         for note in rt.kernel.notes:
             rt.reporter.info(note)
-        for name in ("monitor", "primary", "reader"):
+        for name in ("reader", "monitor", "primary"):      # (the reader first: events wait in the buffers)
             supervisor.start(name)
         ready(supervisor.wait_ready(READY_TIMEOUT))
         while not stop:
@@ -5421,10 +5937,11 @@ def stop_daemon() -> bool:
 
 # The service unit's sandbox. The bounding set is what the supervisor needs;
 # each process it starts keeps less (ROLES). The supervisor's loader needs
-# CAP_SYS_ADMIN only for the uprobe on getaddrinfo: the kernel's uprobe PMU
-# asks for it (CAP_PERFMON is enough for everything else).
+# CAP_SYS_ADMIN for the uprobe on getaddrinfo (the kernel's uprobe PMU asks
+# for it) and for the cgroup hooks (network program types ask for it or
+# CAP_NET_ADMIN); CAP_PERFMON is enough for everything else.
 UNIT_CAPABILITIES = (
-    "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN",     # load the program, open perf events, the uprobe
+    "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN",     # load the program, open perf events, the uprobe, cgroup hooks
     "CAP_IPC_LOCK",                                # perf rings beyond the memlock limit
     "CAP_KILL",                                    # signal the processes that run as the user
     "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",     # make those processes the user, shrink bounding sets
@@ -5439,7 +5956,8 @@ UNIT_DENIED_CALLS = ("@clock @cpu-emulation @module @mount @obsolete @raw-io @re
 UNIT_SANDBOX = """\
 # Only root can load BPF programs, so picosnitch runs as root, in this
 # sandbox, with these capabilities: BPF and PERFMON load its program,
-# SYS_ADMIN creates its uprobe on getaddrinfo, IPC_LOCK maps its perf rings;
+# SYS_ADMIN creates its uprobe on getaddrinfo and attaches its cgroup hooks
+# (which name the peers of UDP sends), IPC_LOCK maps its perf rings;
 # KILL, SETUID, SETGID and SETPCAP start and stop the processes that run as
 # {user}, with none; DAC_READ_SEARCH and SYS_PTRACE stay with the reader and
 # the monitor, which open every executable that runs.

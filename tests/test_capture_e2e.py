@@ -83,6 +83,60 @@ def test_traffic_is_attributed_and_counted(daemon, exe_dir, mode, via, ip):
         assert (r["uid"], r["proto"], r["rport"], r["raddr"], r["laddr"]) == (NOBODY, proto, PEER_PORT, host, laddr)
 
 
+# one UDP socket and one raw ICMP socket, both unconnected, each sending to
+# several peers in turn: the peer is only in the calls
+PEERS_SCRIPT = """
+import json, socket, struct, sys, time
+port, rounds, hosts = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+
+def echo(size, seq):
+    body = struct.pack("!BBHHH", 8, 0, 0, 0x5053, seq) + b"p" * size
+    total = sum(struct.unpack(f"!{len(body) // 2}H", body))
+    total = (total >> 16) + (total & 0xffff)
+    total += total >> 16
+    return body[:2] + struct.pack("!H", ~total & 0xffff) + body[4:]
+
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+icmp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+first = icmp.sendto(echo(10, 0), ("127.0.0.3", 0))
+time.sleep(0.5)
+sent = {host: [0, 0] for host in hosts}
+for i in range(rounds):
+    for n, host in enumerate(hosts):
+        sent[host][0] += udp.sendto(b"u" * 100 * (n + 1), (host, port))
+        sent[host][1] += icmp.sendto(echo(50 * (n + 1), i + 1), (host, 0))
+print(json.dumps({"lport": udp.getsockname()[1], "first": first, "sent": sent}))
+"""
+
+
+def test_unconnected_sockets_log_each_peer(daemon, exe_dir):
+    """Several peers on one unconnected UDP socket and on one raw ICMP
+    socket: each peer's bytes under its own address. The first unconnected
+    ICMP send asks for the route hooks (which name ICMP and raw peers in the
+    tracepoint mode): its bytes are counted, its peer may be blank."""
+    exe, script = unique_python(exe_dir), os.path.join(exe_dir, "peers.py")
+    with open(script, "w") as f:
+        f.write(PEERS_SCRIPT)
+    hosts = ["127.0.0.1", PEER_V4]
+    out = json.loads(subprocess.run([exe, script, str(PEER_PORT), "40", *hosts], capture_output=True, text=True,
+                                    check=True, timeout=60).stdout)
+    rows = daemon.wait_rows(exe=exe)
+    logged = {}
+    for r in rows:
+        entry = logged.setdefault((r["proto"], r["raddr"]), [0, 0])
+        entry[0] += r["send"]
+        entry[1] += 1 if r["proto"] != "udp" or r["lport"] == out["lport"] else 0
+    for host in hosts:
+        udp, icmp = out["sent"][host]
+        REPORT.append(f"unconnected peers {host}: expected udp/icmp {udp}/{icmp}, logged "
+                      f"{logged.get(('udp', host), [0])[0]}/{logged.get(('icmp', host), [0])[0]}")
+        assert logged.get(("udp", host), [0])[0] == udp, logged
+        assert logged.get(("icmp", host), [0])[0] == icmp, logged
+    icmp_total = sum(r["send"] for r in rows if r["proto"] == "icmp")
+    assert icmp_total == out["first"] + sum(icmp for _, icmp in out["sent"].values())
+    assert all(r["rport"] == PEER_PORT for r in rows if r["proto"] == "udp")
+
+
 def test_splice_download_is_counted(daemon, exe_dir):
     """splice() from a TCP socket never goes through recvmsg."""
     exe = unique_python(exe_dir)

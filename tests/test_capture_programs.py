@@ -33,22 +33,104 @@ def test_kprobe_fallback_passes_the_verifier(btf):
         bpf.cleanup()
 
 
+def attached(kernel):
+    """(tracepoints, cgroup attach types, uprobes) the kernel's links hold."""
+    info = [open(f"/proc/self/fdinfo/{fd}").read() for fd in kernel.links]
+    fields = [dict(line.split(":", 1) for line in text.splitlines() if ":" in line) for text in info]
+    tracepoints = {f["tp_name"].strip() for f in fields if "tp_name" in f}
+    cgroups = {int(f["attach_type"]) for f in fields if f.get("link_type", "").strip() == "cgroup"}
+    uprobes = [fd for fd in kernel.links if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[perf_event]"]
+    return tracepoints, cgroups, len(uprobes)
+
+
+COMMON_TRACEPOINTS = {"sched_process_exec", "sched_process_fork", "sched_process_exit", "inet_sock_set_state",
+                      "tcp_rcv_space_adjust", "sk_data_ready"}
+
+
 def test_tracepoint_mode_attaches_every_hook():
-    """The loader attaches the hooks only once the perf buffers are in place."""
+    """The loader attaches the hooks only once the perf buffers are in place:
+    typed tracepoints on the socket calls, cgroup hooks for unconnected UDP
+    sends; the route lookup hooks (which run for every packet) are loaded,
+    for the reader to attach on demand."""
     need_root()
     kernel = picosnitch.Kernel.load(8)
     try:
-        assert kernel.mode == "tracepoint"
-        info = [open(f"/proc/self/fdinfo/{fd}").read() for fd in kernel.links]
-        tracepoints = {line.split()[1] for text in info for line in text.splitlines() if line.startswith("tp_name:")}
-        assert tracepoints == {"sock_send_length", "sock_recv_length", "sched_process_exec", "sched_process_fork",
-                               "sched_process_exit", "inet_sock_set_state", "tcp_rcv_space_adjust",
-                               "fib_table_lookup", "fib6_table_lookup", "sk_data_ready"}
-        uprobes = [fd for fd in kernel.links if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[perf_event]"]
-        assert len(uprobes) == 2           # getaddrinfo, entry and return
+        assert kernel.mode == "tracepoint", kernel.notes
+        tracepoints, cgroups, uprobes = attached(kernel)
+        assert tracepoints == COMMON_TRACEPOINTS | {"sock_send_length", "sock_recv_length"}
+        assert cgroups == {picosnitch.BPF_CGROUP_UDP4_SENDMSG, picosnitch.BPF_CGROUP_UDP6_SENDMSG}
+        assert uprobes == 2           # getaddrinfo, entry and return
+        assert set(kernel.routes) == {"fib_table_lookup", "fib6_table_lookup"}
         # no system call tracepoints: they would slow every system call of every process
         text = picosnitch.bpf_text(picosnitch.BTF.from_file(), "tracepoint")
         assert "TRACEPOINT_PROBE(syscalls" not in text and "sys_enter" not in text
+    finally:
+        kernel.close()
+
+
+def test_route_hooks_are_attached_on_demand_and_detached_when_idle():
+    """The kernel asks for the route hooks once (an unconnected ICMP or raw
+    send); the reader attaches them, and detaches them once no send has
+    needed them for ROUTE_HOLD_SECONDS."""
+    need_root()
+    kernel = picosnitch.Kernel.load(8)
+    try:
+        capture = picosnitch.Capture(kernel, lambda event: None)
+        assert capture.route_use.lookup(0).value == 0 and not capture.route_links
+        capture.attach_routes()
+        names = {open(f"/proc/self/fdinfo/{fd}").read().split("tp_name:")[1].split()[0] for fd in capture.route_links}
+        assert names == {"fib_table_lookup", "fib6_table_lookup"}
+        assert capture.route_use.lookup(0).value == 2
+        capture.idle_routes()                           # just attached: stays
+        assert len(capture.route_links) == 2
+        count, _ = capture.route_seen
+        capture.route_use.update(1, count + 1)          # a send needed them: the hold starts again
+        capture.route_seen = (count, 0.0)
+        capture.idle_routes()
+        assert len(capture.route_links) == 2
+        capture.route_seen = (count + 1, capture.route_seen[1] - picosnitch.ROUTE_HOLD_SECONDS - 1)
+        capture.idle_routes()
+        assert capture.route_links == [] and capture.route_use.lookup(0).value == 0
+    finally:
+        kernel.close()
+
+
+def test_a_window_sums_its_slots_and_its_hash_entries():
+    """Reading a window: the hash map's entries and the slots taken in that
+    window, one key's slots summed; a slot left from an older window is not
+    counted again."""
+    need_root()
+    kernel = picosnitch.Kernel.load(8)
+    try:
+        capture = picosnitch.Capture(kernel, lambda event: None)
+        a, b = picosnitch.ConnKeyT(sk=1, pid=10, lport=1000), picosnitch.ConnKeyT(sk=2, pid=20, lport=2000)
+        window = capture.number + 7                 # (a number the kernel has not used)
+        epoch = 1 - capture.epoch                   # (the set the kernel is not filling)
+        slots = [picosnitch.SlotT(key=a, window=window, send=5, recv=1),
+                 picosnitch.SlotT(key=a, window=window, send=7, recv=0),
+                 picosnitch.SlotT(key=b, window=window - 2, send=100, recv=100)]
+        for i, slot in enumerate(slots):
+            capture.slots[epoch].update(i, slot)
+        capture.taken.update(epoch, len(slots))
+        capture.maps[epoch].update(a, picosnitch.ConnValT(1, 2))
+        number, entries = capture.read(epoch, window)
+        got = {(k.sk, k.pid): (v.send, v.recv) for k, v in entries}
+        assert number == window and got == {(1, 10): (13, 3)}
+    finally:
+        kernel.close()
+
+
+def test_raw_tracepoint_mode_attaches_route_lookups_instead():
+    """Where the kernel refuses typed tracepoints or cgroup hooks, the socket
+    calls are raw tracepoints and sends name their peers by route lookups."""
+    need_root()
+    kernel = picosnitch.Kernel.load(8, "raw-tracepoint")
+    try:
+        assert kernel.mode == "raw-tracepoint"
+        tracepoints, cgroups, uprobes = attached(kernel)
+        assert tracepoints == COMMON_TRACEPOINTS | {"sock_send_length", "sock_recv_length", "fib_table_lookup",
+                                                    "fib6_table_lookup"}
+        assert cgroups == set() and uprobes == 2
     finally:
         kernel.close()
 

@@ -20,7 +20,7 @@ def test_killed_monitor_is_reported_and_restarted(tmp_path, peers, exe_dir):
     try:
         status = subprocess.run([PYTHON, SCRIPT, "status"], capture_output=True, text=True)
         assert status.returncode == 0
-        assert "capture mode: tracepoint (sock:sock_send_length, sock:sock_recv_length)" in status.stdout
+        assert "capture mode: tracepoint (sock:sock_send_length, sock:sock_recv_length" in status.stdout
         before = children()
         assert set(before) == {"reader", "monitor", "primary", "notifier"}
         os.kill(before["monitor"], signal.SIGKILL)
