@@ -3,6 +3,7 @@
 Each case runs a uniquely named and hashed copy of python as user nobody,
 moving a known number of payload bytes, and checks its rows in snitch.db.
 """
+import collections
 import json
 import os
 import subprocess
@@ -121,20 +122,17 @@ def test_unconnected_sockets_log_each_peer(daemon, exe_dir):
     out = json.loads(subprocess.run([exe, script, str(PEER_PORT), "40", *hosts], capture_output=True, text=True,
                                     check=True, timeout=60).stdout)
     rows = daemon.wait_rows(exe=exe)
-    logged = {}
+    logged = collections.Counter()
     for r in rows:
-        entry = logged.setdefault((r["proto"], r["raddr"]), [0, 0])
-        entry[0] += r["send"]
-        entry[1] += 1 if r["proto"] != "udp" or r["lport"] == out["lport"] else 0
+        logged[(r["proto"], r["raddr"])] += r["send"]
     for host in hosts:
         udp, icmp = out["sent"][host]
-        REPORT.append(f"unconnected peers {host}: expected udp/icmp {udp}/{icmp}, logged "
-                      f"{logged.get(('udp', host), [0])[0]}/{logged.get(('icmp', host), [0])[0]}")
-        assert logged.get(("udp", host), [0])[0] == udp, logged
-        assert logged.get(("icmp", host), [0])[0] == icmp, logged
+        REPORT.append(f"unconnected peers {host}: expected udp/icmp {udp}/{icmp}, "
+                      f"logged {logged[('udp', host)]}/{logged[('icmp', host)]}")
+        assert (logged[("udp", host)], logged[("icmp", host)]) == (udp, icmp), logged
     icmp_total = sum(r["send"] for r in rows if r["proto"] == "icmp")
     assert icmp_total == out["first"] + sum(icmp for _, icmp in out["sent"].values())
-    assert all(r["rport"] == PEER_PORT for r in rows if r["proto"] == "udp")
+    assert all((r["rport"], r["lport"]) == (PEER_PORT, out["lport"]) for r in rows if r["proto"] == "udp")
 
 
 def test_splice_download_is_counted(daemon, exe_dir):
