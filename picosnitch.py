@@ -6885,35 +6885,13 @@ DASH_PAGE = """<!DOCTYPE html>
 </html>"""
 
 
-def dash_app(directory: str, config: Config, guard: DashGuard):
-    """The Dash application for the user's directory (see dash_state for its view)."""
-    import dash
-    from dash import ALL, Input, Output, State, ctx, dash_table, dcc, html
-    from dash.exceptions import PreventUpdate
-    stylesheets = []
-    if config.dash_theme:
-        try:
-            import dash_bootstrap_components as dbc
-            stylesheets.append(getattr(dbc.themes, config.dash_theme.upper()))
-        except (ImportError, AttributeError):
-            pass        # the plain look
-    app = dash.Dash("picosnitch", title="picosnitch", update_title=None, serve_locally=True, compress=False,
-                    external_stylesheets=stylesheets, index_string=DASH_PAGE, enable_mcp=False,
-                    assets_folder=os.path.join(os.devnull, "assets"), include_assets_files=False)
-    app.server.before_request(guard.check)
-    said: typing.List[str] = []
-    labels = Labels(viewer_geoip(directory, config, said))
-    record_path, db_path = os.path.join(directory, RECORD_NAME), os.path.join(directory, DB_NAME)
-    local = threading.local()       # a reader of the log for each of the server's threads
-
-    def reader() -> LogReader:
-        if getattr(local, "reader", None) is None:
-            local.reader = LogReader(db_path)
-        return local.reader
-
+def dash_layout(config: Config):
+    """The page: the toolbar, the filter chain, the message and details, the
+    chart and the totals table (the callbacks of dash_app fill them)."""
+    from dash import dash_table, dcc, html
     option = lambda pairs: [{"label": label, "value": value} for value, label in pairs]
     columns = [(c, COLUMN_NAMES[c]) for c in DASH_GROUPS]
-    app.layout = html.Div(id="root", className="ps-light", children=[
+    return html.Div(id="root", className="ps-light", children=[
         dcc.Location(id="url", refresh=False),
         dcc.Interval(id="tick", interval=60_000, disabled=True),
         html.Div(className="ps-bar", children=[
@@ -6957,6 +6935,64 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
                     # a click filters or opens the details: no cell stays marked
                     css=[{"selector": "td.cell--selected, td.focused",
                           "rule": "background-color: inherit !important; border-color: inherit !important;"}])])])])
+
+
+def dash_detail_view(found: dict) -> list:
+    """The drill-down for one executable, from dash_detail's answer."""
+    from dash import html
+
+    def table(head: typing.List[str], rows: typing.List[typing.Sequence]) -> html.Table:
+        return html.Table([html.Tr([html.Th(h) for h in head])] +
+                          [html.Tr([html.Td(str(c), title=str(c)) for c in row]) for row in rows])
+    amount = lambda n: format_amount(n, UNITS[0])
+    return [
+        html.H2(["details: ", html.Code(found["exe"]), " ",
+                 html.Button("close", id={"type": "close-detail", "index": 0})]),
+        html.P(f"first seen {found['first']} · last seen {found['last']} · names: "
+               f"{', '.join(found['names']) or '(none recorded)'}"),
+        html.H3("sha256 (VirusTotal)"),
+        table(["sha256", "verdict", "sent", "received"],
+              [(sha, verdict or "(not in record.json)", amount(a[0]) if a else "", amount(a[1]) if a else "")
+               for sha, verdict, a in found["hashes"]]),
+        html.H3("parents in this range"),
+        table(["parent executable", "sent", "received"], [(p, amount(s), amount(r)) for p, s, r in found["parents"]]),
+        html.H3("domains in this range"),
+        table(["domain", "sent", "received"], [(d, amount(s), amount(r)) for d, s, r in found["domains"]]),
+        html.H3("remote addresses in this range"),
+        table(["address", "sent", "received"], [(a, amount(s), amount(r)) for a, s, r in found["addresses"]]),
+        html.H3("latest connections"),
+        table(["time", "name", "protocol", "local", "remote", "domain", "sent", "received", "sha256"],
+              [(c["time"], c["name"], c["proto"], c["local"], c["remote"], c["domain"], amount(c["sent"]),
+                amount(c["received"]), shorten(c["sha256"], 16)) for c in found["latest"]])]
+
+
+def dash_app(directory: str, config: Config, guard: DashGuard):
+    """The Dash application for the user's directory (see dash_state for its view)."""
+    import dash
+    from dash import ALL, Input, Output, State, ctx, html
+    from dash.exceptions import PreventUpdate
+    stylesheets = []
+    if config.dash_theme:
+        try:
+            import dash_bootstrap_components as dbc
+            stylesheets.append(getattr(dbc.themes, config.dash_theme.upper()))
+        except (ImportError, AttributeError):
+            pass        # the plain look
+    app = dash.Dash("picosnitch", title="picosnitch", update_title=None, serve_locally=True, compress=False,
+                    external_stylesheets=stylesheets, index_string=DASH_PAGE, enable_mcp=False,
+                    assets_folder=os.path.join(os.devnull, "assets"), include_assets_files=False)
+    app.server.before_request(guard.check)
+    said: typing.List[str] = []
+    labels = Labels(viewer_geoip(directory, config, said))
+    record_path, db_path = os.path.join(directory, RECORD_NAME), os.path.join(directory, DB_NAME)
+    local = threading.local()       # a reader of the log for each of the server's threads
+
+    def reader() -> LogReader:
+        if getattr(local, "reader", None) is None:
+            local.reader = LogReader(db_path)
+        return local.reader
+
+    app.layout = dash_layout(config)
 
     controls = [Output("group", "value"), Output("range", "value"), Output("units", "value"),
                 Output("smooth", "value"), Output("refresh", "value"), Output("theme", "value"),
@@ -7059,7 +7095,7 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
             record, problem = read_record(record_path)
             notes += [problem] if problem else []
             found = log.ask(lambda: dash_detail(log.log, record, state.detail, state, now, labels))
-            detail = detail_view(found) if found else []
+            detail = dash_detail_view(found) if found else []
         header = {"backgroundColor": theme["grid"], "color": theme["text"], "fontWeight": "600"}
         cells = {"backgroundColor": theme["paper"], "color": theme["text"]}
         offered = options(add_column, state, now, data["entries"] if add_column == state.group else None)
@@ -7067,31 +7103,6 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
         return [chips, dash_figure(data, state, labels, empty), columns, rows, tips, None,
                 header, cells, note, detail, " · ".join(notes), max(state.refresh, 1) * 1000, not state.refresh,
                 f"ps-{state.theme}", offered]
-
-    def detail_view(found: dict) -> list:
-        def table(head: typing.List[str], rows: typing.List[typing.Sequence]) -> html.Table:
-            return html.Table([html.Tr([html.Th(h) for h in head])] +
-                              [html.Tr([html.Td(str(c), title=str(c)) for c in row]) for row in rows])
-        amount = lambda n: format_amount(n, UNITS[0])
-        return [
-            html.H2(["details: ", html.Code(found["exe"]), " ",
-                     html.Button("close", id={"type": "close-detail", "index": 0})]),
-            html.P(f"first seen {found['first']} · last seen {found['last']} · names: "
-                   f"{', '.join(found['names']) or '(none recorded)'}"),
-            html.H3("sha256 (VirusTotal)"),
-            table(["sha256", "verdict", "sent", "received"],
-                  [(sha, verdict or "(not in record.json)", amount(a[0]) if a else "", amount(a[1]) if a else "")
-                   for sha, verdict, a in found["hashes"]]),
-            html.H3("parents in this range"),
-            table(["parent executable", "sent", "received"], [(p, amount(s), amount(r)) for p, s, r in found["parents"]]),
-            html.H3("domains in this range"),
-            table(["domain", "sent", "received"], [(d, amount(s), amount(r)) for d, s, r in found["domains"]]),
-            html.H3("remote addresses in this range"),
-            table(["address", "sent", "received"], [(a, amount(s), amount(r)) for a, s, r in found["addresses"]]),
-            html.H3("latest connections"),
-            table(["time", "name", "protocol", "local", "remote", "domain", "sent", "received", "sha256"],
-                  [(c["time"], c["name"], c["proto"], c["local"], c["remote"], c["domain"], amount(c["sent"]),
-                    amount(c["received"]), shorten(c["sha256"], 16)) for c in found["latest"]])]
 
     @app.callback(Output("url", "search", allow_duplicate=True), Input("graph", "relayoutData"),
                   State("url", "search"), prevent_initial_call=True)

@@ -258,10 +258,7 @@ def main(argv=None):
     summaries = []
     try:
         for rows in [int(r) for r in args.rows.split(",")]:
-            log = os.path.join(workdir, f"log-{rows}.db")
-            if not os.path.exists(log):
-                print(f"generating {rows:,} rows", flush=True)
-                loggen.write_v2(log, rows)
+            log = loggen.kept_log(workdir, rows)
             first, reload_first, results = run(log, rows)
             lines, summary = report(rows, first, reload_first, results)
             out += lines

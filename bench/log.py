@@ -281,11 +281,7 @@ def main(argv=None):
     summary = []
     try:
         for size in [int(s) for s in args.rows.split(",")]:
-            path = os.path.join(keep, f"log-{size}.db")
-            if not os.path.exists(path):
-                began = time.perf_counter()
-                loggen.write_v2(path, size)
-                print(f"generated {size:,} rows in {time.perf_counter() - began:.0f} s", flush=True)
+            path = loggen.kept_log(keep, size)
             rows = picosnitch.LogQuery(path)
             rows.refresh()
             count = rows.count()

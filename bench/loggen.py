@@ -115,6 +115,16 @@ def rows(world, n, days=DAYS, end=None):
         live = keep + [(tpl, left - 1) for tpl, left in batch if left > 1]
 
 
+def kept_log(directory, n):
+    """The generated log of n rows in directory, written there the first time."""
+    path = os.path.join(directory, f"log-{n}.db")
+    if not os.path.exists(path):
+        began = time.perf_counter()
+        write_v2(path, n)
+        print(f"generated {n:,} rows in {time.perf_counter() - began:.0f} s", flush=True)
+    return path
+
+
 def write_v2(path, n, seed=7, days=DAYS, batch=100_000):
     """A log in the compact layout; returns how many rows."""
     world, log, chunk, made = World(seed), picosnitch.Log.open(path, timeout=30), [], 0

@@ -115,6 +115,27 @@ def private_resolver(cmd, directory):
     return bench_run.private_resolver(cmd, directory, PEER_NAMES)
 
 
+def wait_capturing(proc, lines, timeout, failure):
+    """Collect proc's output in lines until it says it is capturing; an
+    AssertionError (failure, and the output) if it ends or takes longer than
+    timeout, after stopping it."""
+    ready = threading.Event()
+
+    def pump():
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if "capturing" in line:
+                ready.set()
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.2):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(90)
+            raise AssertionError(f"{failure}:\n" + "\n".join(lines))
+
+
 class Daemon:
     """picosnitch start-no-daemon with its own HOME (as root), or for a user
     (as under sudo: their home, their files), stopped with SIGTERM."""
@@ -141,18 +162,7 @@ class Daemon:
         cmd = private_resolver([PYTHON, SCRIPT, "start-no-daemon"], self.resolver)
         self.proc = subprocess.Popen(cmd, env=self.env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        ready = threading.Event()
-
-        def pump():
-            for line in self.proc.stdout:
-                self.lines.append(line.rstrip("\n"))
-                if "capturing" in line:
-                    ready.set()
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("picosnitch did not start:\n" + "\n".join(self.lines))
+        wait_capturing(self.proc, self.lines, timeout, "picosnitch did not start")
         return self
 
     def stop(self, timeout=60):

@@ -108,13 +108,19 @@ GROUPS = ["exe", "name", "cmdline", "sha256", "pexe", "pname", "gpexe", "domain"
           "uid", "proto", "time"]
 
 
-def test_totals_match_the_rows_for_every_column_filter_and_range(tmp_path):
+def made_log(tmp_path, change):
+    """A generated log, changed by change(path): its path, its rows, and the
+    query layer reading it."""
     path = str(tmp_path / "snitch.db")
     make_log(path)
-    with_unlogged_ports(path)
-    rows = picosnitch.db_rows(path)
+    change(path)
     query = picosnitch.LogQuery(path)
     query.refresh()
+    return path, picosnitch.db_rows(path), query
+
+
+def test_totals_match_the_rows_for_every_column_filter_and_range(tmp_path):
+    path, rows, query = made_log(tmp_path, with_unlogged_ports)
     exe = max(brute(rows, "exe").items(), key=lambda kv: kv[1][2])[0]
     domain = max(brute(rows, "domain", [picosnitch.Filter("exe", exe)]).items(), key=lambda kv: kv[1][2])[0]
     lport = rows[0]["lport"]
@@ -146,12 +152,7 @@ def with_unlogged_ports(path):
 
 
 def test_series_first_and_last_and_latest_match_the_rows(tmp_path):
-    path = str(tmp_path / "snitch.db")
-    make_log(path)
-    with_unlogged_ports(path)
-    rows = picosnitch.db_rows(path)
-    query = picosnitch.LogQuery(path)
-    query.refresh()
+    path, rows, query = made_log(tmp_path, with_unlogged_ports)
     ranked = sorted(brute(rows, "exe").items(), key=lambda kv: -kv[1][2])
     keys = [k for k, _ in ranked[:4]] + ["/usr/bin/quiet", "/usr/bin/none-such"]
     chains = [[], [picosnitch.Filter("lport", rows[0]["lport"], True)], [picosnitch.Filter("uid", 0)],
@@ -260,12 +261,7 @@ def as_version_2(path):
 
 
 def test_a_version_2_log_gains_the_narrow_rollups(tmp_path):
-    path = str(tmp_path / "snitch.db")
-    make_log(path)
-    as_version_2(path)
-    rows = picosnitch.db_rows(path)
-    query = picosnitch.LogQuery(path)      # read as it is, before picosnitch opens it
-    query.refresh()
+    path, rows, query = made_log(tmp_path, as_version_2)     # (the query reads it before picosnitch opens it)
     assert query.rollups == ["rollups", "ports"]
     assert answer(query, "exe") == brute(rows, "exe") and answer(query, "time", bucket=3600) == \
         brute(rows, "time", bucket=3600)

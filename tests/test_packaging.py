@@ -21,7 +21,6 @@ import socket
 import sqlite3
 import subprocess
 import tarfile
-import threading
 import time
 import urllib.request
 import zipfile
@@ -29,7 +28,7 @@ import zipfile
 import packaging.requirements
 import pytest
 
-from conftest import PYTHON, ROOT, bench_run, need_root, unique_c_sender, wait_for
+from conftest import PYTHON, ROOT, bench_run, need_root, unique_c_sender, wait_capturing, wait_for
 
 MAX_EXPOSURE = 5.0
 PACKAGED_FILES = ("picosnitch.py", "setup.py", "MANIFEST.in", "picosnitch.spec", "debian")
@@ -143,16 +142,9 @@ def installed_daemon(installed_deb, tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
     proc = subprocess.Popen(cmd, cwd="/", env=dict(env, HOME=home), text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
-    lines, ready = [], threading.Event()
-
-    def pump():
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if "capturing" in line:
-                ready.set()
-    threading.Thread(target=pump, daemon=True).start()
+    lines = []
+    wait_capturing(proc, lines, 120, "the installed picosnitch did not start")
     try:
-        assert wait_for(lambda: ready.is_set() or proc.poll() is not None, 120) and ready.is_set(), lines
         yield proc, home, directory, lines
     finally:
         if proc.poll() is None:

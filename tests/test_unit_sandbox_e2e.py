@@ -13,14 +13,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
-import time
 
 import pytest
 
 import picosnitch
 from conftest import (HERE, PYTHON, ROOT, SCRIPT, as_user, bench_run, need_root, notifications, sha256_file,
-                      unique_python, wait_for)
+                      unique_python, wait_capturing, wait_for)
 from http_services import API_KEY, FakeVirusTotal, stats
 
 SANDBOX = os.path.join(HERE, "unit_sandbox.py")
@@ -221,19 +219,7 @@ class SandboxedDaemon:
 
     def start(self, timeout=120):
         self.proc = subprocess.Popen(self.cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        ready = threading.Event()
-
-        def pump():
-            for line in self.proc.stdout:
-                self.lines.append(line.rstrip("\n"))
-                if "capturing" in line:
-                    ready.set()
-        threading.Thread(target=pump, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError("picosnitch did not start in its sandbox:\n" + "\n".join(self.lines))
+        wait_capturing(self.proc, self.lines, timeout, "picosnitch did not start in its sandbox")
         return self
 
     def run_file(self, name):
