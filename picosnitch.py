@@ -957,6 +957,8 @@ NO_TIME = -1                # the bucket of rows whose time is no time (kept as 
 INTERN_CACHE = 200_000      # strings and processes remembered by id, per open log
 MIGRATE_BATCH = 50_000      # old rows moved per transaction
 PRUNE_BATCH = 20_000        # rows deleted per transaction
+FORGET_BATCH = 2_000        # a day's totals taken out of the whole-log ones per transaction
+ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys after b then narrow each)
 
 # The compact layout (version 2; version 3 adds the times and programs
 # rollups). Each distinct process (exe, name, cmdline, sha256) and each
@@ -1386,38 +1388,71 @@ class Log:
     # -- retention -----------------------------------------------------------
     def prune(self, days: int, now: int, budget: float = 0.2) -> typing.Optional[int]:
         """Delete rows older than the retention, whole days of them, a batch
-        per transaction, for at most budget seconds: no write lock is held
-        long. A day whose rows are gone leaves the rollups (and the whole-log
-        totals) in one transaction. How many rows went, or None when more
-        are left for the next call."""
-        cutoff, deleted, began = (now - days * DAY) // DAY * DAY, 0, time.monotonic()
-        while time.monotonic() - began < budget:
+        per transaction, for at most budget seconds, then take those days out
+        of the rollups, a bounded step per transaction (forget_step): no write
+        lock is held long. How many rows went, or None when more is left for
+        the next call."""
+        cutoff, deleted, began, longest = (now - days * DAY) // DAY * DAY, 0, time.monotonic(), 0.0
+
+        def over() -> bool:         # (when the next step would take as long as the longest so far)
+            nonlocal longest, last
+            took, last = time.monotonic() - last, time.monotonic()
+            longest = max(longest, took)
+            return last - began + longest > budget
+        last = began
+        while True:         # (a step at least, whatever the budget)
             with self.con:
                 n = self.con.execute("DELETE FROM conns WHERE id IN (SELECT id FROM conns WHERE t < ? "
                                      "ORDER BY t LIMIT ?)", (cutoff, PRUNE_BATCH)).rowcount
             deleted += n
             if n < PRUNE_BATCH:
-                old = self.con.execute("SELECT DISTINCT b FROM rollups WHERE level = ? AND b >= 0 AND b < ?",
-                                       (DAY, cutoff)).fetchall()
-                for (day,) in old:
-                    self.forget_day(day)
-                    if time.monotonic() - began >= budget:
-                        return None
-                return deleted
-        return None
+                break
+            if over():
+                return None
+        while self.forget_step(cutoff):
+            if over():
+                return None
+        return deleted
 
-    def forget_day(self, day: int) -> None:
-        """Take a day out of the whole-log totals and drop its rollups."""
-        with self.con:
-            for table, keys in ROLLUPS.items():
-                match = " AND ".join(f"a.{k} = d.{k}" for k in keys) or "1"
-                self.con.execute(
-                    f"UPDATE {table} AS a SET send = a.send - d.send, recv = a.recv - d.recv, rows = a.rows - d.rows "
-                    f"FROM (SELECT * FROM {table} WHERE level = {DAY} AND b = ?) AS d "
-                    f"WHERE a.level = {ALL_TIME} AND a.b = 0 AND {match}", (day,))
-                self.con.execute(f"DELETE FROM {table} WHERE level = {ALL_TIME} AND rows <= 0")
-                self.con.execute(f"DELETE FROM {table} WHERE level < {ALL_TIME} AND b >= ? AND b < ?",
-                                 (day, day + DAY))
+    def forget_step(self, cutoff: int) -> bool:
+        """One step of taking the days before cutoff out of the rollups: at
+        most FORGET_BATCH of a day's totals (or one process's) leave the
+        whole-log totals, in one transaction with their deletion, so that
+        none is taken out twice; then the hours, one per transaction. False
+        when nothing is left."""
+        for table, keys in ROLLUPS.items():
+            found = self.con.execute(f"SELECT b{', ' + keys[0] if keys else ''} FROM {table} WHERE level = {DAY} "
+                                     f"AND b >= 0 AND b < ? ORDER BY b{', ' + keys[0] if keys else ''} LIMIT 1",
+                                     (cutoff,)).fetchone()
+            if found:
+                day, span, params = found[0], "", []
+                if keys:        # the processes from the first left to the one FORGET_BATCH rows further
+                    bound = self.con.execute(f"SELECT {keys[0]} FROM {table} WHERE level = {DAY} AND b = ? AND "
+                                             f"{keys[0]} >= ? ORDER BY {keys[0]} LIMIT 1 OFFSET {FORGET_BATCH}",
+                                             (day, found[1])).fetchone()
+                    one = bound is not None and bound[0] == found[1]
+                    span = f" AND {{0}}{keys[0]} >= ?" + (f" AND {{0}}{keys[0]} < ?" if bound and not one else
+                                                         f" AND {{0}}{keys[0]} = ?" if one else "")
+                    params = [found[1]] + ([bound[0]] if bound else [])
+                with self.con:      # (key by key: each a lookup of the whole-log row)
+                    totals = self.con.execute(f"SELECT send, recv, rows{''.join(', ' + k for k in keys)} FROM "
+                                              f"{table} WHERE level = {DAY} AND b = ?{span.format('')}",
+                                              [day] + params).fetchall()
+                    self.con.executemany(f"UPDATE {table} SET send = send - ?, recv = recv - ?, rows = rows - ? "
+                                         f"WHERE level = {ALL_TIME} AND b = 0{''.join(f' AND {k} = ?' for k in keys)}",
+                                         totals)
+                    self.con.executemany(f"DELETE FROM {table} WHERE level = {ALL_TIME} AND b = 0 AND rows <= 0"
+                                         f"{''.join(f' AND {k} = ?' for k in keys)}", [t[3:] for t in totals])
+                    self.con.execute(f"DELETE FROM {table} WHERE level = {DAY} AND b = ?{span.format('')}",
+                                     [day] + params)
+                return True
+            hour = self.con.execute(f"SELECT b FROM {table} WHERE level = {HOUR} AND b >= 0 AND b < ? "
+                                    f"ORDER BY b LIMIT 1", (cutoff,)).fetchone()
+            if hour:
+                with self.con:
+                    self.con.execute(f"DELETE FROM {table} WHERE level = {HOUR} AND b = ?", hour)
+                return True
+        return False
 
     def close(self) -> None:
         self.con.close()
@@ -1549,20 +1584,24 @@ class LogQuery:
         if self.legacy is not None:
             self.add(sums, self.con.execute(*self._legacy(group, bucket, filters, start, end)))
         values = self.values(group, sums)
-        merged: typing.Dict[typing.Any, list] = {}
-        for key, total in sums.items():
-            if total[2] > 0:
-                self.add(merged, [(values.get(key, key), *total)])
+        if values:          # (ids and values of old rows may name the same thing)
+            merged: typing.Dict[typing.Any, list] = {}
+            self.add(merged, ((values.get(key, key), *total) for key, total in sums.items() if total[2] > 0))
+        else:
+            merged = {key: total for key, total in sums.items() if total[2] > 0}
         order = sorted(merged.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
-        return [(value, *total) for value, total in order]
+        return [(value, send, recv, n) for value, (send, recv, n) in order]
 
     @staticmethod
     def add(sums: dict, rows: typing.Iterable, sign: int = 1) -> None:
         for value, send, recv, n in rows:
-            total = sums.setdefault(value, [0, 0, 0])
-            total[0] += sign * (send or 0)
-            total[1] += sign * (recv or 0)
-            total[2] += sign * (n or 0)
+            total = sums.get(value)
+            if total is None:
+                sums[value] = [sign * (send or 0), sign * (recv or 0), sign * (n or 0)]
+            else:
+                total[0] += sign * (send or 0)
+                total[1] += sign * (recv or 0)
+                total[2] += sign * (n or 0)
 
     def table(self, columns: typing.Set[str], bucket_sizes: typing.Set[int]) -> str:
         """The rollup that keeps every column asked about (None: the rows)."""
@@ -1628,7 +1667,13 @@ class LogQuery:
         if rollup:
             where.append(f"s.level = {piece.level}")
             if piece.level == ALL_TIME:
-                where.append("s.b >= 0" if piece.start is not None else f"s.b >= {NO_TIME}")
+                # (b IN, not a range: the index goes on to the keys after b)
+                where.append("s.b = 0" if piece.start is not None else f"s.b IN ({NO_TIME}, 0)")
+            elif piece.start is not None and piece.end is not None and \
+                    (piece.end - piece.start) // piece.level <= ROLLUP_SEEKS:
+                buckets = list(range(piece.start, piece.end, piece.level))
+                where.append(f"s.b IN ({','.join('?' * len(buckets))})")
+                params += buckets
             else:
                 where.append("s.b >= ?" if piece.start is not None else "s.b >= 0")
                 params += [piece.start] if piece.start is not None else []
