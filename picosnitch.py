@@ -957,7 +957,7 @@ NO_TIME = -1                # the bucket of rows whose time is no time (kept as 
 INTERN_CACHE = 200_000      # strings and processes remembered by id, per open log
 MIGRATE_BATCH = 50_000      # old rows moved per transaction
 PRUNE_BATCH = 20_000        # rows deleted per transaction
-FORGET_BATCH = 2_000        # a day's totals taken out of the whole-log ones per transaction
+FORGET_BATCH = 1_000        # a day's totals taken out of the whole-log ones per transaction
 ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys after b then narrow each)
 
 # The compact layout (version 2; version 3 adds the times and programs
@@ -1138,6 +1138,7 @@ class Log:
         self.procs: typing.Dict[tuple, int] = {}
         self.strs: typing.Dict[typing.Any, int] = {}
         self.times: typing.Dict[typing.Any, typing.Any] = {}
+        self.longest_step = 0.0     # of pruning, in seconds
 
     @classmethod
     def open(cls, path: str, timeout: float = DB_BUSY_TIMEOUT) -> "Log":
@@ -1392,13 +1393,14 @@ class Log:
         of the rollups, a bounded step per transaction (forget_step): no write
         lock is held long. How many rows went, or None when more is left for
         the next call."""
-        cutoff, deleted, began, longest = (now - days * DAY) // DAY * DAY, 0, time.monotonic(), 0.0
+        cutoff, deleted, began = (now - days * DAY) // DAY * DAY, 0, time.monotonic()
+        self.longest_step /= 2      # (what the last call saw, fading)
 
         def over() -> bool:         # (when the next step would take as long as the longest so far)
-            nonlocal longest, last
+            nonlocal last
             took, last = time.monotonic() - last, time.monotonic()
-            longest = max(longest, took)
-            return last - began + longest > budget
+            self.longest_step = max(self.longest_step, took)
+            return last - began + self.longest_step > budget
         last = began
         while True:         # (a step at least, whatever the budget)
             with self.con:
@@ -6521,7 +6523,7 @@ DASH_POINTS = 180          # (with 11 traces above and below: fewer than 4,000 p
 DASH_ROWS_SPAN = 6 * HOUR
 DASH_TRACES = 10           # entries charted one by one; the rest are one trace, "others"
 DASH_TABLE_ROWS = 500      # entries sent to the table (the largest)
-DASH_OPTIONS = 300         # values offered for a new filter
+DASH_OPTIONS = 50          # values offered for a new filter: the largest, or the largest that match what is typed
 DASH_DETAIL_ROWS = 15
 DASH_REUSE = 10            # seconds for which the same view's data are reused (a write window)
 DASH_SMOOTH = 5            # buckets in the moving average of "smooth"
@@ -6938,6 +6940,7 @@ def dash_layout(config: Config):
     columns = [(c, COLUMN_NAMES[c]) for c in DASH_GROUPS]
     return html.Div(id="root", className="ps-light", children=[
         dcc.Location(id="url", refresh=False),
+        dcc.Store(id="zoom"),
         dcc.Interval(id="tick", interval=60_000, disabled=True),
         html.Div(className="ps-bar", children=[
             html.Span("picosnitch", className="ps-title"),
@@ -6959,7 +6962,7 @@ def dash_layout(config: Config):
             html.Span("filters:"), html.Span(id="chips"),
             dcc.Dropdown(id="add-column", options=option(columns), value="exe", clearable=False),
             dcc.RadioItems(id="add-mode", options=option([("=", "="), ("!", "≠")]), value="=", inline=True),
-            dcc.Dropdown(id="add-value", options=[], placeholder="a value in this range…"),
+            dcc.Dropdown(id="add-value", options=[], placeholder="a value in this range (type to search)…"),
             html.Button("add filter", id="add-filter")]),
         html.Div(id="message", className="ps-message"),
         html.Div(id="detail", className="ps-detail"),
@@ -7149,7 +7152,13 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
                 header, cells, note, detail, " · ".join(notes), max(state.refresh, 1) * 1000, not state.refresh,
                 f"ps-{state.theme}", offered]
 
-    @app.callback(Output("url", "search", allow_duplicate=True), Input("graph", "relayoutData"),
+    # (what the chart reports of itself when drawn goes no further than the page)
+    app.clientside_callback(
+        """function (r) { return r && (r['xaxis.range'] || r['xaxis.range[0]'] !== undefined)
+                          ? r : window.dash_clientside.no_update; }""",
+        Output("zoom", "data"), Input("graph", "relayoutData"), prevent_initial_call=True)
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("zoom", "data"),
                   State("url", "search"), prevent_initial_call=True)
     def zoom(relayout, search):
         """A zoom of the chart becomes the time range (which the address
@@ -7180,9 +7189,12 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
                     recent.popitem(last=False)
         return found
 
-    def options(column: str, state: DashState, now: int, entries: typing.Optional[list] = None) -> list:
+    def options(column: str, state: DashState, now: int, entries: typing.Optional[list] = None,
+                typed: str = "", chosen: typing.Optional[str] = None) -> list:
         """The values the new filter's column has in the range, under the
-        current filters (the entries shown, when it is the grouping's column)."""
+        current filters (the entries shown, when it is the grouping's
+        column): the largest, or the largest whose label has the text typed,
+        with the one chosen kept."""
         if column not in QUERY_COLUMNS:
             return []
         if entries is None:
@@ -7191,13 +7203,23 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
             start, end = dash_span(state, now)
             filters = [Filter(c, v, x) for c, v, x in state.filters]
             entries = (None if log.problem else log.ask(lambda: log.log.totals(column, filters, start, end))) or []
-        return [{"label": shorten(labels.text(column, value), 90), "value": encode_value(value)}
-                for value, *_ in entries[:DASH_OPTIONS]]
+        offered, typed, kept = [], (typed or "").casefold(), chosen is None
+        for value, *_ in entries:
+            if len(offered) >= DASH_OPTIONS and kept:
+                break
+            text, token = labels.text(column, value), encode_value(value)
+            if (typed in text.casefold() and len(offered) < DASH_OPTIONS) or token == chosen:
+                offered.append({"label": shorten(text, 90), "value": token})
+                kept = kept or token == chosen
+        return offered
 
     @app.callback(Output("add-value", "options", allow_duplicate=True), Input("add-column", "value"),
-                  State("url", "search"), prevent_initial_call=True)
-    def values(column, search):
-        return options(column, dash_state(search)[0], now_seconds())
+                  Input("add-value", "search_value"), State("add-value", "value"), State("url", "search"),
+                  prevent_initial_call=True)
+    def values(column, typed, chosen, search):
+        if ctx.triggered_id == "add-value" and not typed:
+            raise PreventUpdate         # (a choice clears what was typed: the options stay)
+        return options(column, dash_state(search)[0], now_seconds(), typed=typed or "", chosen=chosen)
 
     return app
 

@@ -32,6 +32,6 @@ def test_log_benchmark_on_a_small_log(tmp_path):
     assert summary.startswith("log: 19,999 rows: ") and "165/165 queries ≤ 200 ms" in summary
     assert "migration from v1: " in summary and "migration from upstream-1.0.3: " in summary
     text = report.read_text()
-    for part in ("first screen after", "peak RSS", "| right |", "*exe =, domain ≠*", "pruning the oldest day",
+    for part in ("first screen after", "peak RSS", "| right |", "*exe =, domain ≠*", "pruning the two oldest days",
                  "the primary's cost per window", "| upstream-1.0.3 | 19,999 |"):
         assert part in text, part

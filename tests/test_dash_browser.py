@@ -1023,6 +1023,34 @@ def test_a_missing_empty_or_locked_log_is_a_message(case, browser, tmp_path):
         assert server.stop() == 0, server.output()
 
 
+def test_the_filter_bar_offers_the_largest_values_and_finds_others_typed(browser, tmp_path):
+    """With more values in the range than it offers at once, the filter bar
+    offers the largest; a value typed is looked up among all of them."""
+    home = make_home(tmp_path / "home")
+    now = picosnitch.now_seconds()
+    rows = [make_row(i, now - 5 * MINUTE - i, "curl", 1000 + i, 0, "deb.example.org", "192.0.2.1", 80, "tcp")
+            for i in range(picosnitch.DASH_OPTIONS + 30)]
+    log = picosnitch.Log.open(str(home / ".config" / "picosnitch" / "snitch.db"))
+    log.insert([tuple(r[c] for c in picosnitch.DB_COLUMNS) for r in rows])
+    log.close()
+    ports = [r["lport"] for r in sorted(rows, key=lambda r: -r["send"])]
+    server = DashServer(home, tmp_path / "dash-output").start()
+    try:
+        browser.read_console()
+        page = Page(browser, server).load()
+        page.choose("add-column", "local port")
+        largest = [str(p) for p in ports[:picosnitch.DASH_OPTIONS]]
+        eventually(lambda: assert_equal(page.options("add-value"), largest))
+        small = str(ports[-1])          # the smallest (the first row's): not offered until typed
+        page.choose("add-value", small)
+        page.click("add-filter")
+        expect(page, [("f", f"lport=i{small}")], [(CURL, rows[0]["send"], 0, 1)])
+        assert page.chips() == [f"local port = {small}"]
+        assert_console_clean(browser, server)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
 # -- what a page could get wrong ---------------------------------------------------
 
 def test_typing_a_time_leaves_the_console_clean(page, world):
