@@ -1418,35 +1418,33 @@ class Log:
 
     def forget_step(self, cutoff: int) -> bool:
         """One step of taking the days before cutoff out of the rollups: at
-        most FORGET_BATCH of a day's totals (or one process's) leave the
-        whole-log totals, in one transaction with their deletion, so that
-        none is taken out twice; then the hours, one per transaction. False
-        when nothing is left."""
+        most FORGET_BATCH of a day's totals (in the order of their keys)
+        leave the whole-log totals, in one transaction with their deletion,
+        so that none is taken out twice; then the hours, one per
+        transaction. False when nothing is left."""
         for table, keys in ROLLUPS.items():
-            found = self.con.execute(f"SELECT b{', ' + keys[0] if keys else ''} FROM {table} WHERE level = {DAY} "
-                                     f"AND b >= 0 AND b < ? ORDER BY b{', ' + keys[0] if keys else ''} LIMIT 1",
+            key = ", ".join(keys)
+            found = self.con.execute(f"SELECT b{', ' + key if keys else ''} FROM {table} WHERE level = {DAY} "
+                                     f"AND b >= 0 AND b < ? ORDER BY b{', ' + key if keys else ''} LIMIT 1",
                                      (cutoff,)).fetchone()
             if found:
-                day, span, params = found[0], "", []
-                if keys:        # the processes from the first left to the one FORGET_BATCH rows further
-                    bound = self.con.execute(f"SELECT {keys[0]} FROM {table} WHERE level = {DAY} AND b = ? AND "
-                                             f"{keys[0]} >= ? ORDER BY {keys[0]} LIMIT 1 OFFSET {FORGET_BATCH}",
-                                             (day, found[1])).fetchone()
-                    one = bound is not None and bound[0] == found[1]
-                    span = f" AND {{0}}{keys[0]} >= ?" + (f" AND {{0}}{keys[0]} < ?" if bound and not one else
-                                                         f" AND {{0}}{keys[0]} = ?" if one else "")
-                    params = [found[1]] + ([bound[0]] if bound else [])
+                day, span, params = found[0], "", list(found[1:])
+                if keys:        # the keys from the first left to the one FORGET_BATCH rows further
+                    marks = ", ".join("?" * len(keys))
+                    bound = self.con.execute(f"SELECT {key} FROM {table} WHERE level = {DAY} AND b = ? AND "
+                                             f"({key}) >= ({marks}) ORDER BY {key} LIMIT 1 OFFSET {FORGET_BATCH}",
+                                             [day] + params).fetchone()
+                    span = f" AND ({key}) >= ({marks})" + (f" AND ({key}) < ({marks})" if bound else "")
+                    params += list(bound or ())
                 with self.con:      # (key by key: each a lookup of the whole-log row)
                     totals = self.con.execute(f"SELECT send, recv, rows{''.join(', ' + k for k in keys)} FROM "
-                                              f"{table} WHERE level = {DAY} AND b = ?{span.format('')}",
-                                              [day] + params).fetchall()
+                                              f"{table} WHERE level = {DAY} AND b = ?{span}", [day] + params).fetchall()
                     self.con.executemany(f"UPDATE {table} SET send = send - ?, recv = recv - ?, rows = rows - ? "
                                          f"WHERE level = {ALL_TIME} AND b = 0{''.join(f' AND {k} = ?' for k in keys)}",
                                          totals)
                     self.con.executemany(f"DELETE FROM {table} WHERE level = {ALL_TIME} AND b = 0 AND rows <= 0"
                                          f"{''.join(f' AND {k} = ?' for k in keys)}", [t[3:] for t in totals])
-                    self.con.execute(f"DELETE FROM {table} WHERE level = {DAY} AND b = ?{span.format('')}",
-                                     [day] + params)
+                    self.con.execute(f"DELETE FROM {table} WHERE level = {DAY} AND b = ?{span}", [day] + params)
                 return True
             hour = self.con.execute(f"SELECT b FROM {table} WHERE level = {HOUR} AND b >= 0 AND b < ? "
                                     f"ORDER BY b LIMIT 1", (cutoff,)).fetchone()
