@@ -115,9 +115,24 @@ def rows(world, n, days=DAYS, end=None):
         live = keep + [(tpl, left - 1) for tpl, left in batch if left > 1]
 
 
+STALE = 1800        # seconds after which a kept log no longer ends about now
+
+
 def kept_log(directory, n):
-    """The generated log of n rows in directory, written there the first time."""
+    """The generated log of n rows in directory, written there the first time,
+    and again once it no longer ends about now (the viewers' ranges count back
+    from now)."""
     path = os.path.join(directory, f"log-{n}.db")
+    if os.path.exists(path):
+        query = picosnitch.LogQuery(path)
+        query.refresh()
+        last = query.span()[1]
+        query.close()
+        if last is None or last < picosnitch.now_seconds() - STALE:
+            print(f"{path} ends more than {STALE // 60} minutes ago: it is generated again", flush=True)
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.unlink(path + suffix)
     if not os.path.exists(path):
         began = time.perf_counter()
         write_v2(path, n)
