@@ -6792,6 +6792,22 @@ def dash_table_rows(data: dict, state: DashState, labels: Labels) -> typing.Tupl
     return columns, rows, tips
 
 
+def dash_options(column: str, entries: typing.Sequence[tuple], labels: Labels, typed: str = "",
+                 chosen: typing.Optional[str] = None) -> typing.List[dict]:
+    """The filter bar's values of a column, from its entries (largest first):
+    the DASH_OPTIONS largest whose label has the text typed, with the one
+    chosen (as encode_value gives it) kept."""
+    offered, typed, kept = [], (typed or "").casefold(), chosen is None
+    for value, *_ in entries:
+        if len(offered) >= DASH_OPTIONS and kept:
+            break
+        text, token = labels.text(column, value), encode_value(value)
+        if (typed in text.casefold() and len(offered) < DASH_OPTIONS) or token == chosen:
+            offered.append({"label": shorten(text, 90), "value": token})
+            kept = kept or token == chosen
+    return offered
+
+
 def read_record(path: str) -> typing.Tuple[dict, str]:
     """record.json as it is (the viewers never move it aside), and a problem ('' if none)."""
     empty = {section: {} for section in RECORD_SECTIONS}
@@ -7201,15 +7217,7 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
             start, end = dash_span(state, now)
             filters = [Filter(c, v, x) for c, v, x in state.filters]
             entries = (None if log.problem else log.ask(lambda: log.log.totals(column, filters, start, end))) or []
-        offered, typed, kept = [], (typed or "").casefold(), chosen is None
-        for value, *_ in entries:
-            if len(offered) >= DASH_OPTIONS and kept:
-                break
-            text, token = labels.text(column, value), encode_value(value)
-            if (typed in text.casefold() and len(offered) < DASH_OPTIONS) or token == chosen:
-                offered.append({"label": shorten(text, 90), "value": token})
-                kept = kept or token == chosen
-        return offered
+        return dash_options(column, entries, labels, typed, chosen)
 
     @app.callback(Output("add-value", "options", allow_duplicate=True), Input("add-column", "value"),
                   Input("add-value", "search_value"), State("add-value", "value"), State("url", "search"),

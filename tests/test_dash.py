@@ -161,6 +161,21 @@ def test_the_drill_down_of_one_executable(query, rows, tmp_path):
     assert (tmp_path / "bad.json").read_text() == '{"SHA256": []}'       # left as it is
 
 
+def test_the_filter_bar_offers_the_largest_values_or_those_typed():
+    entries = [(40000 + i, 1000 - i, 0, 1) for i in range(picosnitch.DASH_OPTIONS + 30)]
+    labels = picosnitch.Labels(None)
+    values = lambda offered: [o["value"] for o in offered]
+    largest = picosnitch.dash_options("lport", entries, labels)
+    assert values(largest) == [f"i{40000 + i}" for i in range(picosnitch.DASH_OPTIONS)]
+    assert values(picosnitch.dash_options("lport", entries, labels, "4007")) == ["i40070", "i40071", "i40072",
+                                                                                  "i40073", "i40074", "i40075",
+                                                                                  "i40076", "i40077", "i40078",
+                                                                                  "i40079"]
+    last = f"i{40000 + len(entries) - 1}"      # chosen earlier: still offered, whatever is typed
+    assert values(picosnitch.dash_options("lport", entries, labels, "40001", last)) == ["i40001", last]
+    assert values(picosnitch.dash_options("lport", entries, labels, "no such port")) == []
+
+
 def test_addresses_are_labelled_with_their_place():
     labels = picosnitch.Labels(None)
     assert [labels.text("raddr", a) for a in ("10.1.2.3", "192.168.0.9", "fd00::1", "::ffff:172.16.0.1", "8.8.8.8",
