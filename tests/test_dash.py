@@ -201,6 +201,31 @@ def test_the_guard_answers_only_for_the_address_served(tmp_path):
     assert client.post("/_dash-update-component", headers={"Host": "rebound.example:5100"}, json={}).status_code == 403
 
 
+def test_the_plotly_basic_bundle_is_used_only_when_it_is_the_one_expected(tmp_path, monkeypatch):
+    bundle = b"/* a plotly.js basic bundle */"
+    monkeypatch.setattr(picosnitch, "DASH_PLOTLY_BASIC", ("9.8.7", picosnitch.hashlib.sha256(bundle).hexdigest()))
+    missing, other, right = (str(tmp_path / name) for name in ("missing.js", "other.js", "right.js"))
+    (tmp_path / "other.js").write_bytes(bundle + b"alert(1)")
+    (tmp_path / "right.js").write_bytes(bundle)
+    assert picosnitch.dash_plotly_basic([missing, other, right], "9.8.7") == bundle
+    assert picosnitch.dash_plotly_basic([missing, other], "9.8.7") is None
+    assert picosnitch.dash_plotly_basic([right], "9.8.8") is None       # Plotly's own is of another release
+
+    # served, guarded, and run before Dash's scripts: dcc.Graph draws with it
+    monkeypatch.setattr(picosnitch, "DASH_PLOTLY_PATHS", [missing, right])
+    from plotly.offline import get_plotlyjs_version
+    monkeypatch.setattr(picosnitch, "DASH_PLOTLY_BASIC", (get_plotlyjs_version(), picosnitch.DASH_PLOTLY_BASIC[1]))
+    client = guarded_app(tmp_path, "127.0.0.1", 5100).server.test_client()
+    page = client.get("/", headers={"Host": "localhost:5100"}).data.decode()
+    url = f"/_picosnitch/plotly-basic-{get_plotlyjs_version()}.min.js"
+    assert page.index(f'<script src="{url}"></script>') < page.index("/_dash-component-suites/")
+    assert client.get(url, headers={"Host": "localhost:5100"}).data == bundle
+    assert client.get(url, headers={"Host": "evil.example:5100"}).status_code == 403
+    monkeypatch.setattr(picosnitch, "DASH_PLOTLY_PATHS", [other])
+    page = guarded_app(tmp_path, "127.0.0.1", 5100).server.test_client().get("/", headers={"Host": "localhost:5100"})
+    assert b"plotly-basic" not in page.data and b"<!--plotly-->" not in page.data
+
+
 def test_off_loopback_every_request_needs_the_token(tmp_path):
     app = guarded_app(tmp_path, "0.0.0.0", 5100, "s3cret-token")
     client = app.server.test_client()

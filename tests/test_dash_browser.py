@@ -650,6 +650,11 @@ def test_the_default_view_is_the_last_day_exactly(page, world, tmp_path):
     assert end - start == DAY - 1 and abs(end - picosnitch.now_seconds()) < 60, (page.value("from"), page.value("to"))
     browser = page.browser
     browser.screenshot(tmp_path / "default.png")
+    # drawn with plotly.js's basic bundle (.ci/install-deps puts it in place), not Plotly's full one
+    loaded = browser.js("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert [u for u in loaded if "plotly" in u] == \
+        [f"{page.server.url}_picosnitch/plotly-basic-{picosnitch.DASH_PLOTLY_BASIC[0]}.min.js"]
+    assert browser.js("return Plotly.version") == picosnitch.DASH_PLOTLY_BASIC[0]
 
     # hover: the exact amount of the largest bucket of firefox's sent trace
     trace = next(i for i, t in enumerate(page.figure()["traces"]) if t["meta"] == FIREFOX and t["axis"] == "y")
