@@ -7052,11 +7052,10 @@ def dash_detail_view(found: dict) -> list:
                 amount(c["received"]), shorten(c["sha256"], 16)) for c in found["latest"]])]
 
 
-def dash_app(directory: str, config: Config, guard: DashGuard):
-    """The Dash application for the user's directory (see dash_state for its view)."""
+def dash_server(config: Config, guard: DashGuard):
+    """A Dash application with no layout yet: the theme of "Dash theme", the
+    guard before every request, and plotly.js's basic bundle when it is there."""
     import dash
-    from dash import ALL, Input, Output, State, ctx, html
-    from dash.exceptions import PreventUpdate
     stylesheets = []
     if config.dash_theme:
         try:
@@ -7077,6 +7076,14 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
         import flask
         app.server.add_url_rule(basic_url, "plotly_basic", lambda: flask.Response(
             basic, mimetype="text/javascript", headers={"Cache-Control": "public, max-age=31536000, immutable"}))
+    return app
+
+
+def dash_app(directory: str, config: Config, guard: DashGuard):
+    """The Dash application for the user's directory (see dash_state for its view)."""
+    from dash import ALL, Input, Output, State, ctx, html
+    from dash.exceptions import PreventUpdate
+    app = dash_server(config, guard)
     said: typing.List[str] = []
     labels = Labels(viewer_geoip(directory, config, said))
     record_path, db_path = os.path.join(directory, RECORD_NAME), os.path.join(directory, DB_NAME)
