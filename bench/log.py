@@ -179,17 +179,10 @@ def model_session(path):
     return first, times
 
 
-def remove_log(path):
-    """A log and its WAL files (a WAL left beside another file would be read as its own)."""
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.unlink(path + suffix)
-
-
 def copy_log(path, copy):
     """A copy of a log, on disk before anything is timed: the first commit's
     sync would otherwise wait for the whole copy to be written out."""
-    remove_log(copy)
+    loggen.remove_log(copy)
     shutil.copy(path, copy)
     os.sync()
 
@@ -217,7 +210,7 @@ def prune_cost(path, workdir):
     log.close()
     gone = before - query.count()
     query.close()
-    remove_log(copy)
+    loggen.remove_log(copy)
     return total, max(calls), len(calls), gone
 
 
@@ -319,7 +312,7 @@ def main(argv=None):
             copy = os.path.join(workdir, "window.db")
             copy_log(path, copy)
             window = [(*window_cost(copy, n), n) for n in (40, 400)]
-            remove_log(copy)
+            loggen.remove_log(copy)
             section, figures = report_lines(size, count, disk_size, tables, window, queries, tmux, model, prune)
             lines += section + [""]
             summary.append(f"{count:,} rows: {figures['bytes']:.0f} B/row, first screen {figures['first']:.2f} s, "

@@ -115,6 +115,13 @@ def rows(world, n, days=DAYS, end=None):
         live = keep + [(tpl, left - 1) for tpl, left in batch if left > 1]
 
 
+def remove_log(path):
+    """A log and its WAL files (a WAL left beside another file would be read as its own)."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+
+
 STALE = 1800        # seconds after which a kept log no longer ends about now
 
 
@@ -130,9 +137,7 @@ def kept_log(directory, n):
         query.close()
         if last is None or last < picosnitch.now_seconds() - STALE:
             print(f"{path} ends more than {STALE // 60} minutes ago: it is generated again", flush=True)
-            for suffix in ("", "-wal", "-shm"):
-                if os.path.exists(path + suffix):
-                    os.unlink(path + suffix)
+            remove_log(path)
     if not os.path.exists(path):
         began = time.perf_counter()
         write_v2(path, n)
