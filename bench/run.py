@@ -11,6 +11,7 @@ See bench/README.md.
 """
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -166,6 +167,11 @@ def process_tree(root):
     return tree
 
 
+def pss_of(pid):
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return int(re.search(r"^Pss:\s+(\d+)", f.read(), re.M).group(1)) * 1024
+
+
 def cpu_ticks_and_pss(pids):
     ticks = pss = 0
     for pid in pids:
@@ -173,19 +179,20 @@ def cpu_ticks_and_pss(pids):
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             ticks += int(fields[11]) + int(fields[12])
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                pss += int(re.search(r"^Pss:\s+(\d+)", f.read(), re.M).group(1)) * 1024
+            pss += pss_of(pid)
         except (OSError, AttributeError):
             pass
     return ticks, pss
 
 
 class Sampler(threading.Thread):
-    """CPU % of one core and PSS of each tool's process tree, every half second."""
+    """CPU % of one core and PSS of each tool's process tree, every half second;
+    and the PSS of each of its processes, for a tool that names them."""
 
     def __init__(self, tools):
         super().__init__(daemon=True)
         self.tools, self.samples, self.stop = tools, collections.defaultdict(list), threading.Event()
+        self.parts = collections.defaultdict(lambda: collections.defaultdict(list))
 
     def run(self):
         last = {}
@@ -195,6 +202,9 @@ class Sampler(threading.Thread):
                 if not tool.pid():
                     continue
                 ticks, pss = cpu_ticks_and_pss(process_tree(tool.pid()))
+                for role, pid in getattr(tool, "processes", dict)().items():
+                    with contextlib.suppress(OSError, AttributeError):
+                        self.parts[tool.name][role].append(pss_of(pid))
                 if tool.name in last:
                     then, before = last[tool.name]
                     cpu = max(0, ticks - before) / CLK_TCK / (now - then) * 100
@@ -207,9 +217,10 @@ class Sampler(threading.Thread):
             return None
         cpus = sorted(c for c, _ in data)
         pss = [p for _, p in data]
-        steady = pss[len(pss) // 4:] or pss
+        steady = lambda values: statistics.median(values[len(values) // 4:] or values)
         return {"cpu_mean": statistics.mean(cpus), "cpu_p95": cpus[int(0.95 * (len(cpus) - 1))],
-                "pss_steady": statistics.median(steady), "pss_max": max(pss), "samples": len(data)}
+                "pss_steady": steady(pss), "pss_max": max(pss), "samples": len(data),
+                "parts": {role: (steady(values), max(values)) for role, values in self.parts[name].items()}}
 
 
 ###############################################################################
@@ -264,6 +275,15 @@ class Picosnitch:
 
     def pid(self):
         return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def processes(self):
+        """Its processes by role, from the status file the supervisor writes."""
+        try:
+            with open("/run/picosnitch.status") as f:
+                status = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return {"supervisor": status["pid"], **status["children"]} if status.get("pid") == self.pid() else {}
 
     settle_seconds = 3     # two write windows and the write
 
@@ -795,6 +815,12 @@ def footprint_table(samples, tools):
         s = samples.get(tool)
         if s:
             lines.append(f"| {tool} | {s['cpu_mean']:.2f} | {s['cpu_p95']:.2f} | {mb(s['pss_steady'])} | {mb(s['pss_max'])} |")
+    for tool in tools:
+        parts = (samples.get(tool) or {}).get("parts")
+        if parts:
+            lines += ["", f"{tool}'s processes (PSS, steady and max):", "",
+                      "| process | PSS steady | PSS max |", "|---|---|---|"]
+            lines += [f"| {role} | {mb(steady)} | {mb(top)} |" for role, (steady, top) in parts.items()]
     return lines
 
 
