@@ -11,10 +11,10 @@ from conftest import PYTHON, SCRIPT
 NOBODY = 65534
 
 
-def cli(*args, user=None, env=None):
+def cli(*args, user=None, env=None, cwd=None):
     preexec = (lambda: (os.setgid(NOBODY), os.setuid(NOBODY))) if user == "nobody" else None
     return subprocess.run([PYTHON, SCRIPT, *args], capture_output=True, text=True, preexec_fn=preexec,
-                          env=env or dict(os.environ, HOME="/nonexistent"), timeout=60)
+                          env=env or dict(os.environ, HOME="/nonexistent"), cwd=cwd, timeout=60)
 
 
 @pytest.mark.parametrize("command", ["start", "stop", "restart", "start-no-daemon", "systemd"])
@@ -46,6 +46,39 @@ def test_status_when_not_running():
         pytest.skip("a picosnitch daemon is running on this machine")
     out = cli("status")
     assert (out.returncode, out.stdout.strip()) == (3, "picosnitch is not running")
+
+
+def test_long_running_commands_start_over_as_the_module(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "execv", lambda path, args: calls.append((path, args)))
+    monkeypatch.setattr(picosnitch.sys, "executable", "/usr/bin/python3")
+    monkeypatch.setattr(picosnitch.sys, "argv", ["picosnitch.py", "start"])
+    monkeypatch.setattr(picosnitch.sys, "orig_argv", ["python3", "-I", "-X", "dev", "picosnitch.py", "start"])
+    picosnitch.run_as_module()
+    assert calls == [("/usr/bin/python3", ["/usr/bin/python3", "-I", "-X", "dev", "-P", "-c", picosnitch.MODULE_BOOT,
+                                           "picosnitch.py", "start"])]
+    monkeypatch.setattr(picosnitch.sys, "orig_argv", ["python3", "-m", "picosnitch", "start"])   # not the script
+    picosnitch.run_as_module()
+    assert len(calls) == 1
+
+
+def test_the_module_started_over_takes_nothing_from_the_working_directory(tmp_path):
+    """`python3 -c` puts the working directory first in sys.path: a module
+    there named like one picosnitch imports would run as root. (A broken
+    config.json stops start-no-daemon right after the imports.)"""
+    if os.geteuid() != 0:
+        pytest.skip("start-no-daemon needs root")
+    marker, config = tmp_path / "imported", tmp_path / ".config" / "picosnitch" / "config.json"
+    (tmp_path / "calendar.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config.parent.mkdir(parents=True)
+    config.write_text("{")
+    out = cli("start-no-daemon", env=dict(os.environ, HOME=str(tmp_path)), cwd=tmp_path)
+    assert out.returncode == 1 and f"{config}: invalid JSON at line 1" in out.stderr
+    assert not marker.exists()
+    out = subprocess.run([PYTHON, "-P", "-c", picosnitch.MODULE_BOOT, SCRIPT, "version"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith(f"picosnitch {picosnitch.VERSION}")
+    assert not marker.exists()
 
 
 def test_systemd_unit_runs_start_no_daemon_for_the_sudo_user():
