@@ -7482,22 +7482,28 @@ def main(argv: typing.Optional[typing.List[str]] = None) -> int:
 
 # Run as a script, Python keeps the script's parse tree (about 18 MB for this
 # one) until the script ends, in every process forked from it. So a command
-# whose processes live on starts over (exec, the same process) as `python3
-# [its options] -P -c MODULE_BOOT PATH COMMAND`: compile() frees the tree once
-# done. -P (Python 3.11) keeps the working directory out of sys.path.
+# whose processes live on starts over (the same process, exec of the same
+# interpreter binary) as `python3 [its options] -P -c MODULE_BOOT PATH
+# COMMAND`: compile() frees the tree once done. -P (Python 3.11) keeps the
+# working directory out of sys.path. Only a source file is run again by its
+# path (not a script read from a pipe, a directory or bytecode), and not
+# after a `--` among the options, which would make -P the script.
 LONG_RUNNING = ("start", "restart", "start-no-daemon")
-MODULE_BOOT = "import sys; exec(compile(open(sys.argv[1], 'rb').read(), sys.argv[1], 'exec'))"
+MODULE_BOOT = "import sys; exec(compile(__import__('pathlib').Path(sys.argv[1]).read_bytes(), sys.argv[1], 'exec'))"
 
 
 def run_as_module() -> None:
-    orig = getattr(sys, "orig_argv", [])
-    if sys.version_info >= (3, 11) and sys.executable and orig[len(orig) - len(sys.argv):] == sys.argv:
-        options = orig[1:len(orig) - len(sys.argv)]
-        os.execv(sys.executable, [sys.executable, *options, "-P", "-c", MODULE_BOOT, *sys.argv])
+    orig, script = getattr(sys, "orig_argv", []), os.path.abspath(sys.argv[0])
+    options = orig[1:len(orig) - len(sys.argv)]
+    if (sys.version_info >= (3, 11) and orig[len(orig) - len(sys.argv):] == sys.argv and "--" not in options
+            and type(globals().get("__loader__")).__name__ == "SourceFileLoader" and os.path.isfile(script)):
+        running = os.path.realpath("/proc/self/exe")       # (sys.executable may be found on PATH)
+        binary = sys.executable if os.path.realpath(sys.executable or "/") == running else running
+        os.execv(binary, [orig[0], *options, "-P", "-c", MODULE_BOOT, script, *sys.argv[1:]])
 
 
 if __name__ == "__main__":
-    if sys.argv[0] == "-c":             # started over by run_as_module
+    if sys.argv[0] == "-c" and MODULE_BOOT in getattr(sys, "orig_argv", ()):   # started over by run_as_module
         del sys.argv[0]
     elif sys.argv[1:] and sys.argv[1:] == sys.argv[1:2] and sys.argv[1] in LONG_RUNNING:
         run_as_module()

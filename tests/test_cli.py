@@ -51,15 +51,21 @@ def test_status_when_not_running():
 def test_long_running_commands_start_over_as_the_module(monkeypatch):
     calls = []
     monkeypatch.setattr(os, "execv", lambda path, args: calls.append((path, args)))
-    monkeypatch.setattr(picosnitch.sys, "executable", "/usr/bin/python3")
-    monkeypatch.setattr(picosnitch.sys, "argv", ["picosnitch.py", "start"])
-    monkeypatch.setattr(picosnitch.sys, "orig_argv", ["python3", "-I", "-X", "dev", "picosnitch.py", "start"])
+    monkeypatch.setattr(picosnitch.sys, "executable", PYTHON)
+    monkeypatch.setattr(picosnitch.sys, "argv", [os.path.relpath(SCRIPT), "start"])
+    monkeypatch.setattr(picosnitch.sys, "orig_argv", ["python3", "-I", "-X", "dev", os.path.relpath(SCRIPT), "start"])
     picosnitch.run_as_module()
-    assert calls == [("/usr/bin/python3", ["/usr/bin/python3", "-I", "-X", "dev", "-P", "-c", picosnitch.MODULE_BOOT,
-                                           "picosnitch.py", "start"])]
-    monkeypatch.setattr(picosnitch.sys, "orig_argv", ["python3", "-m", "picosnitch", "start"])   # not the script
+    assert calls == [(PYTHON, ["python3", "-I", "-X", "dev", "-P", "-c", picosnitch.MODULE_BOOT, SCRIPT, "start"])]
+    monkeypatch.setattr(picosnitch.sys, "executable", "/tmp/python3")     # found on PATH, not the one running
     picosnitch.run_as_module()
-    assert len(calls) == 1
+    assert calls[1][0] == os.path.realpath("/proc/self/exe") and calls[1][1] == calls[0][1]
+    for orig, argv in ((["python3", "-m", "picosnitch", "start"], [SCRIPT, "start"]),     # not the script
+                       (["python3", "--", SCRIPT, "start"], [SCRIPT, "start"]),           # -P would be the script
+                       (["python3", "/dev/stdin", "start"], ["/dev/stdin", "start"])):    # read once already
+        monkeypatch.setattr(picosnitch.sys, "orig_argv", orig)
+        monkeypatch.setattr(picosnitch.sys, "argv", argv)
+        picosnitch.run_as_module()
+    assert len(calls) == 2
 
 
 def test_the_module_started_over_takes_nothing_from_the_working_directory(tmp_path):
