@@ -7488,7 +7488,7 @@ def main(argv: typing.Optional[typing.List[str]] = None) -> int:
 # working directory out of sys.path. Only a source file is run again by its
 # path (not a script read from a pipe, a directory or bytecode), and not
 # after a `--` among the options, which would make -P the script.
-LONG_RUNNING = ("start", "restart", "start-no-daemon")
+LONG_RUNNING = ("start", "restart", "start-no-daemon", "dash")
 MODULE_BOOT = "import sys; exec(compile(__import__('pathlib').Path(sys.argv[1]).read_bytes(), sys.argv[1], 'exec'))"
 
 
