@@ -6980,6 +6980,52 @@ def dash_plotly_basic(paths: typing.List[str], plotly_version: str) -> typing.Op
     return None
 
 
+def dash_change(state: DashState, trigger, value, inputs: dict) -> None:
+    """What the page asks of the state: the settings its controls show
+    (which may be ahead of the address, when an answer is still on its
+    way), then what the control that fired does. The address alone
+    counts when it fired itself (back, forward, a zoom) or for a refresh."""
+    kind = trigger.get("type") if isinstance(trigger, dict) else trigger
+    if kind not in (None, "url", "tick"):
+        state.group = inputs["group"] if inputs["group"] in DASH_GROUPS else state.group
+        state.units = inputs["units"] if inputs["units"] in ("bytes", "bits") else state.units
+        state.smooth = bool(inputs["smooth"])
+        state.refresh = inputs["refresh"] if inputs["refresh"] in dict(DASH_REFRESH) else state.refresh
+        state.theme = inputs["theme"] if inputs["theme"] in DASH_THEMES else state.theme
+        if inputs["range"] in dict(DASH_RANGES) and inputs["range"] != state.range:
+            state.range, state.offset, state.start, state.end = inputs["range"], 0, None, None
+    if kind in ("older", "newer") and value:
+        step = 1 if kind == "older" else -1
+        if state.range == "custom":
+            length = state.end - state.start
+            state.start, state.end = state.start - step * length, state.end - step * length
+        elif dict(DASH_RANGES)[state.range]:
+            state.offset = max(0, state.offset + step)
+    elif kind == "apply-range" and value:      # (to is the last second shown: the range ends after it)
+        start, last = dash_time(inputs["start"]), dash_time(inputs["end"])
+        if start is not None and last is not None and start <= last:
+            state.range, state.start, state.end, state.offset = "custom", start, last + 1, 0
+    elif kind == "unfilter" and value and trigger["index"] < len(state.filters):
+        del state.filters[trigger["index"]]
+    elif kind == "add-filter" and value and inputs["add_value"] is not None and inputs["add_column"] in QUERY_COLUMNS:
+        state.filters.append((inputs["add_column"], decode_value(inputs["add_value"]), inputs["add_mode"] == "!"))
+    elif kind == "table" and value and inputs["rows"]:
+        row = next((r for r in inputs["rows"] if r["id"] == value.get("row_id")), None)
+        if row is not None and value.get("column_id") == "details":
+            state.detail = decode_value(row["key"])
+        elif row is not None:
+            state.filters.append((state.group, decode_value(row["key"]), False))
+    elif kind == "close-detail" and value:
+        state.detail = None
+
+
+def dash_control_values(state: DashState, now: int) -> list:
+    """What the page's controls show for state."""
+    start, end = dash_span(state, now)
+    return [state.group, state.range, state.units, ["smooth"] if state.smooth else [], state.refresh,
+            state.theme, dash_time_text(start), dash_time_text(end - 1 if end is not None else None)]
+
+
 def dash_layout(config: Config):
     """The page: the toolbar, the filter chain, the message and details, the
     chart and the totals table (the callbacks of dash_app fill them)."""
@@ -7133,53 +7179,10 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
                   "theme": theme, "start": start_text, "end": end_text, "add_column": add_column,
                   "add_value": add_value, "add_mode": add_mode, "rows": rows}
         try:
-            change(state, ctx.triggered_id, ctx.triggered[0]["value"] if ctx.triggered else None, inputs)
+            dash_change(state, ctx.triggered_id, ctx.triggered[0]["value"] if ctx.triggered else None, inputs)
         except ValueError as e:         # a value from the page that is not one
             problems.append(str(e))
-        return [dash_query(state)] + control_values(state, now) + render(state, problems, now, add_column)
-
-    def change(state: DashState, trigger, value, inputs: dict) -> None:
-        """What the page asks of the state: the settings its controls show
-        (which may be ahead of the address, when an answer is still on its
-        way), then what the control that fired does. The address alone
-        counts when it fired itself (back, forward, a zoom) or for a refresh."""
-        kind = trigger.get("type") if isinstance(trigger, dict) else trigger
-        if kind not in (None, "url", "tick"):
-            state.group = inputs["group"] if inputs["group"] in DASH_GROUPS else state.group
-            state.units = inputs["units"] if inputs["units"] in ("bytes", "bits") else state.units
-            state.smooth = bool(inputs["smooth"])
-            state.refresh = inputs["refresh"] if inputs["refresh"] in dict(DASH_REFRESH) else state.refresh
-            state.theme = inputs["theme"] if inputs["theme"] in DASH_THEMES else state.theme
-            if inputs["range"] in dict(DASH_RANGES) and inputs["range"] != state.range:
-                state.range, state.offset, state.start, state.end = inputs["range"], 0, None, None
-        if kind in ("older", "newer") and value:
-            step = 1 if kind == "older" else -1
-            if state.range == "custom":
-                length = state.end - state.start
-                state.start, state.end = state.start - step * length, state.end - step * length
-            elif dict(DASH_RANGES)[state.range]:
-                state.offset = max(0, state.offset + step)
-        elif kind == "apply-range" and value:      # (to is the last second shown: the range ends after it)
-            start, last = dash_time(inputs["start"]), dash_time(inputs["end"])
-            if start is not None and last is not None and start <= last:
-                state.range, state.start, state.end, state.offset = "custom", start, last + 1, 0
-        elif kind == "unfilter" and value and trigger["index"] < len(state.filters):
-            del state.filters[trigger["index"]]
-        elif kind == "add-filter" and value and inputs["add_value"] is not None and inputs["add_column"] in QUERY_COLUMNS:
-            state.filters.append((inputs["add_column"], decode_value(inputs["add_value"]), inputs["add_mode"] == "!"))
-        elif kind == "table" and value and inputs["rows"]:
-            row = next((r for r in inputs["rows"] if r["id"] == value.get("row_id")), None)
-            if row is not None and value.get("column_id") == "details":
-                state.detail = decode_value(row["key"])
-            elif row is not None:
-                state.filters.append((state.group, decode_value(row["key"]), False))
-        elif kind == "close-detail" and value:
-            state.detail = None
-
-    def control_values(state: DashState, now: int) -> list:
-        start, end = dash_span(state, now)
-        return [state.group, state.range, state.units, ["smooth"] if state.smooth else [], state.refresh,
-                state.theme, dash_time_text(start), dash_time_text(end - 1 if end is not None else None)]
+        return [dash_query(state)] + dash_control_values(state, now) + render(state, problems, now, add_column)
 
     def render(state: DashState, problems: typing.List[str], now: int, add_column: str) -> list:
         theme = DASH_THEMES[state.theme]

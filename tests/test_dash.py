@@ -340,3 +340,36 @@ def test_a_zoom_of_the_chart_is_a_time_range():
     for other in ({"autosize": True}, {"xaxis.autorange": True}, None, {"xaxis.range": ["x", "y"]},
                   {"xaxis.range[0]": "2026-11-29 11:00:00", "xaxis.range[1]": "2026-11-29 10:00:00"}):
         assert picosnitch.dash_zoom(other) is None, other
+
+
+def test_what_each_control_of_the_page_does_to_the_view():
+    inputs = {"group": "domain", "range": "1d", "units": "bits", "smooth": ["smooth"], "refresh": 5, "theme": "dark",
+              "start": None, "end": None, "add_column": "exe", "add_value": "s/usr/bin/curl", "add_mode": "!",
+              "rows": [{"id": 0, "key": "sexample.com"}]}
+    state = picosnitch.DashState()
+    picosnitch.dash_change(state, "tick", 1, dict(inputs, group="raddr"))     # a refresh: the address alone counts
+    assert state == picosnitch.DashState()
+    picosnitch.dash_change(state, "add-filter", 1, inputs)
+    assert (state.group, state.units, state.smooth, state.refresh, state.theme) == ("domain", "bits", True, 5, "dark")
+    assert state.filters == [("exe", "/usr/bin/curl", True)]
+    picosnitch.dash_change(state, "table", {"row_id": 0, "column_id": "domain"}, inputs)
+    picosnitch.dash_change(state, "table", {"row_id": 0, "column_id": "details"}, inputs)
+    assert state.filters[1] == ("domain", "example.com", False) and state.detail == "example.com"
+    picosnitch.dash_change(state, {"type": "unfilter", "index": 0}, 1, inputs)
+    picosnitch.dash_change(state, {"type": "close-detail", "index": 0}, 1, inputs)
+    assert state.filters == [("domain", "example.com", False)] and state.detail is None
+    picosnitch.dash_change(state, "older", 1, inputs)
+    picosnitch.dash_change(state, "older", 1, inputs)
+    picosnitch.dash_change(state, "newer", 1, inputs)
+    assert state.offset == 1
+    picosnitch.dash_change(state, "apply-range", 1, dict(inputs, start="2026-11-29T10:00:00", end="2026-11-29T10:59:59"))
+    start = picosnitch.dash_time("2026-11-29T10:00:00")
+    assert (state.range, state.start, state.end, state.offset) == ("custom", start, start + 3600, 0)
+    picosnitch.dash_change(state, "newer", 1, dict(inputs, range="custom"))
+    assert (state.start, state.end) == (start + 3600, start + 7200)
+    assert picosnitch.dash_control_values(state, start)[-2:] == ["2026-11-29T11:00:00", "2026-11-29T11:59:59"]
+    picosnitch.dash_change(state, "apply-range", 1, dict(inputs, range="custom", start="2026-11-29T10:00:00",
+                                                         end="2026-11-29T09:00:00"))      # backwards: nothing
+    assert state.start == start + 3600
+    picosnitch.dash_change(state, "group", "1w", dict(inputs, range="1w"))
+    assert (state.range, state.start, state.end) == ("1w", None, None)
