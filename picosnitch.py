@@ -1340,18 +1340,25 @@ class Log:
             self.strs.clear()
             raise
 
+    def intern_old(self, legacy: typing.List[str], done: int, batch: int) -> None:
+        """Store the processes and strings of the old rows with done < rowid
+        <= done + batch that are not stored yet, in the caller's transaction."""
+        col = lambda c: f"l.{c}" if c in legacy else "NULL"
+        params = (done, done + batch)
+        for prefix in ("", "p", "gp"):
+            self.con.execute(f"INSERT OR IGNORE INTO procs (exe, name, cmdline, sha256) SELECT DISTINCT "
+                             f"{', '.join(col(prefix + a) for a in _PROC_ATTRS)} FROM {LEGACY_TABLE} l "
+                             f"WHERE l.rowid > ? AND l.rowid <= ?", params)
+        for column in ("laddr", "raddr", "domain", "proto"):
+            self.con.execute(f"INSERT OR IGNORE INTO strs (value) SELECT DISTINCT {col(column)} "
+                             f"FROM {LEGACY_TABLE} l WHERE l.rowid > ? AND l.rowid <= ?", params)
+
     def move(self, legacy: typing.List[str], done: int, batch: int) -> int:
         """Move the old rows with done < rowid <= done + batch."""
         col = lambda c: f"l.{c}" if c in legacy else "NULL"
         where, params = "l.rowid > ? AND l.rowid <= ?", (done, done + batch)
         with self.con:
-            for prefix in ("", "p", "gp"):
-                self.con.execute(f"INSERT OR IGNORE INTO procs (exe, name, cmdline, sha256) SELECT DISTINCT "
-                                 f"{', '.join(col(prefix + a) for a in _PROC_ATTRS)} FROM {LEGACY_TABLE} l "
-                                 f"WHERE {where}", params)
-            for column in ("laddr", "raddr", "domain", "proto"):
-                self.con.execute(f"INSERT OR IGNORE INTO strs (value) SELECT DISTINCT {col(column)} "
-                                 f"FROM {LEGACY_TABLE} l WHERE {where}", params)
+            self.intern_old(legacy, done, batch)
             proc = lambda alias, prefix: (f"JOIN procs {alias} ON " + " AND ".join(
                 f"coalesce({alias}.{a}, x'ff') = coalesce({col(prefix + a)}, x'ff')" for a in _PROC_ATTRS))
             text = lambda alias, c: f"JOIN strs {alias} ON coalesce({alias}.value, x'ff') = coalesce({col(c)}, x'ff')"

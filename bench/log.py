@@ -17,7 +17,8 @@ ephemeral ports, long-tailed use over 30 days), then:
 5. retention: the time to prune a day, and the longest write lock it held;
 6. migration from the older layouts (this project's text table and upstream
    picosnitch 1.0.3's), on --migrate-rows rows: the time until capture can
-   write again after opening, and the rate of moving the rows over.
+   write again after opening, and the rate of moving the rows over; and the
+   layout's floor, what the steps any migration must take cost on their own.
 
 usage: sudo /usr/bin/python3 bench/log.py [--rows 1000000,10000000] [--migrate-rows N]
                                           [--keep DIR] [--report FILE]
@@ -111,7 +112,27 @@ def query_times(path):
                 query.totals(column, chain, start, end, bucket)
                 results[(chain_name, range_name, column)] = time.perf_counter() - began
     query.close()
-    return results
+    return results, port_floor(path, exe.decode() if isinstance(exe, bytes) else exe)
+
+
+def port_floor(path, exe):
+    """The floor of totals by local port over the week: seconds and rows to
+    group the whole days' local-port totals alone (the range's partial days
+    at either end come on top), of all processes and of exe's."""
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    now, day = picosnitch.now_seconds(), picosnitch.DAY
+    span = (-(-(now - 7 * day) // day) * day, now // day * day)
+    out = []
+    for procs, params in (("= 0", ()), ("IN (SELECT id FROM procs WHERE exe = ?)", (exe,))):
+        began = time.perf_counter()
+        groups = con.execute(f"SELECT lport, sum(send), sum(recv), sum(rows) FROM ports WHERE level = {day} AND "
+                             f"b >= ? AND b < ? AND proc {procs} GROUP BY lport", span + params).fetchall()
+        took = time.perf_counter() - began
+        rows = con.execute(f"SELECT count(*) FROM ports WHERE level = {day} AND b >= ? AND b < ? AND proc {procs}",
+                           span + params).fetchone()[0]
+        out.append((took, rows, len(groups)))
+    con.close()
+    return out
 
 
 class Tmux:
@@ -216,9 +237,10 @@ def prune_cost(path, workdir):
 
 def migration(workdir, rows, layout):
     """An older log of rows rows: seconds for Log.open (until capture writes
-    again), then seconds to move every row over."""
-    path = os.path.join(workdir, f"old-{layout}.db")
+    again), seconds to move every row over, and the floor (migration_floor)."""
+    path, floor_path = (os.path.join(workdir, f"{name}-{layout}.db") for name in ("old", "floor"))
     loggen.write_legacy(path, rows, layout)
+    shutil.copy(path, floor_path)
     os.sync()           # (see copy_log)
     began = time.perf_counter()
     log = picosnitch.Log.open(path)
@@ -233,11 +255,54 @@ def migration(workdir, rows, layout):
         moved += n
     took = time.perf_counter() - began
     log.close()
-    os.unlink(path)
-    return opened, moved, took
+    floor = migration_floor(floor_path, path)
+    loggen.remove_log(path)
+    loggen.remove_log(floor_path)
+    return opened, moved, took, floor
 
 
-def report_lines(size, rows, disk_size, tables, window, queries, tmux, model, prune):
+def migration_floor(old_path, migrated_path):
+    """What the layout costs to build whatever the migration does, in
+    seconds: storing each distinct process and string once (without
+    looking up any row's); copying the old rows into conns with their
+    times converted but no string interned; grouping the moved rows once by
+    the keys of the rollups and of the ports (the two rollups no other is
+    made from); and freeing the old table's pages."""
+    log = picosnitch.Log.open(old_path, timeout=30)      # (the old table renamed, conns empty)
+    con, table = log.con, picosnitch.LEGACY_TABLE
+    last = con.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0]
+    legacy = [row[1] for row in con.execute(f"PRAGMA table_info({table})")]
+    began = time.perf_counter()
+    for done in range(0, last, picosnitch.MIGRATE_BATCH):
+        with con:
+            log.intern_old(legacy, done, picosnitch.MIGRATE_BATCH)
+    interned = time.perf_counter() - began
+    columns = ", ".join(picosnitch.CONNS_COLUMNS)
+    began = time.perf_counter()
+    for done in range(0, last, picosnitch.MIGRATE_BATCH):
+        with con:
+            con.execute(f"INSERT INTO conns (id, {columns}) SELECT rowid, CAST(strftime('%s', contime) AS INTEGER), "
+                        f"send, recv, 0, 0, 0, uid, lport, rport, 0, 0, 0, 0 FROM {table} "
+                        f"WHERE rowid > ? AND rowid <= ?", (done, done + picosnitch.MIGRATE_BATCH))
+    copied = time.perf_counter() - began
+    began = time.perf_counter()
+    with con:
+        con.execute(f"DROP TABLE {table}")
+    freed = time.perf_counter() - began
+    log.close()
+    con = sqlite3.connect(migrated_path)
+    began = time.perf_counter()
+    for statement in picosnitch.ROLL_STATEMENTS[picosnitch.HOUR]:
+        if statement.split()[2] in ("rollups", "ports"):
+            select = statement[statement.index("SELECT"):statement.index(" ON CONFLICT")]
+            con.execute("DROP TABLE IF EXISTS temp.grouped")
+            con.execute(f"CREATE TEMP TABLE grouped AS {select}", (0, last))
+    grouped = time.perf_counter() - began
+    con.close()
+    return interned, copied, grouped, freed
+
+
+def report_lines(size, rows, disk_size, tables, window, queries, floor, tmux, model, prune):
     first, keys, rss = tmux
     lines = [f"## {rows:,} rows", "",
              f"- on disk: {disk_size / 1e6:.0f} MB, **{disk_size / rows:.0f} bytes a row** (target ≤ 100)"]
@@ -274,6 +339,10 @@ def report_lines(size, rows, disk_size, tables, window, queries, tmux, model, pr
     over = [(s, k) for s, k in slow if s > 0.2]
     lines.append(f"- {len(queries) - len(over)} of {len(queries)} queries within 200 ms; the slowest: "
                  + "; ".join(f"{k[2]} under '{k[0]}' over {k[1]}: {ms(s)} ms" for s, k in slow[:5]))
+    lines.append("- the floor of totals by local port over the week, grouping the whole days' local-port totals "
+                 "alone (the partial days at either end come on top): "
+                 + "; ".join(f"{who}, {rows:,} totals into {groups:,} ports: {ms(took)} ms" for who, (took, rows, groups)
+                             in zip(("all processes", "the first program's"), floor)))
     return lines, {"bytes": disk_size / rows, "first": first, "key_max": max(keyed), "rss": rss,
                    "queries_over": len(over), "queries": len(queries), "query_max": slow[0][0]}
 
@@ -307,13 +376,13 @@ def main(argv=None):
             os.symlink(path, os.path.join(directory, "snitch.db"))
             tmux = tmux_session(home, os.path.join(workdir, f"rss-{size}"))
             model = model_session(path)
-            queries = query_times(path)
+            queries, port_floors = query_times(path)
             prune = prune_cost(path, workdir)
             copy = os.path.join(workdir, "window.db")
             copy_log(path, copy)
             window = [(*window_cost(copy, n), n) for n in (40, 400)]
             loggen.remove_log(copy)
-            section, figures = report_lines(size, count, disk_size, tables, window, queries, tmux, model, prune)
+            section, figures = report_lines(size, count, disk_size, tables, window, queries, port_floors, tmux, model, prune)
             lines += section + [""]
             summary.append(f"{count:,} rows: {figures['bytes']:.0f} B/row, first screen {figures['first']:.2f} s, "
                            f"keys max {ms(figures['key_max'])} ms, RSS {figures['rss']:.0f} MB, "
@@ -322,11 +391,21 @@ def main(argv=None):
             print(summary[-1], flush=True)
         lines += ["## Migration", "", "| layout | rows | until capture writes (s) | rows moved per second |",
                   "|---|---|---|---|"]
+        floors = []
         for layout in loggen.LEGACY:
-            opened, moved, took = migration(workdir, args.migrate_rows, layout)
+            opened, moved, took, floor = migration(workdir, args.migrate_rows, layout)
             lines.append(f"| {layout} | {moved:,} | {opened:.2f} | {moved / took:,.0f} |")
+            floors.append((layout, moved, floor))
             summary.append(f"migration from {layout}: {moved / took:,.0f} rows/s, capture after {opened:.2f} s")
             print(summary[-1], flush=True)
+        lines += ["", "The layout's floor: what the steps any migration to it must take cost on their own "
+                  "(seconds)", "",
+                  "| layout | storing the distinct processes and strings | copying the rows into conns (no ids "
+                  "looked up) | grouping them by the rollups' and ports' keys | freeing the old table | together "
+                  "| rows per second at most |", "|---|---|---|---|---|---|---|"]
+        for layout, moved, steps in floors:
+            lines.append(f"| {layout} | " + " | ".join(f"{s:.2f}" for s in steps) + f" | {sum(steps):.2f} | "
+                         f"{moved / sum(steps):,.0f} |")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     text = "\n".join(lines) + "\n\nSummary: " + "; ".join(summary) + "\n"

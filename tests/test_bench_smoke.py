@@ -23,7 +23,8 @@ def test_smoke_run_writes_a_scorecard(tmp_path):
 
 def test_log_benchmark_on_a_small_log(tmp_path):
     """bench/log.py on 20,000 rows (and a migration of 20,000): every part
-    runs and reports, and a log this small meets every target."""
+    runs and reports (the floors of the migration and of the local ports
+    included), and a log this small meets every target."""
     report = tmp_path / "log.md"
     out = subprocess.run([PYTHON, os.path.join(ROOT, "bench", "log.py"), "--rows", "20000", "--migrate-rows", "20000",
                           "--report", str(report)], capture_output=True, text=True, timeout=900)
@@ -33,5 +34,10 @@ def test_log_benchmark_on_a_small_log(tmp_path):
     assert "migration from v1: " in summary and "migration from upstream-1.0.3: " in summary
     text = report.read_text()
     for part in ("first screen after", "peak RSS", "| right |", "*exe =, domain ≠*", "pruning the two oldest days",
-                 "the primary's cost per window", "| upstream-1.0.3 | 19,999 |"):
+                 "the primary's cost per window", "| upstream-1.0.3 | 19,999 |", "The layout's floor",
+                 "the floor of totals by local port over the week"):
         assert part in text, part
+    floors = [line.split(" | ") for line in text.splitlines() if line.startswith(("| v1 | ", "| upstream-1.0.3 | "))]
+    assert len(floors) == 4         # (the rate, then the floor, of each layout)
+    for cells in floors[2:]:        # interning, copying, grouping, freeing, together, rows/s: all measured
+        assert all(float(c.replace(",", "").strip(" |")) > 0 for c in cells[1:]), cells
