@@ -237,7 +237,8 @@ def prune_cost(path, workdir):
 
 def migration(workdir, rows, layout):
     """An older log of rows rows: seconds for Log.open (until capture writes
-    again), seconds to move every row over, and the floor (migration_floor)."""
+    again), rows moved, seconds to move them over, the longest step (each
+    holds the write lock through) and the floor (migration_floor)."""
     path, floor_path = (os.path.join(workdir, f"{name}-{layout}.db") for name in ("old", "floor"))
     loggen.write_legacy(path, rows, layout)
     shutil.copy(path, floor_path)
@@ -247,9 +248,11 @@ def migration(workdir, rows, layout):
     log.insert([next(loggen.rows(loggen.World(2), 1, days=1))])      # capture writes at once
     opened = time.perf_counter() - began
     began = time.perf_counter()
-    moved = 0
+    moved, longest = 0, 0.0
     while True:
+        step = time.perf_counter()
         n = log.migrate()
+        longest = max(longest, time.perf_counter() - step)
         if n is None:
             break
         moved += n
@@ -258,7 +261,7 @@ def migration(workdir, rows, layout):
     floor = migration_floor(floor_path, path)
     loggen.remove_log(path)
     loggen.remove_log(floor_path)
-    return opened, moved, took, floor
+    return opened, moved, took, longest, floor
 
 
 def migration_floor(old_path, migrated_path):
@@ -286,7 +289,7 @@ def migration_floor(old_path, migrated_path):
                         f"WHERE rowid > ? AND rowid <= ?", (done, done + picosnitch.MIGRATE_BATCH))
     copied = time.perf_counter() - began
     began = time.perf_counter()
-    with con:
+    with log.unzeroed(), con:
         con.execute(f"DROP TABLE {table}")
     freed = time.perf_counter() - began
     log.close()
@@ -389,12 +392,12 @@ def main(argv=None):
                            f"{figures['queries'] - figures['queries_over']}/{figures['queries']} queries ≤ 200 ms "
                            f"(max {ms(figures['query_max'])} ms)")
             print(summary[-1], flush=True)
-        lines += ["## Migration", "", "| layout | rows | until capture writes (s) | rows moved per second |",
-                  "|---|---|---|---|"]
+        lines += ["## Migration", "", "| layout | rows | until capture writes (s) | rows moved per second | "
+                  "longest step, the longest write lock (s) |", "|---|---|---|---|---|"]
         floors = []
         for layout in loggen.LEGACY:
-            opened, moved, took, floor = migration(workdir, args.migrate_rows, layout)
-            lines.append(f"| {layout} | {moved:,} | {opened:.2f} | {moved / took:,.0f} |")
+            opened, moved, took, longest, floor = migration(workdir, args.migrate_rows, layout)
+            lines.append(f"| {layout} | {moved:,} | {opened:.2f} | {moved / took:,.0f} | {longest:.2f} |")
             floors.append((layout, moved, floor))
             summary.append(f"migration from {layout}: {moved / took:,.0f} rows/s, capture after {opened:.2f} s")
             print(summary[-1], flush=True)

@@ -246,6 +246,7 @@ def test_an_older_log_is_moved_over_and_reads_back_exactly(tmp_path, layout):
     loggen.write_legacy(path, 3000, layout, seed=4, days=2)
     con = sqlite3.connect(path)
     con.execute("INSERT INTO connections (contime, send, recv, exe) VALUES ('not a time', 1, 2, NULL)")
+    con.execute('CREATE INDEX "a user\'s ""own"" index" ON connections (send)')
     con.commit()
     width = loggen.LEGACY[layout][1]
     original = con.execute("SELECT * FROM connections ORDER BY rowid").fetchall()
@@ -261,6 +262,10 @@ def test_an_older_log_is_moved_over_and_reads_back_exactly(tmp_path, layout):
     assert log.migrating()
     log.insert([("2026-11-29 10:00:00", 5, 6, "/usr/bin/new", "new", "new", "", "", "", "", "", 0, 1, 2, "", "", "",
                  "udp", "", "", "", "")])
+    indexes = 4 if layout == "v1" else 1     # the old table's indexes go first, a step each
+    assert [log.migrate(1000) for _ in range(indexes)] == [0] * indexes
+    assert log.con.execute("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = ?",
+                           (picosnitch.LEGACY_TABLE,)).fetchone() == (0,)
     assert log.migrate(1000) == 1000 and log.migrate(700) == 700
     log.close()                            # a stop halfway: the view still has every row, once
     halfway = picosnitch.db_rows(path)
@@ -321,7 +326,7 @@ def test_a_version_2_log_halfway_through_a_migration_goes_on(tmp_path):
     loggen.write_legacy(path, 2000, "v1", seed=8, days=2)
     original = picosnitch.db_rows(path)
     log = picosnitch.Log.open(path)
-    assert log.migrate(700) == 700
+    assert [log.migrate(700) for _ in range(4)] == [0, 0, 0, 700]       # (its three indexes first)
     log.close()
     as_version_2(path)
     log = picosnitch.Log.open(path)
