@@ -270,7 +270,9 @@ def migration_floor(old_path, migrated_path):
     looking up any row's); copying the old rows into conns with their
     times converted but no string interned; grouping the moved rows once by
     the keys of the rollups and of the ports (the two rollups no other is
-    made from); and freeing the old table's pages."""
+    made from) by the hour; summing those into day totals and the day totals
+    into the whole log's (the ports' also over every process); and freeing
+    the old table's pages."""
     log = picosnitch.Log.open(old_path, timeout=30)      # (the old table renamed, conns empty)
     con, table = log.con, picosnitch.LEGACY_TABLE
     last = con.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0]
@@ -294,15 +296,29 @@ def migration_floor(old_path, migrated_path):
     freed = time.perf_counter() - began
     log.close()
     con = sqlite3.connect(migrated_path)
-    began = time.perf_counter()
+    grouped = summed = 0.0
     for statement in picosnitch.ROLL_STATEMENTS[picosnitch.HOUR]:
-        if statement.split()[2] in ("rollups", "ports"):
-            select = statement[statement.index("SELECT"):statement.index(" ON CONFLICT")]
-            con.execute("DROP TABLE IF EXISTS temp.grouped")
-            con.execute(f"CREATE TEMP TABLE grouped AS {select}", (0, last))
-    grouped = time.perf_counter() - began
+        name = statement.split()[2]
+        if name not in ("rollups", "ports"):
+            continue
+        keys = ", ".join(picosnitch.ROLLUPS[name])
+        began = time.perf_counter()
+        select = statement[statement.index("SELECT"):statement.index(" ON CONFLICT")]
+        con.execute(f"CREATE TEMP TABLE {name} (level, b, {keys}, send, recv, rows)")
+        con.execute(f"INSERT INTO temp.{name} {select}", (0, last))
+        grouped += time.perf_counter() - began
+        began = time.perf_counter()     # (the day totals from the hours, the whole log's from the days)
+        bucket = f"CASE WHEN b >= 0 THEN b / {picosnitch.DAY} * {picosnitch.DAY} ELSE b END"
+        variants = [picosnitch.ROLLUPS[name]] + ([("0",) + picosnitch.ROLLUPS[name][1:]] if name == "ports" else [])
+        for level, source, to in ((picosnitch.DAY, picosnitch.HOUR, bucket),
+                                  (picosnitch.ALL_TIME, picosnitch.DAY, "CASE WHEN b >= 0 THEN 0 ELSE b END")):
+            for values in variants:
+                con.execute(f"INSERT INTO temp.{name} SELECT {level}, {to}, {', '.join(values)}, sum(send), "
+                            f"sum(recv), sum(rows) FROM temp.{name} WHERE level = {source} "
+                            f"GROUP BY 2{''.join(', ' + v for v in values if v != '0')}")
+        summed += time.perf_counter() - began
     con.close()
-    return interned, copied, grouped, freed
+    return interned, copied, grouped, summed, freed
 
 
 def report_lines(size, rows, disk_size, tables, window, queries, floor, tmux, model, prune):
@@ -344,8 +360,8 @@ def report_lines(size, rows, disk_size, tables, window, queries, floor, tmux, mo
                  + "; ".join(f"{k[2]} under '{k[0]}' over {k[1]}: {ms(s)} ms" for s, k in slow[:5]))
     lines.append("- the floor of totals by local port over the week, grouping the whole days' local-port totals "
                  "alone (the partial days at either end come on top): "
-                 + "; ".join(f"{who}, {rows:,} totals into {groups:,} ports: {ms(took)} ms" for who, (took, rows, groups)
-                             in zip(("all processes", "the first program's"), floor)))
+                 + "; ".join(f"{who}, {rows:,} totals into {groups:,} ports: {ms(took)} ms"
+                             for who, (took, rows, groups) in zip(("all processes", "the first program's"), floor)))
     return lines, {"bytes": disk_size / rows, "first": first, "key_max": max(keyed), "rss": rss,
                    "queries_over": len(over), "queries": len(queries), "query_max": slow[0][0]}
 
@@ -385,7 +401,8 @@ def main(argv=None):
             copy_log(path, copy)
             window = [(*window_cost(copy, n), n) for n in (40, 400)]
             loggen.remove_log(copy)
-            section, figures = report_lines(size, count, disk_size, tables, window, queries, port_floors, tmux, model, prune)
+            section, figures = report_lines(size, count, disk_size, tables, window, queries, port_floors, tmux, model,
+                                            prune)
             lines += section + [""]
             summary.append(f"{count:,} rows: {figures['bytes']:.0f} B/row, first screen {figures['first']:.2f} s, "
                            f"keys max {ms(figures['key_max'])} ms, RSS {figures['rss']:.0f} MB, "
@@ -404,10 +421,11 @@ def main(argv=None):
         lines += ["", "The layout's floor: what the steps any migration to it must take cost on their own "
                   "(seconds)", "",
                   "| layout | storing the distinct processes and strings | copying the rows into conns (no ids "
-                  "looked up) | grouping them by the rollups' and ports' keys | freeing the old table | together "
-                  "| rows per second at most |", "|---|---|---|---|---|---|---|"]
+                  "looked up) | grouping them by the hour, by the rollups' and ports' keys | day and whole-log "
+                  "totals from those | freeing the old table | together | rows per second at most |",
+                  "|---|---|---|---|---|---|---|---|"]
         for layout, moved, steps in floors:
-            lines.append(f"| {layout} | " + " | ".join(f"{s:.2f}" for s in steps) + f" | {sum(steps):.2f} | "
+            lines.append(f"| {layout} | " + " | ".join(f"{s:.3f}" for s in steps) + f" | {sum(steps):.3f} | "
                          f"{moved / sum(steps):,.0f} |")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

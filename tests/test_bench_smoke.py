@@ -39,5 +39,5 @@ def test_log_benchmark_on_a_small_log(tmp_path):
         assert part in text, part
     floors = [line.split(" | ") for line in text.splitlines() if line.startswith(("| v1 | ", "| upstream-1.0.3 | "))]
     assert len(floors) == 4         # (the rate, then the floor, of each layout)
-    for cells in floors[2:]:        # interning, copying, grouping, freeing, together, rows/s: all measured
+    for cells in floors[2:]:        # interning, copying, grouping, summing, freeing, together, rows/s: all measured
         assert all(float(c.replace(",", "").strip(" |")) > 0 for c in cells[1:]), cells
