@@ -954,7 +954,7 @@ DB_COLUMNS = ["contime", "send", "recv", "exe", "name", "cmdline", "sha256",
               "laddr", "raddr", "domain", "proto", "gpexe", "gpname", "gpcmdline", "gpsha256"]
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 COMPACT_VERSION = 2         # the first version of the compact layout (which later ones extend)
 DB_BUSY_TIMEOUT = 1.0       # seconds a write waits for a lock; then the rows wait in memory
 HOUR, DAY = 3600, 86400
@@ -970,7 +970,8 @@ FORGET_BATCH = 1_000        # a day's totals taken out of the whole-log ones per
 ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys after b then narrow each)
 
 # The compact layout (version 2; version 3 adds the times and programs
-# rollups). Each distinct process (exe, name, cmdline, sha256) and each
+# rollups; version 4's view tells a running migration of the rows written
+# through it, so that they are not counted twice). Each distinct process (exe, name, cmdline, sha256) and each
 # distinct string (address, domain, protocol) is stored once; a row of
 # conns refers to them by id. Times are local wall-clock seconds (the local
 # time read as if it were UTC), so that the text of every time reads back
@@ -1077,8 +1078,15 @@ def roll_statements() -> typing.Dict[int, typing.List[str]]:
 ROLL_STATEMENTS = roll_statements()
 
 
+# while older rows are rolled up, days with rows written since are told
+# apart (roll_day): the earliest time of those rows (NO_TIME for a row whose
+# time is no time) is kept, only while a migration runs
+LIVE_FROM_UPDATE = "UPDATE meta SET value = min(value, {}) WHERE key = 'live_from'"
+
+
 def insert_trigger() -> str:
-    """INSERT INTO connections goes on working for scripts: the view takes it."""
+    """INSERT INTO connections goes on working for scripts: the view takes it
+    (and, while older rows are moved over, tells the migration of it)."""
     def match(prefix: str) -> str:
         return " AND ".join(f"coalesce({a}, x'ff') = coalesce(NEW.{prefix}{a}, x'ff')" for a in _PROC_ATTRS)
     prefixes, strs = ("", "p", "gp"), ("laddr", "raddr", "domain", "proto")
@@ -1092,6 +1100,8 @@ def insert_trigger() -> str:
         "CASE WHEN strftime('%Y-%m-%d %H:%M:%S', strftime('%s', NEW.contime), 'unixepoch') = NEW.contime "
         "THEN CAST(strftime('%s', NEW.contime) AS INTEGER) ELSE NEW.contime END, "
         f"NEW.send, NEW.recv, {proc_ids}, NEW.uid, NEW.lport, NEW.rport, {str_ids})")
+    statements.append(LIVE_FROM_UPDATE.format(
+        f"(SELECT CASE WHEN typeof(t) = 'integer' THEN t ELSE {NO_TIME} END FROM conns WHERE id = last_insert_rowid())"))
     statements += rollup_upserts("", "1")
     body = ";\n    ".join(statements)
     return f"CREATE TRIGGER IF NOT EXISTS connections_insert INSTEAD OF INSERT ON connections BEGIN\n    {body};\nEND"
@@ -1268,9 +1278,9 @@ class Log:
             with self.con:
                 encoded = [self.encode(r) for r in rows]
                 self.add(encoded)
-                times = [r[0] for r in encoded if isinstance(r[0], int)]
-                if times:       # while older rows are rolled up, days with new rows are told apart (roll_day)
-                    self.con.execute("UPDATE meta SET value = min(value, ?) WHERE key = 'live_from'", (min(times),))
+                if encoded:
+                    self.con.execute(LIVE_FROM_UPDATE.format("?"),
+                                     (min(r[0] if isinstance(r[0], int) else NO_TIME for r in encoded),))
                 if mark[0]:
                     self.con.execute("INSERT OR REPLACE INTO meta VALUES ('written', ?)", (json.dumps(mark),))
         except sqlite3.Error:
@@ -1294,8 +1304,9 @@ class Log:
     # rollups kept up (the query layer uses no other while a migration
     # runs). Once every row is over, each old day gets its day and whole-log
     # totals from its hour rollups, one day per transaction (from the day of
-    # the earliest new row on, whose hours have both, from the old rows
-    # themselves). Last, the old table goes whole, in about 0.3 s a million
+    # the earliest row written since, whose hours have both, from the old
+    # rows themselves; a row written since without a time makes every day
+    # such a day). Last, the old table goes whole, in about 0.3 s a million
     # rows: its pages are freed without being overwritten first, since every
     # row of it is in conns (Debian's SQLite zeroes freed pages unless told
     # not to, which takes ten times as long; deleting the rows batch by batch
@@ -1331,7 +1342,9 @@ class Log:
                     with self.unzeroed(), self.con:
                         self.con.execute("DROP INDEX \"{}\"".format(index[0].replace('"', '""')))
                     return 0
-                return self.move(json.loads(state["legacy_columns"]), state["migrated"], batch)
+                # (no further than the last old row: the rows after it were written since, and counted then)
+                return self.move(json.loads(state["legacy_columns"]), state["migrated"],
+                                 min(batch, state["legacy_last"] - state["migrated"]))
             rolled = state["rolled"]
             after = NO_TIME if rolled < NO_TIME else rolled + (DAY if rolled >= 0 else 1)
             hour = self.con.execute(f"SELECT min(b) FROM rollups WHERE level = {HOUR} AND b >= ?", (after,)).fetchone()[0]
@@ -1400,11 +1413,11 @@ class Log:
         the rows whose time is no time): from the day's hour rollups, or, from
         the day of the earliest new row on (mixed), from the old rows themselves."""
         if mixed:
+            span = "t >= ? AND t < ?" if day >= 0 else "typeof(t) <> 'integer'"
             for level in (DAY, ALL_TIME):
                 for statement in ROLL_STATEMENTS[level]:
-                    self.con.execute(statement.replace("WHERE id > ? AND id <= ?",
-                                                       "WHERE id > ? AND id <= ? AND t >= ? AND t < ?"),
-                                     (0, legacy_last, day, day + DAY))
+                    self.con.execute(statement.replace("WHERE id > ? AND id <= ?", f"WHERE id > ? AND id <= ? AND {span}"),
+                                     (0, legacy_last) + ((day, day + DAY) if day >= 0 else ()))
             return
         for table, keys in ROLLUPS.items():
             hours = f"level = {HOUR} AND b >= ? AND b < ?" if day >= 0 else f"level = {HOUR} AND b = {NO_TIME}"

@@ -298,6 +298,37 @@ def test_an_older_log_is_moved_over_and_reads_back_exactly(tmp_path, layout):
         assert answer(query, group, [], *week, bucket=bucket) == brute(after, group, [], *week, bucket=bucket)
 
 
+def test_rows_written_during_a_migration_are_counted_once(tmp_path):
+    """Rows the primary writes, and rows scripts write through the view, in a
+    day not rolled up yet or without a time, count once in every total."""
+    path = str(tmp_path / "snitch.db")
+    loggen.write_legacy(path, 3000, "v1", seed=5, days=3)
+    log = picosnitch.Log.open(path)
+    first, old = log.con.execute(f"SELECT min(contime), count(*) FROM {picosnitch.LEGACY_TABLE}").fetchone()
+    row = ("2026-11-29 10:00:00", 5, 6, "/usr/bin/new", "new", "new", "", "", "", "", "", 0, 1, 2, "", "", "", "udp",
+           "", "", "", "")
+    log.insert([row, ("not a time",) + row[1:]])
+    while log.meta()["migrated"] < log.meta()["legacy_last"]:      # every row over; no day rolled up yet
+        log.migrate(700)
+    for contime in (first, "still not a time"):
+        log.con.execute("INSERT INTO connections (contime, send, recv, exe, lport) VALUES (?, 7, 8, '/usr/bin/script', "
+                        "9)", (contime,))
+    log.con.commit()
+    while log.migrate(700) is not None:
+        pass
+    log.close()
+    rows = picosnitch.db_rows(path)
+    assert len(rows) == old + 4
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    assert answer(query, "exe")["/usr/bin/script"] == (14, 16, 2)
+    for group, bucket in (("exe", 86400), ("lport", 86400), ("time", 86400), ("time", 3600)):
+        assert answer(query, group, bucket=bucket) == brute(rows, group, bucket=bucket)
+    start = picosnitch.local_seconds(first) + 1800      # (a partial hour, hours, a whole day, hours)
+    for group in ("exe", "lport"):
+        assert answer(query, group, [], start, start + 2 * 86400) == brute(rows, group, [], start, start + 2 * 86400)
+
+
 def as_version_2(path):
     """The log as version 2 left it: without the times and programs rollups."""
     con = sqlite3.connect(path)
