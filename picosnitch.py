@@ -971,12 +971,12 @@ ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys aft
 
 # The compact layout (version 2; version 3 adds the times and programs
 # rollups; version 4's view tells a running migration of the rows written
-# through it, so that they are not counted twice). Each distinct process (exe, name, cmdline, sha256) and each
-# distinct string (address, domain, protocol) is stored once; a row of
-# conns refers to them by id. Times are local wall-clock seconds (the local
-# time read as if it were UTC), so that the text of every time reads back
-# exactly as it was written, whatever the time zone does; a time that is
-# not one keeps its text. The rollups add rows up per hour, per day and for
+# through it, so that they are not counted twice). Each distinct process
+# (exe, name, cmdline, sha256) and each distinct string (address, domain,
+# protocol) is stored once; a row of conns refers to them by id. Times are
+# local wall-clock seconds (the local time read as if it were UTC), so that
+# the text of every time reads back exactly as it was written, whatever the
+# time zone does; a time that is not one keeps its text. The rollups add rows up per hour, per day and for
 # the whole log: times by time alone, programs by process, parent,
 # grandparent and user, rollups by every column but the local port, ports
 # by process and local port (and, per day and for the whole log, by local
@@ -1411,12 +1411,14 @@ class Log:
     def roll_day(self, day: int, mixed: bool, legacy_last: int) -> None:
         """The day and whole-log totals of the old rows of one day (day -1:
         the rows whose time is no time): from the day's hour rollups, or, from
-        the day of the earliest new row on (mixed), from the old rows themselves."""
+        the day of the earliest row written since on (mixed), from the old
+        rows themselves."""
         if mixed:
             span = "t >= ? AND t < ?" if day >= 0 else "typeof(t) <> 'integer'"
             for level in (DAY, ALL_TIME):
                 for statement in ROLL_STATEMENTS[level]:
-                    self.con.execute(statement.replace("WHERE id > ? AND id <= ?", f"WHERE id > ? AND id <= ? AND {span}"),
+                    self.con.execute(statement.replace("WHERE id > ? AND id <= ?",
+                                                       f"WHERE id > ? AND id <= ? AND {span}"),
                                      (0, legacy_last) + ((day, day + DAY) if day >= 0 else ()))
             return
         for table, keys in ROLLUPS.items():
