@@ -268,57 +268,67 @@ def migration_floor(old_path, migrated_path):
     """What the layout costs to build whatever the migration does, in
     seconds: storing each distinct process and string once (without
     looking up any row's); copying the old rows into conns with their
-    times converted but no string interned; grouping the moved rows once by
-    the keys of the rollups and of the ports (the two rollups no other is
-    made from) by the hour; summing those into day totals and the day totals
+    times converted but no string interned; grouping the moved rows by the
+    hour, by the keys of the rollups and of the ports (the two rollups no
+    other is made from); summing those into day totals and the day totals
     into the whole log's (the ports' also over every process); and freeing
     the old table's pages."""
+    last, (interned, copied, freed) = old_table_floor(old_path)
+    grouped, summed = rollups_floor(migrated_path, last)
+    return interned, copied, grouped, summed, freed
+
+
+def old_table_floor(old_path):
+    """The last old rowid, and the seconds of interning, copying and freeing
+    (migration_floor) on the old log at old_path."""
     log = picosnitch.Log.open(old_path, timeout=30)      # (the old table renamed, conns empty)
     con, table = log.con, picosnitch.LEGACY_TABLE
     last = con.execute(f"SELECT max(rowid) FROM {table}").fetchone()[0]
     legacy = [row[1] for row in con.execute(f"PRAGMA table_info({table})")]
-    began = time.perf_counter()
-    for done in range(0, last, picosnitch.MIGRATE_BATCH):
-        with con:
-            log.intern_old(legacy, done, picosnitch.MIGRATE_BATCH)
-    interned = time.perf_counter() - began
     columns = ", ".join(picosnitch.CONNS_COLUMNS)
-    began = time.perf_counter()
-    for done in range(0, last, picosnitch.MIGRATE_BATCH):
-        with con:
-            con.execute(f"INSERT INTO conns (id, {columns}) SELECT rowid, CAST(strftime('%s', contime) AS INTEGER), "
-                        f"send, recv, 0, 0, 0, uid, lport, rport, 0, 0, 0, 0 FROM {table} "
-                        f"WHERE rowid > ? AND rowid <= ?", (done, done + picosnitch.MIGRATE_BATCH))
-    copied = time.perf_counter() - began
+    copy = (f"INSERT INTO conns (id, {columns}) SELECT rowid, CAST(strftime('%s', contime) AS INTEGER), send, recv, "
+            f"0, 0, 0, uid, lport, rport, 0, 0, 0, 0 FROM {table} WHERE rowid > ? AND rowid <= ?")
+    seconds = []
+    for step in (lambda done: log.intern_old(legacy, done, picosnitch.MIGRATE_BATCH),
+                 lambda done: con.execute(copy, (done, done + picosnitch.MIGRATE_BATCH))):
+        began = time.perf_counter()
+        for done in range(0, last, picosnitch.MIGRATE_BATCH):
+            with con:
+                step(done)
+        seconds.append(time.perf_counter() - began)
     began = time.perf_counter()
     with log.unzeroed(), con:
         con.execute(f"DROP TABLE {table}")
-    freed = time.perf_counter() - began
+    seconds.append(time.perf_counter() - began)
     log.close()
+    return last, seconds
+
+
+def rollups_floor(migrated_path, last):
+    """The seconds of grouping the rows up to id last by the hour, and of
+    summing those into days and the whole log (migration_floor)."""
     con = sqlite3.connect(migrated_path)
     grouped = summed = 0.0
-    for statement in picosnitch.ROLL_STATEMENTS[picosnitch.HOUR]:
-        name = statement.split()[2]
-        if name not in ("rollups", "ports"):
-            continue
-        keys = ", ".join(picosnitch.ROLLUPS[name])
+    day, whole = picosnitch.DAY, picosnitch.ALL_TIME
+    for name in ("rollups", "ports"):
+        statement = next(s for s in picosnitch.ROLL_STATEMENTS[picosnitch.HOUR] if s.split()[2] == name)
+        keys = picosnitch.ROLLUPS[name]
         began = time.perf_counter()
-        select = statement[statement.index("SELECT"):statement.index(" ON CONFLICT")]
-        con.execute(f"CREATE TEMP TABLE {name} (level, b, {keys}, send, recv, rows)")
-        con.execute(f"INSERT INTO temp.{name} {select}", (0, last))
+        con.execute(f"CREATE TEMP TABLE {name} (level, b, {', '.join(keys)}, send, recv, rows)")
+        con.execute(f"INSERT INTO temp.{name} {statement[statement.index('SELECT'):statement.index(' ON CONFLICT')]}",
+                    (0, last))
         grouped += time.perf_counter() - began
         began = time.perf_counter()     # (the day totals from the hours, the whole log's from the days)
-        bucket = f"CASE WHEN b >= 0 THEN b / {picosnitch.DAY} * {picosnitch.DAY} ELSE b END"
-        variants = [picosnitch.ROLLUPS[name]] + ([("0",) + picosnitch.ROLLUPS[name][1:]] if name == "ports" else [])
-        for level, source, to in ((picosnitch.DAY, picosnitch.HOUR, bucket),
-                                  (picosnitch.ALL_TIME, picosnitch.DAY, "CASE WHEN b >= 0 THEN 0 ELSE b END")):
+        variants = [keys] + ([("0",) + keys[1:]] if name == "ports" else [])
+        for level, source, to in ((day, picosnitch.HOUR, f"CASE WHEN b >= 0 THEN b / {day} * {day} ELSE b END"),
+                                  (whole, day, "CASE WHEN b >= 0 THEN 0 ELSE b END")):
             for values in variants:
                 con.execute(f"INSERT INTO temp.{name} SELECT {level}, {to}, {', '.join(values)}, sum(send), "
                             f"sum(recv), sum(rows) FROM temp.{name} WHERE level = {source} "
                             f"GROUP BY 2{''.join(', ' + v for v in values if v != '0')}")
         summed += time.perf_counter() - began
     con.close()
-    return interned, copied, grouped, summed, freed
+    return grouped, summed
 
 
 def report_lines(size, rows, disk_size, tables, window, queries, floor, tmux, model, prune):
