@@ -27,7 +27,10 @@ import picosnitch  # noqa: E402
 import run as bench_run  # noqa: E402
 import sqlservers  # noqa: E402
 
-PYTHON = "/usr/bin/python3"
+# the python the tests run with: picosnitch's environment (tests/run.sh), which
+# sees the system's bcc and has Dash; the distribution's own python beside it
+PYTHON = sys.executable
+SYSTEM_PYTHON = "/usr/bin/python3"
 SCRIPT = os.path.join(ROOT, "picosnitch.py")
 PEER_PORT = 7310
 NETNS = f"pstest{os.getpid()}"
