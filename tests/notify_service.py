@@ -1,10 +1,11 @@
 """A minimal org.freedesktop.Notifications service that records each call.
 
 usage: notify_service.py BUS_ADDRESS OUTPUT_FILE   (prints "ready" once it owns the name)
-Each Notify call is appended to OUTPUT_FILE as one JSON line.
+Each Notify call is appended to OUTPUT_FILE as one JSON line, with the time it came.
 """
 import json
 import sys
+import time
 
 import dbus
 import dbus.mainloop.glib
@@ -23,7 +24,8 @@ class Notifications(dbus.service.Object):
     def Notify(self, app, replaces, icon, summary, body, actions, hints, timeout):
         self.count += 1
         with open(self.output, "a") as f:
-            f.write(json.dumps({"app": str(app), "summary": str(summary), "body": str(body)}) + "\n")
+            f.write(json.dumps({"app": str(app), "summary": str(summary), "body": str(body),
+                                "time": time.time()}) + "\n")
         return self.count
 
     @dbus.service.method(IFACE, in_signature="", out_signature="as")
