@@ -24,13 +24,18 @@ Processes (all started by the supervisor, which restarts one that dies)::
       |                            |
       | windows (acked)            | hash requests / answers
       v                            v
-    primary (the user, no capabilities) -> snitch.db, record.json, conn.log,
-      |                                    remote SQL copy, VirusTotal, GeoIP
+    primary (picosnitch's account, no capabilities) -> snitch.db, record.json,
+      |       conn.log, remote SQL copy, VirusTotal, GeoIP (the state directory)
       v
-    notifier (the user) -> error.log, exe.log, desktop notifications
+    notifier (picosnitch's account) -> error.log, exe.log
+      |
+      v notices (shown ones acknowledged)
+    desktop (the user) -> desktop notifications on the user's session bus
 
-Messages between processes are JSON over SOCK_SEQPACKET pairs: the user's
-processes can never make a root process run code or write a file.
+Messages between processes are JSON over SOCK_SEQPACKET pairs: no process
+can make a root process run code or write a file. What picosnitch records
+is out of the reach of the user it works for, whose programs it watches:
+only the desktop process runs as that user.
 
 Table of contents (each numbered section uses only the ones above it):
      1. header (this docstring)
@@ -48,11 +53,13 @@ Table of contents (each numbered section uses only the ones above it):
     13. notifications
     14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
     15. primary process
-    16. supervisor, privileges, daemon and systemd unit
-    17. what the viewers share
-    18. terminal viewer
-    19. web UI
-    20. command line
+    16. privileges: capabilities, and doing work as another account
+    17. the state directory, picosnitch's account, and the move from ~/.config
+    18. supervisor, daemon and systemd unit
+    19. what the viewers share
+    20. terminal viewer
+    21. web UI
+    22. command line
 
 Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|dash|version|help
 """
@@ -79,6 +86,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -93,6 +101,7 @@ import sqlite3
 import stat as stat_module
 import string
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -119,6 +128,14 @@ EXE_LOG_NAME = "exe.log"
 CONN_LOG_NAME = "conn.log"
 ERROR_LOG_NAME = "error.log"
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+# Where picosnitch keeps what it records: out of the reach of the user it
+# works for (who may read it) and of every other account but root. Written
+# only by ACCOUNT, an unprivileged system account of picosnitch's own.
+# STATE_DIRECTORY (as systemd sets it for a unit) names another place.
+STATE_DIR = "/var/lib/picosnitch"
+ACCOUNT = "picosnitch"
+PRIVATE_NAME = "private"              # inside it: what only ACCOUNT (and root) may read
 
 # socket families and protocols, for decoding what the kernel reports
 AF_INET, AF_INET6, AF_PACKET = 2, 10, 17
@@ -205,16 +222,56 @@ def user_identity(environ: typing.Mapping[str, str] = os.environ) -> User:
         return User(str(uid), uid, os.getgid(), environ.get("HOME", "/"))
 
 
-def config_dir(environ: typing.Mapping[str, str] = os.environ) -> str:
-    return user_identity(environ).directory
+def state_directory(environ: typing.Mapping[str, str] = os.environ) -> str:
+    """Where picosnitch's records live: STATE_DIR, or the first path of
+    STATE_DIRECTORY (systemd's list), which must be absolute."""
+    path = environ.get("STATE_DIRECTORY", "").split(":")[0] or STATE_DIR
+    if not os.path.isabs(path):
+        raise PicosnitchError(f"STATE_DIRECTORY must be an absolute path, found {path!r}")
+    return os.path.normpath(path)
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Replace a file with new content, private to whoever runs this: temp
-    file, fsync, rename. The caller runs as the owner of the directory."""
+# POSIX ACLs as the kernel takes them in system.posix_acl_* (linux/posix_acl_xattr.h):
+# a version, then (tag, permissions, id) entries in tag order
+ACL_ACCESS, ACL_DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+ACL_NO_ID = 0xFFFFFFFF
+
+
+def posix_acl(owner: int, readers: typing.Dict[int, int]) -> bytes:
+    """An ACL: the owner's permissions, those of each reader uid, none for
+    the group and others (permissions as in a mode: 4 read, 2 write, 1 search)."""
+    mask = 0
+    for perm in readers.values():
+        mask |= perm
+    entries = ([(ACL_USER_OBJ, owner, ACL_NO_ID)] + [(ACL_USER, perm, uid) for uid, perm in sorted(readers.items())]
+               + [(ACL_GROUP_OBJ, 0, ACL_NO_ID)] + ([(ACL_MASK, mask, ACL_NO_ID)] if readers else [])
+               + [(ACL_OTHER, 0, ACL_NO_ID)])
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+def share_with(fd: int, reader: typing.Optional[int], directory: bool) -> None:
+    """Let `reader` (a uid; None: no one) read what fd is, and only them: for
+    a directory, also what is created in it from now on. The caller owns it.
+    OSError (EOPNOTSUPP) where the file system has no ACLs."""
+    readers = {} if reader is None else {reader: 5 if directory else 4}
+    os.setxattr(fd, ACL_ACCESS, posix_acl(7 if directory else 6, readers))
+    if directory:
+        if reader is None:
+            with contextlib.suppress(OSError):
+                os.removexattr(fd, ACL_DEFAULT)
+        else:
+            os.setxattr(fd, ACL_DEFAULT, posix_acl(6, {reader: 4}))
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace a file with new content: temp file, fsync, rename. The caller
+    runs as the owner of the directory. mode 0640 lets the readers that the
+    directory's default ACL names read it; 0600, no one else."""
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -232,9 +289,10 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def append_lines(path: str, lines: typing.Sequence[str]) -> None:
-    """Append lines to a log file in one write (created 0600) and fsync."""
+    """Append lines to a log file in one write and fsync. A new file is made
+    0640: its directory's default ACL decides who else reads it."""
     data = b"".join(line.rstrip("\n").encode("utf-8", "replace") + b"\n" for line in lines)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
     try:
         written = os.write(fd, data)
         if written != len(data):         # a full disk can cut a write short
@@ -514,10 +572,25 @@ class Report(typing.NamedTuple):         # any -> notifier: for error.log or exe
     kind: str                            # "error" or "exe"
     text: str
     detail: str                          # a traceback, written below the line
+    time: float                          # when it happened (seconds since the epoch)
+    notify: bool = True                  # also shown on the desktop (False: only logged)
+    always: bool = False                 # shown even with "Desktop notifications" off
+
+
+class Notice(typing.NamedTuple):         # notifier -> desktop: show this
+    id: int
+    time: float                          # when what it tells of happened
+    summary: str
+    body: str
+
+
+class Delivered(typing.NamedTuple):      # desktop -> notifier: shown (error ''), or why not
+    id: int
+    error: str
 
 
 MESSAGES = {cls.__name__: cls for cls in (Ready, ExecNotice, HashRequest, HashAnswer, Batch, Hello, Ack, Stop,
-                                          Report)}
+                                          Report, Notice, Delivered)}
 MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
 MESSAGE_MAX = 2 << 20          # bytes of one message at most (the kernel carries up to about 4 MB)
 
@@ -537,6 +610,8 @@ def field_ok(value, kind) -> bool:
         return isinstance(value, bool)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind in (str, list):
         return isinstance(value, kind)
     return True
@@ -624,22 +699,26 @@ class Channel:
 class Reporter:
     """The one way to report: errors (for error.log) and news about
     executables (for exe.log) go to the notifier, which writes them and shows
-    them as desktop notifications; information goes to standard output. A
-    failure that lasts is reported once, and again only after it has worked
-    in between (failing/working)."""
+    them as desktop notifications; information goes to standard output.
+    Each report carries the time it happened. A failure that lasts is
+    reported once, and again only after it has worked in between
+    (failing/working)."""
 
     def __init__(self, channel: typing.Optional[Channel] = None):
         self.channel = channel
         self.down: typing.Set[str] = set()
         self.dropped = 0
 
-    def error(self, message: str, detail: str = "") -> None:
+    def error(self, message: str, detail: str = "", when: typing.Optional[float] = None, notify: bool = True,
+              always: bool = False) -> None:
+        """An error; `when` it happened (now if None); notify False: logged
+        only; always: shown even with desktop notifications off."""
         message = one_line(message)
         print(f"picosnitch: error: {message}", file=sys.stderr, flush=True)
-        self.send(Report("error", message, detail))
+        self.send(Report("error", message, detail, time.time() if when is None else when, notify, always))
 
     def exe(self, message: str) -> None:
-        self.send(Report("exe", one_line(message), ""))
+        self.send(Report("exe", one_line(message), "", time.time()))
 
     def info(self, message: str) -> None:
         print(f"picosnitch: {message}", flush=True)
@@ -867,6 +946,31 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
     return config
 
 
+# switches whose turning off means less is recorded or said
+MONITORING_SWITCHES = ("desktop_notifications", "db_sql_log", "db_text_log", "every_exe", "log_addresses",
+                       "log_commands", "log_ports")
+
+
+def weakened(before: Config, after: Config) -> typing.List[str]:
+    """What a change of settings takes away from monitoring, one line each:
+    entries added to "Log ignore", switches turned off, the remote copy
+    turned off or sent elsewhere, a shorter retention."""
+    key = {setting.attr: setting.key for setting in SETTINGS}
+    changes = [f"{json.dumps(key[attr])} turned off" for attr in MONITORING_SWITCHES
+               if getattr(before, attr) and not getattr(after, attr)]
+    added = [entry for entry in after.log_ignore if entry not in before.log_ignore]
+    if added:
+        changes.append(f"\"Log ignore\" gained {', '.join(json.dumps(entry) for entry in added)}")
+    if before.db_sql_server and not after.db_sql_server:
+        changes.append("\"DB sql server\" turned off (no remote copy)")
+    elif before.db_sql_server and after.db_sql_server != before.db_sql_server:
+        changes.append("\"DB sql server\" changed (the remote copy goes elsewhere)")
+    if after.db_retention_days < before.db_retention_days:
+        changes.append(f"\"DB retention (days)\" shortened from {before.db_retention_days} to "
+                       f"{after.db_retention_days}")
+    return changes
+
+
 def check_directory(directory: str, uid: int, create: bool = True) -> None:
     """The config directory must be the user's own real directory (made 0700
     when missing): picosnitch refuses a symbolic link there, so that no link
@@ -918,9 +1022,11 @@ def load_config(directory: str) -> Config:
 @dataclasses.dataclass
 class Runtime:
     """What every process is given by the supervisor. Each process keeps only
-    its own ends of the channels (ROLES in section 16 lists them)."""
+    its own ends of the channels (ROLES in section 18 lists them)."""
     config: Config
-    user: User
+    user: User                           # the user picosnitch works for (their session bus, their settings)
+    account: User                        # picosnitch's own account, which writes the state directory
+    state: str                           # the state directory (STATE_DIR)
     st_dev_mask: int
     bus_address: str
     run_id: str                          # names this run of the daemon
@@ -937,13 +1043,16 @@ class Runtime:
     ready_rx: typing.Optional[Channel] = None
     report_tx: typing.Optional[Channel] = None   # everyone -> notifier: reports
     report_rx: typing.Optional[Channel] = None
+    notice_tx: typing.Optional[Channel] = None   # notifier -> desktop: notices; desktop -> notifier: deliveries
+    notice_rx: typing.Optional[Channel] = None
 
     @property
-    def directory(self) -> str:
-        return self.user.directory
+    def private(self) -> str:
+        """What only the account (and root) may read, inside the state directory."""
+        return os.path.join(self.state, PRIVATE_NAME)
 
     CHANNELS = ("exec_tx", "exec_rx", "batch_tx", "batch_rx", "hash_primary", "hash_monitor",
-                "ready_tx", "ready_rx", "report_tx", "report_rx")
+                "ready_tx", "ready_rx", "report_tx", "report_rx", "notice_tx", "notice_rx")
 
 ###############################################################################
 # 7. storage (all SQL lives here)
@@ -1503,7 +1612,14 @@ class Log:
                 return True
         return False
 
-    def close(self) -> None:
+    def close(self, readable: bool = False) -> None:
+        """readable: leave the file in rollback-journal mode, so that the
+        user, who may read it but not write its directory, can open it while
+        picosnitch is stopped (a WAL file needs its -wal and -shm files, which
+        go with the last connection). The next open goes back to WAL."""
+        if readable:
+            with contextlib.suppress(sqlite3.Error):        # (busy while a viewer reads: the -wal stays)
+                self.con.execute("PRAGMA journal_mode = DELETE")
         self.con.close()
 
 
@@ -4835,12 +4951,19 @@ def monitor_main(rt: Runtime) -> None:
 # 13. notifications
 ###############################################################################
 # Every process reports through one Reporter; its reports go to the notifier,
-# which runs as the user: it writes error.log and exe.log, and shows each
-# report as a desktop notification on the user's session bus. When a log
-# cannot be written (a full disk), the notification still goes out.
+# which runs as picosnitch's account: it writes error.log and exe.log in the
+# state directory, each line dated when its report happened, and hands each
+# report on as a notice to the desktop process. That one runs as the user (a
+# session bus admits only its owner), so the user's programs can kill it: it
+# only shows notices and says which it has shown. What it has not shown waits
+# with the notifier, over a stop in the private directory, and is shown when
+# it runs again, with the time it happened. When a log cannot be written (a
+# full disk), the notification still goes out.
 
 NOTIFY_RETRY_SECONDS = 30
-NOTIFY_KEEP = 1000
+NOTIFY_KEEP = 1000          # notices waiting to be shown, at most (older ones are counted, then dropped)
+NOTICE_LATE = 3.0           # seconds after which a notice says when it happened
+OUTBOX_NAME = "notices.json"
 REPORT_SUMMARIES = {"error": ("picosnitch error", ERROR_LOG_NAME), "exe": ("picosnitch", EXE_LOG_NAME)}
 
 
@@ -4848,26 +4971,45 @@ def default_bus_address(uid: int, environ: typing.Mapping[str, str] = os.environ
     return environ.get("DBUS_SESSION_BUS_ADDRESS") or f"unix:path=/run/user/{uid}/bus"
 
 
+def dated(seconds: float) -> str:
+    return time.strftime(TIME_FORMAT, time.localtime(seconds))
+
+
+def notice_body(notice: Notice, now: float) -> str:
+    """What a notice says: its text, and when it happened if that was a while ago."""
+    if now - notice.time < NOTICE_LATE:
+        return notice.body
+    same_day = time.localtime(now)[:3] == time.localtime(notice.time)[:3]
+    return f"{notice.body} (at {time.strftime('%H:%M:%S', time.localtime(notice.time)) if same_day else dated(notice.time)})"
+
+
 class DesktopNotifier:
-    """org.freedesktop.Notifications on one bus; connects lazily, keeps what it could not send."""
+    """org.freedesktop.Notifications on one bus, as the user; connects lazily,
+    keeps what it could not show yet."""
 
     def __init__(self, address: str):
-        self.address, self.iface, self.pending = address, None, collections.deque(maxlen=NOTIFY_KEEP)
+        self.address, self.iface, self.pending = address, None, collections.OrderedDict()
         self.failed_at = 0.0
         self.last_error = ""
 
-    def flush(self) -> str:
-        """Deliver what is pending; '' or the error that stopped delivery."""
-        import dbus
+    def flush(self, shown: typing.Callable[[Notice], None]) -> str:
+        """Show what is pending, telling `shown` of each; '' or the error that stopped it."""
+        try:
+            import dbus
+        except ImportError as e:
+            self.failed_at = time.monotonic()
+            return f"desktop notifications need dbus-python ({e})"
         try:
             if self.iface is None:
                 bus = dbus.bus.BusConnection(self.address)
                 proxy = bus.get_object("org.freedesktop.Notifications", "/org/freedesktop/Notifications")
                 self.iface = dbus.Interface(proxy, "org.freedesktop.Notifications")
             while self.pending:
-                summary, body = self.pending[0]
-                self.iface.Notify("picosnitch", dbus.UInt32(0), "", summary, body, [], {}, -1)
-                self.pending.popleft()
+                notice = next(iter(self.pending.values()))
+                self.iface.Notify("picosnitch", dbus.UInt32(0), "", notice.summary, notice_body(notice, time.time()),
+                                  [], {}, -1)
+                del self.pending[notice.id]
+                shown(notice)
             return ""
         except dbus.exceptions.DBusException as e:
             self.iface = None
@@ -4875,71 +5017,137 @@ class DesktopNotifier:
             return e.get_dbus_message() or str(e)
 
     def due(self) -> bool:
-        """Whether there is something to deliver now (failures wait before a retry)."""
+        """Whether there is something to show now (failures wait before a retry)."""
         return bool(self.pending) and (self.iface is not None or time.monotonic() - self.failed_at >= NOTIFY_RETRY_SECONDS)
 
 
+def desktop_main(rt: Runtime) -> None:
+    """Process entry, as the user: show the notifier's notices on the user's
+    session bus; say which were shown, and why none could be."""
+    desktop, channel, seen = DesktopNotifier(rt.bus_address), rt.notice_rx, set()
+    channel.send(Hello(0))                  # (started: the notifier sends again what waits)
+    while not rt.stopping():
+        try:
+            message = channel.recv(0 if desktop.due() else 1)
+        except ValueError:
+            continue
+        if isinstance(message, Notice) and message.id not in seen:
+            seen.add(message.id)
+            desktop.pending[message.id] = message
+            continue
+        if desktop.due():
+            error = desktop.flush(lambda notice: channel.send(Delivered(notice.id, "")))
+            if error and error != desktop.last_error:
+                channel.send(Delivered(0, error))
+            desktop.last_error = error
+
+
 class Notifier:
-    """The notifier process's state: the logs it writes and the desktop."""
+    """The notifier process's state, as picosnitch's account: the logs it
+    writes, and the notices not shown yet (the outbox, by id)."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt
-        self.desktop = DesktopNotifier(rt.bus_address) if rt.config.desktop_notifications else None
         self.unwritable: typing.Dict[str, str] = {}     # log name -> why it cannot be written
+        self.outbox: "collections.OrderedDict[int, Notice]" = collections.OrderedDict()
+        self.next_id, self.dropped = 1, 0
+        for notice in self.load_outbox():
+            self.queue(notice.summary, notice.body, notice.time)
+
+    def outbox_path(self) -> str:
+        return os.path.join(self.rt.private, OUTBOX_NAME)
+
+    def load_outbox(self) -> typing.List[Notice]:
+        """The notices a stop left unshown (they are shown now, once)."""
+        path = self.outbox_path()
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = [Notice(0, float(t), str(summary), str(body)) for t, summary, body in json.load(f)]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError) as e:
+            self.write(ERROR_LOG_NAME, [f"{now_text()} {OUTBOX_NAME}: notices kept over the last stop could not "
+                                        f"be read ({e}); they are lost"])
+            saved = []
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return saved
+
+    def save_outbox(self) -> None:
+        if self.outbox:
+            write_atomic(self.outbox_path(), json.dumps([[n.time, n.summary, n.body]
+                                                          for n in self.outbox.values()]).encode())
 
     def write(self, name: str, lines: typing.List[str]) -> None:
         """Append to a log; a failure is shown on the desktop once, until it works again."""
         try:
-            append_lines(os.path.join(self.rt.directory, name), lines)
+            append_lines(os.path.join(self.rt.state, name), lines)
         except OSError as e:
             if name not in self.unwritable:
                 self.unwritable[name] = e.strerror or str(e)
-                self.notify("picosnitch error", f"{name} cannot be written ({self.unwritable[name]}); "
-                                                "reports are shown here only until it can")
+                self.queue("picosnitch error", f"{name} cannot be written ({self.unwritable[name]}); "
+                                               "reports are shown here only until it can", time.time())
             return
         if self.unwritable.pop(name, None) is not None:
             self.write(ERROR_LOG_NAME, [f"{now_text()} {name} could not be written for a while; "
                                         "reports of that time were only shown as notifications"])
 
-    def notify(self, summary: str, body: str) -> None:
-        if self.desktop is not None:
-            self.desktop.pending.append((summary, body))
+    def queue(self, summary: str, body: str, happened: float) -> None:
+        """A notice for the desktop, kept until it says it has shown it."""
+        notice = Notice(self.next_id, happened, summary, body)
+        self.next_id += 1
+        self.outbox[notice.id] = notice
+        while len(self.outbox) > NOTIFY_KEEP:
+            self.outbox.popitem(last=False)
+            self.dropped += 1
+        self.send(notice)
+
+    def send(self, notice: Notice) -> None:
+        with contextlib.suppress(OSError):          # (sent again when the desktop process starts)
+            self.rt.notice_tx.send(notice, block=False)
 
     def report(self, report: Report) -> None:
         summary, log = REPORT_SUMMARIES.get(report.kind, REPORT_SUMMARIES["error"])
         detail = ["    " + line for line in report.detail.splitlines() if line.strip()]
-        self.write(log, [f"{now_text()} {report.text}"] + detail)
-        self.notify(summary, report.text)
+        self.write(log, [f"{dated(report.time)} {report.text}"] + detail)
+        if report.notify and (self.rt.config.desktop_notifications or report.always):
+            self.queue(summary, report.text, report.time)
 
-    def deliver(self) -> None:
-        if self.desktop is None or not self.desktop.due():
-            return
-        error = self.desktop.flush()
-        if error and error != self.desktop.last_error:
-            self.write(ERROR_LOG_NAME, [f"{now_text()} desktop notifications not delivered ({error}); "
-                                        f"{len(self.desktop.pending)} kept for retry"])
-        self.desktop.last_error = error
+    def desktop_said(self, message: typing.NamedTuple) -> None:
+        """A Hello (the desktop process started: everything waiting goes again) or a Delivered."""
+        if isinstance(message, Hello):
+            if self.dropped:
+                self.queue("picosnitch error", f"{self.dropped} notifications were dropped while they could not "
+                                               "be shown (they are in error.log and exe.log)", time.time())
+                self.dropped = 0
+            for notice in self.outbox.values():
+                self.send(notice)
+        elif isinstance(message, Delivered) and message.id:
+            self.outbox.pop(message.id, None)
+        elif isinstance(message, Delivered):
+            self.write(ERROR_LOG_NAME, [f"{now_text()} desktop notifications not delivered ({one_line(message.error)}); "
+                                        f"{len(self.outbox)} kept for retry"])
 
     def run(self) -> None:
-        channel = self.rt.report_rx
+        reports, desktop = self.rt.report_rx, self.rt.notice_tx
         while True:
             stopping = self.rt.stopping()
-            while select.select([channel], [], [], 0 if stopping else 1)[0]:
+            for channel in select.select([reports, desktop], [], [], 0 if stopping else 1)[0]:
                 try:
                     message = channel.recv()
                 except ValueError:
                     continue
-                if isinstance(message, Report):
+                if channel is reports and isinstance(message, Report):
                     self.report(message)
-                if not stopping:
-                    break
-            self.deliver()
-            if stopping:
+                elif channel is desktop:
+                    self.desktop_said(message)
+            if stopping and not select.select([reports], [], [], 0)[0]:
+                self.save_outbox()
                 return
 
 
 def notifier_main(rt: Runtime) -> None:
-    """Process entry: write the logs and deliver notifications, as the user."""
+    """Process entry: write the logs and hand notices to the desktop, as picosnitch's account."""
     Notifier(rt).run()
 
 ###############################################################################
@@ -5141,13 +5349,14 @@ class VirusTotal:
             self.done.append((exe, sha, "VirusTotal: not known (file upload is off)", False))
 
     def send_file(self, exe: str, sha: str) -> None:
-        """Upload a file VirusTotal does not know. This runs as the user: a file
-        they cannot read is not uploaded."""
+        """Upload a file VirusTotal does not know. This runs as picosnitch's
+        account: a file it cannot read (one that not every user can) is not
+        uploaded."""
         try:
             with open(exe, "rb") as f:
                 data = f.read()
         except OSError as e:
-            data, why = b"", f"{e.strerror}: you cannot read it" if e.errno == errno.EACCES else e.strerror
+            data, why = b"", f"{e.strerror}: picosnitch's account cannot read it" if e.errno == errno.EACCES else e.strerror
         else:
             why = "" if hashlib.sha256(data).hexdigest() == sha else "the file has changed"
         if why:
@@ -5323,17 +5532,26 @@ def unchecked_hashes(record: dict) -> typing.List[typing.Tuple[str, str]]:
             for sha, verdict in hashes.items() if verdict in (VT_UNCHECKED, VT_PENDING)]
 
 
-PRIVATE_FILES = (CONFIG_NAME, RECORD_NAME, DB_NAME, EXE_LOG_NAME, ERROR_LOG_NAME, CONN_LOG_NAME)
+SPOOL_NAME = "unwritten-rows.json"     # rows a stop found waiting for a log, written at the next start
 
 
-def make_private(directory: str) -> None:
-    """Make the user's picosnitch files readable by them only (run as the user)."""
-    for name in PRIVATE_FILES:
-        try:
-            if os.stat(os.path.join(directory, name)).st_mode & 0o077:
-                os.chmod(os.path.join(directory, name), 0o600)
-        except OSError:
-            pass
+def record_text(record: dict) -> bytes:
+    return json.dumps(record, indent=2).encode()
+
+
+def changed_outside(path: str, expected: bytes) -> str:
+    """'' if the file at path holds what picosnitch wrote last, else what was
+    found there (who owns it, when it was changed)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() == expected:
+                return ""
+            st = os.fstat(f.fileno())
+    except FileNotFoundError:
+        return "it was missing"
+    except OSError as e:
+        return f"it could not be read ({e.strerror})"
+    return f"it was changed at {dated(st.st_mtime)} (owner uid {st.st_uid})"
 
 
 MIGRATE_RETRY = 5.0       # seconds before a migration batch that failed is tried again
@@ -5365,11 +5583,39 @@ def migrate_log(path: str, reporter: Reporter) -> None:
         log.close()
 
 
-class PendingLog:
-    """What waits for one log that cannot be written now, bounded."""
+def lock_holders(paths: typing.Sequence[str]) -> str:
+    """Who else holds a lock on these files (POSIX and flock locks, from
+    /proc/locks): ' (locked by pid N, NAME, uid U; ...)', or ''. A user who
+    may read snitch.db may lock it, and so hold picosnitch's writes back."""
+    inodes = set()
+    for path in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            inodes.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    holders = set()
+    with contextlib.suppress(OSError), open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if "->" in fields:          # (a lock waited for)
+                continue
+            try:
+                pid, (major, minor, ino) = int(fields[4]), fields[5].split(":")
+                if (int(major, 16), int(minor, 16), int(ino)) in inodes and pid > 0 and pid != os.getpid():
+                    holders.add(pid)
+            except (IndexError, ValueError):
+                continue
+    said = [f"pid {pid}, {read_proc_text(pid, 'comm').strip() or '?'}, uid "
+            f"{next((l.split()[1] for l in read_proc_text(pid, 'status').splitlines() if l.startswith('Uid:')), '?')}"
+            for pid in sorted(holders)]
+    return f" (locked by {'; '.join(said)})" if said else ""
 
-    def __init__(self, name: str, reporter: Reporter):
-        self.name, self.reporter = name, reporter
+
+class PendingLog:
+    """What waits for one log that cannot be written now, bounded. `locks`
+    names the files whose lockers a failure names."""
+
+    def __init__(self, name: str, reporter: Reporter, locks: typing.Sequence[str] = ()):
+        self.name, self.reporter, self.locks = name, reporter, locks
         self.items: "collections.deque" = collections.deque()
         self.size = self.dropped = 0
 
@@ -5388,7 +5634,8 @@ class PendingLog:
                 write(self.items[0][0])
                 self.size -= self.items.popleft()[1]
         except (OSError, sqlite3.Error) as e:
-            self.reporter.failing(self.name, f"{self.name} cannot be written ({e}); rows wait in memory "
+            who = lock_holders(self.locks) if "locked" in str(e) else ""
+            self.reporter.failing(self.name, f"{self.name} cannot be written ({e}){who}; rows wait in memory "
                                              f"(up to {PENDING_ROWS}) and are written when it can be")
             if self.dropped:
                 self.reporter.error(f"{self.dropped} rows for {self.name} were dropped: they waited too long")
@@ -5403,24 +5650,21 @@ class Primary:
 
     def __init__(self, rt: Runtime):
         self.rt, self.config, self.reporter = rt, rt.config, rt.reporter
-        make_private(rt.directory)
-        self.record_path = os.path.join(rt.directory, RECORD_NAME)
-        try:
-            self.record = load_record(self.record_path)
-        except PicosnitchError as e:
-            self.reporter.error(str(e))
-            self.record = load_record(self.record_path)
+        self.record_path = os.path.join(rt.state, RECORD_NAME)
         self.record_dirty = False
+        self.record = self.trusted_record()
         self.ignore = ignore_rules(self.config.log_ignore)
         self.names = ReverseNames()
-        self.db_path = os.path.join(rt.directory, DB_NAME)
+        self.db_path = os.path.join(rt.state, DB_NAME)
         self.db: typing.Optional[Log] = None
         self.migration: typing.Optional[threading.Thread] = None
         self.pending = {name: PendingLog(name, self.reporter) for name in (DB_NAME, CONN_LOG_NAME, REMOTE_QUEUE_NAME)}
+        self.pending[DB_NAME].locks = [self.db_path + suffix for suffix in ("", "-wal", "-shm")]
+        self.unspool()
         self.last_seq = self.written_seq() if self.config.db_sql_log else 0
         self.remote = None
         if self.config.db_sql_server:
-            self.remote = RemoteWriter(self.config.db_sql_server, rt.directory, self.reporter)
+            self.remote = RemoteWriter(self.config.db_sql_server, rt.private, self.reporter)
         self.vt = None
         try:
             self.vt = VirusTotal(self.config, self.reporter) if self.config.vt_api_key else None
@@ -5429,11 +5673,63 @@ class Primary:
         for exe, sha in unchecked_hashes(self.record) if self.vt else []:
             self.vt.ask(exe, sha)
         if self.config.geoip_lookup:
-            threading.Thread(target=geoip_keeper, args=(self.config, rt.directory, self.reporter),
+            threading.Thread(target=geoip_keeper, args=(self.config, rt.state, self.reporter),
                              name="geoip", daemon=True).start()
         self.pruned_at = 0.0
         self.reported: typing.Set[tuple] = set()
         self.request_id = 0
+
+    # -- record.json ---------------------------------------------------------------
+    def trusted_record(self) -> dict:
+        """The record picosnitch keeps in its private directory. record.json
+        beside it is the copy the user reads: a change to that copy made by
+        anyone else is reported, and written over, never taken in."""
+        path = os.path.join(self.rt.private, RECORD_NAME)
+        try:
+            record = load_record(path)
+        except PicosnitchError as e:
+            self.reporter.error(str(e))
+            record = load_record(path)
+        found = changed_outside(self.record_path, record_text(record)) if os.path.exists(path) else ""
+        if found and found != "it was missing":
+            self.reporter.error(f"{self.record_path} is not the record picosnitch wrote ({found}); that change is "
+                                "not trusted: notifications are decided by picosnitch's own record, which is "
+                                "written over it")
+        if found or not os.path.exists(path):
+            try:
+                self.write_record(record)
+            except OSError:
+                self.record_dirty = True        # (flush says why, and tries again)
+        return record
+
+    def write_record(self, record: dict) -> None:
+        """The private record, then the user's copy."""
+        data = record_text(record)
+        write_atomic(os.path.join(self.rt.private, RECORD_NAME), data)
+        write_atomic(self.record_path, data, 0o640)
+
+    # -- rows a stop could not write ---------------------------------------------
+    def unspool(self) -> None:
+        """Rows that waited for a log when picosnitch last stopped: they go first."""
+        path = os.path.join(self.rt.private, SPOOL_NAME)
+        try:
+            with open(path, encoding="utf-8") as f:
+                spooled = json.load(f)
+            for name, items in spooled.items():
+                for item in items:      # (a window of the last run marks nothing written in this one)
+                    self.pending[name].add(*([0, item[1]], len(item[1])) if name == DB_NAME else (item, len(item)))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            self.reporter.error(f"rows kept over the last stop ({path}) could not be read ({e}); they are lost")
+        os.unlink(path)
+
+    def spool(self) -> int:
+        """Keep what still waits for a log over the stop; how many rows."""
+        waiting = {name: [item for item, _ in p.items] for name, p in self.pending.items() if p.items}
+        if waiting:
+            write_atomic(os.path.join(self.rt.private, SPOOL_NAME), json.dumps(waiting).encode())
+        return sum(p.size for p in self.pending.values())
 
     # -- snitch.db ---------------------------------------------------------------
     def database(self) -> Log:
@@ -5467,7 +5763,7 @@ class Primary:
     def insert(self, item: typing.Tuple[int, typing.List[tuple]]) -> None:
         seq, rows = item
         try:
-            self.database().insert(rows, (self.rt.run_id, seq))
+            self.database().insert(rows, (self.rt.run_id, seq) if seq else ("", 0))
         except sqlite3.DatabaseError as e:
             if not isinstance(e, sqlite3.OperationalError):     # damaged since it was opened
                 self.db.close()
@@ -5550,14 +5846,14 @@ class Primary:
 
     def flush(self) -> bool:
         """Write everything that waits; True when nothing waits any more."""
-        text_log = os.path.join(self.rt.directory, CONN_LOG_NAME)
+        text_log = os.path.join(self.rt.state, CONN_LOG_NAME)
         done = self.pending[DB_NAME].flush(self.insert)
         done &= self.pending[CONN_LOG_NAME].flush(lambda lines: append_lines(text_log, lines))
         if self.remote is not None:
             done &= self.pending[REMOTE_QUEUE_NAME].flush(self.remote.put)
         if self.record_dirty:
             try:
-                write_atomic(self.record_path, json.dumps(self.record, indent=2).encode())
+                self.write_record(self.record)
                 self.record_dirty = False
                 self.reporter.working(RECORD_NAME, f"{RECORD_NAME} is written again")
             except OSError as e:
@@ -5587,13 +5883,17 @@ class Primary:
                                                "it is tried again later")
 
     def close(self) -> None:
-        waiting = 0 if self.flush() else sum(p.size for p in self.pending.values())
-        if waiting:
-            self.reporter.error(f"picosnitch stopped with {waiting} rows it could not write; they are lost")
+        if not self.flush():
+            try:
+                waiting = self.spool()
+                self.reporter.error(f"picosnitch stopped with {waiting} rows it could not write yet; they are kept "
+                                    "and written at the next start")
+            except OSError as e:
+                self.reporter.error(f"picosnitch stopped with rows it could not write, nor keep ({e}); they are lost")
         if self.remote is not None:
             self.remote.stop()
         if self.db is not None:
-            self.db.close()
+            self.db.close(readable=True)
         self.names.close()
 
 
@@ -5630,45 +5930,20 @@ def primary_main(rt: Runtime) -> None:
     primary.close()
 
 ###############################################################################
-# 16. supervisor, privileges, daemon and systemd unit
+# 16. privileges: capabilities, and doing work as another account
 ###############################################################################
-# The supervisor runs as root. It loads the BPF program (section 9), holds its
-# descriptors, and starts each process through process_entry, which gives the
-# process only its own channel ends and its own privileges (ROLES): the
-# reader and the monitor stay root with the one or two capabilities they
-# need; the primary and the notifier become the user. The supervisor itself
-# never touches the user's files: its reports go to the notifier.
-
-RESTART_LIMIT = 5          # deaths of one child within RESTART_WINDOW before restarts slow down
-RESTART_WINDOW = 60.0
-RESTART_DELAY_MAX = 60.0
-READY_TIMEOUT = 120.0
-STOPPED_LIMIT = 10.0       # seconds a child may stay stopped (SIGSTOP, ptrace) before it is killed and restarted
+# Each process keeps only the privileges its work needs (ROLES, section 18),
+# and what is done on someone's behalf is done with their rights: the user's
+# settings and files are read as the user; picosnitch's state directory is
+# written as picosnitch's account. run_as does a piece of work so, in a child.
 
 # capability numbers (linux/capability.h) of those picosnitch keeps somewhere
-CAPABILITIES = {"CAP_DAC_READ_SEARCH": 2, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_SYS_PTRACE": 19}
+CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_READ_SEARCH": 2, "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_SYS_PTRACE": 19}
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_KEEPCAPS, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 1, 4, 8, 24, 28
 PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 38, 47, 4
 # no capabilities come back from being uid 0 or from an exec, and that is locked
 SECUREBITS_LOCKED = 0x01 | 0x02 | 0x04 | 0x08 | 0x40 | 0x80
 CAPABILITY_VERSION_3 = 0x20080522
-
-
-class Role(typing.NamedTuple):
-    """How one child process runs."""
-    main: typing.Callable
-    caps: typing.Optional[typing.Tuple[str, ...]]     # None: as the user, with no capabilities
-    channels: typing.Tuple[str, ...]                   # the Runtime channel ends it keeps
-    kernel: bool = False                               # keeps the BPF program's descriptors
-
-
-ROLES = {
-    "notifier": Role(notifier_main, None, ("report_rx", "report_tx")),
-    "monitor": Role(monitor_main, ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"), ("exec_rx", "hash_monitor", "report_tx")),
-    "primary": Role(primary_main, None, ("batch_rx", "hash_primary", "report_tx")),
-    "reader": Role(reader_main, ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
-                   ("exec_tx", "batch_tx", "ready_tx", "report_tx"), kernel=True),
-}
 
 
 class _CapHeader(ctypes.Structure):
@@ -5708,9 +5983,10 @@ def set_capabilities(names: typing.Sequence[str]) -> None:
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
 
 
-def confine(caps: typing.Optional[typing.Sequence[str]], user: User) -> None:
-    """Become what a role runs as: root with only `caps`, or (caps None) the
-    user with no capabilities. Neither can gain privileges again."""
+def confine(caps: typing.Optional[typing.Sequence[str]], user: typing.Optional[User]) -> None:
+    """Become what a role runs as: root with only `caps`, or (caps None)
+    `user` (the user picosnitch works for, or picosnitch's account) with no
+    capabilities. Neither can gain privileges again."""
     if os.geteuid() == 0:
         if caps is None and user.uid != 0:
             set_capabilities(["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"])
@@ -5737,6 +6013,453 @@ def capabilities_of(pid: typing.Union[int, str] = "self") -> int:
         return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
 
 
+
+def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = False) -> typing.Any:
+    """work() in a child process that is `who`, with no capabilities (when
+    picosnitch runs as root; otherwise here), so that it reaches only what
+    `who` can. Its JSON result, or its PicosnitchError raised here. with_fds:
+    work returns (result, descriptors it opened), and so does run_as, with
+    the descriptors passed over to this process."""
+    if os.geteuid() != 0:
+        return work()
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        parent.close()
+        fds = []
+        try:
+            os.umask(0o077)
+            confine(None, who)
+            result = work()
+            if with_fds:
+                result, fds = result
+            answer = {"ok": result}
+        except PicosnitchError as e:
+            answer = {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - the parent reports it
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        with contextlib.suppress(OSError):
+            socket.send_fds(child, [b"+"], fds[:200]) if fds else child.sendall(b"+")
+            child.sendall(json.dumps(answer).encode())
+        os._exit(0)
+    child.close()
+    with parent:
+        _, fds, _, _ = socket.recv_fds(parent, 1, 200)
+        data = b"".join(iter(lambda: parent.recv(1 << 16), b""))
+    os.waitpid(pid, 0)
+    answer = json.loads(data or b'{"error": "the helper died"}')
+    if "error" in answer:
+        for fd in fds:
+            os.close(fd)
+        raise PicosnitchError(answer["error"])
+    return (answer["ok"], fds) if with_fds else answer["ok"]
+
+
+def as_user(user: User, work: typing.Callable[[], typing.Any]) -> typing.Any:
+    """work() as the user picosnitch works for (see run_as)."""
+    return run_as(user, work)
+
+###############################################################################
+# 17. the state directory, picosnitch's account, and the move from ~/.config
+###############################################################################
+# What picosnitch records lives in the state directory (STATE_DIR), which
+# only picosnitch's account writes: not the user picosnitch works for, whose
+# programs it watches, nor any other account but root. That user may read it
+# all but its private part (an ACL names them), and finds it through links
+# in ~/.config/picosnitch/, where config.json stays theirs. prepare() readies
+# all that before a start:
+#
+# - root makes the directory, and its private part, the account's;
+# - as the user: config.json is read, and the files an older picosnitch kept
+#   in ~/.config/picosnitch/ are opened (what the user can open, no more);
+# - as the account: the directory is shared with the user alone, those files
+#   are copied in, once (a stop halfway copies them again at the next
+#   start), and the settings are compared with those of the last start;
+# - as the user: the old files, copied, make way for links to the new ones.
+#
+# A change of settings that weakens monitoring is reported at the start,
+# whatever the new settings say about notifications. A config.json that
+# cannot be used is reported too, and picosnitch runs with the settings of
+# its last start: a program of the user cannot keep it from starting.
+
+ACCOUNT_HOME = "/nonexistent"
+MOVED_NAME = "moved.json"           # (private) what was moved in from ~/.config/picosnitch, once
+APPLIED_NAME = "settings.json"      # (private) the settings the last start applied
+# the files an older picosnitch kept in ~/.config/picosnitch/, and where each
+# goes: the state directory, or its private part (the -wal before its database)
+LEGACY_FILES = {DB_NAME + "-wal": "", DB_NAME: "", RECORD_NAME: PRIVATE_NAME, EXE_LOG_NAME: "", ERROR_LOG_NAME: "",
+                CONN_LOG_NAME: "", GEOIP_NAME: "", REMOTE_QUEUE_NAME: PRIVATE_NAME}
+# ~/.config/picosnitch/NAME links to the state directory's NAME
+LINKED_FILES = (DB_NAME, RECORD_NAME, EXE_LOG_NAME, ERROR_LOG_NAME, CONN_LOG_NAME)
+# connection settings of the remote copy that name a file: read as the user,
+# kept in the private part for the account (libpq's, and MariaDB's / PyMySQL's)
+SQL_FILE_KEYS = ("passfile", "sslcert", "sslkey", "sslrootcert", "sslcrl", "ssl_ca", "ssl_cert", "ssl_key")
+
+
+class Setup(typing.NamedTuple):
+    """What a start runs with (prepare's answer)."""
+    config: Config                   # the settings, with the remote copy's files in the private part
+    user: User
+    account: User
+    state: str
+    warnings: typing.List[str]       # reported at the start, whatever the settings (and shown by status)
+
+
+def service_account(create: bool = True) -> User:
+    """picosnitch's own system account (created as systemd-sysusers would:
+    no home, no shell, a group of its own)."""
+    try:
+        entry = pwd.getpwnam(ACCOUNT)
+    except KeyError:
+        if not create:
+            raise PicosnitchError(f"there is no account named {ACCOUNT!r}")
+        useradd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", ACCOUNT_HOME,
+                   "--shell", "/usr/sbin/nologin", "--comment", "picosnitch", ACCOUNT]
+        try:
+            done = subprocess.run(useradd, capture_output=True, text=True, timeout=60)
+            why = one_line(done.stderr) or f"exit code {done.returncode}"
+        except (OSError, subprocess.SubprocessError) as e:
+            why = str(e)
+        try:
+            entry = pwd.getpwnam(ACCOUNT)
+        except KeyError:
+            raise PicosnitchError(f"picosnitch runs its writer as a system account named {ACCOUNT!r}, which could "
+                                  f"not be created ({why}): create it with '{' '.join(useradd)}'")
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise PicosnitchError(f"the account {ACCOUNT!r} is uid {entry.pw_uid}, gid {entry.pw_gid}: it must be an "
+                              "unprivileged account of picosnitch's own")
+    return User(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir)
+
+
+def check_ancestors(path: str) -> None:
+    """Every directory above path is root's and only root may write it (or
+    it is sticky, as /tmp is): no one else can swap a link in on the way.
+    And others may pass through it, as picosnitch's account must."""
+    parent = os.path.dirname(path)
+    while True:
+        st = os.lstat(parent)
+        why = ("not a directory" if not stat_module.S_ISDIR(st.st_mode) else f"uid {st.st_uid}'s" if st.st_uid else
+               "writable by others than root" if st.st_mode & 0o022 and not st.st_mode & stat_module.S_ISVTX else
+               "closed to others (picosnitch's account must pass through it)" if not st.st_mode & 0o001 else "")
+        if why:
+            raise PicosnitchError(f"{path} cannot be picosnitch's state directory: {parent} is {why}")
+        if parent == "/":
+            return
+        parent = os.path.dirname(parent)
+
+
+def owned_directory(path: str, account: User, dir_fd: typing.Optional[int] = None) -> int:
+    """A directory made (0700) or found, and given to the account if it was
+    root's; its descriptor. Run as root, where no one else can plant a link."""
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700, dir_fd=dir_fd)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        raise PicosnitchError(f"{path} cannot be picosnitch's state directory ({e.strerror})")
+    st = os.fstat(fd)
+    if st.st_uid not in (0, account.uid):
+        os.close(fd)
+        raise PicosnitchError(f"{path} belongs to uid {st.st_uid}: picosnitch keeps its state only in a directory "
+                              f"of its own (root's or {ACCOUNT!r}'s)")
+    if st.st_uid == 0:
+        os.fchown(fd, account.uid, account.gid)
+    return fd
+
+
+def make_state_directory(path: str, account: User) -> None:
+    """The state directory and its private part, the account's (as root)."""
+    check_ancestors(path)
+    try:
+        fd = owned_directory(path, account)
+    except OSError as e:
+        raise PicosnitchError(f"cannot make {path} ({e.strerror}): 'sudo picosnitch systemd' makes it for a "
+                              "service whose file system is read-only")
+    try:
+        os.close(owned_directory(PRIVATE_NAME, account, fd))
+    finally:
+        os.close(fd)
+
+
+def share_state(state: str, reader: typing.Optional[int]) -> str:
+    """The state directory and every file in it the account's, readable by
+    `reader` (the user's uid; None: no one) and no one else; the private
+    part the account's alone. As the account. '' or what could not be done."""
+    fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for name in [None] + sorted(os.listdir(fd)):
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            entry = fd if name is None else os.open(name, flags, dir_fd=fd)
+            try:
+                st = os.fstat(entry)
+                if st.st_uid != os.geteuid():
+                    continue
+                directory = stat_module.S_ISDIR(st.st_mode)
+                os.fchmod(entry, 0o700 if name == PRIVATE_NAME else 0o750 if directory else 0o640)
+                share_with(entry, None if name == PRIVATE_NAME else reader, directory)
+            finally:
+                if entry != fd:
+                    os.close(entry)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+            return (f"the file system of {state} has no ACLs: only root can read what picosnitch records "
+                    "(sudo picosnitch view)")
+        raise
+    finally:
+        os.close(fd)
+    return ""
+
+
+def open_legacy(directory: str) -> typing.Tuple[typing.List[str], typing.List[int]]:
+    """The files an older picosnitch kept in the user's directory, opened as
+    the user: their own regular files, no links. (names, descriptors)"""
+    names, fds = [], []
+    for name in LEGACY_FILES:
+        try:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        st = os.fstat(fd)
+        if stat_module.S_ISREG(st.st_mode) and st.st_uid == os.getuid():
+            names.append(name)
+            fds.append(fd)
+        else:
+            os.close(fd)
+    return names, fds
+
+
+def copy_in(source: int, target: str) -> None:
+    """A file's content (from its descriptor) to target, whole or not at all
+    (a temporary file of a fixed name, which a stop halfway leaves to the
+    next try), made 0640 (0600 in the private part, by its lack of ACLs)."""
+    partial = os.path.join(os.path.dirname(target), f".moving-{os.path.basename(target)}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        offset = 0
+        while True:
+            chunk = os.pread(source, 1 << 20, offset)
+            if not chunk:
+                break
+            os.write(fd, chunk)
+            offset += len(chunk)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, target)
+
+
+def move_in(state: str, files: typing.Dict[str, int], directory: str) -> dict:
+    """Copy the files of an older picosnitch (name -> descriptor) into the
+    state directory, once. As the account. What moved.json keeps of them:
+    where they came from, when, and each one's size, time and inode."""
+    marker = os.path.join(state, PRIVATE_NAME, MOVED_NAME)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return {}
+    moved = {}
+    for name in [n for n in LEGACY_FILES if n in files]:
+        target = os.path.join(state, LEGACY_FILES[name], name)
+        if not os.path.lexists(target):
+            copy_in(files[name], target)
+        st = os.fstat(files[name])
+        moved[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    info = {"from": directory, "time": now_text(), "files": moved}
+    write_atomic(marker, json.dumps(info).encode())
+    return info
+
+
+def link_state(directory: str, state: str, moved: dict) -> None:
+    """As the user, in their directory: each old file moved in (the very one:
+    size, time and inode as copied) makes way, and ~/.config/picosnitch/NAME
+    links to the state directory's NAME where there is nothing by that name."""
+    files = moved.get("files", {}) if moved.get("from") == directory else {}
+    for name, kept in files.items():
+        path = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            if stat_module.S_ISREG(st.st_mode) and [st.st_size, st.st_mtime_ns, st.st_ino] == kept:
+                os.unlink(path)
+    if DB_NAME in files:
+        with contextlib.suppress(OSError):
+            if stat_module.S_ISREG(os.lstat(os.path.join(directory, DB_NAME + "-shm")).st_mode):
+                os.unlink(os.path.join(directory, DB_NAME + "-shm"))
+    for name in LINKED_FILES:
+        with contextlib.suppress(FileExistsError):
+            os.symlink(os.path.join(state, name), os.path.join(directory, name))
+
+
+def settle_settings(text: str, error: str, previous: typing.Optional[Config],
+                    source: str = CONFIG_NAME) -> typing.Tuple[Config, typing.List[str]]:
+    """The settings to run with, and what to report of them: config.json's
+    (text, or the error that kept it from being read), with what it weakens
+    since the last start (previous); or, when it cannot be used, the
+    previous ones, if there are any. PicosnitchError when there are none."""
+    try:
+        if error:
+            raise PicosnitchError(error)
+        config = parse_config(text, source)
+    except PicosnitchError as e:
+        if previous is None:
+            raise
+        return previous, [f"{e}; picosnitch runs with the settings of its last start"]
+    said = [f"a change of settings weakens monitoring: {change} (since the last start)"
+            for change in (weakened(previous, config) if previous is not None else [])]
+    return config, said
+
+
+def applied_settings(state: str) -> typing.Optional[Config]:
+    """The settings the last start ran with (as the account; None: no start yet)."""
+    path = os.path.join(state, PRIVATE_NAME, APPLIED_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_config(f.read(), path)
+    except (FileNotFoundError, PicosnitchError, UnicodeDecodeError):
+        return None
+
+
+def read_sql_files(settings: dict) -> typing.Dict[str, str]:
+    """The files the remote copy's settings name, read as the user (so none
+    the user cannot read); text as latin-1, which keeps every byte."""
+    found = {}
+    for key in [k for k in SQL_FILE_KEYS if isinstance(settings.get(k), str)]:
+        try:
+            with open(os.path.expanduser(settings[key]), "rb") as f:
+                found[key] = f.read().decode("latin-1")
+        except OSError as e:
+            raise PicosnitchError(f"'DB sql server' {key} {settings[key]!r} cannot be read as you ({e.strerror}): "
+                                  "the remote copy goes on without it")
+    return found
+
+
+def keep_sql_files(state: str, found: typing.Dict[str, str]) -> typing.Dict[str, str]:
+    """Those files kept in the private part, for the account: key -> their path there."""
+    kept = {}
+    for key, text in found.items():
+        kept[key] = os.path.join(state, PRIVATE_NAME, f"sql-{key}")
+        write_atomic(kept[key], text.encode("latin-1"))
+    return kept
+
+
+def sql_files(config: Config, user: User, account: User, state: str, warnings: typing.List[str]) -> Config:
+    """The settings with the remote copy's files in the private part (a file
+    the user cannot read is left out, and said so)."""
+    if not any(key in config.db_sql_server for key in SQL_FILE_KEYS):
+        return config
+    settings = {k: v for k, v in config.db_sql_server.items() if k not in SQL_FILE_KEYS}
+    try:
+        found = run_as(user, lambda: read_sql_files(config.db_sql_server))
+        settings.update(run_as(account, lambda: keep_sql_files(state, found)))
+    except PicosnitchError as e:
+        warnings.append(str(e))
+    return dataclasses.replace(config, db_sql_server=settings)
+
+
+def make_private(path: str) -> None:
+    """A file of the user's (not a link) readable by them only: config.json
+    may hold passwords and keys. As the user."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
+def user_side(user: User) -> typing.Tuple[typing.Tuple[str, str, typing.List[str]], typing.List[int]]:
+    """As the user: config.json's text (or why it cannot be had) and the old
+    files opened (open_legacy)."""
+    try:
+        check_directory(user.directory, user.uid)
+        text, error = read_config_text(user.directory), ""
+    except PicosnitchError as e:
+        return ("", str(e), []), []
+    make_private(os.path.join(user.directory, CONFIG_NAME))
+    names, fds = open_legacy(user.directory)
+    return (text, error, names), fds
+
+
+def account_side(state: str, reader: typing.Optional[int], files: typing.Dict[str, int],
+                 directory: str) -> typing.Tuple[str, dict, str]:
+    """As the account: the state directory shared (share_state), the old files
+    moved in (move_in), and the settings of the last start ('' if none)."""
+    previous = applied_settings(state)
+    return (share_state(state, reader), move_in(state, files, directory),
+            config_to_json(previous) if previous else "")
+
+
+def prepare(user: User, environ: typing.Mapping[str, str] = os.environ) -> Setup:
+    """All a start needs before it loads the kernel program (this section's
+    comment says what, and as whom). PicosnitchError says what is wrong."""
+    account, state = service_account(), state_directory(environ)
+    make_state_directory(state, account)
+    (text, error, names), fds = run_as(user, lambda: user_side(user), with_fds=True)
+    reader = None if user.uid in (0, account.uid) else user.uid
+    try:
+        shared, moved, previous = run_as(account, lambda: account_side(state, reader, dict(zip(names, fds)),
+                                                                       user.directory))
+    finally:
+        for fd in fds:
+            os.close(fd)
+    previous = parse_config(previous, APPLIED_NAME) if previous else None
+    config, warnings = settle_settings(text, error, previous, os.path.join(user.directory, CONFIG_NAME))
+    warnings = ([shared] if shared else []) + warnings
+    run_as(account, lambda: write_atomic(os.path.join(state, PRIVATE_NAME, APPLIED_NAME),
+                                         config_to_json(config).encode()))
+    with contextlib.suppress(PicosnitchError):          # (only a convenience for the user)
+        run_as(user, lambda: link_state(user.directory, state, moved))
+    return Setup(sql_files(config, user, account, state, warnings), user, account, state, warnings)
+
+###############################################################################
+# 18. supervisor, daemon and systemd unit
+###############################################################################
+# The supervisor runs as root. It loads the BPF program (section 9), holds its
+# descriptors, and starts each process through process_entry, which gives the
+# process only its own channel ends and its own privileges (ROLES): the
+# reader and the monitor stay root with the one or two capabilities they
+# need; the primary and the notifier become picosnitch's account, out of the
+# user's reach; only the desktop process, which shows notifications on the
+# user's session bus, is the user. The supervisor itself never touches the
+# user's files, nor writes in the state directory: its reports go to the
+# notifier. It records what befalls the desktop process, with the time.
+
+RESTART_LIMIT = 5          # deaths of one child within RESTART_WINDOW before restarts slow down
+RESTART_WINDOW = 60.0
+RESTART_DELAY_MAX = 60.0
+READY_TIMEOUT = 120.0
+STOPPED_LIMIT = 10.0       # seconds a child may stay stopped (SIGSTOP, ptrace) before it is killed and restarted
+STOPPED_LIMIT_REACH = 2.0  # the same, for a process within the user's reach
+REACH_RESTART_DELAY = 1.0  # the longest such a process waits for its restart (if it keeps failing on its own)
+STEADY_SECONDS = 3.0       # how long such a process runs again before what befell it is summed up
+
+class Role(typing.NamedTuple):
+    """How one child process runs."""
+    main: typing.Callable
+    who: str                                           # "root", "account" (picosnitch's) or "user"
+    caps: typing.Tuple[str, ...]                       # the capabilities root keeps (others have none)
+    channels: typing.Tuple[str, ...]                   # the Runtime channel ends it keeps
+    kernel: bool = False                               # keeps the BPF program's descriptors
+
+
+ROLES = {
+    "notifier": Role(notifier_main, "account", (), ("report_rx", "report_tx", "notice_tx")),
+    "desktop": Role(desktop_main, "user", (), ("notice_rx",)),
+    "monitor": Role(monitor_main, "root", ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
+                    ("exec_rx", "hash_monitor", "report_tx")),
+    "primary": Role(primary_main, "account", (), ("batch_rx", "hash_primary", "report_tx")),
+    "reader": Role(reader_main, "root", ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
+                   ("exec_tx", "batch_tx", "ready_tx", "report_tx"), kernel=True),
+}
+# the processes a program running as the user can kill: each death is
+# recorded with its time, and the process is started again at once
+WITHIN_REACH = ("desktop",)
+
 def process_entry(name: str, rt: Runtime, args: tuple) -> None:
     """Run one child process: its signals (SIGTERM asks it to stop, SIGINT is
     the supervisor's), its own channel ends and privileges, and any exception
@@ -5745,7 +6468,7 @@ def process_entry(name: str, rt: Runtime, args: tuple) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: asked.append(1))
     rt.stopping = lambda: bool(asked)
-    os.umask(0o077)                 # what the user-side processes create is the user's alone
+    os.umask(0o077)                 # (in the state directory, its default ACL decides who else may read)
     supervisor = os.getppid()
     try:
         for channel in Runtime.CHANNELS:
@@ -5758,12 +6481,12 @@ def process_entry(name: str, rt: Runtime, args: tuple) -> None:
             rt.kernel.close_fds()
             rt.kernel = None
         rt.reporter = Reporter(rt.report_tx)
-        if role.caps is None:       # the user's side: no controlling terminal to type into (TIOCSTI)
+        if role.who != "root":      # no controlling terminal to type into (TIOCSTI)
             os.setsid()
             devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.close(devnull)
-        confine(role.caps, rt.user)
+        confine(role.caps if role.who == "root" else None, {"account": rt.account, "user": rt.user}.get(role.who))
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)       # after confine: a change of user clears it
         if os.getppid() != supervisor:
             os._exit(0)
@@ -5793,24 +6516,27 @@ def read_pid(path: str = PIDFILE) -> typing.Optional[int]:
     return pid
 
 
-def write_status(mode: str, started: str, children: typing.Dict[str, int]) -> None:
-    """/run/picosnitch.status: what `status` shows (capture mode, processes)."""
+def write_status(mode: str, started: str, children: typing.Dict[str, int], state: str,
+                 warnings: typing.List[str]) -> None:
+    """/run/picosnitch.status: what `status` shows (capture mode, processes,
+    where the state is, and what the start warned of)."""
     tmp = STATUSFILE + ".new"
     with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "mode": mode, "description": MODE_DESCRIPTIONS[mode],
-                   "started": started, "children": children}, f)
+                   "started": started, "children": children, "state": state, "warnings": warnings}, f)
     os.chmod(tmp, 0o644)
     os.replace(tmp, STATUSFILE)
 
 
-def make_runtime(config: Config, user: User, environ: typing.Mapping[str, str] = os.environ) -> Runtime:
-    rt = Runtime(config, user, st_dev_mask(config), default_bus_address(user.uid, environ),
-                 run_id=f"{os.getpid()}-{time.time_ns()}")
+def make_runtime(setup: Setup, environ: typing.Mapping[str, str] = os.environ) -> Runtime:
+    rt = Runtime(setup.config, setup.user, setup.account, setup.state, st_dev_mask(setup.config),
+                 default_bus_address(setup.user.uid, environ), run_id=f"{os.getpid()}-{time.time_ns()}")
     rt.exec_tx, rt.exec_rx = Channel.pair()
     rt.batch_tx, rt.batch_rx = Channel.pair()
     rt.hash_primary, rt.hash_monitor = Channel.pair()
     rt.ready_tx, rt.ready_rx = Channel.pair()
     rt.report_tx, rt.report_rx = Channel.pair()
+    rt.notice_tx, rt.notice_rx = Channel.pair()
     rt.reporter = Reporter(rt.report_tx)
     return rt
 
@@ -5833,30 +6559,53 @@ def death_cause(exitcode: typing.Optional[int]) -> str:
     return f"exit code {exitcode}" + (", see the error before this one" if exitcode == 1 else "")
 
 
-class Supervisor:
-    """Starts the processes, restarts one that dies (more and more slowly if
-    it keeps dying, but never gives up on it), and stops them in order: the
-    reader first (it drains the kernel), then the primary once it has written
-    the last window, then the monitor and the notifier."""
+class Interference(typing.NamedTuple):
+    """What befell a process within the user's reach since it last ran steadily."""
+    first: float            # when it first died or was stopped (seconds since the epoch)
+    last: float             # when it last did
+    deaths: int
+    stops: int
 
-    def __init__(self, rt: Runtime):
+    def add(self, died: bool) -> "Interference":
+        return self._replace(last=time.time(), deaths=self.deaths + died, stops=self.stops + (not died))
+
+    def summary(self, name: str) -> str:
+        what = " and ".join(f"{n} time{'s' if n > 1 else ''}" + (" killed" if kind == "deaths" else " stopped")
+                            for kind, n in (("deaths", self.deaths), ("stops", self.stops)) if n)
+        return (f"the {name} process, which runs as the user, was kept from running from {dated(self.first)} to "
+                f"{dated(self.last)} ({self.last - self.first:.0f} s; {what}); it was restarted each time, and "
+                "what could not be shown then follows, with the time it happened")
+
+
+class Supervisor:
+    """Starts the processes, restarts one that dies (a process out of the
+    user's reach more and more slowly if it keeps dying, but never gives up
+    on it; one within it at once, every time), and stops them in order: the
+    reader first (it drains the kernel), then the primary once it has written
+    the last window, then the others."""
+
+    def __init__(self, rt: Runtime, warnings: typing.Sequence[str] = ()):
         self.rt = rt
         self.ctx = multiprocessing.get_context("fork")
         self.procs: typing.Dict[str, multiprocessing.Process] = {}
         self.deaths: typing.Dict[str, typing.List[float]] = collections.defaultdict(list)
         self.restart_at: typing.Dict[str, typing.Tuple[float, float]] = {}     # name -> (when, died at)
         self.stopped_since: typing.Dict[str, float] = {}
-        self.mode, self.started = "", now_text()
+        self.interference: typing.Dict[str, Interference] = {}
+        self.started_at: typing.Dict[str, float] = {}
+        self.mode, self.started, self.warnings = "", now_text(), list(warnings)
 
     def write_status(self) -> None:
         if self.mode:
-            write_status(self.mode, self.started, {name: p.pid for name, p in self.procs.items()})
+            write_status(self.mode, self.started, {name: p.pid for name, p in self.procs.items()}, self.rt.state,
+                         self.warnings)
 
     def start(self, name: str, *args) -> None:
         release_free_memory()
         self.procs[name] = self.ctx.Process(target=process_entry, args=(name, self.rt, args),
                                             name=f"picosnitch-{name}", daemon=True)
         self.procs[name].start()
+        self.started_at[name] = time.monotonic()
 
     def wait_ready(self, timeout: float) -> str:
         """The capture mode once the reader is polling the kernel."""
@@ -5870,28 +6619,54 @@ class Supervisor:
         raise PicosnitchError("the BPF reader failed to start (see error.log)")
 
     def check(self) -> None:
-        """Report a child that died, and restart it (now, or later if it keeps
-        dying); kill one that has been stopped for too long (the user may stop
-        the primary and the notifier, which would silence picosnitch)."""
+        """Kill a child that stays stopped, report one that died and restart
+        it, and say what befell those within the user's reach."""
+        self.check_stopped()
+        self.check_deaths()
+        self.check_restarts()
+        self.check_steady()
+
+    def check_stopped(self) -> None:
+        """A child stopped for too long (SIGSTOP, ptrace) is killed, and so restarted."""
         now = time.monotonic()
         for name, proc in list(self.procs.items()):
             if name in self.restart_at or not proc.is_alive() or not is_stopped(proc.pid):
                 self.stopped_since.pop(name, None)
-            elif now - self.stopped_since.setdefault(name, now) >= STOPPED_LIMIT:
-                self.rt.reporter.error(f"the {name} process was stopped for {STOPPED_LIMIT:.0f}s; killing it")
+                continue
+            limit = STOPPED_LIMIT_REACH if name in WITHIN_REACH else STOPPED_LIMIT
+            if now - self.stopped_since.setdefault(name, now) >= limit:
                 self.stopped_since.pop(name)
+                if name in WITHIN_REACH:
+                    self.interference[name] = self.interference.get(name, Interference(time.time(), 0, 0, 0)).add(False)
+                self.rt.reporter.error(f"the {name} process was stopped for {limit:.0f}s; killing it",
+                                       notify=name not in WITHIN_REACH)
                 proc.kill()
                 proc.join(5)
+
+    def check_deaths(self) -> None:
+        """Each death reported, with the time it was seen; a restart planned:
+        at once for a process within the user's reach (each is recorded,
+        and one notice sums them up), later and later for one that keeps
+        dying on its own."""
+        now = time.monotonic()
         for name, proc in list(self.procs.items()):
             if name in self.restart_at or proc.is_alive():
                 continue
+            died = time.time()
             self.deaths[name] = [t for t in self.deaths[name] if now - t < RESTART_WINDOW] + [now]
-            delay = 0.0
-            if len(self.deaths[name]) > RESTART_LIMIT:
+            delay, killed = 0.0, proc.exitcode is not None and proc.exitcode < 0
+            if name in WITHIN_REACH:        # (one that fails on its own, a second; one that is killed, at once)
+                self.interference[name] = self.interference.get(name, Interference(died, 0, 0, 0)).add(True)
+                delay = 0.0 if killed or len(self.deaths[name]) <= RESTART_LIMIT else REACH_RESTART_DELAY
+            elif len(self.deaths[name]) > RESTART_LIMIT:
                 delay = min(RESTART_DELAY_MAX, 2.0 ** (len(self.deaths[name]) - RESTART_LIMIT))
             self.rt.reporter.error(f"the {name} process died ({death_cause(proc.exitcode)}); "
-                                   + (f"it keeps dying: restarting it in {delay:.0f}s" if delay else "restarting it"))
-            self.restart_at[name] = (now + delay, time.time())
+                                   + (f"it keeps dying: restarting it in {delay:.0f}s" if delay else "restarting it"),
+                                   when=died, notify=name not in WITHIN_REACH)
+            self.restart_at[name] = (now + delay, died)
+
+    def check_restarts(self) -> None:
+        now = time.monotonic()
         for name, (when, died) in list(self.restart_at.items()):
             if now >= when:
                 del self.restart_at[name]
@@ -5905,9 +6680,28 @@ class Supervisor:
                     self.start(name)
                 self.write_status()
 
+    def check_steady(self) -> None:
+        """One notice for what befell a process within reach, once it has run
+        for a while again: how long, from when to when, how many times."""
+        for name, what in list(self.interference.items()):
+            proc = self.procs.get(name)
+            if name not in self.restart_at and proc is not None and proc.is_alive() and \
+                    time.monotonic() - self.started_at[name] >= STEADY_SECONDS:
+                del self.interference[name]
+                self.rt.reporter.error(what.summary(name))
+
+    def ensure(self, name: str) -> None:
+        """Start a child now if it is dead or waiting for its restart."""
+        proc = self.procs.get(name)
+        if name in self.restart_at or (proc is not None and not proc.is_alive()):
+            self.restart_at.pop(name, None)
+            self.start(name)
+
     def stop(self) -> None:
+        if "reader" in self.procs:
+            self.ensure("primary")          # (the last windows go to a primary that runs)
         order = [("reader", True, STOP_TIMEOUT + 10), ("primary", False, STOP_TIMEOUT),
-                 ("monitor", True, 5), ("notifier", True, 5)]
+                 ("monitor", True, 5), ("notifier", True, 10), ("desktop", True, 5)]
         for name, terminate, timeout in order:
             proc = self.procs.get(name)
             if proc is None:
@@ -5924,16 +6718,19 @@ class Supervisor:
                 proc.join(5)
 
 
-def run_supervisor(config: Config, user: User, ready: typing.Callable[[str], None]) -> int:
+def run_supervisor(setup: Setup, ready: typing.Callable[[str], None]) -> int:
     """Run picosnitch until SIGTERM or SIGINT; ready(mode) once capturing."""
-    rt = make_runtime(config, user)
+    rt = make_runtime(setup)
     stop: typing.List[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    supervisor = Supervisor(rt)
+    supervisor = Supervisor(rt, setup.warnings)
     supervisor.start("notifier")
+    supervisor.start("desktop")
+    for warning in setup.warnings:
+        rt.reporter.error(warning, always=True)
     try:
-        rt.kernel = Kernel.load(config.perf_ring_buffer_pages)
+        rt.kernel = Kernel.load(setup.config.perf_ring_buffer_pages)
         for note in rt.kernel.notes:
             rt.reporter.info(note)
         for name in ("reader", "monitor", "primary"):      # (the reader first: events wait in the buffers)
@@ -5974,16 +6771,16 @@ def release_pidfile() -> None:
             os.unlink(path)
 
 
-def run_foreground(config: Config, user: User) -> int:
+def run_foreground(setup: Setup) -> int:
     claim_pidfile()
     try:
-        return run_supervisor(config, user, lambda mode: print(
+        return run_supervisor(setup, lambda mode: print(
             f"picosnitch: capturing, mode {MODE_DESCRIPTIONS[mode]}", flush=True))
     finally:
         release_pidfile()
 
 
-def run_daemon(config: Config, user: User) -> int:
+def run_daemon(setup: Setup) -> int:
     """Double fork; the caller returns once the daemon captures (or failed).
 
     The daemon answers with one line on a pipe (its children inherit the pipe,
@@ -6009,7 +6806,7 @@ def run_daemon(config: Config, user: User) -> int:
     answer = lambda line: pipe.write(f"picosnitch: {line}\n".encode())
     try:
         claim_pidfile()
-        code = run_supervisor(config, user, lambda mode: answer(f"capturing, mode {MODE_DESCRIPTIONS[mode]}"))
+        code = run_supervisor(setup, lambda mode: answer(f"capturing, mode {MODE_DESCRIPTIONS[mode]}"))
     except PicosnitchError as e:
         answer(str(e))
         code = 1
@@ -6038,8 +6835,9 @@ def stop_daemon() -> bool:
 UNIT_CAPABILITIES = (
     "CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN",     # load the program, open perf events, the uprobe, cgroup hooks
     "CAP_IPC_LOCK",                                # perf rings beyond the memlock limit
-    "CAP_KILL",                                    # signal the processes that run as the user
-    "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",     # make those processes the user, shrink bounding sets
+    "CAP_KILL",                                    # signal the processes that run as the user or the account
+    "CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP",     # make those processes the user or the account, shrink bounding sets
+    "CAP_CHOWN",                                   # give a state directory root made to the account
     "CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE",       # the reader and the monitor: open any process's executable
 )
 # system calls picosnitch never makes: whole groups, and from the groups it
@@ -6054,16 +6852,19 @@ UNIT_SANDBOX = """\
 # SYS_ADMIN creates its uprobe on getaddrinfo and attaches its cgroup hooks
 # (which name the peers of UDP sends), IPC_LOCK maps its perf rings;
 # KILL, SETUID, SETGID and SETPCAP start and stop the processes that run as
-# {user}, with none; DAC_READ_SEARCH and SYS_PTRACE stay with the reader and
+# {user} or as picosnitch's account, with none; CHOWN gives the account its
+# state directory; DAC_READ_SEARCH and SYS_PTRACE stay with the reader and
 # the monitor, which open every executable that runs.
 CapabilityBoundingSet={capabilities}
 NoNewPrivileges=yes
-# Writable: {directory}, and /run, where picosnitch.pid and
-# picosnitch.status are made anew at each start. Everything else, kernel
-# headers (bcc compiles with them) and executables included, is read-only.
+# Writable: {state} (picosnitch's account writes it; `picosnitch systemd`
+# makes it), {directory} (config.json and links, as {user}), and /run,
+# where picosnitch.pid and picosnitch.status are made anew at each start.
+# Everything else, kernel headers (bcc compiles with them) and executables
+# included, is read-only.
 ProtectSystem=strict
 ProtectHome=read-only
-ReadWritePaths=/run {quoted_directory}
+ReadWritePaths=/run -{quoted_state} {quoted_directory}
 PrivateTmp=yes
 PrivateDevices=yes
 PrivateMounts=yes
@@ -6099,13 +6900,17 @@ def systemd_unit(command: str, environ: typing.Mapping[str, str] = os.environ) -
     """A service unit running `command start-no-daemon` for the invoking user,
     in the sandbox of UNIT_SANDBOX. It sets no HOME: root's python must not
     take the user's site directory (and its .pth files) from it. The user's
-    home comes from SUDO_USER. The unit writes only the user's directory,
-    which must exist when it starts (cmd_systemd makes it)."""
-    user = user_identity(environ)
+    home comes from SUDO_USER. The unit writes only the state directory and
+    the user's directory, which must exist when it starts (cmd_systemd
+    makes them, and picosnitch's account)."""
+    user, state = user_identity(environ), state_directory(environ)
     env = {"DBUS_SESSION_BUS_ADDRESS": default_bus_address(user.uid, environ), "PYTHONNOUSERSITE": "1"}
     if environ.get("SUDO_USER"):
         env["SUDO_USER"] = environ["SUDO_USER"]
+    if state != STATE_DIR:
+        env["STATE_DIRECTORY"] = state
     sandbox = UNIT_SANDBOX.format(user=user.name, directory=user.directory, quoted_directory=unit_quote(user.directory),
+                                  state=state, quoted_state=unit_quote(state),
                                   capabilities=" ".join(UNIT_CAPABILITIES), denied_calls=UNIT_DENIED_CALLS)
     return ("[Unit]\nDescription=picosnitch: notify about and log programs using the network\n"
             # tracefs must be there: the sandbox cannot mount it
@@ -6126,8 +6931,19 @@ PACKAGED_COMMAND = "/usr/bin/python3 -I /usr/bin/picosnitch"
 def packaged_unit() -> str:
     return systemd_unit(PACKAGED_COMMAND, {"SUDO_USER": "root"})
 
+
+def packaged_sysusers() -> str:
+    """systemd-sysusers' line for picosnitch's account, which the packages
+    create when they are installed (the unit's sandbox cannot)."""
+    return f'u {ACCOUNT} - "picosnitch" {ACCOUNT_HOME} /usr/sbin/nologin\n'
+
+
+def packaged_tmpfiles() -> str:
+    """systemd-tmpfiles' line for the state directory, the account's."""
+    return f"d {STATE_DIR} 0750 {ACCOUNT} {ACCOUNT} -\n"
+
 ###############################################################################
-# 17. what the viewers share
+# 19. what the viewers share
 ###############################################################################
 # `view` and `dash` read the same log through the query layer (section 7).
 # What both need lives here: how a log is opened and what is said when it
@@ -6221,7 +7037,8 @@ class LogReader:
             self.problem = f"no connection log at {self.path} yet (is picosnitch running?){self.retry}"
             return
         except OSError as e:
-            self.problem = f"cannot read {self.path}: {e.strerror}"
+            self.problem = f"cannot read {self.path}: {e.strerror}" + (
+                ": picosnitch's log is for the user it works for, and root" if e.errno == errno.EACCES else "")
             return
         self.ask(lambda: self.open().has_rows() or None, f"{self.path} has no connections yet{self.retry}")
 
@@ -6271,7 +7088,7 @@ def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typi
     return GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
 
 ###############################################################################
-# 18. terminal viewer
+# 20. terminal viewer
 ###############################################################################
 # `picosnitch view`: snitch.db grouped by one column at a time, largest first,
 # under a chain of filters, a time range and byte units. Each key that changes
@@ -6532,10 +7349,11 @@ def view_loop(stdscr, viewer: Viewer) -> None:
         viewer.press(keys.get(key), max(height - 4, 1))
 
 
-def run_viewer(directory: str) -> int:
+def run_viewer(state: str, config_dir: str) -> int:
+    """View the log in the state directory, with the user's settings."""
     import curses
     said: typing.List[str] = []
-    viewer = Viewer(os.path.join(directory, DB_NAME), viewer_geoip(directory, read_config(directory), said))
+    viewer = Viewer(os.path.join(state, DB_NAME), viewer_geoip(state, read_config(config_dir), said))
     viewer.message = said[0] if said else ""
     try:
         curses.wrapper(view_loop, viewer)
@@ -6544,7 +7362,7 @@ def run_viewer(directory: str) -> int:
     return 0
 
 ###############################################################################
-# 19. web UI
+# 21. web UI
 ###############################################################################
 # `picosnitch dash`: bytes sent and received over time, one trace per entry
 # of a grouping, a totals table and a drill-down per executable, under a
@@ -6941,8 +7759,9 @@ def dash_address(environ: typing.Mapping[str, str] = os.environ) -> typing.Tuple
 
 class DashGuard:
     """Checks each request before Dash sees it: its Host header must name the
-    address served, and, off loopback, it must carry the token: once in the
-    address (?token=...), which sets a cookie, then in that cookie."""
+    address served, and it must carry the token (on loopback too, which
+    every local account reaches): once in the address (?token=...), which
+    sets a cookie, then in that cookie. Without it: 403, and no data."""
 
     def __init__(self, host: str, port: int, token: str = ""):
         self.hosts, self.token = dash_hosts(host, port), token
@@ -6962,7 +7781,7 @@ class DashGuard:
             return answer
         if not hmac.compare_digest(request.cookies.get(DASH_COOKIE, "").encode(), self.token.encode()):
             return make_response("picosnitch dash needs its token: open the address it printed when it started\n",
-                                 401, text)
+                                 403, text)
         return None
 
 
@@ -7176,7 +7995,7 @@ def dash_server(config: Config, guard: DashGuard):
 
 
 def dash_app(directory: str, config: Config, guard: DashGuard):
-    """The Dash application for the user's directory (see dash_state for its view)."""
+    """The Dash application for the log in a state directory (see dash_state for its view)."""
     from dash import ALL, Input, Output, State, ctx, html
     from dash.exceptions import PreventUpdate
     app = dash_server(config, guard)
@@ -7323,14 +8142,16 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
     return app
 
 
-def run_dash(directory: str, host: str, port: int) -> int:
-    """Serve the web UI until Ctrl-C."""
+def run_dash(state: str, config_dir: str, host: str, port: int) -> int:
+    """Serve the web UI for the log in the state directory, with the user's
+    settings, until Ctrl-C. It asks for its token on loopback too: other
+    local accounts reach loopback."""
     import logging
     try:
         from werkzeug.serving import make_server
-        config = read_config(directory)
-        token = "" if is_loopback_host(host) else secrets.token_urlsafe(32)
-        app = dash_app(directory, config, DashGuard(host, port, token))
+        config = read_config(config_dir)
+        token = secrets.token_urlsafe(32)
+        app = dash_app(state, config, DashGuard(host, port, token))
     except ImportError as e:
         raise PicosnitchError(f"picosnitch dash needs Dash and Plotly ({e}): install them with "
                               f"pip install 'picosnitch[dash]', or run .ci/install-deps")
@@ -7341,8 +8162,8 @@ def run_dash(directory: str, host: str, port: int) -> int:
         raise PicosnitchError(f"cannot serve on {host}:{port}: {e.strerror or e}")
     named = f"[{host}]" if ":" in host else host
     address = f"http://{'localhost' if host == DASH_HOST else named}:{port}/"
-    print(f"picosnitch dash: serving {os.path.join(directory, DB_NAME)} on {address}"
-          + (f"?token={token}" if token else "") + " (Ctrl-C stops it)", flush=True)
+    print(f"picosnitch dash: serving {os.path.join(state, DB_NAME)} on {address}?token={token} "
+          "(open that address: it sets a cookie; Ctrl-C stops it)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -7352,7 +8173,7 @@ def run_dash(directory: str, host: str, port: int) -> int:
     return 0
 
 ###############################################################################
-# 20. command line
+# 22. command line
 ###############################################################################
 
 USAGE = """usage: picosnitch <command>
@@ -7369,7 +8190,8 @@ commands:
   version          show the version
   help             show this help
 
-files: ~/.config/picosnitch/ (config.json, record.json, snitch.db, exe.log, error.log, conn.log)
+files: ~/.config/picosnitch/config.json (settings), and links there to what picosnitch records in
+       /var/lib/picosnitch/ (record.json, snitch.db, exe.log, error.log, conn.log)
 """
 
 
@@ -7378,48 +8200,16 @@ def require_root(command: str) -> None:
         raise PicosnitchError(f"'{command}' needs root: run it as 'sudo picosnitch {command}'")
 
 
-def as_user(user: User, work: typing.Callable[[], typing.Any]) -> typing.Any:
-    """work() run in a child process that is the user (when picosnitch runs as
-    root), so that it reaches only what the user can; its JSON result, or its
-    PicosnitchError raised here."""
-    if os.geteuid() != 0:
-        return work()
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        try:
-            os.umask(0o077)
-            confine(None, user)
-            result = {"ok": work()}
-        except PicosnitchError as e:
-            result = {"error": str(e)}
-        except Exception as e:  # noqa: BLE001 - the parent reports it
-            result = {"error": f"{type(e).__name__}: {e}"}
-        os.write(write_fd, json.dumps(result).encode())
-        os._exit(0)
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as f:
-        data = f.read()
-    os.waitpid(pid, 0)
-    result = json.loads(data or b'{"error": "the helper running as the user died"}')
-    if "error" in result:
-        raise PicosnitchError(result["error"])
-    return result["ok"]
-
-
-def load_user_config(user: User) -> Config:
-    """The user's config.json, read (and created) as the user, in a directory
-    that must be the user's own real directory."""
-    def read() -> str:
-        check_directory(user.directory, user.uid)
-        return read_config_text(user.directory)
-    return parse_config(as_user(user, read), os.path.join(user.directory, CONFIG_NAME))
+def prepared(environ: typing.Mapping[str, str] = os.environ) -> Setup:
+    """prepare() for the user picosnitch works for, its warnings said here too."""
+    setup = prepare(user_identity(environ), environ)
+    for warning in setup.warnings:
+        print(f"picosnitch: warning: {warning}", file=sys.stderr, flush=True)
+    return setup
 
 
 def cmd_start(_: str) -> int:
-    user = user_identity()
-    return run_daemon(load_user_config(user), user)
+    return run_daemon(prepared())
 
 
 def cmd_stop(_: str) -> int:
@@ -7431,15 +8221,13 @@ def cmd_stop(_: str) -> int:
 
 
 def cmd_restart(command: str) -> int:
-    user = user_identity()
-    config = load_user_config(user)     # refuse a bad config before stopping anything
+    setup = prepared()          # (what cannot start does not stop what runs)
     stop_daemon()
-    return run_daemon(config, user)
+    return run_daemon(setup)
 
 
 def cmd_start_no_daemon(_: str) -> int:
-    user = user_identity()
-    return run_foreground(load_user_config(user), user)
+    return run_foreground(prepare(user_identity()))
 
 
 def cmd_status(_: str) -> int:
@@ -7451,16 +8239,20 @@ def cmd_status(_: str) -> int:
         with open(STATUSFILE) as f:
             status = json.load(f)
         print(f"picosnitch is running (pid {pid}) since {status['started']}\n"
-              f"capture mode: {status['description']}")
+              f"capture mode: {status['description']}\n"
+              f"state: {status.get('state', '?')}")
+        for warning in status.get("warnings", []):
+            print(f"warning at the start: {warning}")
     except (OSError, ValueError, KeyError):
         print(f"picosnitch is running (pid {pid}), not capturing yet")
     return 0
 
 
 def cmd_systemd(_: str) -> int:
-    # The unit may write only the user's directory, which must exist when it
-    # starts: made here, as the user (a bad config.json is refused now, too).
-    load_user_config(user_identity())
+    # The unit may write only the state directory and the user's directory,
+    # and cannot make picosnitch's account: all made here (a config.json
+    # that cannot be used is refused now, too).
+    prepared()
     # -I: root's python reads no PYTHON* variables and no user site directory
     unit = systemd_unit(f"{sys.executable} -I {os.path.realpath(sys.argv[0])}")
     os.makedirs(os.path.dirname(SYSTEMD_UNIT), exist_ok=True)
@@ -7471,20 +8263,20 @@ def cmd_systemd(_: str) -> int:
 
 
 def cmd_view(_: str) -> int:
-    user = user_identity()
-    if os.geteuid() == 0:           # under sudo: the user's files are read as the user
+    user, state = user_identity(), state_directory()
+    if os.geteuid() == 0:           # under sudo: the files are read as the user
         confine(None, user)
-    return run_viewer(user.directory)
+    return run_viewer(state, user.directory)
 
 
 def cmd_dash(_: str) -> int:
-    user = user_identity()
+    user, state = user_identity(), state_directory()
     host, port = dash_address()
-    if os.geteuid() == 0:           # under sudo: the user's files are read as the user
+    if os.geteuid() == 0:           # under sudo: the files are read as the user
         confine(None, user)
     for key in [k for k in os.environ if k.startswith("DASH_")]:
         del os.environ[key]         # Dash reads settings (debug, extra endpoints) from these
-    return run_dash(user.directory, host, port)
+    return run_dash(state, user.directory, host, port)
 
 
 def cmd_version(_: str) -> int:

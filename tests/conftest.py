@@ -24,6 +24,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import picosnitch  # noqa: E402
+import reach as bench_reach  # noqa: E402
 import run as bench_run  # noqa: E402
 import sqlservers  # noqa: E402
 
@@ -75,6 +76,20 @@ class Reports:
 
     def text(self):
         return "\n".join(r.text + r.detail for r in self.read())
+
+
+def runtime(config, home, reporter=None, environ=None, run_id="test-run"):
+    """A Runtime for one process's parts tested in-process: the user and the
+    account are whoever runs the tests, with home/state as the state
+    directory (its private part made)."""
+    me = picosnitch.User(pwd.getpwuid(os.getuid()).pw_name, os.getuid(), os.getgid(), str(home))
+    state = os.path.join(str(home), "state")
+    os.makedirs(os.path.join(state, picosnitch.PRIVATE_NAME), exist_ok=True)
+    rt = picosnitch.make_runtime(picosnitch.Setup(config, me, me, state, []), environ or {})
+    rt.run_id = run_id
+    if reporter is not None:
+        rt.reporter = reporter
+    return rt
 
 
 @pytest.fixture
@@ -139,19 +154,54 @@ def wait_capturing(proc, lines, timeout, failure):
             raise AssertionError(f"{failure}:\n" + "\n".join(lines))
 
 
+STATES = []     # the state directories made for this run, removed at its end
+
+
+def new_state():
+    """A state directory of its own for a daemon under test, where
+    picosnitch's checks accept one: in /var/tmp (sticky, root's), which the
+    users of the tests can pass through (pytest's own temporary directories
+    are root's alone). It is made when picosnitch starts."""
+    STATES.append(tempfile.mkdtemp(prefix="ps-state-", dir="/var/tmp"))
+    os.chmod(STATES[-1], 0o755)
+    return os.path.join(STATES[-1], "state")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def states_removed():
+    yield
+    for path in STATES:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def in_state(path):
+    """A state directory's file, opened as picosnitch's account would leave
+    it, for tests that plant one: the account's, 0640."""
+    account = pwd.getpwnam(picosnitch.ACCOUNT)
+    os.chown(path, account.pw_uid, account.pw_gid)
+    os.chmod(path, 0o640)
+
+
+# Every picosnitch the tests start uses a state directory of the tests', never
+# the machine's /var/lib/picosnitch: this one unless a test names another.
+os.environ.setdefault("STATE_DIRECTORY", new_state())
+
+
 class Daemon:
     """picosnitch start-no-daemon with its own HOME (as root), or for a user
-    (as under sudo: their home, their files), stopped with SIGTERM."""
+    (as under sudo: their home, their files), with a state directory of its
+    own, stopped with SIGTERM."""
 
-    def __init__(self, home=None, config=None, env=None, user=None):
+    def __init__(self, home=None, config=None, env=None, user=None, state=None):
         self.home = user.pw_dir if user else home
+        self.state = state or new_state()
         self.dir = os.path.join(self.home, ".config", "picosnitch")
         os.makedirs(self.dir, exist_ok=True)
         settings = {"DB write limit (seconds)": 1, "GeoIP lookup": False}
         settings.update(config or {})
         with open(os.path.join(self.dir, "config.json"), "w") as f:
             json.dump(settings, f)
-        self.env = dict(os.environ, HOME=self.home, **(env or {}))
+        self.env = dict(os.environ, HOME=self.home, STATE_DIRECTORY=self.state, **(env or {}))
         self.env.pop("SUDO_USER", None)
         if user:
             for path in (os.path.dirname(self.dir), self.dir, os.path.join(self.dir, "config.json")):
@@ -176,7 +226,28 @@ class Daemon:
         return self.proc.returncode
 
     def path(self, name):
-        return os.path.join(self.dir, name)
+        """Where one of picosnitch's files is: config.json in the user's
+        directory; what it records in its state directory."""
+        if name == "config.json":
+            return os.path.join(self.dir, name)
+        return os.path.join(self.state, name)
+
+    def private(self, name):
+        return os.path.join(self.state, picosnitch.PRIVATE_NAME, name)
+
+    def plant(self, path, data):
+        """A file in the state directory (or its private part) before the
+        start, as picosnitch's account would have left it."""
+        account = pwd.getpwnam(picosnitch.ACCOUNT)
+        for directory in (self.state, self.private("")):
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            os.chown(directory, account.pw_uid, account.pw_gid)
+        with open(path, "wb") as f:
+            f.write(data)
+        in_state(path)
+
+    def remove_state(self):
+        shutil.rmtree(os.path.dirname(self.state), ignore_errors=True)
 
     def rows(self, **where):
         db = self.path("snitch.db")
@@ -205,6 +276,15 @@ class Daemon:
     def read(self, name):
         path = self.path(name)
         return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+
+
+def dash_started(cmd, **kw):
+    """`picosnitch dash` started by cmd: the process, the address it printed
+    (with its token; None if it printed none) and the line it printed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    line = proc.stdout.readline()
+    found = re.search(r" on (http://\S+\?token=[A-Za-z0-9_-]+) ", line)
+    return proc, found.group(1) if found else None, line
 
 
 def read_bytes(path):
@@ -320,7 +400,9 @@ def user_home(throwaway_user):
 @pytest.fixture(scope="session")
 def user_session_bus(throwaway_user):
     """The throwaway user's own session bus (a session bus admits only its
-    owner), with the recording notification service."""
+    owner), with the recording notification service. Nothing of it names
+    picosnitch in its command line: a test's program of the user kills
+    every process that does."""
     base = tempfile.mkdtemp(prefix="ps-user-bus-")
     os.chown(base, throwaway_user.pw_uid, throwaway_user.pw_gid)
     address = f"unix:path={base}/bus"
@@ -328,7 +410,9 @@ def user_session_bus(throwaway_user):
     bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={address}", "--print-address"],
                            stdout=subprocess.PIPE, text=True, preexec_fn=as_user(throwaway_user))
     assert bus.stdout.readline().startswith("unix:")
-    service = subprocess.Popen([PYTHON, os.path.join(HERE, "notify_service.py"), address, record],
+    service_copy = os.path.join(base, "notifications.py")      # (no "picosnitch" in its command line)
+    shutil.copy(os.path.join(HERE, "notify_service.py"), service_copy)
+    service = subprocess.Popen([SYSTEM_PYTHON, service_copy, address, record],
                                stdout=subprocess.PIPE, text=True, preexec_fn=as_user(throwaway_user))
     assert service.stdout.readline().strip() == "ready"
     yield address, record
@@ -358,8 +442,12 @@ def mariadb():
 
 
 def notifications(record):
-    with open(record) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """What the recording notification service got (nothing before its first notice)."""
+    try:
+        with open(record) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
 
 
 @pytest.fixture(scope="session")

@@ -116,8 +116,10 @@ def test_systemd_command_writes_the_unit():
         unit = open(path).read()
         assert f"ExecStart={PYTHON} -I {SCRIPT} start-no-daemon\n" in unit
         assert 'Environment="SUDO_USER=root"' in unit
-        # the one directory the unit lets picosnitch write exists (the unit would not start otherwise)
-        assert f'ReadWritePaths=/run "{directory}"\n' in unit and os.path.isdir(directory)
+        # the directories the unit lets picosnitch write exist (the unit would not start otherwise)
+        state = os.environ["STATE_DIRECTORY"]
+        assert f'ReadWritePaths=/run -"{state}" "{directory}"\n' in unit and os.path.isdir(directory)
+        assert f'Environment="STATE_DIRECTORY={state}"' in unit and os.path.isdir(state)
     finally:
         if before is None:
             os.unlink(path)

@@ -1,8 +1,8 @@
-"""Section 19, the web UI, without a browser: the view kept in the address,
+"""Section 21, the web UI, without a browser: the view kept in the address,
 the chart's buckets, the chart, table and drill-down data checked against
 sums computed from the rows, the request guard through Flask's test
 client, and `picosnitch dash` itself over real HTTP (the loopback-only
-binding, a foreign Host header, the token off loopback)."""
+binding, a foreign Host header, the token on loopback and off it)."""
 import http.client
 import json
 import os
@@ -229,8 +229,8 @@ def test_the_plotly_basic_bundle_is_used_only_when_it_is_the_one_expected(tmp_pa
 def test_off_loopback_every_request_needs_the_token(tmp_path):
     app = guarded_app(tmp_path, "0.0.0.0", 5100, "s3cret-token")
     client = app.server.test_client()
-    assert client.get("/", headers={"Host": "192.0.2.1:5100"}).status_code == 401
-    assert client.get("/?token=wrong", headers={"Host": "192.0.2.1:5100"}).status_code == 401
+    assert client.get("/", headers={"Host": "192.0.2.1:5100"}).status_code == 403
+    assert client.get("/?token=wrong", headers={"Host": "192.0.2.1:5100"}).status_code == 403
     given = client.get("/?g=domain&token=s3cret-token", headers={"Host": "192.0.2.1:5100"})
     assert given.status_code == 302 and given.headers["Location"].endswith("/?g=domain")
     cookie = given.headers["Set-Cookie"]
@@ -238,7 +238,7 @@ def test_off_loopback_every_request_needs_the_token(tmp_path):
         "SameSite=Strict" in cookie
     assert client.get("/", headers={"Host": "192.0.2.1:5100"}).status_code == 200      # the cookie is kept
     stranger = app.server.test_client()
-    assert stranger.get("/_dash-layout", headers={"Host": "192.0.2.1:5100"}).status_code == 401
+    assert stranger.get("/_dash-layout", headers={"Host": "192.0.2.1:5100"}).status_code == 403
 
 
 class Served:
@@ -274,22 +274,32 @@ def get(port, path="/", host=None, address="127.0.0.1", headers=None):
     return answer.status, dict(answer.getheaders()), answer.read()
 
 
-def test_picosnitch_dash_serves_loopback_only_by_default(tmp_path, log_path):
+def test_picosnitch_dash_serves_loopback_only_by_default_and_asks_for_its_token(tmp_path, log_path):
+    """Every local account reaches loopback: the token is asked there too."""
     home = tmp_path / "home"
     (home / ".config" / "picosnitch").mkdir(parents=True)
     (home / ".config" / "picosnitch" / "config.json").write_text('{"GeoIP lookup": false}')
-    os.link(log_path, home / ".config" / "picosnitch" / "snitch.db")
-    served = Served(home, PORT="5191")
+    (tmp_path / "state").mkdir()
+    os.link(log_path, tmp_path / "state" / "snitch.db")
+    served = Served(home, PORT="5191", STATE_DIRECTORY=str(tmp_path / "state"))
     try:
-        assert served.line.startswith(f"picosnitch dash: serving {home}/.config/picosnitch/snitch.db on "
-                                      "http://localhost:5191/ (Ctrl-C stops it)"), served.line
+        found = re.fullmatch(rf"picosnitch dash: serving {tmp_path}/state/snitch\.db on http://localhost:5191/"
+                             r"\?token=([A-Za-z0-9_-]{40,}) \(open that address: it sets a cookie; Ctrl-C stops it\)\n",
+                             served.line)
+        assert found, served.line
         assert listening(5191) == {"0100007F"}                  # 127.0.0.1 and nothing else
         status, _, body = get(5191)
+        assert status == 403 and b"needs its token" in body and b"<title>" not in body
+        status, headers, _ = get(5191, f"/?token={found.group(1)}")
+        assert status == 302
+        cookie = {"Cookie": headers["Set-Cookie"].split(";")[0]}
+        status, _, body = get(5191, headers=cookie)
         assert status == 200 and b"<title>picosnitch</title>" in body
-        status, _, body = get(5191, host="evil.example:5191")
+        status, _, body = get(5191, host="evil.example:5191", headers=cookie)
         assert status == 403
-        status, _, body = get(5191, "/_dash-layout")
+        status, _, body = get(5191, "/_dash-layout", headers=cookie)
         assert status == 200 and b'"id":"graph"' in body.replace(b" ", b"")
+        assert get(5191, "/_dash-layout")[0] == 403
     finally:
         assert served.close() == 0
 
@@ -301,12 +311,12 @@ def test_off_loopback_the_token_is_printed_and_required(tmp_path):
         assert found, served.line
         token = found.group(1)
         assert listening(5192) == {"00000000"}
-        assert get(5192, host="192.0.2.1:5192")[0] == 401
+        assert get(5192, host="192.0.2.1:5192")[0] == 403
         status, headers, _ = get(5192, f"/?token={token}", host="192.0.2.1:5192")
         assert status == 302 and headers["Location"] == "/"
         cookie = headers["Set-Cookie"].split(";")[0]
         assert get(5192, host="192.0.2.1:5192", headers={"Cookie": cookie})[0] == 200
-        assert get(5192, host="192.0.2.1:5192", headers={"Cookie": cookie[:-2] + "xx"})[0] == 401
+        assert get(5192, host="192.0.2.1:5192", headers={"Cookie": cookie[:-2] + "xx"})[0] == 403
     finally:
         assert served.close() == 0
 

@@ -1,4 +1,4 @@
-"""Nothing lost without a word, on a bad day (sections 7, 10, 13, 15 and 16):
+"""Nothing lost without a word, on a bad day (sections 7, 10, 13, 15, 17 and 18):
 a locked database, a full disk, killed processes, damaged files, an old
 database layout, and senders racing the start."""
 import json
@@ -14,7 +14,7 @@ import time
 import pytest
 
 import picosnitch
-from conftest import (PEER_PORT, PYTHON, REPORT, SCRIPT, Daemon, need_root, notifications, sha256_file,
+from conftest import (PEER_PORT, PYTHON, REPORT, SCRIPT, Daemon, need_root, notifications, runtime, sha256_file,
                       unique_c_sender, unique_python, wait_for)
 
 UPSTREAM_1_0_3 = ("CREATE TABLE connections (contime text, send integer, recv integer, exe text, name text, "
@@ -38,7 +38,7 @@ def logged(daemon, exe):
     return sum(r["send"] for r in rows), sum(r["recv"] for r in rows)
 
 
-@pytest.mark.parametrize("child", ["reader", "monitor", "primary", "notifier"])
+@pytest.mark.parametrize("child", ["reader", "monitor", "primary", "notifier", "desktop"])
 def test_a_killed_process_loses_no_byte(tmp_path, peers, exe_dir, child):
     """kill -9 of each process while a program sends and receives 100
     datagrams a second: every byte is logged, and the death is reported."""
@@ -94,14 +94,15 @@ def test_a_database_locked_for_35_seconds_loses_nothing(tmp_path, peers, exe_dir
 
 
 def test_a_full_disk_keeps_capturing_notifies_and_resumes(peers, exe_dir, session_bus):
-    """The user's home is a small tmpfs that fills up: capture goes on, the
-    user is told on the desktop (error.log cannot take it), and when space
-    returns the waiting rows are written. SIGTERM stops it all along."""
+    """The state directory is on a small tmpfs that fills up: capture goes
+    on, the user is told on the desktop (error.log cannot take it), and when
+    space returns the waiting rows are written. SIGTERM stops it all along."""
     need_root()
     home = tempfile.mkdtemp(prefix="ps-full-")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", home], check=True)
     try:
-        daemon = Daemon(home, env={"DBUS_SESSION_BUS_ADDRESS": session_bus[0]}).start()
+        daemon = Daemon(home, env={"DBUS_SESSION_BUS_ADDRESS": session_bus[0]},
+                        state=os.path.join(home, "state")).start()
         try:
             first = unique_python(exe_dir)
             udp(first, exe_dir, 2000)
@@ -133,10 +134,8 @@ def test_damaged_files_are_moved_aside_and_new_ones_started(tmp_path, peers, exe
     need_root()
     daemon = Daemon(str(tmp_path), config={"Desktop notifications": False})
     garbage = os.urandom(8192)
-    with open(daemon.path("snitch.db"), "wb") as f:
-        f.write(garbage)
-    with open(daemon.path("record.json"), "w") as f:
-        f.write('{"Executables": ["not", "an", "object"]}')
+    daemon.plant(daemon.path("snitch.db"), garbage)
+    daemon.plant(daemon.private("record.json"), b'{"Executables": ["not", "an", "object"]}')
     daemon.start()
     try:
         exe = unique_python(exe_dir)
@@ -145,23 +144,27 @@ def test_damaged_files_are_moved_aside_and_new_ones_started(tmp_path, peers, exe
         assert wait_for(lambda: exe in json.loads(daemon.read("record.json") or "{}").get("Executables", {}))
     finally:
         assert daemon.stop() == 0
-    aside = {name.split(".damaged-")[0]: name for name in os.listdir(daemon.dir) if ".damaged-" in name}
+    aside = {name.split(".damaged-")[0]: os.path.join(directory, name) for directory in (daemon.state, daemon.private(""))
+             for name in os.listdir(directory) if ".damaged-" in name}
     assert set(aside) == {"snitch.db", "record.json"}
-    assert open(os.path.join(daemon.dir, aside["snitch.db"]), "rb").read() == garbage
-    assert json.load(open(os.path.join(daemon.dir, aside["record.json"]))) == {"Executables": ["not", "an", "object"]}
+    assert open(aside["snitch.db"], "rb").read() == garbage
+    assert json.load(open(aside["record.json"])) == {"Executables": ["not", "an", "object"]}
     log = daemon.read("error.log")
-    assert f"{daemon.path('snitch.db')} could not be read as a database" in log and f"moved to {daemon.dir}/snitch.db.damaged-" in log
-    assert f"{daemon.path('record.json')} could not be read ('Executables' is not an object)" in log
+    assert f"{daemon.path('snitch.db')} could not be read as a database" in log
+    assert f"moved to {daemon.state}/snitch.db.damaged-" in log
+    assert f"{daemon.private('record.json')} could not be read ('Executables' is not an object)" in log
     assert "process died" not in log
 
 
 def test_an_upstream_1_0_3_log_gains_the_new_columns_and_keeps_its_rows(tmp_path, peers, exe_dir):
+    """Upstream kept it in ~/.config/picosnitch/: it is moved to the state
+    directory, and the old name links to it."""
     need_root()
     daemon = Daemon(str(tmp_path), config={"Desktop notifications": False})
     old_rows = [("2026-10-01 10:00:0%d" % i, 10 * i, 20 * i, "/usr/bin/old", "old", "old -x", "ab" * 32, "/bin/sh",
                  "sh", "sh -c old", "cd" * 32, 1000, 40000 + i, 443, "10.0.0.2", "10.0.0.1", "old.example")
                 for i in range(3)]
-    con = sqlite3.connect(daemon.path("snitch.db"))
+    con = sqlite3.connect(os.path.join(daemon.dir, "snitch.db"))
     con.execute(UPSTREAM_1_0_3)
     con.executemany(f"INSERT INTO connections VALUES ({','.join('?' * 17)})", old_rows)
     con.commit()
@@ -181,6 +184,7 @@ def test_an_upstream_1_0_3_log_gains_the_new_columns_and_keeps_its_rows(tmp_path
                         "ORDER BY rowid").fetchall()
     assert again == old_rows
     assert "died" not in daemon.read("error.log")
+    assert os.readlink(os.path.join(daemon.dir, "snitch.db")) == daemon.path("snitch.db")
 
 
 def test_senders_racing_the_start_are_logged_or_reported(tmp_path, peers, exe_dir):
@@ -223,9 +227,7 @@ def test_a_process_that_dies_of_an_exception_reports_its_traceback(tmp_path, mon
     go to the notifier, which writes them to error.log."""
     need_root()
     monkeypatch.setitem(picosnitch.ROLES, "primary", picosnitch.ROLES["primary"]._replace(main=explode))
-    user = picosnitch.User("root", 0, 0, str(tmp_path))
-    os.makedirs(user.directory)
-    rt = picosnitch.make_runtime(picosnitch.Config(desktop_notifications=False), user)
+    rt = runtime(picosnitch.Config(desktop_notifications=False), tmp_path)
     proc = multiprocessing.get_context("fork").Process(target=picosnitch.process_entry, args=("primary", rt, ()))
     proc.start()
     proc.join(20)
@@ -234,18 +236,30 @@ def test_a_process_that_dies_of_an_exception_reports_its_traceback(tmp_path, mon
     assert (report.kind, report.text) == ("error", "the primary process failed: ZeroDivisionError: boom from the test")
     assert report.detail.startswith("Traceback") and "in explode" in report.detail
     picosnitch.Notifier(rt).report(report)
-    log = open(os.path.join(user.directory, "error.log")).read().splitlines()
-    assert log[0].endswith(report.text) and log[1] == "    Traceback (most recent call last):"
-    assert log[-1] == "    ZeroDivisionError: boom from the test"
+    log = open(os.path.join(rt.state, "error.log")).read().splitlines()
+    assert log[0] == f"{picosnitch.dated(report.time)} {report.text}"
+    assert log[1] == "    Traceback (most recent call last):" and log[-1] == "    ZeroDivisionError: boom from the test"
+
+
+def shown(rt, address):
+    """What the notifier handed to the desktop process, shown on the bus at address as the desktop process does."""
+    desktop = picosnitch.DesktopNotifier(address)
+    while (notice := rt.notice_rx.recv(0.5)) is not None:
+        desktop.pending[notice.id] = notice
+    delivered = []
+    assert desktop.flush(delivered.append) == ""
+    return delivered
 
 
 def test_reports_reach_the_desktop_when_error_log_cannot_be_written(tmp_path, session_bus):
-    user = picosnitch.User("root", 0, 0, str(tmp_path))
-    os.makedirs(os.path.join(user.directory, "error.log"))        # a directory: the log cannot be written
-    rt = picosnitch.make_runtime(picosnitch.Config(), user, {"DBUS_SESSION_BUS_ADDRESS": session_bus[0]})
+    rt = runtime(picosnitch.Config(), tmp_path, environ={"DBUS_SESSION_BUS_ADDRESS": session_bus[0]})
+    os.makedirs(os.path.join(rt.state, "error.log"))        # a directory: the log cannot be written
     notifier = picosnitch.Notifier(rt)
-    notifier.report(picosnitch.Report("error", "a test report that has nowhere to be written", ""))
-    notifier.deliver()
+    notifier.report(picosnitch.Report("error", "a test report that has nowhere to be written", "", time.time()))
+    delivered = shown(rt, session_bus[0])
     bodies = [n["body"] for n in notifications(session_bus[1])]
     assert "a test report that has nowhere to be written" in bodies
     assert any(b.startswith("error.log cannot be written (Is a directory)") for b in bodies)
+    for notice in delivered:
+        notifier.desktop_said(picosnitch.Delivered(notice.id, ""))
+    assert not notifier.outbox

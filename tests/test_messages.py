@@ -18,7 +18,9 @@ def test_every_message_type_goes_through_a_channel_unchanged():
                 picosnitch.ExecNotice(7, 64769, 1234, "/usr/bin/curl", 5, [7, 99], 5, True),
                 picosnitch.HashRequest(3, [[7, 64769, 1234, "/usr/bin/curl", 5, [7, 99]]]),
                 picosnitch.HashAnswer(3, [["ab" * 32, ""]]), picosnitch.Batch(12, 0, True, "2026-11-29 10:00:00", [conn]),
-                picosnitch.Hello(11), picosnitch.Ack(12), picosnitch.Stop(), picosnitch.Report("error", "x", "tb")]
+                picosnitch.Hello(11), picosnitch.Ack(12), picosnitch.Stop(),
+                picosnitch.Report("error", "x", "tb", 1_765_000_000.5, False, True),
+                picosnitch.Notice(4, 1_765_000_000.5, "picosnitch", "body"), picosnitch.Delivered(4, "")]
     assert set(type(m) for m in messages) == set(picosnitch.MESSAGES.values())
     a, b = picosnitch.Channel.pair()
     for message in messages:
@@ -37,7 +39,7 @@ def test_what_is_not_a_message_is_refused():
 
 def test_big_messages_arrive_whole_and_descriptors_go_with_them(tmp_path):
     a, b = picosnitch.Channel.pair()
-    report = picosnitch.Report("error", "x" * 1_500_000, "")
+    report = picosnitch.Report("error", "x" * 1_500_000, "", 0.0)
     path = tmp_path / "file"
     path.write_bytes(b"content")
     fd = os.open(path, os.O_RDONLY)
@@ -53,7 +55,7 @@ def test_the_reporter_never_waits_and_says_what_it_dropped():
     reporter = picosnitch.Reporter(a)
     began = time.monotonic()
     for i in range(100000):                  # until the channel is full: nobody reads it
-        reporter.send(picosnitch.Report("error", f"report {i} " + "x" * 1000, ""))
+        reporter.send(picosnitch.Report("error", f"report {i} " + "x" * 1000, "", 0.0))
         if reporter.dropped >= 10:
             break
     assert time.monotonic() - began < 10 and reporter.dropped == 10
@@ -78,13 +80,25 @@ def test_a_lasting_failure_is_reported_once_until_it_works_again(capsys):
     assert "picosnitch: the database is written again" in capsys.readouterr().out
 
 
+def test_a_report_carries_the_time_it_happened():
+    a, b = picosnitch.Channel.pair()
+    reporter = picosnitch.Reporter(a)
+    before = time.time()
+    reporter.error("now")
+    reporter.error("then", when=1_700_000_000.25, notify=False)
+    now, then = b.recv(1), b.recv(1)
+    assert before <= now.time <= time.time() and now.notify and not now.always
+    assert then.time == 1_700_000_000.25 and not then.notify
+
+
 def test_what_a_hostile_peer_sends_is_refused_without_harm():
-    """The primary runs as the user: whatever arrives from it is checked."""
+    """The desktop process runs as the user: whatever arrives from a process is checked."""
     a, b = picosnitch.Channel.pair()
     with pytest.raises(ValueError):
-        a.send(picosnitch.Report("error", "x" * 3_000_000, ""))          # too big to send
+        a.send(picosnitch.Report("error", "x" * 3_000_000, "", 0.0))          # too big to send
     for raw in [b"", b"[" * 100_000, b'["Ack", "7"]', b'["Hello", true]', b'["HashRequest", 1, 5]',
-                b'["Batch", 1, 0, true, "t", [[1, 2]]]', b" " * (picosnitch.MESSAGE_MAX + 10)]:
+                b'["Batch", 1, 0, true, "t", [[1, 2]]]', b'["Delivered", 1.5, ""]', b'["Report", "error", "x", "", NaN]',
+                b'["Notice", 1, "now", "s", "b"]', b" " * (picosnitch.MESSAGE_MAX + 10)]:
         a.sock.send(raw)
         with pytest.raises(ValueError):
             b.recv(1)

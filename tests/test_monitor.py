@@ -10,7 +10,7 @@ import time
 import pytest
 
 import picosnitch
-from conftest import need_root, wait_for
+from conftest import need_root, runtime, wait_for
 
 
 
@@ -77,7 +77,8 @@ def test_a_change_after_the_exec_is_an_error_naming_the_executable(tmp_path, cac
 @pytest.fixture
 def monitor(tmp_path):
     need_root()
-    rt = picosnitch.Runtime(picosnitch.Config(), picosnitch.User("root", 0, 0, str(tmp_path)), 0xFFFFFFFF, "", "run")
+    rt = runtime(picosnitch.Config(), tmp_path)
+    rt.st_dev_mask = 0xFFFFFFFF
     m = picosnitch.Monitor(rt)
     yield m
     os.close(m.fanotify.fd)

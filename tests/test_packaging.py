@@ -8,7 +8,7 @@ clone of HEAD (what is not committed is not in them):
 - the wheel and the sdist with `python3 -m build`, checked by twine, the
   wheel installed in a venv that sees the system's bcc.
 
-Each package carries picosnitch's own service unit (section 16)."""
+Each package carries picosnitch's own service unit (section 18)."""
 import contextlib
 import email.parser
 import glob
@@ -28,7 +28,8 @@ import zipfile
 import packaging.requirements
 import pytest
 
-from conftest import PYTHON, ROOT, SYSTEM_PYTHON, bench_run, need_root, unique_c_sender, wait_capturing, wait_for
+from conftest import (PYTHON, ROOT, SYSTEM_PYTHON, bench_run, dash_started, need_root, new_state, unique_c_sender,
+                      wait_capturing, wait_for)
 
 MAX_EXPOSURE = 5.0
 PACKAGED_FILES = ("picosnitch.py", "setup.py", "MANIFEST.in", "picosnitch.spec", "debian")
@@ -69,11 +70,17 @@ def judge_unit(path):
 
 
 def in_private_root(command):
-    """command as root in a mount namespace with its own /run, /root and
-    /etc/systemd/system (tmpfs): nothing it writes there outlives it."""
-    script = ('for d in /run /root /etc/systemd/system; do mount -t tmpfs none "$d" || exit 1; done; '
+    """command as root in a mount namespace with its own /run, /root, /var/lib
+    and /etc/systemd/system (tmpfs): nothing it writes there outlives it."""
+    script = ('for d in /run /root /var/lib /etc/systemd/system; do mount -t tmpfs none "$d" || exit 1; done; '
               'exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *command]
+
+
+def as_packaged(environ):
+    """The environment of root's `picosnitch systemd` for a unit like the
+    packaged one: for root, with the state directory where it is by default."""
+    return dict({k: v for k, v in environ.items() if k != "STATE_DIRECTORY"}, SUDO_USER="root", HOME="/root")
 
 
 # the .deb
@@ -136,25 +143,25 @@ def installed_daemon(installed_deb, tmp_path_factory):
     os.makedirs(directory)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump({"DB write limit (seconds)": 1, "GeoIP lookup": False, "Desktop notifications": False}, f)
-    resolver = str(tmp_path_factory.mktemp("deb-resolver"))
+    resolver, state = str(tmp_path_factory.mktemp("deb-resolver")), new_state()
     cmd = bench_run.private_resolver(["sh", "-c", 'mount -t tmpfs none /run && exec "$@"', "sh",
                                       "/usr/bin/picosnitch", "start-no-daemon"], resolver)
     env = {k: v for k, v in os.environ.items() if k != "SUDO_USER"}
-    proc = subprocess.Popen(cmd, cwd="/", env=dict(env, HOME=home), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd="/", env=dict(env, HOME=home, STATE_DIRECTORY=state), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines = []
     wait_capturing(proc, lines, 120, "the installed picosnitch did not start")
     try:
-        yield proc, home, directory, lines
+        yield proc, home, state, lines
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(90)
 
 
-def sent_by(directory, exe):
+def sent_by(state, exe):
     """Bytes snitch.db has logged as sent by exe (0 before it exists)."""
-    db = os.path.join(directory, "snitch.db")
+    db = os.path.join(state, "snitch.db")
     if not os.path.exists(db):
         return 0
     try:
@@ -186,26 +193,26 @@ class TestTheInstalledDeb:
         assert shipped == packaged_unit(installed_deb)
         out = run(*in_private_root(["sh", "-c", "/usr/bin/picosnitch systemd >&2 && "
                                                 "cat /etc/systemd/system/picosnitch.service"]),
-                  env=dict(os.environ, SUDO_USER="root"))
+                  env=as_packaged(os.environ))
         assert out == shipped
         exposure, complaints = judge_unit("/lib/systemd/system/picosnitch.service")
         assert exposure <= MAX_EXPOSURE and complaints == ""
 
     def test_the_installed_daemon_captures_and_status_sees_it(self, installed_daemon, exe_dir):
-        proc, _, directory, lines = installed_daemon
+        proc, _, state, lines = installed_daemon
         out = run("nsenter", "-t", str(proc.pid), "-m", "--", "/usr/bin/picosnitch", "status")
         assert f"picosnitch is running (pid {proc.pid})" in out and "capture mode:" in out
         exe = unique_c_sender(exe_dir)
         run(exe, "127.0.0.1", "9", "321")
-        assert wait_for(lambda: sent_by(directory, exe) == 321, 30), lines
+        assert wait_for(lambda: sent_by(state, exe) == 321, 30), lines
 
     def test_the_installed_view_shows_the_log(self, installed_daemon, exe_dir):
         from test_view import Tmux
-        _, home, directory, lines = installed_daemon
+        _, home, state, lines = installed_daemon
         exe = unique_c_sender(exe_dir)
         run(exe, "127.0.0.1", "9", "100")
-        assert wait_for(lambda: sent_by(directory, exe) == 100, 30), lines
-        t = Tmux(f"cd / && HOME={home} /usr/bin/picosnitch view", width=160)
+        assert wait_for(lambda: sent_by(state, exe) == 100, 30), lines
+        t = Tmux(f"cd / && HOME={home} STATE_DIRECTORY={state} /usr/bin/picosnitch view", width=160)
         try:
             assert "by executable" in t.wait(os.path.basename(exe))
             t.tmux("send-keys", "-t", "view", "q")
@@ -217,28 +224,30 @@ class TestTheInstalledDeb:
         """Debian packages no Dash: the package's `picosnitch dash` says so in
         one line; with Dash from picosnitch's environment (/opt/picosnitch,
         where the README's set-up puts it) the package's module serves the page."""
-        _, home, _, _ = installed_daemon
+        _, home, state, _ = installed_daemon
         bare = subprocess.run(["/usr/bin/picosnitch", "dash"], cwd="/", capture_output=True, text=True,
-                              env=dict(os.environ, HOME=home), timeout=60)
+                              env=dict(os.environ, HOME=home, STATE_DIRECTORY=state), timeout=60)
         assert bare.returncode == 1 and "needs Dash and Plotly" in bare.stderr and "Traceback" not in bare.stderr
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        packaged = ("import sys; sys.path.insert(0, '/usr/lib/python3/dist-packages'); import picosnitch; "
-                    "assert picosnitch.__file__ == '/usr/lib/python3/dist-packages/picosnitch.py'; "
-                    "sys.exit(picosnitch.main(['dash']))")
-        proc = subprocess.Popen([PYTHON, "-I", "-c", packaged], cwd="/", text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=dict(os.environ, HOME=home, HOST="127.0.0.1",
-                                                                   PORT=str(port)))
+        packaged = ("import importlib.util, sys; path = '/usr/lib/python3/dist-packages/picosnitch.py'; "
+                    "spec = importlib.util.spec_from_file_location('picosnitch', path); "
+                    "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+                    "sys.exit(module.main(['dash']))")
+        proc, address, line = dash_started([PYTHON, "-I", "-c", packaged], cwd="/",
+                                           env=dict(os.environ, HOME=home, STATE_DIRECTORY=state, HOST="127.0.0.1",
+                                                    PORT=str(port)))
 
-        def page():
+        def page(url):
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                with urllib.request.urlopen(url, timeout=5) as r:
                     return r.status == 200 and b"<html" in r.read().lower()
             except OSError:
                 return False
         try:
-            assert wait_for(lambda: page() or proc.poll() is not None, 90) and page(), proc.poll()
+            assert address and address.startswith(f"http://127.0.0.1:{port}/?token="), line
+            assert wait_for(lambda: page(address) or proc.poll() is not None, 90) and page(address), proc.poll()
         finally:
             proc.terminate()
             out = proc.communicate(timeout=30)[0]
@@ -310,7 +319,7 @@ def test_the_wheel_runs_from_a_venv_that_sees_the_systems_bcc(dists, tmp_path):
     # the unit `picosnitch systemd` writes from the venv, and its command as the service runs it
     unit = run(*in_private_root(["sh", "-c", f"{venv}/bin/picosnitch systemd >&2 && "
                                             "cat /etc/systemd/system/picosnitch.service"]),
-               env=dict(os.environ, SUDO_USER="root"))
+               env=as_packaged(os.environ))
     command = re.search(r"^ExecStart=(.*) start-no-daemon$", unit, re.M).group(1)
     assert command == f"{venv}/bin/python3 -I {venv}/bin/picosnitch"
     assert run(*command.split(), "version", cwd="/", env={"PATH": "/usr/bin:/bin"}).startswith("picosnitch ")

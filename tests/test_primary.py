@@ -1,13 +1,15 @@
 """Section 15, the primary: one window through every sink, with the monitor's
 side of the hash pipe answered by a thread."""
 import json
-import sqlite3
 import os
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
 import picosnitch
-from conftest import Reports
+from conftest import Reports, runtime
 from http_services import API_KEY, FakeVirusTotal, stats
 
 
@@ -18,14 +20,11 @@ def conn(exe, name, ino, rport=443, raddr="192.0.2.1", domain=""):
                            10, 20)
 
 
-def primary(tmp_path, **settings):
-    """A Primary whose directory is tmp_path, with the monitor's side of the
+def primary(tmp_path, run_id="test-run", **settings):
+    """A Primary whose state directory is tmp_path/state, with the monitor's side of the
     hash channel answered by a thread (the hash of inode n is n in hex)."""
-    config = picosnitch.Config(**settings)
-    user = picosnitch.User("me", os.getuid(), os.getgid(), str(tmp_path))
-    os.makedirs(user.directory)
     reports = Reports()
-    rt = picosnitch.Runtime(config, user, -1, "", "test-run", reports.reporter)
+    rt = runtime(picosnitch.Config(**settings), tmp_path, reports.reporter, run_id=run_id)
     rt.hash_primary, monitor = picosnitch.Channel.pair()
 
     def answer():
@@ -51,7 +50,7 @@ def test_a_window_reaches_every_sink_and_skips_ignored_rows(tmp_path):
                  conn("/usr/bin/wget", "wget", 9, domain="www.ignored.example.org"),
                  conn("", "gone", 10)]                   # an executable whose path is unknown
         p.window(1, picosnitch.now_text(), conns)
-        directory = tmp_path / ".config" / "picosnitch"
+        directory = tmp_path / "state"
         rows = picosnitch.db_rows(str(directory / "snitch.db"))
         assert [(r["exe"], r["name"], r["sha256"]) for r in rows] == [("/usr/bin/curl", "curl", f"{7:064x}"),
                                                                        ("", "gone", f"{10:064x}")]
@@ -73,19 +72,21 @@ def test_a_window_reaches_every_sink_and_skips_ignored_rows(tmp_path):
 
 def test_a_locked_database_keeps_windows_in_memory_and_is_reported_once(tmp_path):
     p = primary(tmp_path, geoip_lookup=False)
-    db = str(tmp_path / ".config" / "picosnitch" / "snitch.db")
+    db = str(tmp_path / "state" / "snitch.db")
     p.window(1, picosnitch.now_text(), [conn("/usr/bin/curl", "curl", 7)])
-    lock = sqlite3.connect(db)
-    lock.execute("BEGIN EXCLUSIVE")
+    lock = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys; con = sqlite3.connect(sys.argv[1]); "
+                             "con.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); sys.stdin.read()", db],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
+        assert lock.stdout.readline() == "locked\n"
         for seq in (2, 3):
             p.window(seq, picosnitch.now_text(), [conn("/usr/bin/wget", "wget", 8)])
         assert p.pending[picosnitch.DB_NAME].size == 2
     finally:
-        lock.rollback()
-        lock.close()
+        lock.communicate("")
     errors = p.reports.errors()
-    assert len(errors) == 1 and errors[0].startswith("snitch.db cannot be written (database is locked)")
+    assert len(errors) == 1 and errors[0].startswith("snitch.db cannot be written (database is locked) (locked by "
+                                                     f"pid {lock.pid}, python3, uid {os.getuid()})")
     assert p.flush()
     assert [r["exe"] for r in picosnitch.db_rows(db)] == ["/usr/bin/curl", "/usr/bin/wget", "/usr/bin/wget"]
     assert picosnitch.Log(sqlite3.connect(db)).written() == ("test-run", 3)
@@ -107,3 +108,63 @@ def test_what_waits_is_bounded_and_what_was_dropped_is_reported(monkeypatch):
                                 "and are written when it can be", "4 rows for snitch.db were dropped: they waited too long"]
     written = []
     assert log.flush(written.append) and written == [2, 3] and log.size == 0
+
+
+def test_a_record_changed_by_someone_else_is_reported_and_not_trusted(tmp_path):
+    """Whether to notify is decided by the record in the private part: an
+    executable written into the user's copy, record.json, is still new."""
+    p = primary(tmp_path, geoip_lookup=False)
+    p.window(1, picosnitch.now_text(), [conn("/usr/bin/curl", "curl", 7)])
+    p.close()
+    public = tmp_path / "state" / "record.json"
+    record = json.loads(public.read_text())
+    record["Executables"]["/tmp/evil"] = ["evil"]
+    record["Names"]["evil"] = ["/tmp/evil"]
+    record["SHA256"]["/tmp/evil"] = {f"{9:064x}": picosnitch.VT_UNCHECKED}
+    public.write_text(json.dumps(record))
+    p = primary(tmp_path, geoip_lookup=False)
+    errors = p.reports.errors()
+    assert len(errors) == 1 and f"{public} is not the record picosnitch wrote" in errors[0]
+    assert "/tmp/evil" not in json.loads(public.read_text())["Executables"]        # written over
+    p.window(2, picosnitch.now_text(), [conn("/tmp/evil", "evil", 9)])
+    said = [r.text for r in p.reports.read() if r.kind == "exe"]
+    assert said == ["First network connection detected for evil (/tmp/evil)"]
+    p.close()
+
+
+def test_rows_a_stop_could_not_write_are_written_at_the_next_start(tmp_path):
+    p = primary(tmp_path, geoip_lookup=False, db_text_log=True)
+    db = str(tmp_path / "state" / "snitch.db")
+    p.window(1, picosnitch.now_text(), [conn("/usr/bin/curl", "curl", 7)])
+    lock = sqlite3.connect(db)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        p.window(2, picosnitch.now_text(), [conn("/usr/bin/wget", "wget", 8), conn("/usr/bin/dig", "dig", 9)])
+        p.close()
+    finally:
+        lock.rollback()
+        lock.close()
+    assert any("2 rows it could not write yet; they are kept" in e for e in p.reports.errors())
+    assert os.path.exists(tmp_path / "state" / picosnitch.PRIVATE_NAME / picosnitch.SPOOL_NAME)
+    p = primary(tmp_path, "next-run", geoip_lookup=False, db_text_log=True)
+    assert p.last_seq == 0 and p.flush()
+    assert sorted(r["exe"] for r in picosnitch.db_rows(db)) == ["/usr/bin/curl", "/usr/bin/dig", "/usr/bin/wget"]
+    assert len((tmp_path / "state" / "conn.log").read_text().splitlines()) == 3
+    assert picosnitch.Log(sqlite3.connect(db)).written() == ("test-run", 1)     # (the kept rows mark no window)
+    assert not os.path.exists(tmp_path / "state" / picosnitch.PRIVATE_NAME / picosnitch.SPOOL_NAME)
+    p.close()
+
+
+def test_a_stopped_log_is_left_readable_without_its_wal(tmp_path):
+    """The user reads the log but cannot write its directory: after a stop it
+    needs no -wal or -shm file to be opened."""
+    p = primary(tmp_path, geoip_lookup=False)
+    p.window(1, picosnitch.now_text(), [conn("/usr/bin/curl", "curl", 7)])
+    p.close()
+    db = tmp_path / "state" / "snitch.db"
+    assert not os.path.exists(f"{db}-wal")
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    p = primary(tmp_path, geoip_lookup=False)
+    p.window(2, picosnitch.now_text(), [conn("/usr/bin/wget", "wget", 8)])
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    p.close()

@@ -16,12 +16,16 @@ def test_write_atomic_replaces_and_keeps_private(tmp_path):
     assert os.listdir(tmp_path) == ["record.json"]
 
 
-def test_append_lines_creates_a_private_log(tmp_path):
+def test_append_lines_creates_a_log_only_its_owner_writes(tmp_path):
+    """0640: who else reads it is for the directory's default ACL to say (test_state.py)."""
     path = str(tmp_path / "error.log")
     picosnitch.append_lines(path, ["first\n"])
     picosnitch.append_lines(path, ["second", "third"])
     assert open(path).read() == "first\nsecond\nthird\n"
-    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(path).st_mode & 0o777 == 0o640
+    os.symlink(path, tmp_path / "link.log")
+    with pytest.raises(OSError):
+        picosnitch.append_lines(str(tmp_path / "link.log"), ["never through a link"])
 
 
 def test_damaged_record_is_kept_aside(tmp_path):

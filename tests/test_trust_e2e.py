@@ -1,10 +1,12 @@
-"""Nothing a user controls can steer root (sections 16 and 18): the processes
-that write the user's files or act on the user's settings run as that user,
-with no capabilities. Each case runs picosnitch for a real throwaway user,
-as `sudo picosnitch` would, and plants what a hostile user would."""
+"""Nothing a user controls can steer root (sections 16, 17, 18 and 20): what
+acts on the user's settings and files runs as that user, and what writes
+picosnitch's records runs as picosnitch's account, with no capabilities.
+Each case runs picosnitch for a real throwaway user, as `sudo picosnitch`
+would, and plants what a hostile user would."""
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -60,50 +62,65 @@ def run_cli(user, *args, timeout=60):
 
 def test_each_process_runs_with_only_what_it_needs(user_home, user_session_bus, peers):
     """Reader and monitor: root with CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE
-    only (to open any process's executable). Primary and notifier: the
-    user, with no capabilities at all. None can gain privileges again."""
+    only (to open any process's executable). Primary and notifier:
+    picosnitch's account; desktop: the user; all three with no capabilities
+    at all. None can gain privileges again."""
     daemon = Daemon(user=user_home, env={"DBUS_SESSION_BUS_ADDRESS": user_session_bus[0]}).start()
+    account = pwd.getpwnam(picosnitch.ACCOUNT)
     try:
         with open(picosnitch.STATUSFILE) as f:
             children = json.load(f)["children"]
         expected = {"reader": ("0", CAP_DAC_READ_SEARCH | CAP_SYS_PTRACE),
                     "monitor": ("0", CAP_DAC_READ_SEARCH | CAP_SYS_PTRACE),
-                    "primary": (str(user_home.pw_uid), 0), "notifier": (str(user_home.pw_uid), 0)}
+                    "primary": (str(account.pw_uid), 0), "notifier": (str(account.pw_uid), 0),
+                    "desktop": (str(user_home.pw_uid), 0)}
         confined = lambda status, uid, caps: (status["Uid"].split() == [uid] * 4 and status["NoNewPrivs"] == "1" and
                                               all(int(status[f], 16) == caps for f in ("CapEff", "CapPrm", "CapBnd")))
         for name, (uid, caps) in expected.items():     # (a process may still be dropping them as it starts)
             assert wait_for(lambda: confined(status_of(children[name]), uid, caps), 10), (name, status_of(children[name]))
-        # the user's files are the user's, and private
         subprocess.run([PYTHON, "-c", "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
                         f".sendto(b'x', ('127.0.0.1', {PEER_PORT}))"], check=True)
         assert wait_for(lambda: os.path.exists(daemon.path("snitch.db")) and daemon.rows())
-        for name in ("config.json", "snitch.db", "record.json", "exe.log"):
+        # the settings are the user's, and private; the records are the account's, and the user may read them
+        st = os.stat(daemon.path("config.json"))
+        assert (st.st_uid, st.st_mode & 0o777) == (user_home.pw_uid, 0o600)
+        for name in ("snitch.db", "record.json", "exe.log"):
             st = os.stat(daemon.path(name))
-            assert (st.st_uid, st.st_mode & 0o777) == (user_home.pw_uid, 0o600), name
+            assert (st.st_uid, st.st_mode & 0o777) == (account.pw_uid, 0o640), name
+            assert f"user:{user_home.pw_name}:r--" in acl(daemon.path(name)), name
+            assert os.readlink(os.path.join(daemon.dir, name)) == daemon.path(name)
+        st = os.stat(daemon.private(""))
+        assert (st.st_uid, st.st_mode & 0o777) == (account.pw_uid, 0o700) and f"user:{user_home.pw_name}" not in acl(daemon.private(""))
     finally:
         assert daemon.stop() == 0
 
 
-def test_links_to_roots_files_change_nothing_of_them(user_home, user_session_bus, peers, exe_dir, root_only):
-    """The user made the logs, the database and the record links to root-only
-    files. They stay as they were (owner, mode, content); the notifications
-    still reach the user."""
+def acl(path):
+    return subprocess.run(["getfacl", "-cp", path], capture_output=True, text=True, check=True).stdout
+
+
+def test_links_the_user_plants_change_nothing_of_roots_files(user_home, user_session_bus, peers, exe_dir, root_only):
+    """The user made the names of the logs, the database and the record in
+    ~/.config/picosnitch/ links to root-only files. picosnitch never writes
+    there (it writes its state directory, as its account): they stay as they
+    were (owner, mode, content), and picosnitch records and notifies."""
     targets = {name: secret_file(root_only, name) for name in ("error.log", "snitch.db", "exe.log", "record.json")}
     before = {name: fingerprint(path) for name, path in targets.items()}
     daemon = Daemon(user=user_home, env={"DBUS_SESSION_BUS_ADDRESS": user_session_bus[0]})
     for name, target in targets.items():
-        plant_link(user_home, target, daemon.path(name))
+        plant_link(user_home, target, os.path.join(daemon.dir, name))
     daemon.start()
     try:
         exe = unique_c_sender(exe_dir)
         subprocess.run([exe, "127.0.0.1", str(PEER_PORT), "100"], check=True)
         said = lambda: " ".join(n["body"] for n in notifications(user_session_bus[1]))
-        assert wait_for(lambda: "error.log cannot be written" in said() and "snitch.db cannot be written" in said())
         assert wait_for(lambda: f"First network connection detected for {os.path.basename(exe)}" in said())
+        assert [r["send"] for r in daemon.wait_rows(exe=exe)] == [100]
+        assert "cannot be written" not in said()
     finally:
         assert daemon.stop() == 0
     assert {name: fingerprint(path) for name, path in targets.items()} == before
-    assert all(os.path.islink(daemon.path(name)) for name in ("error.log", "snitch.db", "exe.log"))
+    assert all(os.readlink(os.path.join(daemon.dir, name)) == target for name, target in targets.items())
 
 
 def test_a_linked_config_is_read_as_the_user(user_home, root_only):
@@ -155,7 +172,8 @@ def test_the_sql_copy_never_sends_a_password_the_user_cannot_read(user_home, roo
         trap.close()
 
 
-def test_virustotal_uploads_only_what_the_user_can_read(user_home, root_only, peers, exe_dir):
+def test_virustotal_uploads_only_what_everyone_can_read(user_home, root_only, peers, exe_dir):
+    """Uploads run as picosnitch's account, which reads only what every user can."""
     vt = FakeVirusTotal()
     try:
         hidden = os.path.join(root_only, "hidden-sender")
@@ -174,7 +192,7 @@ def test_virustotal_uploads_only_what_the_user_can_read(user_home, root_only, pe
         finally:
             assert daemon.stop() == 0
         assert verdict(hidden) == {sha256_file(hidden): "VirusTotal: not known, not uploaded "
-                                                         "(Permission denied: you cannot read it)"}
+                                                         "(Permission denied: picosnitch's account cannot read it)"}
         assert sha256_file(visible) in vt.uploads and sha256_file(hidden) not in vt.uploads
     finally:
         vt.close()
@@ -192,20 +210,19 @@ def test_status_run_by_a_user_sees_the_daemon(user_home, peers):
         assert daemon.stop() == 0
 
 
-def test_view_under_sudo_reads_the_users_files_as_the_user(user_home, root_only):
+def test_view_under_sudo_reads_the_log_as_the_user(user_home, root_only):
     """`sudo picosnitch view`: the viewer becomes the user before it opens
-    anything, so a snitch.db linked to a root-only log shows nothing of it."""
+    anything, so a log the user may not read shows nothing of it."""
     from test_view import Tmux, row
     secret = os.path.join(root_only, "snitch.db")
     log = picosnitch.Log.open(secret)
     log.insert([row(picosnitch.now_text(), "/usr/bin/root-secret", 1, 2)])
-    log.close()
+    log.close(readable=True)
     directory = os.path.join(user_home.pw_dir, ".config", "picosnitch")
     subprocess.run(["mkdir", "-p", directory], check=True, preexec_fn=as_user(user_home))
     subprocess.run(["sh", "-c", f"echo '{{\"GeoIP lookup\": false}}' > {directory}/config.json"],
                    check=True, preexec_fn=as_user(user_home))
-    plant_link(user_home, secret, os.path.join(directory, "snitch.db"))
-    t = Tmux(f"cd / && SUDO_USER={user_home.pw_name} {PYTHON} {SCRIPT} view", width=200)
+    t = Tmux(f"cd / && SUDO_USER={user_home.pw_name} STATE_DIRECTORY={root_only} {PYTHON} {SCRIPT} view", width=200)
     try:
         screen = t.wait(lambda s: "view exited with status" in s or "by executable" in s)
         shell = int(t.tmux("list-panes", "-t", "view", "-F", "#{pane_pid}").strip())
@@ -243,22 +260,23 @@ def test_the_systemd_unit_runs_none_of_the_users_python_code(user_home):
 
 
 def test_the_user_cannot_silence_the_daemon_with_signals(user_home, peers, exe_dir):
-    """The primary and the notifier are the user's: a real-time signal kills
-    one, SIGSTOP would hold it forever. The root supervisor reports both,
-    restarts the process, and goes on logging; `stop` still works."""
+    """The primary and the notifier are picosnitch's account's: the user's
+    signals cannot reach them. The desktop process is the user's: a
+    real-time signal kills it, SIGSTOP would hold it. The root supervisor
+    records both, restarts it at once, and logging goes on; `stop` works."""
     daemon = Daemon(user=user_home, config={"Desktop notifications": False}).start()
     try:
-        user_kill = lambda sig, pid: subprocess.run(["kill", "-s", sig, str(pid)], check=True,
+        user_kill = lambda sig, pid: subprocess.run(["kill", "-s", sig, str(pid)], capture_output=True, text=True,
                                                     preexec_fn=as_user(user_home))
-        with open(picosnitch.STATUSFILE) as f:
-            primary = json.load(f)["children"]["primary"]
-        user_kill("40", primary)
-        assert wait_for(lambda: "the primary process died (killed by signal 40); restarting it" in daemon.read("error.log"))
-        with open(picosnitch.STATUSFILE) as f:
-            primary = json.load(f)["children"]["primary"]
-        user_kill("STOP", primary)
-        assert wait_for(lambda: f"the primary process was stopped for {picosnitch.STOPPED_LIMIT:.0f}s; killing it"
-                        in daemon.read("error.log"), picosnitch.STOPPED_LIMIT + 20)
+        children = lambda: json.load(open(picosnitch.STATUSFILE))["children"]
+        for name in ("primary", "notifier", "reader", "monitor"):
+            refused = user_kill("KILL", children()[name])
+            assert refused.returncode != 0 and "Operation not permitted" in refused.stderr, name
+        user_kill("40", children()["desktop"])
+        assert wait_for(lambda: "the desktop process died (killed by signal 40); restarting it" in daemon.read("error.log"))
+        assert wait_for(lambda: (pid := children()["desktop"]) and user_kill("STOP", pid).returncode == 0)
+        assert wait_for(lambda: f"the desktop process was stopped for {picosnitch.STOPPED_LIMIT_REACH:.0f}s; killing it"
+                        in daemon.read("error.log"), picosnitch.STOPPED_LIMIT_REACH + 20)
         exe = unique_c_sender(exe_dir)
         subprocess.run([exe, "127.0.0.1", str(PEER_PORT), "432"], check=True)
         assert [r["send"] for r in daemon.wait_rows(exe=exe)] == [432]

@@ -1,4 +1,4 @@
-"""The service unit that `picosnitch systemd` writes (section 16): its score
+"""The service unit that `picosnitch systemd` writes (section 18): its score
 with systemd-analyze, and the daemon run end to end under the unit's own
 sandbox. CI has no systemd as init, so tests/unit_sandbox.py applies the
 unit's settings itself (namespaces, mounts, seccomp, setpriv), in a private
@@ -53,12 +53,23 @@ def installed():
 
 
 @pytest.fixture(scope="module")
-def unit_file(home_user, installed, tmp_path_factory):
+def state():
+    """The unit's state directory: outside /tmp and /var/tmp, which are
+    private in the unit (it is made by `picosnitch systemd`)."""
+    path = tempfile.mkdtemp(prefix="ps-sandbox-state-", dir="/var/lib")
+    os.chmod(path, 0o755)
+    yield os.path.join(path, "state")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def unit_file(home_user, installed, state, tmp_path_factory):
     """The unit `sudo picosnitch systemd` writes for the user (written into a
     private /etc/systemd/system, so that the machine's stays as it is)."""
     script = 'mount -t tmpfs none /etc/systemd/system && "$@" systemd >&2 && cat /etc/systemd/system/picosnitch.service'
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", PYTHON,
-                          installed], capture_output=True, text=True, env=dict(os.environ, SUDO_USER=home_user.pw_name))
+                          installed], capture_output=True, text=True,
+                         env=dict(os.environ, SUDO_USER=home_user.pw_name, STATE_DIRECTORY=state))
     assert out.returncode == 0, out.stderr
     path = tmp_path_factory.mktemp("unit") / "picosnitch.service"
     path.write_text(out.stdout)
@@ -149,16 +160,21 @@ def test_the_unit_scores_at_most_5_and_verifies(unit_file):
     assert (out.returncode, out.stdout + out.stderr) == (0, "")
 
 
-def test_the_unit_is_the_hardened_one_for_the_user(unit_file, home_user, installed):
+def test_the_unit_is_the_hardened_one_for_the_user(unit_file, home_user, installed, state):
     unit = open(unit_file).read()
     directory = os.path.join(home_user.pw_dir, ".config", "picosnitch")
     assert f"ExecStart={PYTHON} -I {installed} start-no-daemon\n" in unit
     assert f'Environment="SUDO_USER={home_user.pw_name}"' in unit and "HOME=" not in unit
-    assert f'ReadWritePaths=/run "{directory}"\n' in unit
-    # `picosnitch systemd` made the directory the unit writes, as the user
+    assert f'Environment="STATE_DIRECTORY={state}"' in unit
+    assert f'ReadWritePaths=/run -"{state}" "{directory}"\n' in unit
+    # `picosnitch systemd` made what the unit cannot: the user's directory, as
+    # the user; picosnitch's account, and its state directory
     st = os.stat(directory)
     assert (st.st_uid, st.st_mode & 0o777) == (home_user.pw_uid, 0o700)
     assert os.path.exists(os.path.join(directory, "config.json"))
+    account = pwd.getpwnam(picosnitch.ACCOUNT)
+    st = os.stat(state)
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (account.pw_uid, account.pw_gid, 0o750)
 
 
 PROBE = r"""
@@ -177,6 +193,7 @@ print(json.dumps({
     "etc": attempt(touch("/etc/picosnitch-probe")), "usr": attempt(touch("/usr/picosnitch-probe")),
     "home": attempt(touch(os.path.join(os.environ["HOME_UNDER_TEST"], "probe"))),
     "run": attempt(touch("/run/picosnitch-probe")), "tmp": attempt(touch("/tmp/picosnitch-probe")),
+    "state": attempt(touch(os.path.join(os.environ["STATE_DIRECTORY"], "probe"))),
     "tmp_listing": sorted(os.listdir("/tmp")), "dev": sorted(os.listdir("/dev")),
     "packet": attempt(lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW)),
     "netlink": attempt(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)),
@@ -188,7 +205,7 @@ print(json.dumps({
 """
 
 
-def test_the_emulated_sandbox_holds(unit_file, home_user):
+def test_the_emulated_sandbox_holds(unit_file, home_user, state):
     """The emulation is no pretence: what the unit forbids fails in it."""
     out = subprocess.run([PYTHON, SANDBOX, unit_file, "--", PYTHON, "-c", PROBE.replace(
         'os.environ["HOME_UNDER_TEST"]', repr(home_user.pw_dir))], capture_output=True, text=True, timeout=60)
@@ -199,12 +216,13 @@ def test_the_emulated_sandbox_holds(unit_file, home_user):
     assert int(seen["status"]["CapBnd"], 16) == int(seen["status"]["CapEff"], 16) == capability_mask(caps)
     assert (seen["status"]["NoNewPrivs"], seen["status"]["Seccomp"]) == ("1", "2")
     assert seen["etc"] == seen["usr"] == seen["home"] == "Read-only file system"
-    assert seen["run"] == seen["tmp"] == "ok" and seen["tmp_listing"] == ["picosnitch-probe"]
+    assert seen["run"] == seen["tmp"] == seen["state"] == "ok" and seen["tmp_listing"] == ["picosnitch-probe"]
     assert "vda" not in seen["dev"] and "null" in seen["dev"] and "kmsg" not in seen["dev"]
     assert seen["packet"] == seen["netlink"] == "Address family not supported by protocol"
     assert "Operation not permitted" in seen["unshare"] and "permission denied" in seen["mount"]
     assert seen["kallsyms"] == ""
     assert "HOME" not in seen["env"] and "SUDO_USER" in seen["env"]
+    os.unlink(os.path.join(state, "probe"))
 
 
 class SandboxedDaemon:
@@ -240,13 +258,13 @@ def status_of(pid):
 
 
 def test_picosnitch_captures_hashes_writes_and_notifies_in_its_sandbox(unit_file, installed, home_user, bus, peer,
-                                                                       virustotal, lib_exe_dir, tmp_path):
+                                                                       virustotal, lib_exe_dir, tmp_path, state):
     directory = os.path.join(home_user.pw_dir, ".config", "picosnitch")
     # rings of 8 MiB a CPU: more than the memlock limit (CAP_IPC_LOCK maps them);
     # VirusTotal (a local server) for a connection out of the sandbox
     config = json.dumps({"DB write limit (seconds)": 1, "GeoIP lookup": False, "Perf ring buffer (pages)": 2048,
                          "VT API key": API_KEY, "VT API address": virustotal.base, "VT request limit (seconds)": 0})
-    subprocess.run(["sh", "-c", f"rm -f {directory}/* && echo '{config}' > {directory}/config.json"], check=True,
+    subprocess.run(["sh", "-c", f"echo '{config}' > {directory}/config.json"], check=True,
                    preexec_fn=as_user(home_user))
     daemon = SandboxedDaemon(unit_file, home_user, bus[0], str(tmp_path)).start()
     try:
@@ -257,7 +275,9 @@ def test_picosnitch_captures_hashes_writes_and_notifies_in_its_sandbox(unit_file
         bounding = capability_mask(unit_settings(unit_file)["CapabilityBoundingSet"][0].split())
         supervisor = status_of(daemon.proc.pid)
         assert int(supervisor["CapBnd"], 16) == bounding and supervisor["NoNewPrivs"] == "1"
-        uids = {"reader": "0", "monitor": "0", "primary": str(home_user.pw_uid), "notifier": str(home_user.pw_uid)}
+        account = pwd.getpwnam(picosnitch.ACCOUNT)
+        uids = {"reader": "0", "monitor": "0", "primary": str(account.pw_uid), "notifier": str(account.pw_uid),
+                "desktop": str(home_user.pw_uid)}
         confined = lambda status, uid: (status["Uid"].split() == [uid] * 4 and int(status["CapBnd"], 16) & ~bounding == 0
                                         and (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2"))
         for name, uid in uids.items():      # (a process may still be dropping its privileges as it starts)
@@ -281,7 +301,7 @@ def test_picosnitch_captures_hashes_writes_and_notifies_in_its_sandbox(unit_file
 
         def rows():
             try:
-                return [r for r in picosnitch.db_rows(os.path.join(directory, "snitch.db")) if r["exe"] == exe]
+                return [r for r in picosnitch.db_rows(os.path.join(state, "snitch.db")) if r["exe"] == exe]
             except Exception:       # noqa: BLE001 - not written yet
                 return []
         assert wait_for(lambda: sum(r["send"] for r in rows()) >= sent["sent"], 30), daemon.lines
@@ -291,15 +311,16 @@ def test_picosnitch_captures_hashes_writes_and_notifies_in_its_sandbox(unit_file
         assert {r["sha256"] for r in logged} == {sha256_file(exe)}
         said = lambda: " ".join(n["body"] for n in notifications(bus[1]))
         assert wait_for(lambda: f"First network connection detected for {os.path.basename(exe)}" in said(), 30)
-        verdict = lambda: json.loads(open(os.path.join(directory, "record.json")).read())["SHA256"].get(exe, {})
+        verdict = lambda: json.loads(open(os.path.join(state, "record.json")).read())["SHA256"].get(exe, {})
         assert wait_for(lambda: verdict().get(sha256_file(exe), "").startswith("VirusTotal: 0 malicious"), 30), verdict()
-        assert os.path.basename(exe) in open(os.path.join(directory, "exe.log")).read()
+        assert os.path.basename(exe) in open(os.path.join(state, "exe.log")).read()
         for name in ("snitch.db", "record.json", "exe.log"):
-            st = os.stat(os.path.join(directory, name))
-            assert (st.st_uid, st.st_mode & 0o777) == (home_user.pw_uid, 0o600), name
+            st = os.stat(os.path.join(state, name))
+            assert (st.st_uid, st.st_mode & 0o777) == (account.pw_uid, 0o640), name
+            assert os.readlink(os.path.join(directory, name)) == os.path.join(state, name)
     finally:
         code = daemon.stop()
-        # nothing of the daemon outlives it (the supervisor stops the user's processes: CAP_KILL)
+        # nothing of the daemon outlives it (the supervisor stops the others' processes: CAP_KILL)
         running = lambda: {int(pid) for pid in subprocess.run(["pgrep", "-u", str(home_user.pw_uid)],
                                                              capture_output=True, text=True).stdout.split()} - bus[2]
         left = running() if not wait_for(lambda: not running(), 10) else set()
@@ -308,7 +329,7 @@ def test_picosnitch_captures_hashes_writes_and_notifies_in_its_sandbox(unit_file
     assert code == 0 and not left, (left, daemon.lines)
     # No error but those about pid 1: a container's init, whose executable
     # root cannot open here, in a sandbox or not.
-    errors = os.path.join(directory, "error.log")
+    errors = os.path.join(state, "error.log")
     errors = open(errors).read().splitlines() if os.path.exists(errors) else []
     assert [line for line in errors if "(pid 1)" not in line] == []
     assert [line for line in daemon.lines if ("error" in line and "(pid 1)" not in line) or "unavailable" in line

@@ -1,4 +1,4 @@
-"""`picosnitch view` (section 17) driven in tmux: keys sent with send-keys,
+"""`picosnitch view` (section 20) driven in tmux: keys sent with send-keys,
 the screen read with capture-pane after each, against a generated snitch.db
 and against one written by a running daemon."""
 import datetime
@@ -87,27 +87,30 @@ def at(**delta):
 
 @pytest.fixture
 def home():
-    """A home of user nobody (outside pytest's private temporary directory)."""
+    """A home of user nobody (outside pytest's private temporary directory),
+    with its settings, and beside them a state directory nobody may read."""
     home = pathlib.Path(tempfile.mkdtemp(prefix="ps-view-"))
     directory = home / ".config" / "picosnitch"
     directory.mkdir(parents=True)
+    (home / "state").mkdir()
     (directory / "config.json").write_text('{"GeoIP lookup": false}')
-    for path in (home, home / ".config", directory, directory / "config.json"):
+    for path in (home, home / ".config", directory, directory / "config.json", home / "state"):
         os.chown(path, NOBODY, NOBODY)
     yield home
     shutil.rmtree(home, ignore_errors=True)
 
 
 def make_db(home, rows, raw=()):
-    """snitch.db in home with rows (through picosnitch's storage) and raw SQL
-    inserts (into the connections view, as a script would)."""
-    path = str(home / ".config" / "picosnitch" / "snitch.db")
+    """snitch.db in home's state directory with rows (through picosnitch's
+    storage) and raw SQL inserts (into the connections view, as a script
+    would), left as a stopped picosnitch leaves it."""
+    path = str(home / "state" / "snitch.db")
     log = picosnitch.Log.open(path)
     log.insert(rows)
     for sql, params in raw:
         with log.con:
             log.con.execute(sql, params)
-    log.close()
+    log.close(readable=True)
     for name in os.listdir(os.path.dirname(path)):
         os.chown(os.path.join(os.path.dirname(path), name), NOBODY, NOBODY)
     return path
@@ -116,7 +119,7 @@ def make_db(home, rows, raw=()):
 def make_old_db(home, rows):
     """snitch.db in the layout of picosnitch 1.0.3, as a log not yet opened by
     this version is (no WAL: a writer's lock keeps readers out)."""
-    path = str(home / ".config" / "picosnitch" / "snitch.db")
+    path = str(home / "state" / "snitch.db")
     con = sqlite3.connect(path)
     con.execute("CREATE TABLE connections (contime text, send integer, recv integer, exe text, name text, "
                 "cmdline text, sha256 text, pexe text, pname text, pcmdline text, psha256 text, uid integer, "
@@ -129,9 +132,10 @@ def make_old_db(home, rows):
 
 
 def view(home, user=NOBODY, width=80, height=24):
-    """picosnitch view as user nobody (it needs no root) with HOME set."""
+    """picosnitch view as user nobody (it needs no root) with HOME and the state directory set."""
     need_root()
-    command = f"cd / && HOME={home} setpriv --reuid={user} --regid={user} --clear-groups {PYTHON} {SCRIPT} view"
+    command = (f"cd / && HOME={home} STATE_DIRECTORY={home}/state setpriv --reuid={user} --regid={user} "
+               f"--clear-groups {PYTHON} {SCRIPT} view")
     return Tmux(command, width, height)
 
 
@@ -240,11 +244,10 @@ def test_views_cover_every_grouping(sample, home):
 
 @pytest.mark.parametrize("database", [True, False])
 def test_remote_addresses_with_their_country(sample, home, database):
-    directory = home / ".config" / "picosnitch"
-    (directory / "config.json").write_text('{"GeoIP lookup": true}')
+    (home / ".config" / "picosnitch" / "config.json").write_text('{"GeoIP lookup": true}')
     if database:
-        (directory / picosnitch.GEOIP_NAME).write_bytes(mmdb.build({"192.0.2.0/28": "DE", "192.0.2.32/27": "FR"}))
-        os.chown(directory / picosnitch.GEOIP_NAME, NOBODY, NOBODY)
+        (home / "state" / picosnitch.GEOIP_NAME).write_bytes(mmdb.build({"192.0.2.0/28": "DE", "192.0.2.32/27": "FR"}))
+        os.chown(home / "state" / picosnitch.GEOIP_NAME, NOBODY, NOBODY)
     t = view(home)
     try:
         s = t.wait("by executable (1/11)")
@@ -288,7 +291,7 @@ def test_moves_and_resize_never_break_the_screen(home):
 
 @pytest.mark.parametrize("case", ["missing", "empty", "locked"])
 def test_a_missing_empty_or_locked_database_gives_a_message(home, case):
-    path = home / ".config" / "picosnitch" / "snitch.db"
+    path = home / "state" / "snitch.db"
     messages = {"missing": "no connection log at", "empty": "has no connections yet", "locked": "is locked by a writer"}
     holder = None
     if case == "empty":
@@ -335,7 +338,7 @@ def test_viewing_a_log_written_by_the_daemon(tmp_path, peers, exe_dir):
         first = unique_python(exe_dir)
         traffic(first, "tcp-up", PEER_V4, 123456)
         assert d.wait_rows(exe=first)
-        t = Tmux(f"cd / && HOME={tmp_path} {PYTHON} {SCRIPT} view")
+        t = Tmux(f"cd / && HOME={tmp_path} STATE_DIRECTORY={d.state} {PYTHON} {SCRIPT} view")
         s = t.wait(f"{first}")
         line = next(e for e in body(s) if e.endswith(first))
         assert "123.5 kB" in line          # 123456 bytes and the request line "up 123456\n"
