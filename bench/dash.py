@@ -15,6 +15,7 @@ usage: sudo /usr/bin/python3 bench/dash.py [--rows 10000000] [--keep DIR] [--rep
 import argparse
 import datetime
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -193,12 +194,16 @@ SESSION = [
 
 
 def serve(home: str):
-    proc = subprocess.Popen([PYTHON, SCRIPT, "dash"], env=dict(os.environ, HOME=home, PORT=str(PORT)),
+    """picosnitch dash on the log in home's state directory: the process and
+    the address it printed (with its token)."""
+    proc = subprocess.Popen([PYTHON, SCRIPT, "dash"], env=dict(os.environ, HOME=home, PORT=str(PORT),
+                                                              STATE_DIRECTORY=os.path.join(home, "state")),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
-    if "serving" not in line:
+    found = re.search(r" on (http://\S+\?token=\S+) ", line)
+    if not found:
         raise RuntimeError(f"picosnitch dash did not start: {line}{proc.stderr.read()}")
-    return proc
+    return proc, found.group(1)
 
 
 def make_home(log: str) -> str:
@@ -207,16 +212,17 @@ def make_home(log: str) -> str:
     os.makedirs(directory)
     with open(os.path.join(directory, "config.json"), "w") as f:
         f.write('{"GeoIP lookup": false}')
-    os.symlink(log, os.path.join(directory, "snitch.db"))
+    os.makedirs(os.path.join(home, "state"))
+    os.symlink(log, os.path.join(home, "state", "snitch.db"))
     return home
 
 
 def run(log: str, rows: int):
     home = make_home(log)
-    server, d = serve(home), browser()
+    (server, address), d = serve(home), browser()
     try:
         page = Page(d)
-        first = page.first(f"http://localhost:{PORT}/")
+        first = page.first(address)         # (as a user opens it: with the token, which sets a cookie, then the page)
         bundle = ", ".join(d.execute_script(PLOTLY_LOADED)) or "none"
         results = []
         for name, action in SESSION:

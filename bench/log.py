@@ -164,7 +164,7 @@ def tmux_session(home, rss_file):
     the screen changed; the viewer's peak RSS (MB) once it quit."""
     measure = (f"import resource, subprocess, sys; subprocess.call(sys.argv[1:]); "
                f"open('{rss_file}', 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))")
-    t = Tmux(f"HOME={home} {PYTHON} -c \"{measure}\" {PYTHON} {SCRIPT} view")
+    t = Tmux(f"HOME={home} STATE_DIRECTORY={home}/state {PYTHON} -c \"{measure}\" {PYTHON} {SCRIPT} view")
     try:
         first, screen = t.until(lambda s: "by executable (1/11)" in s and "sent" in s)
         results = []
@@ -402,7 +402,8 @@ def main(argv=None):
             os.makedirs(directory)
             with open(os.path.join(directory, "config.json"), "w") as f:
                 f.write('{"GeoIP lookup": false}')
-            os.symlink(path, os.path.join(directory, "snitch.db"))
+            os.makedirs(os.path.join(home, "state"))          # (the viewer's state directory: STATE_DIRECTORY)
+            os.symlink(path, os.path.join(home, "state", "snitch.db"))
             tmux = tmux_session(home, os.path.join(workdir, f"rss-{size}"))
             model = model_session(path)
             queries, port_floors = query_times(path)

@@ -248,6 +248,8 @@ class Picosnitch:
     def __init__(self, workdir):
         self.home = os.path.join(workdir, "picosnitch-home")
         self.dir = os.path.join(self.home, ".config", "picosnitch")
+        self.state = os.path.join(workdir, "picosnitch-state")      # (its account passes through workdir)
+        os.chmod(workdir, 0o755)
         self.proc = None
         self.start_seconds = None
 
@@ -255,7 +257,7 @@ class Picosnitch:
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "config.json"), "w") as f:
             json.dump({"DB write limit (seconds)": 1, "Desktop notifications": False, "GeoIP lookup": False}, f)
-        env = dict(os.environ, HOME=self.home)
+        env = dict(os.environ, HOME=self.home, STATE_DIRECTORY=self.state)
         env.pop("SUDO_USER", None)
         started = time.monotonic()
         self.proc = subprocess.Popen(private_resolver([PYTHON, PICOSNITCH, "start-no-daemon"], self.home), env=env, text=True,
@@ -288,7 +290,7 @@ class Picosnitch:
     settle_seconds = 3     # two write windows and the write
 
     def result(self, exe, comm, peer, since):
-        db = os.path.join(self.dir, "snitch.db")
+        db = os.path.join(self.state, "snitch.db")
         con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
         try:
             rows = con.execute("SELECT SUM(send) + SUM(recv), COUNT(*) FROM connections WHERE exe = ?", (exe,)).fetchone()
@@ -302,7 +304,7 @@ class Picosnitch:
             con.close()
 
     def errors(self):
-        path = os.path.join(self.dir, "error.log")
+        path = os.path.join(self.state, "error.log")
         return open(path).read() if os.path.exists(path) else ""
 
 
