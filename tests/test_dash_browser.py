@@ -19,10 +19,12 @@ One dash server runs per log and one browser per module; run the file in a
 mount namespace of its own when a daemon may be running elsewhere (the
 daemon test needs /run/picosnitch.pid for itself)."""
 import calendar
+import datetime
 import json
 import os
 import pwd
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -45,6 +47,9 @@ MINUTE, HOUR, DAY = 60, 3600, 86400
 TRACES = 10                    # entries charted one by one (DASH_TRACES)
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 FIELD_FORMAT = "%Y-%m-%dT%H:%M:%S"
+# a datetime-local field's value leaves its seconds out when they are zero
+# (Chromium 156: 2026-12-06T01:16 for 01:16:00); the page reads both forms
+FIELD_FORMATS = (FIELD_FORMAT, "%Y-%m-%dT%H:%M")
 
 
 # -- the generated log ---------------------------------------------------------
@@ -93,12 +98,39 @@ def log_time(t):
 
 
 def field_time(t):
-    """A time as the from/to fields and the address have it."""
+    """A time as the address has it (and as it is given to the from/to fields)."""
     return time.strftime(FIELD_FORMAT, time.gmtime(t))
 
 
 def parse_field_time(text):
-    return calendar.timegm(time.strptime(text, FIELD_FORMAT))
+    """The time (in the log's seconds) that a from/to field or the address
+    means, in either of the forms a field's value takes."""
+    for form in FIELD_FORMATS:
+        try:
+            return calendar.timegm(time.strptime(text, form))
+        except ValueError:
+            pass
+    raise AssertionError(f"not the value of a datetime-local field: {text!r}")
+
+
+def chart_time(text):
+    """The time (in the log's seconds, with its fraction) of a date of Plotly's
+    (2026-12-06, 2026-12-06 01:16, 2026-12-06 01:16:00.5: it leaves out what is zero)."""
+    when = datetime.datetime.fromisoformat(text)
+    return calendar.timegm(when.timetuple()) + when.microsecond / 1e6
+
+
+def on_the_minute(t, second=0):
+    """t at the start of its minute, plus second: to type a time whose seconds
+    are zero (which a field leaves out of its value) or are not, every run."""
+    return t // MINUTE * MINUTE + second
+
+
+def color(text):
+    """A computed CSS colour as (red, green, blue, alpha), however the browser writes it."""
+    assert re.fullmatch(r"rgba?\([\d.,/ ]+\)", text), f"not a colour: {text!r}"
+    numbers = [float(n) for n in re.findall(r"[\d.]+", text)]
+    return tuple(numbers[:3]) + (numbers[3] if len(numbers) > 3 else 1.0,)
 
 
 def make_row(i, t, program, send, recv, domain, raddr, rport, proto, sha=None):
@@ -416,7 +448,8 @@ class Page:
         for keys in (f"{when.tm_mon:02}", f"{when.tm_mday:02}", f"{when.tm_year}", Keys.RIGHT, f"{hour:02}",
                      f"{when.tm_min:02}", f"{when.tm_sec:02}", "AM" if when.tm_hour < 12 else "PM"):
             element.send_keys(keys)
-        assert element.get_attribute("value") == field_time(t), f"{field} took {element.get_attribute('value')}"
+        typed = element.get_attribute("value")
+        assert parse_field_time(typed) == t, f"{field} took {typed} for {field_time(t)}"
 
     def hover_point(self, trace, index):
         """Move the mouse over a point of a trace; the hover label's text."""
@@ -808,7 +841,7 @@ def test_custom_ranges_typed_zoomed_and_dragged(page, world):
     length; a zoom on the chart (Plotly's relayout, then a drag with the
     mouse) becomes a custom range in the address: every total exact."""
     page.load()
-    start, end = world.now - 25 * HOUR, world.now - 150 * MINUTE
+    start, end = on_the_minute(world.now - 25 * HOUR), on_the_minute(world.now - 150 * MINUTE, 37)
     page.type_time("from", start)
     page.type_time("to", end)
     page.click("apply-range")
@@ -955,9 +988,10 @@ def test_bits_smoothing_and_the_dark_theme(page, world, tmp_path):
         return {root: style(document.getElementById('root')), cell: style(document.querySelector('#table td')),
                 label: style(document.querySelector('.ps-bar label')), paper: g._fullLayout.paper_bgcolor,
                 font: g._fullLayout.font.color};""")
-    assert colors["root"] == ["rgb(30, 31, 36)", "rgb(228, 228, 228)"]
-    assert colors["cell"] == ["rgb(30, 31, 36)", "rgb(228, 228, 228)"]
-    assert colors["label"][1] == "rgb(228, 228, 228)"
+    dark = [(30, 31, 36, 1.0), (228, 228, 228, 1.0)]
+    assert [color(c) for c in colors["root"]] == dark
+    assert [color(c) for c in colors["cell"]] == dark
+    assert color(colors["label"][1]) == dark[1]
     assert (colors["paper"], colors["font"]) == ("#1e1f24", "#e4e4e4")
     page.browser.screenshot(tmp_path / "dark.png")
     page.pick("theme", "light")
@@ -1058,22 +1092,40 @@ def test_the_filter_bar_offers_the_largest_values_and_finds_others_typed(browser
 
 # -- what a page could get wrong ---------------------------------------------------
 
+def test_a_time_means_the_same_with_or_without_its_zero_seconds():
+    """The tests compare a field's value by the time it means, in both forms
+    (as the page's dash_time reads them), and Plotly's dates likewise."""
+    t = calendar.timegm((2026, 12, 6, 1, 16, 0))
+    for text in ("2026-12-06T01:16", "2026-12-06T01:16:00"):
+        assert parse_field_time(text) == picosnitch.dash_time(text) == t, text
+    assert parse_field_time("2026-12-06T01:16:07") == picosnitch.dash_time("2026-12-06T01:16:07") == t + 7
+    assert parse_field_time(field_time(t)) == parse_field_time(field_time(t)[:16]) == t
+    for text in ("2026-12-06", "2026-12-06 01:16:00", "2026-12-06T01", "12/06/2026, 01:16 AM", ""):
+        with pytest.raises(AssertionError):
+            parse_field_time(text)
+    plotly = ["2026-12-06", "2026-12-06 01:16", "2026-12-06 01:16:00", "2026-12-06 01:16:07.5"]
+    assert [chart_time(text) for text in plotly] == [t - 76 * MINUTE, t, t, t + 7.5]
+    assert color("rgb(30, 31, 36)") == color("rgba(30, 31, 36, 1)") == color("rgb(30 31 36)") == (30, 31, 36, 1.0)
+
+
 def test_typing_a_time_leaves_the_console_clean(page, world):
     page.load()
-    page.type_time("from", world.now - 2 * HOUR)
+    page.type_time("from", on_the_minute(world.now - 2 * HOUR))
+    page.type_time("to", on_the_minute(world.now - HOUR, 37))
     assert page.browser.console_errors() == []
 
 
 def test_apply_keeps_the_range_it_was_given(page, world):
     page.load()
-    start, end = world.now - 5 * HOUR, world.now - 2 * HOUR
+    start, end = on_the_minute(world.now - 5 * HOUR), on_the_minute(world.now - 2 * HOUR, 37)
     page.type_time("from", start)
     page.type_time("to", end)
     page.click("apply-range")
     eventually(lambda: assert_equal([k for k, _ in page.query()], ["from", "to"]))
     page.settle()
     first = page.query()
-    assert (page.value("from"), page.value("to")) == (field_time(start), field_time(end)), "the fields as typed"
+    assert (parse_field_time(page.value("from")), parse_field_time(page.value("to"))) == (start, end), \
+        "the fields as typed"
     page.click("apply-range")
     page.settle()
     assert page.query() == first, "apply again, nothing changed"
@@ -1101,4 +1153,4 @@ def test_a_range_without_connections_keeps_its_time_axis(page, world):
     page.load(f"?from={field_time(start)}&to={field_time(end)}")
     expect(page, [("from", field_time(start)), ("to", field_time(end))], [])
     shown = page.browser.js("return document.querySelector('#graph .js-plotly-plot')._fullLayout.xaxis.range")
-    assert shown[0] <= log_time(start) and log_time(end - 1) <= shown[1], shown
+    assert chart_time(shown[0]) <= start and end - 1 <= chart_time(shown[1]), shown
