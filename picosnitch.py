@@ -5235,11 +5235,19 @@ class GeoIP:
         self.reader, self.cache = None, {}
         try:
             import geoip2.database
-            self.reader = geoip2.database.Reader(path)
+            import maxminddb
         except ImportError:
             report("GeoIP lookup needs the geoip2 package; countries are not shown")
-        except (OSError, ValueError) as e:
-            report(f"no usable GeoIP database at {path} ({e}); countries are not shown")
+            return
+        # (one short line: view shows it in its last row, dash in its message line)
+        try:
+            self.reader = geoip2.database.Reader(path)
+        except FileNotFoundError:
+            report("no GeoIP database yet; countries are not shown")
+        except OSError as e:
+            report(f"the GeoIP database cannot be read ({e.strerror or type(e).__name__}); countries are not shown")
+        except (ValueError, maxminddb.InvalidDatabaseError):
+            report("the GeoIP database is damaged; countries are not shown")
 
     def country(self, addr: str) -> str:
         if self.reader is None or not addr:
