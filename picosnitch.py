@@ -7119,9 +7119,11 @@ def dash_layout(config: Config):
                     style_table={"overflowX": "auto"},
                     style_cell={"maxWidth": "280px", "overflow": "hidden", "textOverflow": "ellipsis",
                                 "fontFamily": "system-ui, sans-serif", "fontSize": "13px"},
-                    style_cell_conditional=[{"if": {"column_id": "entry"}, "textAlign": "left"},
+                    # (the entries take the width the amounts leave them, cut short: whole on hover)
+                    style_cell_conditional=[{"if": {"column_id": "entry"}, "textAlign": "left", "width": "100%",
+                                             "minWidth": "120px", "maxWidth": 0},
                                             {"if": {"column_id": "details"}, "cursor": "pointer",
-                                             "textDecoration": "underline", "width": "56px"}],
+                                             "textDecoration": "underline", "minWidth": "64px"}],
                     # a click filters or opens the details: no cell stays marked
                     css=[{"selector": "td.cell--selected, td.focused",
                           "rule": "background-color: inherit !important; border-color: inherit !important;"}])])])])

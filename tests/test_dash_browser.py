@@ -1090,6 +1090,69 @@ def test_the_filter_bar_offers_the_largest_values_and_finds_others_typed(browser
         assert server.stop() == 0, server.output()
 
 
+# -- the page on a laptop's screen and on a phone's ----------------------------------
+
+BOXES = """
+var box = function (e) { var b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
+var text = function (e) { var r = document.createRange(); r.selectNodeContents(e); return r; };
+var one = function (s) { return box(document.querySelector(s)); };
+return {window: [0, 0, document.documentElement.clientWidth, innerHeight],
+        table: one('#table .dash-spreadsheet-container'), chart: one('#graph .js-plotly-plot'),
+        sent: one('#graph .g-ytitle'), received: one('#graph .g-y2title'),
+        columns: Array.from(document.querySelectorAll('#table th[data-dash-column]')).map(function (h) {
+            return [h.getAttribute('data-dash-column'), box(h)]; }),
+        details: Array.from(document.querySelectorAll('#table td[data-dash-column=details]')).map(function (c) {
+            return [box(c), box(text(c))]; }),
+        message: new Set(Array.from(text(document.getElementById('message')).getClientRects())
+            .map(function (r) { return Math.round(r.top); })).size};
+"""
+# executables of a real machine, longer than the table has room for
+LONG_EXES = ["/home/someone/.local/share/Steam/ubuntu12_64/steamwebhelper",
+             "/usr/share/code/resources/app/extensions/node_modules/typescript/lib/tsserver.js",
+             "/opt/google/chrome/chrome_crashpad_handler", "/usr/lib/x86_64-linux-gnu/libexec/kdeconnectd"]
+
+
+def across(inner, outer):
+    """inner lies within outer from left to right (boxes: left, top, right, bottom)."""
+    return outer[0] <= inner[0] and inner[2] <= outer[2]
+
+
+def test_at_1440_by_900_the_table_shows_every_column(browser, tmp_path):
+    """A laptop's screen, long paths and a new user's set-up (GeoIP lookup
+    on, no database yet): every column of the table lies within the table's
+    visible box and the window, each "details" whole in its cell, and the
+    notice on one line."""
+    home = make_home(tmp_path / "home")
+    (home / ".config" / "picosnitch" / "config.json").write_text('{"GeoIP lookup": true}')
+    now = picosnitch.now_seconds()
+    rows = [dict(make_row(i, now - 5 * MINUTE - i, "curl", 123_456_789 // (i + 1), 9_876_543_210 // (i + 1),
+                          "deb.example.org", "192.0.2.1", 443, "tcp"), exe=exe) for i, exe in enumerate(LONG_EXES)]
+    log = picosnitch.Log.open(str(home / ".config" / "picosnitch" / "snitch.db"))
+    log.insert([tuple(r[c] for c in picosnitch.DB_COLUMNS) for r in rows])
+    log.close()
+    server = DashServer(home, tmp_path / "dash-output").start()
+    browser.viewport(1440, 900)
+    try:
+        browser.read_console()
+        page = Page(browser, server).load()
+        expect(page, [], [(r["exe"], r["send"], r["recv"], 1) for r in rows])
+        assert page.text("message") == "no GeoIP database yet; countries are not shown"
+        assert browser.js("return [innerWidth, innerHeight]") == [1440, 900]
+        shown = browser.js(BOXES)
+        assert [c for c, _ in shown["columns"]] == ["entry", "sent", "received", "rows", "details"]
+        for column, head in shown["columns"]:
+            assert across(head, shown["table"]) and across(head, shown["window"]), (column, head, shown)
+        assert len(shown["details"]) == len(rows)
+        for cell, text in shown["details"]:
+            assert across(cell, shown["table"]) and across(text, cell), (cell, text, shown["table"])
+        assert shown["message"] == 1, "the notice takes one line"
+        browser.screenshot(tmp_path / "1440x900.png")
+        assert_console_clean(browser, server)
+    finally:
+        browser.viewport()
+        assert server.stop() == 0, server.output()
+
+
 # -- what a page could get wrong ---------------------------------------------------
 
 def test_a_time_means_the_same_with_or_without_its_zero_seconds():
