@@ -6818,7 +6818,7 @@ def dash_figure(data: dict, state: DashState, labels: Labels, empty: str = "no c
         f"{bucket // 60} min" if bucket % 60 == 0 else f"{bucket} s"
     layout = {
         "paper_bgcolor": theme["paper"], "plot_bgcolor": theme["plot"], "font": {"color": theme["text"]},
-        "margin": {"l": 60, "r": 10, "t": 30, "b": 40}, "height": 520, "hovermode": "closest",
+        "margin": {"l": 60, "r": 10, "t": 30, "b": 40}, "hovermode": "closest",
         "legend": {"orientation": "h", "y": -0.12}, "uirevision": dash_query(dataclasses.replace(state, refresh=0)),
         "xaxis": {**axis, "type": "date", "anchor": "y2"},
         "yaxis": {**axis, "domain": [0.54, 1], "title": {"text": f"sent ({unit} per {per})"}},
@@ -6994,8 +6994,14 @@ html, body { overflow-x: hidden; }
 .ps-chip button { border: none; background: transparent; color: inherit; cursor: pointer; font-size: 14px; }
 .ps-message { min-height: 1.2em; margin: 4px 0; color: #b35900; }
 .ps-main { display: flex; gap: 12px; align-items: flex-start; }
-.ps-main > .ps-chart { flex: 3 1 0; min-width: 0; }
+.ps-main > .ps-chart { flex: 3 1 0; min-width: 0; height: 520px; }
 .ps-main > .ps-side { flex: 2 1 0; min-width: 0; }
+/* narrower than the table beside the chart needs: one below the other, the chart taller for its legend */
+@media (max-width: 1249px) {
+    .ps-main { flex-direction: column; align-items: stretch; }
+    .ps-main > .ps-chart, .ps-main > .ps-side { flex: none; width: 100%; }
+    .ps-main > .ps-chart { height: 780px; }
+}
 .ps-detail { margin-bottom: 12px; }
 .ps-detail table { border-collapse: collapse; margin-bottom: 10px; }
 .ps-detail td, .ps-detail th { padding: 2px 8px; text-align: left; border-bottom: 1px solid #8884; }
@@ -7110,7 +7116,8 @@ def dash_layout(config: Config):
         html.Div(id="detail", className="ps-detail"),
         html.Div(className="ps-main", children=[
             html.Div(className="ps-chart", children=[dcc.Graph(
-                id="graph", config={"scrollZoom": bool(config.dash_scroll_zoom), "displaylogo": False})]),
+                id="graph", responsive=True,
+                config={"scrollZoom": bool(config.dash_scroll_zoom), "displaylogo": False})]),
             html.Div(className="ps-side", children=[
                 html.Div(id="table-note"),
                 dash_table.DataTable(

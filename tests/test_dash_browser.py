@@ -11,9 +11,11 @@ log was made of. At its end the console must hold no error and the server
 no traceback. Screenshots of the main views are kept in the tests'
 temporary directories.
 
-The tests at the end check what a page could easily get wrong: typing a
-time, applying a range twice, two actions while the server is busy, and a
-range with nothing in it.
+Two look at the page's layout, by the boxes of what it shows: on a
+laptop's screen (1440x900) and on a phone's (390 wide). The tests at the
+end check what a page could easily get wrong: typing a time, applying a
+range twice, two actions while the server is busy, and a range with
+nothing in it.
 
 One dash server runs per log and one browser per module; run the file in a
 mount namespace of its own when a daemon may be running elsewhere (the
@@ -1151,6 +1153,25 @@ def test_at_1440_by_900_the_table_shows_every_column(browser, tmp_path):
     finally:
         browser.viewport()
         assert server.stop() == 0, server.output()
+
+
+def test_at_390_wide_the_chart_and_the_table_are_stacked(page, world, tmp_path):
+    """A phone's screen: the table below the chart, both within the window,
+    and the chart's two axis titles apart."""
+    page.browser.viewport(390, 844, mobile=True)
+    try:
+        page.load()
+        assert page.browser.js("return innerWidth") == 390
+        expect(page, [], world.totals("exe", within=world.preset(DAY)))
+        shown = page.browser.js(BOXES)
+        chart, table = shown["chart"], shown["table"]
+        assert chart[3] <= table[1], f"the table is not below the chart: {chart}, {table}"
+        assert across(chart, shown["window"]) and across(table, shown["window"]), shown
+        assert shown["sent"][3] <= shown["received"][1], f"the axis titles overlap: {shown}"
+        page.browser.screenshot(tmp_path / "390.png")
+    finally:
+        page.browser.viewport()
+    assert_console_clean(page.browser, page.server)
 
 
 # -- what a page could get wrong ---------------------------------------------------
