@@ -381,9 +381,12 @@ class Page:
     def choose(self, dropdown, text):
         """Open a dropdown, type the text into its search field and click the option."""
         self.driver.find_element(By.ID, dropdown).click()
-        eventually(lambda: self._search_field().send_keys(text), timeout=10)
 
         def click_option():
+            field = self._search_field()
+            if field.get_attribute("value") != text:     # (typed as it opened, it may have been cleared)
+                field.send_keys(Keys.CONTROL, "a")
+                field.send_keys(text)
             found = [o for o in self.driver.find_elements(By.CSS_SELECTOR, f"{OPEN_DROPDOWN} .dash-dropdown-option")
                      if o.text == text]
             assert len(found) == 1, f"{dropdown} offers {text!r} {len(found)} times"
