@@ -5444,11 +5444,19 @@ class GeoIP:
         self.reader, self.cache = None, {}
         try:
             import geoip2.database
-            self.reader = geoip2.database.Reader(path)
+            import maxminddb
         except ImportError:
             report("GeoIP lookup needs the geoip2 package; countries are not shown")
-        except (OSError, ValueError) as e:
-            report(f"no usable GeoIP database at {path} ({e}); countries are not shown")
+            return
+        # (one short line: view shows it in its last row, dash in its message line)
+        try:
+            self.reader = geoip2.database.Reader(path)
+        except FileNotFoundError:
+            report("no GeoIP database yet; countries are not shown")
+        except OSError as e:
+            report(f"the GeoIP database cannot be read ({e.strerror or type(e).__name__}); countries are not shown")
+        except (ValueError, maxminddb.InvalidDatabaseError):
+            report("the GeoIP database is damaged; countries are not shown")
 
     def country(self, addr: str) -> str:
         if self.reader is None or not addr:
@@ -7628,7 +7636,7 @@ def dash_figure(data: dict, state: DashState, labels: Labels, empty: str = "no c
         f"{bucket // 60} min" if bucket % 60 == 0 else f"{bucket} s"
     layout = {
         "paper_bgcolor": theme["paper"], "plot_bgcolor": theme["plot"], "font": {"color": theme["text"]},
-        "margin": {"l": 60, "r": 10, "t": 30, "b": 40}, "height": 520, "hovermode": "closest",
+        "margin": {"l": 60, "r": 10, "t": 30, "b": 40}, "hovermode": "closest",
         "legend": {"orientation": "h", "y": -0.12}, "uirevision": dash_query(dataclasses.replace(state, refresh=0)),
         "xaxis": {**axis, "type": "date", "anchor": "y2"},
         "yaxis": {**axis, "domain": [0.54, 1], "title": {"text": f"sent ({unit} per {per})"}},
@@ -7805,8 +7813,14 @@ html, body { overflow-x: hidden; }
 .ps-chip button { border: none; background: transparent; color: inherit; cursor: pointer; font-size: 14px; }
 .ps-message { min-height: 1.2em; margin: 4px 0; color: #b35900; }
 .ps-main { display: flex; gap: 12px; align-items: flex-start; }
-.ps-main > .ps-chart { flex: 3 1 0; min-width: 0; }
+.ps-main > .ps-chart { flex: 3 1 0; min-width: 0; height: 520px; }
 .ps-main > .ps-side { flex: 2 1 0; min-width: 0; }
+/* narrower than the table beside the chart needs: one below the other, the chart taller for its legend */
+@media (max-width: 1249px) {
+    .ps-main { flex-direction: column; align-items: stretch; }
+    .ps-main > .ps-chart, .ps-main > .ps-side { flex: none; width: 100%; }
+    .ps-main > .ps-chart { height: 780px; }
+}
 .ps-detail { margin-bottom: 12px; }
 .ps-detail table { border-collapse: collapse; margin-bottom: 10px; }
 .ps-detail td, .ps-detail th { padding: 2px 8px; text-align: left; border-bottom: 1px solid #8884; }
@@ -7921,7 +7935,8 @@ def dash_layout(config: Config):
         html.Div(id="detail", className="ps-detail"),
         html.Div(className="ps-main", children=[
             html.Div(className="ps-chart", children=[dcc.Graph(
-                id="graph", config={"scrollZoom": bool(config.dash_scroll_zoom), "displaylogo": False})]),
+                id="graph", responsive=True,
+                config={"scrollZoom": bool(config.dash_scroll_zoom), "displaylogo": False})]),
             html.Div(className="ps-side", children=[
                 html.Div(id="table-note"),
                 dash_table.DataTable(
@@ -7930,9 +7945,11 @@ def dash_layout(config: Config):
                     style_table={"overflowX": "auto"},
                     style_cell={"maxWidth": "280px", "overflow": "hidden", "textOverflow": "ellipsis",
                                 "fontFamily": "system-ui, sans-serif", "fontSize": "13px"},
-                    style_cell_conditional=[{"if": {"column_id": "entry"}, "textAlign": "left"},
+                    # (the entries take the width the amounts leave them, cut short: whole on hover)
+                    style_cell_conditional=[{"if": {"column_id": "entry"}, "textAlign": "left", "width": "100%",
+                                             "minWidth": "120px", "maxWidth": 0},
                                             {"if": {"column_id": "details"}, "cursor": "pointer",
-                                             "textDecoration": "underline", "width": "56px"}],
+                                             "textDecoration": "underline", "minWidth": "64px"}],
                     # a click filters or opens the details: no cell stays marked
                     css=[{"selector": "td.cell--selected, td.focused",
                           "rule": "background-color: inherit !important; border-color: inherit !important;"}])])])])

@@ -66,6 +66,15 @@ class Browser:
         """The errors (level SEVERE) in the console since the last read."""
         return [e["message"] for e in self.read_console() if e["level"] == "SEVERE"]
 
+    def viewport(self, width=None, height=None, mobile=False):
+        """Show pages as on a screen of width x height CSS pixels (mobile: a
+        phone's); without a size, in the window again."""
+        if width is None:
+            self.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+        else:
+            self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+
     def screenshot(self, path):
         assert self.driver.save_screenshot(str(path)), f"no screenshot written to {path}"
         return path

@@ -185,8 +185,8 @@ def test_addresses_are_labelled_with_their_place():
     assert labels.text("uid", 0) == "root (0)" and labels.text("lport", None) == "(not logged)"
 
 
-def guarded_app(tmp_path, host, port, token=""):
-    (tmp_path / "config.json").write_text('{"GeoIP lookup": false}')
+def guarded_app(tmp_path, host, port, token="", geoip=False):
+    (tmp_path / "config.json").write_text(json.dumps({"GeoIP lookup": geoip}))
     return picosnitch.dash_app(str(tmp_path), picosnitch.read_config(str(tmp_path)),
                                picosnitch.DashGuard(host, port, token))
 
@@ -327,8 +327,8 @@ def test_a_bad_port_is_named():
     assert out.returncode == 1 and "PORT must be a port number (1-65535), found '70000'" in out.stderr
 
 
-def test_the_page_says_what_is_wrong_with_a_missing_log(tmp_path):
-    client = guarded_app(tmp_path, "127.0.0.1", 5100).server.test_client()
+def page_message(client):
+    """The message line of the page as its first answer has it."""
     layout = json.loads(client.get("/_dash-dependencies", headers={"Host": "localhost:5100"}).data)
     update = next(d for d in layout if d["output"].startswith("..url.search"))
     inputs = [{"id": i["id"], "property": i["property"], "value": None} if not isinstance(i["id"], dict) else
@@ -339,8 +339,19 @@ def test_the_page_says_what_is_wrong_with_a_missing_log(tmp_path):
         "inputs": inputs, "state": state, "changedPropIds": []}
     answer = client.post("/_dash-update-component", json=body, headers={"Host": "localhost:5100"})
     assert answer.status_code == 200, answer.data[:500]
-    message = json.loads(answer.data)["response"]["message"]["children"]
-    assert message == f"no connection log at {tmp_path}/snitch.db yet (is picosnitch running?)"
+    return json.loads(answer.data)["response"]["message"]["children"]
+
+
+def test_the_page_says_what_is_wrong_with_a_missing_log(tmp_path):
+    client = guarded_app(tmp_path, "127.0.0.1", 5100).server.test_client()
+    assert page_message(client) == f"no connection log at {tmp_path}/snitch.db yet (is picosnitch running?)"
+
+
+def test_without_a_geoip_database_the_page_says_so_in_one_short_sentence(tmp_path):
+    client = guarded_app(tmp_path, "127.0.0.1", 5100, geoip=True).server.test_client()
+    assert page_message(client).split(" · ") == [
+        f"no connection log at {tmp_path}/snitch.db yet (is picosnitch running?)",
+        "no GeoIP database yet; countries are not shown"]
 
 
 def test_a_zoom_of_the_chart_is_a_time_range():

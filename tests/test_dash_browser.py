@@ -11,18 +11,22 @@ log was made of. At its end the console must hold no error and the server
 no traceback. Screenshots of the main views are kept in the tests'
 temporary directories.
 
-The tests at the end check what a page could easily get wrong: typing a
-time, applying a range twice, two actions while the server is busy, and a
-range with nothing in it.
+Two look at the page's layout, by the boxes of what it shows: on a
+laptop's screen (1440x900) and on a phone's (390 wide). The tests at the
+end check what a page could easily get wrong: typing a time, applying a
+range twice, two actions while the server is busy, and a range with
+nothing in it.
 
 One dash server runs per log and one browser per module; run the file in a
 mount namespace of its own when a daemon may be running elsewhere (the
 daemon test needs /run/picosnitch.pid for itself)."""
 import calendar
+import datetime
 import json
 import os
 import pwd
 import random
+import re
 import signal
 import socket
 import sqlite3
@@ -45,6 +49,9 @@ MINUTE, HOUR, DAY = 60, 3600, 86400
 TRACES = 10                    # entries charted one by one (DASH_TRACES)
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 FIELD_FORMAT = "%Y-%m-%dT%H:%M:%S"
+# a datetime-local field's value leaves its seconds out when they are zero
+# (Chromium 156: 2026-12-06T01:16 for 01:16:00); the page reads both forms
+FIELD_FORMATS = (FIELD_FORMAT, "%Y-%m-%dT%H:%M")
 
 
 # -- the generated log ---------------------------------------------------------
@@ -93,12 +100,39 @@ def log_time(t):
 
 
 def field_time(t):
-    """A time as the from/to fields and the address have it."""
+    """A time as the address has it (and as it is given to the from/to fields)."""
     return time.strftime(FIELD_FORMAT, time.gmtime(t))
 
 
 def parse_field_time(text):
-    return calendar.timegm(time.strptime(text, FIELD_FORMAT))
+    """The time (in the log's seconds) that a from/to field or the address
+    means, in either of the forms a field's value takes."""
+    for form in FIELD_FORMATS:
+        try:
+            return calendar.timegm(time.strptime(text, form))
+        except ValueError:
+            pass
+    raise AssertionError(f"not the value of a datetime-local field: {text!r}")
+
+
+def chart_time(text):
+    """The time (in the log's seconds, with its fraction) of a date of Plotly's
+    (2026-12-06, 2026-12-06 01:16, 2026-12-06 01:16:00.5: it leaves out what is zero)."""
+    when = datetime.datetime.fromisoformat(text)
+    return calendar.timegm(when.timetuple()) + when.microsecond / 1e6
+
+
+def on_the_minute(t, second=0):
+    """t at the start of its minute, plus second: to type a time whose seconds
+    are zero (which a field leaves out of its value) or are not, every run."""
+    return t // MINUTE * MINUTE + second
+
+
+def color(text):
+    """A computed CSS colour as (red, green, blue, alpha), however the browser writes it."""
+    assert re.fullmatch(r"rgba?\([\d.,/ ]+\)", text), f"not a colour: {text!r}"
+    numbers = [float(n) for n in re.findall(r"[\d.]+", text)]
+    return tuple(numbers[:3]) + (numbers[3] if len(numbers) > 3 else 1.0,)
 
 
 def make_row(i, t, program, send, recv, domain, raddr, rport, proto, sha=None):
@@ -347,9 +381,12 @@ class Page:
     def choose(self, dropdown, text):
         """Open a dropdown, type the text into its search field and click the option."""
         self.driver.find_element(By.ID, dropdown).click()
-        eventually(lambda: self._search_field().send_keys(text), timeout=10)
 
         def click_option():
+            field = self._search_field()
+            if field.get_attribute("value") != text:     # (typed as it opened, it may have been cleared)
+                field.send_keys(Keys.CONTROL, "a")
+                field.send_keys(text)
             found = [o for o in self.driver.find_elements(By.CSS_SELECTOR, f"{OPEN_DROPDOWN} .dash-dropdown-option")
                      if o.text == text]
             assert len(found) == 1, f"{dropdown} offers {text!r} {len(found)} times"
@@ -416,7 +453,8 @@ class Page:
         for keys in (f"{when.tm_mon:02}", f"{when.tm_mday:02}", f"{when.tm_year}", Keys.RIGHT, f"{hour:02}",
                      f"{when.tm_min:02}", f"{when.tm_sec:02}", "AM" if when.tm_hour < 12 else "PM"):
             element.send_keys(keys)
-        assert element.get_attribute("value") == field_time(t), f"{field} took {element.get_attribute('value')}"
+        typed = element.get_attribute("value")
+        assert parse_field_time(typed) == t, f"{field} took {typed} for {field_time(t)}"
 
     def hover_point(self, trace, index):
         """Move the mouse over a point of a trace; the hover label's text."""
@@ -808,7 +846,7 @@ def test_custom_ranges_typed_zoomed_and_dragged(page, world):
     length; a zoom on the chart (Plotly's relayout, then a drag with the
     mouse) becomes a custom range in the address: every total exact."""
     page.load()
-    start, end = world.now - 25 * HOUR, world.now - 150 * MINUTE
+    start, end = on_the_minute(world.now - 25 * HOUR), on_the_minute(world.now - 150 * MINUTE, 37)
     page.type_time("from", start)
     page.type_time("to", end)
     page.click("apply-range")
@@ -955,9 +993,10 @@ def test_bits_smoothing_and_the_dark_theme(page, world, tmp_path):
         return {root: style(document.getElementById('root')), cell: style(document.querySelector('#table td')),
                 label: style(document.querySelector('.ps-bar label')), paper: g._fullLayout.paper_bgcolor,
                 font: g._fullLayout.font.color};""")
-    assert colors["root"] == ["rgb(30, 31, 36)", "rgb(228, 228, 228)"]
-    assert colors["cell"] == ["rgb(30, 31, 36)", "rgb(228, 228, 228)"]
-    assert colors["label"][1] == "rgb(228, 228, 228)"
+    dark = [(30, 31, 36, 1.0), (228, 228, 228, 1.0)]
+    assert [color(c) for c in colors["root"]] == dark
+    assert [color(c) for c in colors["cell"]] == dark
+    assert color(colors["label"][1]) == dark[1]
     assert (colors["paper"], colors["font"]) == ("#1e1f24", "#e4e4e4")
     page.browser.screenshot(tmp_path / "dark.png")
     page.pick("theme", "light")
@@ -1056,24 +1095,124 @@ def test_the_filter_bar_offers_the_largest_values_and_finds_others_typed(browser
         assert server.stop() == 0, server.output()
 
 
+# -- the page on a laptop's screen and on a phone's ----------------------------------
+
+BOXES = """
+var box = function (e) { var b = e.getBoundingClientRect(); return [b.left, b.top, b.right, b.bottom]; };
+var text = function (e) { var r = document.createRange(); r.selectNodeContents(e); return r; };
+var one = function (s) { return box(document.querySelector(s)); };
+return {window: [0, 0, document.documentElement.clientWidth, innerHeight],
+        table: one('#table .dash-spreadsheet-container'), chart: one('#graph .js-plotly-plot'),
+        sent: one('#graph .g-ytitle'), received: one('#graph .g-y2title'),
+        columns: Array.from(document.querySelectorAll('#table th[data-dash-column]')).map(function (h) {
+            return [h.getAttribute('data-dash-column'), box(h)]; }),
+        details: Array.from(document.querySelectorAll('#table td[data-dash-column=details]')).map(function (c) {
+            return [box(c), box(text(c))]; }),
+        message: new Set(Array.from(text(document.getElementById('message')).getClientRects())
+            .map(function (r) { return Math.round(r.top); })).size};
+"""
+# executables of a real machine, longer than the table has room for
+LONG_EXES = ["/home/someone/.local/share/Steam/ubuntu12_64/steamwebhelper",
+             "/usr/share/code/resources/app/extensions/node_modules/typescript/lib/tsserver.js",
+             "/opt/google/chrome/chrome_crashpad_handler", "/usr/lib/x86_64-linux-gnu/libexec/kdeconnectd"]
+
+
+def across(inner, outer):
+    """inner lies within outer from left to right (boxes: left, top, right, bottom)."""
+    return outer[0] <= inner[0] and inner[2] <= outer[2]
+
+
+def test_at_1440_by_900_the_table_shows_every_column(browser, tmp_path):
+    """A laptop's screen, long paths and a new user's set-up (GeoIP lookup
+    on, no database yet): every column of the table lies within the table's
+    visible box and the window, each "details" whole in its cell, and the
+    notice on one line."""
+    home = make_home(tmp_path / "home")
+    (home / ".config" / "picosnitch" / "config.json").write_text('{"GeoIP lookup": true}')
+    now = picosnitch.now_seconds()
+    rows = [dict(make_row(i, now - 5 * MINUTE - i, "curl", 123_456_789 // (i + 1), 9_876_543_210 // (i + 1),
+                          "deb.example.org", "192.0.2.1", 443, "tcp"), exe=exe) for i, exe in enumerate(LONG_EXES)]
+    log = picosnitch.Log.open(str(home / ".config" / "picosnitch" / "snitch.db"))
+    log.insert([tuple(r[c] for c in picosnitch.DB_COLUMNS) for r in rows])
+    log.close()
+    server = DashServer(home, tmp_path / "dash-output").start()
+    browser.viewport(1440, 900)
+    try:
+        browser.read_console()
+        page = Page(browser, server).load()
+        expect(page, [], [(r["exe"], r["send"], r["recv"], 1) for r in rows])
+        assert page.text("message") == "no GeoIP database yet; countries are not shown"
+        assert browser.js("return [innerWidth, innerHeight]") == [1440, 900]
+        shown = browser.js(BOXES)
+        assert [c for c, _ in shown["columns"]] == ["entry", "sent", "received", "rows", "details"]
+        for column, head in shown["columns"]:
+            assert across(head, shown["table"]) and across(head, shown["window"]), (column, head, shown)
+        assert len(shown["details"]) == len(rows)
+        for cell, text in shown["details"]:
+            assert across(cell, shown["table"]) and across(text, cell), (cell, text, shown["table"])
+        assert shown["message"] == 1, "the notice takes one line"
+        browser.screenshot(tmp_path / "1440x900.png")
+        assert_console_clean(browser, server)
+    finally:
+        browser.viewport()
+        assert server.stop() == 0, server.output()
+
+
+def test_at_390_wide_the_chart_and_the_table_are_stacked(page, world, tmp_path):
+    """A phone's screen: the table below the chart, both within the window,
+    and the chart's two axis titles apart."""
+    page.browser.viewport(390, 844, mobile=True)
+    try:
+        page.load()
+        assert page.browser.js("return innerWidth") == 390
+        expect(page, [], world.totals("exe", within=world.preset(DAY)))
+        shown = page.browser.js(BOXES)
+        chart, table = shown["chart"], shown["table"]
+        assert chart[3] <= table[1], f"the table is not below the chart: {chart}, {table}"
+        assert across(chart, shown["window"]) and across(table, shown["window"]), shown
+        assert shown["sent"][3] <= shown["received"][1], f"the axis titles overlap: {shown}"
+        page.browser.screenshot(tmp_path / "390.png")
+    finally:
+        page.browser.viewport()
+    assert_console_clean(page.browser, page.server)
+
+
 # -- what a page could get wrong ---------------------------------------------------
+
+def test_a_time_means_the_same_with_or_without_its_zero_seconds():
+    """The tests compare a field's value by the time it means, in both forms
+    (as the page's dash_time reads them), and Plotly's dates likewise."""
+    t = calendar.timegm((2026, 12, 6, 1, 16, 0))
+    for text in ("2026-12-06T01:16", "2026-12-06T01:16:00"):
+        assert parse_field_time(text) == picosnitch.dash_time(text) == t, text
+    assert parse_field_time("2026-12-06T01:16:07") == picosnitch.dash_time("2026-12-06T01:16:07") == t + 7
+    assert parse_field_time(field_time(t)) == parse_field_time(field_time(t)[:16]) == t
+    for text in ("2026-12-06", "2026-12-06 01:16:00", "2026-12-06T01", "12/06/2026, 01:16 AM", ""):
+        with pytest.raises(AssertionError):
+            parse_field_time(text)
+    plotly = ["2026-12-06", "2026-12-06 01:16", "2026-12-06 01:16:00", "2026-12-06 01:16:07.5"]
+    assert [chart_time(text) for text in plotly] == [t - 76 * MINUTE, t, t, t + 7.5]
+    assert color("rgb(30, 31, 36)") == color("rgba(30, 31, 36, 1)") == color("rgb(30 31 36)") == (30, 31, 36, 1.0)
+
 
 def test_typing_a_time_leaves_the_console_clean(page, world):
     page.load()
-    page.type_time("from", world.now - 2 * HOUR)
+    page.type_time("from", on_the_minute(world.now - 2 * HOUR))
+    page.type_time("to", on_the_minute(world.now - HOUR, 37))
     assert page.browser.console_errors() == []
 
 
 def test_apply_keeps_the_range_it_was_given(page, world):
     page.load()
-    start, end = world.now - 5 * HOUR, world.now - 2 * HOUR
+    start, end = on_the_minute(world.now - 5 * HOUR), on_the_minute(world.now - 2 * HOUR, 37)
     page.type_time("from", start)
     page.type_time("to", end)
     page.click("apply-range")
     eventually(lambda: assert_equal([k for k, _ in page.query()], ["from", "to"]))
     page.settle()
     first = page.query()
-    assert (page.value("from"), page.value("to")) == (field_time(start), field_time(end)), "the fields as typed"
+    assert (parse_field_time(page.value("from")), parse_field_time(page.value("to"))) == (start, end), \
+        "the fields as typed"
     page.click("apply-range")
     page.settle()
     assert page.query() == first, "apply again, nothing changed"
@@ -1101,4 +1240,4 @@ def test_a_range_without_connections_keeps_its_time_axis(page, world):
     page.load(f"?from={field_time(start)}&to={field_time(end)}")
     expect(page, [("from", field_time(start)), ("to", field_time(end))], [])
     shown = page.browser.js("return document.querySelector('#graph .js-plotly-plot')._fullLayout.xaxis.range")
-    assert shown[0] <= log_time(start) and log_time(end - 1) <= shown[1], shown
+    assert chart_time(shown[0]) <= start and end - 1 <= chart_time(shown[1]), shown

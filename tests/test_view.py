@@ -19,6 +19,7 @@ from conftest import PEER_V4, PYTHON, SCRIPT, Daemon, need_root, unique_python
 from test_log_e2e import traffic
 
 NOBODY = 65534
+NO_GEOIP = "no GeoIP database yet; countries are not shown"
 KEY_NAMES = {"down": "Down", "up": "Up", "left": "Left", "right": "Right", "enter": "Enter", "space": "Space",
              "backspace": "BSpace", "home": "Home", "end": "End", "pgdn": "NPage", "pgup": "PPage"}
 
@@ -251,12 +252,12 @@ def test_remote_addresses_with_their_country(sample, home, database):
     t = view(home)
     try:
         s = t.wait("by executable (1/11)")
-        said = "no usable GeoIP database"
-        assert (said in s.splitlines()[-1]) != database          # reported once, in place of the help line
+        # reported once, whole, in place of the help line
+        assert (s.splitlines()[-1].strip() == NO_GEOIP) != database
         for _ in range(6):
             s = t.press("right", lambda s: True)
         s = t.wait("by remote address (7/11)")
-        assert said not in s and "filter" in s.splitlines()[-1]
+        assert NO_GEOIP not in s and "filter" in s.splitlines()[-1]
         if database:
             assert "192.0.2.10 (DE)" in s and "192.0.2.33 (FR)" in s and "192.0.2.44 (FR)" in s
             assert "192.0.2.22 (" not in s
@@ -264,6 +265,17 @@ def test_remote_addresses_with_their_country(sample, home, database):
             assert "192.0.2.10" in s and "(DE)" not in s
     finally:
         t.close()
+
+
+def test_what_is_wrong_with_the_geoip_database_is_one_short_line(tmp_path):
+    """Said in the viewers' one line (view's last row, 80 columns at least),
+    as text: no path, no Python repr."""
+    said = []
+    (tmp_path / "damaged.mmdb").write_bytes(b"not a country database\n")
+    for name in ("missing.mmdb", "damaged.mmdb"):
+        assert picosnitch.GeoIP(str(tmp_path / name), said.append).country("192.0.2.1") == ""
+    assert said == [NO_GEOIP, "the GeoIP database is damaged; countries are not shown"]
+    assert all(len(line) <= 80 for line in said)
 
 
 def test_moves_and_resize_never_break_the_screen(home):
