@@ -250,18 +250,17 @@ def posix_acl(owner: int, readers: typing.Dict[int, int]) -> bytes:
     return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
 
 
-def share_with(fd: int, reader: typing.Optional[int], directory: bool) -> None:
-    """Let `reader` (a uid; None: no one) read what fd is, and only them: for
-    a directory, also what is created in it from now on. The caller owns it.
-    OSError (EOPNOTSUPP) where the file system has no ACLs."""
-    readers = {} if reader is None else {reader: 5 if directory else 4}
-    os.setxattr(fd, ACL_ACCESS, posix_acl(7 if directory else 6, readers))
+def share_with(fd: int, readers: typing.Collection[int], directory: bool) -> None:
+    """Let these uids read what fd is, and no one else: for a directory,
+    also what is created in it from now on. The caller owns it. OSError
+    (EOPNOTSUPP) where the file system has no ACLs."""
+    os.setxattr(fd, ACL_ACCESS, posix_acl(7 if directory else 6, {uid: 5 if directory else 4 for uid in readers}))
     if directory:
-        if reader is None:
+        if not readers:
             with contextlib.suppress(OSError):
                 os.removexattr(fd, ACL_DEFAULT)
         else:
-            os.setxattr(fd, ACL_DEFAULT, posix_acl(6, {reader: 4}))
+            os.setxattr(fd, ACL_DEFAULT, posix_acl(6, {uid: 4 for uid in readers}))
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
@@ -6189,10 +6188,10 @@ def make_state_directory(path: str, account: User) -> None:
         os.close(fd)
 
 
-def share_state(state: str, reader: typing.Optional[int]) -> str:
+def share_state(state: str, readers: typing.Collection[int]) -> str:
     """The state directory and every file in it the account's, readable by
-    `reader` (the user's uid; None: no one) and no one else; the private
-    part the account's alone. As the account. '' or what could not be done."""
+    `readers` (uids) and no one else; the private part the account's alone.
+    As the account. '' or what could not be done."""
     fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         for name in [None] + sorted(os.listdir(fd)):
@@ -6204,7 +6203,7 @@ def share_state(state: str, reader: typing.Optional[int]) -> str:
                     continue
                 directory = stat_module.S_ISDIR(st.st_mode)
                 os.fchmod(entry, 0o700 if name == PRIVATE_NAME else 0o750 if directory else 0o640)
-                share_with(entry, None if name == PRIVATE_NAME else reader, directory)
+                share_with(entry, () if name == PRIVATE_NAME else readers, directory)
             finally:
                 if entry != fd:
                     os.close(entry)
@@ -6393,12 +6392,12 @@ def user_side(user: User) -> typing.Tuple[typing.Tuple[str, str, typing.List[str
     return (text, error, names), fds
 
 
-def account_side(state: str, reader: typing.Optional[int], files: typing.Dict[str, int],
+def account_side(state: str, readers: typing.Collection[int], files: typing.Dict[str, int],
                  directory: str) -> typing.Tuple[str, dict, str]:
     """As the account: the state directory shared (share_state), the old files
     moved in (move_in), and the settings of the last start ('' if none)."""
     previous = applied_settings(state)
-    return (share_state(state, reader), move_in(state, files, directory),
+    return (share_state(state, readers), move_in(state, files, directory),
             config_to_json(previous) if previous else "")
 
 
@@ -6408,9 +6407,9 @@ def prepare(user: User, environ: typing.Mapping[str, str] = os.environ) -> Setup
     account, state = service_account(), state_directory(environ)
     make_state_directory(state, account)
     (text, error, names), fds = run_as(user, lambda: user_side(user), with_fds=True)
-    reader = None if user.uid in (0, account.uid) else user.uid
+    readers = {user.uid, 0} - {account.uid}      # (root too: its viewers drop their capabilities)
     try:
-        shared, moved, previous = run_as(account, lambda: account_side(state, reader, dict(zip(names, fds)),
+        shared, moved, previous = run_as(account, lambda: account_side(state, readers, dict(zip(names, fds)),
                                                                        user.directory))
     finally:
         for fd in fds:
@@ -7783,8 +7782,10 @@ class DashGuard:
             return None
         given = request.args.get("token")
         if given is not None and hmac.compare_digest(given.encode(), self.token.encode()):
-            rest = [(k, v) for k, v in request.args.items(multi=True) if k != "token"]
-            answer = redirect(request.path + ("?" + urllib.parse.urlencode(rest) if rest else ""))
+            # (the rest of the address as it was: it holds the view)
+            rest = "&".join(p for p in request.query_string.decode("ascii", "replace").split("&")
+                            if p and not p.startswith("token="))
+            answer = redirect(request.path + ("?" + rest if rest else ""))
             answer.set_cookie(DASH_COOKIE, self.token, httponly=True, samesite="Strict")
             return answer
         if not hmac.compare_digest(request.cookies.get(DASH_COOKIE, "").encode(), self.token.encode()):

@@ -148,14 +148,13 @@ def make_row(i, t, program, send, recv, domain, raddr, rport, proto, sha=None):
 
 class World:
     """The generated log: its rows (dicts of the connections view's columns
-    and t, the time in the log's seconds) and where they are."""
+    and t, the time in the log's seconds) and where they are: the settings in
+    home/.config/picosnitch, the log and the record in home/state."""
 
     def __init__(self, home):
         self.home = str(home)
-        self.dir = os.path.join(self.home, ".config", "picosnitch")
-        os.makedirs(self.dir)
-        with open(os.path.join(self.dir, "config.json"), "w") as f:
-            json.dump({"GeoIP lookup": False}, f)
+        make_home(home)
+        self.dir = os.path.join(self.home, "state")
         self.now = picosnitch.now_seconds()
         self.rows = [self.row(i, *c) for i, c in enumerate(CONNECTIONS)]
         odd = self.row(len(CONNECTIONS), ODD_AGE, "curl", ODD_SENT, ODD_RECEIVED, "odd.example.org", "192.0.2.66",
@@ -244,14 +243,17 @@ def port_free(port):
 
 
 class DashServer:
-    """`picosnitch dash` for a home, on a free port of PORTS; its output kept in a file."""
+    """`picosnitch dash` for a home (and the state directory home/state,
+    unless another is named), on a free port of PORTS; its output kept in a
+    file, and the token it printed."""
 
-    def __init__(self, home, output):
+    def __init__(self, home, output, state=None):
         self.home, self.output_path = str(home), str(output)
+        self.state = state or os.path.join(self.home, "state")
         self.proc = None
 
     def start(self):
-        env = dict(os.environ, HOME=self.home)
+        env = dict(os.environ, HOME=self.home, STATE_DIRECTORY=self.state)
         env.pop("HOST", None)
         for port in random.sample(PORTS, len(PORTS)):
             if not port_free(port):
@@ -261,10 +263,12 @@ class DashServer:
                                              stderr=subprocess.STDOUT, cwd="/")
             wait_for(lambda: "serving" in self.output() or self.proc.poll() is not None, timeout=60, step=0.05)
             if self.proc.poll() is None:
-                db = os.path.join(self.home, ".config", "picosnitch", "snitch.db")
-                assert self.output().splitlines()[0] == \
-                    f"picosnitch dash: serving {db} on http://localhost:{port}/ (Ctrl-C stops it)"
-                self.url = f"http://localhost:{port}/"
+                db = os.path.join(self.state, "snitch.db")
+                found = re.fullmatch(rf"picosnitch dash: serving {re.escape(db)} on http://localhost:{port}/"
+                                     r"\?token=([A-Za-z0-9_-]{40,}) \(open that address: it sets a cookie; Ctrl-C "
+                                     r"stops it\)", self.output().splitlines()[0])
+                assert found, self.output()
+                self.url, self.token = f"http://localhost:{port}/", found.group(1)
                 return self
             if "cannot serve" not in self.output():      # (not: the port was taken meanwhile)
                 break
@@ -324,7 +328,10 @@ class Page:
         self.browser, self.server, self.driver = browser, server, browser.driver
 
     def load(self, query=""):
-        self.browser.open(self.server.url + query)
+        """The page at an address (query: '' or '?...'), opened with the
+        token, as the address dash printed is: the cookie it sets, and a
+        redirect to the address without it."""
+        self.browser.open(f"{self.server.url}?token={self.server.token}" + ("&" + query[1:] if query else ""))
         return self.settle()
 
     def settle(self):
@@ -588,9 +595,11 @@ def page(browser, server):
 
 
 def make_home(path):
+    """A home with its settings, and beside them the state directory, home/state."""
     directory = path / ".config" / "picosnitch"
     directory.mkdir(parents=True)
     (directory / "config.json").write_text('{"GeoIP lookup": false}')
+    (path / "state").mkdir()
     return path
 
 
@@ -613,7 +622,7 @@ def test_traffic_the_daemon_logged_is_on_the_chart_and_in_the_table(tmp_path, ex
         assert sum(r["send"] for r in rows) == 5321 and sum(r["recv"] for r in rows) == 0, rows
         assert wait_for(lambda: first in daemon.read("record.json"))
         browser.read_console()
-        server = DashServer(tmp_path, tmp_path / "dash-output").start()
+        server = DashServer(tmp_path, tmp_path / "dash-output", daemon.state).start()
         page = Page(browser, server).load()
         eventually(lambda: assert_in_table(page, first, (5321, 0, len(rows)), "5,321 bytes"))
 
@@ -1032,7 +1041,7 @@ def test_a_missing_empty_or_locked_log_is_a_message(case, browser, tmp_path):
     """A message in the message line, an empty chart and table, no traceback;
     a log no longer locked is read at the next reload."""
     home = make_home(tmp_path / "home")
-    db = home / ".config" / "picosnitch" / "snitch.db"
+    db = home / "state" / "snitch.db"
     holder = None
     if case == "empty":
         picosnitch.Log.open(str(db)).close()
@@ -1074,7 +1083,7 @@ def test_the_filter_bar_offers_the_largest_values_and_finds_others_typed(browser
     now = picosnitch.now_seconds()
     rows = [make_row(i, now - 5 * MINUTE - i, "curl", 1000 + i, 0, "deb.example.org", "192.0.2.1", 80, "tcp")
             for i in range(picosnitch.DASH_OPTIONS + 30)]
-    log = picosnitch.Log.open(str(home / ".config" / "picosnitch" / "snitch.db"))
+    log = picosnitch.Log.open(str(home / "state" / "snitch.db"))
     log.insert([tuple(r[c] for c in picosnitch.DB_COLUMNS) for r in rows])
     log.close()
     ports = [r["lport"] for r in sorted(rows, key=lambda r: -r["send"])]
@@ -1132,7 +1141,7 @@ def test_at_1440_by_900_the_table_shows_every_column(browser, tmp_path):
     now = picosnitch.now_seconds()
     rows = [dict(make_row(i, now - 5 * MINUTE - i, "curl", 123_456_789 // (i + 1), 9_876_543_210 // (i + 1),
                           "deb.example.org", "192.0.2.1", 443, "tcp"), exe=exe) for i, exe in enumerate(LONG_EXES)]
-    log = picosnitch.Log.open(str(home / ".config" / "picosnitch" / "snitch.db"))
+    log = picosnitch.Log.open(str(home / "state" / "snitch.db"))
     log.insert([tuple(r[c] for c in picosnitch.DB_COLUMNS) for r in rows])
     log.close()
     server = DashServer(home, tmp_path / "dash-output").start()

@@ -28,7 +28,7 @@ def test_a_shared_directory_is_read_by_its_reader_and_what_is_made_in_it_too(tmp
     directory = tmp_path / "state"
     directory.mkdir()
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    picosnitch.share_with(fd, 4321, True)
+    picosnitch.share_with(fd, {4321}, True)
     os.close(fd)
     picosnitch.append_lines(str(directory / "exe.log"), ["a line"])
     picosnitch.write_atomic(str(directory / "record.json"), b"{}", 0o640)
