@@ -6032,23 +6032,24 @@ def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = Fa
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
-        parent.close()
-        fds = []
-        try:
-            os.umask(0o077)
-            confine(None, who)
-            result = work()
-            if with_fds:
-                result, fds = result
-            answer = {"ok": result}
-        except PicosnitchError as e:
-            answer = {"error": str(e)}
-        except Exception as e:  # noqa: BLE001 - the parent reports it
-            answer = {"error": f"{type(e).__name__}: {e}"}
-        with contextlib.suppress(OSError):
+        try:                # (whatever happens, the child never returns into the caller's code)
+            parent.close()
+            fds = []
+            try:
+                os.umask(0o077)
+                confine(None, who)
+                result = work()
+                if with_fds:
+                    result, fds = result
+                answer = {"ok": result}
+            except PicosnitchError as e:
+                answer = {"error": str(e)}
+            except BaseException as e:  # noqa: BLE001 - the parent reports it
+                answer = {"error": f"{type(e).__name__}: {e}"}
             socket.send_fds(child, [b"+"], fds[:200]) if fds else child.sendall(b"+")
             child.sendall(json.dumps(answer).encode())
-        os._exit(0)
+        finally:
+            os._exit(0)
     child.close()
     with parent:
         _, fds, _, _ = socket.recv_fds(parent, 1, 200)
@@ -6330,13 +6331,15 @@ def applied_settings(state: str) -> typing.Optional[Config]:
         return None
 
 
-def read_sql_files(settings: dict) -> typing.Dict[str, str]:
-    """The files the remote copy's settings name, read as the user (so none
-    the user cannot read); text as latin-1, which keeps every byte."""
+def read_sql_files(settings: dict, home: str) -> typing.Dict[str, str]:
+    """The files the remote copy's settings name (~ is the user's home), read
+    as the user (so none the user cannot read); text as latin-1, which keeps
+    every byte."""
     found = {}
     for key in [k for k in SQL_FILE_KEYS if isinstance(settings.get(k), str)]:
+        path = settings[key]
         try:
-            with open(os.path.expanduser(settings[key]), "rb") as f:
+            with open(os.path.join(home, path[2:]) if path.startswith("~/") else path, "rb") as f:
                 found[key] = f.read().decode("latin-1")
         except OSError as e:
             raise PicosnitchError(f"'DB sql server' {key} {settings[key]!r} cannot be read as you ({e.strerror}): "
@@ -6360,7 +6363,7 @@ def sql_files(config: Config, user: User, account: User, state: str, warnings: t
         return config
     settings = {k: v for k, v in config.db_sql_server.items() if k not in SQL_FILE_KEYS}
     try:
-        found = run_as(user, lambda: read_sql_files(config.db_sql_server))
+        found = run_as(user, lambda: read_sql_files(config.db_sql_server, user.home))
         settings.update(run_as(account, lambda: keep_sql_files(state, found)))
     except PicosnitchError as e:
         warnings.append(str(e))

@@ -172,6 +172,31 @@ def test_the_sql_copy_never_sends_a_password_the_user_cannot_read(user_home, roo
         trap.close()
 
 
+def test_the_sql_copy_sends_the_password_of_the_users_own_passfile(user_home, peers, exe_dir):
+    """A passfile the user can read (named with ~) is read as the user and
+    kept in the private part for picosnitch's account, which sends it."""
+    trap = PasswordTrap()
+    try:
+        home_passfile = os.path.join(user_home.pw_dir, ".pgpass")
+        subprocess.run(["sh", "-c", f"umask 077 && echo '127.0.0.1:{trap.port}:logs:snitch:user-secret-815' "
+                                    f"> {home_passfile}"], check=True, preexec_fn=as_user(user_home))
+        settings = {"client": "psycopg2", "host": "127.0.0.1", "port": trap.port, "user": "snitch",
+                    "dbname": "logs", "passfile": "~/.pgpass", "connect_timeout": 5}
+        daemon = Daemon(user=user_home, config={"DB sql server": settings, "Desktop notifications": False}).start()
+        try:
+            exe = unique_c_sender(exe_dir)
+            subprocess.run([exe, "127.0.0.1", str(PEER_PORT), "100"], check=True)
+            assert wait_for(lambda: trap.passwords), daemon.read("error.log")
+        finally:
+            assert daemon.stop() == 0
+        assert set(trap.passwords) == {"user-secret-815"}
+        kept = os.stat(daemon.private("sql-passfile"))
+        assert (kept.st_uid, kept.st_mode & 0o777) == (pwd.getpwnam(picosnitch.ACCOUNT).pw_uid, 0o600)
+        assert "user-secret-815" not in daemon.read("error.log")
+    finally:
+        trap.close()
+
+
 def test_virustotal_uploads_only_what_everyone_can_read(user_home, root_only, peers, exe_dir):
     """Uploads run as picosnitch's account, which reads only what every user can."""
     vt = FakeVirusTotal()
