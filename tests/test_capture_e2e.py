@@ -6,6 +6,7 @@ moving a known number of payload bytes, and checks its rows in snitch.db.
 import collections
 import json
 import os
+import pwd
 import subprocess
 import time
 
@@ -198,8 +199,14 @@ def test_tcp_connect_without_payload_is_logged(daemon, exe_dir):
     assert [(r["send"], r["recv"], r["lport"], r["raddr"]) for r in rows] == [(0, 0, int(out.stdout), PEER_V4)]
 
 
-def test_files_are_private_to_the_user(daemon):
-    for name in ("config.json", "record.json", "snitch.db", "exe.log"):
-        st = os.stat(daemon.path(name))
-        assert st.st_mode & 0o077 == 0, name
+def test_the_settings_are_the_users_and_the_records_picosnitchs(daemon):
+    """config.json and its directory: the user's alone. What picosnitch
+    records: its account's, no one else may write it, and no other account
+    may read it (the user picosnitch works for reads it through an ACL)."""
+    assert os.stat(daemon.path("config.json")).st_mode & 0o077 == 0
     assert os.stat(daemon.dir).st_mode & 0o077 == 0
+    account = pwd.getpwnam(picosnitch.ACCOUNT).pw_uid
+    for name in ("record.json", "snitch.db", "exe.log", picosnitch.PRIVATE_NAME):
+        st = os.stat(daemon.path(name))
+        assert st.st_uid == account and st.st_mode & 0o027 == 0, name
+    assert os.stat(daemon.state).st_mode & 0o777 == 0o750

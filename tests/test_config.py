@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 import picosnitch
-from conftest import PYTHON, SCRIPT
+from conftest import PYTHON, SCRIPT, new_state
 
 SPEC_DEFAULTS = {
     "DB retention (days)": 30, "DB sql log": True, "DB sql server": {}, "DB text log": False,
@@ -88,8 +88,8 @@ def test_daemon_refuses_bad_config_and_leaves_it_unchanged(tmp_path, text, messa
     raw = text if isinstance(text, bytes) else text.encode()
     (directory / "config.json").write_bytes(raw)
     before = os.stat(directory / "config.json")
-    out = subprocess.run([PYTHON, SCRIPT, "start-no-daemon"], env=dict(os.environ, HOME=str(tmp_path)),
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run([PYTHON, SCRIPT, "start-no-daemon"], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, HOME=str(tmp_path), STATE_DIRECTORY=new_state()))     # (a first start)
     assert out.returncode == 1
     assert message in out.stderr and "config.json" in out.stderr
     assert (directory / "config.json").read_bytes() == raw
