@@ -84,6 +84,7 @@ import errno
 import gzip
 import hashlib
 import hmac
+import html
 import ipaddress
 import json
 import math
@@ -306,6 +307,33 @@ def one_line(message: str) -> str:
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
+# The one way to show a name, or text that holds names (paths, process names,
+# command lines and domains come from the programs watched): a character that
+# would act rather than show (control characters, C0, DEL and C1; format
+# characters, among them the bidirectional controls; line and paragraph
+# separators) is escaped, as \xNN or \uNNNN, and so is the backslash that
+# starts an escape, so that what is shown can pass for nothing else. The
+# terminal viewer, where each cell counts, shows such a character as '?'.
+
+def acts(ch: str) -> bool:
+    """Whether a character acts on what shows it (moves, recolours, reorders)
+    rather than showing."""
+    return unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")
+
+
+def escaped(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    return f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
+
+
+def shown(text: str) -> str:
+    """text with each character that acts, and each backslash, escaped."""
+    if text.isprintable() and "\\" not in text:        # (the common case, at C speed)
+        return text
+    return "".join(escaped(ch) if ch == "\\" or acts(ch) else ch for ch in text)
+
+
 def read_proc_text(pid: int, name: str) -> str:
     """A /proc/PID file as text ('' when the process is gone)."""
     try:
@@ -349,7 +377,7 @@ def release_free_memory() -> None:
 # them are everything the processes say to each other.
 
 PATH_DEPTH = 32      # directory levels of an executable's path sent at exec
-NAME_LEN = 64        # bytes of each path component (longer ones: path unknown)
+NAME_LEN = 64        # bytes of each path component sent (a longer one is flagged: EXEC_NAME_CUT)
 ARGS_LEN = 256       # bytes of argv sent at exec
 DNS_ADDRS = 8        # addresses per getaddrinfo answer
 
@@ -414,11 +442,17 @@ class EventHdrT(ctypes.Structure):
                 ("proc", ProcT)]
 
 
+# ExecT.complete: what the walk of an executable's path found (bits)
+EXEC_ROOT = 1        # it reached the root: the path is whole, but for cut names
+EXEC_NO_DIR = 2      # the file is in no directory (a memfd): its one slot is its name
+EXEC_NAME_CUT = 4    # a name filled its slot: it may be longer (user space reads it whole)
+EXEC_ARGS_CUT = 8    # argv was longer than ARGS_LEN
+
+
 class ExecT(ctypes.Structure):
     """argv (args_len bytes), the executable's change time and link count, and
     its path, leaf first (depth slots, empty ones where the walk crossed a
-    mount). complete is 1 when the walk reached the root, and 2 when the file
-    is in no directory (a memfd): its one slot is then its name."""
+    mount); complete holds the EXEC_* bits of what the walk found."""
     _fields_ = [("depth", ctypes.c_uint16), ("complete", ctypes.c_uint16),
                 ("args_len", ctypes.c_uint32), ("ctime_sec", ctypes.c_uint64),
                 ("ctime_nsec", ctypes.c_uint32), ("nlink", ctypes.c_uint32),
@@ -711,16 +745,16 @@ class Reporter:
     def error(self, message: str, detail: str = "", when: typing.Optional[float] = None, notify: bool = True,
               always: bool = False) -> None:
         """An error; `when` it happened (now if None); notify False: logged
-        only; always: shown even with desktop notifications off."""
-        message = one_line(message)
-        print(f"picosnitch: error: {message}", file=sys.stderr, flush=True)
+        only; always: shown even with desktop notifications off. Names in it
+        stay whole: what shows it escapes them (shown)."""
+        print(f"picosnitch: error: {shown(message)}", file=sys.stderr, flush=True)
         self.send(Report("error", message, detail, time.time() if when is None else when, notify, always))
 
     def exe(self, message: str) -> None:
-        self.send(Report("exe", one_line(message), "", time.time()))
+        self.send(Report("exe", message, "", time.time()))
 
     def info(self, message: str) -> None:
-        print(f"picosnitch: {message}", flush=True)
+        print(f"picosnitch: {shown(message)}", flush=True)
 
     def failing(self, what: str, message: str) -> None:
         """Report message unless `what` is already known to be failing."""
@@ -2100,8 +2134,9 @@ TEXT_LOG_STRIP = str.maketrans("", "", ",\n\r\0")
 
 
 def text_log_line(row: tuple) -> str:
-    """One conn.log line from a snitch.db row: commas, newlines and NULs removed."""
-    return ",".join("" if v is None else str(v).translate(TEXT_LOG_STRIP) for v in row[:len(TEXT_LOG_FIELDS)])
+    """One conn.log line from a snitch.db row: commas, newlines and NULs
+    removed, names shown (what acts escaped)."""
+    return ",".join("" if v is None else shown(str(v).translate(TEXT_LOG_STRIP)) for v in row[:len(TEXT_LOG_FIELDS)])
 
 
 # the remote copy: client module -> SQL dialect; dialect -> column types
@@ -2466,6 +2501,10 @@ BPF_TEXT = r"""
 #define ARGS_LEN $ARGS_LEN
 #define DNS_ADDRS $DNS_ADDRS
 #define EXE_REPLACED $EXE_REPLACED
+#define EXEC_ROOT $EXEC_ROOT
+#define EXEC_NO_DIR $EXEC_NO_DIR
+#define EXEC_NAME_CUT $EXEC_NAME_CUT
+#define EXEC_ARGS_CUT $EXEC_ARGS_CUT
 #define HOOK(event) int hook__##event(struct bpf_raw_tracepoint_args *ctx)
 $EVENT_KINDS
 $STAT_INDEXES
@@ -2845,15 +2884,16 @@ static __always_inline void exe_path(void *file, struct exec_t *ex) {
         ex->depth = i;
         ex->path[i][0] = 0;
         if (dentry == parent && dentry != root) {
-            bpf_probe_read_kernel_str(ex->path[i], NAME_LEN, read_ptr(dentry, DENTRY_NAME));
+            if (bpf_probe_read_kernel_str(ex->path[i], NAME_LEN, read_ptr(dentry, DENTRY_NAME)) >= NAME_LEN)
+                ex->complete |= EXEC_NAME_CUT;
             ex->depth = i + 1;
-            ex->complete = 2;
+            ex->complete |= EXEC_NO_DIR;
             return;
         }
         if (dentry == root) {
             void *mnt_parent = read_ptr(mnt, MOUNT_PARENT);
             if (mnt_parent == mnt) {
-                ex->complete = 1;
+                ex->complete |= EXEC_ROOT;
                 return;
             }
             dentry = read_ptr(mnt, MOUNT_MOUNTPOINT);
@@ -2861,7 +2901,8 @@ static __always_inline void exe_path(void *file, struct exec_t *ex) {
             vfsmnt = mnt + OFF_MOUNT_MNT;
             continue;
         }
-        bpf_probe_read_kernel_str(ex->path[i], NAME_LEN, read_ptr(dentry, DENTRY_NAME));
+        if (bpf_probe_read_kernel_str(ex->path[i], NAME_LEN, read_ptr(dentry, DENTRY_NAME)) >= NAME_LEN)
+            ex->complete |= EXEC_NAME_CUT;      /* (a name of NAME_LEN - 1 bytes, or longer) */
         dentry = parent;
     }
     ex->depth = PATH_DEPTH;
@@ -2886,7 +2927,10 @@ HOOK(sched_process_exec) {
     ev->hdr.time = bpf_ktime_get_ns();
     fill_proc(task, &ev->hdr.proc);
     u64 start = F_MM_ARG_START(mm), len = F_MM_ARG_END(mm) - start;
-    if (len > ARGS_LEN - 1) len = ARGS_LEN - 1;
+    if (len > ARGS_LEN - 1) {
+        len = ARGS_LEN - 1;
+        ev->exec.complete = EXEC_ARGS_CUT;
+    }
     ev->exec.args_len = len & (ARGS_LEN - 1);
     bpf_probe_read_user(ev->exec.args, len & (ARGS_LEN - 1), (void *)start);
     if (file) {
@@ -3324,7 +3368,8 @@ def bpf_text(btf: BTF, mode: str) -> str:
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
         PRELUDE=bpf_prelude(btf), STRUCTS=structs,
         MAX_CONNS=MAX_CONNS, MAX_SLOTS=MAX_SLOTS, MAX_THREADS=MAX_THREADS, MAX_PROCS=MAX_PROCS,
-        EXE_REPLACED=EXE_REPLACED,
+        EXE_REPLACED=EXE_REPLACED, EXEC_ROOT=EXEC_ROOT, EXEC_NO_DIR=EXEC_NO_DIR, EXEC_NAME_CUT=EXEC_NAME_CUT,
+        EXEC_ARGS_CUT=EXEC_ARGS_CUT,
         N_STATS=2 * len(STATS),
         SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS, MAX_SLOTS=MAX_SLOTS),
         PEER_STORE=string.Template(PEER_STORES[PEER_STORE_OF_MODE[mode]]).substitute(MAX_THREADS=MAX_THREADS))
@@ -4048,17 +4093,25 @@ EXEC_NOTICES_KEPT = 65536
 CTIME_QUERIED = 1 << 31   # a flag the kernel keeps in the ctime's nanoseconds
 
 
-def exec_path(ex: ExecT) -> typing.Tuple[str, bool]:
-    """The path sent with an exec event ('' when the walk was cut short) and
-    whether the file is on disk. A memfd, or a file deleted before the exec,
-    is named as the kernel names it in /proc/PID/exe: '/memfd:NAME (deleted)'."""
+def exec_path(ex: ExecT) -> typing.Tuple[str, bool, bool]:
+    """The path sent with an exec event ('' when the walk was cut short),
+    whether the file is on disk, and whether a name in it may be cut (one
+    filled its slot). A memfd, or a file deleted before the exec, is named
+    as the kernel names it in /proc/PID/exe: '/memfd:NAME (deleted)'."""
     parts = [ex.path[i].value.decode("utf-8", "replace") for i in range(min(ex.depth, PATH_DEPTH))]
-    if ex.complete == 2:
-        return f"/{parts[-1] if parts else ''} (deleted)", False
-    if not ex.complete:
-        return "", True
+    cut = bool(ex.complete & EXEC_NAME_CUT)
+    if ex.complete & EXEC_NO_DIR:
+        return f"/{parts[-1] if parts else ''} (deleted)", False, cut
+    if not ex.complete & EXEC_ROOT:
+        return "", True, cut
     path = "/" + "/".join(p for p in reversed(parts) if p)
-    return (path, True) if ex.nlink else (f"{path} (deleted)", False)
+    return (path, True, cut) if ex.nlink else (f"{path} (deleted)", False, cut)
+
+
+def marked_cut(text: str, what: str) -> str:
+    """A name that could not be had whole, marked so: it can pass for no
+    whole one (what: the identity that keeps two such names apart)."""
+    return f"{text}… (cut; {what})"
 
 
 def proc_from_proc_fs(pid: int, dev: int, ino: int, mask: int, comm: str) -> ProcInfo:
@@ -4091,8 +4144,10 @@ class Tracker:
     still names the program that launched it after pid 1 adopts it."""
 
     def __init__(self, mask: int, notify_exec: typing.Callable[[ExecNotice], None], every_exe: bool = False,
-                 protos: typing.Optional[typing.Dict[int, int]] = None):
+                 protos: typing.Optional[typing.Dict[int, int]] = None,
+                 caught_path: typing.Callable[[tuple], str] = lambda exec_id: ""):
         self.mask, self.notify_exec, self.every_exe = mask, notify_exec, every_exe
+        self.caught_path = caught_path         # the whole path of an exec's file, if it was caught
         self.runs: typing.List[Conn] = []     # executables run this window ("Every exe")
         self.procs: typing.Dict[int, ProcInfo] = {}
         self.lineage: typing.Dict[int, typing.Tuple[ProcInfo, ProcInfo]] = {}
@@ -4117,14 +4172,11 @@ class Tracker:
     def on_exec(self, hdr: EventHdrT, ex: ExecT) -> None:
         p = hdr.proc
         dev = kernel_dev_to_user(p.dev)
-        exe, ondisk = exec_path(ex)
         args = ctypes.string_at(ctypes.addressof(ex) + ExecT.args.offset, min(ex.args_len, ARGS_LEN))
         ctime = ex.ctime_sec * 10 ** 9 + (ex.ctime_nsec & ~CTIME_QUERIED)
-        info = ProcInfo(p.pid, exe, p.comm.decode("utf-8", "replace"), cmdline_text(args), dev, p.ino,
-                        ctime, (p.pid, hdr.time), ondisk)
-        if not exe:
-            found = proc_from_proc_fs(p.pid, dev, p.ino, self.mask, info.name)
-            info = dataclasses.replace(info, exe=found.exe, ondisk=found.ondisk)
+        info = ProcInfo(p.pid, "", p.comm.decode("utf-8", "replace"), cmdline_text(args), dev, p.ino,
+                        ctime, (p.pid, hdr.time))
+        info = self.whole(info, ex)
         self.notify_exec(ExecNotice(p.pid, dev, p.ino, info.exe, ctime, list(info.exec_id)))
         forked = self.lineage.get(p.pid)
         if forked and forked[0].pid != p.ppid:       # adopted since its fork: keep who launched it
@@ -4137,6 +4189,29 @@ class Tracker:
         self.replaced.pop(p.pid, None)
         if self.every_exe:
             self.runs.append(Conn(info, parent, grandparent, p.uid, "", -1, -1, "", "", "", 0, 0))
+
+    def whole(self, info: ProcInfo, ex: ExecT) -> ProcInfo:
+        """An exec's path and command line, whole: when the kernel's walk was
+        cut short, or a name or argv filled its slot, from the file caught
+        for the exec (or /proc while the process runs it); what cannot be
+        had whole is marked cut, and reported."""
+        exe, ondisk, cut = exec_path(ex)
+        found = None
+        if cut or not exe:
+            whole = self.caught_path(info.exec_id)
+            found = proc_from_proc_fs(info.pid, info.dev, info.ino, self.mask, info.name)
+            if whole or found.exe:
+                exe = whole or found.exe
+                ondisk = not exe.endswith(" (deleted)")
+            elif exe:
+                exe = marked_cut(exe, f"device {info.dev}, inode {info.ino}")
+                self.alerts.append(f"the path of {exe} (pid {info.pid}) has a name longer than the kernel's event "
+                                   "keeps, and the process was gone before picosnitch could read it whole")
+        cmdline = info.cmdline
+        if ex.complete & EXEC_ARGS_CUT:
+            found = found or proc_from_proc_fs(info.pid, info.dev, info.ino, self.mask, info.name)
+            cmdline = found.cmdline or marked_cut(cmdline, f"{ARGS_LEN - 1} bytes of a longer command line")
+        return dataclasses.replace(info, exe=exe, ondisk=ondisk, cmdline=cmdline)
 
     def on_fork(self, hdr: EventHdrT, _: EmptyT) -> None:
         p = hdr.proc
@@ -4365,6 +4440,15 @@ class Catcher:
         os.close(fd)
         return -1, 0, False
 
+    def path(self, exec_id: tuple) -> str:
+        """The whole path of the file caught for an exec (as the kernel names
+        it in /proc/PID/exe), or '' if none was caught."""
+        fd = self.caught.get(tuple(exec_id), (-1, 0, False))[0]
+        try:
+            return os.fsencode(os.readlink(f"/proc/self/fd/{fd}")).decode("utf-8", "replace") if fd >= 0 else ""
+        except OSError:
+            return ""
+
     def __call__(self, notice: ExecNotice) -> None:
         fd, ctime, alive = self.caught.pop(tuple(notice.exec_id), None) or self.catch(notice.pid, notice.dev, notice.ino)
         self.outbox.put(notice._replace(caught=ctime, alive=alive) if fd >= 0 else notice, fd)
@@ -4462,7 +4546,7 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
     execs = Outbox(rt.exec_tx, EXEC_NOTICES_KEPT)
     windows = WindowSender(rt.batch_tx)
     catcher = Catcher(execs, rt.st_dev_mask)
-    tracker = Tracker(rt.st_dev_mask, catcher, rt.config.every_exe, rt.kernel.protos)
+    tracker = Tracker(rt.st_dev_mask, catcher, rt.config.every_exe, rt.kernel.protos, catcher.path)
     capture = Capture(rt.kernel, tracker.handle, catcher.first)
     stopping = rt.stopping
     number, leftover = capture.leftover()
@@ -4988,6 +5072,7 @@ class DesktopNotifier:
 
     def __init__(self, address: str):
         self.address, self.iface, self.pending = address, None, collections.OrderedDict()
+        self.markup = False             # the server takes the body as markup: <, > and & are escaped
         self.failed_at = 0.0
         self.last_error = ""
 
@@ -5003,10 +5088,12 @@ class DesktopNotifier:
                 bus = dbus.bus.BusConnection(self.address)
                 proxy = bus.get_object("org.freedesktop.Notifications", "/org/freedesktop/Notifications")
                 self.iface = dbus.Interface(proxy, "org.freedesktop.Notifications")
+                self.markup = "body-markup" in self.iface.GetCapabilities()
             while self.pending:
                 notice = next(iter(self.pending.values()))
-                self.iface.Notify("picosnitch", dbus.UInt32(0), "", notice.summary, notice_body(notice, time.time()),
-                                  [], {}, -1)
+                body = notice_body(notice, time.time())
+                self.iface.Notify("picosnitch", dbus.UInt32(0), "", notice.summary,
+                                  html.escape(body, quote=False) if self.markup else body, [], {}, -1)
                 del self.pending[notice.id]
                 shown(notice)
             return ""
@@ -5078,9 +5165,10 @@ class Notifier:
                                                           for n in self.outbox.values()]).encode())
 
     def write(self, name: str, lines: typing.List[str]) -> None:
-        """Append to a log; a failure is shown on the desktop once, until it works again."""
+        """Append to a log, each name in it shown (escaped); a failure is
+        shown on the desktop once, until it works again."""
         try:
-            append_lines(os.path.join(self.rt.state, name), lines)
+            append_lines(os.path.join(self.rt.state, name), [shown(line) for line in lines])
         except OSError as e:
             if name not in self.unwritable:
                 self.unwritable[name] = e.strerror or str(e)
@@ -5110,7 +5198,7 @@ class Notifier:
         detail = ["    " + line for line in report.detail.splitlines() if line.strip()]
         self.write(log, [f"{dated(report.time)} {report.text}"] + detail)
         if report.notify and (self.rt.config.desktop_notifications or report.always):
-            self.queue(summary, report.text, report.time)
+            self.queue(summary, shown(report.text), report.time)
 
     def desktop_said(self, message: typing.NamedTuple) -> None:
         """A Hello (the desktop process started: everything waiting goes again) or a Delivered."""
@@ -7005,7 +7093,12 @@ class Labels:
         self.geoip = geoip
         self.users: typing.Dict[int, str] = {}
 
-    def text(self, column: str, value) -> str:
+    def text(self, column: str, value, exact: bool = False) -> str:
+        """A value as shown (exact: as it is, for an export)."""
+        label = self.label(column, value)
+        return label if exact else shown(label)
+
+    def label(self, column: str, value) -> str:
         if value is None:
             return "(not logged)"
         if column == "uid":
@@ -7123,10 +7216,11 @@ def char_width(ch: str) -> int:
 
 
 def fit(text: str, width: int) -> str:
-    """text made printable (control characters become '?') and cut to width columns."""
+    """text made printable (a character that acts, such as a control or a
+    bidirectional one, becomes '?') and cut to width columns."""
     out, used = [], 0
     for ch in text:
-        ch = "?" if unicodedata.category(ch)[0] == "C" else ch
+        ch = "?" if acts(ch) else ch
         w = char_width(ch)
         if used + w > width:
             break
@@ -7462,6 +7556,24 @@ def decode_value(token: str):
     raise ValueError(f"not a value: {token!r}")
 
 
+CSV_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def dash_csv(header: typing.Sequence[str], rows: typing.Sequence[typing.Sequence]) -> str:
+    """A table as CSV for a spreadsheet (with a byte order mark), its values
+    exact, but no text cell can run as a formula: one that starts with =, +,
+    -, @, a tab or a carriage return starts with ' instead, as OWASP
+    recommends; text is quoted, numbers are not."""
+    import csv
+    import io
+    out = io.StringIO()
+    writer = csv.writer(out, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["'" + v if isinstance(v, str) and v.startswith(CSV_FORMULA_STARTS) else v for v in row])
+    return "\ufeff" + out.getvalue()
+
+
 def dash_time_text(t: typing.Optional[int]) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) if t is not None else ""
 
@@ -7626,9 +7738,10 @@ def dash_figure(data: dict, state: DashState, labels: Labels, empty: str = "no c
         for direction, axis in ((0, "y"), (1, "y2")):
             exact = [series.get(t, [0, 0])[direction] * factor for t in times]
             y = smoothed(exact) if state.smooth else exact
-            figure_data.append({
-                "type": "scatter", "mode": "lines", "x": x, "y": y, "yaxis": axis, "name": shorten(label),
-                "legendgroup": str(i), "showlegend": direction == 0, "meta": label, "customdata": exact,
+            figure_data.append({       # (Plotly reads names as markup: they go as literal text)
+                "type": "scatter", "mode": "lines", "x": x, "y": y, "yaxis": axis,
+                "name": html.escape(shorten(label), quote=False), "legendgroup": str(i),
+                "showlegend": direction == 0, "meta": html.escape(label, quote=False), "customdata": exact,
                 "line": {"color": colors[i % len(colors)], "width": 1.5},
                 "hovertemplate": f"%{{meta}}<br>%{{x}}<br>{'sent' if direction == 0 else 'received'} "
                                  f"%{{customdata:,}} {unit}<extra></extra>"})
@@ -7816,6 +7929,7 @@ html, body { overflow-x: hidden; }
 .ps-chip span { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .ps-chip button { border: none; background: transparent; color: inherit; cursor: pointer; font-size: 14px; }
 .ps-message { min-height: 1.2em; margin: 4px 0; color: #b35900; }
+.ps-table-bar { display: flex; align-items: center; justify-content: space-between; gap: 8px; }
 .ps-main { display: flex; gap: 12px; align-items: flex-start; }
 .ps-main > .ps-chart { flex: 3 1 0; min-width: 0; height: 520px; }
 .ps-main > .ps-side { flex: 2 1 0; min-width: 0; }
@@ -7942,10 +8056,13 @@ def dash_layout(config: Config):
                 id="graph", responsive=True,
                 config={"scrollZoom": bool(config.dash_scroll_zoom), "displaylogo": False})]),
             html.Div(className="ps-side", children=[
-                html.Div(id="table-note"),
+                html.Div(className="ps-table-bar", children=[
+                    html.Div(id="table-note"),
+                    html.Button("Export", id="export", className="export",
+                                title="the table as CSV (a cell that could run as a formula starts with ')"),
+                    dcc.Download(id="download")]),
                 dash_table.DataTable(
-                    id="table", sort_action="native", export_format="csv", export_headers="display",
-                    page_size=25, tooltip_delay=300, tooltip_duration=None,
+                    id="table", sort_action="native", page_size=25, tooltip_delay=300, tooltip_duration=None,
                     style_table={"overflowX": "auto"},
                     style_cell={"maxWidth": "280px", "overflow": "hidden", "textOverflow": "ellipsis",
                                 "fontFamily": "system-ui, sans-serif", "fontSize": "13px"},
@@ -8159,6 +8276,16 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
         if ctx.triggered_id == "add-value" and not typed:
             raise PreventUpdate         # (a choice clears what was typed: the options stay)
         return options(column, dash_state(search)[0], now_seconds(), typed=typed or "", chosen=chosen)
+
+    @app.callback(Output("download", "data"), Input("export", "n_clicks"), State("table", "derived_virtual_data"),
+                  State("table", "columns"), State("url", "search"), prevent_initial_call=True)
+    def export(_, rows, columns, search):
+        """The table as CSV, in the order shown, with the values exact."""
+        group, kept = dash_state(search)[0].group, [c for c in columns or [] if c["id"] != "details"]
+        cell = lambda row, column: (labels.text(group, decode_value(row["key"]), exact=True) if column == "entry"
+                                    else row[column])
+        return {"content": dash_csv([c["name"] for c in kept], [[cell(r, c["id"]) for c in kept] for r in rows or []]),
+                "filename": "picosnitch.csv"}
 
     return app
 

@@ -146,14 +146,16 @@ def test_exec_event_decodes_to_a_path():
     ex = picosnitch.ExecT()
     for i, part in enumerate([b"prog", b"", b"bin", b"usr"]):   # leaf first; '' is a mount crossing
         ex.path[i].value = part
-    ex.depth, ex.complete, ex.nlink = 4, 1, 1
-    assert picosnitch.exec_path(ex) == ("/usr/bin/prog", True)
+    ex.depth, ex.complete, ex.nlink = 4, picosnitch.EXEC_ROOT, 1
+    assert picosnitch.exec_path(ex) == ("/usr/bin/prog", True, False)
     ex.nlink = 0                      # deleted before it ran: not on disk
-    assert picosnitch.exec_path(ex) == ("/usr/bin/prog (deleted)", False)
+    assert picosnitch.exec_path(ex) == ("/usr/bin/prog (deleted)", False, False)
     ex.complete = 0
-    assert picosnitch.exec_path(ex) == ("", True)
-    ex.path[0].value, ex.depth, ex.complete = b"memfd:payload", 1, 2      # in no directory: a memfd
-    assert picosnitch.exec_path(ex) == ("/memfd:payload (deleted)", False)
+    assert picosnitch.exec_path(ex) == ("", True, False)
+    ex.complete = picosnitch.EXEC_ROOT | picosnitch.EXEC_NAME_CUT       # a name filled its slot
+    assert picosnitch.exec_path(ex) == ("/usr/bin/prog (deleted)", False, True)
+    ex.path[0].value, ex.depth, ex.complete = b"memfd:payload", 1, picosnitch.EXEC_NO_DIR   # in no directory: a memfd
+    assert picosnitch.exec_path(ex) == ("/memfd:payload (deleted)", False, False)
 
 
 def test_event_decoder_reads_header_and_payload():

@@ -21,7 +21,10 @@ One dash server runs per log and one browser per module; run the file in a
 mount namespace of its own when a daemon may be running elsewhere (the
 daemon test needs /run/picosnitch.pid for itself)."""
 import calendar
+import csv
 import datetime
+import html
+import io
 import json
 import os
 import pwd
@@ -217,7 +220,7 @@ def label(column, value):
         value = value.decode("utf-8", "replace")
     if column in ("laddr", "raddr") and value.startswith("10."):
         return f"{value} (private)"
-    return str(value) if value != "" else "(none)"
+    return picosnitch.shown(str(value)) if value != "" else "(none)"
 
 
 def amount(n):
@@ -360,7 +363,7 @@ class Page:
 
     def charted(self, axis):
         """[(full label, sum of the exact amounts)] of the traces on an axis (y: sent, y2: received)."""
-        return [(t["meta"], sum(t["customdata"])) for t in self.figure()["traces"]
+        return [(html.unescape(t["meta"]), sum(t["customdata"])) for t in self.figure()["traces"]
                 if t["axis"] == axis and t["meta"] is not None]      # (an empty chart has two blank lines)
 
     def table(self):
@@ -721,12 +724,10 @@ def test_the_default_view_is_the_last_day_exactly(page, world, tmp_path):
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     page.driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    page.driver.find_element(By.CSS_SELECTOR, "#table .export").click()
-    csv = eventually(lambda: exported(downloads), timeout=10)
-    lines = csv.splitlines()
-    assert lines[0].split(",")[:4] == ["executable", "sent (bytes)", "received (bytes)", "rows"]
-    assert [line.split(",")[:4] for line in lines[1:]] == \
-        [[label("exe", v), str(s), str(r), str(n)] for v, s, r, n in day]
+    page.driver.find_element(By.ID, "export").click()
+    lines = list(csv.reader(io.StringIO(eventually(lambda: exported(downloads), timeout=10))))
+    assert lines[0] == ["executable", "sent (bytes)", "received (bytes)", "rows"]
+    assert lines[1:] == [[label("exe", v), str(s), str(r), str(n)] for v, s, r, n in day]
     assert_console_clean(browser, page.server)
 
 
@@ -1164,6 +1165,47 @@ def test_at_1440_by_900_the_table_shows_every_column(browser, tmp_path):
         assert_console_clean(browser, server)
     finally:
         browser.viewport()
+        assert server.stop() == 0, server.output()
+
+
+LEGEND_TEXTS = "return Array.from(document.querySelectorAll('#graph .legendtext')).map(e => e.textContent)"
+
+
+def test_names_show_as_literal_text_and_export_as_data(browser, tmp_path):
+    """A name with markup shows as it is in the legend, the hover label and
+    the table; one with a right-to-left override shows the control, escaped;
+    the exported CSV of a command line that starts with = is no formula."""
+    home = make_home(tmp_path / "home")
+    now = picosnitch.now_seconds()
+    names = ["/tmp/<b>bold</b> & <i>x<", "/tmp/\u202egpj.exe"]
+    rows = [dict(make_row(i, now - 5 * MINUTE - i, "curl", sent, 100, "deb.example.org", "192.0.2.1", 443, "tcp"),
+                 exe=exe, cmdline=cmdline)
+            for i, (exe, cmdline, sent) in enumerate(zip(names, ["=HYPERLINK(\"http://x\")", "-c calc"], [5000, 1000]))]
+    log = picosnitch.Log.open(str(home / "state" / "snitch.db"))
+    log.insert([tuple(r[c] for c in picosnitch.DB_COLUMNS) for r in rows])
+    log.close()
+    server = DashServer(home, tmp_path / "dash-output").start()
+    try:
+        browser.read_console()
+        page = Page(browser, server).load()
+        markup, bidi = names[0], picosnitch.shown(names[1])
+        eventually(lambda: assert_equal(page.cells("entry"), [markup, bidi]))
+        assert bidi == "/tmp/\\u202egpj.exe"
+        assert eventually(lambda: browser.js(LEGEND_TEXTS)) == [markup, bidi]
+        assert not browser.js("return document.querySelector('#graph .legendtext b, #graph .legendtext i')")
+        trace = next(i for i, t in enumerate(page.figure()["traces"]) if html.unescape(t["meta"]) == markup)
+        assert page.hover_point(trace, page.figure()["traces"][trace]["customdata"].index(5000)).startswith(markup)
+        browser.screenshot(tmp_path / "names.png")
+        page.choose("group", "command line")
+        eventually(lambda: assert_equal(page.cells("entry"), ['=HYPERLINK("http://x")', "-c calc"]))
+        downloads = tmp_path / "downloads"
+        downloads.mkdir()
+        page.driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+        page.driver.find_element(By.ID, "export").click()
+        lines = list(csv.reader(io.StringIO(eventually(lambda: exported(downloads), timeout=10))))
+        assert lines[1:] == [["'=HYPERLINK(\"http://x\")", "5000", "100", "1"], ["'-c calc", "1000", "100", "1"]]
+        assert_console_clean(browser, server)
+    finally:
         assert server.stop() == 0, server.output()
 
 

@@ -1,5 +1,7 @@
 """Section 10 in-process: the Tracker fed with events as the kernel sends
 them. Pids are beyond pid_max, so that /proc knows none of them."""
+import ctypes
+
 import picosnitch
 
 BASE = 5_000_000      # above any pid_max: never a real process
@@ -12,12 +14,20 @@ def event(kind, pid, ppid=0, gppid=0, ino=0, pino=0, gpino=0, when=1, comm=b"x")
     return hdr
 
 
-def exec_event(tracker, pid, ppid, gppid, ino, pino, gpino, path, when=1):
+def exec_event(tracker, pid, ppid, gppid, ino, pino, gpino, path, when=1, args=b"", args_cut=False):
+    """An exec as the kernel sends it: each name cut to its slot (and flagged
+    so), argv cut to ARGS_LEN - 1 bytes (flagged if args_cut)."""
     ex = picosnitch.ExecT()
     parts = [part.encode() for part in reversed(path.strip("/").split("/"))]
+    ex.complete = picosnitch.EXEC_ROOT
     for i, part in enumerate(parts):
-        ex.path[i].value = part
-    ex.depth, ex.complete, ex.nlink = len(parts), 1, 1
+        ex.path[i].value = part[:picosnitch.NAME_LEN - 1]
+        if len(part) >= picosnitch.NAME_LEN - 1:
+            ex.complete |= picosnitch.EXEC_NAME_CUT
+    ex.args_len = min(len(args), picosnitch.ARGS_LEN - 1)
+    ctypes.memmove(ctypes.addressof(ex) + picosnitch.ExecT.args.offset, args, ex.args_len)
+    ex.complete |= picosnitch.EXEC_ARGS_CUT if args_cut else 0
+    ex.depth, ex.nlink = len(parts), 1
     tracker.handle(("EXEC", event("EXEC", pid, ppid, gppid, ino, pino, gpino, when, parts[0][:15]), ex))
 
 
@@ -25,9 +35,12 @@ def fork_event(tracker, pid, ppid, gppid, ino, pino, gpino):
     tracker.handle(("FORK", event("FORK", pid, ppid, gppid, ino, pino, gpino), picosnitch.EmptyT()))
 
 
-def tracker():
+def tracker(caught=None):
+    """A Tracker, and the exec notices it sent; caught: exec id -> the whole
+    path of the file caught for it (as the Catcher reads it)."""
     notices = []
-    return picosnitch.Tracker(0xFFFFFFFF, notices.append), notices
+    return picosnitch.Tracker(0xFFFFFFFF, notices.append, caught_path=lambda exec_id: (caught or {}).get(exec_id, "")), \
+        notices
 
 
 def test_a_double_fork_keeps_the_launcher_as_parent():
@@ -136,3 +149,31 @@ def test_a_process_that_replaced_its_executable_is_reported_once_and_keeps_its_n
     alerts = t.take_alerts()
     assert len(alerts) == 1 and alerts[0].startswith(f"pid {pid} (/opt/malware) replaced its executable without")
     assert t.take_alerts() == []
+
+
+def test_a_name_longer_than_its_slot_is_read_whole_or_marked_cut():
+    """Two executables whose file names share their first 100 bytes: read
+    whole from the file caught for their exec; when none was caught (and
+    /proc knows nothing), marked cut, with their device and inode, so that
+    neither can pass for the other, and reported."""
+    prefix = "/opt/" + "t" * 100
+    first, second, third = BASE + 41, BASE + 42, BASE + 43
+    t, notices = tracker({(first, 1): prefix + "A", (second, 1): prefix + "B"})
+    exec_event(t, first, BASE, 0, 41, 40, 0, prefix + "A")
+    exec_event(t, second, BASE, 0, 42, 40, 0, prefix + "B")
+    exec_event(t, third, BASE, 0, 43, 40, 0, prefix + "C")
+    assert [t.procs[pid].exe for pid in (first, second)] == [prefix + "A", prefix + "B"]
+    cut = t.procs[third].exe
+    assert cut == f"/opt/{'t' * (picosnitch.NAME_LEN - 1)}… (cut; device 0, inode 43)"
+    assert notices[-1].exe == cut
+    assert t.take_alerts() == [f"the path of {cut} (pid {third}) has a name longer than the kernel's event keeps, "
+                               "and the process was gone before picosnitch could read it whole"]
+
+
+def test_a_command_line_longer_than_the_event_keeps_is_marked_cut():
+    t, _ = tracker()
+    args = b"prog\0" + b"x" * 400
+    exec_event(t, BASE + 51, BASE, 0, 51, 40, 0, "/opt/prog", args=args, args_cut=True)
+    cmdline = t.procs[BASE + 51].cmdline
+    assert cmdline == picosnitch.marked_cut("prog " + "x" * (picosnitch.ARGS_LEN - 6),
+                                            f"{picosnitch.ARGS_LEN - 1} bytes of a longer command line")

@@ -192,6 +192,20 @@ def test_keys_change_what_is_shown(sample, home):
         t.close()
 
 
+def test_a_name_that_would_act_shows_escaped(home):
+    """A right-to-left override (U+202E) or an escape sequence in a name
+    neither reorders nor recolours the screen: each is shown escaped, as in
+    the logs and in dash (a character that acts in any other text is a '?')."""
+    make_db(home, [row(at(seconds=5), "/tmp/\u202egpj.exe", 3000, 50), row(at(seconds=6), "/tmp/a\x1b[31mb", 2000, 50)])
+    t = view(home)
+    try:
+        s = t.wait("by executable (1/11)")
+        assert [e.split()[-1] for e in body(s)] == ["/tmp/\\u202egpj.exe", "/tmp/a\\x1b[31mb"]
+        assert "\u202e" not in s and "\x1b" not in s          # (and "[31m" shows as text: it did not act)
+    finally:
+        t.close()
+
+
 def test_time_ranges_history_and_units(sample, home):
     t = view(home)
     try:

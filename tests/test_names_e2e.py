@@ -1,0 +1,112 @@
+"""Names a program chooses (sections 4, 10, 13 and 21): on real BPF, with a
+real session bus whose notification service takes markup, they are logged
+whole and shown so that nothing in them acts, in the logs and on the
+desktop; the database keeps their exact bytes."""
+import os
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+
+import picosnitch
+from conftest import HERE, PEER_PORT, SYSTEM_PYTHON, Daemon, need_root, notifications, wait_for
+
+MARKUP = "<b>bold</b> & <i>x<"
+ESCAPES = "esc\x1b]2;PWNED-TITLE\x07\x1b[31mred"
+BIDI = "\u202egpj.exe"
+
+
+@pytest.fixture(scope="module")
+def markup_bus(tmp_path_factory):
+    """A session bus whose notification service says it takes body markup."""
+    need_root()
+    base = tmp_path_factory.mktemp("markup-bus")
+    address, record = f"unix:path={base}/bus", str(base / "notifications.jsonl")
+    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={address}", "--print-address"],
+                           stdout=subprocess.PIPE, text=True)
+    assert bus.stdout.readline().startswith("unix:")
+    service = subprocess.Popen([SYSTEM_PYTHON, os.path.join(HERE, "notify_service.py"), address, record,
+                                "body,body-markup"], stdout=subprocess.PIPE, text=True)
+    assert service.stdout.readline().strip() == "ready"
+    yield address, record
+    for proc in (service, bus):
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, markup_bus, peers):
+    d = Daemon(str(tmp_path_factory.mktemp("home")), env={"DBUS_SESSION_BUS_ADDRESS": markup_bus[0]}).start()
+    yield d
+    assert d.stop() == 0
+
+
+@pytest.fixture
+def programs():
+    path = tempfile.mkdtemp(prefix="ps-names-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sender(path):
+    """tests/quick.c built as path (its tag, and so its sha256, of its own)."""
+    subprocess.run(["gcc", "-O2", f'-DTAG="{os.urandom(8).hex()}"', "-o", path, os.path.join(HERE, "quick.c")],
+                   check=True)
+    os.chmod(path, 0o755)
+    return path
+
+
+def send(exe, nbytes):
+    subprocess.run([exe, "127.0.0.1", str(PEER_PORT), str(nbytes)], check=True)
+
+
+def said(bus, text):
+    return [n["body"] for n in notifications(bus[1]) if text in n["body"]]
+
+
+def test_two_names_that_share_their_first_100_bytes_are_two_executables(daemon, markup_bus, programs):
+    first, second = (sender(os.path.join(programs, "t" * 100 + tail)) for tail in ("A", "B"))
+    send(first, 111)
+    send(second, 222)
+    assert [r["send"] for r in daemon.wait_rows(exe=first)] == [111]
+    assert [r["send"] for r in daemon.wait_rows(exe=second)] == [222]
+    for exe in (first, second):
+        assert wait_for(lambda: said(markup_bus, f"First network connection detected for t"
+                                                 f"{'t' * 14} ({exe})"), 15), exe
+        assert exe in daemon.read("record.json")
+
+
+def test_a_255_byte_name_and_a_4000_byte_path_are_logged_whole(daemon, programs):
+    longest = sender(os.path.join(programs, "n" * 254 + "Z"))
+    deep = programs
+    while len(deep) < 4000 - 201:
+        deep = os.path.join(deep, "d" * 199)
+        os.mkdir(deep)
+    deep = sender(os.path.join(deep, "s" * (4000 - len(deep) - 1)))
+    assert len(os.path.basename(longest)) == 255 and len(deep) == 4000
+    for exe, nbytes in ((longest, 321), (deep, 432)):
+        send(exe, nbytes)
+        assert [r["send"] for r in daemon.wait_rows(exe=exe)] == [nbytes], exe[:80]
+    assert "cut;" not in daemon.read("error.log")
+
+
+def test_names_that_would_act_are_shown_escaped_and_kept_exact(daemon, markup_bus, programs):
+    """The escape sequences and the markup of a file name are escaped in
+    exe.log and in the notification (which, to a server that takes markup,
+    has <, > and & escaped too); the database has the name as it is."""
+    for name in (ESCAPES, MARKUP.replace("/", "|"), BIDI):
+        exe = sender(os.path.join(programs, name))
+        send(exe, 100)
+        assert [r["send"] for r in daemon.wait_rows(exe=exe)] == [100]          # the exact bytes, in the log
+        logged = picosnitch.shown(exe)
+        assert wait_for(lambda: logged in daemon.read("exe.log")), logged
+        assert "\x1b" not in daemon.read("exe.log") and "\x07" not in daemon.read("exe.log")
+        assert "\u202e" not in daemon.read("exe.log")
+        body = f"({picosnitch.html.escape(logged, quote=False)})"
+        assert wait_for(lambda: said(markup_bus, body), 15), body
+    assert "esc\\x1b]2;PWNED-TITLE\\x07\\x1b[31mred" in daemon.read("exe.log")
+    assert "\\u202egpj.exe" in daemon.read("exe.log")
+    assert said(markup_bus, "&lt;b&gt;bold&lt;|b&gt; &amp; &lt;i&gt;x&lt;")
+    assert not [b for b in said(markup_bus, "bold") if "<b>" in b]
