@@ -85,6 +85,7 @@ import gzip
 import hashlib
 import hmac
 import html
+import io
 import ipaddress
 import json
 import math
@@ -298,6 +299,22 @@ def append_lines(path: str, lines: typing.Sequence[str]) -> None:
         if written != len(data):         # a full disk can cut a write short
             raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written")
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: str, limit: int) -> bytes:
+    """A regular file's content, at most limit bytes (following links; never
+    waiting on a FIFO or a device). OSError, or ValueError naming what it is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat_module.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        if st.st_size > limit:
+            raise ValueError(f"{st.st_size} bytes, more than the {limit} it may have")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(limit + 1)[:limit]
     finally:
         os.close(fd)
 
@@ -819,8 +836,9 @@ SETTINGS = [
     Setting("DB sql server", "db_sql_server", {}, (dict,), "an object of connection settings",
             note="also write to MariaDB/MySQL/PostgreSQL (below)"),
     Setting("DB text log", "db_text_log", False, (bool,), "true or false", note="also write conn.log"),
-    Setting("DB write limit (seconds)", "db_write_limit_seconds", 10, (int, float), "a number of seconds > 0",
-            lambda v: v > 0, "one row per connection per window of this length"),
+    Setting("DB write limit (seconds)", "db_write_limit_seconds", 10, (int, float),
+            "a number of seconds from 0.1 to 3600", lambda v: 0.1 <= v <= 3600,
+            "one row per connection per window of this length"),
     Setting("Dash scroll zoom", "dash_scroll_zoom", True, (bool,), "true or false",
             note="the web UI's graphs zoom with the mouse wheel"),
     Setting("Dash theme", "dash_theme", "", (str,), "a bootswatch theme name or \"\"",
@@ -935,6 +953,17 @@ def ip_network(text: str):
 
 SQL_CLIENTS = ("mariadb", "psycopg", "psycopg2", "pymysql")
 SQL_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# The connection parameters each client may be given: where the server is,
+# who logs in, and TLS. Nothing else: a client's other parameters load
+# plugins or read option files (mariadb's plugin_dir, default_file;
+# PyMySQL's read_default_file), or let the server read files (local_infile),
+# with the rights of picosnitch's account.
+SQL_PARAMETERS = {
+    "postgres": ("host", "hostaddr", "port", "dbname", "user", "password", "passfile", "connect_timeout",
+                 "application_name", "sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl"),
+    "mysql": ("host", "port", "user", "password", "database", "connect_timeout", "read_timeout", "write_timeout",
+              "ssl_ca", "ssl_cert", "ssl_key", "ssl_verify_cert"),
+}
 
 
 def check_sql_server(settings: dict, source: str = CONFIG_NAME) -> None:
@@ -949,6 +978,13 @@ def check_sql_server(settings: dict, source: str = CONFIG_NAME) -> None:
     if not isinstance(table, str) or not SQL_IDENTIFIER.fullmatch(table):
         raise PicosnitchError(f"{source}: 'DB sql server' table_name must be a plain SQL identifier "
                               f"(letters, digits, _), found {json.dumps(table)}")
+    allowed = SQL_PARAMETERS["postgres" if settings["client"].startswith("psycopg") else "mysql"]
+    for key, value in settings.items():
+        if key not in ("client", "table_name") + allowed:
+            raise PicosnitchError(f"{source}: 'DB sql server' does not take {key!r} for {settings['client']} "
+                                  f"(it takes {', '.join(allowed)})")
+        if not isinstance(value, (str, int, float, bool)):
+            raise PicosnitchError(f"{source}: 'DB sql server' {key!r} must be a string, number or true/false")
 
 
 def config_to_json(config: Config) -> str:
@@ -958,10 +994,14 @@ def config_to_json(config: Config) -> str:
 
 def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
     """Validate config.json text; PicosnitchError names the problem."""
+    def no_constant(name: str):
+        raise ValueError(f"{name} is not a number JSON has")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=no_constant)
     except json.JSONDecodeError as e:
         raise PicosnitchError(f"{source}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
+    except ValueError as e:
+        raise PicosnitchError(f"{source}: invalid JSON: {e}")
     if not isinstance(data, dict):
         raise PicosnitchError(f"{source}: expected a JSON object of settings, found {type(data).__name__}")
     config = Config()
@@ -979,28 +1019,38 @@ def parse_config(text: str, source: str = CONFIG_NAME) -> Config:
     return config
 
 
-# switches whose turning off means less is recorded or said
-MONITORING_SWITCHES = ("desktop_notifications", "db_sql_log", "db_text_log", "every_exe", "log_addresses",
-                       "log_commands", "log_ports")
+# How a change of each setting bears on monitoring: "off" (a switch whose
+# turning off means less is recorded or said), "more" / "less" (a number
+# that weakens as it grows / shrinks), "added" (a list that weakens as it
+# gains entries), "harmless"; any other change is reported as it is.
+CHANGE_KINDS = {"desktop_notifications": "off", "db_sql_log": "off", "db_text_log": "off", "every_exe": "off",
+                "log_addresses": "off", "log_commands": "off", "log_ports": "off", "geoip_lookup": "off",
+                "log_ignore": "added", "db_retention_days": "less", "db_write_limit_seconds": "more",
+                "perf_ring_buffer_pages": "less", "vt_request_limit_seconds": "more",
+                "dash_scroll_zoom": "harmless", "dash_theme": "harmless"}
+SECRET_SETTINGS = ("db_sql_server", "vt_api_key")      # (their values are never repeated)
 
 
 def weakened(before: Config, after: Config) -> typing.List[str]:
-    """What a change of settings takes away from monitoring, one line each:
-    entries added to "Log ignore", switches turned off, the remote copy
-    turned off or sent elsewhere, a shorter retention."""
-    key = {setting.attr: setting.key for setting in SETTINGS}
-    changes = [f"{json.dumps(key[attr])} turned off" for attr in MONITORING_SWITCHES
-               if getattr(before, attr) and not getattr(after, attr)]
-    added = [entry for entry in after.log_ignore if entry not in before.log_ignore]
-    if added:
-        changes.append(f"\"Log ignore\" gained {', '.join(json.dumps(entry) for entry in added)}")
-    if before.db_sql_server and not after.db_sql_server:
-        changes.append("\"DB sql server\" turned off (no remote copy)")
-    elif before.db_sql_server and after.db_sql_server != before.db_sql_server:
-        changes.append("\"DB sql server\" changed (the remote copy goes elsewhere)")
-    if after.db_retention_days < before.db_retention_days:
-        changes.append(f"\"DB retention (days)\" shortened from {before.db_retention_days} to "
-                       f"{after.db_retention_days}")
+    """What a change of settings may take away from monitoring, one line
+    each: a switch turned off, a number moved the weaker way, entries added
+    to "Log ignore", and any other change of a setting that is not known to
+    be harmless (the remote copy, VirusTotal, the device check, ...)."""
+    changes = []
+    for setting in SETTINGS:
+        old, new = getattr(before, setting.attr), getattr(after, setting.attr)
+        kind, name = CHANGE_KINDS.get(setting.attr, "other"), json.dumps(setting.key)
+        if old == new or kind == "harmless":
+            continue
+        if kind == "off" and old and not new:
+            changes.append(f"{name} turned off")
+        elif kind == "added" and [e for e in new if e not in old]:
+            changes.append(f"{name} gained {', '.join(json.dumps(e) for e in new if e not in old)}")
+        elif (kind == "less" and new < old) or (kind == "more" and new > old):
+            changes.append(f"{name} changed from {json.dumps(old)} to {json.dumps(new)}")
+        elif kind == "other":
+            changes.append(f"{name} changed" + ("" if setting.attr in SECRET_SETTINGS else
+                                                f" from {json.dumps(old)} to {json.dumps(new)}"))
     return changes
 
 
@@ -1027,6 +1077,9 @@ def check_directory(directory: str, uid: int, create: bool = True) -> None:
         os.chmod(directory, 0o700)
 
 
+CONFIG_MAX = 1 << 20        # bytes of config.json at most
+
+
 def read_config_text(directory: str) -> str:
     """config.json's text, creating the file with the defaults when missing.
     Run as the user: the file is theirs, and so is what it can reach.
@@ -1037,10 +1090,11 @@ def read_config_text(directory: str) -> str:
     if not os.path.lexists(path):
         write_atomic(path, config_to_json(Config()).encode())
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = read_regular(path, CONFIG_MAX)
     except OSError as e:
         raise PicosnitchError(f"cannot read {path}: {e.strerror}")
+    except ValueError as e:
+        raise PicosnitchError(f"cannot read {path}: {e}")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -2178,7 +2232,8 @@ class RemoteDB:
     def connect(self) -> None:
         module = __import__(self.client)
         self.marks = ",".join(("?" if module.paramstyle == "qmark" else "%s") for _ in REMOTE_COLUMNS)
-        self.con = module.connect(**self.params)
+        refused = {"local_infile": False} if SQL_DIALECTS[self.client] == "mysql" else {}    # (no file goes to it)
+        self.con = module.connect(**self.params, **refused)
         cur = self.con.cursor()
         cur.execute(self.schema())
         self.con.commit()
@@ -5046,7 +5101,10 @@ def monitor_main(rt: Runtime) -> None:
 NOTIFY_RETRY_SECONDS = 30
 NOTIFY_KEEP = 1000          # notices waiting to be shown, at most (older ones are counted, then dropped)
 NOTICE_LATE = 3.0           # seconds after which a notice says when it happened
-OUTBOX_NAME = "notices.json"
+DESKTOP_ERROR_INTERVAL = 60.0   # seconds between two errors of the desktop process in error.log
+DESKTOP_ERROR_LEN = 300     # characters of such an error logged
+OUTBOX_NAME = "notices.json"        # (private) notices a stop left unshown
+WARNINGS_NAME = "warnings.json"     # (private) what starts warned of, until the notifier logs it
 REPORT_SUMMARIES = {"error": ("picosnitch error", ERROR_LOG_NAME), "exe": ("picosnitch", EXE_LOG_NAME)}
 
 
@@ -5137,11 +5195,29 @@ class Notifier:
         self.unwritable: typing.Dict[str, str] = {}     # log name -> why it cannot be written
         self.outbox: "collections.OrderedDict[int, Notice]" = collections.OrderedDict()
         self.next_id, self.dropped = 1, 0
+        self.quiet_until = 0.0          # (monotonic) no error of the desktop's logged before then
         for notice in self.load_outbox():
             self.queue(notice.summary, notice.body, notice.time)
+        for report in self.take_warnings():
+            self.report(report)
 
     def outbox_path(self) -> str:
         return os.path.join(self.rt.private, OUTBOX_NAME)
+
+    def take_warnings(self) -> typing.List[Report]:
+        """What starts warned of and no notifier has logged yet: logged, and
+        shown whatever the settings say of notifications (see keep_applied)."""
+        path = os.path.join(self.rt.private, WARNINGS_NAME)
+        try:
+            with open(path, encoding="utf-8") as f:
+                kept = [Report("error", str(text), "", float(when), True, True) for when, text in json.load(f)]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError) as e:
+            kept = [Report("error", f"the warnings of a start could not be read ({e})", "", time.time(), True, True)]
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return kept
 
     def load_outbox(self) -> typing.List[Notice]:
         """The notices a stop left unshown (they are shown now, once)."""
@@ -5211,8 +5287,10 @@ class Notifier:
                 self.send(notice)
         elif isinstance(message, Delivered) and message.id:
             self.outbox.pop(message.id, None)
-        elif isinstance(message, Delivered):
-            self.write(ERROR_LOG_NAME, [f"{now_text()} desktop notifications not delivered ({one_line(message.error)}); "
+        elif isinstance(message, Delivered) and time.monotonic() >= self.quiet_until:
+            self.quiet_until = time.monotonic() + DESKTOP_ERROR_INTERVAL       # (the user's bus writes this text)
+            self.write(ERROR_LOG_NAME, [f"{now_text()} desktop notifications not delivered "
+                                        f"({one_line(message.error)[:DESKTOP_ERROR_LEN]}); "
                                         f"{len(self.outbox)} kept for retry"])
 
     def run(self) -> None:
@@ -5478,6 +5556,19 @@ def geoip_stale(path: str, now: float) -> bool:
     return not os.path.exists(path) or now - os.stat(path).st_mtime > GEOIP_MAX_AGE
 
 
+GEOIP_MAX = 256 << 20      # bytes of the country database (the download, and unpacked) at most
+
+
+def bounded(chunks: typing.Iterable[bytes], limit: int) -> bytes:
+    """The chunks joined; ValueError past limit bytes (the address is a setting)."""
+    data = bytearray()
+    for chunk in chunks:
+        data += chunk
+        if len(data) > limit:
+            raise ValueError(f"more than {limit >> 20} MB")
+    return bytes(data)
+
+
 def geoip_download(template: str, path: str, today: datetime.date) -> str:
     """Fetch this month's (else last month's) country database to path; returns
     the address used. PicosnitchError says what went wrong."""
@@ -5488,10 +5579,13 @@ def geoip_download(template: str, path: str, today: datetime.date) -> str:
     for day in (today, last_month):
         url = template.format(year=f"{day.year:04d}", month=f"{day.month:02d}")
         try:
-            response = requests.get(url, timeout=120)
-            response.raise_for_status()
-            data = gzip.decompress(response.content) if url.endswith(".gz") else response.content
-            write_atomic(path + ".new", data)
+            with requests.get(url, timeout=120, stream=True) as response:
+                response.raise_for_status()
+                data = bounded(response.iter_content(1 << 20), GEOIP_MAX)
+            if url.endswith(".gz"):
+                with gzip.GzipFile(fileobj=io.BytesIO(data)) as packed:
+                    data = bounded(iter(lambda: packed.read(1 << 20), b""), GEOIP_MAX)
+            write_atomic(path + ".new", data, 0o640)
             maxminddb.open_database(path + ".new").close()
         except Exception as e:
             problems.append(f"{url}: {type(e).__name__}: {e}")
@@ -5595,8 +5689,12 @@ def record_add(section: dict, key: str, value: str) -> bool:
     return True
 
 
-def update_record(record: dict, conn: Conn, sha: str) -> typing.Tuple[bool, typing.List[str]]:
-    """Note a connection in record.json: (whether it changed, what to tell the user)."""
+def update_record(record: dict, conn: Conn, sha: str, imported: typing.Optional[dict] = None
+                  ) -> typing.Tuple[bool, typing.List[str]]:
+    """Note a connection in record.json: (whether it changed, what to tell the
+    user). imported: the record an older picosnitch kept where the user's
+    programs could write it; it decides nothing, and a first connection it
+    knew says so."""
     exe, name = conn.proc.exe, conn.proc.name
     if not exe:
         return False, []
@@ -5604,7 +5702,9 @@ def update_record(record: dict, conn: Conn, sha: str) -> typing.Tuple[bool, typi
     first = "First network connection detected" if conn.rport != -1 else "First run seen"
     memory = "" if conn.proc.ondisk else "; it runs from memory, not from a file on disk"
     if exe not in record["Executables"]:
-        messages.append(f"{first} for {name} ({exe}){memory}")
+        old = "; the record of ~/.config had it, but programs of yours could write that one" \
+            if exe in (imported or {}).get("Executables", {}) else ""
+        messages.append(f"{first} for {name} ({exe}){memory}{old}")
     elif name not in record["Executables"][exe]:
         messages.append(f"{exe} is running as a new name: {name}{memory}")
     changed = record_add(record["Executables"], exe, name)
@@ -5628,6 +5728,7 @@ def unchecked_hashes(record: dict) -> typing.List[typing.Tuple[str, str]]:
 
 
 SPOOL_NAME = "unwritten-rows.json"     # rows a stop found waiting for a log, written at the next start
+IMPORTED_NAME = "imported-record.json"  # the record an older picosnitch kept in ~/.config (section 17)
 
 
 def record_text(record: dict) -> bytes:
@@ -5748,6 +5849,7 @@ class Primary:
         self.record_path = os.path.join(rt.state, RECORD_NAME)
         self.record_dirty = False
         self.record = self.trusted_record()
+        self.imported = self.imported_record()
         self.ignore = ignore_rules(self.config.log_ignore)
         self.names = ReverseNames()
         self.db_path = os.path.join(rt.state, DB_NAME)
@@ -5796,6 +5898,17 @@ class Primary:
             except OSError:
                 self.record_dirty = True        # (flush says why, and tries again)
         return record
+
+    def imported_record(self) -> dict:
+        """The record an older picosnitch kept in ~/.config, if one was moved in (section 17)."""
+        path = os.path.join(self.rt.private, IMPORTED_NAME)
+        if not os.path.exists(path):
+            return {}
+        try:
+            return load_record(path)
+        except PicosnitchError as e:
+            self.reporter.error(str(e))
+            return {}
 
     def write_record(self, record: dict) -> None:
         """The private record, then the user's copy."""
@@ -5918,7 +6031,7 @@ class Primary:
         for conn in conns:
             sha, psha, gpsha = (self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
             domain = conn.domain or names.get(conn.raddr, "")
-            new, said = update_record(self.record, conn, sha)
+            new, said = update_record(self.record, conn, sha, self.imported)
             self.record_dirty, messages = self.record_dirty or new, messages + said
             if self.vt and sha and self.record["SHA256"].get(conn.proc.exe, {}).get(sha) == VT_UNCHECKED:
                 self.vt.ask(conn.proc.exe, sha)
@@ -6109,12 +6222,16 @@ def capabilities_of(pid: typing.Union[int, str] = "self") -> int:
 
 
 
+RUN_AS_TIMEOUT = 60.0      # seconds a piece of work done as another account may take
+
+
 def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = False) -> typing.Any:
     """work() in a child process that is `who`, with no capabilities (when
     picosnitch runs as root; otherwise here), so that it reaches only what
-    `who` can. Its JSON result, or its PicosnitchError raised here. with_fds:
-    work returns (result, descriptors it opened), and so does run_as, with
-    the descriptors passed over to this process."""
+    `who` can. Its JSON result, or its PicosnitchError raised here (also if
+    it dies or takes longer than RUN_AS_TIMEOUT: a user may kill or stall a
+    process of theirs). with_fds: work returns (result, descriptors it
+    opened), and so does run_as, with the descriptors passed over."""
     if os.geteuid() != 0:
         return work()
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -6139,11 +6256,22 @@ def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = Fa
         finally:
             os._exit(0)
     child.close()
+    fds, data = [], b""
     with parent:
-        _, fds, _, _ = socket.recv_fds(parent, 1, 200)
-        data = b"".join(iter(lambda: parent.recv(1 << 16), b""))
+        parent.settimeout(RUN_AS_TIMEOUT)
+        try:
+            _, fds, _, _ = socket.recv_fds(parent, 1, 200)
+            data = b"".join(iter(lambda: parent.recv(1 << 16), b""))
+        except OSError:             # (socket.timeout among them)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            data = json.dumps({"error": f"the helper running as {who.name} did not answer in "
+                                        f"{RUN_AS_TIMEOUT:.0f} s"}).encode()
     os.waitpid(pid, 0)
-    answer = json.loads(data or b'{"error": "the helper died"}')
+    try:
+        answer = json.loads(data or json.dumps({"error": f"the helper running as {who.name} died"}))
+    except ValueError:
+        answer = {"error": f"the helper running as {who.name} died"}
     if "error" in answer:
         for fd in fds:
             os.close(fd)
@@ -6182,9 +6310,12 @@ ACCOUNT_HOME = "/nonexistent"
 MOVED_NAME = "moved.json"           # (private) what was moved in from ~/.config/picosnitch, once
 APPLIED_NAME = "settings.json"      # (private) the settings the last start applied
 # the files an older picosnitch kept in ~/.config/picosnitch/, and where each
-# goes: the state directory, or its private part (the -wal before its database)
-LEGACY_FILES = {DB_NAME + "-wal": "", DB_NAME: "", RECORD_NAME: PRIVATE_NAME, EXE_LOG_NAME: "", ERROR_LOG_NAME: "",
-                CONN_LOG_NAME: "", GEOIP_NAME: "", REMOTE_QUEUE_NAME: PRIVATE_NAME}
+# goes, in the state directory (the -wal before its database). Its record is
+# the user's, not picosnitch's: it decides nothing (see IMPORTED_NAME).
+LEGACY_FILES = {DB_NAME + "-wal": DB_NAME + "-wal", DB_NAME: DB_NAME, RECORD_NAME: f"{PRIVATE_NAME}/{IMPORTED_NAME}",
+                EXE_LOG_NAME: EXE_LOG_NAME, ERROR_LOG_NAME: ERROR_LOG_NAME, CONN_LOG_NAME: CONN_LOG_NAME,
+                GEOIP_NAME: GEOIP_NAME}
+MOVE_ROOM = 64 << 20                # bytes the state's file system keeps free beyond what a move copies
 # ~/.config/picosnitch/NAME links to the state directory's NAME
 LINKED_FILES = (DB_NAME, RECORD_NAME, EXE_LOG_NAME, ERROR_LOG_NAME, CONN_LOG_NAME)
 # connection settings of the remote copy that name a file: read as the user,
@@ -6254,10 +6385,11 @@ def owned_directory(path: str, account: User, dir_fd: typing.Optional[int] = Non
     except OSError as e:
         raise PicosnitchError(f"{path} cannot be picosnitch's state directory ({e.strerror})")
     st = os.fstat(fd)
-    if st.st_uid not in (0, account.uid):
+    if st.st_uid not in (0, account.uid) or (st.st_uid == 0 and os.listdir(fd)):
         os.close(fd)
-        raise PicosnitchError(f"{path} belongs to uid {st.st_uid}: picosnitch keeps its state only in a directory "
-                              f"of its own (root's or {ACCOUNT!r}'s)")
+        raise PicosnitchError(f"{path} cannot be picosnitch's state directory: it belongs to uid {st.st_uid}"
+                              + (" and is not empty" if st.st_uid == 0 else "") + f"; picosnitch takes only a "
+                              f"directory of its own ({ACCOUNT!r}'s, or an empty one of root's)")
     if st.st_uid == 0:
         os.fchown(fd, account.uid, account.gid)
     return fd
@@ -6346,28 +6478,66 @@ def copy_in(source: int, target: str) -> None:
     os.replace(partial, target)
 
 
-def move_in(state: str, files: typing.Dict[str, int], directory: str) -> dict:
+def move_in(state: str, files: typing.Dict[str, int], directory: str) -> typing.Tuple[dict, str]:
     """Copy the files of an older picosnitch (name -> descriptor) into the
-    state directory, once. As the account. What moved.json keeps of them:
-    where they came from, when, and each one's size, time and inode."""
+    state directory, once, as the account: (what moved.json keeps of them:
+    where they came from, when, and each one's size, time and inode; '' or
+    why they could not be moved this time, to try again at the next start)."""
     marker = os.path.join(state, PRIVATE_NAME, MOVED_NAME)
     try:
         with open(marker, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f), ""
     except FileNotFoundError:
         pass
     except (OSError, ValueError):
-        return {}
+        return {}, ""
+    sizes = {name: os.fstat(fd).st_size for name, fd in files.items()}
+    room = os.statvfs(state).f_bavail * os.statvfs(state).f_frsize
+    if sum(sizes.values()) + MOVE_ROOM > room:
+        return {}, (f"the files of an older picosnitch in {directory} ({sum(sizes.values()) >> 20} MB) do not fit "
+                    f"in {state} ({room >> 20} MB free): they stay where they are, and are moved at a start with room")
     moved = {}
-    for name in [n for n in LEGACY_FILES if n in files]:
-        target = os.path.join(state, LEGACY_FILES[name], name)
-        if not os.path.lexists(target):
-            copy_in(files[name], target)
-        st = os.fstat(files[name])
-        moved[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    try:
+        for name in [n for n in LEGACY_FILES if n in files]:
+            target = os.path.join(state, LEGACY_FILES[name])
+            if not os.path.lexists(target):
+                copy_in(files[name], target)
+            st = os.fstat(files[name])
+            moved[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        untrusted = defuse_log(os.path.join(state, DB_NAME)) if DB_NAME in files else ""
+    except (OSError, sqlite3.Error) as e:
+        return {}, f"the files of an older picosnitch in {directory} could not be moved in ({e}); it is tried again"
     info = {"from": directory, "time": now_text(), "files": moved}
     write_atomic(marker, json.dumps(info).encode())
-    return info
+    return info, untrusted
+
+
+def defuse_log(path: str) -> str:
+    """An older picosnitch's log, copied from where its user could change it:
+    no trigger, view or index of anyone's but picosnitch's is left in it (the
+    next open makes its own again), and one of a layout newer than this
+    picosnitch's is set aside. '' or what was done that the user should know."""
+    con = sqlite3.connect(path)
+    try:
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            con.close()
+            return f"the log moved in from ~/.config was put aside, as {move_aside(path)}: its layout is newer " \
+                   "than this picosnitch's"
+        ours = set(re.findall(r"CREATE (?:UNIQUE )?INDEX IF NOT EXISTS (\w+)", SCHEMA))
+        dropped = [(kind, name) for kind, name in con.execute("SELECT type, name FROM sqlite_master WHERE type IN "
+                                                              "('trigger', 'view', 'index') AND sql IS NOT NULL")
+                   if kind != "index" or name not in ours]
+        with con:
+            for kind, name in dropped:
+                con.execute(f'DROP {kind.upper()} IF EXISTS "{name}"')
+            if version >= COMPACT_VERSION:      # (so that the next open makes the view and its trigger again)
+                con.execute(f"PRAGMA user_version = {min(version, SCHEMA_VERSION - 1)}")
+    finally:
+        con.close()
+    unknown = [name for kind, name in dropped if name not in ("connections", "connections_insert")]
+    return f"the log moved in from ~/.config had schema objects picosnitch did not make; dropped: " \
+           f"{', '.join(unknown)}" if unknown else ""
 
 
 def link_state(directory: str, state: str, moved: dict) -> None:
@@ -6427,11 +6597,11 @@ def read_sql_files(settings: dict, home: str) -> typing.Dict[str, str]:
     for key in [k for k in SQL_FILE_KEYS if isinstance(settings.get(k), str)]:
         path = settings[key]
         try:
-            with open(os.path.join(home, path[2:]) if path.startswith("~/") else path, "rb") as f:
-                found[key] = f.read().decode("latin-1")
-        except OSError as e:
-            raise PicosnitchError(f"'DB sql server' {key} {settings[key]!r} cannot be read as you ({e.strerror}): "
-                                  "the remote copy goes on without it")
+            found[key] = read_regular(os.path.join(home, path[2:]) if path.startswith("~/") else path,
+                                      CONFIG_MAX).decode("latin-1")
+        except (OSError, ValueError) as e:
+            raise PicosnitchError(f"'DB sql server' {key} {settings[key]!r} cannot be read as you "
+                                  f"({getattr(e, 'strerror', None) or e}): the remote copy goes on without it")
     return found
 
 
@@ -6484,12 +6654,29 @@ def user_side(user: User) -> typing.Tuple[typing.Tuple[str, str, typing.List[str
 
 
 def account_side(state: str, readers: typing.Collection[int], files: typing.Dict[str, int],
-                 directory: str) -> typing.Tuple[str, dict, str]:
+                 directory: str) -> typing.Tuple[typing.List[str], dict, str]:
     """As the account: the state directory shared (share_state), the old files
-    moved in (move_in), and the settings of the last start ('' if none)."""
+    moved in (move_in), and the settings of the last start ('' if none);
+    with what to warn of."""
     previous = applied_settings(state)
-    return (share_state(state, readers), move_in(state, files, directory),
-            config_to_json(previous) if previous else "")
+    moved, moving = move_in(state, files, directory)
+    warnings = [w for w in (share_state(state, readers), moving) if w]
+    return warnings, moved, config_to_json(previous) if previous else ""
+
+
+def keep_applied(state: str, config: Config, warnings: typing.List[str]) -> None:
+    """As the account: the settings this start applies, and its warnings
+    kept until the notifier has logged them (a start that goes no further,
+    or an earlier one not logged yet, loses none)."""
+    write_atomic(os.path.join(state, PRIVATE_NAME, APPLIED_NAME), config_to_json(config).encode())
+    path = os.path.join(state, PRIVATE_NAME, WARNINGS_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            kept = json.load(f)
+    except (OSError, ValueError):
+        kept = []
+    if warnings:
+        write_atomic(path, json.dumps(kept + [[time.time(), w] for w in warnings]).encode())
 
 
 def prepare(user: User, environ: typing.Mapping[str, str] = os.environ) -> Setup:
@@ -6497,19 +6684,22 @@ def prepare(user: User, environ: typing.Mapping[str, str] = os.environ) -> Setup
     comment says what, and as whom). PicosnitchError says what is wrong."""
     account, state = service_account(), state_directory(environ)
     make_state_directory(state, account)
-    (text, error, names), fds = run_as(user, lambda: user_side(user), with_fds=True)
+    try:            # (a program of the user may stall or kill the helper: that is a config.json that cannot be read)
+        (text, error, names), fds = run_as(user, lambda: user_side(user), with_fds=True)
+    except PicosnitchError as e:
+        (text, error, names), fds = ("", f"{user.directory}/{CONFIG_NAME} could not be read as {user.name}: {e}",
+                                     []), []
     readers = {user.uid, 0} - {account.uid}      # (root too: its viewers drop their capabilities)
     try:
-        shared, moved, previous = run_as(account, lambda: account_side(state, readers, dict(zip(names, fds)),
+        warned, moved, previous = run_as(account, lambda: account_side(state, readers, dict(zip(names, fds)),
                                                                        user.directory))
     finally:
         for fd in fds:
             os.close(fd)
     previous = parse_config(previous, APPLIED_NAME) if previous else None
     config, warnings = settle_settings(text, error, previous, os.path.join(user.directory, CONFIG_NAME))
-    warnings = ([shared] if shared else []) + warnings
-    run_as(account, lambda: write_atomic(os.path.join(state, PRIVATE_NAME, APPLIED_NAME),
-                                         config_to_json(config).encode()))
+    warnings = warned + warnings
+    run_as(account, lambda: keep_applied(state, config, warnings))
     with contextlib.suppress(PicosnitchError):          # (only a convenience for the user)
         run_as(user, lambda: link_state(user.directory, state, moved))
     return Setup(sql_files(config, user, account, state, warnings), user, account, state, warnings)
@@ -6535,6 +6725,7 @@ STOPPED_LIMIT = 10.0       # seconds a child may stay stopped (SIGSTOP, ptrace) 
 STOPPED_LIMIT_REACH = 2.0  # the same, for a process within the user's reach
 REACH_RESTART_DELAY = 1.0  # the longest such a process waits for its restart (if it keeps failing on its own)
 STEADY_SECONDS = 3.0       # how long such a process runs again before what befell it is summed up
+DEATHS_RECORDED = 60       # deaths of one process recorded a minute, one line each (the others are counted)
 
 class Role(typing.NamedTuple):
     """How one child process runs."""
@@ -6614,10 +6805,11 @@ def read_pid(path: str = PIDFILE) -> typing.Optional[int]:
     return pid
 
 
-def write_status(mode: str, started: str, children: typing.Dict[str, int], state: str,
-                 warnings: typing.List[str]) -> None:
+def write_status(mode: str, started: str, children: typing.Dict[str, int], state: str, warnings: int) -> None:
     """/run/picosnitch.status: what `status` shows (capture mode, processes,
-    where the state is, and what the start warned of)."""
+    where the state is, and how many warnings the start had: their words,
+    which may quote the user's settings, are in error.log, not here, where
+    every account may read)."""
     tmp = STATUSFILE + ".new"
     with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "mode": mode, "description": MODE_DESCRIPTIONS[mode],
@@ -6691,12 +6883,14 @@ class Supervisor:
         self.stopped_since: typing.Dict[str, float] = {}
         self.interference: typing.Dict[str, Interference] = {}
         self.started_at: typing.Dict[str, float] = {}
+        self.death_lines: typing.Dict[str, typing.List[float]] = collections.defaultdict(list)   # deaths recorded
+        self.skipped: typing.Dict[str, typing.Tuple[int, float]] = {}     # name -> (count, since) only counted
         self.mode, self.started, self.warnings = "", now_text(), list(warnings)
 
     def write_status(self) -> None:
         if self.mode:
             write_status(self.mode, self.started, {name: p.pid for name, p in self.procs.items()}, self.rt.state,
-                         self.warnings)
+                         len(self.warnings))
 
     def start(self, name: str, *args) -> None:
         release_free_memory()
@@ -6758,10 +6952,26 @@ class Supervisor:
                 delay = 0.0 if killed or len(self.deaths[name]) <= RESTART_LIMIT else REACH_RESTART_DELAY
             elif len(self.deaths[name]) > RESTART_LIMIT:
                 delay = min(RESTART_DELAY_MAX, 2.0 ** (len(self.deaths[name]) - RESTART_LIMIT))
-            self.rt.reporter.error(f"the {name} process died ({death_cause(proc.exitcode)}); "
-                                   + (f"it keeps dying: restarting it in {delay:.0f}s" if delay else "restarting it"),
-                                   when=died, notify=name not in WITHIN_REACH)
+            counted = self.counted(name, died)
+            if counted is not None:
+                self.rt.reporter.error(f"the {name} process died ({death_cause(proc.exitcode)}); "
+                                       + (f"it keeps dying: restarting it in {delay:.0f}s" if delay else "restarting it")
+                                       + counted, when=died, notify=name not in WITHIN_REACH)
             self.restart_at[name] = (now + delay, died)
+
+    def counted(self, name: str, died: float) -> typing.Optional[str]:
+        """A death gets a line of its own, up to DEATHS_RECORDED a minute for
+        each process (the user may kill one in a loop): '', or what the line
+        adds of the deaths only counted since the last one; None if this one
+        is only counted (the summary of check_steady has them all)."""
+        minute = [t for t in self.death_lines[name] if died - t < 60.0]
+        if len(minute) < DEATHS_RECORDED:
+            self.death_lines[name] = minute + [died]
+            count, since = self.skipped.pop(name, (0, 0.0))
+            return f" (and {count} more deaths since {dated(since)}, counted only)" if count else ""
+        count, since = self.skipped.get(name, (0, died))
+        self.skipped[name] = (count + 1, since)
+        return None
 
     def check_restarts(self) -> None:
         now = time.monotonic()
@@ -6816,16 +7026,81 @@ class Supervisor:
                 proc.join(5)
 
 
+CGROUP_NAME = "picosnitch"      # the cgroup picosnitch moves to, out of a user's delegated one
+# limits a user may have lowered in the shell that started picosnitch (sudo
+# keeps them): lifted for it, and so for every process it starts
+LIFTED_LIMITS = ("RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_DATA", "RLIMIT_AS", "RLIMIT_NPROC", "RLIMIT_MEMLOCK")
+NOFILE_AT_LEAST = (1024, 524288)
+
+
+def cgroup2_mount() -> str:
+    """Where the cgroup v2 hierarchy is mounted ('' if nowhere)."""
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            before, _, after = line.partition(" - ")
+            if after.split()[:1] == ["cgroup2"]:
+                return before.split()[4]
+    return ""
+
+
+def delegated_cgroup(mount: str) -> str:
+    """The path of this process's cgroup if anyone but root may manage it or
+    a cgroup above it (a user's session delegates its subtree to the user,
+    who can then freeze or kill what runs there), else ''."""
+    with contextlib.suppress(OSError), open("/proc/self/cgroup") as f:
+        path = next((line.strip()[3:] for line in f if line.startswith("0::")), "")
+        here = os.path.join(mount, path.lstrip("/"))
+        while os.path.commonpath([here, mount]) == mount:
+            for name in ("", "cgroup.procs", "cgroup.freeze", "cgroup.kill"):
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(os.path.join(here, name)).st_uid != 0:
+                        return path
+            if here == mount:
+                break
+            here = os.path.dirname(here)
+    return ""
+
+
+def out_of_reach() -> typing.List[str]:
+    """Leave what a user may have set for the process that started
+    picosnitch: a cgroup of theirs (for one of root's, CGROUP_NAME, at the
+    top of the hierarchy), lowered resource limits, their time zone. As
+    root, before any child starts. What could not be done, to warn of."""
+    import resource
+    os.environ.pop("TZ", None)          # (the logs' times are the machine's)
+    time.tzset()
+    for name in LIFTED_LIMITS:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(getattr(resource, name), (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, NOFILE_AT_LEAST[0]), max(hard, NOFILE_AT_LEAST[1])))
+    mount = cgroup2_mount()
+    path = delegated_cgroup(mount) if mount else ""
+    if not path:
+        return []
+    try:
+        os.makedirs(os.path.join(mount, CGROUP_NAME), exist_ok=True)
+        with open(os.path.join(mount, CGROUP_NAME, "cgroup.procs"), "w") as f:
+            f.write("0")
+    except OSError as e:
+        return [f"picosnitch runs in the cgroup {path}, which a user may manage (it was started from that user's "
+                f"session), and could not leave it ({e.strerror}): that user can freeze or kill it; run it as a "
+                "service"]
+    return []
+
+
 def run_supervisor(setup: Setup, ready: typing.Callable[[str], None]) -> int:
     """Run picosnitch until SIGTERM or SIGINT; ready(mode) once capturing."""
+    reach = out_of_reach()
     rt = make_runtime(setup)
     stop: typing.List[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-    supervisor = Supervisor(rt, setup.warnings)
-    supervisor.start("notifier")
+    supervisor = Supervisor(rt, setup.warnings + reach)
+    supervisor.start("notifier")            # (it logs what prepare warned of: keep_applied)
     supervisor.start("desktop")
-    for warning in setup.warnings:
+    for warning in reach:
         rt.reporter.error(warning, always=True)
     try:
         rt.kernel = Kernel.load(setup.config.perf_ring_buffer_pages)
@@ -7565,7 +7840,6 @@ def dash_csv(header: typing.Sequence[str], rows: typing.Sequence[typing.Sequence
     -, @, a tab or a carriage return starts with ' instead, as OWASP
     recommends; text is quoted, numbers are not."""
     import csv
-    import io
     out = io.StringIO()
     writer = csv.writer(out, quoting=csv.QUOTE_NONNUMERIC, lineterminator="\r\n")
     writer.writerow(header)
@@ -7884,10 +8158,16 @@ class DashGuard:
     """Checks each request before Dash sees it: its Host header must name the
     address served, and it must carry the token (on loopback too, which
     every local account reaches): once in the address (?token=...), which
-    sets a cookie, then in that cookie. Without it: 403, and no data."""
+    sets a cookie, then in that cookie. Without it: 403, and no data.
+
+    A browser sends a cookie for localhost to every port of it, where
+    another local account may listen: so the page lives under a secret
+    path (prefix), the cookie is sent only there, and no address leaves
+    the page in a Referer header."""
 
     def __init__(self, host: str, port: int, token: str = ""):
         self.hosts, self.token = dash_hosts(host, port), token
+        self.prefix = f"/{secrets.token_urlsafe(16)}/" if token else "/"
 
     def check(self):
         from flask import make_response, redirect, request
@@ -7901,13 +8181,20 @@ class DashGuard:
             # (the rest of the address as it was: it holds the view)
             rest = "&".join(p for p in request.query_string.decode("ascii", "replace").split("&")
                             if p and not p.startswith("token="))
-            answer = redirect(request.path + ("?" + rest if rest else ""))
-            answer.set_cookie(DASH_COOKIE, self.token, httponly=True, samesite="Strict")
+            answer = redirect(self.prefix + ("?" + rest if rest else ""))
+            answer.set_cookie(DASH_COOKIE, self.token, path=self.prefix, httponly=True, samesite="Strict")
             return answer
-        if not hmac.compare_digest(request.cookies.get(DASH_COOKIE, "").encode(), self.token.encode()):
+        if not request.path.startswith(self.prefix) or \
+                not hmac.compare_digest(request.cookies.get(DASH_COOKIE, "").encode(), self.token.encode()):
             return make_response("picosnitch dash needs its token: open the address it printed when it started\n",
                                  403, text)
         return None
+
+    @staticmethod
+    def seal(answer):
+        """Every answer: no Referer from the page (its address holds the secret path)."""
+        answer.headers["Referrer-Policy"] = "no-referrer"
+        return answer
 
 
 DASH_CSS = """
@@ -8118,13 +8405,15 @@ def dash_server(config: Config, guard: DashGuard):
             pass        # the plain look
     from plotly.offline import get_plotlyjs_version
     basic = dash_plotly_basic(DASH_PLOTLY_PATHS, get_plotlyjs_version())
-    basic_url = f"/_picosnitch/plotly-basic-{DASH_PLOTLY_BASIC[0]}.min.js"
+    basic_url = f"{guard.prefix}_picosnitch/plotly-basic-{DASH_PLOTLY_BASIC[0]}.min.js"
     # (run before Dash's scripts, it is the Plotly that dcc.Graph finds and uses)
     page = DASH_PAGE.replace("<!--plotly-->", f'<script src="{basic_url}"></script>' if basic else "")
     app = dash.Dash("picosnitch", title="picosnitch", update_title=None, serve_locally=True, compress=False,
                     external_stylesheets=stylesheets, index_string=page, enable_mcp=False,
-                    assets_folder=os.path.join(os.devnull, "assets"), include_assets_files=False)
+                    assets_folder=os.path.join(os.devnull, "assets"), include_assets_files=False,
+                    url_base_pathname=guard.prefix)
     app.server.before_request(guard.check)
+    app.server.after_request(guard.seal)
     if basic:
         import flask
         app.server.add_url_rule(basic_url, "plotly_basic", lambda: flask.Response(
@@ -8309,7 +8598,7 @@ def run_dash(state: str, config_dir: str, host: str, port: int) -> int:
     except OSError as e:
         raise PicosnitchError(f"cannot serve on {host}:{port}: {e.strerror or e}")
     named = f"[{host}]" if ":" in host else host
-    address = f"http://{'localhost' if host == DASH_HOST else named}:{port}/"
+    address = f"http://{named}:{port}/"         # (the address bound: localhost may name another)
     print(f"picosnitch dash: serving {os.path.join(state, DB_NAME)} on {address}?token={token} "
           "(open that address: it sets a cookie; Ctrl-C stops it)", flush=True)
     try:
@@ -8356,7 +8645,16 @@ def prepared(environ: typing.Mapping[str, str] = os.environ) -> Setup:
     return setup
 
 
+def refuse_if_running() -> None:
+    """PicosnitchError if picosnitch runs: a start would go no further than
+    preparing (and what it warned of would be said only here)."""
+    running = read_pid()
+    if running:
+        raise PicosnitchError(f"already running (pid {running})")
+
+
 def cmd_start(_: str) -> int:
+    refuse_if_running()
     return run_daemon(prepared())
 
 
@@ -8375,6 +8673,7 @@ def cmd_restart(command: str) -> int:
 
 
 def cmd_start_no_daemon(_: str) -> int:
+    refuse_if_running()
     return run_foreground(prepare(user_identity()))
 
 
@@ -8389,8 +8688,8 @@ def cmd_status(_: str) -> int:
         print(f"picosnitch is running (pid {pid}) since {status['started']}\n"
               f"capture mode: {status['description']}\n"
               f"state: {status.get('state', '?')}")
-        for warning in status.get("warnings", []):
-            print(f"warning at the start: {warning}")
+        if status.get("warnings"):
+            print(f"warnings at the start: {status['warnings']} (in error.log, and shown as notifications)")
     except (OSError, ValueError, KeyError):
         print(f"picosnitch is running (pid {pid}), not capturing yet")
     return 0

@@ -385,7 +385,7 @@ def reconfiguration(args, user, daemon, workdir):
                                                                      "notifications" in n["body"].lower())],
                         args.window * 3)
     status = subprocess.run([args.python, args.picosnitch, "status"], capture_output=True, text=True).stdout
-    return {"notified": bool(notice), "status_says": "Log ignore" in status or "weaken" in status.lower()}
+    return {"notified": bool(notice), "status_says": "Log ignore" in status or "warnings at the start" in status}
 
 
 def dash_for_others(args, user, daemon, exe):

@@ -249,6 +249,7 @@ class Picosnitch:
         self.home = os.path.join(workdir, "picosnitch-home")
         self.dir = os.path.join(self.home, ".config", "picosnitch")
         self.state = os.path.join(workdir, "picosnitch-state")      # (its account passes through workdir)
+        os.makedirs(workdir, exist_ok=True)
         os.chmod(workdir, 0o755)
         self.proc = None
         self.start_seconds = None
@@ -908,6 +909,7 @@ def main(argv=None):
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (BPF, network namespaces)")
     workdir = tempfile.mkdtemp(prefix="psbench-")
+    os.chmod(workdir, 0o755)          # (picosnitch's account passes through it to its state directory)
     os.makedirs(os.path.join(workdir, "exe"))
     results = {}
     try:

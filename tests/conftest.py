@@ -192,8 +192,9 @@ class Daemon:
     (as under sudo: their home, their files), with a state directory of its
     own, stopped with SIGTERM."""
 
-    def __init__(self, home=None, config=None, env=None, user=None, state=None):
+    def __init__(self, home=None, config=None, env=None, user=None, state=None, wrap=()):
         self.home = user.pw_dir if user else home
+        self.wrap = list(wrap)          # a command that runs the daemon's ("$@")
         self.state = state or new_state()
         self.dir = os.path.join(self.home, ".config", "picosnitch")
         os.makedirs(self.dir, exist_ok=True)
@@ -212,7 +213,7 @@ class Daemon:
 
     def start(self, timeout=90):
         self.resolver = tempfile.mkdtemp(prefix="ps-resolver-")
-        cmd = private_resolver([PYTHON, SCRIPT, "start-no-daemon"], self.resolver)
+        cmd = private_resolver(self.wrap + [PYTHON, SCRIPT, "start-no-daemon"], self.resolver)
         self.proc = subprocess.Popen(cmd, env=self.env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         wait_capturing(self.proc, self.lines, timeout, "picosnitch did not start")
@@ -255,7 +256,7 @@ class Daemon:
             return []
         try:
             rows = picosnitch.db_rows(db)
-        except sqlite3.OperationalError:
+        except sqlite3.DatabaseError:        # (locked, or damaged and not yet moved aside)
             return []
         return [r for r in rows if all(r[k] == v for k, v in where.items())]
 

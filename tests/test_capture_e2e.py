@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import picosnitch
 from conftest import (PEER_PORT, PEER_V4, PEER_V6, REPORT, Daemon, need_root, notifications,
                       sha256_file, tracefs_unmounted, unique_c_sender, unique_python)
 

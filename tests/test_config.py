@@ -45,7 +45,7 @@ BAD = [
     ('{"Perf ring buffer (pages)": 100}', "'Perf ring buffer (pages)' must be a power of two up to 4096, found 100"),
     ('{"Perf ring buffer (pages)": 8192}', "'Perf ring buffer (pages)' must be a power of two up to 4096, found 8192"),
     ('{"Set RLIMIT_NOFILE": 4194304}', "'Set RLIMIT_NOFILE' must be a whole number from 1 to 1048576 or null"),
-    ('{"DB write limit (seconds)": 0}', "'DB write limit (seconds)' must be a number of seconds > 0"),
+    ('{"DB write limit (seconds)": 0}', "'DB write limit (seconds)' must be a number of seconds from 0.1 to 3600"),
     ('{"Log ignore": [1.5]}', "'Log ignore' entry 1.5 is not a port (0-65535), sha256 hash, IP subnet or domain"),
     ('{"Log ignore": [70000]}', "'Log ignore' entry 70000 is not a port"),
     ('{"Log ignore": ["10.0.0.0/33"]}', "'Log ignore' entry \"10.0.0.0/33\" is not a port, sha256 hash, IP subnet"),
@@ -100,3 +100,23 @@ def test_daemon_refuses_bad_config_and_leaves_it_unchanged(tmp_path, text, messa
 def test_the_readme_lists_every_setting_as_the_table_says():
     readme = open(os.path.join(os.path.dirname(SCRIPT), "README.md")).read()
     assert picosnitch.settings_text() in readme
+
+
+def test_the_sql_client_takes_only_where_and_who_and_tls():
+    """A parameter that loads a plugin or reads an option file would run
+    with the rights of picosnitch's account: refused, by name."""
+    for client, key in [("mariadb", "plugin_dir"), ("mariadb", "default_file"), ("pymysql", "read_default_file"),
+                        ("pymysql", "local_infile"), ("psycopg2", "service"), ("psycopg", "options")]:
+        with pytest.raises(picosnitch.PicosnitchError, match=f"'DB sql server' does not take '{key}' for {client}"):
+            picosnitch.parse_config(json.dumps({"DB sql server": {"client": client, "host": "db", key: "x"}}))
+    picosnitch.parse_config(json.dumps({"DB sql server": {"client": "psycopg2", "host": "db", "port": 5432,
+                                                           "passfile": "~/.pgpass", "sslmode": "verify-full"}}))
+
+
+def test_numbers_json_does_not_have_are_refused():
+    for text in ('{"DB write limit (seconds)": Infinity}', '{"DB write limit (seconds)": NaN}',
+                 '{"DB retention (days)": -Infinity}'):
+        with pytest.raises(picosnitch.PicosnitchError, match="is not a number JSON has"):
+            picosnitch.parse_config(text)
+    with pytest.raises(picosnitch.PicosnitchError, match="from 0.1 to 3600"):
+        picosnitch.parse_config('{"DB write limit (seconds)": 1e9}')

@@ -232,13 +232,16 @@ def test_off_loopback_every_request_needs_the_token(tmp_path):
     assert client.get("/", headers={"Host": "192.0.2.1:5100"}).status_code == 403
     assert client.get("/?token=wrong", headers={"Host": "192.0.2.1:5100"}).status_code == 403
     given = client.get("/?g=domain&token=s3cret-token", headers={"Host": "192.0.2.1:5100"})
-    assert given.status_code == 302 and given.headers["Location"].endswith("/?g=domain")
+    prefix = given.headers["Location"][:-len("?g=domain")]
+    assert given.status_code == 302 and re.fullmatch(r"/[A-Za-z0-9_-]{20,}/", prefix), given.headers["Location"]
     cookie = given.headers["Set-Cookie"]
     assert cookie.startswith(f"{picosnitch.DASH_COOKIE}=s3cret-token") and "HttpOnly" in cookie and \
-        "SameSite=Strict" in cookie
-    assert client.get("/", headers={"Host": "192.0.2.1:5100"}).status_code == 200      # the cookie is kept
+        "SameSite=Strict" in cookie and f"Path={prefix}" in cookie        # (sent to that path only)
+    page = client.get(prefix, headers={"Host": "192.0.2.1:5100"})       # the cookie is kept
+    assert page.status_code == 200 and page.headers["Referrer-Policy"] == "no-referrer"
+    assert client.get("/", headers={"Host": "192.0.2.1:5100"}).status_code == 403          # (outside the path)
     stranger = app.server.test_client()
-    assert stranger.get("/_dash-layout", headers={"Host": "192.0.2.1:5100"}).status_code == 403
+    assert stranger.get(f"{prefix}_dash-layout", headers={"Host": "192.0.2.1:5100"}).status_code == 403
 
 
 class Served:
@@ -283,7 +286,7 @@ def test_picosnitch_dash_serves_loopback_only_by_default_and_asks_for_its_token(
     os.link(log_path, tmp_path / "state" / "snitch.db")
     served = Served(home, PORT="5191", STATE_DIRECTORY=str(tmp_path / "state"))
     try:
-        found = re.fullmatch(rf"picosnitch dash: serving {tmp_path}/state/snitch\.db on http://localhost:5191/"
+        found = re.fullmatch(rf"picosnitch dash: serving {tmp_path}/state/snitch\.db on http://127\.0\.0\.1:5191/"
                              r"\?token=([A-Za-z0-9_-]{40,}) \(open that address: it sets a cookie; Ctrl-C stops it\)\n",
                              served.line)
         assert found, served.line
@@ -292,14 +295,14 @@ def test_picosnitch_dash_serves_loopback_only_by_default_and_asks_for_its_token(
         assert status == 403 and b"needs its token" in body and b"<title>" not in body
         status, headers, _ = get(5191, f"/?token={found.group(1)}")
         assert status == 302
-        cookie = {"Cookie": headers["Set-Cookie"].split(";")[0]}
-        status, _, body = get(5191, headers=cookie)
+        prefix, cookie = headers["Location"], {"Cookie": headers["Set-Cookie"].split(";")[0]}
+        status, _, body = get(5191, prefix, headers=cookie)
         assert status == 200 and b"<title>picosnitch</title>" in body
-        status, _, body = get(5191, host="evil.example:5191", headers=cookie)
+        status, _, body = get(5191, prefix, host="evil.example:5191", headers=cookie)
         assert status == 403
-        status, _, body = get(5191, "/_dash-layout", headers=cookie)
+        status, _, body = get(5191, f"{prefix}_dash-layout", headers=cookie)
         assert status == 200 and b'"id":"graph"' in body.replace(b" ", b"")
-        assert get(5191, "/_dash-layout")[0] == 403
+        assert get(5191, f"{prefix}_dash-layout")[0] == 403 and get(5191, "/_dash-layout", headers=cookie)[0] == 403
     finally:
         assert served.close() == 0
 
@@ -313,10 +316,11 @@ def test_off_loopback_the_token_is_printed_and_required(tmp_path):
         assert listening(5192) == {"00000000"}
         assert get(5192, host="192.0.2.1:5192")[0] == 403
         status, headers, _ = get(5192, f"/?token={token}", host="192.0.2.1:5192")
-        assert status == 302 and headers["Location"] == "/"
+        prefix = headers["Location"]
+        assert status == 302 and re.fullmatch(r"/[A-Za-z0-9_-]{20,}/", prefix)
         cookie = headers["Set-Cookie"].split(";")[0]
-        assert get(5192, host="192.0.2.1:5192", headers={"Cookie": cookie})[0] == 200
-        assert get(5192, host="192.0.2.1:5192", headers={"Cookie": cookie[:-2] + "xx"})[0] == 403
+        assert get(5192, prefix, host="192.0.2.1:5192", headers={"Cookie": cookie})[0] == 200
+        assert get(5192, prefix, host="192.0.2.1:5192", headers={"Cookie": cookie[:-2] + "xx"})[0] == 403
     finally:
         assert served.close() == 0
 

@@ -267,11 +267,11 @@ class DashServer:
             wait_for(lambda: "serving" in self.output() or self.proc.poll() is not None, timeout=60, step=0.05)
             if self.proc.poll() is None:
                 db = os.path.join(self.state, "snitch.db")
-                found = re.fullmatch(rf"picosnitch dash: serving {re.escape(db)} on http://localhost:{port}/"
+                found = re.fullmatch(rf"picosnitch dash: serving {re.escape(db)} on http://127\.0\.0\.1:{port}/"
                                      r"\?token=([A-Za-z0-9_-]{40,}) \(open that address: it sets a cookie; Ctrl-C "
                                      r"stops it\)", self.output().splitlines()[0])
                 assert found, self.output()
-                self.url, self.token = f"http://localhost:{port}/", found.group(1)
+                self.url, self.token = f"http://127.0.0.1:{port}/", found.group(1)
                 return self
             if "cannot serve" not in self.output():      # (not: the port was taken meanwhile)
                 break
@@ -702,8 +702,8 @@ def test_the_default_view_is_the_last_day_exactly(page, world, tmp_path):
     browser.screenshot(tmp_path / "default.png")
     # drawn with plotly.js's basic bundle (.ci/install-deps puts it in place), not Plotly's full one
     loaded = browser.js("return performance.getEntriesByType('resource').map(e => e.name)")
-    assert [u for u in loaded if "plotly" in u] == \
-        [f"{page.server.url}_picosnitch/plotly-basic-{picosnitch.DASH_PLOTLY_BASIC[0]}.min.js"]
+    assert [u for u in loaded if "plotly" in u] == [browser.js("return location.origin + location.pathname") +
+                                                    f"_picosnitch/plotly-basic-{picosnitch.DASH_PLOTLY_BASIC[0]}.min.js"]
     assert browser.js("return Plotly.version") == picosnitch.DASH_PLOTLY_BASIC[0]
 
     # hover: the exact amount of the largest bucket of firefox's sent trace

@@ -140,7 +140,7 @@ def test_geoip_without_a_database_reports_once(tmp_path):
     said = []
     geo = picosnitch.GeoIP(str(tmp_path / "missing.mmdb"), said.append)
     assert [geo.country(a) for a in ("10.231.0.2", "fd31:5e::2")] == ["", ""]
-    assert len(said) == 1 and "no usable GeoIP database" in said[0]
+    assert said == ["no GeoIP database yet; countries are not shown"]
 
 
 def test_geoip_download_takes_this_month_or_the_last(tmp_path):
@@ -152,11 +152,27 @@ def test_geoip_download_takes_this_month_or_the_last(tmp_path):
                                         datetime.date(2026, 11, 21))
         assert url.endswith("/dbip-country-lite-2026-10.mmdb.gz")
         assert picosnitch.GeoIP(path, print).country("10.231.0.9") == "DE"
-        assert os.stat(path).st_mode & 0o777 == 0o600
+        assert os.stat(path).st_mode & 0o777 == 0o640        # (the user reads it through the state's ACL)
         assert not picosnitch.geoip_stale(path, time.time())
         assert picosnitch.geoip_stale(path, time.time() + 32 * 24 * 3600)
         with pytest.raises(picosnitch.PicosnitchError, match="could not download the GeoIP database: .*broken-2026-11"):
             picosnitch.geoip_download(files.base + "/broken-{year}-{month}.mmdb.gz", path, datetime.date(2026, 11, 2))
         assert picosnitch.GeoIP(path, print).country("10.231.0.9") == "DE"     # the good file was kept
+    finally:
+        files.close()
+
+
+def test_a_geoip_download_that_unpacks_too_big_is_refused(tmp_path, monkeypatch):
+    """The address is a setting: a file that unpacks to more than a country
+    database can be (a gzip bomb) is refused before it is all in memory."""
+    monkeypatch.setattr(picosnitch, "GEOIP_MAX", 1 << 20)
+    files = FileServer({"/bomb-2026-11.mmdb.gz": gzip.compress(b"\0" * (2 << 20)),
+                        "/big-2026-11.mmdb": os.urandom((1 << 20) + 1)})
+    try:
+        path = str(tmp_path / picosnitch.GEOIP_NAME)
+        for name in ("bomb-{year}-{month}.mmdb.gz", "big-{year}-{month}.mmdb"):
+            with pytest.raises(picosnitch.PicosnitchError, match="ValueError: more than 1 MB"):
+                picosnitch.geoip_download(f"{files.base}/{name}", path, datetime.date(2026, 11, 21))
+        assert os.listdir(tmp_path) == []
     finally:
         files.close()

@@ -94,15 +94,15 @@ def test_the_move_copies_once_and_a_copy_cut_short_is_made_again(tmp_path, monke
     assert not (state / "snitch.db-wal").exists() and not (state / "snitch.db").exists()
     assert not (state / picosnitch.PRIVATE_NAME / picosnitch.MOVED_NAME).exists()
     monkeypatch.setattr(os, "pread", pread)
-    moved = picosnitch.move_in(str(state), files, str(directory))
-    assert set(moved["files"]) == set(files) and moved["from"] == str(directory)
+    moved, why = picosnitch.move_in(str(state), files, str(directory))
+    assert set(moved["files"]) == set(files) and moved["from"] == str(directory) and why == ""
     assert not (state / ".moving-snitch.db-wal").exists()
-    assert (state / picosnitch.PRIVATE_NAME / "record.json").read_text() == '{"Executables": {}}'
+    assert (state / picosnitch.PRIVATE_NAME / picosnitch.IMPORTED_NAME).read_text() == '{"Executables": {}}'
     assert (state / "exe.log").read_text() == "2026-11-01 10:00:00 a line\n"
     assert sqlite3.connect(state / "snitch.db").execute("SELECT count(*), sum(x) FROM t").fetchone() == \
         (50_000, sum(range(50_000)))
     (directory / "exe.log").write_text("changed since\n")
-    assert picosnitch.move_in(str(state), files, str(directory)) == moved        # once
+    assert picosnitch.move_in(str(state), files, str(directory)) == (moved, "")        # once
     assert (state / "exe.log").read_text() == "2026-11-01 10:00:00 a line\n"
     con.close()
 
@@ -112,7 +112,7 @@ def test_what_was_moved_makes_way_for_links_and_nothing_else_does(tmp_path):
     con.close()                     # (the -wal goes into the database: the old files change)
     names, fds = picosnitch.open_legacy(str(directory))
     state = state_dir(tmp_path)
-    moved = picosnitch.move_in(str(state), dict(zip(names, fds)), str(directory))
+    moved, _ = picosnitch.move_in(str(state), dict(zip(names, fds)), str(directory))
     (directory / "error.log").write_text("the user's own file, never moved\n")
     picosnitch.link_state(str(directory), str(state), moved)
     for name in ("snitch.db", "record.json", "exe.log"):
@@ -130,14 +130,20 @@ def test_the_settings_a_start_runs_with_and_what_it_says_of_them():
     config, said = picosnitch.settle_settings(text, "", before)
     assert config.log_ignore == [53, 443, "com.example"] and said == [
         f"a change of settings weakens monitoring: {change} (since the last start)" for change in (
-            '"DB text log" turned off', '"Log ignore" gained 443, "com.example"',
-            '"DB sql server" changed (the remote copy goes elsewhere)',
-            '"DB retention (days)" shortened from 30 to 7')]
+            '"DB retention (days)" changed from 30 to 7', '"DB sql server" changed', '"DB text log" turned off',
+            '"Log ignore" gained 443, "com.example"')]
     assert picosnitch.settle_settings(text, "", config) == (config, [])          # said once
     assert picosnitch.settle_settings(text, "", None) == (config, [])            # a first start
     stronger = json.loads(picosnitch.config_to_json(config))
-    stronger.update({"Every exe (not just conns)": True, "Log ignore": [53], "DB retention (days)": 60})
+    stronger.update({"Every exe (not just conns)": True, "Log ignore": [53], "DB retention (days)": 60,
+                     "DB write limit (seconds)": 5, "Perf ring buffer (pages)": 512, "Dash theme": "darkly"})
     assert picosnitch.settle_settings(json.dumps(stronger), "", config)[1] == []
+    weaker = dict(stronger, **{"VT API key": "k" * 64, "Set st_dev mask": 0, "GeoIP lookup": False,
+                               "DB write limit (seconds)": 600})
+    assert [line.split(": ", 1)[1] for line in picosnitch.settle_settings(json.dumps(weaker), "", config)[1]] == [
+        f"{change} (since the last start)" for change in (
+            '"DB write limit (seconds)" changed from 10 to 600', '"GeoIP lookup" turned off',
+            '"Set st_dev mask" changed from null to 0', '"VT API key" changed')]     # (a secret is not repeated)
     assert picosnitch.weakened(picosnitch.Config(), picosnitch.Config(desktop_notifications=False)) == \
         ['"Desktop notifications" turned off']
 
@@ -166,3 +172,82 @@ def test_a_late_notice_says_when_it_happened_and_a_summary_says_what_befell():
         f"the desktop process, which runs as the user, was kept from running from {picosnitch.dated(happened)} to "
         f"{picosnitch.dated(happened + 61)} (61 s; 300 times killed and 1 time stopped); it was restarted each time, "
         "and what could not be shown then follows, with the time it happened")
+
+
+def test_an_old_log_keeps_no_trigger_view_or_index_of_anyone_else(tmp_path):
+    """A log copied from where its user could change it: what would hide
+    rows from now on (a trigger), a view, an index not picosnitch's, goes;
+    the next open makes the view and its trigger again."""
+    path = str(tmp_path / "snitch.db")
+    log = picosnitch.Log.open(path)
+    log.insert([("2026-11-01 10:00:00", 1, 2, "/usr/bin/old", "old", "", "", "", "", "", "", 0, 1, 2, "", "", "",
+                 "udp", "", "", "", "")])
+    with log.con:
+        log.con.execute("CREATE TRIGGER hide BEFORE INSERT ON conns WHEN (SELECT exe FROM procs WHERE id = NEW.proc) "
+                        "LIKE '/tmp/evil%' BEGIN SELECT RAISE(IGNORE); END")
+        log.con.execute("CREATE VIEW mine AS SELECT 1")
+        log.con.execute("CREATE UNIQUE INDEX one_row_a_proc ON conns (proc)")
+    log.close()
+    said = picosnitch.defuse_log(path)
+    assert said.startswith("the log moved in from ~/.config had schema objects picosnitch did not make; dropped: ")
+    assert sorted(said.split(": ")[-1].split(", ")) == ["hide", "mine", "one_row_a_proc"]
+    log = picosnitch.Log.open(path)
+    log.insert([("2026-11-01 10:00:01", 3, 4, "/tmp/evil", "evil", "", "", "", "", "", "", 0, 1, 2, "", "", "", "udp",
+                 "", "", "", ""), ("2026-11-01 10:00:02", 5, 6, "/usr/bin/old", "old", "", "", "", "", "", "", 0, 1, 2,
+                                   "", "", "", "udp", "", "", "", "")])
+    log.close()
+    assert sorted(r["exe"] for r in picosnitch.db_rows(path)) == ["/tmp/evil", "/usr/bin/old", "/usr/bin/old"]
+    con = sqlite3.connect(path)
+    assert {n for n, in con.execute("SELECT name FROM sqlite_master WHERE type IN ('trigger', 'view')")} == \
+        {"connections", "connections_insert"}
+    con.execute(f"PRAGMA user_version = {picosnitch.SCHEMA_VERSION + 1}")
+    con.close()
+    assert "put aside" in picosnitch.defuse_log(path) and not os.path.exists(path)
+
+
+def test_a_move_that_does_not_fit_waits_for_room(tmp_path, monkeypatch):
+    directory, files, con = legacy(tmp_path)
+    state = state_dir(tmp_path)
+    monkeypatch.setattr(picosnitch, "MOVE_ROOM", 1 << 62)
+    moved, why = picosnitch.move_in(str(state), files, str(directory))
+    assert moved == {} and "do not fit" in why and os.listdir(state) == [picosnitch.PRIVATE_NAME]
+    monkeypatch.setattr(picosnitch, "MOVE_ROOM", 0)
+    moved, why = picosnitch.move_in(str(state), files, str(directory))
+    assert set(moved["files"]) == set(files) and why == ""
+    con.close()
+
+
+def test_a_fifo_a_device_or_a_huge_file_is_no_config(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="not a regular file"):
+        picosnitch.read_regular(str(tmp_path / "fifo"), 100)         # (without waiting for a writer)
+    with pytest.raises(ValueError, match="not a regular file"):
+        picosnitch.read_regular("/dev/zero", 100)
+    (tmp_path / "big").write_bytes(b"x" * 101)
+    with pytest.raises(ValueError, match="101 bytes, more than the 100"):
+        picosnitch.read_regular(str(tmp_path / "big"), 100)
+    assert picosnitch.read_regular(str(tmp_path / "big"), 101) == b"x" * 101
+
+
+def test_work_as_another_account_that_stalls_or_dies_is_an_error(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("run_as changes accounts as root only")
+    nobody = picosnitch.User("nobody", 65534, 65534, "/nonexistent")
+    monkeypatch.setattr(picosnitch, "RUN_AS_TIMEOUT", 1.0)
+    with pytest.raises(picosnitch.PicosnitchError, match="the helper running as nobody did not answer in 1 s"):
+        picosnitch.run_as(nobody, lambda: picosnitch.time.sleep(30))
+    with pytest.raises(picosnitch.PicosnitchError, match="the helper running as nobody died"):
+        picosnitch.run_as(nobody, lambda: os.kill(os.getpid(), 9))
+    assert picosnitch.run_as(nobody, os.getuid) == 65534
+
+
+def test_only_an_empty_directory_of_roots_is_taken_for_the_state(tmp_path):
+    account = picosnitch.User("nobody", 65534, 65534, "/nonexistent")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("of root's")
+    with pytest.raises(picosnitch.PicosnitchError, match="it belongs to uid 0 and is not empty"):
+        picosnitch.owned_directory(str(full), account)
+    assert os.stat(full).st_uid == 0
+    os.close(picosnitch.owned_directory(str(tmp_path / "new"), account))
+    assert os.stat(tmp_path / "new").st_uid == 65534

@@ -15,8 +15,8 @@ import tempfile
 import pytest
 
 import picosnitch
-from conftest import (PEER_PORT, PYTHON, SCRIPT, Daemon, as_user, notifications, sha256_file, unique_c_sender,
-                      wait_for)
+from conftest import (PEER_PORT, PYTHON, SCRIPT, Daemon, as_user, new_state, notifications, sha256_file,
+                      unique_c_sender, wait_for)
 from http_services import API_KEY, FakeVirusTotal
 from sqlservers import PasswordTrap
 
@@ -56,7 +56,8 @@ def plant_link(user, target, link):
 
 
 def run_cli(user, *args, timeout=60):
-    env = dict(os.environ, SUDO_USER=user.pw_name)
+    """picosnitch as under sudo for the user, with a state directory of its own (a first start)."""
+    env = dict(os.environ, SUDO_USER=user.pw_name, STATE_DIRECTORY=new_state())
     return subprocess.run([PYTHON, SCRIPT, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
