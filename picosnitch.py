@@ -6514,8 +6514,8 @@ def move_in(state: str, files: typing.Dict[str, int], directory: str) -> typing.
 
 def defuse_log(path: str) -> str:
     """An older picosnitch's log, copied from where its user could change it:
-    no trigger, view or index of anyone's but picosnitch's is left in it (the
-    next open makes its own again), and one of a layout newer than this
+    no trigger, view or index of anyone's but picosnitch's is left in it (an
+    open makes its own again), and one of a layout newer than this
     picosnitch's is set aside. '' or what was done that the user should know."""
     con = sqlite3.connect(path)
     try:
@@ -6535,6 +6535,7 @@ def defuse_log(path: str) -> str:
                 con.execute(f"PRAGMA user_version = {min(version, SCHEMA_VERSION - 1)}")
     finally:
         con.close()
+    Log.open(path).close(readable=True)     # (its view and the view's trigger, ours, at once)
     unknown = [name for kind, name in dropped if name not in ("connections", "connections_insert")]
     return f"the log moved in from ~/.config had schema objects picosnitch did not make; dropped: " \
            f"{', '.join(unknown)}" if unknown else ""

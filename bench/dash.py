@@ -72,8 +72,9 @@ def browser(width=1600, height=1100):
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", f"--window-size={width},{height}",
-                 # Chromium looks some of its servers up even so: nothing but localhost resolves
-                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost", "--proxy-server=127.0.0.1:9",
+                 # Chromium looks some of its servers up even so: nothing but loopback resolves
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+                 "--proxy-server=127.0.0.1:9",
                  f"--user-data-dir={tempfile.mkdtemp(prefix='ps-bench-chromium-')}"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)

@@ -15,9 +15,9 @@ FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--lang=en-US",
          # even so, Chromium looks up its search engine, updates, accounts and
-         # autofill servers: no name but localhost resolves, and what is not
+         # autofill servers: nothing but localhost and 127.0.0.1 resolves, and what is not
          # loopback goes to a proxy that is not there (loopback bypasses it)
-         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost", "--proxy-server=127.0.0.1:9"]
+         "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1", "--proxy-server=127.0.0.1:9"]
 
 
 # what a page that is still drawing may raise for a moment

@@ -183,8 +183,8 @@ def test_virustotal_verdicts_are_stored_and_flags_notified(daemon, exe_dir, serv
     assert all(r[3].get("x-apikey") == API_KEY for r in vt.server.requests)
 
 
-def test_geoip_database_is_downloaded_into_the_config_directory(daemon):
+def test_geoip_database_is_downloaded_into_the_state_directory(daemon):
     path = daemon.path(picosnitch.GEOIP_NAME)
     assert wait_for(lambda: os.path.exists(path))
-    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(path).st_mode & 0o777 == 0o640
     assert picosnitch.GeoIP(path, print).country(PEER_V6) == "JP"

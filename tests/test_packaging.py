@@ -240,8 +240,9 @@ class TestTheInstalledDeb:
                                                     PORT=str(port)))
 
         def page(url):
+            """The page, as a browser gets it: the token's cookie, then the page it leads to."""
             try:
-                with urllib.request.urlopen(url, timeout=5) as r:
+                with urllib.request.build_opener(urllib.request.HTTPCookieProcessor()).open(url, timeout=5) as r:
                     return r.status == 200 and b"<html" in r.read().lower()
             except OSError:
                 return False
