@@ -394,7 +394,8 @@ def release_free_memory() -> None:
 # them are everything the processes say to each other.
 
 PATH_DEPTH = 32      # directory levels of an executable's path sent at exec
-NAME_LEN = 64        # bytes of each path component sent (a longer one is flagged: EXEC_NAME_CUT)
+NAME_LEN = 64        # bytes of each directory's name in a path sent (a longer one is flagged: EXEC_NAME_CUT)
+LEAF_LEN = 260       # bytes of the file's own name sent: all of it (NAME_MAX is 255)
 ARGS_LEN = 256       # bytes of argv sent at exec
 DNS_ADDRS = 8        # addresses per getaddrinfo answer
 
@@ -469,11 +470,13 @@ EXEC_ARGS_CUT = 8    # argv was longer than ARGS_LEN
 class ExecT(ctypes.Structure):
     """argv (args_len bytes), the executable's change time and link count, and
     its path, leaf first (depth slots, empty ones where the walk crossed a
-    mount); complete holds the EXEC_* bits of what the walk found."""
+    mount; the first, the file's own name, in leaf, whole); complete holds
+    the EXEC_* bits of what the walk found."""
     _fields_ = [("depth", ctypes.c_uint16), ("complete", ctypes.c_uint16),
                 ("args_len", ctypes.c_uint32), ("ctime_sec", ctypes.c_uint64),
                 ("ctime_nsec", ctypes.c_uint32), ("nlink", ctypes.c_uint32),
-                ("args", ctypes.c_char * ARGS_LEN), ("path", (ctypes.c_char * NAME_LEN) * PATH_DEPTH)]
+                ("args", ctypes.c_char * ARGS_LEN), ("leaf", ctypes.c_char * LEAF_LEN),
+                ("path", (ctypes.c_char * NAME_LEN) * PATH_DEPTH)]
 
 
 class DnsT(ctypes.Structure):
@@ -2553,6 +2556,7 @@ BPF_TEXT = r"""
 #define DIR_RECV 1
 #define PATH_DEPTH $PATH_DEPTH
 #define NAME_LEN $NAME_LEN
+#define LEAF_LEN $LEAF_LEN
 #define ARGS_LEN $ARGS_LEN
 #define DNS_ADDRS $DNS_ADDRS
 #define EXE_REPLACED $EXE_REPLACED
@@ -2928,19 +2932,28 @@ $SOCK_HOOKS
 
 /* the executable's path, leaf first, walking dentries and mounts to the root;
    a step that crosses a mount leaves its slot empty; a file in no directory
-   (a memfd) is named by its own dentry */
+   (a memfd) is named by its own dentry. The file's own name goes whole into
+   leaf; a directory's, in a slot of NAME_LEN bytes */
+static __always_inline void path_name(struct exec_t *ex, int i, void *dentry) {
+    void *name = read_ptr(dentry, DENTRY_NAME);
+    if (i == 0)                 /* the file's own name: whole */
+        bpf_probe_read_kernel_str(ex->leaf, LEAF_LEN, name);
+    else if (bpf_probe_read_kernel_str(ex->path[i], NAME_LEN, name) >= NAME_LEN)
+        ex->complete |= EXEC_NAME_CUT;      /* (a name of NAME_LEN - 1 bytes, or longer) */
+}
+
 static __always_inline void exe_path(void *file, struct exec_t *ex) {
     void *dentry = read_ptr(file, FILE_DENTRY);
     void *vfsmnt = read_ptr(file, FILE_MNT);
     void *mnt = vfsmnt - OFF_MOUNT_MNT;
+    ex->leaf[0] = 0;
     for (int i = 0; i < PATH_DEPTH; i++) {
         void *root = read_ptr(vfsmnt, VFSMOUNT_ROOT);
         void *parent = read_ptr(dentry, DENTRY_PARENT);
         ex->depth = i;
         ex->path[i][0] = 0;
         if (dentry == parent && dentry != root) {
-            if (bpf_probe_read_kernel_str(ex->path[i], NAME_LEN, read_ptr(dentry, DENTRY_NAME)) >= NAME_LEN)
-                ex->complete |= EXEC_NAME_CUT;
+            path_name(ex, i, dentry);
             ex->depth = i + 1;
             ex->complete |= EXEC_NO_DIR;
             return;
@@ -2956,8 +2969,7 @@ static __always_inline void exe_path(void *file, struct exec_t *ex) {
             vfsmnt = mnt + OFF_MOUNT_MNT;
             continue;
         }
-        if (bpf_probe_read_kernel_str(ex->path[i], NAME_LEN, read_ptr(dentry, DENTRY_NAME)) >= NAME_LEN)
-            ex->complete |= EXEC_NAME_CUT;      /* (a name of NAME_LEN - 1 bytes, or longer) */
+        path_name(ex, i, dentry);
         dentry = parent;
     }
     ex->depth = PATH_DEPTH;
@@ -3418,7 +3430,7 @@ def bpf_text(btf: BTF, mode: str) -> str:
     defines = lambda prefix, names: "\n".join(f"#define {prefix}{n} {i}" for i, n in names)
     structs = "".join(c_struct(cls, name) for cls, name in STRUCT_NAMES.items())
     return string.Template(BPF_TEXT).substitute(
-        PATH_DEPTH=PATH_DEPTH, NAME_LEN=NAME_LEN, ARGS_LEN=ARGS_LEN, DNS_ADDRS=DNS_ADDRS,
+        PATH_DEPTH=PATH_DEPTH, NAME_LEN=NAME_LEN, LEAF_LEN=LEAF_LEN, ARGS_LEN=ARGS_LEN, DNS_ADDRS=DNS_ADDRS,
         EVENT_KINDS=defines("EV_", [(num, name) for name, (num, _) in EVENT_KINDS.items()]),
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
         PRELUDE=bpf_prelude(btf), STRUCTS=structs,
@@ -4153,8 +4165,10 @@ def exec_path(ex: ExecT) -> typing.Tuple[str, bool, bool]:
     whether the file is on disk, and whether a name in it may be cut (one
     filled its slot). A memfd, or a file deleted before the exec, is named
     as the kernel names it in /proc/PID/exe: '/memfd:NAME (deleted)'."""
-    parts = [ex.path[i].value.decode("utf-8", "replace") for i in range(min(ex.depth, PATH_DEPTH))]
     cut = bool(ex.complete & EXEC_NAME_CUT)
+    slots = [ex.leaf] + [ex.path[i].value for i in range(1, min(ex.depth, PATH_DEPTH))]
+    parts = [raw.decode("utf-8", "replace") + ("…" if i and len(raw) >= NAME_LEN - 1 else "")    # (where it may be cut)
+             for i, raw in enumerate(slots)]
     if ex.complete & EXEC_NO_DIR:
         return f"/{parts[-1] if parts else ''} (deleted)", False, cut
     if not ex.complete & EXEC_ROOT:
@@ -4164,9 +4178,10 @@ def exec_path(ex: ExecT) -> typing.Tuple[str, bool, bool]:
 
 
 def marked_cut(text: str, what: str) -> str:
-    """A name that could not be had whole, marked so: it can pass for no
-    whole one (what: the identity that keeps two such names apart)."""
-    return f"{text}… (cut; {what})"
+    """A name that could not be had whole (with '…' where it was cut), marked
+    so: it can pass for no whole one (what: the identity that keeps two such
+    names apart)."""
+    return f"{text} (cut; {what})"
 
 
 def proc_from_proc_fs(pid: int, dev: int, ino: int, mask: int, comm: str) -> ProcInfo:
@@ -4265,7 +4280,7 @@ class Tracker:
         cmdline = info.cmdline
         if ex.complete & EXEC_ARGS_CUT:
             found = found or proc_from_proc_fs(info.pid, info.dev, info.ino, self.mask, info.name)
-            cmdline = found.cmdline or marked_cut(cmdline, f"{ARGS_LEN - 1} bytes of a longer command line")
+            cmdline = found.cmdline or marked_cut(cmdline + "…", f"{ARGS_LEN - 1} bytes of a longer command line")
         return dataclasses.replace(info, exe=exe, ondisk=ondisk, cmdline=cmdline)
 
     def on_fork(self, hdr: EventHdrT, _: EmptyT) -> None:

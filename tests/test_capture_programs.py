@@ -144,7 +144,8 @@ def test_c_structs_match_ctypes():
 
 def test_exec_event_decodes_to_a_path():
     ex = picosnitch.ExecT()
-    for i, part in enumerate([b"prog", b"", b"bin", b"usr"]):   # leaf first; '' is a mount crossing
+    ex.leaf = b"prog"                 # the file's own name, whole; then its directories, up to the root
+    for i, part in enumerate([b"", b"bin", b"usr"], 1):        # ('' is a mount crossing)
         ex.path[i].value = part
     ex.depth, ex.complete, ex.nlink = 4, picosnitch.EXEC_ROOT, 1
     assert picosnitch.exec_path(ex) == ("/usr/bin/prog", True, False)
@@ -154,7 +155,7 @@ def test_exec_event_decodes_to_a_path():
     assert picosnitch.exec_path(ex) == ("", True, False)
     ex.complete = picosnitch.EXEC_ROOT | picosnitch.EXEC_NAME_CUT       # a name filled its slot
     assert picosnitch.exec_path(ex) == ("/usr/bin/prog (deleted)", False, True)
-    ex.path[0].value, ex.depth, ex.complete = b"memfd:payload", 1, picosnitch.EXEC_NO_DIR   # in no directory: a memfd
+    ex.leaf, ex.depth, ex.complete = b"memfd:payload", 1, picosnitch.EXEC_NO_DIR   # in no directory: a memfd
     assert picosnitch.exec_path(ex) == ("/memfd:payload (deleted)", False, False)
 
 

@@ -20,7 +20,8 @@ def exec_event(tracker, pid, ppid, gppid, ino, pino, gpino, path, when=1, args=b
     ex = picosnitch.ExecT()
     parts = [part.encode() for part in reversed(path.strip("/").split("/"))]
     ex.complete = picosnitch.EXEC_ROOT
-    for i, part in enumerate(parts):
+    ex.leaf = parts[0]                  # (whole)
+    for i, part in enumerate(parts[1:], 1):
         ex.path[i].value = part[:picosnitch.NAME_LEN - 1]
         if len(part) >= picosnitch.NAME_LEN - 1:
             ex.complete |= picosnitch.EXEC_NAME_CUT
@@ -152,22 +153,24 @@ def test_a_process_that_replaced_its_executable_is_reported_once_and_keeps_its_n
 
 
 def test_a_name_longer_than_its_slot_is_read_whole_or_marked_cut():
-    """Two executables whose file names share their first 100 bytes: read
-    whole from the file caught for their exec; when none was caught (and
-    /proc knows nothing), marked cut, with their device and inode, so that
-    neither can pass for the other, and reported."""
-    prefix = "/opt/" + "t" * 100
+    """The file's own name comes whole; a directory's name fills its slot
+    at NAME_LEN bytes. Two executables in directories whose names share
+    their first 100 bytes: read whole from the file caught for their exec;
+    when none was caught (and /proc knows nothing), marked cut, with their
+    device and inode, so that neither can pass for the other, and reported."""
     first, second, third = BASE + 41, BASE + 42, BASE + 43
-    t, notices = tracker({(first, 1): prefix + "A", (second, 1): prefix + "B"})
-    exec_event(t, first, BASE, 0, 41, 40, 0, prefix + "A")
-    exec_event(t, second, BASE, 0, 42, 40, 0, prefix + "B")
-    exec_event(t, third, BASE, 0, 43, 40, 0, prefix + "C")
-    assert [t.procs[pid].exe for pid in (first, second)] == [prefix + "A", prefix + "B"]
+    path = {pid: f"/opt/{'t' * 100}{tail}/prog" for pid, tail in ((first, "A"), (second, "B"), (third, "C"))}
+    t, notices = tracker({(first, 1): path[first], (second, 1): path[second]})
+    for pid in (first, second, third):
+        exec_event(t, pid, BASE, 0, pid - BASE, 40, 0, path[pid])
+    assert [t.procs[pid].exe for pid in (first, second)] == [path[first], path[second]]
     cut = t.procs[third].exe
-    assert cut == f"/opt/{'t' * (picosnitch.NAME_LEN - 1)}… (cut; device 0, inode 43)"
+    assert cut == f"/opt/{'t' * (picosnitch.NAME_LEN - 1)}…/prog (cut; device 0, inode 43)"
     assert notices[-1].exe == cut
     assert t.take_alerts() == [f"the path of {cut} (pid {third}) has a name longer than the kernel's event keeps, "
                                "and the process was gone before picosnitch could read it whole"]
+    exec_event(t, BASE + 44, BASE, 0, 44, 40, 0, f"/opt/{'n' * 255}")
+    assert t.procs[BASE + 44].exe == f"/opt/{'n' * 255}" and t.take_alerts() == []       # (a file's own name: whole)
 
 
 def test_a_command_line_longer_than_the_event_keeps_is_marked_cut():
@@ -175,5 +178,5 @@ def test_a_command_line_longer_than_the_event_keeps_is_marked_cut():
     args = b"prog\0" + b"x" * 400
     exec_event(t, BASE + 51, BASE, 0, 51, 40, 0, "/opt/prog", args=args, args_cut=True)
     cmdline = t.procs[BASE + 51].cmdline
-    assert cmdline == picosnitch.marked_cut("prog " + "x" * (picosnitch.ARGS_LEN - 6),
-                                            f"{picosnitch.ARGS_LEN - 1} bytes of a longer command line")
+    assert cmdline == f"prog {'x' * (picosnitch.ARGS_LEN - 6)}… (cut; {picosnitch.ARGS_LEN - 1} bytes of a longer " \
+                      "command line)"
