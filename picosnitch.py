@@ -6294,10 +6294,6 @@ def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = Fa
     return (answer["ok"], fds) if with_fds else answer["ok"]
 
 
-def as_user(user: User, work: typing.Callable[[], typing.Any]) -> typing.Any:
-    """work() as the user picosnitch works for (see run_as)."""
-    return run_as(user, work)
-
 ###############################################################################
 # 17. the state directory, picosnitch's account, and the move from ~/.config
 ###############################################################################
@@ -6312,14 +6308,17 @@ def as_user(user: User, work: typing.Callable[[], typing.Any]) -> typing.Any:
 # - as the user: config.json is read, and the files an older picosnitch kept
 #   in ~/.config/picosnitch/ are opened (what the user can open, no more);
 # - as the account: the directory is shared with the user alone, those files
-#   are copied in, once (a stop halfway copies them again at the next
-#   start), and the settings are compared with those of the last start;
+#   are copied in, once, when they fit (a stop halfway copies them again at
+#   the next start), with nothing of the user's making left in the log and
+#   the old record kept apart, deciding nothing; and the settings are
+#   compared with those of the last start;
 # - as the user: the old files, copied, make way for links to the new ones.
 #
-# A change of settings that weakens monitoring is reported at the start,
-# whatever the new settings say about notifications. A config.json that
-# cannot be used is reported too, and picosnitch runs with the settings of
-# its last start: a program of the user cannot keep it from starting.
+# A change of settings that may weaken monitoring is kept in the private
+# part until the notifier has logged it, and shown whatever the new settings
+# say about notifications. A config.json that cannot be used is reported
+# too, and picosnitch runs with the settings of its last start: a program of
+# the user cannot keep it from starting.
 
 ACCOUNT_HOME = "/nonexistent"
 MOVED_NAME = "moved.json"           # (private) what was moved in from ~/.config/picosnitch, once
@@ -6344,7 +6343,7 @@ class Setup(typing.NamedTuple):
     user: User
     account: User
     state: str
-    warnings: typing.List[str]       # reported at the start, whatever the settings (and shown by status)
+    warnings: typing.List[str]       # reported at the start, whatever the settings (and counted by status)
 
 
 def service_account(create: bool = True) -> User:
@@ -8657,7 +8656,7 @@ def prepared(environ: typing.Mapping[str, str] = os.environ) -> Setup:
     """prepare() for the user picosnitch works for, its warnings said here too."""
     setup = prepare(user_identity(environ), environ)
     for warning in setup.warnings:
-        print(f"picosnitch: warning: {warning}", file=sys.stderr, flush=True)
+        print(f"picosnitch: warning: {shown(warning)}", file=sys.stderr, flush=True)
     return setup
 
 
