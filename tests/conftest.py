@@ -347,24 +347,47 @@ def peers(netns):
         proc.wait()
 
 
+def scratch_directory(prefix, mode):
+    """For a fixture: a directory of root's with that mode, outside pytest's
+    private temporary directory (which no other user can enter), removed after."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(path, mode)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def recording_bus(base, user=None, capabilities="body"):
+    """For a fixture: a real dbus-daemon session bus in base, with the
+    recording notification service saying it has these capabilities; both
+    run as user, if one is named (a session bus admits only its owner).
+    Nothing of them names picosnitch in its command line (the service runs
+    from a copy in base): a test's program of the user kills every process
+    that does. Yields (address, record)."""
+    need_root()
+    preexec = as_user(user) if user else None
+    address, record, service = f"unix:path={base}/bus", os.path.join(base, "notifications.jsonl"), \
+        os.path.join(base, "notifications.py")
+    shutil.copy(os.path.join(HERE, "notify_service.py"), service)
+    open(record, "w").close()
+    if user:
+        for path in (base, record):
+            os.chown(path, user.pw_uid, user.pw_gid)
+    procs = [subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={address}", "--print-address"],
+                              stdout=subprocess.PIPE, text=True, preexec_fn=preexec)]
+    assert procs[0].stdout.readline().startswith("unix:")
+    procs.append(subprocess.Popen([SYSTEM_PYTHON, service, address, record, capabilities], stdout=subprocess.PIPE,
+                                  text=True, preexec_fn=preexec))
+    assert procs[1].stdout.readline().strip() == "ready"
+    yield address, record
+    for proc in reversed(procs):
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def session_bus(tmp_path_factory):
     """A real dbus-daemon session bus with a recording notification service."""
-    need_root()
-    base = tmp_path_factory.mktemp("bus")
-    address = f"unix:path={base}/bus"
-    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={address}", "--print-address"],
-                           stdout=subprocess.PIPE, text=True)
-    assert bus.stdout.readline().startswith("unix:")
-    record = str(base / "notifications.jsonl")
-    open(record, "w").close()
-    service = subprocess.Popen([PYTHON, os.path.join(HERE, "notify_service.py"), address, record],
-                               stdout=subprocess.PIPE, text=True)
-    assert service.stdout.readline().strip() == "ready"
-    yield address, record
-    for proc in (service, bus):
-        proc.kill()
-        proc.wait()
+    yield from recording_bus(str(tmp_path_factory.mktemp("bus")))
 
 
 @pytest.fixture(scope="session")
@@ -400,27 +423,9 @@ def user_home(throwaway_user):
 
 @pytest.fixture(scope="session")
 def user_session_bus(throwaway_user):
-    """The throwaway user's own session bus (a session bus admits only its
-    owner), with the recording notification service. Nothing of it names
-    picosnitch in its command line: a test's program of the user kills
-    every process that does."""
-    base = tempfile.mkdtemp(prefix="ps-user-bus-")
-    os.chown(base, throwaway_user.pw_uid, throwaway_user.pw_gid)
-    address = f"unix:path={base}/bus"
-    record = os.path.join(base, "notifications.jsonl")
-    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={address}", "--print-address"],
-                           stdout=subprocess.PIPE, text=True, preexec_fn=as_user(throwaway_user))
-    assert bus.stdout.readline().startswith("unix:")
-    service_copy = os.path.join(base, "notifications.py")      # (no "picosnitch" in its command line)
-    shutil.copy(os.path.join(HERE, "notify_service.py"), service_copy)
-    service = subprocess.Popen([SYSTEM_PYTHON, service_copy, address, record],
-                               stdout=subprocess.PIPE, text=True, preexec_fn=as_user(throwaway_user))
-    assert service.stdout.readline().strip() == "ready"
-    yield address, record
-    for proc in (service, bus):
-        proc.kill()
-        proc.wait()
-    shutil.rmtree(base, ignore_errors=True)
+    """The throwaway user's own session bus, with the recording notification service."""
+    for base in scratch_directory("ps-user-bus-", 0o700):
+        yield from recording_bus(base, throwaway_user)
 
 
 def served(kind):

@@ -3,14 +3,12 @@ real session bus whose notification service takes markup, they are logged
 whole and shown so that nothing in them acts, in the logs and on the
 desktop; the database keeps their exact bytes."""
 import os
-import shutil
 import subprocess
-import tempfile
 
 import pytest
 
 import picosnitch
-from conftest import HERE, PEER_PORT, SYSTEM_PYTHON, Daemon, need_root, notifications, wait_for
+from conftest import HERE, PEER_PORT, Daemon, notifications, recording_bus, scratch_directory, wait_for
 
 MARKUP = "<b>bold</b> & <i>x<"
 ESCAPES = "esc\x1b]2;PWNED-TITLE\x07\x1b[31mred"
@@ -20,19 +18,7 @@ BIDI = "\u202egpj.exe"
 @pytest.fixture(scope="module")
 def markup_bus(tmp_path_factory):
     """A session bus whose notification service says it takes body markup."""
-    need_root()
-    base = tmp_path_factory.mktemp("markup-bus")
-    address, record = f"unix:path={base}/bus", str(base / "notifications.jsonl")
-    bus = subprocess.Popen(["dbus-daemon", "--session", "--nofork", f"--address={address}", "--print-address"],
-                           stdout=subprocess.PIPE, text=True)
-    assert bus.stdout.readline().startswith("unix:")
-    service = subprocess.Popen([SYSTEM_PYTHON, os.path.join(HERE, "notify_service.py"), address, record,
-                                "body,body-markup"], stdout=subprocess.PIPE, text=True)
-    assert service.stdout.readline().strip() == "ready"
-    yield address, record
-    for proc in (service, bus):
-        proc.kill()
-        proc.wait()
+    yield from recording_bus(str(tmp_path_factory.mktemp("markup-bus")), capabilities="body,body-markup")
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +30,7 @@ def daemon(tmp_path_factory, markup_bus, peers):
 
 @pytest.fixture
 def programs():
-    path = tempfile.mkdtemp(prefix="ps-names-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from scratch_directory("ps-names-", 0o755)
 
 
 def sender(path):

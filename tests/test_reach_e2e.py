@@ -7,10 +7,8 @@ import json
 import os
 import pwd
 import re
-import shutil
 import sqlite3
 import subprocess
-import tempfile
 import time
 import urllib.request
 
@@ -18,7 +16,7 @@ import pytest
 
 import picosnitch
 from conftest import (PYTHON, SCRIPT, SYSTEM_PYTHON, Daemon, as_user, bench_reach, dash_started, notifications,
-                      wait_for)
+                      scratch_directory, wait_for)
 
 KILLING = 60            # seconds the program of the user kills picosnitch's processes of its uid
 
@@ -27,10 +25,7 @@ KILLING = 60            # seconds the program of the user kills picosnitch's pro
 def user_programs(user_home):
     """A directory for the user's programs with no "picosnitch" in its path
     (the killing program kills whatever names it)."""
-    path = tempfile.mkdtemp(prefix="ps-reach-")
-    os.chmod(path, 0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from scratch_directory("ps-reach-", 0o755)
 
 
 def new_program(directory):

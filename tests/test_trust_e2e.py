@@ -15,8 +15,8 @@ import tempfile
 import pytest
 
 import picosnitch
-from conftest import (PEER_PORT, PYTHON, SCRIPT, Daemon, as_user, new_state, notifications, sha256_file,
-                      unique_c_sender, wait_for)
+from conftest import (PEER_PORT, PYTHON, SCRIPT, Daemon, as_user, new_state, notifications, scratch_directory,
+                      sha256_file, unique_c_sender, wait_for)
 from http_services import API_KEY, FakeVirusTotal
 from sqlservers import PasswordTrap
 
@@ -31,10 +31,7 @@ def status_of(pid):
 @pytest.fixture
 def root_only():
     """A directory only root can enter, for files the user must never reach."""
-    path = tempfile.mkdtemp(prefix="ps-root-only-")
-    os.chmod(path, 0o700)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    yield from scratch_directory("ps-root-only-", 0o700)
 
 
 def secret_file(directory, name, content=None):
@@ -282,6 +279,7 @@ def test_the_systemd_unit_runs_none_of_the_users_python_code(user_home):
         subprocess.run([PYTHON, "-c", "pass"], env=dict(HOME=user_home.pw_dir), check=True)    # the trap works
         assert os.path.exists(marker)
     finally:
+        os.unlink(f"{site}/zz-user.pth")      # (the user's other programs run it too)
         shutil.rmtree(os.path.dirname(marker), ignore_errors=True)
 
 
