@@ -265,6 +265,24 @@ def share_with(fd: int, readers: typing.Collection[int], directory: bool) -> Non
             os.setxattr(fd, ACL_DEFAULT, posix_acl(6, {uid: 4 for uid in readers}))
 
 
+def sync_directory(directory: str) -> None:
+    """Make the names in a directory (a rename into it) last."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_identity(path: str) -> typing.Optional[typing.Tuple[int, int]]:
+    """(device, inode) of the file a path names now; None for no file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     """Replace a file with new content: temp file, fsync, rename. The caller
     runs as the owner of the directory. mode 0640 lets the readers that the
@@ -282,11 +300,7 @@ def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_directory(directory)
 
 
 def append_lines(path: str, lines: typing.Sequence[str]) -> None:
@@ -1166,6 +1180,9 @@ INTERN_CACHE = 200_000      # strings and processes remembered by id, per open l
 MIGRATE_BATCH = 50_000      # old rows moved per transaction
 PRUNE_BATCH = 20_000        # rows deleted per transaction
 FORGET_BATCH = 1_000        # a day's totals taken out of the whole-log ones per transaction
+SHRINK_FREE = 0.2           # a log whose free pages pass this share of its pages gives them back
+SHRINK_MIN_PAGES = 256      # (when there are at least this many)
+GIVE_BACK_STEP = 1024       # pages given back per transaction, by a log that can do it by itself
 ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys after b then narrow each)
 
 # The compact layout (version 2; version 3 adds the times and programs
@@ -1369,6 +1386,8 @@ class Log:
             if version > SCHEMA_VERSION:
                 raise sqlite3.OperationalError(f"it has layout version {version}, newer than this picosnitch's "
                                                f"({SCHEMA_VERSION}); it is left as it is")
+            if not con.execute("SELECT 1 FROM sqlite_master").fetchone():
+                con.execute("PRAGMA auto_vacuum = INCREMENTAL")     # (a new file: it can give pages back)
             con.execute("PRAGMA journal_mode = WAL")
             if version < SCHEMA_VERSION:
                 con.execute("BEGIN IMMEDIATE")
@@ -1702,6 +1721,49 @@ class Log:
                 return True
         return False
 
+    # -- giving free pages back --------------------------------------------------
+    # A log made by this picosnitch gives pages back by itself (auto_vacuum
+    # incremental): when retention has freed more than SHRINK_FREE of it, a
+    # step of GIVE_BACK_STEP pages at a time, within the retention's budget;
+    # fewer are left for the next days' rows to reuse. Any other log (one
+    # whose old table was dropped by a migration, above all) is copied
+    # compact (VACUUM INTO, which reads a snapshot: writers go on), brought
+    # up to date and put in its place (catch_up, replace_log); the copy
+    # gives pages back by itself from then on.
+    def pages(self) -> typing.Tuple[int, int, int]:
+        """(pages in the file, free pages among them, bytes a page)."""
+        return tuple(self.con.execute(f"PRAGMA {name}").fetchone()[0]          # type: ignore[return-value]
+                     for name in ("page_count", "freelist_count", "page_size"))
+
+    def wasteful(self) -> bool:
+        pages, free, _ = self.pages()
+        return free >= SHRINK_MIN_PAGES and free > pages * SHRINK_FREE
+
+    def incremental(self) -> bool:
+        return self.con.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+
+    def give_back(self, budget: float = 0.2) -> bool:
+        """Give free pages back, a step per transaction, for at most budget
+        seconds (a step at least); True when what is left is within bounds."""
+        began = time.monotonic()
+        while self.wasteful():
+            with self.con:
+                self.con.execute(f"PRAGMA incremental_vacuum({GIVE_BACK_STEP})").fetchall()   # (a page a step)
+            if time.monotonic() - began > budget:
+                return False
+        return True
+
+    def copy_compact(self, path: str) -> None:
+        """A compact copy of the log at path, one that gives pages back by
+        itself, from a snapshot (writers go on meanwhile)."""
+        self.con.execute("PRAGMA auto_vacuum = INCREMENTAL")      # (for the copy: this file keeps its own)
+        self.con.execute("VACUUM INTO ?", (path,))
+
+    def checkpointed(self) -> bool:
+        """Everything in the file itself, the WAL empty; False when a reader
+        holds an older snapshot."""
+        return self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+
     def close(self, readable: bool = False) -> None:
         """readable: leave the file in rollback-journal mode, so that the
         user, who may read it but not write its directory, can open it while
@@ -1711,6 +1773,51 @@ class Log:
             with contextlib.suppress(sqlite3.Error):        # (busy while a viewer reads: the -wal stays)
                 self.con.execute("PRAGMA journal_mode = DELETE")
         self.con.close()
+
+
+def catch_up(copy: str, path: str) -> int:
+    """Bring a compact copy of the log at path (copy_compact) up to it, in
+    one transaction: what was written since the copy was made. Rows only
+    come meanwhile (retention waits), and ids only grow. The rows caught up."""
+    con = sqlite3.connect(copy, timeout=DB_BUSY_TIMEOUT)
+    try:
+        con.execute("ATTACH DATABASE ? AS live", (path,))
+        with con:
+            for table in ("procs", "strs"):
+                con.execute(f"INSERT INTO main.{table} SELECT * FROM live.{table} WHERE id > "
+                            f"(SELECT coalesce(max(id), 0) FROM main.{table})")
+            first = con.execute("SELECT coalesce(max(id), 0) FROM main.conns").fetchone()[0]
+            n = con.execute("INSERT INTO main.conns SELECT * FROM live.conns WHERE id > ?", (first,)).rowcount
+            for statements in ROLL_STATEMENTS.values():
+                for statement in statements if n else ():
+                    con.execute(statement, (first, first + n))
+            con.execute("DELETE FROM main.meta")
+            con.execute("INSERT INTO main.meta SELECT * FROM live.meta")
+            con.execute("UPDATE main.sqlite_sequence SET seq = (SELECT seq FROM live.sqlite_sequence WHERE "
+                        "name = 'conns') WHERE name = 'conns'")
+        return n
+    finally:
+        con.close()
+
+
+def replace_log(copy: str, path: str) -> None:
+    """Put a caught-up copy in the log's place. No connection of
+    picosnitch's is open on the log, and its WAL is empty: its -wal and -shm
+    go first (a viewer that has them open goes on reading the old file until
+    it opens the log again), then the copy takes its name in one rename. A
+    stop at any point leaves one whole log."""
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + suffix)
+    os.rename(copy, path)
+    sync_directory(os.path.dirname(path) or ".")
+
+
+def remove_copy(copy: str) -> None:
+    """A compact copy that will not be used (with its journal)."""
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(copy + suffix)
 
 
 def db_rows(path: str) -> typing.List[dict]:
@@ -1796,15 +1903,22 @@ class LogQuery:
 
     def __init__(self, path: str):
         self.path = path
+        self.file = file_identity(path)         # (first: a log put in its place meanwhile is opened again)
         self.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1, check_same_thread=False)
         self.con.text_factory = bytes       # names that are not UTF-8 cannot fail a read
         self.legacy: typing.Optional[typing.List[str]] = None     # the columns of old rows not moved yet
         self.moved = 0                                             # the last old rowid moved over
+        self.last_old = 0                                          # the last old rowid to move
         self.v2 = False                                            # the compact layout (version 2 or later)
         self.rollups: typing.List[str] = []                        # the rollup tables it has
 
     def close(self) -> None:
         self.con.close()
+
+    def replaced(self) -> bool:
+        """Whether another file has taken the log's name since it was opened
+        (a compact copy: see replace_log)."""
+        return file_identity(self.path) != self.file
 
     def refresh(self) -> None:
         """Check the layout: whether old rows are still being moved over.
@@ -1818,9 +1932,16 @@ class LogQuery:
             self.legacy, self.moved = self.columns("connections"), 0      # not opened by picosnitch 2 yet
             return
         found = {k.decode(): v for k, v in self.con.execute(
-            "SELECT key, value FROM meta WHERE key IN ('migrated', 'legacy_columns')")}
+            "SELECT key, value FROM meta WHERE key IN ('migrated', 'legacy_columns', 'legacy_last')")}
         self.legacy = json.loads(found["legacy_columns"]) if "legacy_columns" in found else None
-        self.moved = int(found.get("migrated") or 0)
+        self.moved, self.last_old = int(found.get("migrated") or 0), int(found.get("legacy_last") or 0)
+
+    def moving(self) -> typing.Optional[int]:
+        """How far the move from an older layout has got, in percent (100
+        while its totals by day are made); None when no move runs."""
+        if self.legacy is None:
+            return None
+        return min(100, self.moved * 100 // self.last_old) if self.v2 and self.last_old else 0
 
     def columns(self, table: str) -> typing.List[str]:
         return [r[1].decode() for r in self.con.execute(f"PRAGMA table_info({table})")]
@@ -5794,6 +5915,49 @@ def migrate_log(path: str, reporter: Reporter) -> None:
         log.close()
 
 
+COMPACT_SUFFIX = ".compact"      # snitch.db's compact copy, while it is made beside it
+COMPACT_MARGIN = 64 << 20         # bytes of the disk left free, beyond the copy's own
+
+
+def compact_copy(path: str) -> str:
+    """Thread body: a compact copy of the log beside it, caught up as far as
+    it can be without holding the primary back; where it is.
+    PicosnitchError when the disk has no room for it."""
+    copy = path + COMPACT_SUFFIX
+    remove_copy(copy)           # (one left by a stop while it was made)
+    log = Log.open(path)
+    try:
+        pages, free, size = log.pages()
+        needed, st = (pages - free) * size, os.statvfs(os.path.dirname(path))
+        if st.f_bavail * st.f_frsize < needed + COMPACT_MARGIN:
+            raise PicosnitchError(f"{DB_NAME} has {free * size / 1e6:.0f} MB of free pages to give back, but its "
+                                  f"disk has {st.f_bavail * st.f_frsize / 1e6:.0f} MB free and a compact copy "
+                                  f"needs {(needed + COMPACT_MARGIN) / 1e6:.0f} MB; it keeps its size, with "
+                                  f"nothing lost, and is tried again after the next retention")
+        log.copy_compact(copy)
+    except BaseException:
+        remove_copy(copy)
+        raise
+    finally:
+        log.close()
+    catch_up(copy, path)
+    return copy
+
+
+def in_background(name: str, body: typing.Callable[..., typing.Any], *args) -> concurrent.futures.Future:
+    """body(*args) in a thread that a stop does not wait for; its result,
+    or what it raised, in the future."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            future.set_result(body(*args))
+        except BaseException as e:
+            future.set_exception(e)
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 def lock_holders(paths: typing.Sequence[str]) -> str:
     """Who else holds a lock on these files (POSIX and flock locks, from
     /proc/locks): ' (locked by pid N, NAME, uid U; ...)', or ''. A user who
@@ -5870,6 +6034,8 @@ class Primary:
         self.db_path = os.path.join(rt.state, DB_NAME)
         self.db: typing.Optional[Log] = None
         self.migration: typing.Optional[threading.Thread] = None
+        self.compacting: typing.Optional[concurrent.futures.Future] = None     # its compact copy, being made
+        self.tidy = True                # free pages may wait to be given back
         self.pending = {name: PendingLog(name, self.reporter) for name in (DB_NAME, CONN_LOG_NAME, REMOTE_QUEUE_NAME)}
         self.pending[DB_NAME].locks = [self.db_path + suffix for suffix in ("", "-wal", "-shm")]
         self.unspool()
@@ -5969,6 +6135,7 @@ class Primary:
                 self.reporter.error(f"{self.db_path} could not be read as a database ({e}); it was moved to "
                                     f"{aside} and a new one started")
                 self.db = Log.open(self.db_path)
+            remove_copy(self.db_path + COMPACT_SUFFIX)      # (a stop while it was made)
             if self.db.migrating() and not self.migration:
                 self.migration = threading.Thread(target=migrate_log, args=(self.db_path, self.reporter),
                                                   name="migration", daemon=True)
@@ -6094,16 +6261,68 @@ class Primary:
         return bool(found)
 
     def prune(self) -> None:
-        """Delete what is past the retention, once a day, a little at each
-        window until it is done (no write lock is held long)."""
-        if self.config.db_sql_log and time.monotonic() - self.pruned_at > PRUNE_INTERVAL:
-            try:
-                if self.database().prune(self.config.db_retention_days, now_seconds()) is not None:
-                    self.pruned_at = time.monotonic()
-                self.reporter.working("prune")
-            except sqlite3.Error as e:
-                self.reporter.failing("prune", f"old rows could not be deleted from {DB_NAME} ({e}); "
-                                               "it is tried again later")
+        """Delete what is past the retention, once a day, then give free
+        pages back: a little at each window until it is done (no write lock
+        is held long). Retention waits while a compact copy is made."""
+        if not self.config.db_sql_log:
+            return
+        if self.compacting is not None:
+            self.compacted()
+            return
+        try:
+            log = self.database()
+            if time.monotonic() - self.pruned_at > PRUNE_INTERVAL:
+                if log.prune(self.config.db_retention_days, now_seconds()) is not None:
+                    self.pruned_at, self.tidy = time.monotonic(), True
+            elif self.tidy:
+                self.tidy = not self.give_back(log)
+            self.reporter.working("prune")
+        except sqlite3.Error as e:
+            self.reporter.failing("prune", f"old rows could not be deleted from {DB_NAME}, nor free pages given "
+                                           f"back ({e}); it is tried again later")
+
+    def give_back(self, log: Log) -> bool:
+        """A step of giving free pages back; True when there is no more to do.
+        A log that cannot do it by itself gets a compact copy, made by a
+        thread once the migration is over."""
+        if self.migration is not None and self.migration.is_alive():
+            return False            # (its last step frees the old table)
+        if log.incremental():
+            return log.give_back()
+        if log.wasteful():
+            self.compacting = in_background("compact", compact_copy, self.db_path)
+        return True
+
+    def compacted(self) -> None:
+        """Once the compact copy is made: caught up with the last windows
+        and put in the log's place, between two windows (the primary is the
+        log's only writer), or tried again at the next window while a viewer
+        holds a snapshot of the log's WAL."""
+        if not self.compacting.done():
+            return
+        try:
+            copy = self.compacting.result()
+        except (PicosnitchError, sqlite3.Error, OSError) as e:
+            self.compacting = None
+            self.reporter.error(f"free pages could not be given back: {e}" if not isinstance(e, PicosnitchError)
+                                else str(e))
+            return
+        try:
+            log = self.database()
+            if not log.checkpointed():
+                return
+            catch_up(copy, self.db_path)
+            before = os.stat(self.db_path).st_size
+            self.db = None
+            log.close()
+            replace_log(copy, self.db_path)
+            self.reporter.info(f"{DB_NAME} gave back {(before - os.stat(self.db_path).st_size) / 1e6:.0f} MB of "
+                               f"free pages")
+        except (sqlite3.Error, OSError) as e:
+            remove_copy(copy)
+            self.reporter.error(f"free pages could not be given back ({e}); {DB_NAME} keeps its size, with nothing "
+                                f"lost")
+        self.compacting = None
 
     def close(self) -> None:
         if not self.flush():
@@ -6115,6 +6334,8 @@ class Primary:
                 self.reporter.error(f"picosnitch stopped with rows it could not write, nor keep ({e}); they are lost")
         if self.remote is not None:
             self.remote.stop()
+        if self.compacting is not None:         # (made again after the next start)
+            remove_copy(self.db_path + COMPACT_SUFFIX)
         if self.db is not None:
             self.db.close(readable=True)
         self.names.close()
@@ -7437,6 +7658,8 @@ class LogReader:
 
     def open(self) -> LogQuery:
         """The log, its layout looked at again."""
+        if self.log is not None and self.log.replaced():
+            self.close()
         if self.log is None:
             self.log = LogQuery(self.path)
         self.log.refresh()
@@ -7465,6 +7688,12 @@ class LogReader:
         if self.log is not None:
             self.log.close()
             self.log = None
+
+
+def moving_note(percent: int) -> str:
+    """What the viewers say while an older log is moved over."""
+    return f"moving: {percent}% (the log is being moved to the compact layout; rows not moved yet are counted, " \
+           "and answers may be slower until it is done)"
 
 
 def read_config(directory: str) -> Config:
@@ -7680,7 +7909,9 @@ class Viewer:
             when = f"{name} {fmt(start)} to {fmt(end - 1)}" + (f" (-{self.offset})" if self.offset else "")
         else:
             when = "all time"
-        return f"by {VIEWS[self.view][0]} ({self.view + 1}/{len(VIEWS)}) · {when} · {UNITS[self.unit][0]}"
+        moving = self.reader.log.moving() if self.reader.log is not None and not self.problem else None
+        return f"by {VIEWS[self.view][0]} ({self.view + 1}/{len(VIEWS)}) · {when} · {UNITS[self.unit][0]}" + \
+            (f" · moving: {moving}%" if moving is not None else "")
 
     def screen(self, height: int, width: int) -> typing.List[typing.Tuple[str, bool]]:
         """The lines to show, each (text exactly width columns, highlighted)."""
@@ -8499,8 +8730,8 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
         data = None if log.problem else log.ask(lambda: cached_data(log.log, state, now))
         if log.problem:
             notes.insert(0, log.problem)
-        elif log.log is not None and log.log.legacy is not None:
-            notes.append("rows of an older layout are still being moved over; they are counted")
+        elif log.log is not None and log.log.moving() is not None:
+            notes.append(moving_note(log.log.moving()))
         data = data or dash_nothing(state, now)
         columns, rows, tips = dash_table_rows(data, state, labels)
         count = len(data["entries"])

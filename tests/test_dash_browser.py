@@ -1069,7 +1069,7 @@ def test_a_missing_empty_or_locked_log_is_a_message(case, browser, tmp_path):
             page.driver.refresh()
             page.settle()
             expect(page, [], [(CURL, 1234, 5678, 1)])
-            assert page.text("message") == "rows of an older layout are still being moved over; they are counted"
+            assert page.text("message") == picosnitch.moving_note(0)
         assert_console_clean(browser, server)
     finally:
         if holder is not None:

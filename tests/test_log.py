@@ -372,3 +372,113 @@ def test_a_version_2_log_halfway_through_a_migration_goes_on(tmp_path):
     query.refresh()
     for group in ("exe", "time", "uid"):
         assert answer(query, group, bucket=3600) == brute(rows, group, bucket=3600)
+
+
+# -- giving free pages back ---------------------------------------------------------
+
+def free_share(path):
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute("PRAGMA freelist_count").fetchone()[0] / con.execute("PRAGMA page_count").fetchone()[0]
+    finally:
+        con.close()
+
+
+def moved_over(path, n, layout):
+    """An older log of n rows, moved over whole; the log, still open."""
+    loggen.write_legacy(path, n, layout, seed=6, days=4)
+    log = picosnitch.Log.open(path)
+    while log.migrate(5000) is not None:
+        pass
+    return log
+
+
+LATE = [(f"2026-12-01 10:00:0{i}", 5 + i, 6, "/usr/bin/late", "late", "late --now", "ab" * 32, "", "", "", "", 0,
+         1, 2, "", "", "", "udp", "", "", "", "") for i in range(3)]
+
+
+@pytest.mark.parametrize("layout", ["v1", "upstream-1.0.3"])
+def test_a_moved_log_gives_its_space_back_and_reads_back_equal(tmp_path, layout):
+    """The old table leaves most of the file free; a compact copy, made while
+    windows go on and caught up with them, takes its place: fewer than 5% of
+    its pages are free, every row and every total is the same, and it gives
+    what retention frees back by itself."""
+    path = str(tmp_path / "snitch.db")
+    log = moved_over(path, 20000, layout)
+    assert log.wasteful() and not log.incremental() and free_share(path) > 0.5
+    size, old = os.path.getsize(path), len(picosnitch.db_rows(path))
+    copy = picosnitch.compact_copy(path)
+    log.insert(LATE[:2])                            # windows written while the copy was made
+    assert picosnitch.catch_up(copy, path) == 2
+    log.insert(LATE[2:])
+    rows = picosnitch.db_rows(path)
+    assert picosnitch.catch_up(copy, path) == 1     # (and the last one, by the primary, before the swap)
+    assert log.checkpointed()
+    log.close()
+    picosnitch.replace_log(copy, path)
+    assert not os.path.exists(copy) and not os.path.exists(path + "-wal")
+    assert picosnitch.db_rows(path) == rows and len(rows) == old + 3
+    assert free_share(path) < 0.05 and os.path.getsize(path) < size / 3
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    for group, bucket in (("exe", 86400), ("domain", 86400), ("lport", 86400), ("time", 3600), ("time", 86400)):
+        assert answer(query, group, bucket=bucket) == brute(rows, group, bucket=bucket)
+    query.close()
+
+    log = picosnitch.Log.open(path)
+    assert log.incremental() and not log.wasteful()
+    log.insert(LATE[:1])                            # (the next windows go on: ids and rollups continue)
+    assert picosnitch.db_rows(path)[-1]["contime"] == LATE[0][0] and len(picosnitch.db_rows(path)) == old + 4
+    while log.prune(1, picosnitch.now_seconds()) is None:
+        pass
+    assert log.wasteful()
+    steps = 1
+    while not log.give_back(budget=0):
+        steps += 1
+    assert not log.wasteful() and steps > 1
+    log.close()
+
+
+def test_a_new_log_gives_pages_back_by_itself(tmp_path):
+    path = str(tmp_path / "snitch.db")
+    make_log(path)
+    log = picosnitch.Log.open(path)
+    assert log.incremental()
+    log.close()
+
+
+def test_a_stop_while_the_compact_copy_is_made_or_put_in_place_loses_nothing(tmp_path):
+    """A copy cut short is removed and made again; a stop between the old
+    log's WAL going and the copy taking its name leaves the old log whole."""
+    path = str(tmp_path / "snitch.db")
+    log = moved_over(path, 5000, "v1")
+    copy = path + picosnitch.COMPACT_SUFFIX
+    with open(copy, "wb") as f:
+        f.write(b"SQLite format 3\0 cut short by a stop")
+    made = picosnitch.compact_copy(path)
+    assert made == copy and picosnitch.db_rows(copy) == picosnitch.db_rows(path)
+    log.insert(LATE)                                # (in the WAL only, until a checkpoint)
+    rows = picosnitch.db_rows(path)
+    assert os.path.getsize(path + "-wal") > 0
+    assert log.checkpointed() and os.path.getsize(path + "-wal") == 0
+    log.close()
+    for suffix in ("-wal", "-shm"):                 # replace_log's first step, then a stop
+        if os.path.exists(path + suffix):
+            os.unlink(path + suffix)
+    assert picosnitch.db_rows(path) == rows
+    picosnitch.remove_copy(copy)
+    copy = picosnitch.compact_copy(path)            # the next start makes it again
+    picosnitch.replace_log(copy, path)
+    assert picosnitch.db_rows(path) == rows and free_share(path) < 0.05
+
+
+def test_a_compact_copy_needs_room_on_the_disk(tmp_path, monkeypatch):
+    path = str(tmp_path / "snitch.db")
+    moved_over(path, 5000, "v1").close()
+    size = os.path.getsize(path)
+    full = os.statvfs_result((4096, 4096, 1 << 20, 0, 10, 1 << 20, 1000, 1000, 0, 255))     # (40 kB free)
+    monkeypatch.setattr(picosnitch.os, "statvfs", lambda p: full)
+    with pytest.raises(picosnitch.PicosnitchError, match=r"snitch.db has \d+ MB of free pages to give back, but its "
+                                                         r"disk has 0 MB free"):
+        picosnitch.compact_copy(path)
+    assert os.path.getsize(path) == size and not os.path.exists(path + picosnitch.COMPACT_SUFFIX)

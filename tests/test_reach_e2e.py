@@ -318,6 +318,17 @@ def read_back(daemon, width):
     return sorted(found)
 
 
+def compact(db):
+    """Whether the log has no old table left and fewer than 5% of its pages free."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        if con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (picosnitch.LEGACY_TABLE,)).fetchone():
+            return False
+        return con.execute("PRAGMA freelist_count").fetchone()[0] < 0.05 * con.execute("PRAGMA page_count").fetchone()[0]
+    finally:
+        con.close()
+
+
 @pytest.mark.parametrize("layout", ["v4", "1.0.3"])
 def test_an_old_log_moves_over_once_and_whole_even_after_a_stop_halfway(user_home, layout):
     """The files an older picosnitch kept in ~/.config/picosnitch/ move to
@@ -331,9 +342,12 @@ def test_an_old_log_moves_over_once_and_whole_even_after_a_stop_halfway(user_hom
     daemon.start()
     try:
         assert wait_for(lambda: read_back(daemon, width) == sorted(rows), 60)
+        assert wait_for(lambda: compact(daemon.path("snitch.db")), 60)      # (the old table's space given back)
+        assert read_back(daemon, width) == sorted(rows)
     finally:
         assert daemon.stop() == 0
     assert not os.path.exists(os.path.join(daemon.state, ".moving-snitch.db"))
+    assert not os.path.exists(daemon.path("snitch.db") + picosnitch.COMPACT_SUFFIX)
     for name in ("snitch.db", "record.json", "exe.log"):
         assert os.readlink(os.path.join(daemon.dir, name)) == daemon.path(name)
     # the user could write the old record: it is kept, but decides nothing

@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+import loggen
 import mmdb
 import picosnitch
 from conftest import PEER_V4, PYTHON, SCRIPT, Daemon, need_root, unique_python
@@ -429,3 +430,29 @@ def test_the_viewer_in_process_asks_the_log_for_each_screen(tmp_path):
     finally:
         picosnitch.LogQuery.totals = real
         viewer.close()
+
+
+def test_while_an_older_log_moves_over_the_viewer_says_how_far(tmp_path):
+    """The heading says "moving: N%" while an older log is moved over; a
+    compact copy put in the log's place is read from the next refresh on."""
+    path = str(tmp_path / "snitch.db")
+    loggen.write_legacy(path, 4000, "v1", seed=2, days=2)
+    log = picosnitch.Log.open(path)
+    while log.meta()["migrated"] < 2000:
+        log.migrate(1000)
+    viewer = picosnitch.Viewer(path, None)
+    assert viewer.screen(8, 120)[0][0].rstrip().endswith(" · bytes · moving: 50%")
+    while log.migrate() is not None:
+        pass
+    viewer.press("refresh", 4)
+    assert viewer.screen(8, 120)[0][0].rstrip().endswith(" · bytes")
+    copy = picosnitch.compact_copy(path)
+    log.insert([row(at(seconds=5), "/usr/bin/late", 3 << 40, 50000)])     # (the first entry)
+    picosnitch.catch_up(copy, path)
+    assert log.checkpointed()
+    log.close()
+    picosnitch.replace_log(copy, path)
+    viewer.press("refresh", 4)
+    screen = "\n".join(text for text, _ in viewer.screen(40, 120))
+    assert "/usr/bin/late" in screen, screen
+    viewer.close()
