@@ -216,7 +216,11 @@ class Daemon:
         cmd = private_resolver(self.wrap + [PYTHON, SCRIPT, "start-no-daemon"], self.resolver)
         self.proc = subprocess.Popen(cmd, env=self.env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        wait_capturing(self.proc, self.lines, timeout, "picosnitch did not start")
+        try:
+            wait_capturing(self.proc, self.lines, timeout, "picosnitch did not start")
+        except AssertionError:
+            shutil.rmtree(self.resolver, ignore_errors=True)
+            raise
         return self
 
     def stop(self, timeout=60):
