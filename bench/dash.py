@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import loggen  # noqa: E402
+import machine  # noqa: E402
 import picosnitch  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
@@ -265,7 +266,8 @@ def main(argv=None):
     workdir = args.keep or tempfile.mkdtemp(prefix="ps-bench-dash-")
     os.makedirs(workdir, exist_ok=True)
     out = [f"# picosnitch dash at scale ({datetime.date.today()}, kernel {os.uname().release}, "
-           f"{subprocess.run(['/usr/bin/chromium', '--version'], capture_output=True, text=True).stdout.strip()})", ""]
+           f"{subprocess.run(['/usr/bin/chromium', '--version'], capture_output=True, text=True).stdout.strip()})", "",
+           *machine.describe(), ""]
     summaries = []
     try:
         for rows in [int(r) for r in args.rows.split(",")]:
@@ -278,7 +280,7 @@ def main(argv=None):
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    out += ["Summary: " + "; ".join(summaries)]
+    out += ["Summary: " + "; ".join(summaries) + f"; on {machine.summary()}"]
     print(out[-1])
     if args.report:
         with open(args.report, "w") as f:

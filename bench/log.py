@@ -16,11 +16,14 @@ ephemeral ports, long-tailed use over 30 days), then:
    viewer (its action and an 80x24 screen, without the terminal);
 5. retention: the time to prune a day, and the longest write lock it held;
 6. migration from the older layouts (this project's text table and upstream
-   picosnitch 1.0.3's), on --migrate-rows rows: the time until capture can
-   write again after opening, and the rate of moving the rows over; and the
-   layout's floor, what the steps any migration must take cost on their own.
+   picosnitch 1.0.3's), for each of --migrate-rows: the time until capture
+   can write again after opening, the rate of moving the rows over, the
+   viewer's keys meanwhile, the size on disk before and after the log gives
+   the old table's space back, the free pages left, and the longest lock of
+   each; and the layout's floor, what the steps any migration must take cost
+   on their own.
 
-usage: sudo /usr/bin/python3 bench/log.py [--rows 1000000,10000000] [--migrate-rows N]
+usage: sudo /usr/bin/python3 bench/log.py [--rows 1000000,10000000] [--migrate-rows 1000000,10000000]
                                           [--keep DIR] [--report FILE]
 """
 import argparse
@@ -32,7 +35,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import typing
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +45,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import loggen  # noqa: E402
+import machine  # noqa: E402
 import picosnitch  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
@@ -235,18 +241,63 @@ def prune_cost(path, workdir):
     return total, max(calls), len(calls), gone
 
 
+class KeysMeanwhile(threading.Thread):
+    """The viewer's keys (SESSION, over and over) while the log is moved
+    over: seconds per key, and whether its heading said how far the move had
+    got (at each key)."""
+
+    def __init__(self, path):
+        super().__init__(daemon=True)
+        self.path, self.times, self.said, self.done = path, [], [], threading.Event()
+
+    def run(self):
+        viewer = picosnitch.Viewer(self.path, None)
+        while not self.done.is_set():
+            for key, action in SESSION[1:]:
+                if self.done.is_set():
+                    break
+                began = time.perf_counter()
+                viewer.press(action, 20)
+                heading = viewer.screen(24, 80)[0][0]
+                self.times.append(time.perf_counter() - began)
+                self.said.append(" · moving: " in heading or bool(viewer.problem))
+        viewer.close()
+
+    def stop(self):
+        self.done.set()
+        self.join()
+
+
+class Moved(typing.NamedTuple):
+    opened: float           # seconds until capture writes again
+    moved: int              # rows moved over
+    took: float             # seconds to move them
+    longest: float          # the longest step (each holds the write lock through)
+    keys: list              # seconds per viewer key meanwhile
+    said: list              # whether the viewer said "moving: N%" at each key
+    before: int             # bytes on disk once moved, before the space is given back
+    copying: float          # seconds to make the compact copy (writers go on)
+    lock: float             # seconds the primary holds the log to put the copy in its place
+    after: int              # bytes on disk after
+    free: float             # the share of free pages left
+    rows: int               # rows in the log after
+    floor: list             # migration_floor
+
+
 def migration(workdir, rows, layout):
-    """An older log of rows rows: seconds for Log.open (until capture writes
-    again), rows moved, seconds to move them over, the longest step (each
-    holds the write lock through) and the floor (migration_floor)."""
+    """An older log of rows rows, moved over as the primary does it, with the
+    viewer's keys pressed meanwhile, then its space given back (Moved)."""
     path, floor_path = (os.path.join(workdir, f"{name}-{layout}.db") for name in ("old", "floor"))
     loggen.write_legacy(path, rows, layout)
     shutil.copy(path, floor_path)
     os.sync()           # (see copy_log)
+    window = lambda: [next(loggen.rows(loggen.World(2), 1, days=1))]
     began = time.perf_counter()
     log = picosnitch.Log.open(path)
-    log.insert([next(loggen.rows(loggen.World(2), 1, days=1))])      # capture writes at once
+    log.insert(window())      # capture writes at once
     opened = time.perf_counter() - began
+    keys = KeysMeanwhile(path)
+    keys.start()
     began = time.perf_counter()
     moved, longest = 0, 0.0
     while True:
@@ -257,11 +308,27 @@ def migration(workdir, rows, layout):
             break
         moved += n
     took = time.perf_counter() - began
+    keys.stop()
+    before = os.path.getsize(path)
+    began = time.perf_counter()
+    copy = picosnitch.compact_copy(path)
+    copying = time.perf_counter() - began
+    log.insert(window())      # a window written meanwhile
+    began = time.perf_counter()
+    assert log.checkpointed()
+    picosnitch.catch_up(copy, path)
     log.close()
+    picosnitch.replace_log(copy, path)
+    lock = time.perf_counter() - began
+    con = sqlite3.connect(path)
+    free = con.execute("PRAGMA freelist_count").fetchone()[0] / con.execute("PRAGMA page_count").fetchone()[0]
+    count = con.execute("SELECT count(*) FROM conns").fetchone()[0]
+    con.close()
+    after = os.path.getsize(path)
     floor = migration_floor(floor_path, path)
     loggen.remove_log(path)
     loggen.remove_log(floor_path)
-    return opened, moved, took, longest, floor
+    return Moved(opened, moved, took, longest, keys.times, keys.said, before, copying, lock, after, free, count, floor)
 
 
 def migration_floor(old_path, migrated_path):
@@ -379,7 +446,8 @@ def report_lines(size, rows, disk_size, tables, window, queries, floor, tmux, mo
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1000000,10000000", help="sizes of the generated logs, comma separated")
-    parser.add_argument("--migrate-rows", type=int, default=1_000_000)
+    parser.add_argument("--migrate-rows", default="1000000", help="sizes of the older logs moved over, comma "
+                                                                   "separated")
     parser.add_argument("--keep", help="keep (and reuse) the generated logs in this directory")
     parser.add_argument("--report", help="also write the report to this markdown file")
     args = parser.parse_args(argv)
@@ -387,7 +455,7 @@ def main(argv=None):
     keep = args.keep or workdir
     os.makedirs(keep, exist_ok=True)
     lines = [f"# picosnitch's log at scale ({datetime.date.today()}, kernel {os.uname().release}, "
-             f"SQLite {sqlite3.sqlite_version})", ""]
+             f"SQLite {sqlite3.sqlite_version})", "", *machine.describe(), ""]
     summary = []
     try:
         for size in [int(s) for s in args.rows.split(",")]:
@@ -420,15 +488,28 @@ def main(argv=None):
                            f"{figures['queries'] - figures['queries_over']}/{figures['queries']} queries ≤ 200 ms "
                            f"(max {ms(figures['query_max'])} ms)")
             print(summary[-1], flush=True)
-        lines += ["## Migration", "", "| layout | rows | until capture writes (s) | rows moved per second | "
-                  "longest step, the longest write lock (s) |", "|---|---|---|---|---|"]
+        lines += ["## Migration", "", "The viewer's keys (its action and an 80x24 screen) are pressed over and over "
+                  "while the rows move; then the log gives the old table's space back: a compact copy is made "
+                  "while windows go on, and put in the log's place between two windows.", "",
+                  "| layout | rows | until capture writes (s) | rows moved per second | longest step, the longest "
+                  "write lock (s) | keys meanwhile: median / max ms | keys whose screen said \"moving: N%\" | "
+                  "bytes a row once moved | compact copy (s, writers go on) | the longest lock giving space "
+                  "back (s) | bytes a row after | free pages after |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         floors = []
-        for layout in loggen.LEGACY:
-            opened, moved, took, longest, floor = migration(workdir, args.migrate_rows, layout)
-            lines.append(f"| {layout} | {moved:,} | {opened:.2f} | {moved / took:,.0f} | {longest:.2f} |")
-            floors.append((layout, moved, floor))
-            summary.append(f"migration from {layout}: {moved / took:,.0f} rows/s, capture after {opened:.2f} s")
-            print(summary[-1], flush=True)
+        for size in [int(s) for s in args.migrate_rows.split(",")]:
+            for layout in loggen.LEGACY:
+                m = migration(workdir, size, layout)
+                lines.append(f"| {layout} | {m.moved:,} | {m.opened:.2f} | {m.moved / m.took:,.0f} | {m.longest:.2f} | "
+                             f"{ms(statistics.median(m.keys))} / {ms(max(m.keys))} | {sum(m.said)} of "
+                             f"{len(m.said)} | {m.before / m.rows:.0f} | {m.copying:.1f} | {m.lock:.2f} | "
+                             f"{m.after / m.rows:.0f} | {m.free:.1%} |")
+                floors.append((layout, m.moved, m.floor))
+                summary.append(f"migration of {m.moved:,} rows from {layout}: {m.moved / m.took:,.0f} rows/s, capture "
+                               f"after {m.opened:.2f} s, keys meanwhile max {ms(max(m.keys))} ms, "
+                               f"{m.after / m.rows:.0f} B/row after (was {m.before / m.rows:.0f}), longest lock "
+                               f"{max(m.longest, m.lock):.2f} s")
+                print(summary[-1], flush=True)
         lines += ["", "The layout's floor: what the steps any migration to it must take cost on their own "
                   "(seconds)", "",
                   "| layout | storing the distinct processes and strings | copying the rows into conns (no ids "
@@ -445,7 +526,7 @@ def main(argv=None):
         with open(args.report, "w") as f:
             f.write(text)
     print(text)
-    print("log: " + "; ".join(summary))
+    print("log: " + "; ".join(summary) + f"; on {machine.summary()}")
     return 0
 
 

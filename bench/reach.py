@@ -34,7 +34,6 @@ import contextlib
 import datetime
 import json
 import os
-import platform
 import pwd
 import shutil
 import signal
@@ -50,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
+import machine  # noqa: E402
 import run as bench_run  # noqa: E402  (private_resolver)
 
 TOTAL = 300_000         # bytes the new program sends
@@ -88,14 +88,6 @@ for i in range(count):
         print(time.time(), flush=True)
     time.sleep(seconds / count)
 """
-
-
-def machine():
-    """The machine a figure was measured on: CPU model, cores, kernel."""
-    model = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    return f"{model or platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores, kernel {platform.release()}"
 
 
 class User:
@@ -431,7 +423,9 @@ def report_text(args, results):
     lines = [
         f"# picosnitch within a user's reach: {datetime.date.today()}",
         "",
-        f"Machine: {machine()}. picosnitch: {args.picosnitch} ({args.label}). Write window {args.window} s; "
+        *machine.describe(),
+        "",
+        f"picosnitch: {args.picosnitch} ({args.label}). Write window {args.window} s; "
         f"killing for {s['killing_seconds']} s.",
         "",
         "| attempt | measured |",

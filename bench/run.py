@@ -29,6 +29,10 @@ import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import machine  # noqa: E402
+
 PYTHON = "/usr/bin/python3"
 PICOSNITCH = os.path.join(ROOT, "picosnitch.py")
 PEER_NS, CT_NS = "psbench-peer", "psbench-ct"
@@ -755,8 +759,7 @@ def targets_table(results, samples, over, sust, empty, cost=None):
 
 
 def report(args, results, samples, over, sust, tools, empty=None, cost=None, empty_ns=None):
-    lines = [f"# picosnitch benchmark, {datetime.date.today()}", "",
-             f"- kernel: {os.uname().release}; {os.cpu_count()} cores",
+    lines = [f"# picosnitch benchmark, {datetime.date.today()}", "", *machine.describe(),
              f"- trials per scenario: {args.trials}; cells show the most common verdict (ties toward the worse),"
              " `*` where trials disagreed",
              "- references: application bytes counted by the generators (socket-level tools), wire bytes from "
@@ -777,7 +780,7 @@ def report(args, results, samples, over, sust, tools, empty=None, cost=None, emp
     if cost:
         lines += cost_table(cost, empty_ns) + [""]
     lines += targets_table(results, samples, over, sust, empty or {}, cost) + [""]
-    summary = summary_line(results, samples, over, sust, cost)
+    summary = summary_line(results, samples, over, sust, cost) + f"; on {machine.summary()}"
     lines += ["## Summary", "", summary, ""]
     return "\n".join(lines), summary
 

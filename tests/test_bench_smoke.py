@@ -1,9 +1,12 @@
 """The benchmark's smoke run (a few scenarios, one trial, picosnitch only), so
 that the harness cannot rot. The full run is `bench/run.py` (bench/README.md)."""
 import os
+import re
 import subprocess
 
 from conftest import PYTHON, ROOT, need_root
+
+import machine as bench_machine
 
 
 def test_smoke_run_writes_a_scorecard(tmp_path):
@@ -31,7 +34,10 @@ def test_log_benchmark_on_a_small_log(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     summary = out.stdout.strip().splitlines()[-1]
     assert summary.startswith("log: 19,999 rows: ") and "165/165 queries ≤ 200 ms" in summary
-    assert "migration from v1: " in summary and "migration from upstream-1.0.3: " in summary
+    for layout in ("v1", "upstream-1.0.3"):
+        moved = re.search(f"migration of 19,999 rows from {layout}: .* keys meanwhile max (\\d+) ms, (\\d+) B/row after "
+                          f"\\(was (\\d+)\\)", summary)
+        assert moved and int(moved[2]) < int(moved[3]), summary
     text = report.read_text()
     for part in ("first screen after", "peak RSS", "| right |", "*exe =, domain ≠*", "pruning the two oldest days",
                  "the primary's cost per window", "| upstream-1.0.3 | 19,999 |", "The layout's floor",
@@ -41,3 +47,34 @@ def test_log_benchmark_on_a_small_log(tmp_path):
     assert len(floors) == 4         # (the rate, then the floor, of each layout)
     for cells in floors[2:]:        # interning, copying, grouping, summing, freeing, together, rows/s: all measured
         assert all(float(c.replace(",", "").strip(" |")) > 0 for c in cells[1:]), cells
+
+
+def test_the_machine_is_described():
+    """bench/machine.py's description, under every report's title, names the
+    CPU model and microcode of /proc/cpuinfo, the kernel's release, each file
+    of /sys/devices/system/cpu/vulnerabilities with its line, and the BPF
+    JIT's hardening; its one-line summary names the CPU and microcode."""
+    lines = bench_machine.describe()
+    text = "\n".join(lines)
+    cpu = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            cpu.setdefault(name.strip(), value.strip())
+    model, microcode = cpu.get("model name", "unknown"), cpu.get("microcode", "unknown")
+    assert f"- CPU: {model}" in text and f"microcode {microcode}" in text, text
+    assert f"{model} (microcode {microcode})" in bench_machine.summary()
+    assert f"- kernel: {os.uname().release} ({os.uname().version})" in lines
+    vulnerabilities = "/sys/devices/system/cpu/vulnerabilities"
+    if os.path.isdir(vulnerabilities):
+        names = sorted(os.listdir(vulnerabilities))
+        assert names
+        for name in names:
+            with open(os.path.join(vulnerabilities, name)) as f:
+                assert f"  - {name}: {f.readline().strip()}" in lines, name
+    try:
+        with open("/proc/sys/net/core/bpf_jit_harden") as f:
+            harden = f.readline().strip()
+    except OSError:
+        harden = "unknown"
+    assert f"bpf_jit_harden {harden}" in text, text
