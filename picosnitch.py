@@ -1162,9 +1162,42 @@ class Runtime:
 # 7. storage (all SQL lives here)
 ###############################################################################
 
-DB_COLUMNS = ["contime", "send", "recv", "exe", "name", "cmdline", "sha256",
-              "pexe", "pname", "pcmdline", "psha256", "uid", "lport", "rport",
-              "laddr", "raddr", "domain", "proto", "gpexe", "gpname", "gpcmdline", "gpsha256"]
+_PROC_ATTRS = ("exe", "name", "cmdline", "sha256")
+
+
+class Row(typing.NamedTuple):
+    """A row of the log, as the connections view has it: one connection of
+    one write window. A process is its executable, name, command line and
+    sha256; the parent's columns start with p, the grandparent's with gp."""
+    contime: typing.Any             # the window's local time, "YYYY-MM-DD HH:MM:SS" (any text a script wrote)
+    send: int
+    recv: int
+    exe: str
+    name: str
+    cmdline: str
+    sha256: str
+    pexe: str
+    pname: str
+    pcmdline: str
+    psha256: str
+    uid: typing.Optional[int]
+    lport: typing.Optional[int]
+    rport: typing.Optional[int]
+    laddr: str
+    raddr: str
+    domain: str
+    proto: str
+    gpexe: str = ""                 # (the remote copy has no grandparent: rows for it may end before)
+    gpname: str = ""
+    gpcmdline: str = ""
+    gpsha256: str = ""
+
+    def process(self, prefix: str = "") -> tuple:
+        """The process (""), its parent ("p") or grandparent ("gp"): exe, name, cmdline, sha256."""
+        return tuple(getattr(self, prefix + a) for a in _PROC_ATTRS)
+
+
+DB_COLUMNS = list(Row._fields)
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
 SCHEMA_VERSION = 4
@@ -1240,7 +1273,6 @@ CONNS_COLUMNS = ("t", "send", "recv", "proc", "parent", "gp", "uid", "lport", "r
                  "proto")
 
 # the columns of the connections view, from conns (c) and what it refers to
-_PROC_ATTRS = ("exe", "name", "cmdline", "sha256")
 VIEW_SQL = {"contime": "CASE WHEN typeof(c.t) = 'integer' THEN strftime('%Y-%m-%d %H:%M:%S', c.t, 'unixepoch') "
                        "ELSE c.t END",
             "send": "c.send", "recv": "c.recv", "uid": "c.uid", "lport": "c.lport", "rport": "c.rport",
@@ -1253,45 +1285,29 @@ VIEW_FROM = ("conns c JOIN procs p ON p.id = c.proc JOIN procs pp ON pp.id = c.p
 LEGACY_TABLE = "connections_v1"
 
 
-def rollup_value(column: str, source: str) -> str:
+def rollup_value(column: str) -> str:
     """A conns column as its rollups key (NULL integers become NOT_LOGGED)."""
-    return f"coalesce({source}{column}, {NOT_LOGGED})" if column in INTEGER_KEYS else f"{source}{column}"
+    return f"coalesce({column}, {NOT_LOGGED})" if column in INTEGER_KEYS else column
 
 
-def rollup_upserts(source: str, rows: str) -> typing.List[str]:
-    """Statements adding conns rows (columns prefixed source, `rows` each) to every rollup."""
-    out = []
-    for table, keys in ROLLUPS.items():
-        for level in ROLLUP_LEVELS:
-            bucket = f"CASE WHEN typeof({source}t) = 'integer' THEN {source}t / {level} * {level} ELSE {NO_TIME} END"
-            variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
-            for values in variants:
-                columns = [str(level), bucket] + [v if v == "0" else rollup_value(v, source) for v in values]
-                out.append(f"INSERT INTO {table} (level, b, {''.join(k + ', ' for k in keys)}send, recv, rows) "
-                           f"SELECT {', '.join(columns)}, {source}send, {source}recv, {rows} FROM conns "
-                           f"WHERE id = last_insert_rowid() ON CONFLICT DO UPDATE SET send = send + excluded.send, "
-                           f"recv = recv + excluded.recv, rows = rows + excluded.rows")
-    return out
-
-
-def roll_statements() -> typing.Dict[int, typing.List[str]]:
-    """Statements adding the conns rows with first < id <= last to the rollups, by level."""
+def rollup_statements(where: str) -> typing.Dict[int, typing.List[str]]:
+    """Statements adding the conns rows that match `where` to the rollups, by level."""
     out: typing.Dict[int, typing.List[str]] = {level: [] for level in ROLLUP_LEVELS}
     for table, keys in ROLLUPS.items():
         for level in ROLLUP_LEVELS:
             bucket = f"CASE WHEN typeof(t) = 'integer' THEN t / {level} * {level} ELSE {NO_TIME} END"
             variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
             for values in variants:
-                columns = [bucket] + [v if v == "0" else rollup_value(v, "") for v in values]
+                columns = [bucket] + [v if v == "0" else rollup_value(v) for v in values]
                 out[level].append(f"INSERT INTO {table} (level, b, {''.join(k + ', ' for k in keys)}send, recv, rows) "
-                           f"SELECT {level}, {', '.join(columns)}, sum(send), sum(recv), count(*) FROM conns "
-                           f"WHERE id > ? AND id <= ? "
-                           f"GROUP BY {', '.join(str(i + 2) for i in range(len(columns)))} ON CONFLICT DO UPDATE SET "
-                           f"send = send + excluded.send, recv = recv + excluded.recv, rows = rows + excluded.rows")
+                                  f"SELECT {level}, {', '.join(columns)}, sum(send), sum(recv), count(*) FROM conns "
+                                  f"WHERE {where} GROUP BY {', '.join(str(i + 2) for i in range(len(columns)))} "
+                                  f"ON CONFLICT DO UPDATE SET send = send + excluded.send, "
+                                  f"recv = recv + excluded.recv, rows = rows + excluded.rows")
     return out
 
 
-ROLL_STATEMENTS = roll_statements()
+ROLL_STATEMENTS = rollup_statements("id > ? AND id <= ?")     # (the rows first < id <= last)
 
 
 # while older rows are rolled up, days with rows written since are told
@@ -1318,7 +1334,7 @@ def insert_trigger() -> str:
         f"NEW.send, NEW.recv, {proc_ids}, NEW.uid, NEW.lport, NEW.rport, {str_ids})")
     statements.append(LIVE_FROM_UPDATE.format(
         f"(SELECT CASE WHEN typeof(t) = 'integer' THEN t ELSE {NO_TIME} END FROM conns WHERE id = last_insert_rowid())"))
-    statements += rollup_upserts("", "1")
+    statements += [s for level in rollup_statements("id = last_insert_rowid()").values() for s in level]
     body = ";\n    ".join(statements)
     return f"CREATE TRIGGER IF NOT EXISTS connections_insert INSTEAD OF INSERT ON connections BEGIN\n    {body};\nEND"
 
@@ -1456,13 +1472,14 @@ class Log:
         return found
 
     def encode(self, row: typing.Sequence) -> tuple:
-        """A row in DB_COLUMNS order as conns values (CONNS_COLUMNS)."""
-        t = self.times.get(row[0])
+        """A row (a Row, or its values in order) as conns values (CONNS_COLUMNS)."""
+        r = Row(*row)
+        t = self.times.get(r.contime)
         if t is None:
-            t = self.times[row[0]] = local_seconds(row[0])
-        return (t, row[1], row[2], self.proc_id(tuple(row[3:7])), self.proc_id(tuple(row[7:11])),
-                self.proc_id(tuple(row[18:22])), row[11], row[12], row[13], self.str_id(row[14]), self.str_id(row[15]),
-                self.str_id(row[16]), self.str_id(row[17]))
+            t = self.times[r.contime] = local_seconds(r.contime)
+        return (t, r.send, r.recv, self.proc_id(r.process()), self.proc_id(r.process("p")),
+                self.proc_id(r.process("gp")), r.uid, r.lport, r.rport, self.str_id(r.laddr), self.str_id(r.raddr),
+                self.str_id(r.domain), self.str_id(r.proto))
 
     def add(self, rows: typing.Sequence[tuple], ids: typing.Optional[typing.Sequence[int]] = None) -> None:
         """Insert encoded rows (with ids, for rows moved from an older log,
@@ -1483,8 +1500,8 @@ class Log:
             for statement in statements:
                 self.con.execute(statement, (first, last))
 
-    def insert(self, rows: typing.Sequence[tuple], mark: typing.Tuple[str, int] = ("", 0)) -> None:
-        """Insert rows in DB_COLUMNS order, in one transaction with mark (the
+    def insert(self, rows: typing.Sequence[typing.Sequence], mark: typing.Tuple[str, int] = ("", 0)) -> None:
+        """Insert rows (each a Row, or its values in order), in one transaction with mark (the
         run and the window they came from), so that a window sent again after a
         crash is recognised as written."""
         if len(self.procs) + len(self.strs) > INTERN_CACHE:
@@ -2311,10 +2328,13 @@ TEXT_LOG_FIELDS = DB_COLUMNS[:DB_COLUMNS.index("domain") + 1]
 TEXT_LOG_STRIP = str.maketrans("", "", ",\n\r\0")
 
 
-def text_log_line(row: tuple) -> str:
-    """One conn.log line from a snitch.db row: commas, newlines and NULs
-    removed, names shown (what acts escaped)."""
-    return ",".join("" if v is None else shown(str(v).translate(TEXT_LOG_STRIP)) for v in row[:len(TEXT_LOG_FIELDS)])
+def text_log_line(row: typing.Sequence) -> str:
+    """One conn.log line from a row (a Row, or its values in order, as far
+    as its fields go): commas, newlines and NULs removed, names shown (what
+    acts escaped)."""
+    values = dict(zip(DB_COLUMNS, row))
+    return ",".join("" if v is None else shown(str(v).translate(TEXT_LOG_STRIP))
+                    for v in (values[field] for field in TEXT_LOG_FIELDS))
 
 
 # the remote copy: client module -> SQL dialect; dialect -> column types
@@ -2362,12 +2382,13 @@ class RemoteDB:
         cur.execute(self.schema())
         self.con.commit()
 
-    def insert(self, rows: typing.Sequence[tuple]) -> None:
-        """Insert rows (snitch.db order) in one transaction, connecting if needed."""
+    def insert(self, rows: typing.Sequence[typing.Sequence]) -> None:
+        """Insert rows (each a Row, or its values in order) in one transaction, connecting if needed."""
         if self.con is None:
             self.connect()
         stamp = lambda text: datetime.datetime.strptime(text, TIME_FORMAT)
-        values = [(stamp(r[0]),) + tuple(r[1:len(REMOTE_COLUMNS)]) for r in rows]
+        values = [tuple(stamp(r.contime) if c == "contime" else getattr(r, c) for c in REMOTE_COLUMNS)
+                  for r in (Row(*row) for row in rows)]
         cur = self.con.cursor()
         cur.executemany(f"INSERT INTO {self.table} ({','.join(REMOTE_COLUMNS)}) VALUES ({self.marks})", values)
         self.con.commit()
@@ -3547,7 +3568,8 @@ EXE_REPLACED = 1       # ProcT.flags: the process replaced its executable (prctl
 
 
 def bpf_text(btf: BTF, mode: str) -> str:
-    """The complete C program for a capture mode (see CAPTURE_MODES)."""
+    """The complete C program for a capture mode: its socket hooks (SOCK_HOOKS)
+    and peer store (PEER_STORE_OF_MODE) in the common text."""
     defines = lambda prefix, names: "\n".join(f"#define {prefix}{n} {i}" for i, n in names)
     structs = "".join(c_struct(cls, name) for cls, name in STRUCT_NAMES.items())
     return string.Template(BPF_TEXT).substitute(
@@ -5805,15 +5827,17 @@ PENDING_ROWS = 200_000    # rows per log kept in memory while it cannot be writt
 RETRY_WRITES = 2.0        # seconds between attempts to write what waits
 
 
-def conn_row(conn: Conn, contime: str, sha: str, psha: str, gpsha: str, domain: str, config: Config) -> tuple:
-    """A snitch.db row (DB_COLUMNS order); the Log switches blank what is off."""
+def conn_row(conn: Conn, contime: str, sha: str, psha: str, gpsha: str, domain: str, config: Config) -> Row:
+    """A connection's row; the Log switches blank what is off."""
     cmd = lambda p: p.cmdline if config.log_commands else ""
     port = lambda p: p if config.log_ports else None
     addr = lambda a: a if config.log_addresses else ""
-    return (contime, conn.send, conn.recv, conn.proc.exe, conn.proc.name, cmd(conn.proc), sha,
-            conn.parent.exe, conn.parent.name, cmd(conn.parent), psha, conn.uid,
-            port(conn.lport), port(conn.rport), addr(conn.laddr), addr(conn.raddr), domain, conn.proto,
-            conn.grandparent.exe, conn.grandparent.name, cmd(conn.grandparent), gpsha)
+    return Row(contime=contime, send=conn.send, recv=conn.recv,
+               exe=conn.proc.exe, name=conn.proc.name, cmdline=cmd(conn.proc), sha256=sha,
+               pexe=conn.parent.exe, pname=conn.parent.name, pcmdline=cmd(conn.parent), psha256=psha,
+               uid=conn.uid, lport=port(conn.lport), rport=port(conn.rport), laddr=addr(conn.laddr),
+               raddr=addr(conn.raddr), domain=domain, proto=conn.proto, gpexe=conn.grandparent.exe,
+               gpname=conn.grandparent.name, gpcmdline=cmd(conn.grandparent), gpsha256=gpsha)
 
 
 def record_add(section: dict, key: str, value: str) -> bool:
@@ -6449,13 +6473,6 @@ def confine(caps: typing.Optional[typing.Sequence[str]], user: typing.Optional[U
             set_capabilities(caps or [])
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     prctl(PR_SET_DUMPABLE, 0)       # no one but root may look inside or take its descriptors
-
-
-def capabilities_of(pid: typing.Union[int, str] = "self") -> int:
-    """The effective capabilities of a process, as a bit mask."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-
 
 
 RUN_AS_TIMEOUT = 60.0      # seconds a piece of work done as another account may take
