@@ -1,5 +1,5 @@
 """Every byte under its own connection, and every program under its own name
-(sections 8 and 10): reused socket memory, rewritten and fileless
+(the BPF program text and the reader): reused socket memory, rewritten and fileless
 executables, hidden launchers, and senders racing the start."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Section 21, the web UI, without a browser: the view kept in the address,
+"""The web UI, without a browser: the view kept in the address,
 the chart's buckets, the chart, table and drill-down data checked against
 sums computed from the rows, the request guard through Flask's test
 client, and `picosnitch dash` itself over real HTTP (the loopback-only

@@ -1,4 +1,4 @@
-"""`picosnitch dash` (section 21) in a real browser: Debian's Chromium,
+"""`picosnitch dash` (the web UI) in a real browser: Debian's Chromium,
 headless, driven through Selenium (tests/browser.py), against a log the
 daemon wrote and against a generated one whose every number is known.
 

@@ -1,4 +1,5 @@
-"""Nothing lost without a word, on a bad day (sections 7, 10, 13, 15, 17 and 18):
+"""Nothing lost without a word, on a bad day (storage, the reader, notifications, the primary, the state
+directory and the supervisor):
 a locked database, a full disk, killed processes, damaged files, an old
 database layout, and senders racing the start."""
 import json

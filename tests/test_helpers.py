@@ -1,4 +1,4 @@
-"""Section 14, the primary's helpers: reverse names, VirusTotal against a
+"""The primary's helpers: reverse names, VirusTotal against a
 local server speaking its v3 API, GeoIP with a database built here and its
 monthly download from a local server."""
 import datetime

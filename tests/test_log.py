@@ -1,4 +1,4 @@
-"""Section 7, the log at scale: the compact layout (version 2), the
+"""Storage, the log at scale: the compact layout (version 2), the
 connections view, rollups and retention, migrations from the older layouts,
 and the query layer, checked against sums computed from the rows themselves."""
 import os

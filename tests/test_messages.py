@@ -1,4 +1,4 @@
-"""Section 5: the messages between the processes, their channels, and the
+"""The messages between the processes, their channels, and the
 Reporter."""
 import os
 import pickle

@@ -1,4 +1,4 @@
-"""Sections 11 and 12: hashing through cached file descriptors, identity
+"""Hashing and the monitor process: hashing through cached file descriptors, identity
 checks, fanotify in file-handle mode, and the rules that decide whether a
 hash is that of the content a process executed."""
 import hashlib

@@ -1,7 +1,6 @@
-"""The one way to show a name (section 4, shown), in-process, and each place
-that uses it: the logs (section 13), conn.log (section 7), the terminal
-viewer's cells (section 20) and the web UI's chart, table and export
-(section 21). The same end to end is in test_names_e2e.py."""
+"""The one way to show a name (`shown`, in the small utilities), in-process, and each place
+that uses it: the logs (notifications), conn.log (storage), the terminal
+viewer's cells and the web UI's chart, table and export. The same end to end is in test_names_e2e.py."""
 import csv
 import io
 

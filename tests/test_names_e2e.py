@@ -1,4 +1,4 @@
-"""Names a program chooses (sections 4, 10, 13 and 21): on real BPF, with a
+"""Names a program chooses (shown, the reader, notifications and the web UI): on real BPF, with a
 real session bus whose notification service takes markup, they are logged
 whole and shown so that nothing in them acts, in the logs and on the
 desktop; the database keeps their exact bytes."""

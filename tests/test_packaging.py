@@ -8,7 +8,7 @@ clone of HEAD (what is not committed is not in them):
 - the wheel and the sdist with `python3 -m build`, checked by twine, the
   wheel installed in a venv that sees the system's bcc.
 
-Each package carries picosnitch's own service unit (section 18)."""
+Each package carries picosnitch's own service unit (the supervisor's section)."""
 import contextlib
 import email.parser
 import glob

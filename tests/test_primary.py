@@ -1,4 +1,4 @@
-"""Section 15, the primary: one window through every sink, with the monitor's
+"""The primary process: one window through every sink, with the monitor's
 side of the hash pipe answered by a thread."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""Out of the user's reach (sections 13, 15, 17 and 18): a program running as
+"""Out of the user's reach (notifications, the primary, the state directory and the supervisor): a program running as
 the user picosnitch works for tries to silence it, pre-approve itself, erase
 its traces and quietly reconfigure it, and another local account tries to
 read the log, on real BPF, a real session bus and real throwaway users.

@@ -1,4 +1,4 @@
-"""The remote copy of the log (section 14, RemoteWriter) against real
+"""The remote copy of the log (RemoteWriter, among the primary's helpers) against real
 PostgreSQL and MariaDB servers, through each of the four clients: rows arrive
 in order, and a server that is down, paused or refusing loses nothing, stalls
 nothing and is reported once, without the password."""

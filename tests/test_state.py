@@ -1,6 +1,6 @@
-"""Section 17, the state directory, in-process: who may read it, the move of
+"""The state directory, in-process: who may read it, the move of
 an older picosnitch's files (cut short, then done), the links left in their
-place, and the settings a start runs with (section 6's weakened among them).
+place, and the settings a start runs with (the configuration's weakened among them).
 The same end to end, with real users, is in test_reach_e2e.py."""
 import json
 import os

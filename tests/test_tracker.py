@@ -1,4 +1,4 @@
-"""Section 10 in-process: the Tracker fed with events as the kernel sends
+"""The BPF reader process, in-process: the Tracker fed with events as the kernel sends
 them. Pids are beyond pid_max, so that /proc knows none of them."""
 import ctypes
 

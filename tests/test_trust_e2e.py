@@ -1,4 +1,5 @@
-"""Nothing a user controls can steer root (sections 16, 17, 18 and 20): what
+"""Nothing a user controls can steer root (privileges, the state directory, the
+supervisor and the terminal viewer): what
 acts on the user's settings and files runs as that user, and what writes
 picosnitch's records runs as picosnitch's account, with no capabilities.
 Each case runs picosnitch for a real throwaway user, as `sudo picosnitch`

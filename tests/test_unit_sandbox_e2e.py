@@ -1,4 +1,4 @@
-"""The service unit that `picosnitch systemd` writes (section 18): its score
+"""The service unit that `picosnitch systemd` writes (the supervisor's section): its score
 with systemd-analyze, and the daemon run end to end under the unit's own
 sandbox. CI has no systemd as init, so tests/unit_sandbox.py applies the
 unit's settings itself (namespaces, mounts, seccomp, setpriv), in a private

@@ -1,4 +1,4 @@
-"""`picosnitch view` (section 20) driven in tmux: keys sent with send-keys,
+"""`picosnitch view` (the terminal viewer) driven in tmux: keys sent with send-keys,
 the screen read with capture-pane after each, against a generated snitch.db
 and against one written by a running daemon."""
 import datetime
