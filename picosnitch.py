@@ -5959,6 +5959,7 @@ def compact_copy(path: str) -> str:
                                   f"needs {(needed + COMPACT_MARGIN) / 1e6:.0f} MB; it keeps its size, with "
                                   f"nothing lost, and is tried again after the next retention")
         log.copy_compact(copy)
+        log.con.execute("PRAGMA wal_checkpoint(PASSIVE)")      # (what the primary's checkpoint is left to do)
     except BaseException:
         remove_copy(copy)
         raise
