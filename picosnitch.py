@@ -61,7 +61,7 @@ Table of contents (each numbered section uses only the ones above it):
     21. web UI
     22. command line
 
-Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|dash|version|help
+Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|dash|ebpf [MODE]|version|help
 """
 
 ###############################################################################
@@ -2679,7 +2679,7 @@ def bpf_prelude(btf: BTF) -> str:
 
 # The BPF program. $NAMES are filled by bpf_text(), in one place. Hooks are
 # HOOK(tracepoint) functions, attached by name once the perf buffers are in
-# place (RAW_HOOKS), so that no event is sent before anyone can receive it.
+# place (CAPTURE_MODES), so that no event is sent before anyone can receive it.
 BPF_TEXT = r"""
 #include <uapi/linux/ptrace.h>
 
@@ -3315,7 +3315,6 @@ static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
 }
 """,
 }
-PEER_STORE_OF_MODE = {"tracepoint": "thread", "raw-tracepoint": "task", "kprobe": "hash"}
 
 # socket hooks: sock tracepoints (Linux >= 6.3), else kprobes on the send/receive path
 SOCK_HOOKS = {
@@ -3549,16 +3548,39 @@ int on_sock_recvmsg_return(struct pt_regs *ctx) { return sock_return(ctx, DIR_RE
 KPROBE_HOOKS = [("sock_sendmsg", "on_sock_sendmsg", "on_sock_sendmsg_return"),
                 ("sock_recvmsg", "on_sock_recvmsg", "on_sock_recvmsg_return")]
 
-# raw tracepoints each mode attaches, in this order (the getaddrinfo uprobes follow)
-ROUTE_HOOKS = ["fib_table_lookup", "fib6_table_lookup"]     # where no cgroup hook names a send's peer
-RAW_HOOKS = {"tracepoint": [], "raw-tracepoint": ["sock_send_length", "sock_recv_length"] + ROUTE_HOOKS,
-             "kprobe": ROUTE_HOOKS}
+# raw tracepoints every mode attaches first (the getaddrinfo uprobes follow)
 RAW_HOOKS_ALL = ["sched_process_exec", "sched_process_fork", "sched_process_exit", "inet_sock_set_state",
                  "tcp_rcv_space_adjust", "sk_data_ready"]
-# the tracepoint mode's typed tracepoints (program, tracepoint) and cgroup hooks (program, attach type)
+ROUTE_HOOKS = ["fib_table_lookup", "fib6_table_lookup"]     # where no cgroup hook names a send's peer
+# the typed tracepoints (program, tracepoint) and cgroup hooks (program, attach type) of the modes that have them
 TYPED_HOOKS = [("btf__sock_send_length", "sock_send_length"), ("btf__sock_recv_length", "sock_recv_length")]
 BPF_CGROUP_UDP4_SENDMSG, BPF_CGROUP_UDP6_SENDMSG = 14, 15
 CGROUP_HOOKS = [("cg__udp4_sendmsg", BPF_CGROUP_UDP4_SENDMSG), ("cg__udp6_sendmsg", BPF_CGROUP_UDP6_SENDMSG)]
+
+
+class CaptureMode(typing.NamedTuple):
+    """One way to capture: the program text it adds, and what the loader
+    loads and attaches for it."""
+    description: str                # (what `status` says)
+    sock_hooks: str                 # its socket programs (SOCK_HOOKS)
+    peer_store: str                 # where a send's peer waits (PEER_STORES)
+    raw_hooks: typing.List[str]     # raw tracepoints beyond RAW_HOOKS_ALL, attached after them
+    typed: bool                     # TYPED_HOOKS and CGROUP_HOOKS, with ROUTE_HOOKS attached on demand
+    kprobes: typing.List[typing.Tuple[str, str, str]]      # (kernel function, entry program, return program)
+    fallback: str                   # the mode to capture with where the kernel refuses this one's hooks
+
+
+CAPTURE_MODES = {
+    "tracepoint": CaptureMode(
+        "tracepoint (sock:sock_send_length, sock:sock_recv_length, typed; cgroup UDP sendmsg hooks)",
+        SOCK_HOOKS["tracepoint"], "thread", [], True, [], "raw-tracepoint"),
+    "raw-tracepoint": CaptureMode(
+        "raw tracepoint (sock:sock_send_length, sock:sock_recv_length; route lookups)",
+        SOCK_HOOKS["raw-tracepoint"], "task", ["sock_send_length", "sock_recv_length"] + ROUTE_HOOKS, False, [], ""),
+    "kprobe": CaptureMode(
+        "kprobe fallback (sock_sendmsg, sock_recvmsg)",
+        SOCK_HOOKS["kprobe"], "hash", ROUTE_HOOKS, False, KPROBE_HOOKS, ""),
+}
 
 MAX_CONNS = 32768      # connections per window (in the hash maps)
 MAX_SLOTS = 32768      # connections per window in the typed tracepoints' arrays (then the hash maps)
@@ -3568,8 +3590,7 @@ EXE_REPLACED = 1       # ProcT.flags: the process replaced its executable (prctl
 
 
 def bpf_text(btf: BTF, mode: str) -> str:
-    """The complete C program for a capture mode: its socket hooks (SOCK_HOOKS)
-    and peer store (PEER_STORE_OF_MODE) in the common text."""
+    """The complete C program for a capture mode (CAPTURE_MODES)."""
     defines = lambda prefix, names: "\n".join(f"#define {prefix}{n} {i}" for i, n in names)
     structs = "".join(c_struct(cls, name) for cls, name in STRUCT_NAMES.items())
     return string.Template(BPF_TEXT).substitute(
@@ -3581,8 +3602,9 @@ def bpf_text(btf: BTF, mode: str) -> str:
         EXE_REPLACED=EXE_REPLACED, EXEC_ROOT=EXEC_ROOT, EXEC_NO_DIR=EXEC_NO_DIR, EXEC_NAME_CUT=EXEC_NAME_CUT,
         EXEC_ARGS_CUT=EXEC_ARGS_CUT,
         N_STATS=2 * len(STATS),
-        SOCK_HOOKS=string.Template(SOCK_HOOKS[mode]).substitute(MAX_THREADS=MAX_THREADS, MAX_SLOTS=MAX_SLOTS),
-        PEER_STORE=string.Template(PEER_STORES[PEER_STORE_OF_MODE[mode]]).substitute(MAX_THREADS=MAX_THREADS))
+        SOCK_HOOKS=string.Template(CAPTURE_MODES[mode].sock_hooks).substitute(MAX_THREADS=MAX_THREADS,
+                                                                              MAX_SLOTS=MAX_SLOTS),
+        PEER_STORE=string.Template(PEER_STORES[CAPTURE_MODES[mode].peer_store]).substitute(MAX_THREADS=MAX_THREADS))
 
 
 ###############################################################################
@@ -3667,16 +3689,10 @@ def compile_program(text: str, headers: typing.Optional[typing.List[str]]):
 
 def capture_mode(btf: BTF) -> str:
     """'tracepoint' where the kernel has sock:sock_send_length (>= 6.3), else
-    'kprobe'; attach_program falls back from 'tracepoint' to 'raw-tracepoint'
-    where typed tracepoints or cgroup hooks are refused."""
+    'kprobe'; attach_program falls back as CAPTURE_MODES says (from
+    'tracepoint' to 'raw-tracepoint') where the kernel refuses a mode's hooks."""
     return "tracepoint" if btf.has_raw_tracepoint("sock_send_length") else "kprobe"
 
-
-MODE_DESCRIPTIONS = {
-    "tracepoint": "tracepoint (sock:sock_send_length, sock:sock_recv_length, typed; cgroup UDP sendmsg hooks)",
-    "raw-tracepoint": "raw tracepoint (sock:sock_send_length, sock:sock_recv_length; route lookups)",
-    "kprobe": "kprobe fallback (sock_sendmsg, sock_recvmsg)",
-}
 
 # maps the reader uses, in the order their descriptors are handed over
 READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1", "slots0", "slots1", "nslots", "route_use")
@@ -3814,6 +3830,7 @@ def attach_program(notes: typing.List[str], perf_fds: typing.List[int], mode: st
     from bcc import BPF
     btf = BTF.from_file()
     mode = mode or capture_mode(btf)
+    spec = CAPTURE_MODES[mode]
     ensure_tracefs(notes.append)
     headers, note = find_kernel_headers(os.uname().release)
     notes += [note] if note not in notes else []
@@ -3827,29 +3844,28 @@ def attach_program(notes: typing.List[str], perf_fds: typing.List[int], mode: st
     routes: typing.Dict[str, int] = {}
     typed = None
     try:
-        if mode == "tracepoint":
+        if spec.typed:
             typed = TypedHooks(bpf, btf)
             routes = {name: bpf.load_func(f"hook__{name}".encode(), BPF.RAW_TRACEPOINT).fd for name in ROUTE_HOOKS}
-        for name in RAW_HOOKS[mode] + RAW_HOOKS_ALL:
+        for name in spec.raw_hooks + RAW_HOOKS_ALL:
             bpf.load_func(f"hook__{name}".encode(), BPF.RAW_TRACEPOINT)
-        for function in [f for _, entry, ret in KPROBE_HOOKS for f in (entry, ret)] if mode == "kprobe" else []:
+        for function in [f for _, entry, ret in spec.kprobes for f in (entry, ret)]:
             bpf.load_func(function.encode(), BPF.KPROBE)
         # (all loaded: each attach is a system call; processes first, then traffic)
-        for name in RAW_HOOKS_ALL + RAW_HOOKS[mode]:
+        for name in RAW_HOOKS_ALL + spec.raw_hooks:
             bpf.attach_raw_tracepoint(tp=name.encode(), fn_name=f"hook__{name}".encode())
         links = typed.attach() if typed else []
     except Exception as e:  # noqa: BLE001 - bcc raises plain Exception, the kernel OSError
-        if mode != "tracepoint":
+        if not spec.fallback:
             raise
         notes.append(f"typed tracepoints or cgroup hooks refused ({e}): capturing with raw tracepoints")
         if typed:
             typed.close()
         bpf.cleanup()
-        return attach_program(notes, perf_fds, "raw-tracepoint")
-    if mode == "kprobe":
-        for function, entry, ret in KPROBE_HOOKS:
-            bpf.attach_kprobe(event=function.encode(), fn_name=entry.encode())
-            bpf.attach_kretprobe(event=function.encode(), fn_name=ret.encode())
+        return attach_program(notes, perf_fds, spec.fallback)
+    for function, entry, ret in spec.kprobes:
+        bpf.attach_kprobe(event=function.encode(), fn_name=entry.encode())
+        bpf.attach_kretprobe(event=function.encode(), fn_name=ret.encode())
     try:
         bpf.attach_uprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo")
         bpf.attach_uretprobe(name=b"c", sym=b"getaddrinfo", fn_name=b"on_getaddrinfo_return")
@@ -7066,7 +7082,7 @@ def write_status(mode: str, started: str, children: typing.Dict[str, int], state
     every account may read)."""
     tmp = STATUSFILE + ".new"
     with open(tmp, "w") as f:
-        json.dump({"pid": os.getpid(), "mode": mode, "description": MODE_DESCRIPTIONS[mode],
+        json.dump({"pid": os.getpid(), "mode": mode, "description": CAPTURE_MODES[mode].description,
                    "started": started, "children": children, "state": state, "warnings": warnings}, f)
     os.chmod(tmp, 0o644)
     os.replace(tmp, STATUSFILE)
@@ -7402,7 +7418,7 @@ def run_foreground(setup: Setup) -> int:
     claim_pidfile()
     try:
         return run_supervisor(setup, lambda mode: print(
-            f"picosnitch: capturing, mode {MODE_DESCRIPTIONS[mode]}", flush=True))
+            f"picosnitch: capturing, mode {CAPTURE_MODES[mode].description}", flush=True))
     finally:
         release_pidfile()
 
@@ -7433,7 +7449,7 @@ def run_daemon(setup: Setup) -> int:
     answer = lambda line: pipe.write(f"picosnitch: {line}\n".encode())
     try:
         claim_pidfile()
-        code = run_supervisor(setup, lambda mode: answer(f"capturing, mode {MODE_DESCRIPTIONS[mode]}"))
+        code = run_supervisor(setup, lambda mode: answer(f"capturing, mode {CAPTURE_MODES[mode].description}"))
     except PicosnitchError as e:
         answer(str(e))
         code = 1
@@ -8888,6 +8904,8 @@ commands:
   systemd          write a systemd service unit for picosnitch (needs root)
   view             browse the connection log in the terminal
   dash             serve the web UI on http://localhost:5100 (HOST and PORT change the address)
+  ebpf [MODE]      print the BPF program as it would be compiled on this kernel, for the capture
+                   mode picosnitch would choose, or MODE (tracepoint, raw-tracepoint or kprobe)
   version          show the version
   help             show this help
 
@@ -8990,6 +9008,16 @@ def cmd_dash(_: str) -> int:
     return run_dash(state, user.directory, host, port)
 
 
+def cmd_ebpf(_: str, mode: str = "") -> int:
+    chosen = mode or capture_mode(BTF.from_file())
+    if chosen not in CAPTURE_MODES:
+        raise PicosnitchError(f"unknown capture mode: {shown(chosen)} (one of: {', '.join(CAPTURE_MODES)})")
+    print(f"picosnitch: the BPF program of capture mode {chosen}: {CAPTURE_MODES[chosen].description}",
+          file=sys.stderr)
+    sys.stdout.write(bpf_text(BTF.from_file(), chosen))
+    return 0
+
+
 def cmd_version(_: str) -> int:
     print(f"picosnitch {VERSION} (python {sys.version.split()[0]}, kernel {os.uname().release})")
     return 0
@@ -9005,22 +9033,24 @@ COMMANDS = {
     "start": (cmd_start, True), "stop": (cmd_stop, True), "restart": (cmd_restart, True),
     "status": (cmd_status, False), "start-no-daemon": (cmd_start_no_daemon, True),
     "systemd": (cmd_systemd, True), "view": (cmd_view, False), "dash": (cmd_dash, False),
-    "version": (cmd_version, False), "help": (cmd_help, False), "--help": (cmd_help, False), "-h": (cmd_help, False),
+    "ebpf": (cmd_ebpf, False), "version": (cmd_version, False), "help": (cmd_help, False),
+    "--help": (cmd_help, False), "-h": (cmd_help, False),
 }
+TAKES_AN_ARGUMENT = ("ebpf",)       # (the others take none)
 
 
 def main(argv: typing.Optional[typing.List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in COMMANDS or len(argv) > 1 + (argv[0] in TAKES_AN_ARGUMENT):
         print(USAGE, end="", file=sys.stderr)
         if argv:
-            print(f"\npicosnitch: unknown command: {' '.join(argv)}", file=sys.stderr)
+            print(f"\npicosnitch: unknown command: {shown(' '.join(argv))}", file=sys.stderr)
         return 2
     handler, needs_root = COMMANDS[argv[0]]
     try:
         if needs_root:
             require_root(argv[0])
-        return handler(argv[0])
+        return handler(*argv)
     except PicosnitchError as e:
         print(f"picosnitch: {e}", file=sys.stderr)
         return 1

@@ -127,3 +127,23 @@ def test_systemd_command_writes_the_unit():
             open(path, "w").write(before)
         if made:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_ebpf_prints_the_program_of_the_mode_it_would_choose_or_the_one_named():
+    """As the user, without root: the text compile_program is given, and
+    nothing else on stdout; a mode it does not know is an error that names it."""
+    btf = picosnitch.BTF.from_file()
+    out = cli("ebpf", user="nobody")
+    chosen = picosnitch.capture_mode(btf)
+    assert out.returncode == 0 and out.stdout == picosnitch.bpf_text(btf, chosen)
+    assert f"capture mode {chosen}: {picosnitch.CAPTURE_MODES[chosen].description}" in out.stderr
+    for mode, spec in picosnitch.CAPTURE_MODES.items():
+        out = cli("ebpf", mode, user="nobody")
+        assert out.returncode == 0 and out.stdout == picosnitch.bpf_text(btf, mode)
+        for _, entry, ret in spec.kprobes:
+            assert f"int {entry}(" in out.stdout and f"int {ret}(" in out.stdout
+    out = cli("ebpf", "fentry\x1b[31m", user="nobody")
+    assert out.returncode == 1 and out.stdout == ""
+    assert "unknown capture mode: fentry\\x1b[31m (one of: tracepoint, raw-tracepoint, kprobe)" in out.stderr
+    assert cli("ebpf", "kprobe", "tracepoint").returncode == 2 and cli("version", "x").returncode == 2
+

@@ -288,7 +288,7 @@ def test_picosnitch_captures_hashes_writes_and_notifies_in_its_sandbox(unit_file
                              capture_output=True, text=True, env=dict(os.environ, HOME="/nonexistent"))
         assert f"picosnitch is running (pid {daemon.proc.pid})" in out.stdout, out.stdout + out.stderr
         # the typed tracepoints and cgroup hooks load in the sandbox: no fallback
-        assert f"capture mode: {picosnitch.MODE_DESCRIPTIONS['tracepoint']}" in out.stdout, out.stdout
+        assert f"capture mode: {picosnitch.CAPTURE_MODES['tracepoint'].description}" in out.stdout, out.stdout
         # a new program uploads 4321 bytes to a name it looked up with getaddrinfo
         exe = unique_python(lib_exe_dir)
         virustotal.known[sha256_file(exe)] = stats(harmless=3, undetected=67)
