@@ -1817,17 +1817,30 @@ def catch_up(copy: str, path: str) -> int:
         con.close()
 
 
-def replace_log(copy: str, path: str) -> None:
+def replace_log(copy: str, path: str) -> typing.List[int]:
     """Put a caught-up copy in the log's place. No connection of
     picosnitch's is open on the log, and its WAL is empty: its -wal and -shm
     go first (a viewer that has them open goes on reading the old file until
     it opens the log again), then the copy takes its name in one rename. A
-    stop at any point leaves one whole log."""
+    stop at any point leaves one whole log. Returns descriptors of the files
+    replaced, still open: the kernel frees a file's space when the last is
+    closed, which takes seconds for a large one; the caller closes them
+    where that holds nothing back."""
+    kept = []
+    for suffix in ("-wal", "-shm", ""):
+        with contextlib.suppress(FileNotFoundError):
+            kept.append(os.open(path + suffix, os.O_RDONLY | os.O_CLOEXEC))
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + suffix)
     os.rename(copy, path)
     sync_directory(os.path.dirname(path) or ".")
+    return kept
+
+
+def close_all(fds: typing.Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def remove_copy(copy: str) -> None:
@@ -6356,7 +6369,7 @@ class Primary:
             before = os.stat(self.db_path).st_size
             self.db = None
             log.close()
-            replace_log(copy, self.db_path)
+            in_background("free", close_all, replace_log(copy, self.db_path))      # (the old file's space)
             self.reporter.info(f"{DB_NAME} gave back {(before - os.stat(self.db_path).st_size) / 1e6:.0f} MB of "
                                f"free pages")
         except (sqlite3.Error, OSError) as e:

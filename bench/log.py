@@ -318,8 +318,9 @@ def migration(workdir, rows, layout):
     assert log.checkpointed()
     picosnitch.catch_up(copy, path)
     log.close()
-    picosnitch.replace_log(copy, path)
+    replaced = picosnitch.replace_log(copy, path)
     lock = time.perf_counter() - began
+    picosnitch.close_all(replaced)           # (the old file's space, freed where it holds the primary back in nothing)
     con = sqlite3.connect(path)
     free = con.execute("PRAGMA freelist_count").fetchone()[0] / con.execute("PRAGMA page_count").fetchone()[0]
     count = con.execute("SELECT count(*) FROM conns").fetchone()[0]
