@@ -44,19 +44,19 @@ Table of contents (each numbered section uses only the ones above it):
      4. small utilities
      5. types shared by the kernel program and the processes, messages, reporting
      6. configuration
-     7. storage (all SQL lives here)
+     7. storage: the log, its layouts, and conn.log
      8. BTF reader and the BPF program text
      9. BPF loader, maps and perf buffers
     10. BPF reader process
     11. hashing, FD cache and fanotify
     12. monitor process
     13. notifications
-    14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
-    15. primary process
+    14. helpers of the primary: names, the remote copy and its queue, VirusTotal, GeoIP
+    15. primary process, and record.json
     16. privileges: capabilities, and doing work as another account
     17. the state directory, picosnitch's account, and the move from ~/.config
     18. supervisor, daemon and systemd unit
-    19. what the viewers share
+    19. what the viewers share: the query layer, opening the log, labels
     20. terminal viewer
     21. web UI
     22. command line
@@ -1159,7 +1159,7 @@ class Runtime:
                 "ready_tx", "ready_rx", "report_tx", "report_rx", "notice_tx", "notice_rx")
 
 ###############################################################################
-# 7. storage (all SQL lives here)
+# 7. storage: the log, its layouts, and conn.log
 ###############################################################################
 
 _PROC_ATTRS = ("exe", "name", "cmdline", "sha256")
@@ -1210,7 +1210,6 @@ NOT_LOGGED = -1000          # a NULL uid or port, in the rollups (whose keys can
 INTEGER_KEYS = ("uid", "lport", "rport")
 NO_TIME = -1                # the bucket of rows whose time is no time (kept as text)
 INTERN_CACHE = 200_000      # strings and processes remembered by id, per open log
-MIGRATE_BATCH = 50_000      # old rows moved per transaction
 PRUNE_BATCH = 20_000        # rows deleted per transaction
 FORGET_BATCH = 1_000        # a day's totals taken out of the whole-log ones per transaction
 SHRINK_FREE = 0.2           # a log whose free pages pass this share of its pages gives them back
@@ -1380,7 +1379,165 @@ def move_aside(path: str) -> str:
     return aside
 
 
-class Log:
+# -- the move from the older layouts -------------------------------------------
+# A log of this project's earlier text table, or of upstream picosnitch
+# 1.0.3's, has its table renamed connections_v1 when it is opened
+# (Log.upgrade), is read with the new rows meanwhile (view_sql, and the
+# query layer's older rows) and is moved over by the primary's migration
+# thread (migrate_log), a step at a time. The steps are all here, so that
+# they can go in one piece one day.
+#
+# The old table's indexes go first, one per step (the rows are read by
+# rowid). Old rows then move over in batches, in SQL: their strings
+# interned, their times converted, their rowids kept, and only the hour
+# rollups kept up (the query layer uses no other while a migration
+# runs). Once every row is over, each old day gets its day and whole-log
+# totals from its hour rollups, one day per transaction (from the day of
+# the earliest row written since, whose hours have both, from the old
+# rows themselves; a row written since without a time makes every day
+# such a day). Last, the old table goes whole, in about 0.3 s a million
+# rows: its pages are freed without being overwritten first, since every
+# row of it is in conns (Debian's SQLite zeroes freed pages unless told
+# not to, which takes ten times as long; deleting the rows batch by batch
+# took longer still). Progress is kept with each step: a stop loses and
+# repeats nothing.
+
+MIGRATE_BATCH = 50_000      # old rows moved per transaction
+
+
+class OldLayouts:
+    """The steps of the move from an older layout, for Log (its connection
+    is self.con, its interned ids self.procs and self.strs)."""
+
+    con: sqlite3.Connection
+    procs: typing.Dict[tuple, int]
+    strs: typing.Dict[typing.Any, int]
+
+    def migrating(self) -> bool:
+        return self.con.execute("SELECT 1 FROM meta WHERE key = 'legacy_columns'").fetchone() is not None
+
+    def meta(self) -> dict:
+        return dict(self.con.execute("SELECT key, value FROM meta"))
+
+    @contextlib.contextmanager
+    def unzeroed(self) -> typing.Iterator[None]:
+        """Pages freed meanwhile are not overwritten first."""
+        before = self.con.execute("PRAGMA secure_delete").fetchone()[0]
+        self.con.execute("PRAGMA secure_delete = 0")
+        try:
+            yield
+        finally:
+            self.con.execute(f"PRAGMA secure_delete = {int(before)}")
+
+    def migrate(self, batch: int = MIGRATE_BATCH) -> typing.Optional[int]:
+        """One step of the migration: how many old rows it moved (0 for a
+        step that moved none); None when there is nothing left to do."""
+        state = self.meta()
+        if "legacy_columns" not in state:
+            return None
+        try:
+            if state["migrated"] < state["legacy_last"]:
+                index = self.con.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND "
+                                         "sql IS NOT NULL", (LEGACY_TABLE,)).fetchone()
+                if index:       # (whatever its name: a user may have made it)
+                    with self.unzeroed(), self.con:
+                        self.con.execute("DROP INDEX \"{}\"".format(index[0].replace('"', '""')))
+                    return 0
+                # (no further than the last old row: the rows after it were written since, and counted then)
+                return self.move(json.loads(state["legacy_columns"]), state["migrated"],
+                                 min(batch, state["legacy_last"] - state["migrated"]))
+            rolled = state["rolled"]
+            after = NO_TIME if rolled < NO_TIME else rolled + (DAY if rolled >= 0 else 1)
+            hour = self.con.execute(f"SELECT min(b) FROM rollups WHERE level = {HOUR} AND b >= ?", (after,)).fetchone()[0]
+            if hour is not None:
+                day = hour if hour < 0 else hour // DAY * DAY
+                self.con.execute("BEGIN IMMEDIATE")     # no window comes in between: live_from is final for it
+                try:
+                    live_from = self.con.execute("SELECT value FROM meta WHERE key = 'live_from'").fetchone()[0]
+                    self.roll_day(day, day >= live_from // DAY * DAY, state["legacy_last"])
+                    self.con.execute("UPDATE meta SET value = ? WHERE key = 'rolled'", (day,))
+                    self.con.commit()
+                except BaseException:
+                    self.con.rollback()
+                    raise
+                return 0
+            with self.unzeroed(), self.con:
+                self.con.execute("DROP VIEW connections")
+                self.con.execute(view_sql(None))
+                self.con.execute(insert_trigger())
+                self.con.execute(f"DROP TABLE {LEGACY_TABLE}")
+                self.con.execute("DELETE FROM meta WHERE key IN ('migrated', 'legacy_columns', 'legacy_last', "
+                                 "'live_from', 'rolled')")
+            return 0
+        except sqlite3.Error:
+            self.procs.clear()
+            self.strs.clear()
+            raise
+
+    def intern_old(self, legacy: typing.List[str], done: int, batch: int) -> None:
+        """Store the processes and strings of the old rows with done < rowid
+        <= done + batch that are not stored yet, in the caller's transaction."""
+        col = lambda c: f"l.{c}" if c in legacy else "NULL"
+        params = (done, done + batch)
+        for prefix in ("", "p", "gp"):
+            self.con.execute(f"INSERT OR IGNORE INTO procs (exe, name, cmdline, sha256) SELECT DISTINCT "
+                             f"{', '.join(col(prefix + a) for a in _PROC_ATTRS)} FROM {LEGACY_TABLE} l "
+                             f"WHERE l.rowid > ? AND l.rowid <= ?", params)
+        for column in ("laddr", "raddr", "domain", "proto"):
+            self.con.execute(f"INSERT OR IGNORE INTO strs (value) SELECT DISTINCT {col(column)} "
+                             f"FROM {LEGACY_TABLE} l WHERE l.rowid > ? AND l.rowid <= ?", params)
+
+    def move(self, legacy: typing.List[str], done: int, batch: int) -> int:
+        """Move the old rows with done < rowid <= done + batch."""
+        col = lambda c: f"l.{c}" if c in legacy else "NULL"
+        where, params = "l.rowid > ? AND l.rowid <= ?", (done, done + batch)
+        with self.con:
+            self.intern_old(legacy, done, batch)
+            proc = lambda alias, prefix: (f"JOIN procs {alias} ON " + " AND ".join(
+                f"coalesce({alias}.{a}, x'ff') = coalesce({col(prefix + a)}, x'ff')" for a in _PROC_ATTRS))
+            text = lambda alias, c: f"JOIN strs {alias} ON coalesce({alias}.value, x'ff') = coalesce({col(c)}, x'ff')"
+            seconds = "strftime('%s', l.contime)"
+            moved = self.con.execute(
+                f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) SELECT l.rowid, "
+                f"CASE WHEN strftime('%Y-%m-%d %H:%M:%S', {seconds}, 'unixepoch') = l.contime "
+                f"THEN CAST({seconds} AS INTEGER) ELSE l.contime END, l.send, l.recv, p.id, pp.id, g.id, "
+                f"{col('uid')}, {col('lport')}, {col('rport')}, la.id, ra.id, d.id, pr.id FROM {LEGACY_TABLE} l "
+                f"{proc('p', '')} {proc('pp', 'p')} {proc('g', 'gp')} {text('la', 'laddr')} {text('ra', 'raddr')} "
+                f"{text('d', 'domain')} {text('pr', 'proto')} WHERE {where} ORDER BY l.rowid", params).rowcount
+            for statement in ROLL_STATEMENTS[HOUR]:
+                self.con.execute(statement, params)
+            self.con.execute("UPDATE meta SET value = ? WHERE key = 'migrated'", (done + batch,))
+        return moved
+
+    def roll_day(self, day: int, mixed: bool, legacy_last: int) -> None:
+        """The day and whole-log totals of the old rows of one day (day -1:
+        the rows whose time is no time): from the day's hour rollups, or, from
+        the day of the earliest row written since on (mixed), from the old
+        rows themselves."""
+        if mixed:
+            span = "t >= ? AND t < ?" if day >= 0 else "typeof(t) <> 'integer'"
+            for level in (DAY, ALL_TIME):
+                for statement in ROLL_STATEMENTS[level]:
+                    self.con.execute(statement.replace("WHERE id > ? AND id <= ?",
+                                                       f"WHERE id > ? AND id <= ? AND {span}"),
+                                     (0, legacy_last) + ((day, day + DAY) if day >= 0 else ()))
+            return
+        for table, keys in ROLLUPS.items():
+            hours = f"level = {HOUR} AND b >= ? AND b < ?" if day >= 0 else f"level = {HOUR} AND b = {NO_TIME}"
+            span = (day, day + DAY) if day >= 0 else ()
+            for level in (DAY, ALL_TIME):
+                bucket = NO_TIME if day < 0 else (day if level == DAY else 0)
+                variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
+                for values in variants:      # (grouped by level, a constant, when there is no key)
+                    self.con.execute(
+                        f"INSERT INTO {table} (level, b, {''.join(k + ', ' for k in keys)}send, recv, rows) "
+                        f"SELECT {level}, {bucket}, {''.join(v + ', ' for v in values)}sum(send), sum(recv), sum(rows) "
+                        f"FROM {table} WHERE {hours} GROUP BY {', '.join(str(i + 3) for i in range(len(values))) or 'level'} "
+                        f"ON CONFLICT DO UPDATE "
+                        f"SET send = send + excluded.send, recv = recv + excluded.recv, rows = rows + excluded.rows", span)
+
+
+class Log(OldLayouts):
     """snitch.db, as the primary writes it: rows go in with their strings
     and processes interned, and added to the rollups, in one transaction."""
 
@@ -1531,144 +1688,6 @@ class Log:
             return str(run), int(seq)
         except (ValueError, TypeError):
             return "", 0
-
-    # -- migration from an older layout ------------------------------------------
-    # The old table's indexes go first, one per step (the rows are read by
-    # rowid). Old rows then move over in batches, in SQL: their strings
-    # interned, their times converted, their rowids kept, and only the hour
-    # rollups kept up (the query layer uses no other while a migration
-    # runs). Once every row is over, each old day gets its day and whole-log
-    # totals from its hour rollups, one day per transaction (from the day of
-    # the earliest row written since, whose hours have both, from the old
-    # rows themselves; a row written since without a time makes every day
-    # such a day). Last, the old table goes whole, in about 0.3 s a million
-    # rows: its pages are freed without being overwritten first, since every
-    # row of it is in conns (Debian's SQLite zeroes freed pages unless told
-    # not to, which takes ten times as long; deleting the rows batch by batch
-    # took longer still). Progress is kept with each step: a stop loses and
-    # repeats nothing.
-    def migrating(self) -> bool:
-        return self.con.execute("SELECT 1 FROM meta WHERE key = 'legacy_columns'").fetchone() is not None
-
-    def meta(self) -> dict:
-        return dict(self.con.execute("SELECT key, value FROM meta"))
-
-    @contextlib.contextmanager
-    def unzeroed(self) -> typing.Iterator[None]:
-        """Pages freed meanwhile are not overwritten first."""
-        before = self.con.execute("PRAGMA secure_delete").fetchone()[0]
-        self.con.execute("PRAGMA secure_delete = 0")
-        try:
-            yield
-        finally:
-            self.con.execute(f"PRAGMA secure_delete = {int(before)}")
-
-    def migrate(self, batch: int = MIGRATE_BATCH) -> typing.Optional[int]:
-        """One step of the migration: how many old rows it moved (0 for a
-        step that moved none); None when there is nothing left to do."""
-        state = self.meta()
-        if "legacy_columns" not in state:
-            return None
-        try:
-            if state["migrated"] < state["legacy_last"]:
-                index = self.con.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND "
-                                         "sql IS NOT NULL", (LEGACY_TABLE,)).fetchone()
-                if index:       # (whatever its name: a user may have made it)
-                    with self.unzeroed(), self.con:
-                        self.con.execute("DROP INDEX \"{}\"".format(index[0].replace('"', '""')))
-                    return 0
-                # (no further than the last old row: the rows after it were written since, and counted then)
-                return self.move(json.loads(state["legacy_columns"]), state["migrated"],
-                                 min(batch, state["legacy_last"] - state["migrated"]))
-            rolled = state["rolled"]
-            after = NO_TIME if rolled < NO_TIME else rolled + (DAY if rolled >= 0 else 1)
-            hour = self.con.execute(f"SELECT min(b) FROM rollups WHERE level = {HOUR} AND b >= ?", (after,)).fetchone()[0]
-            if hour is not None:
-                day = hour if hour < 0 else hour // DAY * DAY
-                self.con.execute("BEGIN IMMEDIATE")     # no window comes in between: live_from is final for it
-                try:
-                    live_from = self.con.execute("SELECT value FROM meta WHERE key = 'live_from'").fetchone()[0]
-                    self.roll_day(day, day >= live_from // DAY * DAY, state["legacy_last"])
-                    self.con.execute("UPDATE meta SET value = ? WHERE key = 'rolled'", (day,))
-                    self.con.commit()
-                except BaseException:
-                    self.con.rollback()
-                    raise
-                return 0
-            with self.unzeroed(), self.con:
-                self.con.execute("DROP VIEW connections")
-                self.con.execute(view_sql(None))
-                self.con.execute(insert_trigger())
-                self.con.execute(f"DROP TABLE {LEGACY_TABLE}")
-                self.con.execute("DELETE FROM meta WHERE key IN ('migrated', 'legacy_columns', 'legacy_last', "
-                                 "'live_from', 'rolled')")
-            return 0
-        except sqlite3.Error:
-            self.procs.clear()
-            self.strs.clear()
-            raise
-
-    def intern_old(self, legacy: typing.List[str], done: int, batch: int) -> None:
-        """Store the processes and strings of the old rows with done < rowid
-        <= done + batch that are not stored yet, in the caller's transaction."""
-        col = lambda c: f"l.{c}" if c in legacy else "NULL"
-        params = (done, done + batch)
-        for prefix in ("", "p", "gp"):
-            self.con.execute(f"INSERT OR IGNORE INTO procs (exe, name, cmdline, sha256) SELECT DISTINCT "
-                             f"{', '.join(col(prefix + a) for a in _PROC_ATTRS)} FROM {LEGACY_TABLE} l "
-                             f"WHERE l.rowid > ? AND l.rowid <= ?", params)
-        for column in ("laddr", "raddr", "domain", "proto"):
-            self.con.execute(f"INSERT OR IGNORE INTO strs (value) SELECT DISTINCT {col(column)} "
-                             f"FROM {LEGACY_TABLE} l WHERE l.rowid > ? AND l.rowid <= ?", params)
-
-    def move(self, legacy: typing.List[str], done: int, batch: int) -> int:
-        """Move the old rows with done < rowid <= done + batch."""
-        col = lambda c: f"l.{c}" if c in legacy else "NULL"
-        where, params = "l.rowid > ? AND l.rowid <= ?", (done, done + batch)
-        with self.con:
-            self.intern_old(legacy, done, batch)
-            proc = lambda alias, prefix: (f"JOIN procs {alias} ON " + " AND ".join(
-                f"coalesce({alias}.{a}, x'ff') = coalesce({col(prefix + a)}, x'ff')" for a in _PROC_ATTRS))
-            text = lambda alias, c: f"JOIN strs {alias} ON coalesce({alias}.value, x'ff') = coalesce({col(c)}, x'ff')"
-            seconds = "strftime('%s', l.contime)"
-            moved = self.con.execute(
-                f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) SELECT l.rowid, "
-                f"CASE WHEN strftime('%Y-%m-%d %H:%M:%S', {seconds}, 'unixepoch') = l.contime "
-                f"THEN CAST({seconds} AS INTEGER) ELSE l.contime END, l.send, l.recv, p.id, pp.id, g.id, "
-                f"{col('uid')}, {col('lport')}, {col('rport')}, la.id, ra.id, d.id, pr.id FROM {LEGACY_TABLE} l "
-                f"{proc('p', '')} {proc('pp', 'p')} {proc('g', 'gp')} {text('la', 'laddr')} {text('ra', 'raddr')} "
-                f"{text('d', 'domain')} {text('pr', 'proto')} WHERE {where} ORDER BY l.rowid", params).rowcount
-            for statement in ROLL_STATEMENTS[HOUR]:
-                self.con.execute(statement, params)
-            self.con.execute("UPDATE meta SET value = ? WHERE key = 'migrated'", (done + batch,))
-        return moved
-
-    def roll_day(self, day: int, mixed: bool, legacy_last: int) -> None:
-        """The day and whole-log totals of the old rows of one day (day -1:
-        the rows whose time is no time): from the day's hour rollups, or, from
-        the day of the earliest row written since on (mixed), from the old
-        rows themselves."""
-        if mixed:
-            span = "t >= ? AND t < ?" if day >= 0 else "typeof(t) <> 'integer'"
-            for level in (DAY, ALL_TIME):
-                for statement in ROLL_STATEMENTS[level]:
-                    self.con.execute(statement.replace("WHERE id > ? AND id <= ?",
-                                                       f"WHERE id > ? AND id <= ? AND {span}"),
-                                     (0, legacy_last) + ((day, day + DAY) if day >= 0 else ()))
-            return
-        for table, keys in ROLLUPS.items():
-            hours = f"level = {HOUR} AND b >= ? AND b < ?" if day >= 0 else f"level = {HOUR} AND b = {NO_TIME}"
-            span = (day, day + DAY) if day >= 0 else ()
-            for level in (DAY, ALL_TIME):
-                bucket = NO_TIME if day < 0 else (day if level == DAY else 0)
-                variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
-                for values in variants:      # (grouped by level, a constant, when there is no key)
-                    self.con.execute(
-                        f"INSERT INTO {table} (level, b, {''.join(k + ', ' for k in keys)}send, recv, rows) "
-                        f"SELECT {level}, {bucket}, {''.join(v + ', ' for v in values)}sum(send), sum(recv), sum(rows) "
-                        f"FROM {table} WHERE {hours} GROUP BY {', '.join(str(i + 3) for i in range(len(values))) or 'level'} "
-                        f"ON CONFLICT DO UPDATE "
-                        f"SET send = send + excluded.send, recv = recv + excluded.recv, rows = rows + excluded.rows", span)
 
     # -- retention -----------------------------------------------------------
     def prune(self, days: int, now: int, budget: float = 0.2) -> typing.Optional[int]:
@@ -1860,482 +1879,6 @@ def db_rows(path: str) -> typing.List[dict]:
         con.close()
 
 
-# -- the query layer: what the viewers (view, dash), the benchmark and the
-# tests ask of a log. Totals come from the rollups: the whole-log one for all
-# time, day ones for whole days, hour ones for whole hours, the rows
-# themselves for the edges of a range and for what no rollup keeps. Rows are
-# grouped by id and the ids turned into values afterwards; a range that
-# covers most of the log is counted as the whole log minus what is outside.
-
-class Filter(typing.NamedTuple):
-    """Keep (or, with exclude, leave out) rows whose column is value, or one
-    of the values of a tuple. For "time", value is the start of a bucket of
-    `bucket` seconds."""
-    column: str
-    value: typing.Any
-    exclude: bool = False
-    bucket: int = 0
-
-
-# column -> (conns/rollups column, what its id refers to: a process
-# attribute, "str" for strs, None for a plain integer)
-QUERY_COLUMNS = {
-    **{a: ("proc", a) for a in _PROC_ATTRS}, **{f"p{a}": ("parent", a) for a in _PROC_ATTRS},
-    **{f"gp{a}": ("gp", a) for a in _PROC_ATTRS},
-    "uid": ("uid", None), "lport": ("lport", None), "rport": ("rport", None), "laddr": ("laddr", "str"),
-    "raddr": ("raddr", "str"), "domain": ("domain", "str"), "proto": ("proto", "str"),
-}
-
-
-def param(value) -> str:
-    """A placeholder for value: text read back as bytes (which may not be
-    UTF-8) is compared as the text it is."""
-    return "CAST(? AS TEXT)" if isinstance(value, bytes) else "?"
-
-
-class Piece(typing.NamedTuple):
-    """Part of a time range and where its totals come from: a rollup level,
-    or the rows (level 0); start or end None: unbounded."""
-    level: int
-    start: typing.Optional[int]
-    end: typing.Optional[int]
-
-
-def split_range(start: typing.Optional[int], end: typing.Optional[int],
-                levels: typing.Sequence[int] = (DAY, HOUR)) -> typing.List[Piece]:
-    """[start, end) as whole days, whole hours and the rows at its edges."""
-    pieces: typing.List[Piece] = []
-
-    def cover(a: typing.Optional[int], b: typing.Optional[int], sizes: typing.Sequence[int]) -> None:
-        if a is not None and b is not None and a >= b:
-            return
-        if not sizes:
-            pieces.append(Piece(0, a, b))
-            return
-        size = sizes[0]
-        first = None if a is None else -(-a // size) * size
-        last = None if b is None else b // size * size
-        if first is not None and last is not None and first >= last:
-            cover(a, b, sizes[1:])
-            return
-        if first is not None:
-            cover(a, first, sizes[1:])
-        pieces.append(Piece(size, first, last))
-        if last is not None:
-            cover(last, b, sizes[1:])
-    cover(start, end, list(levels))
-    return pieces
-
-
-class LogQuery:
-    """Read-only questions to a snitch.db (version 2, or older while it is
-    moved over: the old rows not moved yet are counted from the old table)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.file = file_identity(path)         # (first: a log put in its place meanwhile is opened again)
-        self.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1, check_same_thread=False)
-        self.con.text_factory = bytes       # names that are not UTF-8 cannot fail a read
-        self.legacy: typing.Optional[typing.List[str]] = None     # the columns of old rows not moved yet
-        self.moved = 0                                             # the last old rowid moved over
-        self.last_old = 0                                          # the last old rowid to move
-        self.v2 = False                                            # the compact layout (version 2 or later)
-        self.rollups: typing.List[str] = []                        # the rollup tables it has
-
-    def close(self) -> None:
-        self.con.close()
-
-    def replaced(self) -> bool:
-        """Whether another file has taken the log's name since it was opened
-        (a compact copy: see replace_log)."""
-        return file_identity(self.path) != self.file
-
-    def refresh(self) -> None:
-        """Check the layout: whether old rows are still being moved over.
-        sqlite3.Error when the log cannot be read (missing tables included)."""
-        self.v2 = self.con.execute("PRAGMA user_version").fetchone()[0] >= COMPACT_VERSION
-        tables = {r[0].decode() for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        self.rollups = [table for table in ROLLUPS if table in tables]      # (older versions have fewer)
-        if not self.v2:
-            if "connections" not in tables:
-                raise sqlite3.OperationalError("no connections table")
-            self.legacy, self.moved = self.columns("connections"), 0      # not opened by picosnitch 2 yet
-            return
-        found = {k.decode(): v for k, v in self.con.execute(
-            "SELECT key, value FROM meta WHERE key IN ('migrated', 'legacy_columns', 'legacy_last')")}
-        self.legacy = json.loads(found["legacy_columns"]) if "legacy_columns" in found else None
-        self.moved, self.last_old = int(found.get("migrated") or 0), int(found.get("legacy_last") or 0)
-
-    def moving(self) -> typing.Optional[int]:
-        """How far the move from an older layout has got, in percent (100
-        while its totals by day are made); None when no move runs."""
-        if self.legacy is None:
-            return None
-        return min(100, self.moved * 100 // self.last_old) if self.v2 and self.last_old else 0
-
-    def columns(self, table: str) -> typing.List[str]:
-        return [r[1].decode() for r in self.con.execute(f"PRAGMA table_info({table})")]
-
-    @property
-    def legacy_table(self) -> str:
-        return LEGACY_TABLE if self.v2 else "connections"
-
-    # -- totals ------------------------------------------------------------------
-    def totals(self, group: str, filters: typing.Sequence[Filter] = (), start: typing.Optional[int] = None,
-               end: typing.Optional[int] = None, bucket: int = DAY) -> typing.List[tuple]:
-        """(value, sent, received, rows) for each value of group among the rows
-        in [start, end) (local seconds; None: unbounded) that pass every
-        filter, largest first. group "time" gives buckets of `bucket` seconds."""
-        sums = self.sums(group, filters, start, end, bucket) if self.v2 else {}
-        if self.legacy is not None:
-            self.add(sums, self.con.execute(*self._legacy(group, bucket, filters, start, end)))
-        values = self.values(group, sums)
-        if values:          # (ids and values of old rows may name the same thing)
-            merged: typing.Dict[typing.Any, list] = {}
-            self.add(merged, ((values.get(key, key), *total) for key, total in sums.items() if total[2] > 0))
-        else:
-            merged = {key: total for key, total in sums.items() if total[2] > 0}
-        order = sorted(merged.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
-        return [(value, send, recv, n) for value, (send, recv, n) in order]
-
-    @staticmethod
-    def add(sums: dict, rows: typing.Iterable, sign: int = 1) -> None:
-        for value, send, recv, n in rows:
-            total = sums.get(value)
-            if total is None:
-                sums[value] = [sign * (send or 0), sign * (recv or 0), sign * (n or 0)]
-            else:
-                total[0] += sign * (send or 0)
-                total[1] += sign * (recv or 0)
-                total[2] += sign * (n or 0)
-
-    def table(self, columns: typing.Set[str], bucket_sizes: typing.Set[int]) -> str:
-        """The rollup that keeps every column asked about (None: the rows)."""
-        refs = {QUERY_COLUMNS[c][0] for c in columns if c != "time"}
-        if any(size % HOUR for size in bucket_sizes):
-            return ""
-        return next((table for table in self.rollups if refs <= set(ROLLUPS[table])), "")
-
-    def sums(self, group: str, filters: typing.Sequence[Filter], start, end, bucket: int, split: str = "") -> dict:
-        """{group key (an id, or a value): [sent, received, rows]} from version 2;
-        with split (a column), the keys are (split key, group key)."""
-        sizes = {bucket} if group == "time" else set()
-        sizes |= {f.bucket for f in filters if f.column == "time"}
-        table = self.table({group} | {f.column for f in filters} | ({split} if split else set()), sizes)
-        levels = [level for level in ((HOUR,) if self.legacy is not None else (DAY, HOUR))
-                  if all(s % level == 0 for s in sizes)] if table else []
-        sums: dict = {}
-        if not table:
-            self.add(sums, self.run(split, *self._piece("", Piece(0, start, end), group, bucket, filters, split)))
-            return sums
-        if start is None and end is None:          # (while a migration runs, only hours are complete)
-            top = ALL_TIME if group != "time" and not sizes and self.legacy is None else levels[0]
-            self.add(sums, self.run(split, *self._piece(table, Piece(top, None, None), group, bucket, filters, split)))
-            return sums
-        inside = split_range(start, end, levels)
-        low, high = self.con.execute(f"SELECT (SELECT min(b) FROM {table} WHERE level = {DAY} AND b >= 0), "
-                                     f"(SELECT max(b) FROM {table} WHERE level = {DAY})").fetchone()
-        outside = []
-        if group != "time" and not sizes and low is not None and self.legacy is None:   # maybe cheaper: all but the rest
-            outside = (split_range(None, start, levels) if start is not None else []) + \
-                      (split_range(end, None, levels) if end is not None else [])
-            span = lambda ps: sum(max(0, min(p.end if p.end is not None else high + DAY, high + DAY) -
-                                         max(p.start if p.start is not None else low, low)) // max(p.level, HOUR)
-                                  for p in ps)
-            if span(outside) < span(inside):
-                self.add(sums, self.run(split, *self._piece(table, Piece(ALL_TIME, 0, None), group, bucket, filters,
-                                                            split)))
-                for piece in outside:
-                    self.add(sums, self.run(split, *self._piece(table if piece.level else "", piece, group, bucket,
-                                                                filters, split)), -1)
-                return sums
-        for piece in inside:
-            self.add(sums, self.run(split, *self._piece(table if piece.level else "", piece, group, bucket, filters,
-                                                        split)))
-        return sums
-
-    def run(self, split: str, sql: str, params: list, rebucket: int = 0) -> typing.Iterable[tuple]:
-        """The rows of a totals query (with split, keyed by (split key, time));
-        rebucket: the times are hours or days, to be put in buckets of this size."""
-        rows = self.con.execute(sql, params)
-        place = (lambda t: t // rebucket * rebucket if isinstance(t, int) else t) if rebucket else (lambda t: t)
-        if split:
-            return (((k, place(t)), *rest) for t, k, *rest in rows)
-        return ((place(t), *rest) for t, *rest in rows) if rebucket else rows
-
-    def _piece(self, table: str, piece: Piece, group: str, bucket: int,
-               filters: typing.Sequence[Filter], split: str = "") -> typing.Tuple[str, list]:
-        """The SQL for one piece: from a rollup table, or from conns (table '');
-        with split, grouped by that column first."""
-        rollup = bool(table)
-        params: list = []
-        where = []
-        if rollup:
-            where.append(f"s.level = {piece.level}")
-            if piece.level == ALL_TIME:
-                # (b IN, not a range: the index goes on to the keys after b)
-                where.append("s.b = 0" if piece.start is not None else f"s.b IN ({NO_TIME}, 0)")
-            elif piece.start is not None and piece.end is not None and \
-                    (piece.end - piece.start) // piece.level <= ROLLUP_SEEKS:
-                buckets = list(range(piece.start, piece.end, piece.level))
-                where.append(f"s.b IN ({','.join('?' * len(buckets))})")
-                params += buckets
-            else:
-                where.append("s.b >= ?" if piece.start is not None else "s.b >= 0")
-                params += [piece.start] if piece.start is not None else []
-                if piece.end is not None:
-                    where.append("s.b < ?")
-                    params.append(piece.end)
-        else:
-            if piece.start is not None:
-                where.append("s.t >= ?")
-                params.append(piece.start)
-            if piece.end is not None:
-                where.append("s.t < ?")
-                params.append(piece.end)
-            if piece.start is None and piece.end is None and group == "time":
-                where.append("typeof(s.t) = 'integer'")
-        where += [self._filter(f, rollup, params) for f in filters]
-        if table == "ports" and piece.level in ALL_PROCS_LEVELS:      # the rows of processes, or their total
-            by_process = any(QUERY_COLUMNS[c][0] == "proc" for c in [group, split] + [f.column for f in filters]
-                             if c and c != "time")
-            where.append("s.proc > 0" if by_process else "s.proc = 0")
-        # (a rollup's times are grouped as they are, in the order of its key, which
-        # needs no sorting, and put in buckets afterwards, by run)
-        keys = [self._key(c, rollup, bucket) for c in [group] + ([split] if split else [])]
-        rows = "s.rows" if rollup else "1"
-        return (f"SELECT {', '.join(keys)}, sum(s.send), sum(s.recv), sum({rows}) FROM {table or 'conns'} s "
-                f"WHERE {' AND '.join(where) or '1'} GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}",
-                params, bucket if rollup and group == "time" else 0)
-
-    @staticmethod
-    def _key(column: str, rollup: bool, bucket: int) -> str:
-        if column == "time":
-            return "s.b" if rollup else f"(s.t / {bucket} * {bucket})"
-        ref, kind = QUERY_COLUMNS[column]
-        return f"NULLIF(s.{ref}, {NOT_LOGGED})" if rollup and kind is None else f"s.{ref}"
-
-    @staticmethod
-    def _filter(f: Filter, rollup: bool, params: list, alias: str = "s") -> str:
-        """The condition of one filter on a rollup or on conns (as alias)."""
-        negate = "NOT " if f.exclude else ""
-        if f.column == "time":
-            params += [f.value, f.value + f.bucket]
-            t = f"{alias}.b" if rollup else f"{alias}.t"
-            return f"{negate}({t} >= ? AND {t} < ?)"
-        ref, kind = QUERY_COLUMNS[f.column]
-        values = list(f.value) if isinstance(f.value, tuple) else [f.value]
-        present = [v for v in values if v is not None]
-        if kind is None:            # an integer column: NULL (not logged) is NOT_LOGGED in the rollups
-            if rollup:
-                present = [NOT_LOGGED if v is None else v for v in values]
-            params += present
-            tests = ([f"{alias}.{ref} IN ({','.join('?' * len(present))})"] if present else []) + \
-                    ([f"{alias}.{ref} IS NULL"] if None in values and not rollup else [])
-            return f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)"     # (NULL IN (...) is NULL)
-        table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
-        params += present
-        tests = ([f"{attr} IN ({','.join(param(v) for v in present)})"] if present else []) + \
-                ([f"{attr} IS NULL"] if None in values else [])
-        return f"{alias}.{ref} {negate}IN (SELECT id FROM {table} WHERE {' OR '.join(tests) or '0'})"
-
-    def values(self, group: str, sums: dict) -> dict:
-        """What the ids among the keys of sums stand for (group is a process
-        attribute or a string); a key that is no id of version 2 stays."""
-        if group == "time" or QUERY_COLUMNS[group][1] is None or not self.v2:
-            return {}
-        kind = QUERY_COLUMNS[group][1]
-        ids = [k for k in sums if isinstance(k, int)]
-        table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
-        found = {}
-        for i in range(0, len(ids), 900):
-            chunk = ids[i:i + 900]
-            found.update(self.con.execute(f"SELECT id, {attr} FROM {table} WHERE id IN ({','.join('?' * len(chunk))})",
-                                          chunk).fetchall())
-        return found
-
-    def _legacy(self, group: str, bucket: int, filters: typing.Sequence[Filter], start, end,
-                split: str = "") -> typing.Tuple[str, list]:
-        """The same question to the old rows not moved over yet (text times);
-        the keys are values, not ids."""
-        where, params = self._legacy_where(filters, start, end)
-        col = lambda c: c if c in (self.legacy or []) else "NULL"
-        key = lambda c: f"CAST(strftime('%s', contime) AS INTEGER) / {bucket} * {bucket}" if c == "time" else col(c)
-        if group == "time":
-            where += " AND strftime('%s', contime) IS NOT NULL"
-        keys = [key(c) for c in [group] + ([split] if split else [])]
-        return (f"SELECT {', '.join(keys)}, sum(send), sum(recv), count(*) FROM {self.legacy_table} WHERE {where} "
-                f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}", params)
-
-    def _legacy_where(self, filters: typing.Sequence[Filter], start=None, end=None) -> typing.Tuple[str, list]:
-        """The condition on the old rows not moved over yet, in [start, end) and passing filters."""
-        have, params, where = self.legacy or [], [self.moved], ["rowid > ?"]
-        col = lambda c: c if c in have else "NULL"
-        text = lambda s: time.strftime(TIME_FORMAT, time.gmtime(s))
-        if start is not None:
-            where.append("contime >= ?")
-            params.append(text(start))
-        if end is not None:
-            where.append("contime < ?")
-            params.append(text(end))
-        for f in filters:
-            negate = "NOT " if f.exclude else ""
-            if f.column == "time":
-                params += [text(f.value), text(f.value + f.bucket)]
-                where.append(f"{negate}(contime >= ? AND contime < ?)")
-                continue
-            values = list(f.value) if isinstance(f.value, tuple) else [f.value]
-            present = [v for v in values if v is not None]
-            params += present
-            tests = ([f"{col(f.column)} IN ({','.join(param(v) for v in present)})"] if present else []) + \
-                    ([f"{col(f.column)} IS NULL"] if None in values else [])
-            where.append(f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)")
-        return " AND ".join(where), params
-
-    def series(self, group: str, keys: typing.Sequence, filters: typing.Sequence[Filter] = (),
-               start: typing.Optional[int] = None, end: typing.Optional[int] = None,
-               bucket: int = HOUR) -> typing.Dict[typing.Any, typing.Dict[int, typing.List[int]]]:
-        """For each of keys (values of group, as totals gives them): sent and
-        received per time bucket among the rows in [start, end) that pass
-        every filter, {value: {bucket start: [sent, received]}}."""
-        if not keys:
-            return {}
-        chosen = [*filters, Filter(group, tuple(keys))]
-        sums = self.sums("time", chosen, start, end, bucket, split=group) if self.v2 else {}
-        if self.legacy is not None:
-            sql, params = self._legacy("time", bucket, chosen, start, end, split=group)
-            self.add(sums, self.run(group, sql, params))
-        values = self.values(group, {k: None for k, _ in sums})
-        out: typing.Dict[typing.Any, typing.Dict[int, typing.List[int]]] = {}
-        for (key, t), (send, recv, n) in sums.items():
-            if n > 0:
-                cell = out.setdefault(values.get(key, key), {}).setdefault(t, [0, 0])
-                cell[0] += send
-                cell[1] += recv
-        return out
-
-    def hours(self, filters: typing.Sequence[Filter] = ()) -> typing.List[typing.Tuple[int, int]]:
-        """(hour, rows) for each hour with rows passing filters, newest first."""
-        sums = self.sums("time", filters, None, None, HOUR) if self.v2 else {}
-        return sorted(((h, total[2]) for h, total in sums.items() if total[2] > 0 and h >= 0), reverse=True)
-
-    def seen(self, filters: typing.Sequence[Filter] = ()) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
-        """The times of the first and the last row passing filters (local
-        seconds), None when there is none: the hours from the rollups, then
-        the rows of those two hours."""
-        times = []
-        hours = self.hours(filters)
-        if hours:
-            for hour, pick in ((hours[-1][0], "min"), (hours[0][0], "max")):
-                params: list = [hour, hour + HOUR]
-                where = " AND ".join(["s.t >= ? AND s.t < ?"] + [self._filter(f, False, params) for f in filters])
-                times += [v for v in self.con.execute(f"SELECT {pick}(s.t) FROM conns s WHERE {where}", params).fetchone()
-                          if v is not None]
-        if self.legacy is not None:
-            where, params = self._legacy_where(filters)
-            old = self.con.execute(f"SELECT min(contime), max(contime) FROM {self.legacy_table} WHERE {where}",
-                                   params).fetchone()
-            times += [t for t in (local_seconds(v) for v in old if v is not None) if isinstance(t, int)]
-        return (min(times), max(times)) if times else (None, None)
-
-    def latest(self, filters: typing.Sequence[Filter] = (), n: int = 20) -> typing.List[dict]:
-        """The newest n rows passing filters, newest first, with the columns of
-        the connections view (rows whose time is no time are left out)."""
-        since, count = None, 0
-        for hour, rows in self.hours(filters):       # the hours that hold the newest n
-            since, count = hour, count + rows
-            if count >= n:
-                break
-        found: typing.List[dict] = []
-        columns = ", ".join(f"{VIEW_SQL[c]} AS {c}" for c in DB_COLUMNS)
-        if since is not None:
-            params: list = [since]
-            where = " AND ".join(["c.t >= ? AND typeof(c.t) = 'integer'"] +
-                                 [self._filter(f, False, params, "c") for f in filters])
-            cursor = self.con.execute(f"SELECT {columns} FROM {VIEW_FROM} WHERE {where} "
-                                      f"ORDER BY c.t DESC, c.id DESC LIMIT ?", params + [n])
-            found = [dict(zip(DB_COLUMNS, row)) for row in cursor]
-        if self.legacy is not None and len(found) < n:
-            where, params = self._legacy_where(filters)
-            have = self.legacy or []
-            cursor = self.con.execute(f"SELECT {', '.join(c if c in have else 'NULL' for c in DB_COLUMNS)} FROM "
-                                      f"{self.legacy_table} WHERE {where} AND strftime('%s', contime) IS NOT NULL "
-                                      f"ORDER BY contime DESC LIMIT ?", params + [n - len(found)])
-            found += [dict(zip(DB_COLUMNS, row)) for row in cursor]
-        return sorted(found, key=lambda r: r["contime"], reverse=True)
-
-    # -- other questions ---------------------------------------------------------------
-    def span(self) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
-        """The first and last time in the log (local seconds), None when empty."""
-        # (integers sort before text: the index finds both ends at once)
-        first = "SELECT t FROM conns WHERE typeof(t) = 'integer' ORDER BY t {} LIMIT 1"
-        low, high = [(self.con.execute(first.format(order)).fetchone() or (None,))[0] if self.v2 else None
-                     for order in ("ASC", "DESC")]
-        if self.legacy is not None:
-            old = self.con.execute(f"SELECT min(contime), max(contime) FROM {self.legacy_table} WHERE rowid > ?",
-                                   (self.moved,)).fetchone()
-            seconds = [s for s in (local_seconds(v) for v in old if v is not None) if isinstance(s, int)]
-            low = min(([low] if low is not None else []) + seconds, default=None)
-            high = max(([high] if high is not None else []) + seconds, default=None)
-        return low, high
-
-    def has_rows(self) -> bool:
-        if self.v2 and self.con.execute("SELECT EXISTS (SELECT 1 FROM conns)").fetchone()[0]:
-            return True
-        return self.legacy is not None and bool(self.con.execute(
-            f"SELECT EXISTS (SELECT 1 FROM {self.legacy_table} WHERE rowid > ?)", (self.moved,)).fetchone()[0])
-
-    def count(self) -> int:
-        """How many rows the log has (from the whole-log rollup: no scan)."""
-        n = 0
-        if self.v2:
-            n = self.con.execute("SELECT coalesce(sum(rows), 0) FROM rollups WHERE level = ?", (ALL_TIME,)).fetchone()[0]
-        if self.legacy is not None:
-            n += self.con.execute(f"SELECT count(*) FROM {self.legacy_table} WHERE rowid > ?",
-                                  (self.moved,)).fetchone()[0]
-        return n
-
-
-RECORD_SECTIONS = ("Executables", "Names", "Parent Executables", "Parent Names", "SHA256")
-
-
-def record_problem(data) -> str:
-    """What is wrong with the shape of a record.json ('' if nothing)."""
-    if not isinstance(data, dict):
-        return f"expected an object, found {type(data).__name__}"
-    for section in RECORD_SECTIONS:
-        entries = data.get(section, {})
-        if not isinstance(entries, dict):
-            return f"{section!r} is not an object"
-        for key, value in entries.items():
-            if section != "SHA256" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-                return f"{section!r} entry {key!r} is not a list of names"
-            if section == "SHA256" and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
-                return f"{section!r} entry {key!r} is not an object of hashes"
-    return ""
-
-
-def load_record(path: str) -> dict:
-    """record.json, or an empty record. A file that cannot be read as one is
-    moved aside, not lost, and PicosnitchError says where it went."""
-    empty = {section: {} for section in RECORD_SECTIONS}
-    if not os.path.exists(path):
-        return empty
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        problem = record_problem(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        problem = str(e)
-    if problem:
-        aside = move_aside(path)
-        raise PicosnitchError(f"{path} could not be read ({problem}); it was moved to {aside} "
-                              "and a new record started")
-    for section in RECORD_SECTIONS:
-        data.setdefault(section, {})
-    return data
-
-
 # conn.log: the SPEC's fields are DB_COLUMNS up to domain, in that order
 TEXT_LOG_FIELDS = DB_COLUMNS[:DB_COLUMNS.index("domain") + 1]
 TEXT_LOG_STRIP = str.maketrans("", "", ",\n\r\0")
@@ -2348,108 +1891,6 @@ def text_log_line(row: typing.Sequence) -> str:
     values = dict(zip(DB_COLUMNS, row))
     return ",".join("" if v is None else shown(str(v).translate(TEXT_LOG_STRIP))
                     for v in (values[field] for field in TEXT_LOG_FIELDS))
-
-
-# the remote copy: client module -> SQL dialect; dialect -> column types
-SQL_DIALECTS = {"mariadb": "mysql", "pymysql": "mysql", "psycopg": "postgres", "psycopg2": "postgres"}
-SQL_TYPES = {"mysql": {"contime": "DATETIME NOT NULL", "send": "BIGINT", "recv": "BIGINT", "uid": "BIGINT"},
-             "postgres": {"contime": "TIMESTAMP NOT NULL", "send": "BIGINT", "recv": "BIGINT", "uid": "BIGINT"}}
-SQL_INTEGERS = ("lport", "rport")      # uid is BIGINT: uids go up to 2**32 - 2
-SQL_SECRET_KEYS = re.compile(r"pass|secret|token|key|dsn|conninfo", re.IGNORECASE)
-
-
-def sql_secrets(settings: dict) -> typing.List[str]:
-    """Values in the server settings that must never appear in a message."""
-    return [str(v) for k, v in settings.items() if SQL_SECRET_KEYS.search(k) and str(v)]
-
-
-def without_secrets(message: str, secrets: typing.Sequence[str]) -> str:
-    for secret in secrets:
-        message = message.replace(secret, "***")
-    return message
-
-
-class RemoteDB:
-    """The remote copy of the connection log on MariaDB/MySQL or PostgreSQL.
-
-    The table name was checked to be a plain identifier by the configuration;
-    values always go through the client's parameters."""
-
-    def __init__(self, settings: dict):
-        self.client = settings["client"]
-        self.table = settings.get("table_name", "connections")
-        self.params = {k: v for k, v in settings.items() if k not in ("client", "table_name")}
-        self.con = None
-
-    def schema(self) -> str:
-        types = SQL_TYPES[SQL_DIALECTS[self.client]]
-        columns = ", ".join(f"{c} {types.get(c, 'INTEGER' if c in SQL_INTEGERS else 'TEXT')}" for c in REMOTE_COLUMNS)
-        return f"CREATE TABLE IF NOT EXISTS {self.table} ({columns})"
-
-    def connect(self) -> None:
-        module = __import__(self.client)
-        self.marks = ",".join(("?" if module.paramstyle == "qmark" else "%s") for _ in REMOTE_COLUMNS)
-        refused = {"local_infile": False} if SQL_DIALECTS[self.client] == "mysql" else {}    # (no file goes to it)
-        self.con = module.connect(**self.params, **refused)
-        cur = self.con.cursor()
-        cur.execute(self.schema())
-        self.con.commit()
-
-    def insert(self, rows: typing.Sequence[typing.Sequence]) -> None:
-        """Insert rows (each a Row, or its values in order) in one transaction, connecting if needed."""
-        if self.con is None:
-            self.connect()
-        stamp = lambda text: datetime.datetime.strptime(text, TIME_FORMAT)
-        values = [tuple(stamp(r.contime) if c == "contime" else getattr(r, c) for c in REMOTE_COLUMNS)
-                  for r in (Row(*row) for row in rows)]
-        cur = self.con.cursor()
-        cur.executemany(f"INSERT INTO {self.table} ({','.join(REMOTE_COLUMNS)}) VALUES ({self.marks})", values)
-        self.con.commit()
-
-    def close(self) -> None:
-        con, self.con = self.con, None
-        if con is not None:
-            try:
-                con.close()
-            except Exception:
-                pass
-
-
-class RowQueue:
-    """Rows waiting for the remote server, kept in SQLite so that none is lost
-    when the server is away or picosnitch stops; first in, first out."""
-    SCHEMA = "CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, rows TEXT NOT NULL)"
-
-    def __init__(self, path: str):
-        self.path = path
-        con = self.open()
-        con.close()
-
-    def open(self) -> sqlite3.Connection:
-        """A connection for the calling thread (sqlite3 connections are per thread)."""
-        con = sqlite3.connect(self.path, timeout=30)
-        with con:
-            con.execute(self.SCHEMA)
-        return con
-
-    @staticmethod
-    def push(con: sqlite3.Connection, rows: typing.Sequence[tuple]) -> None:
-        with con:
-            con.execute("INSERT INTO pending (rows) VALUES (?)", (json.dumps(list(rows)),))
-
-    @staticmethod
-    def first(con: sqlite3.Connection) -> typing.Optional[typing.Tuple[int, typing.List[tuple]]]:
-        found = con.execute("SELECT id, rows FROM pending ORDER BY id LIMIT 1").fetchone()
-        return (found[0], [tuple(r) for r in json.loads(found[1])]) if found else None
-
-    @staticmethod
-    def done(con: sqlite3.Connection, entry: int) -> None:
-        with con:
-            con.execute("DELETE FROM pending WHERE id = ?", (entry,))
-
-    @staticmethod
-    def count(con: sqlite3.Connection) -> int:
-        return sum(len(json.loads(r)) for (r,) in con.execute("SELECT rows FROM pending"))
 
 
 ###############################################################################
@@ -5503,7 +4944,7 @@ def notifier_main(rt: Runtime) -> None:
     Notifier(rt).run()
 
 ###############################################################################
-# 14. helpers of the primary: names, remote copy, VirusTotal, GeoIP
+# 14. helpers of the primary: names, the remote copy and its queue, VirusTotal, GeoIP
 ###############################################################################
 # Each runs in threads of the primary so that a slow resolver, SQL server or
 # web service never holds up a write window.
@@ -5556,6 +4997,108 @@ RETRY_DELAYS = (1, 2, 4, 8, 15)     # seconds between attempts while the SQL ser
 # DB-API errors about the rows themselves: the server is up but will never take them
 SQL_DATA_ERRORS = ("DataError", "IntegrityError")
 REMOTE_QUEUE_NAME = "sql-server-queue.db"
+
+
+# the remote copy: client module -> SQL dialect; dialect -> column types
+SQL_DIALECTS = {"mariadb": "mysql", "pymysql": "mysql", "psycopg": "postgres", "psycopg2": "postgres"}
+SQL_TYPES = {"mysql": {"contime": "DATETIME NOT NULL", "send": "BIGINT", "recv": "BIGINT", "uid": "BIGINT"},
+             "postgres": {"contime": "TIMESTAMP NOT NULL", "send": "BIGINT", "recv": "BIGINT", "uid": "BIGINT"}}
+SQL_INTEGERS = ("lport", "rport")      # uid is BIGINT: uids go up to 2**32 - 2
+SQL_SECRET_KEYS = re.compile(r"pass|secret|token|key|dsn|conninfo", re.IGNORECASE)
+
+
+def sql_secrets(settings: dict) -> typing.List[str]:
+    """Values in the server settings that must never appear in a message."""
+    return [str(v) for k, v in settings.items() if SQL_SECRET_KEYS.search(k) and str(v)]
+
+
+def without_secrets(message: str, secrets: typing.Sequence[str]) -> str:
+    for secret in secrets:
+        message = message.replace(secret, "***")
+    return message
+
+
+class RemoteDB:
+    """The remote copy of the connection log on MariaDB/MySQL or PostgreSQL.
+
+    The table name was checked to be a plain identifier by the configuration;
+    values always go through the client's parameters."""
+
+    def __init__(self, settings: dict):
+        self.client = settings["client"]
+        self.table = settings.get("table_name", "connections")
+        self.params = {k: v for k, v in settings.items() if k not in ("client", "table_name")}
+        self.con = None
+
+    def schema(self) -> str:
+        types = SQL_TYPES[SQL_DIALECTS[self.client]]
+        columns = ", ".join(f"{c} {types.get(c, 'INTEGER' if c in SQL_INTEGERS else 'TEXT')}" for c in REMOTE_COLUMNS)
+        return f"CREATE TABLE IF NOT EXISTS {self.table} ({columns})"
+
+    def connect(self) -> None:
+        module = __import__(self.client)
+        self.marks = ",".join(("?" if module.paramstyle == "qmark" else "%s") for _ in REMOTE_COLUMNS)
+        refused = {"local_infile": False} if SQL_DIALECTS[self.client] == "mysql" else {}    # (no file goes to it)
+        self.con = module.connect(**self.params, **refused)
+        cur = self.con.cursor()
+        cur.execute(self.schema())
+        self.con.commit()
+
+    def insert(self, rows: typing.Sequence[typing.Sequence]) -> None:
+        """Insert rows (each a Row, or its values in order) in one transaction, connecting if needed."""
+        if self.con is None:
+            self.connect()
+        stamp = lambda text: datetime.datetime.strptime(text, TIME_FORMAT)
+        values = [tuple(stamp(r.contime) if c == "contime" else getattr(r, c) for c in REMOTE_COLUMNS)
+                  for r in (Row(*row) for row in rows)]
+        cur = self.con.cursor()
+        cur.executemany(f"INSERT INTO {self.table} ({','.join(REMOTE_COLUMNS)}) VALUES ({self.marks})", values)
+        self.con.commit()
+
+    def close(self) -> None:
+        con, self.con = self.con, None
+        if con is not None:
+            try:
+                con.close()
+            except Exception:
+                pass
+
+
+class RowQueue:
+    """Rows waiting for the remote server, kept in SQLite so that none is lost
+    when the server is away or picosnitch stops; first in, first out."""
+    SCHEMA = "CREATE TABLE IF NOT EXISTS pending (id INTEGER PRIMARY KEY AUTOINCREMENT, rows TEXT NOT NULL)"
+
+    def __init__(self, path: str):
+        self.path = path
+        con = self.open()
+        con.close()
+
+    def open(self) -> sqlite3.Connection:
+        """A connection for the calling thread (sqlite3 connections are per thread)."""
+        con = sqlite3.connect(self.path, timeout=30)
+        with con:
+            con.execute(self.SCHEMA)
+        return con
+
+    @staticmethod
+    def push(con: sqlite3.Connection, rows: typing.Sequence[tuple]) -> None:
+        with con:
+            con.execute("INSERT INTO pending (rows) VALUES (?)", (json.dumps(list(rows)),))
+
+    @staticmethod
+    def first(con: sqlite3.Connection) -> typing.Optional[typing.Tuple[int, typing.List[tuple]]]:
+        found = con.execute("SELECT id, rows FROM pending ORDER BY id LIMIT 1").fetchone()
+        return (found[0], [tuple(r) for r in json.loads(found[1])]) if found else None
+
+    @staticmethod
+    def done(con: sqlite3.Connection, entry: int) -> None:
+        with con:
+            con.execute("DELETE FROM pending WHERE id = ?", (entry,))
+
+    @staticmethod
+    def count(con: sqlite3.Connection) -> int:
+        return sum(len(json.loads(r)) for (r,) in con.execute("SELECT rows FROM pending"))
 
 
 class RemoteWriter:
@@ -5840,14 +5383,56 @@ class GeoIP:
 
 
 ###############################################################################
-# 15. primary process
+# 15. primary process, and record.json
 ###############################################################################
 # Receives each window's connections, has their executables hashed, writes
-# snitch.db and record.json, and tells the user what is new. It runs as the
-# user, with no capabilities: everything it writes, reads or sends on the
-# user's settings is within the user's own rights. What it cannot write (a
+# snitch.db and record.json, and tells the user what is new. It runs as
+# picosnitch's account, with no capabilities: everything it writes, reads or
+# sends is within that account's rights. What it cannot write (a
 # locked database, a full disk) waits in memory, up to PENDING_ROWS rows, and
 # is written when it can be.
+
+# -- record.json, as the primary reads it
+
+RECORD_SECTIONS = ("Executables", "Names", "Parent Executables", "Parent Names", "SHA256")
+
+
+def record_problem(data) -> str:
+    """What is wrong with the shape of a record.json ('' if nothing)."""
+    if not isinstance(data, dict):
+        return f"expected an object, found {type(data).__name__}"
+    for section in RECORD_SECTIONS:
+        entries = data.get(section, {})
+        if not isinstance(entries, dict):
+            return f"{section!r} is not an object"
+        for key, value in entries.items():
+            if section != "SHA256" and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                return f"{section!r} entry {key!r} is not a list of names"
+            if section == "SHA256" and not (isinstance(value, dict) and all(isinstance(v, str) for v in value.values())):
+                return f"{section!r} entry {key!r} is not an object of hashes"
+    return ""
+
+
+def load_record(path: str) -> dict:
+    """record.json, or an empty record. A file that cannot be read as one is
+    moved aside, not lost, and PicosnitchError says where it went."""
+    empty = {section: {} for section in RECORD_SECTIONS}
+    if not os.path.exists(path):
+        return empty
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        problem = record_problem(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        problem = str(e)
+    if problem:
+        aside = move_aside(path)
+        raise PicosnitchError(f"{path} could not be read ({problem}); it was moved to {aside} "
+                              "and a new record started")
+    for section in RECORD_SECTIONS:
+        data.setdefault(section, {})
+    return data
+
 
 HASH_RETRY = 5.0          # seconds before a hash request is sent again (the monitor may have restarted)
 HASH_TIMEOUT = 120.0
@@ -7599,12 +7184,448 @@ def packaged_tmpfiles() -> str:
     return f"d {STATE_DIR} 0750 {ACCOUNT} {ACCOUNT} -\n"
 
 ###############################################################################
-# 19. what the viewers share
+# 19. what the viewers share: the query layer, opening the log, labels
 ###############################################################################
-# `view` and `dash` read the same log through the query layer (section 7).
-# What both need lives here: how a log is opened and what is said when it
-# cannot be read, how columns are named and values labelled, and how bytes
-# are counted.
+# `view` and `dash` read the same log through the query layer, first here.
+# What else both need lives here too: how a log is opened and what is said
+# when it cannot be read, how columns are named and values labelled, and how
+# bytes are counted.
+
+# -- the query layer: what the viewers (view, dash), the benchmark and the
+# tests ask of a log. Totals come from the rollups: the whole-log one for all
+# time, day ones for whole days, hour ones for whole hours, the rows
+# themselves for the edges of a range and for what no rollup keeps. Rows are
+# grouped by id and the ids turned into values afterwards; a range that
+# covers most of the log is counted as the whole log minus what is outside.
+
+class Filter(typing.NamedTuple):
+    """Keep (or, with exclude, leave out) rows whose column is value, or one
+    of the values of a tuple. For "time", value is the start of a bucket of
+    `bucket` seconds."""
+    column: str
+    value: typing.Any
+    exclude: bool = False
+    bucket: int = 0
+
+
+# column -> (conns/rollups column, what its id refers to: a process
+# attribute, "str" for strs, None for a plain integer)
+QUERY_COLUMNS = {
+    **{a: ("proc", a) for a in _PROC_ATTRS}, **{f"p{a}": ("parent", a) for a in _PROC_ATTRS},
+    **{f"gp{a}": ("gp", a) for a in _PROC_ATTRS},
+    "uid": ("uid", None), "lport": ("lport", None), "rport": ("rport", None), "laddr": ("laddr", "str"),
+    "raddr": ("raddr", "str"), "domain": ("domain", "str"), "proto": ("proto", "str"),
+}
+
+
+def param(value) -> str:
+    """A placeholder for value: text read back as bytes (which may not be
+    UTF-8) is compared as the text it is."""
+    return "CAST(? AS TEXT)" if isinstance(value, bytes) else "?"
+
+
+class Piece(typing.NamedTuple):
+    """Part of a time range and where its totals come from: a rollup level,
+    or the rows (level 0); start or end None: unbounded."""
+    level: int
+    start: typing.Optional[int]
+    end: typing.Optional[int]
+
+
+def split_range(start: typing.Optional[int], end: typing.Optional[int],
+                levels: typing.Sequence[int] = (DAY, HOUR)) -> typing.List[Piece]:
+    """[start, end) as whole days, whole hours and the rows at its edges."""
+    pieces: typing.List[Piece] = []
+
+    def cover(a: typing.Optional[int], b: typing.Optional[int], sizes: typing.Sequence[int]) -> None:
+        if a is not None and b is not None and a >= b:
+            return
+        if not sizes:
+            pieces.append(Piece(0, a, b))
+            return
+        size = sizes[0]
+        first = None if a is None else -(-a // size) * size
+        last = None if b is None else b // size * size
+        if first is not None and last is not None and first >= last:
+            cover(a, b, sizes[1:])
+            return
+        if first is not None:
+            cover(a, first, sizes[1:])
+        pieces.append(Piece(size, first, last))
+        if last is not None:
+            cover(last, b, sizes[1:])
+    cover(start, end, list(levels))
+    return pieces
+
+
+class LogQuery:
+    """Read-only questions to a snitch.db (version 2, or older while it is
+    moved over: the old rows not moved yet are counted from the old table)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = file_identity(path)         # (first: a log put in its place meanwhile is opened again)
+        self.con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1, check_same_thread=False)
+        self.con.text_factory = bytes       # names that are not UTF-8 cannot fail a read
+        self.legacy: typing.Optional[typing.List[str]] = None     # the columns of old rows not moved yet
+        self.moved = 0                                             # the last old rowid moved over
+        self.last_old = 0                                          # the last old rowid to move
+        self.v2 = False                                            # the compact layout (version 2 or later)
+        self.rollups: typing.List[str] = []                        # the rollup tables it has
+
+    def close(self) -> None:
+        self.con.close()
+
+    def replaced(self) -> bool:
+        """Whether another file has taken the log's name since it was opened
+        (a compact copy: see replace_log)."""
+        return file_identity(self.path) != self.file
+
+    def refresh(self) -> None:
+        """Check the layout: whether old rows are still being moved over.
+        sqlite3.Error when the log cannot be read (missing tables included)."""
+        self.v2 = self.con.execute("PRAGMA user_version").fetchone()[0] >= COMPACT_VERSION
+        tables = {r[0].decode() for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.rollups = [table for table in ROLLUPS if table in tables]      # (older versions have fewer)
+        if not self.v2:
+            if "connections" not in tables:
+                raise sqlite3.OperationalError("no connections table")
+            self.legacy, self.moved = self.columns("connections"), 0      # not opened by picosnitch 2 yet
+            return
+        found = {k.decode(): v for k, v in self.con.execute(
+            "SELECT key, value FROM meta WHERE key IN ('migrated', 'legacy_columns', 'legacy_last')")}
+        self.legacy = json.loads(found["legacy_columns"]) if "legacy_columns" in found else None
+        self.moved, self.last_old = int(found.get("migrated") or 0), int(found.get("legacy_last") or 0)
+
+    def moving(self) -> typing.Optional[int]:
+        """How far the move from an older layout has got, in percent (100
+        while its totals by day are made); None when no move runs."""
+        if self.legacy is None:
+            return None
+        return min(100, self.moved * 100 // self.last_old) if self.v2 and self.last_old else 0
+
+    def columns(self, table: str) -> typing.List[str]:
+        return [r[1].decode() for r in self.con.execute(f"PRAGMA table_info({table})")]
+
+    @property
+    def legacy_table(self) -> str:
+        return LEGACY_TABLE if self.v2 else "connections"
+
+    # -- totals ------------------------------------------------------------------
+    def totals(self, group: str, filters: typing.Sequence[Filter] = (), start: typing.Optional[int] = None,
+               end: typing.Optional[int] = None, bucket: int = DAY) -> typing.List[tuple]:
+        """(value, sent, received, rows) for each value of group among the rows
+        in [start, end) (local seconds; None: unbounded) that pass every
+        filter, largest first. group "time" gives buckets of `bucket` seconds."""
+        sums = self.sums(group, filters, start, end, bucket) if self.v2 else {}
+        if self.legacy is not None:
+            self.add(sums, self.con.execute(*self._legacy(group, bucket, filters, start, end)))
+        values = self.values(group, sums)
+        if values:          # (ids and values of old rows may name the same thing)
+            merged: typing.Dict[typing.Any, list] = {}
+            self.add(merged, ((values.get(key, key), *total) for key, total in sums.items() if total[2] > 0))
+        else:
+            merged = {key: total for key, total in sums.items() if total[2] > 0}
+        order = sorted(merged.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
+        return [(value, send, recv, n) for value, (send, recv, n) in order]
+
+    @staticmethod
+    def add(sums: dict, rows: typing.Iterable, sign: int = 1) -> None:
+        for value, send, recv, n in rows:
+            total = sums.get(value)
+            if total is None:
+                sums[value] = [sign * (send or 0), sign * (recv or 0), sign * (n or 0)]
+            else:
+                total[0] += sign * (send or 0)
+                total[1] += sign * (recv or 0)
+                total[2] += sign * (n or 0)
+
+    def table(self, columns: typing.Set[str], bucket_sizes: typing.Set[int]) -> str:
+        """The rollup that keeps every column asked about (None: the rows)."""
+        refs = {QUERY_COLUMNS[c][0] for c in columns if c != "time"}
+        if any(size % HOUR for size in bucket_sizes):
+            return ""
+        return next((table for table in self.rollups if refs <= set(ROLLUPS[table])), "")
+
+    def sums(self, group: str, filters: typing.Sequence[Filter], start, end, bucket: int, split: str = "") -> dict:
+        """{group key (an id, or a value): [sent, received, rows]} from version 2;
+        with split (a column), the keys are (split key, group key)."""
+        sizes = {bucket} if group == "time" else set()
+        sizes |= {f.bucket for f in filters if f.column == "time"}
+        table = self.table({group} | {f.column for f in filters} | ({split} if split else set()), sizes)
+        levels = [level for level in ((HOUR,) if self.legacy is not None else (DAY, HOUR))
+                  if all(s % level == 0 for s in sizes)] if table else []
+        sums: dict = {}
+        if not table:
+            self.add(sums, self.run(split, *self._piece("", Piece(0, start, end), group, bucket, filters, split)))
+            return sums
+        if start is None and end is None:          # (while a migration runs, only hours are complete)
+            top = ALL_TIME if group != "time" and not sizes and self.legacy is None else levels[0]
+            self.add(sums, self.run(split, *self._piece(table, Piece(top, None, None), group, bucket, filters, split)))
+            return sums
+        inside = split_range(start, end, levels)
+        low, high = self.con.execute(f"SELECT (SELECT min(b) FROM {table} WHERE level = {DAY} AND b >= 0), "
+                                     f"(SELECT max(b) FROM {table} WHERE level = {DAY})").fetchone()
+        outside = []
+        if group != "time" and not sizes and low is not None and self.legacy is None:   # maybe cheaper: all but the rest
+            outside = (split_range(None, start, levels) if start is not None else []) + \
+                      (split_range(end, None, levels) if end is not None else [])
+            span = lambda ps: sum(max(0, min(p.end if p.end is not None else high + DAY, high + DAY) -
+                                         max(p.start if p.start is not None else low, low)) // max(p.level, HOUR)
+                                  for p in ps)
+            if span(outside) < span(inside):
+                self.add(sums, self.run(split, *self._piece(table, Piece(ALL_TIME, 0, None), group, bucket, filters,
+                                                            split)))
+                for piece in outside:
+                    self.add(sums, self.run(split, *self._piece(table if piece.level else "", piece, group, bucket,
+                                                                filters, split)), -1)
+                return sums
+        for piece in inside:
+            self.add(sums, self.run(split, *self._piece(table if piece.level else "", piece, group, bucket, filters,
+                                                        split)))
+        return sums
+
+    def run(self, split: str, sql: str, params: list, rebucket: int = 0) -> typing.Iterable[tuple]:
+        """The rows of a totals query (with split, keyed by (split key, time));
+        rebucket: the times are hours or days, to be put in buckets of this size."""
+        rows = self.con.execute(sql, params)
+        place = (lambda t: t // rebucket * rebucket if isinstance(t, int) else t) if rebucket else (lambda t: t)
+        if split:
+            return (((k, place(t)), *rest) for t, k, *rest in rows)
+        return ((place(t), *rest) for t, *rest in rows) if rebucket else rows
+
+    def _piece(self, table: str, piece: Piece, group: str, bucket: int,
+               filters: typing.Sequence[Filter], split: str = "") -> typing.Tuple[str, list]:
+        """The SQL for one piece: from a rollup table, or from conns (table '');
+        with split, grouped by that column first."""
+        rollup = bool(table)
+        params: list = []
+        where = []
+        if rollup:
+            where.append(f"s.level = {piece.level}")
+            if piece.level == ALL_TIME:
+                # (b IN, not a range: the index goes on to the keys after b)
+                where.append("s.b = 0" if piece.start is not None else f"s.b IN ({NO_TIME}, 0)")
+            elif piece.start is not None and piece.end is not None and \
+                    (piece.end - piece.start) // piece.level <= ROLLUP_SEEKS:
+                buckets = list(range(piece.start, piece.end, piece.level))
+                where.append(f"s.b IN ({','.join('?' * len(buckets))})")
+                params += buckets
+            else:
+                where.append("s.b >= ?" if piece.start is not None else "s.b >= 0")
+                params += [piece.start] if piece.start is not None else []
+                if piece.end is not None:
+                    where.append("s.b < ?")
+                    params.append(piece.end)
+        else:
+            if piece.start is not None:
+                where.append("s.t >= ?")
+                params.append(piece.start)
+            if piece.end is not None:
+                where.append("s.t < ?")
+                params.append(piece.end)
+            if piece.start is None and piece.end is None and group == "time":
+                where.append("typeof(s.t) = 'integer'")
+        where += [self._filter(f, rollup, params) for f in filters]
+        if table == "ports" and piece.level in ALL_PROCS_LEVELS:      # the rows of processes, or their total
+            by_process = any(QUERY_COLUMNS[c][0] == "proc" for c in [group, split] + [f.column for f in filters]
+                             if c and c != "time")
+            where.append("s.proc > 0" if by_process else "s.proc = 0")
+        # (a rollup's times are grouped as they are, in the order of its key, which
+        # needs no sorting, and put in buckets afterwards, by run)
+        keys = [self._key(c, rollup, bucket) for c in [group] + ([split] if split else [])]
+        rows = "s.rows" if rollup else "1"
+        return (f"SELECT {', '.join(keys)}, sum(s.send), sum(s.recv), sum({rows}) FROM {table or 'conns'} s "
+                f"WHERE {' AND '.join(where) or '1'} GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}",
+                params, bucket if rollup and group == "time" else 0)
+
+    @staticmethod
+    def _key(column: str, rollup: bool, bucket: int) -> str:
+        if column == "time":
+            return "s.b" if rollup else f"(s.t / {bucket} * {bucket})"
+        ref, kind = QUERY_COLUMNS[column]
+        return f"NULLIF(s.{ref}, {NOT_LOGGED})" if rollup and kind is None else f"s.{ref}"
+
+    @staticmethod
+    def _filter(f: Filter, rollup: bool, params: list, alias: str = "s") -> str:
+        """The condition of one filter on a rollup or on conns (as alias)."""
+        negate = "NOT " if f.exclude else ""
+        if f.column == "time":
+            params += [f.value, f.value + f.bucket]
+            t = f"{alias}.b" if rollup else f"{alias}.t"
+            return f"{negate}({t} >= ? AND {t} < ?)"
+        ref, kind = QUERY_COLUMNS[f.column]
+        values = list(f.value) if isinstance(f.value, tuple) else [f.value]
+        present = [v for v in values if v is not None]
+        if kind is None:            # an integer column: NULL (not logged) is NOT_LOGGED in the rollups
+            if rollup:
+                present = [NOT_LOGGED if v is None else v for v in values]
+            params += present
+            tests = ([f"{alias}.{ref} IN ({','.join('?' * len(present))})"] if present else []) + \
+                    ([f"{alias}.{ref} IS NULL"] if None in values and not rollup else [])
+            return f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)"     # (NULL IN (...) is NULL)
+        table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
+        params += present
+        tests = ([f"{attr} IN ({','.join(param(v) for v in present)})"] if present else []) + \
+                ([f"{attr} IS NULL"] if None in values else [])
+        return f"{alias}.{ref} {negate}IN (SELECT id FROM {table} WHERE {' OR '.join(tests) or '0'})"
+
+    def values(self, group: str, sums: dict) -> dict:
+        """What the ids among the keys of sums stand for (group is a process
+        attribute or a string); a key that is no id of version 2 stays."""
+        if group == "time" or QUERY_COLUMNS[group][1] is None or not self.v2:
+            return {}
+        kind = QUERY_COLUMNS[group][1]
+        ids = [k for k in sums if isinstance(k, int)]
+        table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
+        found = {}
+        for i in range(0, len(ids), 900):
+            chunk = ids[i:i + 900]
+            found.update(self.con.execute(f"SELECT id, {attr} FROM {table} WHERE id IN ({','.join('?' * len(chunk))})",
+                                          chunk).fetchall())
+        return found
+
+    def _legacy(self, group: str, bucket: int, filters: typing.Sequence[Filter], start, end,
+                split: str = "") -> typing.Tuple[str, list]:
+        """The same question to the old rows not moved over yet (text times);
+        the keys are values, not ids."""
+        where, params = self._legacy_where(filters, start, end)
+        col = lambda c: c if c in (self.legacy or []) else "NULL"
+        key = lambda c: f"CAST(strftime('%s', contime) AS INTEGER) / {bucket} * {bucket}" if c == "time" else col(c)
+        if group == "time":
+            where += " AND strftime('%s', contime) IS NOT NULL"
+        keys = [key(c) for c in [group] + ([split] if split else [])]
+        return (f"SELECT {', '.join(keys)}, sum(send), sum(recv), count(*) FROM {self.legacy_table} WHERE {where} "
+                f"GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}", params)
+
+    def _legacy_where(self, filters: typing.Sequence[Filter], start=None, end=None) -> typing.Tuple[str, list]:
+        """The condition on the old rows not moved over yet, in [start, end) and passing filters."""
+        have, params, where = self.legacy or [], [self.moved], ["rowid > ?"]
+        col = lambda c: c if c in have else "NULL"
+        text = lambda s: time.strftime(TIME_FORMAT, time.gmtime(s))
+        if start is not None:
+            where.append("contime >= ?")
+            params.append(text(start))
+        if end is not None:
+            where.append("contime < ?")
+            params.append(text(end))
+        for f in filters:
+            negate = "NOT " if f.exclude else ""
+            if f.column == "time":
+                params += [text(f.value), text(f.value + f.bucket)]
+                where.append(f"{negate}(contime >= ? AND contime < ?)")
+                continue
+            values = list(f.value) if isinstance(f.value, tuple) else [f.value]
+            present = [v for v in values if v is not None]
+            params += present
+            tests = ([f"{col(f.column)} IN ({','.join(param(v) for v in present)})"] if present else []) + \
+                    ([f"{col(f.column)} IS NULL"] if None in values else [])
+            where.append(f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)")
+        return " AND ".join(where), params
+
+    def series(self, group: str, keys: typing.Sequence, filters: typing.Sequence[Filter] = (),
+               start: typing.Optional[int] = None, end: typing.Optional[int] = None,
+               bucket: int = HOUR) -> typing.Dict[typing.Any, typing.Dict[int, typing.List[int]]]:
+        """For each of keys (values of group, as totals gives them): sent and
+        received per time bucket among the rows in [start, end) that pass
+        every filter, {value: {bucket start: [sent, received]}}."""
+        if not keys:
+            return {}
+        chosen = [*filters, Filter(group, tuple(keys))]
+        sums = self.sums("time", chosen, start, end, bucket, split=group) if self.v2 else {}
+        if self.legacy is not None:
+            sql, params = self._legacy("time", bucket, chosen, start, end, split=group)
+            self.add(sums, self.run(group, sql, params))
+        values = self.values(group, {k: None for k, _ in sums})
+        out: typing.Dict[typing.Any, typing.Dict[int, typing.List[int]]] = {}
+        for (key, t), (send, recv, n) in sums.items():
+            if n > 0:
+                cell = out.setdefault(values.get(key, key), {}).setdefault(t, [0, 0])
+                cell[0] += send
+                cell[1] += recv
+        return out
+
+    def hours(self, filters: typing.Sequence[Filter] = ()) -> typing.List[typing.Tuple[int, int]]:
+        """(hour, rows) for each hour with rows passing filters, newest first."""
+        sums = self.sums("time", filters, None, None, HOUR) if self.v2 else {}
+        return sorted(((h, total[2]) for h, total in sums.items() if total[2] > 0 and h >= 0), reverse=True)
+
+    def seen(self, filters: typing.Sequence[Filter] = ()) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
+        """The times of the first and the last row passing filters (local
+        seconds), None when there is none: the hours from the rollups, then
+        the rows of those two hours."""
+        times = []
+        hours = self.hours(filters)
+        if hours:
+            for hour, pick in ((hours[-1][0], "min"), (hours[0][0], "max")):
+                params: list = [hour, hour + HOUR]
+                where = " AND ".join(["s.t >= ? AND s.t < ?"] + [self._filter(f, False, params) for f in filters])
+                times += [v for v in self.con.execute(f"SELECT {pick}(s.t) FROM conns s WHERE {where}", params).fetchone()
+                          if v is not None]
+        if self.legacy is not None:
+            where, params = self._legacy_where(filters)
+            old = self.con.execute(f"SELECT min(contime), max(contime) FROM {self.legacy_table} WHERE {where}",
+                                   params).fetchone()
+            times += [t for t in (local_seconds(v) for v in old if v is not None) if isinstance(t, int)]
+        return (min(times), max(times)) if times else (None, None)
+
+    def latest(self, filters: typing.Sequence[Filter] = (), n: int = 20) -> typing.List[dict]:
+        """The newest n rows passing filters, newest first, with the columns of
+        the connections view (rows whose time is no time are left out)."""
+        since, count = None, 0
+        for hour, rows in self.hours(filters):       # the hours that hold the newest n
+            since, count = hour, count + rows
+            if count >= n:
+                break
+        found: typing.List[dict] = []
+        columns = ", ".join(f"{VIEW_SQL[c]} AS {c}" for c in DB_COLUMNS)
+        if since is not None:
+            params: list = [since]
+            where = " AND ".join(["c.t >= ? AND typeof(c.t) = 'integer'"] +
+                                 [self._filter(f, False, params, "c") for f in filters])
+            cursor = self.con.execute(f"SELECT {columns} FROM {VIEW_FROM} WHERE {where} "
+                                      f"ORDER BY c.t DESC, c.id DESC LIMIT ?", params + [n])
+            found = [dict(zip(DB_COLUMNS, row)) for row in cursor]
+        if self.legacy is not None and len(found) < n:
+            where, params = self._legacy_where(filters)
+            have = self.legacy or []
+            cursor = self.con.execute(f"SELECT {', '.join(c if c in have else 'NULL' for c in DB_COLUMNS)} FROM "
+                                      f"{self.legacy_table} WHERE {where} AND strftime('%s', contime) IS NOT NULL "
+                                      f"ORDER BY contime DESC LIMIT ?", params + [n - len(found)])
+            found += [dict(zip(DB_COLUMNS, row)) for row in cursor]
+        return sorted(found, key=lambda r: r["contime"], reverse=True)
+
+    # -- other questions ---------------------------------------------------------------
+    def span(self) -> typing.Tuple[typing.Optional[int], typing.Optional[int]]:
+        """The first and last time in the log (local seconds), None when empty."""
+        # (integers sort before text: the index finds both ends at once)
+        first = "SELECT t FROM conns WHERE typeof(t) = 'integer' ORDER BY t {} LIMIT 1"
+        low, high = [(self.con.execute(first.format(order)).fetchone() or (None,))[0] if self.v2 else None
+                     for order in ("ASC", "DESC")]
+        if self.legacy is not None:
+            old = self.con.execute(f"SELECT min(contime), max(contime) FROM {self.legacy_table} WHERE rowid > ?",
+                                   (self.moved,)).fetchone()
+            seconds = [s for s in (local_seconds(v) for v in old if v is not None) if isinstance(s, int)]
+            low = min(([low] if low is not None else []) + seconds, default=None)
+            high = max(([high] if high is not None else []) + seconds, default=None)
+        return low, high
+
+    def has_rows(self) -> bool:
+        if self.v2 and self.con.execute("SELECT EXISTS (SELECT 1 FROM conns)").fetchone()[0]:
+            return True
+        return self.legacy is not None and bool(self.con.execute(
+            f"SELECT EXISTS (SELECT 1 FROM {self.legacy_table} WHERE rowid > ?)", (self.moved,)).fetchone()[0])
+
+    def count(self) -> int:
+        """How many rows the log has (from the whole-log rollup: no scan)."""
+        n = 0
+        if self.v2:
+            n = self.con.execute("SELECT coalesce(sum(rows), 0) FROM rollups WHERE level = ?", (ALL_TIME,)).fetchone()[0]
+        if self.legacy is not None:
+            n += self.con.execute(f"SELECT count(*) FROM {self.legacy_table} WHERE rowid > ?",
+                                  (self.moved,)).fetchone()[0]
+        return n
+
 
 COLUMN_NAMES = {"exe": "executable", "name": "name", "cmdline": "command line", "sha256": "sha256",
                 "pexe": "parent executable", "pname": "parent name", "pcmdline": "parent command line",
@@ -7761,7 +7782,7 @@ def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typi
 ###############################################################################
 # `picosnitch view`: snitch.db grouped by one column at a time, largest first,
 # under a chain of filters, a time range and byte units. Each key that changes
-# what is shown asks the query layer (section 7) for the totals: the log is
+# what is shown asks the query layer (section 19) for the totals: the log is
 # never loaded, whatever its size; r asks again.
 
 VIEWS = [("executable", "exe"), ("name", "name"), ("sha256", "sha256"), ("parent executable", "pexe"),
@@ -8039,7 +8060,7 @@ def run_viewer(state: str, config_dir: str) -> int:
 # `picosnitch dash`: bytes sent and received over time, one trace per entry
 # of a grouping, a totals table and a drill-down per executable, under a
 # filter chain and a time range, as in `view`. Every interaction asks the
-# query layer (section 7) again; nothing is loaded whole. The whole view is
+# query layer (section 19) again; nothing is loaded whole. The whole view is
 # in the page's address, so a reload, a bookmark or the browser's history
 # shows it again. The server answers only requests for the address it
 # serves (no DNS rebinding), and off loopback only those with its token.
