@@ -891,9 +891,17 @@ SETTINGS = [
 ]
 SETTINGS_BY_KEY = {setting.key: setting for setting in SETTINGS}
 
+def setting_type(setting: Setting) -> typing.Any:
+    """The type of a setting's attribute, from the JSON types it accepts (an
+    int is a float where a float is accepted, as JSON has it)."""
+    kinds = [t for t in setting.types if not (t is int and float in setting.types)]
+    return typing.Union[tuple(kinds)] if len(kinds) > 1 else kinds[0]
+
+
 # config.json as typed attributes, with the defaults (a fresh copy of each)
 Config = dataclasses.make_dataclass("Config", [
-    (setting.attr, typing.Any, dataclasses.field(default_factory=lambda d=setting.default: copy.deepcopy(d)))
+    (setting.attr, setting_type(setting),
+     dataclasses.field(default_factory=lambda d=setting.default: copy.deepcopy(d)))
     for setting in SETTINGS])
 Config.__module__ = __name__
 
@@ -1097,15 +1105,10 @@ def check_directory(directory: str, uid: int, create: bool = True) -> None:
 CONFIG_MAX = 1 << 20        # bytes of config.json at most
 
 
-def read_config_text(directory: str) -> str:
-    """config.json's text, creating the file with the defaults when missing.
-    Run as the user: the file is theirs, and so is what it can reach.
-
-    An existing file is never rewritten: a bad one is refused as it is.
-    """
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.lexists(path):
-        write_atomic(path, config_to_json(Config()).encode())
+def settings_file_text(path: str) -> str:
+    """The text of a settings file (config.json, or the copy of the settings
+    a start ran with): a regular file of at most CONFIG_MAX bytes, in UTF-8;
+    PicosnitchError names what is wrong."""
     try:
         raw = read_regular(path, CONFIG_MAX)
     except OSError as e:
@@ -1118,9 +1121,24 @@ def read_config_text(directory: str) -> str:
         raise PicosnitchError(f"{path}: not UTF-8 text (byte {e.start})")
 
 
-def load_config(directory: str) -> Config:
-    """config.json parsed; PicosnitchError names what is wrong."""
-    return parse_config(read_config_text(directory), os.path.join(directory, CONFIG_NAME))
+def read_config_text(directory: str, create: bool = True) -> str:
+    """config.json's text, creating the file with the defaults when missing
+    (or, without create, the defaults' text). Run as the user: the file is
+    theirs, and so is what it can reach.
+
+    An existing file is never rewritten: a bad one is refused as it is.
+    """
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.lexists(path):
+        if not create:
+            return config_to_json(Config())
+        write_atomic(path, config_to_json(Config()).encode())
+    return settings_file_text(path)
+
+
+def load_config(directory: str, create: bool = True) -> Config:
+    """config.json parsed (see read_config_text); PicosnitchError names what is wrong."""
+    return parse_config(read_config_text(directory, create), os.path.join(directory, CONFIG_NAME))
 
 
 @dataclasses.dataclass
@@ -6451,9 +6469,8 @@ def applied_settings(state: str) -> typing.Optional[Config]:
     """The settings the last start ran with (as the account; None: no start yet)."""
     path = os.path.join(state, PRIVATE_NAME, APPLIED_NAME)
     try:
-        with open(path, encoding="utf-8") as f:
-            return parse_config(f.read(), path)
-    except (FileNotFoundError, PicosnitchError, UnicodeDecodeError):
+        return parse_config(settings_file_text(path), path)
+    except PicosnitchError:
         return None
 
 
@@ -7764,15 +7781,6 @@ def moving_note(percent: int) -> str:
            "and answers may be slower until it is done)"
 
 
-def read_config(directory: str) -> Config:
-    """config.json if there is one, else the defaults (the viewers write nothing)."""
-    path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.exists(path):
-        return Config()
-    with open(path, "rb") as f:
-        return parse_config(f.read().decode("utf-8", "replace"), path)
-
-
 def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typing.Optional["GeoIP"]:
     """The GeoIP database the primary keeps, if "GeoIP lookup" is on."""
     return GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
@@ -8046,7 +8054,7 @@ def run_viewer(state: str, config_dir: str) -> int:
     """View the log in the state directory, with the user's settings."""
     import curses
     said: typing.List[str] = []
-    viewer = Viewer(os.path.join(state, DB_NAME), viewer_geoip(state, read_config(config_dir), said))
+    viewer = Viewer(os.path.join(state, DB_NAME), viewer_geoip(state, load_config(config_dir, create=False), said))
     viewer.message = said[0] if said else ""
     try:
         curses.wrapper(view_loop, viewer)
@@ -8900,7 +8908,7 @@ def run_dash(state: str, config_dir: str, host: str, port: int) -> int:
     import logging
     try:
         from werkzeug.serving import make_server
-        config = read_config(config_dir)
+        config = load_config(config_dir, create=False)      # (the viewers write nothing)
         token = secrets.token_urlsafe(32)
         app = dash_app(state, config, DashGuard(host, port, token))
     except ImportError as e:

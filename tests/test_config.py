@@ -120,3 +120,23 @@ def test_numbers_json_does_not_have_are_refused():
             picosnitch.parse_config(text)
     with pytest.raises(picosnitch.PicosnitchError, match="from 0.1 to 3600"):
         picosnitch.parse_config('{"DB write limit (seconds)": 1e9}')
+
+
+def test_one_loader_for_every_reader_of_the_settings(tmp_path):
+    """The viewers read config.json as the daemon does, but never make it:
+    bad UTF-8 is the same clear error for both."""
+    directory = tmp_path / "ps"
+    directory.mkdir()
+    assert picosnitch.load_config(str(directory), create=False) == picosnitch.Config()
+    assert not (directory / "config.json").exists()
+    (directory / "config.json").write_bytes(b'{"DB retention (days)": 3, "x": "\xff"}')
+    for create in (True, False):
+        with pytest.raises(picosnitch.PicosnitchError, match=r"config.json: not UTF-8 text \(byte 33\)"):
+            picosnitch.load_config(str(directory), create=create)
+
+
+def test_settings_are_typed_as_the_table_says():
+    fields = {f.name: f.type for f in picosnitch.dataclasses.fields(picosnitch.Config)}
+    assert fields["db_retention_days"] is int and fields["db_write_limit_seconds"] is float
+    assert fields["set_rlimit_nofile"] == picosnitch.typing.Optional[int] and fields["log_ignore"] is list
+    assert len(fields) == len(picosnitch.SETTINGS)

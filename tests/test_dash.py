@@ -187,7 +187,7 @@ def test_addresses_are_labelled_with_their_place():
 
 def guarded_app(tmp_path, host, port, token="", geoip=False):
     (tmp_path / "config.json").write_text(json.dumps({"GeoIP lookup": geoip}))
-    return picosnitch.dash_app(str(tmp_path), picosnitch.read_config(str(tmp_path)),
+    return picosnitch.dash_app(str(tmp_path), picosnitch.load_config(str(tmp_path), create=False),
                                picosnitch.DashGuard(host, port, token))
 
 
