@@ -8619,11 +8619,12 @@ def dash_change(state: DashState, trigger, value, inputs: dict) -> None:
         state.detail = None
 
 
-def dash_control_values(state: DashState, now: int) -> list:
-    """What the page's controls show for state."""
+def dash_control_values(state: DashState, now: int) -> dict:
+    """What the page's controls show for state, by the control's id."""
     start, end = dash_span(state, now)
-    return [state.group, state.range, state.units, ["smooth"] if state.smooth else [], state.refresh,
-            state.theme, dash_time_text(start), dash_time_text(end - 1 if end is not None else None)]
+    return {"group": state.group, "range": state.range, "units": state.units,
+            "smooth": ["smooth"] if state.smooth else [], "refresh": state.refresh, "theme": state.theme,
+            "from": dash_time_text(start), "to": dash_time_text(end - 1 if end is not None else None)}
 
 
 def dash_layout(config: Config):
@@ -8760,27 +8761,34 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
 
     app.layout = dash_layout(config)
 
-    controls = [Output("group", "value"), Output("range", "value"), Output("units", "value"),
-                Output("smooth", "value"), Output("refresh", "value"), Output("theme", "value"),
-                Output("from", "value"), Output("to", "value")]
-    shown = [Output("chips", "children"), Output("graph", "figure"), Output("table", "columns"),
-             Output("table", "data"), Output("table", "tooltip_data"), Output("table", "active_cell"),
-             Output("table", "style_header"), Output("table", "style_data"), Output("table-note", "children"),
-             Output("detail", "children"), Output("message", "children"), Output("tick", "interval"),
-             Output("tick", "disabled"), Output("root", "className"), Output("add-value", "options")]
+    controls = {name: Output(name, "value") for name in ("group", "range", "units", "smooth", "refresh", "theme",
+                                                           "from", "to")}
+    shown = {"chips": Output("chips", "children"), "figure": Output("graph", "figure"),
+             "columns": Output("table", "columns"), "rows": Output("table", "data"),
+             "tips": Output("table", "tooltip_data"), "active": Output("table", "active_cell"),
+             "header": Output("table", "style_header"), "cells": Output("table", "style_data"),
+             "note": Output("table-note", "children"), "detail": Output("detail", "children"),
+             "message": Output("message", "children"), "interval": Output("tick", "interval"),
+             "still": Output("tick", "disabled"), "theme_class": Output("root", "className"),
+             "offered": Output("add-value", "options")}
 
     @app.callback(
-        [Output("url", "search")] + controls + shown,
-        [Input("url", "search"), Input("group", "value"), Input("range", "value"), Input("older", "n_clicks"),
-         Input("newer", "n_clicks"), Input("apply-range", "n_clicks"), Input("units", "value"),
-         Input("smooth", "value"), Input("refresh", "value"), Input("theme", "value"),
-         Input({"type": "unfilter", "index": ALL}, "n_clicks"), Input("add-filter", "n_clicks"),
-         Input("table", "active_cell"), Input({"type": "close-detail", "index": ALL}, "n_clicks"),
-         Input("tick", "n_intervals")],
-        [State("from", "value"), State("to", "value"), State("add-column", "value"), State("add-value", "value"),
-         State("add-mode", "value"), State("table", "data")])
-    def update(search, group, range_, _older, _newer, _apply, units, smooth, refresh, theme, _unfilter, _add,
-               _active, _close, _tick, start_text, end_text, add_column, add_value, add_mode, rows):
+        output={"search": Output("url", "search"), **controls, **shown},
+        inputs={"search": Input("url", "search"), "group": Input("group", "value"), "range_": Input("range", "value"),
+                "older": Input("older", "n_clicks"), "newer": Input("newer", "n_clicks"),
+                "apply": Input("apply-range", "n_clicks"), "units": Input("units", "value"),
+                "smooth": Input("smooth", "value"), "refresh": Input("refresh", "value"),
+                "theme": Input("theme", "value"), "unfilter": Input({"type": "unfilter", "index": ALL}, "n_clicks"),
+                "add": Input("add-filter", "n_clicks"), "active": Input("table", "active_cell"),
+                "close": Input({"type": "close-detail", "index": ALL}, "n_clicks"),
+                "tick": Input("tick", "n_intervals")},
+        state={"start_text": State("from", "value"), "end_text": State("to", "value"),
+               "add_column": State("add-column", "value"), "add_value": State("add-value", "value"),
+               "add_mode": State("add-mode", "value"), "rows": State("table", "data")})
+    def update(search, group, range_, units, smooth, refresh, theme, start_text, end_text, add_column, add_value,
+               add_mode, rows, **_clicked):
+        """The page after any change: the address, the controls and what is
+        shown (which change it was: ctx.triggered_id)."""
         state, problems = dash_state(search)
         now = now_seconds()
         inputs = {"group": group, "range": range_, "units": units, "smooth": smooth, "refresh": refresh,
@@ -8790,9 +8798,10 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
             dash_change(state, ctx.triggered_id, ctx.triggered[0]["value"] if ctx.triggered else None, inputs)
         except ValueError as e:         # a value from the page that is not one
             problems.append(str(e))
-        return [dash_query(state)] + dash_control_values(state, now) + render(state, problems, now, add_column)
+        return {"search": dash_query(state), **dash_control_values(state, now),
+                **render(state, problems, now, add_column)}
 
-    def render(state: DashState, problems: typing.List[str], now: int, add_column: str) -> list:
+    def render(state: DashState, problems: typing.List[str], now: int, add_column: str) -> dict:
         theme = DASH_THEMES[state.theme]
         chips = [html.Span(className="ps-chip", children=[
             html.Span(f"{COLUMN_NAMES[column]} {'≠' if exclude else '='} {labels.text(column, value)}",
@@ -8823,9 +8832,10 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
         cells = {"backgroundColor": theme["paper"], "color": theme["text"]}
         offered = options(add_column, state, now, data["entries"] if add_column == state.group else None)
         empty = "no data: see the message above" if log.problem else "no connections in this range"
-        return [chips, dash_figure(data, state, labels, empty), columns, rows, tips, None,
-                header, cells, note, detail, " · ".join(notes), max(state.refresh, 1) * 1000, not state.refresh,
-                f"ps-{state.theme}", offered]
+        return {"chips": chips, "figure": dash_figure(data, state, labels, empty), "columns": columns, "rows": rows,
+                "tips": tips, "active": None, "header": header, "cells": cells, "note": note, "detail": detail,
+                "message": " · ".join(notes), "interval": max(state.refresh, 1) * 1000, "still": not state.refresh,
+                "theme_class": f"ps-{state.theme}", "offered": offered}
 
     # (what the chart reports of itself when drawn goes no further than the page)
     app.clientside_callback(
