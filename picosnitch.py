@@ -590,8 +590,25 @@ class Conn:
 # SOCK_SEQPACKET pairs, one whole message per packet, so a process that dies
 # mid-send cannot leave half a message behind for its successor.
 
-class Ready(typing.NamedTuple):          # reader -> supervisor: polling the kernel
+class Ready(typing.NamedTuple):          # reader -> supervisor, supervisor -> `start`: capturing
     mode: str
+
+
+class Failed(typing.NamedTuple):         # daemon -> `start`: it could not start, and why
+    error: str
+
+
+class Loaded(typing.NamedTuple):         # program loader -> supervisor: the descriptors sent along
+    mode: str
+    notes: typing.List[str]
+    protos: typing.List[list]            # [address, protocol] of the kernel's struct proto objects
+    routes: typing.List[str]             # the route tracepoints attached on demand
+    error: str = ""                      # (and no descriptors)
+
+
+class Answer(typing.NamedTuple):         # work done as another account -> who asked: its JSON result
+    result: typing.Any
+    error: str = ""                      # (and no result)
 
 
 class ExecNotice(typing.NamedTuple):     # reader -> monitor: hash this now (its file sent along, if caught)
@@ -656,8 +673,8 @@ class Delivered(typing.NamedTuple):      # desktop -> notifier: shown (error '')
     error: str
 
 
-MESSAGES = {cls.__name__: cls for cls in (Ready, ExecNotice, HashRequest, HashAnswer, Batch, Hello, Ack, Stop,
-                                          Report, Notice, Delivered)}
+MESSAGES = {cls.__name__: cls for cls in (Ready, Failed, Loaded, Answer, ExecNotice, HashRequest, HashAnswer, Batch,
+                                          Hello, Ack, Stop, Report, Notice, Delivered)}
 MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
 MESSAGE_MAX = 2 << 20          # bytes of one message at most (the kernel carries up to about 4 MB)
 
@@ -731,16 +748,16 @@ class Channel:
             return False
         return True
 
-    def recv_with_fds(self, timeout: typing.Optional[float] = None) -> typing.Tuple[typing.Optional[typing.NamedTuple],
-                                                                                     typing.List[int]]:
-        """The next message and the descriptors sent with it; (None, [])
-        after timeout seconds without one. ValueError for a bad message (its
-        descriptors closed)."""
+    def recv_with_fds(self, timeout: typing.Optional[float] = None, most: int = 16
+                      ) -> typing.Tuple[typing.Optional[typing.NamedTuple], typing.List[int]]:
+        """The next message and the descriptors sent with it (most: how many
+        at most); (None, []) after timeout seconds without one. ValueError
+        for a bad message (its descriptors closed), or none: the peer gone."""
         if timeout is not None and not select.select([self.sock], [], [], timeout)[0]:
             return None, []
         peek = bytearray(1)
         size = self.sock.recv_into(peek, 1, socket.MSG_PEEK | socket.MSG_TRUNC)
-        data, ancillary, _, _ = self.sock.recvmsg(min(max(size, 1), MESSAGE_MAX), socket.CMSG_SPACE(16 * 4))
+        data, ancillary, _, _ = self.sock.recvmsg(min(max(size, 1), MESSAGE_MAX), socket.CMSG_SPACE(most * 4))
         fds = [fd for level, kind, raw in ancillary if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
                for fd in struct.unpack(f"{len(raw) // 4}i", raw[:len(raw) // 4 * 4])]
         try:
@@ -3368,38 +3385,40 @@ def proto_addresses(path: str = "/proc/kallsyms") -> typing.Dict[int, int]:
     return found
 
 
-def load_in_child(perf_fds: typing.List[int], mode: str = "") -> typing.Tuple[dict, typing.List[int]]:
+LOADED_FDS = 64       # descriptors the program loader hands over, at most
+
+
+def load_in_child(perf_fds: typing.List[int], mode: str = "") -> typing.Tuple[Loaded, typing.List[int]]:
     """Compile and attach in a short-lived child, which hands the descriptors
     over and exits: bcc and LLVM never weigh on picosnitch while it runs.
-    Returns (mode, notes, protos, routes) and the descriptors: READER_MAPS,
-    the programs of the routes (attached on demand), then the attachments."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    Returns what it loaded and the descriptors: READER_MAPS, the programs of
+    the routes (attached on demand), then the attachments."""
+    ours, theirs = Channel.pair()
     pid = os.fork()
     if pid == 0:
         ours.close()
-        meta: dict = {"notes": []}
-        fds: typing.List[int] = []
+        notes: typing.List[str] = []
         try:
-            meta["protos"] = list(proto_addresses().items())      # (before events flow)
-            bpf, meta["mode"], links, routes = attach_program(meta["notes"], perf_fds, mode)
-            meta["routes"] = list(routes)
-            fds = [bpf[name].map_fd for name in READER_MAPS] + list(routes.values()) + attachment_fds(bpf) + links
+            protos = [list(p) for p in proto_addresses().items()]      # (before events flow)
+            bpf, chosen, links, routes = attach_program(notes, perf_fds, mode)
+            theirs.send(Loaded(chosen, notes, protos, list(routes)), fds=[bpf[name].map_fd for name in READER_MAPS]
+                        + list(routes.values()) + attachment_fds(bpf) + links)
         except Exception as e:  # noqa: BLE001 - whatever failed is reported by the supervisor
-            meta["error"] = str(e)
-        socket.send_fds(theirs, [json.dumps(meta).encode()], fds)
+            theirs.send(Loaded("", notes, [], [], str(e) or type(e).__name__))
         os._exit(0)     # no bcc clean-up: the supervisor's copies keep everything attached
     theirs.close()
     try:
-        data, fds, _, _ = socket.recv_fds(ours, 1 << 20, 4096)
+        loaded, fds = ours.recv_with_fds(most=LOADED_FDS)
+    except ValueError:
+        loaded, fds = Loaded("", [], [], [], "the program loader died"), []
     finally:
         ours.close()
         os.waitpid(pid, 0)
-    meta = json.loads(data or b'{"error": "the program loader died"}')
-    if "error" in meta:
+    if loaded.error:
         for fd in fds:
             os.close(fd)
-        raise PicosnitchError(f"loading the BPF program failed: {meta['error']}")
-    return meta, fds
+        raise PicosnitchError(f"loading the BPF program failed: {loaded.error}")
+    return loaded, fds
 
 
 SYSCALL_NUMBERS = {   # machine -> (bpf, perf_event_open)
@@ -3582,13 +3601,13 @@ class Kernel:
     """The loaded program as the supervisor holds it: map descriptors, the
     mapped perf rings, the attachments, and the struct proto addresses."""
 
-    def __init__(self, perf: PerfBuffers, meta: dict, fds: typing.List[int]):
-        n, r = len(READER_MAPS), len(meta["routes"])
+    def __init__(self, perf: PerfBuffers, loaded: Loaded, fds: typing.List[int]):
+        n, r = len(READER_MAPS), len(loaded.routes)
         self.perf, self.perf_fds = perf, [fd for fd, _ in perf.rings]
-        self.mode, self.notes = meta["mode"], meta["notes"]
-        self.protos = {address: proto for address, proto in meta["protos"]}
+        self.mode, self.notes = loaded.mode, loaded.notes
+        self.protos = {address: proto for address, proto in loaded.protos}
         self.maps = dict(zip(READER_MAPS, fds[:n]))
-        self.routes = dict(zip(meta["routes"], fds[n:n + r]))
+        self.routes = dict(zip(loaded.routes, fds[n:n + r]))
         self.links = fds[n + r:]
 
     @classmethod
@@ -6109,6 +6128,7 @@ def confine(caps: typing.Optional[typing.Sequence[str]], user: typing.Optional[U
 
 
 RUN_AS_TIMEOUT = 60.0      # seconds a piece of work done as another account may take
+RUN_AS_FDS = 200           # descriptors it may hand over
 
 
 def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = False) -> typing.Any:
@@ -6120,7 +6140,7 @@ def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = Fa
     opened), and so does run_as, with the descriptors passed over."""
     if os.geteuid() != 0:
         return work()
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent, child = Channel.pair()
     pid = os.fork()
     if pid == 0:
         try:                # (whatever happens, the child never returns into the caller's code)
@@ -6132,37 +6152,34 @@ def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = Fa
                 result = work()
                 if with_fds:
                     result, fds = result
-                answer = {"ok": result}
+                answer = Answer(result)
             except PicosnitchError as e:
-                answer = {"error": str(e)}
+                answer = Answer(None, str(e))
             except BaseException as e:  # noqa: BLE001 - the parent reports it
-                answer = {"error": f"{type(e).__name__}: {e}"}
-            socket.send_fds(child, [b"+"], fds[:200]) if fds else child.sendall(b"+")
-            child.sendall(json.dumps(answer).encode())
+                answer = Answer(None, f"{type(e).__name__}: {e}")
+            try:
+                child.send(answer, fds=fds[:RUN_AS_FDS])
+            except ValueError as e:     # (too big to send)
+                child.send(Answer(None, str(e)))
         finally:
             os._exit(0)
     child.close()
-    fds, data = [], b""
-    with parent:
-        parent.settimeout(RUN_AS_TIMEOUT)
-        try:
-            _, fds, _, _ = socket.recv_fds(parent, 1, 200)
-            data = b"".join(iter(lambda: parent.recv(1 << 16), b""))
-        except OSError:             # (socket.timeout among them)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            data = json.dumps({"error": f"the helper running as {who.name} did not answer in "
-                                        f"{RUN_AS_TIMEOUT:.0f} s"}).encode()
-    os.waitpid(pid, 0)
     try:
-        answer = json.loads(data or json.dumps({"error": f"the helper running as {who.name} died"}))
+        answer, fds = parent.recv_with_fds(RUN_AS_TIMEOUT, most=RUN_AS_FDS)
     except ValueError:
-        answer = {"error": f"the helper running as {who.name} died"}
-    if "error" in answer:
+        answer, fds = Answer(None, f"the helper running as {who.name} died"), []
+    finally:
+        parent.close()
+    if answer is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        answer = Answer(None, f"the helper running as {who.name} did not answer in {RUN_AS_TIMEOUT:.0f} s")
+    os.waitpid(pid, 0)
+    if answer.error:
         for fd in fds:
             os.close(fd)
-        raise PicosnitchError(answer["error"])
-    return (answer["ok"], fds) if with_fds else answer["ok"]
+        raise PicosnitchError(answer.error)
+    return (answer.result, fds) if with_fds else answer.result
 
 
 ###############################################################################
@@ -7039,20 +7056,24 @@ def run_foreground(setup: Setup) -> int:
 
 
 def run_daemon(setup: Setup) -> int:
-    """Double fork; the caller returns once the daemon captures (or failed).
-
-    The daemon answers with one line on a pipe (its children inherit the pipe,
-    so the caller reads a line, not to the end).
-    """
-    read_fd, write_fd = os.pipe()
+    """Double fork; the caller returns once the daemon captures (Ready) or
+    could not start (Failed), as the daemon tells it on a channel."""
+    ours, theirs = Channel.pair()
     if os.fork():
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as f:
-            answer = f.readline().decode().strip()
-        ok = answer.startswith("picosnitch: capturing")
-        print(answer or "picosnitch: the daemon failed to start (see error.log)", file=sys.stdout if ok else sys.stderr)
-        return 0 if ok else 1
-    os.close(read_fd)
+        theirs.close()
+        try:
+            answer = ours.recv()
+        except ValueError:          # (it died before it could say)
+            answer = Failed("the daemon failed to start (see error.log)")
+        finally:
+            ours.close()
+        if isinstance(answer, Ready) and answer.mode in CAPTURE_MODES:
+            print(f"picosnitch: capturing, mode {CAPTURE_MODES[answer.mode].description}")
+            return 0
+        print(f"picosnitch: {answer.error if isinstance(answer, Failed) else 'the daemon failed to start'}",
+              file=sys.stderr)
+        return 1
+    ours.close()
     os.setsid()
     if os.fork():
         os._exit(0)
@@ -7060,13 +7081,15 @@ def run_daemon(setup: Setup) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    pipe = os.fdopen(write_fd, "wb", buffering=0)
-    answer = lambda line: pipe.write(f"picosnitch: {line}\n".encode())
+
+    def tell(message: typing.NamedTuple) -> None:
+        with contextlib.suppress(OSError):      # (no one listens any more)
+            theirs.send(message)
     try:
         claim_pidfile()
-        code = run_supervisor(setup, lambda mode: answer(f"capturing, mode {CAPTURE_MODES[mode].description}"))
+        code = run_supervisor(setup, lambda mode: tell(Ready(mode)))
     except PicosnitchError as e:
-        answer(str(e))
+        tell(Failed(str(e)))
         code = 1
     finally:
         release_pidfile()

@@ -20,7 +20,10 @@ def test_every_message_type_goes_through_a_channel_unchanged():
                 picosnitch.HashAnswer(3, [["ab" * 32, ""]]), picosnitch.Batch(12, 0, True, "2026-11-29 10:00:00", [conn]),
                 picosnitch.Hello(11), picosnitch.Ack(12), picosnitch.Stop(),
                 picosnitch.Report("error", "x", "tb", 1_765_000_000.5, False, True),
-                picosnitch.Notice(4, 1_765_000_000.5, "picosnitch", "body"), picosnitch.Delivered(4, "")]
+                picosnitch.Notice(4, 1_765_000_000.5, "picosnitch", "body"), picosnitch.Delivered(4, ""),
+                picosnitch.Failed("already running (pid 7)"),
+                picosnitch.Loaded("tracepoint", ["a note"], [[0xffffffff81000000, 6]], ["fib_table_lookup"]),
+                picosnitch.Answer({"text": "x", "files": ["snitch.db"]}), picosnitch.Answer(None, "refused")]
     assert set(type(m) for m in messages) == set(picosnitch.MESSAGES.values())
     a, b = picosnitch.Channel.pair()
     for message in messages:
