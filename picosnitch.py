@@ -622,9 +622,34 @@ class ExecNotice(typing.NamedTuple):     # reader -> monitor: hash this now (its
     alive: bool = False                  # the process still ran it then
 
 
+class HashItem(typing.NamedTuple):
+    """An executable a hash request asks for: the process that runs it, its
+    file (device, inode), its path, its change time at exec, and the exec's
+    identity."""
+    pid: int
+    dev: int
+    ino: int
+    exe: str
+    ctime: int
+    exec_id: typing.Tuple[int, int]
+
+    @classmethod
+    def checked(cls, item) -> "HashItem":
+        """An item as it came ([pid, dev, ino, exe, ctime, exec_id]);
+        ValueError for anything else."""
+        integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
+        if not (isinstance(item, (list, tuple)) and len(item) == 6 and isinstance(item[5], (list, tuple))
+                and len(item[5]) == 2):
+            raise ValueError("not a request of the right shape")
+        pid, dev, ino, exe, ctime, exec_id = item
+        if not (all(integer(v) for v in (pid, dev, ino, ctime, *exec_id)) and pid > 0 and isinstance(exe, str)):
+            raise ValueError("not a request of the right types")
+        return cls(pid, dev, ino, exe, ctime, tuple(exec_id))
+
+
 class HashRequest(typing.NamedTuple):    # primary -> monitor
     id: int
-    procs: typing.List[list]             # [pid, dev, ino, exe, ctime, exec_id]
+    procs: typing.List[HashItem]
 
 
 class HashAnswer(typing.NamedTuple):     # monitor -> primary: [sha256, why not] per proc
@@ -713,6 +738,8 @@ def decode_message(data: bytes) -> typing.NamedTuple:
                 raise ValueError(f"{name}.{field} is not a {getattr(kind, '__name__', kind)}")
         if isinstance(message, Batch):
             message = message._replace(conns=[Conn.from_list(c) for c in message.conns])
+        if isinstance(message, HashRequest):
+            message = message._replace(procs=[HashItem.checked(p) for p in message.procs])
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
         raise ValueError(f"not a message: {type(e).__name__}: {e}")
     return message
@@ -4644,18 +4671,6 @@ def set_nofile(limit: typing.Optional[int]) -> int:
     return max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64)
 
 
-def hash_item(item) -> typing.Tuple[int, int, int, int, typing.Tuple[int, int]]:
-    """(pid, dev, ino, ctime, exec_id) of one [pid, dev, ino, exe, ctime,
-    exec_id] asked by the primary; ValueError for anything else."""
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 63
-    if not (isinstance(item, list) and len(item) == 6 and isinstance(item[5], list) and len(item[5]) == 2):
-        raise ValueError("not a request of the right shape")
-    pid, dev, ino, _, ctime, exec_id = item
-    if not (all(integer(v) for v in (pid, dev, ino, ctime, *exec_id)) and pid > 0):
-        raise ValueError("not a request of the right types")
-    return pid, dev, ino, ctime, tuple(exec_id)
-
-
 class Monitor:
     """Hashes each executable when it runs, and answers for it later. A thread
     takes the exec notices (and their files) off the channel at once, so that
@@ -4709,11 +4724,11 @@ class Monitor:
         results = []
         for item in request.procs[:HASH_REQUEST_MAX]:
             try:
-                pid, dev, ino, ctime, exec_id = hash_item(item)
-                found = self.results.get((*exec_id, dev, ino))
+                p = HashItem.checked(item)
+                found = self.results.get((*p.exec_id, p.dev, p.ino))
                 if found is None:
-                    why = not_running(pid, dev, ino, self.cache.mask)
-                    found = ("", why) if why else self.hasher.hash(pid, dev, ino, "", ctime)
+                    why = not_running(p.pid, p.dev, p.ino, self.cache.mask)
+                    found = ("", why) if why else self.hasher.hash(p.pid, p.dev, p.ino, "", p.ctime)
                 results.append(list(found))
             except (ValueError, OSError) as e:
                 results.append(["", f"not hashed ({e})"])
@@ -5841,19 +5856,22 @@ class Primary:
         """[sha256, why not] of every executable, parent and grandparent in a
         window, by (exec, device, inode), from the monitor. A request that
         gets no answer is sent again, for a monitor that was restarted."""
-        wanted = {}
+        wanted, found = {}, {}
         for p in [p for c in conns for p in (c.proc, c.parent, c.grandparent)]:
-            if p.ino:
-                wanted.setdefault((tuple(p.exec_id), p.dev, p.ino), [p.pid, p.dev, p.ino, p.exe, p.ctime,
-                                                                     list(p.exec_id)])
-        keys, found = list(wanted), {}
+            key = (tuple(p.exec_id), p.dev, p.ino)
+            if p.ino and key not in wanted and key not in found:
+                try:
+                    wanted[key] = HashItem.checked([p.pid, p.dev, p.ino, p.exe, p.ctime, list(p.exec_id)])
+                except ValueError as e:
+                    found[key] = ["", f"not hashed ({e})"]
+        keys = list(wanted)
         deadline = time.monotonic() + HASH_TIMEOUT
         for start in range(0, len(keys), HASH_REQUEST_MAX):
             chunk = keys[start:start + HASH_REQUEST_MAX]
             found.update(zip(chunk, self.ask_monitor([wanted[k] for k in chunk], deadline)))
         return found
 
-    def ask_monitor(self, procs: typing.List[list], deadline: float) -> typing.List[list]:
+    def ask_monitor(self, procs: typing.List[HashItem], deadline: float) -> typing.List[list]:
         """The monitor's answers to one request, sent again after HASH_RETRY."""
         while time.monotonic() < deadline:
             self.request_id += 1

@@ -16,7 +16,7 @@ def test_every_message_type_goes_through_a_channel_unchanged():
                            "example.org", 5, 6)
     messages = [picosnitch.Ready("tracepoint"),
                 picosnitch.ExecNotice(7, 64769, 1234, "/usr/bin/curl", 5, [7, 99], 5, True),
-                picosnitch.HashRequest(3, [[7, 64769, 1234, "/usr/bin/curl", 5, [7, 99]]]),
+                picosnitch.HashRequest(3, [picosnitch.HashItem(7, 64769, 1234, "/usr/bin/curl", 5, (7, 99))]),
                 picosnitch.HashAnswer(3, [["ab" * 32, ""]]), picosnitch.Batch(12, 0, True, "2026-11-29 10:00:00", [conn]),
                 picosnitch.Hello(11), picosnitch.Ack(12), picosnitch.Stop(),
                 picosnitch.Report("error", "x", "tb", 1_765_000_000.5, False, True),
@@ -107,3 +107,14 @@ def test_what_a_hostile_peer_sends_is_refused_without_harm():
             b.recv(1)
     a.send(picosnitch.Ack(3))
     assert b.recv(1) == picosnitch.Ack(3)        # and the channel still works
+
+
+def test_a_hash_request_is_checked_item_by_item_when_it_is_decoded():
+    good = [7, 64769, 1234, "/usr/bin/curl", 5, [7, 99]]
+    decoded = picosnitch.decode_message(picosnitch.json.dumps(["HashRequest", 1, [good]]).encode())
+    assert decoded.procs == [picosnitch.HashItem(7, 64769, 1234, "/usr/bin/curl", 5, (7, 99))]
+    assert decoded.procs[0].exec_id == (7, 99)
+    for bad in (good[:5], good[:5] + [[7]], [0] + good[1:], [7, -1] + good[2:], [7, True] + good[2:],
+                good[:3] + [None] + good[4:], "x"):
+        with pytest.raises(ValueError):
+            picosnitch.decode_message(picosnitch.json.dumps(["HashRequest", 1, [good, bad]]).encode())
