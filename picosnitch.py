@@ -5607,6 +5607,7 @@ def migrate_log(path: str, reporter: Reporter) -> None:
 
 COMPACT_SUFFIX = ".compact"      # snitch.db's compact copy, while it is made beside it
 COMPACT_MARGIN = 64 << 20         # bytes of the disk left free, beyond the copy's own
+COMPACT_HELD = 60                 # windows readers may keep it from its place (retention waits meanwhile)
 
 
 def compact_copy(path: str) -> str:
@@ -5726,6 +5727,7 @@ class Primary:
         self.db: typing.Optional[Log] = None
         self.migration: typing.Optional[threading.Thread] = None
         self.compacting: typing.Optional[concurrent.futures.Future] = None     # its compact copy, being made
+        self.held = 0                   # windows at which readers kept the compact copy from its place
         self.tidy = True                # free pages may wait to be given back
         self.pending = {name: PendingLog(name, self.reporter) for name in (DB_NAME, CONN_LOG_NAME, REMOTE_QUEUE_NAME)}
         self.pending[DB_NAME].locks = [self.db_path + suffix for suffix in ("", "-wal", "-shm")]
@@ -5990,8 +5992,9 @@ class Primary:
     def compacted(self) -> None:
         """Once the compact copy is made: caught up with the last windows
         and put in the log's place, between two windows (the primary is the
-        log's only writer), or tried again at the next window while a viewer
-        holds a snapshot of the log's WAL."""
+        log's only writer), or tried again at the next window while a reader
+        holds a snapshot of the log's WAL (for COMPACT_HELD windows, then
+        given up until the next retention, and said)."""
         if not self.compacting.done():
             return
         try:
@@ -6004,7 +6007,11 @@ class Primary:
         try:
             log = self.database()
             if not log.checkpointed():
-                return
+                self.held += 1
+                if self.held < COMPACT_HELD:
+                    return
+                raise PicosnitchError(f"readers held the log's WAL through {COMPACT_HELD} windows"
+                                      f"{lock_holders(self.pending[DB_NAME].locks)}")
             catch_up(copy, self.db_path)
             before = os.stat(self.db_path).st_size
             self.db = None
@@ -6012,11 +6019,11 @@ class Primary:
             in_background("free", close_all, replace_log(copy, self.db_path))      # (the old file's space)
             self.reporter.info(f"{DB_NAME} gave back {(before - os.stat(self.db_path).st_size) / 1e6:.0f} MB of "
                                f"free pages")
-        except (sqlite3.Error, OSError) as e:
+        except (PicosnitchError, sqlite3.Error, OSError) as e:
             remove_copy(copy)
             self.reporter.error(f"free pages could not be given back ({e}); {DB_NAME} keeps its size, with nothing "
                                 f"lost")
-        self.compacting = None
+        self.compacting, self.held = None, 0
 
     def close(self) -> None:
         if not self.flush():
