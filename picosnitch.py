@@ -2246,11 +2246,17 @@ BPF_ARRAY(epoch, struct epoch_t, 1);    /* the window being filled: which maps (
 BPF_HASH(conns0, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_HASH(conns1, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 /* the typed tracepoints' fast path: a window's connections in the slots of
-   an array (nslots[epoch] taken so far); the hash maps above take what does
-   not fit */
-BPF_ARRAY(slots0, struct slot_t, $MAX_SLOTS);
-BPF_ARRAY(slots1, struct slot_t, $MAX_SLOTS);
+   an array, its first half for epoch 0, its second for epoch 1
+   (nslots[epoch] taken so far); the hash maps above take what does not fit.
+   One array, so that every lookup in it names one map, which the verifier
+   inlines: a lookup in one of two maps, chosen by the epoch, is an indirect
+   call (about 55 ns a send where returns are costly, as with SRSO's) */
+BPF_ARRAY(slots, struct slot_t, 2 * $MAX_SLOTS);
 BPF_ARRAY(nslots, u64, 2);
+static __always_inline struct slot_t *slot_at(u32 e, u32 at) {
+    u32 i = (e ? $MAX_SLOTS : 0) + at;
+    return at < $MAX_SLOTS ? slots.lookup(&i) : 0;
+}
 BPF_TABLE("lru_hash", u64, struct peer_t, recv_peers, $MAX_CONNS);     /* by socket */
 BPF_TABLE("lru_hash", u64, u32, tcp_seq, $MAX_CONNS);
 BPF_TABLE("lru_hash", u64, struct owner_t, connects, $MAX_CONNS);    /* by socket */
@@ -2879,7 +2885,7 @@ static __always_inline int take_slot(void *ctx, struct held_t *held, struct conn
     if (!taken) return account(ctx, key, dir, bytes, EV_CONN);
     u32 at = __sync_fetch_and_add(taken, 1);
     struct slot_t *slot = 0;
-    if (at < $MAX_SLOTS) slot = e ? slots1.lookup(&at) : slots0.lookup(&at);
+    slot = slot_at(e, at);
     if (!slot) return account(ctx, key, dir, bytes, EV_CONN);
     slot->key = *key;
     slot->send = dir == DIR_SEND ? bytes : 0;
@@ -2895,8 +2901,7 @@ static __always_inline int take_slot(void *ctx, struct held_t *held, struct conn
 
 /* the sending task as keys name it (executable, process, user), read directly */
 struct ident_t { u64 exe; u32 pid; u32 uid; };
-static __always_inline void current_ident(struct ident_t *id) {
-    void *task = bpf_get_current_task_btf();
+static __always_inline void task_ident(void *task, struct ident_t *id) {
     void *mm = (void *)D_TASK_MM(task);
     id->exe = mm ? D_MM_EXE_FILE(mm) : 0;
     id->pid = D_TASK_TGID(task);
@@ -2905,9 +2910,9 @@ static __always_inline void current_ident(struct ident_t *id) {
 
 /* whether a slot's key is still this socket's connection, compared field by
    field with the socket and the task as they are now (nothing is built) */
-static __always_inline int still(struct conn_key_t *k, void *sk, u16 family, struct peer_t *peer) {
+static __always_inline int still(struct conn_key_t *k, void *sk, u16 family, struct peer_t *peer, void *task) {
     struct ident_t id;
-    current_ident(&id);
+    task_ident(task, &id);
     if (k->sk != (u64)sk || k->exe != id.exe || k->pid != id.pid || k->uid != id.uid) return 0;
     if (k->family != family || k->lport != D_SK_NUM(sk) || k->prot != D_SK_PROT(sk)) return 0;
     if (k->rport != (peer ? peer->port : swap16(D_SK_DPORT(sk)))) return 0;
@@ -2927,12 +2932,14 @@ static __always_inline int still(struct conn_key_t *k, void *sk, u16 family, str
 
 /* the peer of an unconnected socket's datagram: as its send noted it (for
    this thread), or as its receive queue had it */
-static __always_inline struct peer_t *datagram_peer_btf(void *sk, u16 proto, int dir, struct peer_t *noted) {
+static __always_inline struct peer_t *datagram_peer_btf(void *sk, u16 proto, int dir, struct peer_t *noted,
+                                                        void *task) {
     if (dir != DIR_SEND) {
         u64 sk_id = (u64)sk;
         return recv_peers.lookup(&sk_id);
     }
-    struct flow_t flow = {bpf_get_current_pid_tgid(), D_SK_NUM(sk), proto};
+    /* (the thread as bpf_get_current_pid_tgid() names it, without another helper call) */
+    struct flow_t flow = {(u64)D_TASK_TGID(task) << 32 | (u32)D_TASK_PID(task), D_SK_NUM(sk), proto};
     if (!PS_IS_UDP(proto)) {
         flow.sport = 0;
         flow.net = D_NET_INUM((void *)D_SK_NET(sk));
@@ -2954,11 +2961,12 @@ static __always_inline int on_sock_btf(void *ctx, void *sk, long ret, int flags,
     if (ret <= 0 || (dir == DIR_RECV && (flags & PS_MSG_PEEK))) return 0;
     u16 family = D_SK_FAMILY(sk);
     if (family == PS_AF_UNIX || family == PS_AF_NETLINK) return 0;
+    void *task = bpf_get_current_task_btf();     /* (once: a helper call costs more than all the rest) */
     struct peer_t noted, *peer = 0;
     if (family == PS_AF_INET || family == PS_AF_INET6) {
         u16 proto = D_SOCK_PROTOCOL(sk);
         if (!D_SK_DPORT(sk)) {
-            peer = datagram_peer_btf(sk, proto, dir, &noted);
+            peer = datagram_peer_btf(sk, proto, dir, &noted, task);
             if (dir == DIR_SEND && !PS_IS_UDP(proto)) want_routes(ctx);
         }
         else if (dir == DIR_RECV && proto == PS_TCP && !(ret = tcp_consumed(sk, ret))) return 0;
@@ -2972,8 +2980,8 @@ static __always_inline int on_sock_btf(void *ctx, void *sk, long ret, int flags,
     if (h && h->sk == (u64)sk) {
         u64 last = h->slot;
         u32 at = (u32)last;
-        struct slot_t *slot = (last >> 32) != window ? 0 : e ? slots1.lookup(&at) : slots0.lookup(&at);
-        if (slot && slot->window == window && still(&slot->key, sk, family, peer)) {
+        struct slot_t *slot = (last >> 32) != window ? 0 : slot_at(e, at);
+        if (slot && slot->window == window && still(&slot->key, sk, family, peer, task)) {
             if (dir == DIR_SEND) __sync_fetch_and_add(&slot->send, ret);
             else __sync_fetch_and_add(&slot->recv, ret);
             return 0;
@@ -2982,7 +2990,7 @@ static __always_inline int on_sock_btf(void *ctx, void *sk, long ret, int flags,
     struct conn_key_t key = {};
     sock_tuple_btf(sk, &key);
     struct ident_t id;
-    current_ident(&id);
+    task_ident(task, &id);
     key.exe = id.exe;
     key.pid = id.pid;
     key.uid = id.uid;
@@ -3211,7 +3219,7 @@ def capture_mode(btf: BTF) -> str:
 
 
 # maps the reader uses, in the order their descriptors are handed over
-READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1", "slots0", "slots1", "nslots", "route_use")
+READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1", "slots", "nslots", "route_use")
 # struct proto of each protocol, for keys whose event was lost: symbol -> protocol
 PROTO_SYMBOLS = {"tcp_prot": 6, "tcpv6_prot": 6, "udp_prot": 17, "udpv6_prot": 17, "udplite_prot": 136,
                  "udplitev6_prot": 136, "ping_prot": 1, "pingv6_prot": 58, "mptcp_prot": 262,
@@ -3516,10 +3524,10 @@ class BpfMap:
                 raise OSError(err, "bpf map batch lookup")
             first = False
 
-    def read_first(self, n: int) -> typing.List[tuple]:
-        """The first n entries of an array, in batches: [(index, value)]."""
+    def read_first(self, n: int, start: int = 0) -> typing.List[tuple]:
+        """n entries of an array from index start on, in batches: [(index, value)]."""
         out: typing.List[tuple] = []
-        token, first = ctypes.c_uint64(), True
+        token, first = ctypes.c_uint64(start - 1 if start else 0), not start     # (a batch goes on after its token)
         while len(out) < n:
             attr = _BatchAttr(0 if first else ctypes.addressof(token), ctypes.addressof(token),
                               ctypes.addressof(self.keys), ctypes.addressof(self.values),
@@ -3701,7 +3709,7 @@ class Capture:
         self.stats = BpfMap(kernel.maps["stats"], ctypes.c_uint32, ctypes.c_uint64)
         self.epoch_map = BpfMap(kernel.maps["epoch"], ctypes.c_uint32, EpochT)
         self.maps = [BpfMap(kernel.maps[name], ConnKeyT, ConnValT, DRAIN_BATCH) for name in ("conns0", "conns1")]
-        self.slots = [BpfMap(kernel.maps[name], ctypes.c_uint32, SlotT, SLOT_BATCH) for name in ("slots0", "slots1")]
+        self.slots = BpfMap(kernel.maps["slots"], ctypes.c_uint32, SlotT, SLOT_BATCH)
         self.taken = BpfMap(kernel.maps["nslots"], ctypes.c_uint32, ctypes.c_uint64)
         state = self.epoch_map.lookup(0)
         self.epoch, self.number = state.epoch, state.window      # (the loader starts windows at 1)
@@ -3762,7 +3770,7 @@ class Capture:
         self.unclear[epoch] = (number, [k for k, _ in entries])
         summed: typing.Dict[bytes, typing.Tuple[ConnKeyT, ConnValT]] = {bytes(k): (k, v) for k, v in entries}
         taken = min(self.taken.lookup(epoch).value, MAX_SLOTS)
-        for _, slot in self.slots[epoch].read_first(taken):
+        for _, slot in self.slots.read_first(taken, epoch * MAX_SLOTS):
             if slot.window == number:
                 key, value = summed.setdefault(bytes(slot.key), (slot.key, ConnValT()))
                 value.send += slot.send

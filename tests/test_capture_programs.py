@@ -110,7 +110,7 @@ def test_a_window_sums_its_slots_and_its_hash_entries():
                  picosnitch.SlotT(key=a, window=window, send=7, recv=0),
                  picosnitch.SlotT(key=b, window=window - 2, send=100, recv=100)]
         for i, slot in enumerate(slots):
-            capture.slots[epoch].update(i, slot)
+            capture.slots.update(epoch * picosnitch.MAX_SLOTS + i, slot)     # (its half of the array)
         capture.taken.update(epoch, len(slots))
         capture.maps[epoch].update(a, picosnitch.ConnValT(1, 2))
         number, entries = capture.read(epoch, window)
