@@ -1456,15 +1456,17 @@ def move_aside(path: str) -> str:
 # runs). Once every row is over, each old day gets its day and whole-log
 # totals from its hour rollups, one day per transaction (from the day of
 # the earliest row written since, whose hours have both, from the old
-# rows themselves; a row written since without a time makes every day
-# such a day). Last, the old table goes whole, in about 0.3 s a million
-# rows: its pages are freed without being overwritten first, since every
-# row of it is in conns (Debian's SQLite zeroes freed pages unless told
-# not to, which takes ten times as long; deleting the rows batch by batch
-# took longer still). Progress is kept with each step: a stop loses and
-# repeats nothing.
+# rows themselves, an hour per transaction; a row written since without a
+# time makes every day such a day). Last, the old rows are deleted,
+# CLEAR_BATCH a step, and the empty table dropped: their pages are freed
+# without being overwritten first, since every row of it is in conns
+# (Debian's SQLite zeroes freed pages unless told not to, which takes ten
+# times as long; dropping ten million rows at once held the log for two
+# seconds, and took less time in all). Progress is kept with each step: a
+# stop loses and repeats nothing.
 
 MIGRATE_BATCH = 50_000      # old rows moved per transaction
+CLEAR_BATCH = 250_000       # old rows deleted per transaction, once every one is moved over
 
 
 class OldLayouts:
@@ -1516,20 +1518,28 @@ class OldLayouts:
                 self.con.execute("BEGIN IMMEDIATE")     # no window comes in between: live_from is final for it
                 try:
                     live_from = self.con.execute("SELECT value FROM meta WHERE key = 'live_from'").fetchone()[0]
-                    self.roll_day(day, day >= live_from // DAY * DAY, state["legacy_last"])
-                    self.con.execute("UPDATE meta SET value = ? WHERE key = 'rolled'", (day,))
+                    rolling = self.con.execute("SELECT value FROM meta WHERE key = 'rolling'").fetchone()
+                    if day >= 0 and (rolling or day >= live_from // DAY * DAY):
+                        self.roll_hour(day, rolling[0] + HOUR if rolling else day, state["legacy_last"])
+                    else:
+                        self.roll_day(day, day >= live_from // DAY * DAY, state["legacy_last"])
+                        self.con.execute("UPDATE meta SET value = ? WHERE key = 'rolled'", (day,))
                     self.con.commit()
                 except BaseException:
                     self.con.rollback()
                     raise
                 return 0
+            with self.unzeroed(), self.con:     # (the old rows go a batch a step: dropping them all takes seconds)
+                if self.con.execute(f"DELETE FROM {LEGACY_TABLE} WHERE rowid IN (SELECT rowid FROM {LEGACY_TABLE} "
+                                    f"ORDER BY rowid LIMIT {CLEAR_BATCH})").rowcount:
+                    return 0
             with self.unzeroed(), self.con:
                 self.con.execute("DROP VIEW connections")
                 self.con.execute(view_sql(None))
                 self.con.execute(insert_trigger())
                 self.con.execute(f"DROP TABLE {LEGACY_TABLE}")
                 self.con.execute("DELETE FROM meta WHERE key IN ('migrated', 'legacy_columns', 'legacy_last', "
-                                 "'live_from', 'rolled')")
+                                 "'live_from', 'rolled', 'rolling')")
             return 0
         except sqlite3.Error:
             self.procs.clear()
@@ -1571,18 +1581,36 @@ class OldLayouts:
             self.con.execute("UPDATE meta SET value = ? WHERE key = 'migrated'", (done + batch,))
         return moved
 
+    def roll_hour(self, day: int, start: int, legacy_last: int) -> None:
+        """A day with rows written since (whose hour rollups hold both), an
+        hour a step: the day and whole-log totals of the old rows of its
+        next hour with any from start on, from the rows themselves (a busy
+        day's old rows, summed at once, would hold the log for seconds); the
+        day is rolled once no hour is left."""
+        hour = self.con.execute(f"SELECT min(b) FROM rollups WHERE level = {HOUR} AND b >= ? AND b < ?",
+                                (start, day + DAY)).fetchone()[0]
+        if hour is None:
+            self.con.execute("DELETE FROM meta WHERE key = 'rolling'")
+            self.con.execute("UPDATE meta SET value = ? WHERE key = 'rolled'", (day,))
+            return
+        for level in (DAY, ALL_TIME):
+            for statement in ROLL_STATEMENTS[level]:
+                self.con.execute(statement.replace("WHERE id > ? AND id <= ?",     # (by conns_t, not by id)
+                                                   "WHERE t >= ? AND t < ? AND +id > ? AND +id <= ?"),
+                                 (hour, hour + HOUR, 0, legacy_last))
+        self.con.execute("INSERT OR REPLACE INTO meta VALUES ('rolling', ?)", (hour,))
+
     def roll_day(self, day: int, mixed: bool, legacy_last: int) -> None:
         """The day and whole-log totals of the old rows of one day (day -1:
-        the rows whose time is no time): from the day's hour rollups, or, from
-        the day of the earliest row written since on (mixed), from the old
-        rows themselves."""
+        the rows whose time is no time): from the day's hour rollups, or, for
+        the rows without a time once rows were written since (mixed), from
+        the old rows themselves (days with a time: roll_hour)."""
         if mixed:
-            span = "t >= ? AND t < ?" if day >= 0 else "typeof(t) <> 'integer'"
             for level in (DAY, ALL_TIME):
                 for statement in ROLL_STATEMENTS[level]:
                     self.con.execute(statement.replace("WHERE id > ? AND id <= ?",
-                                                       f"WHERE id > ? AND id <= ? AND {span}"),
-                                     (0, legacy_last) + ((day, day + DAY) if day >= 0 else ()))
+                                                       "WHERE id > ? AND id <= ? AND typeof(t) <> 'integer'"),
+                                     (0, legacy_last))
             return
         for table, keys in ROLLUPS.items():
             hours = f"level = {HOUR} AND b >= ? AND b < ?" if day >= 0 else f"level = {HOUR} AND b = {NO_TIME}"
@@ -8800,9 +8828,38 @@ def dash_server(config: Config, guard: DashGuard):
     return app
 
 
+def dash_page_wiring() -> dict:
+    """The page's main callback, by name: what it fills (the address, the
+    controls, what is shown), what changes start it, and what it reads."""
+    from dash import ALL, Input, Output, State
+    controls = {name: Output(name, "value") for name in ("group", "range", "units", "smooth", "refresh", "theme",
+                                                           "from", "to")}
+    shown = {"chips": Output("chips", "children"), "figure": Output("graph", "figure"),
+             "columns": Output("table", "columns"), "rows": Output("table", "data"),
+             "tips": Output("table", "tooltip_data"), "active": Output("table", "active_cell"),
+             "header": Output("table", "style_header"), "cells": Output("table", "style_data"),
+             "note": Output("table-note", "children"), "detail": Output("detail", "children"),
+             "message": Output("message", "children"), "interval": Output("tick", "interval"),
+             "still": Output("tick", "disabled"), "theme_class": Output("root", "className"),
+             "offered": Output("add-value", "options")}
+    return {"output": {"search": Output("url", "search"), **controls, **shown},
+            "inputs": {"search": Input("url", "search"), "group": Input("group", "value"),
+                       "range_": Input("range", "value"), "older": Input("older", "n_clicks"),
+                       "newer": Input("newer", "n_clicks"), "apply": Input("apply-range", "n_clicks"),
+                       "units": Input("units", "value"), "smooth": Input("smooth", "value"),
+                       "refresh": Input("refresh", "value"), "theme": Input("theme", "value"),
+                       "unfilter": Input({"type": "unfilter", "index": ALL}, "n_clicks"),
+                       "add": Input("add-filter", "n_clicks"), "active": Input("table", "active_cell"),
+                       "close": Input({"type": "close-detail", "index": ALL}, "n_clicks"),
+                       "tick": Input("tick", "n_intervals")},
+            "state": {"start_text": State("from", "value"), "end_text": State("to", "value"),
+                      "add_column": State("add-column", "value"), "add_value": State("add-value", "value"),
+                      "add_mode": State("add-mode", "value"), "rows": State("table", "data")}}
+
+
 def dash_app(directory: str, config: Config, guard: DashGuard):
     """The Dash application for the log in a state directory (see dash_state for its view)."""
-    from dash import ALL, Input, Output, State, ctx, html
+    from dash import Input, Output, State, ctx, html
     from dash.exceptions import PreventUpdate
     app = dash_server(config, guard)
     said: typing.List[str] = []
@@ -8817,30 +8874,7 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
 
     app.layout = dash_layout(config)
 
-    controls = {name: Output(name, "value") for name in ("group", "range", "units", "smooth", "refresh", "theme",
-                                                           "from", "to")}
-    shown = {"chips": Output("chips", "children"), "figure": Output("graph", "figure"),
-             "columns": Output("table", "columns"), "rows": Output("table", "data"),
-             "tips": Output("table", "tooltip_data"), "active": Output("table", "active_cell"),
-             "header": Output("table", "style_header"), "cells": Output("table", "style_data"),
-             "note": Output("table-note", "children"), "detail": Output("detail", "children"),
-             "message": Output("message", "children"), "interval": Output("tick", "interval"),
-             "still": Output("tick", "disabled"), "theme_class": Output("root", "className"),
-             "offered": Output("add-value", "options")}
-
-    @app.callback(
-        output={"search": Output("url", "search"), **controls, **shown},
-        inputs={"search": Input("url", "search"), "group": Input("group", "value"), "range_": Input("range", "value"),
-                "older": Input("older", "n_clicks"), "newer": Input("newer", "n_clicks"),
-                "apply": Input("apply-range", "n_clicks"), "units": Input("units", "value"),
-                "smooth": Input("smooth", "value"), "refresh": Input("refresh", "value"),
-                "theme": Input("theme", "value"), "unfilter": Input({"type": "unfilter", "index": ALL}, "n_clicks"),
-                "add": Input("add-filter", "n_clicks"), "active": Input("table", "active_cell"),
-                "close": Input({"type": "close-detail", "index": ALL}, "n_clicks"),
-                "tick": Input("tick", "n_intervals")},
-        state={"start_text": State("from", "value"), "end_text": State("to", "value"),
-               "add_column": State("add-column", "value"), "add_value": State("add-value", "value"),
-               "add_mode": State("add-mode", "value"), "rows": State("table", "data")})
+    @app.callback(**dash_page_wiring())
     def update(search, group, range_, units, smooth, refresh, theme, start_text, end_text, add_column, add_value,
                add_mode, rows, **_clicked):
         """The page after any change: the address, the controls and what is

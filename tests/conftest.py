@@ -497,3 +497,12 @@ def tracefs_unmounted():
         subprocess.run(["umount", path], capture_output=True)
     with open("/proc/self/mounts") as f:
         return not any(line.split()[2] in ("tracefs", "debugfs") for line in f)
+
+
+def free_share(db):
+    """The share of a SQLite file's pages that are free."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return con.execute("PRAGMA freelist_count").fetchone()[0] / con.execute("PRAGMA page_count").fetchone()[0]
+    finally:
+        con.close()

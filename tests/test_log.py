@@ -9,6 +9,7 @@ import pytest
 
 import loggen
 import picosnitch
+from conftest import free_share
 
 NOW = 1_795_000_000 // 86400 * 86400 + 13 * 3600 + 1234     # a fixed "now", in the log's seconds
 
@@ -376,14 +377,6 @@ def test_a_version_2_log_halfway_through_a_migration_goes_on(tmp_path):
 
 # -- giving free pages back ---------------------------------------------------------
 
-def free_share(path):
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return con.execute("PRAGMA freelist_count").fetchone()[0] / con.execute("PRAGMA page_count").fetchone()[0]
-    finally:
-        con.close()
-
-
 def moved_over(path, n, layout):
     """An older log of n rows, moved over whole; the log, still open."""
     loggen.write_legacy(path, n, layout, seed=6, days=4)
@@ -482,3 +475,33 @@ def test_a_compact_copy_needs_room_on_the_disk(tmp_path, monkeypatch):
                                                          r"disk has 0 MB free"):
         picosnitch.compact_copy(path)
     assert os.path.getsize(path) == size and not os.path.exists(path + picosnitch.COMPACT_SUFFIX)
+
+
+def test_the_old_rows_go_a_batch_a_step_and_a_stop_among_them_loses_nothing(tmp_path, monkeypatch):
+    """After the rows are over and rolled up, the old table is emptied a
+    batch per step (dropping a big one at once holds the log for seconds),
+    then dropped; a stop in between goes on where it was."""
+    monkeypatch.setattr(picosnitch, "CLEAR_BATCH", 1000)
+    path = str(tmp_path / "snitch.db")
+    loggen.write_legacy(path, 3500, "v1", seed=11, days=2)
+    log = picosnitch.Log.open(path)
+    log.insert(LATE)
+    expected = picosnitch.db_rows(path)
+    old_rows = lambda: log.con.execute(f"SELECT count(*) FROM {picosnitch.LEGACY_TABLE}").fetchone()[0]
+    gone, stopped = [], False
+    while log.migrating():
+        before = old_rows()
+        log.migrate(700)
+        if log.migrating() and old_rows() < before:
+            gone.append(before - old_rows())
+            if len(gone) == 2 and not stopped:
+                log.close()                         # a stop between two batches
+                log, stopped = picosnitch.Log.open(path), True
+    assert gone[:3] == [1000, 1000, 1000] and sum(gone) == len(expected) - len(LATE) and stopped
+    assert picosnitch.db_rows(path) == expected
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    assert answer(query, "exe") == brute(expected, "exe") and answer(query, "time", bucket=3600) == \
+        brute(expected, "time", bucket=3600)
+    query.close()
+    log.close()

@@ -10,7 +10,7 @@ import time
 
 import loggen
 import picosnitch
-from conftest import Reports, runtime
+from conftest import Reports, free_share, runtime
 from http_services import API_KEY, FakeVirusTotal, stats
 
 
@@ -169,14 +169,6 @@ def test_a_stopped_log_is_left_readable_without_its_wal(tmp_path):
     p.window(2, picosnitch.now_text(), [conn("/usr/bin/wget", "wget", 8)])
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     p.close()
-
-
-def free_share(db):
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return con.execute("PRAGMA freelist_count").fetchone()[0] / con.execute("PRAGMA page_count").fetchone()[0]
-    finally:
-        con.close()
 
 
 def windows_until(p, done, seq, timeout=60):

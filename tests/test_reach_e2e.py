@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 
 import picosnitch
-from conftest import (PYTHON, SCRIPT, SYSTEM_PYTHON, Daemon, as_user, bench_reach, dash_started, notifications,
-                      scratch_directory, wait_for)
+from conftest import (PYTHON, SCRIPT, SYSTEM_PYTHON, Daemon, as_user, bench_reach, dash_started, free_share,
+                      notifications, scratch_directory, wait_for)
 
 KILLING = 60            # seconds the program of the user kills picosnitch's processes of its uid
 
@@ -324,9 +324,9 @@ def compact(db):
     try:
         if con.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (picosnitch.LEGACY_TABLE,)).fetchone():
             return False
-        return con.execute("PRAGMA freelist_count").fetchone()[0] < 0.05 * con.execute("PRAGMA page_count").fetchone()[0]
     finally:
         con.close()
+    return free_share(db) < 0.05
 
 
 @pytest.mark.parametrize("layout", ["v4", "1.0.3"])
