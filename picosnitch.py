@@ -5864,7 +5864,8 @@ class Primary:
                 self.reporter.error(f"{self.db_path} could not be read as a database ({e}); it was moved to "
                                     f"{aside} and a new one started")
                 self.db = Log.open(self.db_path)
-            remove_copy(self.db_path + COMPACT_SUFFIX)      # (a stop while it was made)
+            if self.compacting is None:
+                remove_copy(self.db_path + COMPACT_SUFFIX)  # (a stop while it was made)
             if self.db.migrating() and not self.migration:
                 self.migration = threading.Thread(target=migrate_log, args=(self.db_path, self.reporter),
                                                   name="migration", daemon=True)
