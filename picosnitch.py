@@ -1886,9 +1886,10 @@ class Log(OldLayouts):
         self.con.execute("VACUUM INTO ?", (path,))
 
     def checkpointed(self) -> bool:
-        """Everything in the file itself, the WAL empty; False when a reader
-        holds an older snapshot."""
-        return self.con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        """Everything in the file itself (synced), none of it left only in
+        the WAL; False when a reader holds an older snapshot. The WAL file
+        keeps its size: truncating a large one takes the kernel seconds."""
+        return self.con.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 0
 
     def close(self, readable: bool = False) -> None:
         """readable: leave the file in rollback-journal mode, so that the
@@ -1926,25 +1927,29 @@ def catch_up(copy: str, path: str) -> int:
         con.close()
 
 
-def replace_log(copy: str, path: str) -> typing.List[int]:
-    """Put a caught-up copy in the log's place. No connection of
-    picosnitch's is open on the log, and its WAL is empty: its -wal and -shm
-    go first (a viewer that has them open goes on reading the old file until
-    it opens the log again), then the copy takes its name in one rename. A
-    stop at any point leaves one whole log. Returns descriptors of the files
-    replaced, still open: the kernel frees a file's space when the last is
-    closed, which takes seconds for a large one; the caller closes them
-    where that holds nothing back."""
-    kept = []
-    for suffix in ("-wal", "-shm", ""):
+def hold_files(path: str) -> typing.List[int]:
+    """Descriptors of the log and its -wal and -shm files, as they are: the
+    kernel frees a file's space when the last is closed, which takes seconds
+    for a large one; whoever replaces them closes these where that holds
+    nothing back."""
+    held = []
+    for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
-            kept.append(os.open(path + suffix, os.O_RDONLY | os.O_CLOEXEC))
+            held.append(os.open(path + suffix, os.O_RDONLY | os.O_CLOEXEC))
+    return held
+
+
+def replace_log(copy: str, path: str) -> None:
+    """Put a caught-up copy in the log's place. No connection of
+    picosnitch's is open on the log, and its WAL is checkpointed: its -wal
+    and -shm go first (a viewer that has them open goes on reading the old
+    file until it opens the log again), then the copy takes its name in one
+    rename. A stop at any point leaves one whole log."""
     for suffix in ("-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path + suffix)
     os.rename(copy, path)
     sync_directory(os.path.dirname(path) or ".")
-    return kept
 
 
 def close_all(fds: typing.Sequence[int]) -> None:
@@ -6050,10 +6055,11 @@ class Primary:
                 raise PicosnitchError(f"readers held the log's WAL through {COMPACT_HELD} windows"
                                       f"{lock_holders(self.pending[DB_NAME].locks)}")
             catch_up(copy, self.db_path)
-            before = os.stat(self.db_path).st_size
+            before, held = os.stat(self.db_path).st_size, hold_files(self.db_path)
             self.db = None
-            log.close()
-            in_background("free", close_all, replace_log(copy, self.db_path))      # (the old file's space)
+            log.close()                     # (which deletes the WAL file: held, its space is not freed yet)
+            replace_log(copy, self.db_path)
+            in_background("free", close_all, held)
             self.reporter.info(f"{DB_NAME} gave back {(before - os.stat(self.db_path).st_size) / 1e6:.0f} MB of "
                                f"free pages")
         except (PicosnitchError, sqlite3.Error, OSError) as e:

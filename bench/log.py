@@ -314,13 +314,14 @@ def migration(workdir, rows, layout):
     copy = picosnitch.compact_copy(path)
     copying = time.perf_counter() - began
     log.insert(window())      # a window written meanwhile
-    began = time.perf_counter()
+    began = time.perf_counter()             # (as the primary does it, between two windows)
     assert log.checkpointed()
     picosnitch.catch_up(copy, path)
+    held = picosnitch.hold_files(path)
     log.close()
-    replaced = picosnitch.replace_log(copy, path)
+    picosnitch.replace_log(copy, path)
     lock = time.perf_counter() - began
-    picosnitch.close_all(replaced)           # (the old file's space, freed where it holds the primary back in nothing)
+    picosnitch.close_all(held)               # (the old files' space, freed where it holds the primary back in nothing)
     con = sqlite3.connect(path)
     free = con.execute("PRAGMA freelist_count").fetchone()[0] / con.execute("PRAGMA page_count").fetchone()[0]
     count = con.execute("SELECT count(*) FROM conns").fetchone()[0]

@@ -408,7 +408,7 @@ def test_a_moved_log_gives_its_space_back_and_reads_back_equal(tmp_path, layout)
     assert picosnitch.catch_up(copy, path) == 1     # (and the last one, by the primary, before the swap)
     assert log.checkpointed()
     log.close()
-    picosnitch.close_all(picosnitch.replace_log(copy, path))
+    picosnitch.replace_log(copy, path)
     assert not os.path.exists(copy) and not os.path.exists(path + "-wal")
     assert picosnitch.db_rows(path) == rows and len(rows) == old + 3
     assert free_share(path) < 0.05 and os.path.getsize(path) < size / 3
@@ -453,7 +453,7 @@ def test_a_stop_while_the_compact_copy_is_made_or_put_in_place_loses_nothing(tmp
     log.insert(LATE)                                # (in the WAL only, until a checkpoint)
     rows = picosnitch.db_rows(path)
     assert os.path.getsize(path + "-wal") > 0
-    assert log.checkpointed() and os.path.getsize(path + "-wal") == 0
+    assert log.checkpointed()                       # (every row in the file itself: the WAL may go)
     log.close()
     for suffix in ("-wal", "-shm"):                 # replace_log's first step, then a stop
         if os.path.exists(path + suffix):
@@ -461,7 +461,7 @@ def test_a_stop_while_the_compact_copy_is_made_or_put_in_place_loses_nothing(tmp
     assert picosnitch.db_rows(path) == rows
     picosnitch.remove_copy(copy)
     copy = picosnitch.compact_copy(path)            # the next start makes it again
-    picosnitch.close_all(picosnitch.replace_log(copy, path))
+    picosnitch.replace_log(copy, path)
     assert picosnitch.db_rows(path) == rows and free_share(path) < 0.05
 
 

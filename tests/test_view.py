@@ -451,7 +451,7 @@ def test_while_an_older_log_moves_over_the_viewer_says_how_far(tmp_path):
     picosnitch.catch_up(copy, path)
     assert log.checkpointed()
     log.close()
-    picosnitch.close_all(picosnitch.replace_log(copy, path))
+    picosnitch.replace_log(copy, path)
     viewer.press("refresh", 4)
     screen = "\n".join(text for text, _ in viewer.screen(40, 120))
     assert "/usr/bin/late" in screen, screen
