@@ -182,6 +182,11 @@ def in_state(path):
     os.chmod(path, 0o640)
 
 
+# A run started in the background inherits SIGINT ignored, and so would every
+# `picosnitch dash` it starts, which the tests stop as Ctrl-C does: Python's
+# own handler here gives them SIGINT's default again.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # Every picosnitch the tests start uses a state directory of the tests', never
 # the machine's /var/lib/picosnitch: this one unless a test names another.
 os.environ.setdefault("STATE_DIRECTORY", new_state())
