@@ -2479,9 +2479,9 @@ static __always_inline u64 tcp_consumed(void *sk, u64 fallback) {
 
 /* an unconnected socket: the peer of this datagram, as its send noted it, or
    as its receive queue had it */
-static __always_inline void datagram_peer(void *sk, struct conn_key_t *key, u16 proto, int dir) {
+static __always_inline void datagram_peer(void *ctx, void *sk, struct conn_key_t *key, u16 proto, int dir) {
     u64 sk_id = (u64)sk;
-    struct flow_t flow = {bpf_get_current_pid_tgid(), 0, proto};
+    struct flow_t flow = {this_thread(ctx), 0, proto};
     if (PS_IS_UDP(flow.proto)) flow.sport = key->lport;
     else flow.net = F_NET_INUM((void *)F_SK_NET(sk));
     struct peer_t noted, *peer = dir != DIR_SEND ? recv_peers.lookup(&sk_id) : noted_peer(&flow, &noted) ? &noted : 0;
@@ -2502,7 +2502,7 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
         if (dir == DIR_RECV && F_SOCK_PROTOCOL(sk) == PS_TCP) ret = tcp_consumed(sk, ret);
         return ret ? account(ctx, &key, dir, ret, EV_CONN) : 0;
     }
-    datagram_peer(sk, &key, F_SOCK_PROTOCOL(sk), dir);
+    datagram_peer(ctx, sk, &key, F_SOCK_PROTOCOL(sk), dir);
     return account(ctx, &key, dir, ret, EV_CONN);
 }
 
@@ -2520,7 +2520,7 @@ HOOK(fib_table_lookup) {
     if ((int)ctx->args[3]) return 0;                    /* only the lookup that found the route */
     u64 f[SPAN_FLOW4_LEN / 8];
     bpf_probe_read_kernel(f, sizeof(f), (void *)ctx->args[1] + SPAN_FLOW4_START);
-    struct flow_t id = {bpf_get_current_pid_tgid(), S_FLOWI4_SPORT(f), S_FLOWI4_PROTO(f)};
+    struct flow_t id = {this_thread(ctx), S_FLOWI4_SPORT(f), S_FLOWI4_PROTO(f)};
     struct peer_t peer = {};
     peer.addr[10] = peer.addr[11] = 0xff;              /* as ::ffff:a.b.c.d */
     __builtin_memcpy(&peer.addr[12], (u8 *)f + SOFF_FLOWI4_DADDR, 4);
@@ -2533,7 +2533,7 @@ HOOK(fib_table_lookup) {
 HOOK(fib6_table_lookup) {
     u64 f[SPAN_FLOW6_LEN / 8];
     bpf_probe_read_kernel(f, sizeof(f), (void *)ctx->args[3] + SPAN_FLOW6_START);
-    struct flow_t id = {bpf_get_current_pid_tgid(), S_FLOWI6_SPORT(f), S_FLOWI6_PROTO(f)};
+    struct flow_t id = {this_thread(ctx), S_FLOWI6_SPORT(f), S_FLOWI6_PROTO(f)};
     struct peer_t peer = {};
     __builtin_memcpy(peer.addr, (u8 *)f + SOFF_FLOWI6_DADDR, 16);
     peer.port = swap16(S_FLOWI6_DPORT(f));
@@ -2791,6 +2791,23 @@ PEER_STORES = {
     # is copied
     "thread": r"""
 #define NOTE_BITS 14
+/* the thread a hook runs in, named by its kernel stack without a helper call
+   (one costs more than the rest of a cgroup hook where returns are costly,
+   as with SRSO's): the address of ctx, on that stack for tracepoints and
+   cgroup hooks, without its low STACK_BITS. A 64-bit kernel's stacks are at
+   least 1 << STACK_BITS bytes and aligned to their size, so two live threads
+   never share a name; a note is written and read in one send call, so a
+   dead thread's name taken by a new one never matches its notes. (The
+   address is stored and read back to be used as a number.) */
+#define STACK_BITS 14
+BPF_PERCPU_ARRAY(here, u64, 1);
+static __always_inline u64 this_thread(void *ctx) {
+    u32 zero = 0;
+    u64 *at = here.lookup(&zero);
+    if (!at) return 0;
+    *(volatile u64 *)at = (u64)ctx;
+    return *(volatile u64 *)at >> STACK_BITS;
+}
 struct thread_note_t { struct flow_t flow; struct peer_t peer; };
 BPF_ARRAY(thread_notes, struct thread_note_t, 1 << NOTE_BITS);
 static __always_inline u32 note_index(struct flow_t *id) {
@@ -2820,6 +2837,7 @@ static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
 """,
     "task": r"""
 #define PEER_SLOTS 8
+static __always_inline u64 this_thread(void *ctx) { return 0; }    /* (the task's own storage names it) */
 struct flow_note_t { u16 sport; u16 proto; u32 net; struct peer_t peer; };
 struct send_notes_t { u32 next; u32 pad; struct flow_note_t slot[PEER_SLOTS]; };
 BPF_TASK_STORAGE(send_notes, struct send_notes_t);
@@ -2854,6 +2872,7 @@ static __always_inline void note_peer(struct flow_t *id, struct peer_t *peer) {
 """,
     "hash": r"""
 BPF_TABLE("lru_hash", struct flow_t, struct peer_t, send_peers, $MAX_THREADS);
+static __always_inline u64 this_thread(void *ctx) { return bpf_get_current_pid_tgid(); }
 static __always_inline int noted_peer(struct flow_t *id, struct peer_t *out) {
     struct peer_t *noted = send_peers.lookup(id);
     if (noted) *out = *noted;
@@ -2965,14 +2984,13 @@ static __always_inline int still(struct conn_key_t *k, void *sk, u16 family, str
 
 /* the peer of an unconnected socket's datagram: as its send noted it (for
    this thread), or as its receive queue had it */
-static __always_inline struct peer_t *datagram_peer_btf(void *sk, u16 proto, int dir, struct peer_t *noted,
-                                                        void *task) {
+static __always_inline struct peer_t *datagram_peer_btf(void *ctx, void *sk, u16 proto, int dir,
+                                                        struct peer_t *noted) {
     if (dir != DIR_SEND) {
         u64 sk_id = (u64)sk;
         return recv_peers.lookup(&sk_id);
     }
-    /* (the thread as bpf_get_current_pid_tgid() names it, without another helper call) */
-    struct flow_t flow = {(u64)D_TASK_TGID(task) << 32 | (u32)D_TASK_PID(task), D_SK_NUM(sk), proto};
+    struct flow_t flow = {this_thread(ctx), D_SK_NUM(sk), proto};
     if (!PS_IS_UDP(proto)) {
         flow.sport = 0;
         flow.net = D_NET_INUM((void *)D_SK_NET(sk));
@@ -2999,7 +3017,7 @@ static __always_inline int on_sock_btf(void *ctx, void *sk, long ret, int flags,
     if (family == PS_AF_INET || family == PS_AF_INET6) {
         u16 proto = D_SOCK_PROTOCOL(sk);
         if (!D_SK_DPORT(sk)) {
-            peer = datagram_peer_btf(sk, proto, dir, &noted, task);
+            peer = datagram_peer_btf(ctx, sk, proto, dir, &noted);
             if (dir == DIR_SEND && !PS_IS_UDP(proto)) want_routes(ctx);
         }
         else if (dir == DIR_RECV && proto == PS_TCP && !(ret = tcp_consumed(sk, ret))) return 0;
@@ -3048,7 +3066,7 @@ int btf__sock_recv_length(u64 *ctx) {
 static __always_inline int note_udp_peer(struct bpf_sock_addr *ctx, struct peer_t *peer) {
     struct bpf_sock *sk = ctx->sk;
     if (!sk) return 1;
-    struct flow_t id = {bpf_get_current_pid_tgid(), sk->src_port, ctx->protocol};
+    struct flow_t id = {this_thread(ctx), sk->src_port, ctx->protocol};
     note_peer(&id, peer);
     return 1;                       /* (a cgroup hook that allows the send) */
 }
