@@ -440,19 +440,26 @@ class ConnKeyT(ctypes.Structure):
 
 
 class ConnInfoT(ctypes.Structure):
-    """What the key does not say, sent once per key and window: the
+    """What the key does not say, sent once per process and window: the
     executable's device and inode, and the socket's protocol number."""
     _fields_ = [("ino", ctypes.c_uint64), ("dev", ctypes.c_uint32),
                 ("proto", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
 class ConnT(ctypes.Structure):
-    """A connection new in this window: its key and what it stands for."""
+    """A process's first connection in this window: its key and what it stands for."""
     _fields_ = [("key", ConnKeyT), ("info", ConnInfoT)]
 
 
 class ConnValT(ctypes.Structure):
     _fields_ = [("send", ctypes.c_uint64), ("recv", ctypes.c_uint64)]
+
+
+class MergedT(ctypes.Structure):
+    """The bytes of a program's connections that found no room of their own
+    in a window (keyed by its executable, process, user and protocol), and
+    how many connections (distinct keys) they were."""
+    _fields_ = [("send", ctypes.c_uint64), ("recv", ctypes.c_uint64), ("conns", ctypes.c_uint64)]
 
 
 class EpochT(ctypes.Structure):
@@ -506,17 +513,15 @@ class EmptyT(ctypes.Structure):
 
 
 # event kinds: (number, payload type); the C program gets EV_<NAME> defines.
-# CONN: first bytes of a key in a window (by the task that moved them).
-# CONNECT: a TCP connect begins (by the connecting task; its port may not be
-# chosen yet). OPEN: that connect was answered or refused, and the kernel
-# opened its key for the connecting task (in any context: no process info).
+# CONN: a process's first key in a window (by the task that moved its bytes,
+# or started its TCP connect): who it is, once a window; its other keys name
+# it by pid and executable. ROUTE: the route hooks are wanted.
 EVENT_KINDS = {"EXEC": (1, ExecT), "FORK": (2, EmptyT), "EXIT": (3, EmptyT),
-               "CONN": (4, ConnT), "DNS": (5, DnsT), "CONNECT": (6, ConnT), "OPEN": (7, ConnT),
-               "ROUTE": (8, EmptyT)}
+               "CONN": (4, ConnT), "DNS": (5, DnsT), "ROUTE": (8, EmptyT)}
 
 # counters the kernel keeps in the stats array (index: meaning)
-STATS = {"MAP_FULL": "connection map full: traffic not attributed",
-         "BYTES_UNCOUNTED": "bytes not counted because a map was full",
+STATS = {"MAP_FULL": "the map of merged connections was full too: traffic not attributed",
+         "BYTES_UNCOUNTED": "bytes not counted because every map of the window was full",
          "EVENTS_UNSENT": "events the kernel could not hand over (perf buffer full or not ready)"}
 
 _C_TYPES = {ctypes.c_uint8: "u8", ctypes.c_uint16: "u16", ctypes.c_uint32: "u32",
@@ -538,7 +543,7 @@ def c_struct(cls: type, name: str) -> str:
 
 STRUCT_NAMES = {ProcT: "proc_t", ConnKeyT: "conn_key_t", ConnValT: "conn_val_t", ConnInfoT: "conn_info_t",
                 ConnT: "conn_t", EventHdrT: "event_hdr_t", ExecT: "exec_t", DnsT: "dns_t", EpochT: "epoch_t",
-                SlotT: "slot_t"}
+                SlotT: "slot_t", MergedT: "merged_t"}
 
 
 @dataclasses.dataclass
@@ -890,7 +895,14 @@ def is_address(v: str) -> bool:
     return v.startswith(("http://", "https://"))
 
 
+WINDOW_CONNS_MIN, WINDOW_CONNS_MAX = 256, 1 << 22     # "Connections per window"
+
+
 SETTINGS = [
+    Setting("Connections per window", "connections_per_window", None, (int, type(None)),
+            f"a whole number from {WINDOW_CONNS_MIN} to {WINDOW_CONNS_MAX} or null",
+            lambda v: v is None or WINDOW_CONNS_MIN <= v <= WINDOW_CONNS_MAX,
+            "room in the kernel's maps for each window's connections; null: from memory and the write limit"),
     Setting("DB retention (days)", "db_retention_days", 30, (int,), "a whole number of days >= 0",
             lambda v: v >= 0, "rows older than this are deleted from snitch.db"),
     Setting("DB sql log", "db_sql_log", True, (bool,), "true or false", note="write snitch.db"),
@@ -2278,6 +2290,20 @@ BPF_PERF_OUTPUT(events);
 BPF_ARRAY(epoch, struct epoch_t, 1);    /* the window being filled: which maps (epoch), its number */
 BPF_HASH(conns0, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
 BPF_HASH(conns1, struct conn_key_t, struct conn_val_t, $MAX_CONNS);
+/* connections of each window's hash map so far (the reader ends a window
+   early when they near its size) */
+BPF_ARRAY(nconns, u64, 2);
+/* where the connections that find no room of their own go: one entry per
+   process, user and protocol (a key with no socket, ports or addresses),
+   counting their bytes and connections; merged_keys: the window in which a
+   connection (its whole key) was last counted */
+BPF_HASH(merged0, struct conn_key_t, struct merged_t, $MAX_MERGED);
+BPF_HASH(merged1, struct conn_key_t, struct merged_t, $MAX_MERGED);
+BPF_TABLE("lru_hash", struct conn_key_t, u32, merged_keys, $MAX_CONNS);
+/* the process last announced (CONN event) in each slot, and in which window */
+#define ANNOUNCE_BITS 12
+struct announced_t { u64 exe; u32 pid; u32 window; };
+BPF_ARRAY(announced, struct announced_t, 1 << ANNOUNCE_BITS);
 /* the typed tracepoints' fast path: a window's connections in the slots of
    an array, its first half for epoch 0, its second for epoch 1
    (nslots[epoch] taken so far); the hash maps above take what does not fit.
@@ -2391,36 +2417,92 @@ static __always_inline int sock_tuple(void *sk, struct conn_key_t *key) {
     return 0;
 }
 
-static __always_inline void emit_conn(void *ctx, struct conn_key_t *key, u32 kind) {
+/* who a key's process is, from the task it runs in: its first key of a
+   window (announce) */
+static __always_inline void emit_conn(void *ctx, struct conn_key_t *key) {
     struct conn_event_t ev = {};
-    ev.hdr.kind = kind;
+    ev.hdr.kind = EV_CONN;
     ev.hdr.time = bpf_ktime_get_ns();
     ev.conn.key = *key;
-    ev.conn.info.proto = F_SOCK_PROTOCOL((void *)key->sk);
-    if (kind != EV_OPEN) {             /* in the task that moved the bytes */
-        void *task = (void *)bpf_get_current_task();
-        fill_proc(task, &ev.hdr.proc);
-        exe_id(task, &ev.conn.info.dev, &ev.conn.info.ino);
-    }
+    ev.conn.info.proto = key->sk ? F_SOCK_PROTOCOL((void *)key->sk) : 0;
+    void *task = (void *)bpf_get_current_task();
+    fill_proc(task, &ev.hdr.proc);
+    exe_id(task, &ev.conn.info.dev, &ev.conn.info.ino);
     submit(ctx, &ev, sizeof(ev));
 }
 
-/* add bytes to the key's entry; a new entry is announced with an event of kind */
-static __always_inline int account(void *ctx, struct conn_key_t *key, int dir, u64 bytes, u32 kind) {
+/* a key's process, announced once a window: a key of a process already
+   announced in this window needs no event (a slot shared by two processes
+   only costs an event more) */
+static __always_inline void announce(void *ctx, struct conn_key_t *key, u32 window) {
+    u32 at = (key->pid * 0x9E3779B97F4A7C15ULL) >> (64 - ANNOUNCE_BITS);     /* (exe may be a pointer: no math) */
+    struct announced_t *a = announced.lookup(&at);
+    if (a && a->exe == key->exe && a->pid == key->pid && a->window == window) return;
+    if (a) {
+        a->exe = key->exe;
+        a->pid = key->pid;
+        a->window = window;
+    }
+    emit_conn(ctx, key);
+}
+
+/* the window being filled: (maps, number) */
+static __always_inline u64 window_state(void) {
     u32 zero = 0;
     struct epoch_t *ep = epoch.lookup(&zero);
-    u32 e = ep ? ep->epoch : 0;
-    struct conn_val_t *v = e ? conns1.lookup(key) : conns0.lookup(key);
+    return ep ? *(volatile u64 *)ep : 0;
+}
+
+/* bytes of a key that found no room of their own: added to its process's
+   entry of merged connections, the key counted once a window */
+static __always_inline int merge(void *ctx, struct conn_key_t *key, int dir, u64 bytes, u32 e, u32 window,
+                                 int announcing) {
+    struct conn_key_t m = {};
+    m.exe = key->exe;
+    m.pid = key->pid;
+    m.uid = key->uid;
+    m.prot = key->prot;
+    m.family = key->family;
+    struct merged_t *v = e ? merged1.lookup(&m) : merged0.lookup(&m);
     if (!v) {
-        struct conn_val_t init = {};
-        int err = e ? conns1.insert(key, &init) : conns0.insert(key, &init);
-        if (err == 0) emit_conn(ctx, key, kind);
-        v = e ? conns1.lookup(key) : conns0.lookup(key);
+        struct merged_t init = {};
+        if (e) merged1.insert(&m, &init);
+        else merged0.insert(&m, &init);
+        v = e ? merged1.lookup(&m) : merged0.lookup(&m);
         if (!v) {
             stat_add(STAT_MAP_FULL, 1);
             stat_add(STAT_BYTES_UNCOUNTED, bytes);
             return 0;
         }
+    }
+    u32 *seen = merged_keys.lookup(key);
+    if (!seen || *seen != window) {
+        merged_keys.update(key, &window);
+        __sync_fetch_and_add(&v->conns, 1);
+        if (announcing) announce(ctx, &m, window);
+    }
+    if (dir == DIR_SEND) __sync_fetch_and_add(&v->send, bytes);
+    else __sync_fetch_and_add(&v->recv, bytes);
+    return 0;
+}
+
+/* add bytes to the key's entry in the window's hash map; a new entry's
+   process is announced if `announcing` (in the task that moved the bytes),
+   and a key with no room goes to its process's merged entry */
+static __always_inline int account(void *ctx, struct conn_key_t *key, int dir, u64 bytes, int announcing) {
+    u64 state = window_state();
+    u32 e = (u32)state, window = state >> 32;
+    struct conn_val_t *v = e ? conns1.lookup(key) : conns0.lookup(key);
+    if (!v) {
+        struct conn_val_t init = {};
+        int err = e ? conns1.insert(key, &init) : conns0.insert(key, &init);
+        if (err == 0) {
+            u64 *n = nconns.lookup(&e);
+            if (n) __sync_fetch_and_add(n, 1);
+            if (announcing) announce(ctx, key, window);
+        }
+        v = e ? conns1.lookup(key) : conns0.lookup(key);
+        if (!v) return merge(ctx, key, dir, bytes, e, window, announcing);
     }
     if (dir == DIR_SEND) __sync_fetch_and_add(&v->send, bytes);
     else __sync_fetch_and_add(&v->recv, bytes);
@@ -2497,13 +2579,13 @@ static __always_inline int on_sock(void *ctx, void *sk, long ret, int flags, int
     if (ret <= 0 || !sk || (dir == DIR_RECV && (flags & PS_MSG_PEEK))) return 0;
     struct conn_key_t key = {};
     if (sock_key(sk, &key)) return 0;
-    if (key.family != PS_AF_INET && key.family != PS_AF_INET6) return account(ctx, &key, dir, ret, EV_CONN);
+    if (key.family != PS_AF_INET && key.family != PS_AF_INET6) return account(ctx, &key, dir, ret, 1);
     if (key.rport) {               /* connected: the socket knows its peer */
         if (dir == DIR_RECV && F_SOCK_PROTOCOL(sk) == PS_TCP) ret = tcp_consumed(sk, ret);
-        return ret ? account(ctx, &key, dir, ret, EV_CONN) : 0;
+        return ret ? account(ctx, &key, dir, ret, 1) : 0;
     }
     datagram_peer(ctx, sk, &key, F_SOCK_PROTOCOL(sk), dir);
-    return account(ctx, &key, dir, ret, EV_CONN);
+    return account(ctx, &key, dir, ret, 1);
 }
 
 /* route lookups name the destination of an unconnected send (IPv4, IPv6);
@@ -2575,9 +2657,9 @@ HOOK(sk_data_ready) {
 
 /* TCP state changes. A connect is a connection even if it never moves a byte,
    but at SYN_SENT its local port may not be chosen yet: the connecting task
-   is noted (and announced with CONNECT), and when the connect is answered
+   is noted (and its process announced), and when the connect is answered
    (ESTABLISHED) or refused (CLOSE), its key is complete and opened for that
-   task (OPEN). ESTABLISHED also starts the copied_seq baseline, CLOSE ends it. */
+   task. ESTABLISHED also starts the copied_seq baseline, CLOSE ends it. */
 static __always_inline void open_connect(void *ctx, void *sk) {
     u64 sk_id = (u64)sk;
     struct owner_t *owner = connects.lookup(&sk_id);
@@ -2587,7 +2669,7 @@ static __always_inline void open_connect(void *ctx, void *sk) {
         key.exe = owner->exe;
         key.pid = owner->pid;
         key.uid = owner->uid;
-        account(ctx, &key, DIR_SEND, 0, EV_OPEN);
+        account(ctx, &key, DIR_SEND, 0, 0);     /* (not in the task: announced at its connect) */
     }
     connects.delete(&sk_id);
 }
@@ -2602,7 +2684,7 @@ HOOK(inet_sock_set_state) {
         if (sock_key(sk, &key)) return 0;
         struct owner_t owner = {key.exe, key.pid, key.uid};
         connects.update(&sk_id, &owner);
-        emit_conn(ctx, &key, EV_CONNECT);
+        announce(ctx, &key, window_state() >> 32);
     } else if (state == PS_TCP_ESTABLISHED) {
         u32 seq = F_TCP_COPIED_SEQ(sk);
         tcp_seq.update(&sk_id, &seq);
@@ -2619,7 +2701,7 @@ HOOK(tcp_rcv_space_adjust) {
     void *sk = (void *)ctx->args[0];
     u64 bytes = tcp_consumed(sk, 0);
     struct conn_key_t key = {};
-    if (bytes && !sock_key(sk, &key)) account(ctx, &key, DIR_RECV, bytes, EV_CONN);
+    if (bytes && !sock_key(sk, &key)) account(ctx, &key, DIR_RECV, bytes, 1);
     return 0;
 }
 
@@ -2934,11 +3016,11 @@ static __always_inline void sock_tuple_btf(void *sk, struct conn_key_t *key) {
 static __always_inline int take_slot(void *ctx, struct held_t *held, struct conn_key_t *key, u32 e, u32 window,
                                      int dir, u64 bytes) {
     u64 *taken = nslots.lookup(&e);
-    if (!taken) return account(ctx, key, dir, bytes, EV_CONN);
+    if (!taken) return account(ctx, key, dir, bytes, 1);
     u32 at = __sync_fetch_and_add(taken, 1);
     struct slot_t *slot = 0;
     slot = slot_at(e, at);
-    if (!slot) return account(ctx, key, dir, bytes, EV_CONN);
+    if (!slot) return account(ctx, key, dir, bytes, 1);
     slot->key = *key;
     slot->send = dir == DIR_SEND ? bytes : 0;
     slot->recv = dir == DIR_SEND ? 0 : bytes;
@@ -2947,7 +3029,7 @@ static __always_inline int take_slot(void *ctx, struct held_t *held, struct conn
         held->sk = key->sk;
         held->slot = (u64)window << 32 | at;
     }
-    emit_conn(ctx, key, EV_CONN);
+    announce(ctx, key, window);
     return 0;
 }
 
@@ -3050,7 +3132,7 @@ static __always_inline int on_sock_btf(void *ctx, void *sk, long ret, int flags,
         else __builtin_memcpy(key.raddr, peer->addr, 16);
         key.rport = peer->port;
     }
-    if (!ep) return account(ctx, &key, dir, ret, EV_CONN);
+    if (!ep) return account(ctx, &key, dir, ret, 1);
     return take_slot(ctx, h, &key, e, window, dir, ret);
 }
 
@@ -3157,15 +3239,46 @@ CAPTURE_MODES = {
         SOCK_HOOKS["kprobe"], "hash", ROUTE_HOOKS, False, KPROBE_HOOKS, ""),
 }
 
-MAX_CONNS = 32768      # connections per window (in the hash maps)
-MAX_SLOTS = 32768      # connections per window in the typed tracepoints' arrays (then the hash maps)
+MAX_MERGED = 16384     # processes (with user and protocol) whose connections are merged in a window
+# each window's room for connections (the hash maps, the slots, and the maps
+# by socket), unless "Connections per window" says: room for CONNS_A_SECOND
+# new connections a second over the write limit, in powers of two from
+# ROOM_LEAST, within 1/MEMORY_SHARE of the machine's memory (a window ends
+# early when its maps near full)
+CONN_ROOM_BYTES = 700
+MEMORY_SHARE = 256
+CONNS_A_SECOND = 2000
+ROOM_LEAST = 16384
+
+
+def memory_total(path: str = "/proc/meminfo") -> int:
+    """The machine's memory in bytes (0 if unknown)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def window_capacity(setting: typing.Optional[int], write_limit: float, memory: int) -> int:
+    """Connections a window has room for in the kernel's maps."""
+    if setting:
+        return setting
+    room, most = ROOM_LEAST, memory // MEMORY_SHARE // CONN_ROOM_BYTES
+    while room < CONNS_A_SECOND * write_limit and room * 2 <= most:
+        room *= 2
+    return room
 MAX_THREADS = 16384    # threads with the destination of their last route lookup noted
 MAX_PROCS = 65536      # processes whose executable is known from their exec
 EXE_REPLACED = 1       # ProcT.flags: the process replaced its executable (prctl PR_SET_MM) since it ran it
 
 
-def bpf_text(btf: BTF, mode: str) -> str:
-    """The complete C program for a capture mode (CAPTURE_MODES)."""
+def bpf_text(btf: BTF, mode: str, conns: int = ROOM_LEAST) -> str:
+    """The complete C program for a capture mode (CAPTURE_MODES), with room
+    for `conns` connections a window (window_capacity)."""
     defines = lambda prefix, names: "\n".join(f"#define {prefix}{n} {i}" for i, n in names)
     structs = "".join(c_struct(cls, name) for cls, name in STRUCT_NAMES.items())
     return string.Template(BPF_TEXT).substitute(
@@ -3173,12 +3286,12 @@ def bpf_text(btf: BTF, mode: str) -> str:
         EVENT_KINDS=defines("EV_", [(num, name) for name, (num, _) in EVENT_KINDS.items()]),
         STAT_INDEXES=defines("STAT_", enumerate(STATS)),
         PRELUDE=bpf_prelude(btf), STRUCTS=structs,
-        MAX_CONNS=MAX_CONNS, MAX_SLOTS=MAX_SLOTS, MAX_THREADS=MAX_THREADS, MAX_PROCS=MAX_PROCS,
+        MAX_CONNS=conns, MAX_SLOTS=conns, MAX_MERGED=MAX_MERGED, MAX_THREADS=MAX_THREADS, MAX_PROCS=MAX_PROCS,
         EXE_REPLACED=EXE_REPLACED, EXEC_ROOT=EXEC_ROOT, EXEC_NO_DIR=EXEC_NO_DIR, EXEC_NAME_CUT=EXEC_NAME_CUT,
         EXEC_ARGS_CUT=EXEC_ARGS_CUT,
         N_STATS=2 * len(STATS),
         SOCK_HOOKS=string.Template(CAPTURE_MODES[mode].sock_hooks).substitute(MAX_THREADS=MAX_THREADS,
-                                                                              MAX_SLOTS=MAX_SLOTS),
+                                                                              MAX_SLOTS=conns),
         PEER_STORE=string.Template(PEER_STORES[CAPTURE_MODES[mode].peer_store]).substitute(MAX_THREADS=MAX_THREADS))
 
 
@@ -3192,6 +3305,9 @@ def bpf_text(btf: BTF, mode: str) -> str:
 # loses nothing the kernel has counted, and its successor goes on.
 
 GRACE_SECONDS = 0.02      # after switching maps, for updates already under way
+HIGH_WATER = 0.5          # a window ends early once it has taken this share of its room
+SHORTEST_WINDOW = 0.5     # seconds: a window ends early no sooner than this
+MERGES_SHOWN = 60         # seconds: windows that merged connections are shown once in this long (all logged)
 ROUTE_HOLD_SECONDS = 300  # route hooks stay attached this long after the last send that needed them
 DRAIN_BATCH = 4096        # connections read per bpf() call when draining a window
 SLOT_BATCH = 512          # slots read per bpf() call (a window's slots are mostly few)
@@ -3270,7 +3386,8 @@ def capture_mode(btf: BTF) -> str:
 
 
 # maps the reader uses, in the order their descriptors are handed over
-READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1", "slots", "nslots", "route_use")
+READER_MAPS = ("events", "epoch", "stats", "conns0", "conns1", "slots", "nslots", "nconns", "merged0", "merged1",
+               "route_use")
 # struct proto of each protocol, for keys whose event was lost: symbol -> protocol
 PROTO_SYMBOLS = {"tcp_prot": 6, "tcpv6_prot": 6, "udp_prot": 17, "udpv6_prot": 17, "udplite_prot": 136,
                  "udplitev6_prot": 136, "ping_prot": 1, "pingv6_prot": 58, "mptcp_prot": 262,
@@ -3393,7 +3510,7 @@ class TypedHooks:
         self.typed = []
 
 
-def attach_program(notes: typing.List[str], perf_fds: typing.List[int], mode: str = ""):
+def attach_program(notes: typing.List[str], perf_fds: typing.List[int], mode: str = "", conns: int = ROOM_LEAST):
     """Compile and load with bcc, put the perf events (already mapped by the
     supervisor) in the events map, load every program, then attach them all
     at once: no event is sent before it can be received, and none waits in
@@ -3409,7 +3526,7 @@ def attach_program(notes: typing.List[str], perf_fds: typing.List[int], mode: st
     ensure_tracefs(notes.append)
     headers, note = find_kernel_headers(os.uname().release)
     notes += [note] if note not in notes else []
-    bpf = compile_program(bpf_text(btf, mode), headers)
+    bpf = compile_program(bpf_text(btf, mode, conns), headers)
     events = BpfMap(bpf["events"].map_fd, ctypes.c_uint32, ctypes.c_uint32)
     for cpu, fd in zip(online_cpus(), perf_fds):
         events.update(cpu, fd)
@@ -3437,7 +3554,7 @@ def attach_program(notes: typing.List[str], perf_fds: typing.List[int], mode: st
         if typed:
             typed.close()
         bpf.cleanup()
-        return attach_program(notes, perf_fds, spec.fallback)
+        return attach_program(notes, perf_fds, spec.fallback, conns)
     for function, entry, ret in spec.kprobes:
         bpf.attach_kprobe(event=function.encode(), fn_name=entry.encode())
         bpf.attach_kretprobe(event=function.encode(), fn_name=ret.encode())
@@ -3474,7 +3591,8 @@ def proto_addresses(path: str = "/proc/kallsyms") -> typing.Dict[int, int]:
 LOADED_FDS = 64       # descriptors the program loader hands over, at most
 
 
-def load_in_child(perf_fds: typing.List[int], mode: str = "") -> typing.Tuple[Loaded, typing.List[int]]:
+def load_in_child(perf_fds: typing.List[int], mode: str = "",
+                  conns: int = ROOM_LEAST) -> typing.Tuple[Loaded, typing.List[int]]:
     """Compile and attach in a short-lived child, which hands the descriptors
     over and exits: bcc and LLVM never weigh on picosnitch while it runs.
     Returns what it loaded and the descriptors: READER_MAPS, the programs of
@@ -3486,7 +3604,7 @@ def load_in_child(perf_fds: typing.List[int], mode: str = "") -> typing.Tuple[Lo
         notes: typing.List[str] = []
         try:
             protos = [list(p) for p in proto_addresses().items()]      # (before events flow)
-            bpf, chosen, links, routes = attach_program(notes, perf_fds, mode)
+            bpf, chosen, links, routes = attach_program(notes, perf_fds, mode, conns)
             theirs.send(Loaded(chosen, notes, protos, list(routes)), fds=[bpf[name].map_fd for name in READER_MAPS]
                         + list(routes.values()) + attachment_fds(bpf) + links)
         except Exception as e:  # noqa: BLE001 - whatever failed is reported by the supervisor
@@ -3693,16 +3811,20 @@ class Kernel:
         self.mode, self.notes = loaded.mode, loaded.notes
         self.protos = {address: proto for address, proto in loaded.protos}
         self.maps = dict(zip(READER_MAPS, fds[:n]))
+        self.conns = ROOM_LEAST           # (the room of each window, as loaded)
         self.routes = dict(zip(loaded.routes, fds[n:n + r]))
         self.links = fds[n + r:]
 
     @classmethod
-    def load(cls, pages: int, mode: str = "") -> "Kernel":
+    def load(cls, pages: int, mode: str = "", conns: int = ROOM_LEAST) -> "Kernel":
         """Open and map the perf buffers, then have the program loaded (in
-        the mode this kernel allows, or in `mode`)."""
+        the mode this kernel allows, or in `mode`) with room for `conns`
+        connections a window."""
         perf = PerfBuffers(open_perf_events(), pages)
         try:
-            return cls(perf, *load_in_child([fd for fd, _ in perf.rings], mode))
+            kernel = cls(perf, *load_in_child([fd for fd, _ in perf.rings], mode, conns))
+            kernel.conns = conns
+            return kernel
         except BaseException:
             for fd, ring in perf.rings:
                 ring.close()
@@ -3733,6 +3855,14 @@ def online_cpus() -> typing.List[int]:
 EVENT_TYPES = {num: (name, cls) for name, (num, cls) in EVENT_KINDS.items()}
 
 
+class Window(typing.NamedTuple):
+    """A window as the kernel counted it: its number, its connections, and
+    its merged ones (those that found no room of their own)."""
+    number: int
+    entries: typing.List[typing.Tuple[ConnKeyT, ConnValT]]
+    merged: typing.List[typing.Tuple[ConnKeyT, MergedT]] = []
+
+
 def decode_event(raw: bytes) -> typing.Tuple[str, EventHdrT, typing.Any]:
     """(kind name, header, payload) of one perf event record."""
     hdr = EventHdrT.from_buffer_copy(raw)
@@ -3760,8 +3890,12 @@ class Capture:
         self.stats = BpfMap(kernel.maps["stats"], ctypes.c_uint32, ctypes.c_uint64)
         self.epoch_map = BpfMap(kernel.maps["epoch"], ctypes.c_uint32, EpochT)
         self.maps = [BpfMap(kernel.maps[name], ConnKeyT, ConnValT, DRAIN_BATCH) for name in ("conns0", "conns1")]
+        self.merged = [BpfMap(kernel.maps[name], ConnKeyT, MergedT, DRAIN_BATCH) for name in ("merged0", "merged1")]
         self.slots = BpfMap(kernel.maps["slots"], ctypes.c_uint32, SlotT, SLOT_BATCH)
         self.taken = BpfMap(kernel.maps["nslots"], ctypes.c_uint32, ctypes.c_uint64)
+        self.entered = BpfMap(kernel.maps["nconns"], ctypes.c_uint32, ctypes.c_uint64)
+        self.room, self.typed = kernel.conns, CAPTURE_MODES[kernel.mode].typed
+        self.merge_shown = -MERGES_SHOWN        # (when a merge was last shown as a notification)
         state = self.epoch_map.lookup(0)
         self.epoch, self.number = state.epoch, state.window      # (the loader starts windows at 1)
         # route hooks on demand: a reader that died took its attachments along
@@ -3769,7 +3903,7 @@ class Capture:
         self.route_progs, self.route_links, self.route_seen = kernel.routes, [], (0, 0.0)
         self.route_error = ""
         self.route_use.update(0, 0)
-        self.unclear: typing.Dict[int, typing.Tuple[int, list]] = {}     # epoch -> (window, keys read)
+        self.unclear: typing.Dict[int, typing.Tuple[int, list, list]] = {}   # epoch -> (window, keys, merged keys)
 
     def poll(self, timeout_ms: int) -> None:
         """Hand new events over in the order they happened, across CPUs (an
@@ -3814,33 +3948,43 @@ class Capture:
             self.detach_routes()
             self.route_use.update(0, 0)
 
-    def read(self, epoch: int, number: int) -> typing.Tuple[int, typing.List[typing.Tuple[ConnKeyT, ConnValT]]]:
+    def read(self, epoch: int, number: int) -> "Window":
         """A window's connections: those of its hash map, and those of the
-        slots taken in its window (one key may have several: summed)."""
+        slots taken in its window (one key may have several: summed); and
+        its merged connections."""
         entries = self.maps[epoch].read_all()
-        self.unclear[epoch] = (number, [k for k, _ in entries])
+        merged = self.merged[epoch].read_all()
+        self.unclear[epoch] = (number, [k for k, _ in entries], [k for k, _ in merged])
         summed: typing.Dict[bytes, typing.Tuple[ConnKeyT, ConnValT]] = {bytes(k): (k, v) for k, v in entries}
-        taken = min(self.taken.lookup(epoch).value, MAX_SLOTS)
-        for _, slot in self.slots.read_first(taken, epoch * MAX_SLOTS):
+        taken = min(self.taken.lookup(epoch).value, self.room)
+        for _, slot in self.slots.read_first(taken, epoch * self.room):
             if slot.window == number:
                 key, value = summed.setdefault(bytes(slot.key), (slot.key, ConnValT()))
                 value.send += slot.send
                 value.recv += slot.recv
-        return number, list(summed.values())
+        return Window(number, list(summed.values()), merged)
 
-    def leftover(self) -> typing.Tuple[int, typing.List[typing.Tuple[ConnKeyT, ConnValT]]]:
+    def near_full(self) -> bool:
+        """Whether the window being filled has taken HIGH_WATER of its room
+        (its slots, or its hash map)."""
+        used = self.entered.lookup(self.epoch).value
+        if self.typed:
+            used = max(used, self.taken.lookup(self.epoch).value)
+        return used >= HIGH_WATER * self.room
+
+    def leftover(self) -> "Window":
         """The window before the current one, if a reader that died left it."""
         self.poll(0)
         return self.read(self.epoch ^ 1, self.number - 1)
 
-    def end_window(self, final: bool = False) -> typing.List[typing.Tuple[int, list]]:
-        """Switch the kernel to the other map and read the one just closed:
-        [(window number, [(key, value)])]. Events already submitted are polled
-        first, so every key read has had its context delivered. The final
-        window also reads the other map."""
+    def end_window(self, final: bool = False) -> typing.List["Window"]:
+        """Switch the kernel to the other map and read the one just closed.
+        Events already submitted are polled first, so every key read has had
+        its context delivered. The final window also reads the other map."""
         self.idle_routes()
         self.clear(self.epoch ^ 1)                # about to be filled again
         self.taken.update(self.epoch ^ 1, 0)       # (its slots, from two windows ago, are read or sent)
+        self.entered.update(self.epoch ^ 1, 0)
         closed = (self.epoch, self.number)
         self.number += 1
         self.epoch ^= 1
@@ -3856,10 +4000,12 @@ class Capture:
     def clear(self, epoch: int) -> None:
         """Delete what was read of a closed map (bytes added since stay for a later window)."""
         if epoch in self.unclear:
-            self.maps[epoch].delete(self.unclear.pop(epoch)[1])
+            _, keys, merged = self.unclear.pop(epoch)
+            self.maps[epoch].delete(keys)
+            self.merged[epoch].delete(merged)
 
     def clear_sent(self, sent: typing.Callable[[int], bool]) -> None:
-        for epoch, (number, _) in list(self.unclear.items()):
+        for epoch, (number, _, _) in list(self.unclear.items()):
             if sent(number):
                 self.clear(epoch)
 
@@ -3890,7 +4036,7 @@ class Capture:
 # waits for another process: its messages go out from threads.
 
 DOMAIN_CACHE = 8192       # (process, address) pairs remembered from getaddrinfo answers
-CONNECT_CACHE = 65536     # TCP connects waiting to be answered
+MERGED_PORT = -2          # the ports of a row of merged connections (-1: a row of an exec)
 WINDOWS_KEPT = 60         # windows the primary has not confirmed, kept to send again
 EXEC_NOTICES_KEPT = 65536
 CTIME_QUERIED = 1 << 31   # a flag the kernel keeps in the ctime's nanoseconds
@@ -3911,6 +4057,11 @@ def exec_path(ex: ExecT) -> typing.Tuple[str, bool, bool]:
         return "", True, cut
     path = "/" + "/".join(p for p in reversed(parts) if p)
     return (path, True, cut) if ex.nlink else (f"{path} (deleted)", False, cut)
+
+
+def merged_text(conns: int) -> str:
+    """What a row of merged connections has for its remote address."""
+    return f"{conns} connections merged"
 
 
 def marked_cut(text: str, what: str) -> str:
@@ -3934,8 +4085,7 @@ def proc_from_proc_fs(pid: int, dev: int, ino: int, mask: int, comm: str) -> Pro
 
 
 class Context(typing.NamedTuple):
-    """Who a key's bytes belong to, resolved when its event arrived."""
-    proto: int
+    """Who a process's keys belong to, resolved when its event arrived."""
     proc: ProcInfo
     parent: ProcInfo
     grandparent: ProcInfo
@@ -3958,9 +4108,7 @@ class Tracker:
         self.procs: typing.Dict[int, ProcInfo] = {}
         self.lineage: typing.Dict[int, typing.Tuple[ProcInfo, ProcInfo]] = {}
         self.exited: typing.Dict[int, int] = {}
-        self.contexts: typing.Dict[bytes, Context] = {}
-        self.connects: "collections.OrderedDict[tuple, Context]" = collections.OrderedDict()
-        self.opens: typing.Dict[bytes, typing.Tuple[tuple, int, int]] = {}     # key -> (connect, proto, window)
+        self.contexts: typing.Dict[typing.Tuple[int, int], Context] = {}      # (pid, executable) -> who
         self.protos: typing.Dict[int, int] = dict(protos or {})      # struct proto address -> protocol
         self.domains: "collections.OrderedDict[typing.Tuple[int, str], str]" = collections.OrderedDict()
         self.unattributed: typing.List[str] = []
@@ -3968,7 +4116,7 @@ class Tracker:
         self.alerts: typing.List[str] = []
         self.window = 0
         self.handlers = {"EXEC": self.on_exec, "FORK": self.on_fork, "EXIT": self.on_exit, "CONN": self.on_conn,
-                         "DNS": self.on_dns, "CONNECT": self.on_connect, "OPEN": self.on_open}
+                         "DNS": self.on_dns}
 
     def handle(self, event: typing.Tuple[str, EventHdrT, typing.Any]) -> None:
         name, hdr, payload = event
@@ -4052,7 +4200,7 @@ class Tracker:
         return info
 
     def context(self, hdr: EventHdrT, conn: ConnT) -> Context:
-        """Who moved a key's first bytes (or started its connect), as of now."""
+        """Who moved a process's first bytes in a window (or started its connect), as of now."""
         p = hdr.proc
         proc = self.lookup(p.pid, conn.info.dev, conn.info.ino, p.comm.decode("utf-8", "replace"))
         if p.flags & EXE_REPLACED and p.pid not in self.replaced:
@@ -4062,26 +4210,13 @@ class Tracker:
                                f"another (prctl PR_SET_MM)" + (f", so /proc/{p.pid}/exe names {shown}" if shown else "")
                                + ": its traffic stays logged under the executable it ran")
         parent, grandparent = self.lineage.get(p.pid) or self.parents(p)
-        self.protos[conn.key.prot] = conn.info.proto
-        return Context(conn.info.proto, proc, parent, grandparent, self.window)
+        if conn.key.sk:
+            self.protos[conn.key.prot] = conn.info.proto
+        return Context(proc, parent, grandparent, self.window)
 
     # -- connections ---------------------------------------------------------
     def on_conn(self, hdr: EventHdrT, conn: ConnT) -> None:
-        self.contexts[bytes(conn.key)] = self.context(hdr, conn)
-
-    def on_connect(self, hdr: EventHdrT, conn: ConnT) -> None:
-        ident = connect_ident(conn.key)
-        self.connects[ident] = self.context(hdr, conn)
-        self.connects.move_to_end(ident)
-        while len(self.connects) > CONNECT_CACHE:
-            self.connects.popitem(last=False)
-
-    def on_open(self, _: EventHdrT, conn: ConnT) -> None:
-        """A connect's key, opened by the kernel for the task that started it:
-        the context is that of its CONNECT (looked up at the window's end, in
-        case the CONNECT was read later from another CPU's buffer)."""
-        self.protos[conn.key.prot] = conn.info.proto
-        self.opens[bytes(conn.key)] = (connect_ident(conn.key), conn.info.proto, self.window)
+        self.contexts[(conn.key.pid, conn.key.exe)] = self.context(hdr, conn)
 
     def on_dns(self, hdr: EventHdrT, dns: DnsT) -> None:
         host = dns.host.decode("utf-8", "replace")
@@ -4107,25 +4242,37 @@ class Tracker:
         ppid = int(stat_fields[1]) if len(stat_fields) > 1 else 0
         parent = self.procs.get(ppid) or ProcInfo(ppid, "", "", "", 0, 0)
         parent, grandparent = self.lineage.get(key.pid) or (parent, NO_PROC)
-        return Context(self.protos.get(key.prot, -1), proc, parent, grandparent, self.window)
+        return Context(proc, parent, grandparent, self.window)
 
-    def conn(self, key: ConnKeyT, val: ConnValT) -> Conn:
-        kb = bytes(key)
-        context = self.contexts.get(kb)
-        if context is None and kb in self.opens:
-            ident, proto, _ = self.opens[kb]
-            if ident in self.connects:
-                context = self.connects[ident]._replace(proto=proto)
+    def whose(self, key: ConnKeyT, val) -> typing.Tuple[Context, str]:
+        """Who a key's process is (its announcement, else what /proc still
+        says), and its protocol's name."""
+        context = self.contexts.get((key.pid, key.exe))
         if context is None:
             context = self.lost_context(key)
-        proc = context.proc
-        if not proc.exe:
-            self.unattributed.append(f"pid {key.pid} ({proc.name or 'unknown'}), {val.send + val.recv} bytes")
+            self.contexts[(key.pid, key.exe)] = context
+        else:
+            self.contexts[(key.pid, key.exe)] = context._replace(window=self.window)      # (still in use)
+        if not context.proc.exe:
+            self.unattributed.append(f"pid {key.pid} ({context.proc.name or 'unknown'}), "
+                                     f"{val.send + val.recv} bytes")
+        proto = self.protos.get(key.prot, -1)
+        return context, proto_name(key.family, proto) if proto >= 0 else "unknown"
+
+    def conn(self, key: ConnKeyT, val: ConnValT) -> Conn:
+        context, proto = self.whose(key, val)
         raddr = format_addr(key.family, bytes(key.raddr))
-        proto = proto_name(key.family, context.proto) if context.proto >= 0 else "unknown"
-        return Conn(proc, context.parent, context.grandparent, key.uid, proto, key.lport, key.rport,
+        return Conn(context.proc, context.parent, context.grandparent, key.uid, proto, key.lport, key.rport,
                     format_addr(key.family, bytes(key.laddr)), raddr, self.domain(key.pid, raddr),
                     val.send, val.recv)
+
+    def merged_conn(self, key: ConnKeyT, val: MergedT) -> Conn:
+        """A process's connections that found no room of their own in a
+        window, as one row: ports MERGED_PORT, no local address, and the
+        number of connections where the remote address would be."""
+        context, proto = self.whose(key, val)
+        return Conn(context.proc, context.parent, context.grandparent, key.uid, proto, MERGED_PORT, MERGED_PORT,
+                    "", merged_text(val.conns), "", val.send, val.recv)
 
     def domain(self, pid: int, addr: str) -> str:
         """The name the process itself looked up for addr, else the latest anyone did."""
@@ -4151,14 +4298,8 @@ class Tracker:
             self.lineage.pop(pid, None)
             self.replaced.pop(pid, None)
             del self.exited[pid]
-        for table in (self.contexts, self.opens):
-            for key in [k for k, v in table.items() if v[-1] < self.window - 1]:
-                del table[key]
-
-
-def connect_ident(key: ConnKeyT) -> tuple:
-    """What a CONNECT and the OPEN that follows it have in common."""
-    return key.sk, key.exe, key.pid, key.uid
+        for key in [k for k, v in self.contexts.items() if v.window < self.window - 1]:
+            del self.contexts[key]
 
 
 class Outbox:
@@ -4355,9 +4496,9 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
     tracker = Tracker(rt.st_dev_mask, catcher, rt.config.every_exe, rt.kernel.protos, catcher.path)
     capture = Capture(rt.kernel, tracker.handle, catcher.first)
     stopping = rt.stopping
-    number, leftover = capture.leftover()
-    if leftover:
-        windows.put(number, [tracker.conn(k, v) for k, v in leftover])
+    leftover = capture.leftover()
+    if leftover.entries or leftover.merged:
+        windows.put(leftover.number, window_conns(tracker, leftover))
     rt.ready_tx.send(Ready(capture.mode))
     if downtime:
         lost = capture.problems()
@@ -4368,12 +4509,13 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
         else:
             rt.reporter.info(f"the reader restarted ({span}); the kernel kept counting, nothing was lost")
     window = rt.config.db_write_limit_seconds
-    deadline = time.monotonic() + window
+    started = time.monotonic()
     while not stopping():
-        capture.poll(int(max(0.0, min(deadline - time.monotonic(), 0.2)) * 1000))
+        capture.poll(int(max(0.0, min(started + window - time.monotonic(), 0.1)) * 1000))
         capture.clear_sent(windows.sent)
-        if time.monotonic() >= deadline:
-            deadline += window
+        now = time.monotonic()
+        if now >= started + window or (now >= started + SHORTEST_WINDOW and capture.near_full()):
+            started = now if now < started + 2 * window else started + window      # (late: starts now)
             send_window(rt, capture, tracker, windows, execs, final=False)
     send_window(rt, capture, tracker, windows, execs, final=True)
     windows.stop()
@@ -4383,12 +4525,31 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
         rt.reporter.error("the primary did not take the last windows before the stop")
 
 
+def window_conns(tracker: Tracker, window: Window) -> typing.List[Conn]:
+    return [tracker.conn(k, v) for k, v in window.entries] + [tracker.merged_conn(k, v) for k, v in window.merged]
+
+
+def merged_report(window: Window, room: int, conns: typing.List[Conn]) -> str:
+    """What a window merged, by program: once a window, when it did."""
+    merged = sorted((c for c in conns if c.lport == MERGED_PORT), key=lambda c: -(c.send + c.recv))
+    total = sum(m.conns for _, m in window.merged)
+    parts = [f"{shown(c.proc.exe or c.proc.name)} (pid {c.proc.pid}, {c.proto}): {c.raddr}, "
+             f"{c.send:,} bytes sent, {c.recv:,} received" for c in merged[:5]]
+    return (f"window {window.number}: more new connections than the kernel's maps have room for ({room:,}, "
+            f"\"Connections per window\"): {total:,} connections were merged into one row per program, with "
+            f"every byte: " + "; ".join(parts) + (f"; and {len(merged) - 5} more" if len(merged) > 5 else ""))
+
+
 def send_window(rt: Runtime, capture: Capture, tracker: Tracker, windows: WindowSender, execs: Outbox,
                 final: bool) -> None:
     closed = capture.end_window(final)
-    for i, (number, entries) in enumerate(closed):
-        conns = [tracker.conn(k, v) for k, v in entries] + (tracker.take_runs() if i == len(closed) - 1 else [])
-        windows.put(number, conns)
+    for i, window in enumerate(closed):
+        conns = window_conns(tracker, window) + (tracker.take_runs() if i == len(closed) - 1 else [])
+        windows.put(window.number, conns)
+        if window.merged:           # (logged every window; shown at most once a MERGES_SHOWN)
+            shown_now = time.monotonic() - capture.merge_shown >= MERGES_SHOWN
+            capture.merge_shown = time.monotonic() if shown_now else capture.merge_shown
+            rt.reporter.error(merged_report(window, capture.room, conns), notify=shown_now)
     tracker.end_window()
     problems = capture.problems() + tracker.take_alerts()
     unattributed = tracker.take_unattributed()
@@ -6793,15 +6954,17 @@ def read_pid(path: str = PIDFILE) -> typing.Optional[int]:
     return pid
 
 
-def write_status(mode: str, started: str, children: typing.Dict[str, int], state: str, warnings: int) -> None:
-    """/run/picosnitch.status: what `status` shows (capture mode, processes,
-    where the state is, and how many warnings the start had: their words,
-    which may quote the user's settings, are in error.log, not here, where
-    every account may read)."""
+def write_status(mode: str, started: str, children: typing.Dict[str, int], state: str, warnings: int,
+                 conns: int) -> None:
+    """/run/picosnitch.status: what `status` shows (capture mode, room for
+    each window's connections, processes, where the state is, and how many
+    warnings the start had: their words, which may quote the user's
+    settings, are in error.log, not here, where every account may read)."""
     tmp = STATUSFILE + ".new"
     with open(tmp, "w") as f:
         json.dump({"pid": os.getpid(), "mode": mode, "description": CAPTURE_MODES[mode].description,
-                   "started": started, "children": children, "state": state, "warnings": warnings}, f)
+                   "conns": conns, "started": started, "children": children, "state": state,
+                   "warnings": warnings}, f)
     os.chmod(tmp, 0o644)
     os.replace(tmp, STATUSFILE)
 
@@ -6878,7 +7041,7 @@ class Supervisor:
     def write_status(self) -> None:
         if self.mode:
             write_status(self.mode, self.started, {name: p.pid for name, p in self.procs.items()}, self.rt.state,
-                         len(self.warnings))
+                         len(self.warnings), self.rt.kernel.conns)
 
     def start(self, name: str, *args) -> None:
         release_free_memory()
@@ -7091,7 +7254,9 @@ def run_supervisor(setup: Setup, ready: typing.Callable[[str], None]) -> int:
     for warning in reach:
         rt.reporter.error(warning, always=True)
     try:
-        rt.kernel = Kernel.load(setup.config.perf_ring_buffer_pages)
+        config = setup.config
+        rt.kernel = Kernel.load(config.perf_ring_buffer_pages, conns=window_capacity(
+            config.connections_per_window, config.db_write_limit_seconds, memory_total()))
         for note in rt.kernel.notes:
             rt.reporter.info(note)
         for name in ("reader", "monitor", "primary"):      # (the reader first: events wait in the buffers)
@@ -9136,6 +9301,8 @@ def cmd_status(_: str) -> int:
             status = json.load(f)
         print(f"picosnitch is running (pid {pid}) since {status['started']}\n"
               f"capture mode: {status['description']}\n"
+              f"room for {status.get('conns', '?')} connections a window in the kernel's maps "
+              f"(\"Connections per window\"; beyond it, a program's connections are merged)\n"
               f"state: {status.get('state', '?')}")
         if status.get("warnings"):
             print(f"warnings at the start: {status['warnings']} (in error.log, and shown as notifications)")

@@ -698,7 +698,7 @@ def sustained(gen, workdir, seconds):
     finally:
         tool.stop()
     lost = sum(int(n) for n in re.findall(r"lost (\d+) events", errors))
-    full = errors.count("map full") + errors.count("table full")
+    full = errors.count("connections were merged") + errors.count("every map of the window was full")
     return {"rate": rate, "seconds": seconds, "lost_events": lost, "full_maps": full, "start_seconds": tool.start_seconds}
 
 

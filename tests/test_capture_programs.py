@@ -98,9 +98,10 @@ def test_route_hooks_are_attached_on_demand_and_detached_when_idle():
 def test_a_window_sums_its_slots_and_its_hash_entries():
     """Reading a window: the hash map's entries and the slots taken in that
     window, one key's slots summed; a slot left from an older window is not
-    counted again."""
+    counted again; its merged connections beside them. It is near full once
+    half its room is taken."""
     need_root()
-    kernel = picosnitch.Kernel.load(8)
+    kernel = picosnitch.Kernel.load(8, conns=512)
     try:
         capture = picosnitch.Capture(kernel, lambda event: None)
         a, b = picosnitch.ConnKeyT(sk=1, pid=10, lport=1000), picosnitch.ConnKeyT(sk=2, pid=20, lport=2000)
@@ -110,12 +111,20 @@ def test_a_window_sums_its_slots_and_its_hash_entries():
                  picosnitch.SlotT(key=a, window=window, send=7, recv=0),
                  picosnitch.SlotT(key=b, window=window - 2, send=100, recv=100)]
         for i, slot in enumerate(slots):
-            capture.slots.update(epoch * picosnitch.MAX_SLOTS + i, slot)     # (its half of the array)
+            capture.slots.update(epoch * 512 + i, slot)     # (its half of the array)
         capture.taken.update(epoch, len(slots))
         capture.maps[epoch].update(a, picosnitch.ConnValT(1, 2))
-        number, entries = capture.read(epoch, window)
-        got = {(k.sk, k.pid): (v.send, v.recv) for k, v in entries}
-        assert number == window and got == {(1, 10): (13, 3)}
+        merged = picosnitch.ConnKeyT(pid=30, exe=3)
+        capture.merged[epoch].update(merged, picosnitch.MergedT(10, 20, 3))
+        read = capture.read(epoch, window)
+        got = {(k.sk, k.pid): (v.send, v.recv) for k, v in read.entries}
+        assert read.number == window and got == {(1, 10): (13, 3)}
+        assert [(k.pid, v.send, v.recv, v.conns) for k, v in read.merged] == [(30, 10, 20, 3)]
+        capture.clear(epoch)
+        assert capture.merged[epoch].read_all() == [] and capture.maps[epoch].read_all() == []
+        assert kernel.conns == 512 and not capture.near_full()
+        capture.entered.update(capture.epoch, 256)
+        assert capture.near_full()
     finally:
         kernel.close()
 

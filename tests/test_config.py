@@ -9,6 +9,7 @@ import picosnitch
 from conftest import PYTHON, SCRIPT, new_state
 
 SPEC_DEFAULTS = {
+    "Connections per window": None,         # (picosnitch's own: the kernel's room for each window)
     "DB retention (days)": 30, "DB sql log": True, "DB sql server": {}, "DB text log": False,
     "DB write limit (seconds)": 10, "Dash scroll zoom": True, "Dash theme": "",
     "Desktop notifications": True, "Every exe (not just conns)": False, "GeoIP lookup": True,
@@ -44,6 +45,7 @@ BAD = [
     ('{"DB retention (days)": true}', "'DB retention (days)' must be a whole number of days >= 0, found true"),
     ('{"Perf ring buffer (pages)": 100}', "'Perf ring buffer (pages)' must be a power of two up to 4096, found 100"),
     ('{"Perf ring buffer (pages)": 8192}', "'Perf ring buffer (pages)' must be a power of two up to 4096, found 8192"),
+    ('{"Connections per window": 100}', "'Connections per window' must be a whole number from 256 to 4194304 or null"),
     ('{"Set RLIMIT_NOFILE": 4194304}', "'Set RLIMIT_NOFILE' must be a whole number from 1 to 1048576 or null"),
     ('{"DB write limit (seconds)": 0}', "'DB write limit (seconds)' must be a number of seconds from 0.1 to 3600"),
     ('{"Log ignore": [1.5]}', "'Log ignore' entry 1.5 is not a port (0-65535), sha256 hash, IP subnet or domain"),

@@ -99,20 +99,35 @@ def test_one_socket_address_reused_is_two_connections():
         [("10.0.0.1", 40001, 100, "tcp", "/opt/client"), ("10.0.0.2", 40002, 200, "tcp", "/opt/client")]
 
 
-def test_a_connect_is_opened_for_the_task_that_started_it():
-    """CONNECT comes from the connecting task (port 0); OPEN, from wherever
-    the answer arrived, carries the whole key: its context is the CONNECT's,
-    whichever of the two was read first."""
-    for connect_first in (True, False):
-        t, _ = tracker()
-        pid = BASE + 31
-        exec_event(t, pid, BASE, 0, 41, 40, 0, "/opt/connector")
-        started, opened = key(pid, 0xffff2000, "10.0.0.9", 443, 0), key(pid, 0xffff2000, "10.0.0.9", 443, 50123)
-        events = [conn_event("CONNECT", started, pid=pid, ino=41), conn_event("OPEN", opened)]
-        for e in events if connect_first else reversed(events):
-            t.handle(e)
-        c = t.conn(opened, picosnitch.ConnValT(0, 0))
-        assert (c.proc.exe, c.lport, c.raddr, c.rport, c.proto) == ("/opt/connector", 50123, "10.0.0.9", 443, "tcp")
+def test_one_announcement_names_every_key_of_its_process():
+    """The kernel announces a process once a window, with its first key (a
+    connect's, whose port is not chosen yet): its later keys, opened
+    wherever the answer arrived, are its own by pid and executable."""
+    t, _ = tracker()
+    pid = BASE + 31
+    exec_event(t, pid, BASE, 0, 41, 40, 0, "/opt/connector")
+    started = key(pid, 0xffff2000, "10.0.0.9", 443, 0)
+    t.handle(conn_event("CONN", started, pid=pid, ino=41))
+    keys = [key(pid, 0xffff2000 + i, "10.0.0.9", 443, 50123 + i) for i in range(3)]
+    rows = [t.conn(k, picosnitch.ConnValT(i, 0)) for i, k in enumerate(keys)]
+    assert [(c.proc.exe, c.lport, c.raddr, c.rport, c.proto, c.send) for c in rows] == \
+        [("/opt/connector", 50123 + i, "10.0.0.9", 443, "tcp", i) for i in range(3)]
+
+
+def test_merged_connections_are_one_row_per_program_that_says_so():
+    t, _ = tracker()
+    pid = BASE + 36
+    exec_event(t, pid, BASE, 0, 46, 45, 0, "/opt/churner")
+    t.handle(conn_event("CONN", key(pid, 0xffff2100, "10.0.0.9", 80, 40000), pid=pid, ino=46))
+    merged_key = picosnitch.ConnKeyT(exe=0xabc, pid=pid, uid=1000, prot=0xffff0006, family=picosnitch.AF_INET)
+    window = picosnitch.Window(7, [], [(merged_key, picosnitch.MergedT(5000, 300, 1000))])
+    rows = picosnitch.window_conns(t, window)
+    assert [(c.proc.exe, c.uid, c.proto, c.lport, c.rport, c.laddr, c.raddr, c.domain, c.send, c.recv)
+            for c in rows] == [("/opt/churner", 1000, "tcp", picosnitch.MERGED_PORT, picosnitch.MERGED_PORT, "",
+                                "1000 connections merged", "", 5000, 300)]
+    report = picosnitch.merged_report(window, 1024, rows)
+    assert "window 7" in report and "(1,024" in report and "1,000 connections were merged" in report
+    assert "/opt/churner (pid " in report and "5,000 bytes sent, 300 received" in report
 
 
 def test_a_key_whose_events_were_lost_keeps_its_addresses_and_is_reported():
