@@ -709,9 +709,22 @@ MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
 MESSAGE_MAX = 2 << 20          # bytes of one message at most (the kernel carries up to about 4 MB)
 
 
+_FIELD_NAMES: typing.Dict[type, typing.List[str]] = {}
+
+
+def as_list(value) -> list:
+    """A dataclass (or tuple) as the list of its fields, one level deep (JSON
+    takes the next level the same way)."""
+    if not dataclasses.is_dataclass(value):
+        return list(value)
+    names = _FIELD_NAMES.get(type(value))
+    if names is None:
+        names = _FIELD_NAMES[type(value)] = [f.name for f in dataclasses.fields(value)]
+    return [getattr(value, name) for name in names]
+
+
 def encode_message(message: typing.NamedTuple) -> bytes:
-    to_list = lambda v: dataclasses.astuple(v) if dataclasses.is_dataclass(v) else list(v)
-    data = json.dumps([type(message).__name__, *message], default=to_list).encode()
+    data = json.dumps([type(message).__name__, *message], default=as_list).encode()
     if len(data) > MESSAGE_MAX:
         raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
     return data

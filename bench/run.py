@@ -249,7 +249,9 @@ class Picosnitch:
     """picosnitch start-no-daemon; results from snitch.db rows by executable."""
     name, layer = "picosnitch", "socket"
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, config=None):
+        self.config = {"DB write limit (seconds)": 1, "Desktop notifications": False, "GeoIP lookup": False,
+                       **(config or {})}
         self.home = os.path.join(workdir, "picosnitch-home")
         self.dir = os.path.join(self.home, ".config", "picosnitch")
         self.state = os.path.join(workdir, "picosnitch-state")      # (its account passes through workdir)
@@ -261,7 +263,7 @@ class Picosnitch:
     def start(self):
         os.makedirs(self.dir, exist_ok=True)
         with open(os.path.join(self.dir, "config.json"), "w") as f:
-            json.dump({"DB write limit (seconds)": 1, "Desktop notifications": False, "GeoIP lookup": False}, f)
+            json.dump(self.config, f)
         env = dict(os.environ, HOME=self.home, STATE_DIRECTORY=self.state)
         env.pop("SUDO_USER", None)
         started = time.monotonic()
@@ -702,6 +704,143 @@ def sustained(gen, workdir, seconds):
     return {"rate": rate, "seconds": seconds, "lost_events": lost, "full_maps": full, "start_seconds": tool.start_seconds}
 
 
+# connection churn: (protocol, programs at once, connections a second each, or 0: as fast as it can)
+CHURN_RUNS = [("tcp", 1, 0), ("tcp", 50, 0), ("udp", 1, 0), ("udp", 50, 0), ("tcp", 1, 10_000)]
+CHURN_BYTES = 5
+CHURN_PORT = 21400        # (below the local port range: no connection's TIME_WAIT holds it)
+
+
+def build_churn(workdir, programs, run):
+    """tests/churn.c built `programs` times, each with a tag of its own (a program of its own)."""
+    paths = []
+    for i in range(programs):
+        path = os.path.join(workdir, f"churn{run}-{i:02d}")
+        sh("gcc", "-O2", f'-DTAG="churn{i:02d}-{time.time_ns()}"', "-o", path, os.path.join(ROOT, "tests", "churn.c"))
+        paths.append(path)
+    return paths
+
+
+def db_bytes(state):
+    return sum(os.path.getsize(os.path.join(state, name)) for name in ("snitch.db", "snitch.db-wal")
+               if os.path.exists(os.path.join(state, name)))
+
+
+def churn(workdir, seconds):
+    """Short connections (TCP: connect, write, close; UDP: a socket that sends
+    once) from one program and from 50 at once, for `seconds`, under
+    picosnitch with its default write limit: the rates, each program's
+    logged bytes against what it sent, rows, lost events, merged
+    connections, picosnitch's CPU and the log's growth."""
+    os.makedirs(workdir + "/churn-exe", exist_ok=True)
+    tool = Picosnitch(workdir + "/churn", {"DB write limit (seconds)": 10})
+    tool.start()
+    out = []
+    try:
+        for run, (proto, count, rate) in enumerate(CHURN_RUNS):
+            say(f"churn: {proto}, {count} programs" + (f", {rate:,}/s" if rate else ", as fast as they can"))
+            programs = build_churn(workdir + "/churn-exe", count, run)
+            errors_before, size_before = tool.errors(), db_bytes(tool.state)
+            roles = tool.processes()
+            ticks_before = {role: cpu_ticks_and_pss([pid])[0] for role, pid in roles.items()}
+            started = time.monotonic()
+            procs = [subprocess.Popen([exe, proto, str(CHURN_PORT + i), "1000000000", str(CHURN_BYTES), str(seconds),
+                                       str(rate)], stdout=subprocess.PIPE, text=True)
+                     for i, exe in enumerate(programs)]
+            did = [json.loads(p.communicate()[0]) for p in procs]
+            took = time.monotonic() - started
+            ticks = {role: cpu_ticks_and_pss([pid])[0] - ticks_before[role] for role, pid in roles.items()}
+            logged, behind = churn_settled(tool.state, programs)
+            errors = tool.errors()[len(errors_before):]
+            out.append({
+                "proto": proto, "programs": count, "paced": rate, "seconds": took,
+                "connections": sum(d["connections"] for d in did),
+                "sent": [d["sent"] for d in did], "received": [max(d["received"], 0) for d in did],
+                "logged": logged, "rows": sum(r for _, _, r, _ in logged),
+                "merged": sum(m for _, _, _, m in logged),
+                "lost": sum(int(n) for n in re.findall(r"lost (\d+) events", errors)),
+                "uncounted": errors.count("every map of the window was full"),
+                "cpu": sum(ticks.values()) / CLK_TCK / took * 100,
+                "cpu_by_role": {role: t / CLK_TCK / took * 100 for role, t in ticks.items()},
+                "behind": behind,
+                "growth": (db_bytes(tool.state) - size_before) / took * 60})
+    finally:
+        tool.stop()
+    return out
+
+
+def churn_settled(state, exes, most=300):
+    """What churn_logged says once it has not changed for three windows (or
+    after `most` seconds), and how many seconds it took to settle."""
+    started, last, since = time.monotonic(), None, time.monotonic()
+    while time.monotonic() - started < most:
+        time.sleep(2)
+        logged = churn_logged(state, exes)
+        if logged != last:
+            last, since = logged, time.monotonic()
+        elif time.monotonic() - since >= 30:
+            break
+    return last, since - started
+
+
+def churn_logged(state, exes):
+    """(sent, received, rows, merged connections) logged for each program."""
+    con = sqlite3.connect(f"file:{os.path.join(state, 'snitch.db')}?mode=ro", uri=True)
+    try:
+        out = []
+        for exe in exes:
+            send, recv, rows = con.execute("SELECT coalesce(sum(send), 0), coalesce(sum(recv), 0), count(*) "
+                                           "FROM connections WHERE exe = ?", (exe,)).fetchone()
+            merged = sum(int(r[0].split()[0]) for r in con.execute(
+                "SELECT raddr FROM connections WHERE exe = ? AND lport = -2", (exe,)))
+            out.append((send, recv, rows, merged))
+        return out
+    finally:
+        con.close()
+
+
+def churn_error_pct(run):
+    """The worst per-program error, in % of what it sent (and received)."""
+    worst = 0.0
+    for sent, received, (send, recv, _, _) in zip(run["sent"], run["received"], run["logged"]):
+        for counted, reference in ((send, sent), (recv, received)):
+            if reference:
+                worst = max(worst, abs(counted - reference) / reference * 100)
+    return worst
+
+
+def churn_table(runs):
+    lines = ["## Connection churn (default 10-s write limit)", "",
+             f"Each connection moves {CHURN_BYTES} bytes (TCP: connect, write, close, to a listener of the same "
+             "program; UDP: a socket that sends once and is closed). Bytes: the worst program's logged bytes "
+             "against what it sent (and, TCP, what its listener read). CPU: picosnitch's whole process tree "
+             "while the programs ran. Growth: snitch.db and its WAL.", "",
+             "| loop | connections/s | bytes, worst program | rows | merged connections | lost events "
+             "| uncounted windows | picosnitch CPU (% of a core): all (reader, primary, monitor) "
+             "| written, after the programs ended | log growth per minute |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        pace = f"paced at {r['paced']:,}/s" if r["paced"] else "as fast as they can"
+        lines.append(f"| {r['proto'].upper()}, {r['programs']} program{'s' if r['programs'] > 1 else ''}, {pace} "
+                     f"| {r['connections'] / r['seconds']:,.0f} | {churn_error_pct(r):.3f}% off "
+                     f"| {r['rows']:,} | {r['merged']:,} | {r['lost']:,} | {r['uncounted']} | {r['cpu']:.1f} ("
+                     + ", ".join(f"{r['cpu_by_role'].get(role, 0):.1f}" for role in ("reader", "primary", "monitor"))
+                     + f") | {r['behind']:.0f} s | {r['growth'] / 1e6:.2f} MB |")
+    return lines
+
+
+def churn_targets(runs):
+    rows = [("churn: per-program bytes within 1% of what was sent, every run",
+             f"worst {max(churn_error_pct(r) for r in runs):.3f}%", all(churn_error_pct(r) <= 1 for r in runs))]
+    for r in runs:
+        if r["paced"]:
+            rate = r["connections"] / r["seconds"]
+            rows += [(f"churn at {r['paced']:,} new connections/s: 0 lost events", f"{r['lost']} at {rate:,.0f}/s",
+                      r["lost"] == 0),
+                     (f"churn at {r['paced']:,} new connections/s: picosnitch's CPU ≤ 25% of a core",
+                      f"{r['cpu']:.1f}%", r["cpu"] <= 25)]
+    return rows
+
+
 ###############################################################################
 # report
 ###############################################################################
@@ -754,7 +893,7 @@ def above_floor(cost, floors):
             if per_call >= 0.5 and hook_kind(name) in floors}
 
 
-def targets_table(results, samples, over, sust, empty, cost=None, floors=None):
+def targets_table(results, samples, over, sust, empty, cost=None, floors=None, churned=None):
     """The targets of the benchmark, what was measured, and why where missed."""
     ran = {sid: [t for t in trials if t["status"] == "ran"] for sid, trials in results.items()}
     not_run = [f"{sid}: {trials[0].get('why')}" for sid, trials in results.items() if not ran[sid]]
@@ -782,12 +921,13 @@ def targets_table(results, samples, over, sust, empty, cost=None, floors=None):
                          ratio["ratio"] >= empty[mode] - 0.03))
         else:
             rows.append((f"{LOOPS[mode][0]} ≥ 0.97", f"{ratio['ratio']:.3f}", ratio["ratio"] >= 0.97))
+    rows += churn_targets(churned) if churned else []
     lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in rows]
     return lines
 
 
-def report(args, results, samples, over, sust, tools, empty=None, cost=None, floors=None):
+def report(args, results, samples, over, sust, tools, empty=None, cost=None, floors=None, churned=None):
     lines = [f"# picosnitch benchmark, {datetime.date.today()}", "", *machine.describe(),
              f"- trials per scenario: {args.trials}; cells show the most common verdict (ties toward the worse),"
              " `*` where trials disagreed",
@@ -808,8 +948,10 @@ def report(args, results, samples, over, sust, tools, empty=None, cost=None, flo
                   f"{sust['full_maps']} full-map reports. Start to capturing: {sust['start_seconds']:.1f} s.", ""]
     if cost:
         lines += cost_table(cost, floors or {}) + [""]
-    lines += targets_table(results, samples, over, sust, empty or {}, cost, floors) + [""]
-    summary = summary_line(results, samples, over, sust, cost) + f"; on {machine.summary()}"
+    if churned:
+        lines += churn_table(churned) + [""]
+    lines += targets_table(results, samples, over, sust, empty or {}, cost, floors, churned) + [""]
+    summary = summary_line(results, samples, over, sust, cost, churned) + f"; on {machine.summary()}"
     lines += ["## Summary", "", summary, ""]
     return "\n".join(lines), summary
 
@@ -859,7 +1001,7 @@ def footprint_table(samples, tools):
     return lines
 
 
-def summary_line(results, samples, over, sust, cost=None):
+def summary_line(results, samples, over, sust, cost=None, churned=None):
     ran = [t for trials in results.values() for t in trials[:1] if t["status"] == "ran"]
     cells = [(cell([t["tools"]["picosnitch"]["detection"] for t in trials if t["status"] == "ran"]),
               cell([t["tools"]["picosnitch"]["bandwidth"] for t in trials if t["status"] == "ran"]),
@@ -880,6 +1022,10 @@ def summary_line(results, samples, over, sust, cost=None):
     if cost:
         parts.append("ns per send call " + ", ".join(f"{'send' if m == 'udp-loop' else 'sendto'} {f} {c['per_call']:.0f}"
                                                    for (m, f), c in cost.items()))
+    if churned:
+        parts.append("churn " + ", ".join(f"{r['proto']}×{r['programs']} {r['connections'] / r['seconds']:,.0f}/s "
+                                          f"{churn_error_pct(r):.2f}% off, {r['lost']} lost, CPU {r['cpu']:.0f}%"
+                                          for r in churned))
     return "; ".join(parts)
 
 
@@ -906,9 +1052,12 @@ def parse_args(argv):
     p.add_argument("--pairs", type=int, default=3, help="alternate without/with runs per overhead loop")
     p.add_argument("--cost-only", action="store_true",
                    help="only the cost per send call and the throughput ratios (no scenarios, no peers' tools)")
+    p.add_argument("--churn", type=int, default=60, help="seconds of each connection-churn run (0: none)")
+    p.add_argument("--churn-only", action="store_true", help="only the connection-churn runs")
     args = p.parse_args(argv)
     if args.smoke:
         args.trials, args.scenarios, args.tools, args.sustain, args.pairs = 1, ",".join(SMOKE), "picosnitch", 3, 1
+        args.churn = min(args.churn, 3)
     args.report = args.report or os.path.join(HERE, "reports", f"{datetime.date.today()}-{os.uname().release}.md")
     return args
 
@@ -949,23 +1098,27 @@ def main(argv=None):
         with Network():
             peers = [start_peer(["ip", "netns", "exec", PEER_NS], "all"), start_peer([], "basic")]
             millis = 3000 if not args.smoke else 1000
-            samples, tools, sust = {}, [], None
+            samples, tools, sust, cost, over, empty, floors, churned = {}, [], None, None, None, None, None, None
             try:
-                if not args.cost_only:
+                if not (args.cost_only or args.churn_only):
                     samples, tools = run_tools(args, gen, workdir, results)
-                say("cost per send call, in the kernel's own accounting")
-                cost = per_call_cost(gen, workdir, millis, args.pairs)
-                say("overhead loops")
-                over = overhead(gen, workdir + "/overhead", args.pairs, millis)
-                if not args.cost_only:
+                if not args.churn_only:
+                    say("cost per send call, in the kernel's own accounting")
+                    cost = per_call_cost(gen, workdir, millis, args.pairs)
+                    say("overhead loops")
+                    over = overhead(gen, workdir + "/overhead", args.pairs, millis)
+                if not (args.cost_only or args.churn_only):
                     say("sustained send rate")
                     sust = sustained(gen, workdir, args.sustain)
-                say("cost of an empty program on the send path")
-                empty, floors = floor(gen, args.pairs, millis)
+                if not args.churn_only:
+                    say("cost of an empty program on the send path")
+                    empty, floors = floor(gen, args.pairs, millis)
+                if args.churn and not args.cost_only:
+                    churned = churn(workdir, args.churn)
             finally:
                 for peer in peers:
                     peer.kill()
-        text, summary = report(args, results, samples, over, sust, tools, empty, cost, floors)
+        text, summary = report(args, results, samples, over, sust, tools, empty, cost, floors, churned)
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         with open(args.report, "w") as f:
             f.write(text)

@@ -6,7 +6,8 @@
    program listens on the port and reads every connection to its end
    ("received"). udp: each socket sends one datagram of BYTES and is closed
    (no one listens).
-   usage: churn tcp|udp PORT COUNT BYTES [SECONDS]
+   usage: churn tcp|udp PORT COUNT BYTES [SECONDS [RATE]]
+   (SECONDS 0: no limit; RATE: at most that many connections a second)
    TAG (optional, at compile time) makes every build's sha256 unique. */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -74,14 +75,14 @@ static void serve(int listener, int out) {
 
 int main(int argc, char **argv) {
     static char buf[65536];
-    if (argc != 5 && argc != 6) {
-        fprintf(stderr, "usage: churn tcp|udp PORT COUNT BYTES [SECONDS]\n");
+    if (argc < 5 || argc > 7) {
+        fprintf(stderr, "usage: churn tcp|udp PORT COUNT BYTES [SECONDS [RATE]]\n");
         return 2;
     }
     int tcp = !strcmp(argv[1], "tcp"), port = atoi(argv[2]);
     long long count = atoll(argv[3]), n = 0, sent = 0, received = 0;
     size_t bytes = (size_t)atol(argv[4]);
-    double seconds = argc == 6 ? atof(argv[5]) : 0, start = now();
+    double seconds = argc >= 6 ? atof(argv[5]) : 0, rate = argc == 7 ? atof(argv[6]) : 0, start = now();
     if ((!tcp && strcmp(argv[1], "udp")) || bytes > sizeof(buf)) return 2;
     memset(buf, tag[0], bytes);
     struct sockaddr_in to = address(port);
@@ -99,6 +100,10 @@ int main(int argc, char **argv) {
         close(listener);
     }
     while (n < count && !(seconds > 0 && now() - start >= seconds)) {
+        if (rate > 0 && n >= rate * (now() - start)) {
+            usleep(200);
+            continue;
+        }
         int s = socket(AF_INET, tcp ? SOCK_STREAM : SOCK_DGRAM, 0);
         if (s < 0) {
             perror("churn: socket");

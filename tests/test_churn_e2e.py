@@ -52,7 +52,7 @@ def test_the_status_shows_the_room_of_a_window(daemon):
     assert f"room for {ROOM} connections a window" in out.stdout
 
 
-@pytest.mark.parametrize("mode,port", [("tcp", 47311), ("udp", 47312)])
+@pytest.mark.parametrize("mode,port", [("tcp", 21311), ("udp", 21312)])    # (below the local port range)
 def test_every_byte_of_a_churning_program_is_logged(daemon, exe_dir, mode, port):
     exe = churner(exe_dir)
     did = churn(exe, mode, port)
