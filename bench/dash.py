@@ -30,7 +30,6 @@ sys.path.insert(0, HERE)
 
 import loggen  # noqa: E402
 import machine  # noqa: E402
-import picosnitch  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
 SCRIPT = os.path.join(os.path.dirname(HERE), "picosnitch.py")

@@ -129,7 +129,7 @@ def test_bits_and_smoothing_change_the_picture_not_the_amounts(query):
     data = picosnitch.dash_data(query, state, NOW)
     figure = picosnitch.dash_figure(data, state, picosnitch.Labels(None))
     trace = figure["data"][0]
-    key, sent = data["entries"][0][0], data["entries"][0][1]
+    sent = data["entries"][0][1]
     assert sum(trace["customdata"]) == 8 * sent and trace["y"] != trace["customdata"]
     assert abs(sum(trace["y"]) - sum(trace["customdata"])) < 0.25 * sum(trace["customdata"])
     assert "bits" in figure["layout"]["yaxis"]["title"]["text"] and "%{customdata:,} bits" in trace["hovertemplate"]

@@ -1,5 +1,4 @@
 """record.json, the logs, conn.log and the remote copy's tables (storage; snitch.db is in test_log.py)."""
-import datetime
 import json
 import os
 
