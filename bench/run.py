@@ -725,18 +725,18 @@ def db_bytes(state):
                if os.path.exists(os.path.join(state, name)))
 
 
-def churn(workdir, seconds):
+def churn(workdir, seconds, runs=CHURN_RUNS, write_limit=10):
     """Short connections (TCP: connect, write, close; UDP: a socket that sends
     once) from one program and from 50 at once, for `seconds`, under
-    picosnitch with its default write limit: the rates, each program's
+    picosnitch with a write limit of `write_limit` (10 s, the default): the rates, each program's
     logged bytes against what it sent, rows, lost events, merged
     connections, picosnitch's CPU and the log's growth."""
     os.makedirs(workdir + "/churn-exe", exist_ok=True)
-    tool = Picosnitch(workdir + "/churn", {"DB write limit (seconds)": 10})
+    tool = Picosnitch(workdir + "/churn", {"DB write limit (seconds)": write_limit})
     tool.start()
     out = []
     try:
-        for run, (proto, count, rate) in enumerate(CHURN_RUNS):
+        for run, (proto, count, rate) in enumerate(runs):
             say(f"churn: {proto}, {count} programs" + (f", {rate:,}/s" if rate else ", as fast as they can"))
             programs = build_churn(workdir + "/churn-exe", count, run)
             errors_before, size_before = tool.errors(), db_bytes(tool.state)
@@ -749,10 +749,10 @@ def churn(workdir, seconds):
             did = [json.loads(p.communicate()[0]) for p in procs]
             took = time.monotonic() - started
             ticks = {role: cpu_ticks_and_pss([pid])[0] - ticks_before[role] for role, pid in roles.items()}
-            logged, behind = churn_settled(tool.state, programs)
+            logged, behind = churn_settled(tool.state, programs, settle=3 * write_limit)
             errors = tool.errors()[len(errors_before):]
             out.append({
-                "proto": proto, "programs": count, "paced": rate, "seconds": took,
+                "proto": proto, "programs": count, "paced": rate, "seconds": took, "write_limit": write_limit,
                 "connections": sum(d["connections"] for d in did),
                 "sent": [d["sent"] for d in did], "received": [max(d["received"], 0) for d in did],
                 "logged": logged, "rows": sum(r for _, _, r, _ in logged),
@@ -768,16 +768,16 @@ def churn(workdir, seconds):
     return out
 
 
-def churn_settled(state, exes, most=300):
-    """What churn_logged says once it has not changed for three windows (or
-    after `most` seconds), and how many seconds it took to settle."""
+def churn_settled(state, exes, settle, most=300):
+    """What churn_logged says once it has not changed for `settle` seconds
+    (or after `most` seconds), and how many seconds it took to settle."""
     started, last, since = time.monotonic(), None, time.monotonic()
     while time.monotonic() - started < most:
         time.sleep(2)
         logged = churn_logged(state, exes)
         if logged != last:
             last, since = logged, time.monotonic()
-        elif time.monotonic() - since >= 30:
+        elif time.monotonic() - since >= settle:
             break
     return last, since - started
 
@@ -809,7 +809,8 @@ def churn_error_pct(run):
 
 
 def churn_table(runs):
-    lines = ["## Connection churn (default 10-s write limit)", "",
+    lines = ["## Connection churn", "",
+             f"Write limit: {runs[0]['write_limit']} s. "
              f"Each connection moves {CHURN_BYTES} bytes (TCP: connect, write, close, to a listener of the same "
              "program; UDP: a socket that sends once and is closed). Bytes: the worst program's logged bytes "
              "against what it sent (and, TCP, what its listener read). CPU: picosnitch's whole process tree "
@@ -1057,7 +1058,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.smoke:
         args.trials, args.scenarios, args.tools, args.sustain, args.pairs = 1, ",".join(SMOKE), "picosnitch", 3, 1
-        args.churn = min(args.churn, 3)
+        args.churn = min(args.churn, 3)       # (one run, TCP from one program, with a 1-s write limit)
     args.report = args.report or os.path.join(HERE, "reports", f"{datetime.date.today()}-{os.uname().release}.md")
     return args
 
@@ -1114,7 +1115,8 @@ def main(argv=None):
                     say("cost of an empty program on the send path")
                     empty, floors = floor(gen, args.pairs, millis)
                 if args.churn and not args.cost_only:
-                    churned = churn(workdir, args.churn)
+                    say("connection churn")
+                    churned = churn(workdir, args.churn, *((CHURN_RUNS[:1], 1) if args.smoke else ()))
             finally:
                 for peer in peers:
                     peer.kill()
