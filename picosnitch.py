@@ -4546,7 +4546,7 @@ def merged_report(window: Window, room: int, conns: typing.List[Conn]) -> str:
     """What a window merged, by program: once a window, when it did."""
     merged = sorted((c for c in conns if c.lport == MERGED_PORT), key=lambda c: -(c.send + c.recv))
     total = sum(m.conns for _, m in window.merged)
-    parts = [f"{shown(c.proc.exe or c.proc.name)} (pid {c.proc.pid}, {c.proto}): {c.raddr}, "
+    parts = [f"{c.proc.exe or c.proc.name} (pid {c.proc.pid}, {c.proto}): {c.raddr}, "
              f"{c.send:,} bytes sent, {c.recv:,} received" for c in merged[:5]]
     return (f"window {window.number}: more new connections than the kernel's maps have room for ({room:,}, "
             f"\"Connections per window\"): {total:,} connections were merged into one row per program, with "
