@@ -53,15 +53,17 @@ Table of contents (each numbered section uses only the ones above it):
     13. notifications
     14. helpers of the primary: names, the remote copy and its queue, VirusTotal, GeoIP
     15. primary process, and record.json
-    16. privileges: capabilities, and doing work as another account
-    17. the state directory, picosnitch's account, and the move from ~/.config
-    18. supervisor, daemon and systemd unit
-    19. what the viewers share: the query layer, opening the log, labels
-    20. terminal viewer
-    21. web UI
-    22. command line
+    16. the live event stream
+    17. privileges: capabilities, and doing work as another account
+    18. the state directory, picosnitch's account, and the move from ~/.config
+    19. supervisor, daemon and systemd unit
+    20. what the viewers share: the query layer, opening the log, labels, the live stream
+    21. terminal viewer
+    22. live table (top)
+    23. web UI
+    24. command line
 
-Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|dash|ebpf [MODE]|version|help
+Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|top|events|dash|ebpf [MODE]|version|help
 """
 
 ###############################################################################
@@ -150,6 +152,11 @@ GEOIP_DOWNLOAD_ADDRESS = "https://download.db-ip.com/free/dbip-country-lite-{yea
 
 # how long a stop may take before the supervisor gives up waiting
 STOP_TIMEOUT = 30.0
+
+# the live event stream (section 16): a socket in a directory only
+# picosnitch's account may write
+RUN_DIR = "/run/picosnitch"
+EVENTS_SOCKET = os.path.join(RUN_DIR, "events.sock")
 
 
 ###############################################################################
@@ -670,6 +677,17 @@ class Batch(typing.NamedTuple):          # reader -> primary: part of one window
     conns: typing.List[Conn]
 
 
+class LiveTick(typing.NamedTuple):       # reader -> live: what each connection moved since the last tick
+    time: float                          # when the kernel's counts were read (seconds since the epoch)
+    conns: typing.List[Conn]             # send and recv: the bytes since the last tick
+    new: typing.List[int]                # the indexes in conns of connections not told of before
+    exited: typing.List[int]             # pids of processes told of before that have exited since
+
+
+class Listening(typing.NamedTuple):      # live -> reader: how many readers the event stream has
+    readers: int
+
+
 class Hello(typing.NamedTuple):          # primary -> reader: started; resend after this
     seq: int
 
@@ -704,7 +722,7 @@ class Delivered(typing.NamedTuple):      # desktop -> notifier: shown (error '')
 
 
 MESSAGES = {cls.__name__: cls for cls in (Ready, Failed, Loaded, Answer, ExecNotice, HashRequest, HashAnswer, Batch,
-                                          Hello, Ack, Stop, Report, Notice, Delivered)}
+                                          LiveTick, Listening, Hello, Ack, Stop, Report, Notice, Delivered)}
 MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
 MESSAGE_MAX = 2 << 20          # bytes of one message at most (the kernel carries up to about 4 MB)
 
@@ -754,7 +772,7 @@ def decode_message(data: bytes) -> typing.NamedTuple:
         for field, kind in cls.__annotations__.items():
             if not field_ok(getattr(message, field), kind):
                 raise ValueError(f"{name}.{field} is not a {getattr(kind, '__name__', kind)}")
-        if isinstance(message, Batch):
+        if isinstance(message, (Batch, LiveTick)):
             message = message._replace(conns=[Conn.from_list(c) for c in message.conns])
         if isinstance(message, HashRequest):
             message = message._replace(procs=[HashItem.checked(p) for p in message.procs])
@@ -1213,7 +1231,7 @@ def load_config(directory: str, create: bool = True) -> Config:
 @dataclasses.dataclass
 class Runtime:
     """What every process is given by the supervisor. Each process keeps only
-    its own ends of the channels (ROLES in section 18 lists them)."""
+    its own ends of the channels (ROLES in section 19 lists them)."""
     config: Config
     user: User                           # the user picosnitch works for (their session bus, their settings)
     account: User                        # picosnitch's own account, which writes the state directory
@@ -1236,6 +1254,10 @@ class Runtime:
     report_rx: typing.Optional[Channel] = None
     notice_tx: typing.Optional[Channel] = None   # notifier -> desktop: notices; desktop -> notifier: deliveries
     notice_rx: typing.Optional[Channel] = None
+    live_tx: typing.Optional[Channel] = None     # reader -> live: ticks; live -> reader: how many listen
+    live_rx: typing.Optional[Channel] = None
+    forward_tx: typing.Optional[Channel] = None  # notifier -> live: the reports it logs
+    forward_rx: typing.Optional[Channel] = None
 
     @property
     def private(self) -> str:
@@ -1243,7 +1265,8 @@ class Runtime:
         return os.path.join(self.state, PRIVATE_NAME)
 
     CHANNELS = ("exec_tx", "exec_rx", "batch_tx", "batch_rx", "hash_primary", "hash_monitor",
-                "ready_tx", "ready_rx", "report_tx", "report_rx", "notice_tx", "notice_rx")
+                "ready_tx", "ready_rx", "report_tx", "report_rx", "notice_tx", "notice_rx", "live_tx", "live_rx",
+                "forward_tx", "forward_rx")
 
 ###############################################################################
 # 7. storage: the log, its layouts, and conn.log
@@ -3962,12 +3985,20 @@ class Capture:
             self.route_use.update(0, 0)
 
     def read(self, epoch: int, number: int) -> "Window":
-        """A window's connections: those of its hash map, and those of the
-        slots taken in its window (one key may have several: summed); and
-        its merged connections."""
-        entries = self.maps[epoch].read_all()
-        merged = self.merged[epoch].read_all()
+        """A closed window, whose keys read are cleared once it is sent (clear)."""
+        entries, merged = self.maps[epoch].read_all(), self.merged[epoch].read_all()
         self.unclear[epoch] = (number, [k for k, _ in entries], [k for k, _ in merged])
+        return self.contents(epoch, number, entries, merged)
+
+    def peek(self) -> "Window":
+        """The window being filled, as it stands (nothing is taken from it)."""
+        return self.contents(self.epoch, self.number, self.maps[self.epoch].read_all(),
+                             self.merged[self.epoch].read_all())
+
+    def contents(self, epoch: int, number: int, entries: list, merged: list) -> "Window":
+        """A window's connections: those of its hash map (entries), and those
+        of the slots taken in its window (one key may have several: summed);
+        and its merged connections."""
         summed: typing.Dict[bytes, typing.Tuple[ConnKeyT, ConnValT]] = {bytes(k): (k, v) for k, v in entries}
         taken = min(self.taken.lookup(epoch).value, self.room)
         for _, slot in self.slots.read_first(taken, epoch * self.room):
@@ -4257,7 +4288,7 @@ class Tracker:
         parent, grandparent = self.lineage.get(key.pid) or (parent, NO_PROC)
         return Context(proc, parent, grandparent, self.window)
 
-    def whose(self, key: ConnKeyT, val) -> typing.Tuple[Context, str]:
+    def who(self, key: ConnKeyT) -> typing.Tuple[Context, str]:
         """Who a key's process is (its announcement, else what /proc still
         says), and its protocol's name."""
         context = self.contexts.get((key.pid, key.exe))
@@ -4266,24 +4297,31 @@ class Tracker:
             self.contexts[(key.pid, key.exe)] = context
         else:
             self.contexts[(key.pid, key.exe)] = context._replace(window=self.window)      # (still in use)
-        if not context.proc.exe:
-            self.unattributed.append(f"pid {key.pid} ({context.proc.name or 'unknown'}), "
-                                     f"{val.send + val.recv} bytes")
         proto = self.protos.get(key.prot, -1)
         return context, proto_name(key.family, proto) if proto >= 0 else "unknown"
 
-    def conn(self, key: ConnKeyT, val: ConnValT) -> Conn:
-        context, proto = self.whose(key, val)
+    def whose(self, key: ConnKeyT, val) -> typing.Tuple[Context, str]:
+        """who(), for a window's row: one of no known executable is reported."""
+        context, proto = self.who(key)
+        if not context.proc.exe:
+            self.unattributed.append(f"pid {key.pid} ({context.proc.name or 'unknown'}), "
+                                     f"{val.send + val.recv} bytes")
+        return context, proto
+
+    def conn(self, key: ConnKeyT, val: ConnValT, context: typing.Optional[typing.Tuple[Context, str]] = None) -> Conn:
+        """A key's row (context: who(), when it is not a window's row)."""
+        context, proto = context or self.whose(key, val)
         raddr = format_addr(key.family, bytes(key.raddr))
         return Conn(context.proc, context.parent, context.grandparent, key.uid, proto, key.lport, key.rport,
                     format_addr(key.family, bytes(key.laddr)), raddr, self.domain(key.pid, raddr),
                     val.send, val.recv)
 
-    def merged_conn(self, key: ConnKeyT, val: MergedT) -> Conn:
+    def merged_conn(self, key: ConnKeyT, val: MergedT,
+                    context: typing.Optional[typing.Tuple[Context, str]] = None) -> Conn:
         """A process's connections that found no room of their own in a
         window, as one row: ports MERGED_PORT, no local address, and the
         number of connections where the remote address would be."""
-        context, proto = self.whose(key, val)
+        context, proto = context or self.whose(key, val)
         return Conn(context.proc, context.parent, context.grandparent, key.uid, proto, MERGED_PORT, MERGED_PORT,
                     "", merged_text(val.conns), "", val.send, val.recv)
 
@@ -4500,6 +4538,115 @@ class WindowSender:
                     self.cond.notify_all()
 
 
+LIVE_SECONDS = 1.0        # how often the event stream is told what flowed, while it has readers
+LIVE_CONNS = 500          # connections a tick tells of one by one (the rest: summed per program)
+
+
+class LiveReading:
+    """What the event stream (section 16) is told while it has readers: each
+    LIVE_SECONDS, what every connection moved since the last tick. It is an
+    extra reading of the maps of the window being filled, which takes
+    nothing from them: a window's bytes stay the window's. What a window's
+    closing read finds past its last tick goes with the next tick, so that
+    the ticks of a window add up to what the window logs. A tick the stream
+    cannot take now is not lost: the next one carries its bytes. The first
+    reading after the stream gains a reader is only a baseline."""
+
+    def __init__(self, channel: typing.Optional[Channel]):
+        self.channel, self.readers, self.due, self.limit = channel, 0, 0.0, LIVE_CONNS
+        self.window, self.baseline = -1, True          # the window whose counts told holds
+        self.told: typing.Dict[bytes, typing.Tuple[int, int]] = {}     # key -> (send, recv) told of so far
+        self.known: typing.Set[bytes] = set()          # keys told of (in this window or the last)
+        self.closing: typing.List[tuple] = []          # a closed window's bytes not told of yet (moved())
+        self.pids: typing.Set[int] = set()             # processes told of that had not exited
+
+    def listen(self) -> bool:
+        """Whether the stream has readers now (it says so when that changes)."""
+        while self.channel is not None:
+            try:
+                message = self.channel.recv(0)
+            except (ValueError, OSError):
+                break
+            if message is None:
+                break
+            if isinstance(message, Listening):
+                if message.readers and not self.readers:
+                    self.window, self.baseline, self.closing, self.due = -1, True, [], 0.0
+                self.readers = message.readers
+        return self.readers > 0
+
+    @staticmethod
+    def moved(window: "Window", told: typing.Dict[bytes, typing.Tuple[int, int]], known: typing.Set[bytes]
+              ) -> typing.List[tuple]:
+        """(key id, key, bytes sent, received since told, merged connections
+        or 0) of each connection of a window that moved bytes or is new."""
+        out = []
+        for prefix, entries in ((b"", window.entries), (b"m", window.merged)):
+            for key, value in entries:
+                kid = prefix + bytes(key)
+                send, recv = told.get(kid, (0, 0))
+                if value.send != send or value.recv != recv or kid not in known:
+                    out.append((kid, key, value.send - send, value.recv - recv, getattr(value, "conns", 0)))
+        return out
+
+    def closed(self, window: "Window") -> None:
+        """A window closed: what its closing read found past the last tick waits for the next."""
+        if window.number != self.window:
+            return
+        if self.readers:
+            self.closing += self.moved(window, self.told, self.known)
+        self.known = {prefix + bytes(k) for prefix, entries in ((b"", window.entries), (b"m", window.merged))
+                      for k, _ in entries}
+        self.window, self.told = window.number + 1, {}
+
+    def rows(self, moved: typing.List[tuple], tracker: "Tracker") -> typing.Tuple[typing.List[Conn], typing.List[int]]:
+        """The rows of a tick, the largest first; past self.limit, the rest of
+        each program's are summed in one row that says how many they were."""
+        moved = sorted(moved, key=lambda m: -(m[2] + m[3]))
+        conns, new, rest = [], [], {}
+        for kid, key, send, recv, merged in moved[:self.limit]:
+            if merged:
+                conns.append(tracker.merged_conn(key, MergedT(send, recv, merged), tracker.who(key)))
+                continue
+            if kid not in self.known:
+                new.append(len(conns))
+            conns.append(tracker.conn(key, ConnValT(send, recv), tracker.who(key)))
+        for kid, key, send, recv, merged in moved[self.limit:]:
+            group = (key.pid, key.exe, key.uid, key.prot, key.family)
+            first, s, r, n = rest.get(group, (key, 0, 0, 0))
+            rest[group] = (first, s + send, r + recv, n + max(merged, 1))
+        for key, send, recv, n in rest.values():
+            conns.append(tracker.merged_conn(key, MergedT(send, recv, n), tracker.who(key)))
+        return conns, new
+
+    def tick(self, capture: "Capture", tracker: "Tracker") -> None:
+        """Tell the stream what moved since the last tick (its events polled first)."""
+        self.due = time.monotonic() + LIVE_SECONDS
+        capture.poll(0)
+        window = capture.peek()
+        if window.number != self.window:
+            self.window, self.told = window.number, {}
+        moved = self.closing + self.moved(window, self.told, self.known)
+        if not self.baseline:
+            conns, new = self.rows(moved, tracker)
+            exited = [pid for pid in self.pids if pid in tracker.exited]
+            try:
+                if not self.channel.send(LiveTick(time.time(), conns, new, exited), block=False):
+                    return
+            except ValueError:          # (too big: fewer rows of their own)
+                self.limit = max(1, self.limit // 2)
+                return
+            except OSError:
+                return
+            self.limit = min(LIVE_CONNS, self.limit * 2)
+            self.pids = (self.pids | {c.proc.pid for c in conns}) - set(exited)
+        self.baseline, self.closing = False, []
+        for prefix, entries in ((b"", window.entries), (b"m", window.merged)):
+            for key, value in entries:
+                self.told[prefix + bytes(key)] = (value.send, value.recv)
+        self.known.update(self.told)
+
+
 def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float]] = None) -> None:
     """Process entry: poll and drain window by window. downtime is when the
     previous reader died and when this one was started, if it is a restart."""
@@ -4523,14 +4670,17 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
             rt.reporter.info(f"the reader restarted ({span}); the kernel kept counting, nothing was lost")
     window = rt.config.db_write_limit_seconds
     started = time.monotonic()
+    live = LiveReading(rt.live_tx)
     while not stopping():
         capture.poll(int(max(0.0, min(started + window - time.monotonic(), 0.1)) * 1000))
         capture.clear_sent(windows.sent)
         now = time.monotonic()
         if now >= started + window or (now >= started + SHORTEST_WINDOW and capture.near_full()):
             started = now if now < started + 2 * window else started + window      # (late: starts now)
-            send_window(rt, capture, tracker, windows, execs, final=False)
-    send_window(rt, capture, tracker, windows, execs, final=True)
+            send_window(rt, capture, tracker, windows, execs, live, final=False)
+        if live.listen() and time.monotonic() >= live.due:
+            live.tick(capture, tracker)
+    send_window(rt, capture, tracker, windows, execs, live, final=True)
     windows.stop()
     if windows.wait_sent(STOP_TIMEOUT):
         capture.clear_sent(lambda seq: True)
@@ -4554,9 +4704,10 @@ def merged_report(window: Window, room: int, conns: typing.List[Conn]) -> str:
 
 
 def send_window(rt: Runtime, capture: Capture, tracker: Tracker, windows: WindowSender, execs: Outbox,
-                final: bool) -> None:
+                live: LiveReading, final: bool) -> None:
     closed = capture.end_window(final)
     for i, window in enumerate(closed):
+        live.closed(window)
         conns = window_conns(tracker, window) + (tracker.take_runs() if i == len(closed) - 1 else [])
         windows.put(window.number, conns)
         if window.merged:           # (logged every window; shown at most once a MERGES_SHOWN)
@@ -5186,6 +5337,9 @@ class Notifier:
         summary, log = REPORT_SUMMARIES.get(report.kind, REPORT_SUMMARIES["error"])
         detail = ["    " + line for line in report.detail.splitlines() if line.strip()]
         self.write(log, [f"{dated(report.time)} {report.text}"] + detail)
+        if self.rt.forward_tx is not None:          # (for the event stream, if it keeps up)
+            with contextlib.suppress(OSError, ValueError):
+                self.rt.forward_tx.send(report._replace(detail=""), block=False)
         if report.notify and (self.rt.config.desktop_notifications or report.always):
             self.queue(summary, shown(report.text), report.time)
 
@@ -5787,7 +5941,7 @@ def unchecked_hashes(record: dict) -> typing.List[typing.Tuple[str, str]]:
 
 
 SPOOL_NAME = "unwritten-rows.json"     # rows a stop found waiting for a log, written at the next start
-IMPORTED_NAME = "imported-record.json"  # the record an older picosnitch kept in ~/.config (section 17)
+IMPORTED_NAME = "imported-record.json"  # the record an older picosnitch kept in ~/.config (section 18)
 
 
 def record_text(record: dict) -> bytes:
@@ -6310,9 +6464,237 @@ def primary_main(rt: Runtime) -> None:
     primary.close()
 
 ###############################################################################
-# 16. privileges: capabilities, and doing work as another account
+# 16. the live event stream
 ###############################################################################
-# Each process keeps only the privileges its work needs (ROLES, section 18),
+# While the log is written window by window, the live process tells whoever
+# listens what happens now, as newline-delimited JSON on a Unix socket
+# (EVENTS_SOCKET): each second, what every connection moved (the reader's
+# extra reading of the kernel's counts, LiveReading, section 10); the
+# connections not seen before and the programs that make them, with whether
+# the record knows them; and the reports written to error.log and exe.log.
+# Only root and the user picosnitch works for may read it: each reader's
+# account is checked as it connects (SO_PEERCRED). No reader can hold
+# anything up: the reader process never waits for this one, and this one
+# never waits for a reader. What a reader does not take waits for it up to
+# STREAM_QUEUE bytes; past that its lines are dropped, and when it takes
+# them again a "lost" line says how many. Nothing a reader sends is read.
+# The live process runs as picosnitch's account, out of the user's reach.
+
+STREAM_VERSION = 1
+STREAM_READERS = 16        # readers at once (one more is told so, and that is logged)
+STREAM_QUEUE = 4 << 20     # bytes waiting for one reader, at most
+STREAM_RECORD_CHECK = 2.0  # seconds between looks at the record (is a program new to it?)
+STREAM_FULL_REPORTS = 60.0     # seconds between two reports of readers turned away
+
+
+def stream_line(kind: str, when: float, **fields) -> bytes:
+    """One line of the stream: JSON in ASCII (a name's every character
+    escaped past ASCII, so that no terminal that prints it is acted on)."""
+    return (json.dumps({"v": STREAM_VERSION, "type": kind, "time": round(when, 3), **fields},
+                       separators=(",", ":")) + "\n").encode()
+
+
+def stream_process(p: ProcInfo) -> dict:
+    return {"pid": p.pid, "exe": p.exe, "name": p.name}
+
+
+def stream_conn(c: Conn) -> dict:
+    """A connection (and its bytes) as the stream says it."""
+    return {**stream_process(c.proc), "cmdline": c.proc.cmdline, "uid": c.uid, "parent": stream_process(c.parent),
+            "proto": c.proto, "laddr": c.laddr, "lport": c.lport, "raddr": c.raddr, "rport": c.rport,
+            "domain": c.domain, "send": c.send, "recv": c.recv}
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The account of the process at the other end of a Unix socket."""
+    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return uid
+
+
+class StreamReader:
+    """One connected reader: the lines waiting for it, and how many it lost."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.queue, self.lost = sock, bytearray(), 0
+
+    def put(self, line: bytes) -> None:
+        if self.lost:
+            note = stream_line("lost", time.time(), lines=self.lost)
+            if len(self.queue) + len(note) + len(line) > STREAM_QUEUE:
+                self.lost += 1
+                return
+            self.queue += note
+            self.lost = 0
+        if len(self.queue) + len(line) > STREAM_QUEUE:
+            self.lost += 1
+            return
+        self.queue += line
+
+    def flush(self) -> bool:
+        """Send what it takes now; False when it is gone."""
+        try:
+            sent = self.sock.send(self.queue, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        del self.queue[:sent]
+        return True
+
+    def gone(self) -> bool:
+        """Whether it hung up (what it sent is dropped unread)."""
+        try:
+            return not self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+
+def events_directory(account: User) -> None:
+    """RUN_DIR, for the stream's socket: made (as root) for picosnitch's
+    account, which alone may write there; every account may look in."""
+    os.makedirs(RUN_DIR, 0o755, exist_ok=True)
+    st = os.lstat(RUN_DIR)
+    if not stat_module.S_ISDIR(st.st_mode):
+        raise PicosnitchError(f"{RUN_DIR} is not a directory; the event stream needs it")
+    os.chown(RUN_DIR, account.uid, account.gid)
+    os.chmod(RUN_DIR, 0o755)
+
+
+class Stream:
+    """The live process's state: its socket, readers, and what the record knows."""
+
+    def __init__(self, rt: Runtime, path: str = EVENTS_SOCKET):
+        self.rt, self.path = rt, path
+        self.readers: typing.Dict[int, StreamReader] = {}       # by descriptor
+        self.record: typing.Set[str] = set()                     # the executables record.json knows
+        self.record_seen, self.record_checked = (0, 0), 0.0
+        self.programs: typing.Set[typing.Tuple[str, str, int]] = set()      # told of as new executables
+        self.full_reported = -STREAM_FULL_REPORTS
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener.bind(path)
+        os.chmod(path, 0o666)           # (who may read is decided by each reader's account)
+        self.listener.listen(64)
+        self.listener.setblocking(False)
+
+    def close(self) -> None:
+        for reader in self.readers.values():
+            reader.sock.close()
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def tell_reader_process(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.rt.live_rx.send(Listening(len(self.readers)), block=False)
+
+    def accept(self) -> None:
+        """A new reader: welcomed if its account may read and there is room, else told why not."""
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        uid, now = peer_uid(sock), time.time()
+        refused = ""
+        if uid not in (0, self.rt.user.uid):
+            refused = f"only root and {self.rt.user.name} may read picosnitch's event stream"
+        elif len(self.readers) >= STREAM_READERS:
+            refused = f"the event stream has {STREAM_READERS} readers already"
+            if time.monotonic() - self.full_reported >= STREAM_FULL_REPORTS:
+                self.full_reported = time.monotonic()
+                self.rt.reporter.error(f"a reader of the event stream (uid {uid}) was turned away: "
+                                       f"{STREAM_READERS} were connected already", notify=False)
+        if refused:
+            with contextlib.suppress(OSError):
+                sock.send(stream_line("refused", now, reason=refused), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            sock.close()
+            return
+        reader = self.readers[sock.fileno()] = StreamReader(sock)
+        reader.put(stream_line("hello", now, version=VERSION, interval=LIVE_SECONDS,
+                               window=self.rt.config.db_write_limit_seconds))
+        self.tell_reader_process()
+
+    def publish(self, lines: typing.List[bytes]) -> None:
+        for reader in self.readers.values():
+            for line in lines:
+                reader.put(line)
+
+    def known(self) -> typing.Set[str]:
+        """The executables the record knows (looked at again every STREAM_RECORD_CHECK)."""
+        if time.monotonic() - self.record_checked >= STREAM_RECORD_CHECK:
+            self.record_checked = time.monotonic()
+            path = os.path.join(self.rt.private, RECORD_NAME)
+            with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+                st = os.stat(path)
+                if (st.st_mtime_ns, st.st_size) != self.record_seen:
+                    with open(path, encoding="utf-8") as f:
+                        self.record = set(json.load(f).get("Executables", {}))
+                    self.record_seen = (st.st_mtime_ns, st.st_size)
+        return self.record
+
+    def tick_lines(self, tick: LiveTick) -> typing.List[bytes]:
+        """A tick, then each new connection and each program not told of before."""
+        known = self.known()
+        lines = [stream_line("tick", tick.time, conns=[stream_conn(c) for c in tick.conns],
+                             exited=[p for p in tick.exited if isinstance(p, int)])]
+        for i in tick.new:
+            if not (isinstance(i, int) and 0 <= i < len(tick.conns)):
+                continue
+            c = tick.conns[i]
+            new = bool(c.proc.exe) and c.proc.exe not in known
+            lines.append(stream_line("connection", tick.time, new=new, **stream_conn(c)))
+            program = (c.proc.exe, c.proc.name, c.uid)
+            if program not in self.programs:
+                self.programs.add(program)
+                lines.append(stream_line("executable", tick.time, new=new, uid=c.uid, **stream_process(c.proc)))
+        return lines
+
+    def run(self) -> None:
+        live, forward = self.rt.live_rx, self.rt.forward_rx
+        self.tell_reader_process()
+        while not self.rt.stopping():
+            readers = list(self.readers.values())
+            ready, writable, _ = select.select([self.listener, live, forward] + [r.sock for r in readers],
+                                               [r.sock for r in readers if r.queue], [], 1.0)
+            for sock in ready:
+                if sock is self.listener:
+                    self.accept()
+                elif sock in (live, forward):
+                    self.take(sock)
+            gone = [r for r in readers if (r.sock in ready and r.gone()) or (r.sock in writable and not r.flush())]
+            for reader in gone:
+                del self.readers[reader.sock.fileno()]
+                reader.sock.close()
+            if gone:
+                self.tell_reader_process()
+
+    def take(self, channel: Channel) -> None:
+        try:
+            message = channel.recv(0)
+        except ValueError:
+            return
+        if isinstance(message, LiveTick):
+            self.publish(self.tick_lines(message))
+        elif isinstance(message, Report):
+            self.publish([stream_line("report", message.time, log=REPORT_SUMMARIES.get(
+                message.kind, REPORT_SUMMARIES["error"])[1], text=message.text)])
+
+
+def live_main(rt: Runtime) -> None:
+    """Process entry: the event stream, as picosnitch's account."""
+    stream = Stream(rt)
+    try:
+        stream.run()
+    finally:
+        stream.close()
+
+###############################################################################
+# 17. privileges: capabilities, and doing work as another account
+###############################################################################
+# Each process keeps only the privileges its work needs (ROLES, section 19),
 # and what is done on someone's behalf is done with their rights: the user's
 # settings and files are read as the user; picosnitch's state directory is
 # written as picosnitch's account. run_as does a piece of work so, in a child.
@@ -6443,7 +6825,7 @@ def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = Fa
 
 
 ###############################################################################
-# 17. the state directory, picosnitch's account, and the move from ~/.config
+# 18. the state directory, picosnitch's account, and the move from ~/.config
 ###############################################################################
 # What picosnitch records lives in the state directory (STATE_DIR), which
 # only picosnitch's account writes: not the user picosnitch works for, whose
@@ -6867,7 +7249,7 @@ def prepare(user: User, environ: typing.Mapping[str, str] = os.environ) -> Setup
     return Setup(sql_files(config, user, account, state, warnings), user, account, state, warnings)
 
 ###############################################################################
-# 18. supervisor, daemon and systemd unit
+# 19. supervisor, daemon and systemd unit
 ###############################################################################
 # The supervisor runs as root. It loads the BPF program (section 9), holds its
 # descriptors, and starts each process through process_entry, which gives the
@@ -6899,13 +7281,14 @@ class Role(typing.NamedTuple):
 
 
 ROLES = {
-    "notifier": Role(notifier_main, "account", (), ("report_rx", "report_tx", "notice_tx")),
+    "notifier": Role(notifier_main, "account", (), ("report_rx", "report_tx", "notice_tx", "forward_tx")),
     "desktop": Role(desktop_main, "user", (), ("notice_rx",)),
     "monitor": Role(monitor_main, "root", ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
                     ("exec_rx", "hash_monitor", "report_tx")),
     "primary": Role(primary_main, "account", (), ("batch_rx", "hash_primary", "report_tx")),
     "reader": Role(reader_main, "root", ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
-                   ("exec_tx", "batch_tx", "ready_tx", "report_tx"), kernel=True),
+                   ("exec_tx", "batch_tx", "ready_tx", "report_tx", "live_tx"), kernel=True),
+    "live": Role(live_main, "account", (), ("live_rx", "forward_rx", "report_tx")),
 }
 # the processes a program running as the user can kill: each death is
 # recorded with its time, and the process is started again at once
@@ -6991,6 +7374,8 @@ def make_runtime(setup: Setup, environ: typing.Mapping[str, str] = os.environ) -
     rt.ready_tx, rt.ready_rx = Channel.pair()
     rt.report_tx, rt.report_rx = Channel.pair()
     rt.notice_tx, rt.notice_rx = Channel.pair()
+    rt.live_tx, rt.live_rx = Channel.pair()
+    rt.forward_tx, rt.forward_rx = Channel.pair()
     rt.reporter = Reporter(rt.report_tx)
     return rt
 
@@ -7173,7 +7558,7 @@ class Supervisor:
         if "reader" in self.procs:
             self.ensure("primary")          # (the last windows go to a primary that runs)
         order = [("reader", True, STOP_TIMEOUT + 10), ("primary", False, STOP_TIMEOUT),
-                 ("monitor", True, 5), ("notifier", True, 10), ("desktop", True, 5)]
+                 ("monitor", True, 5), ("live", True, 5), ("notifier", True, 10), ("desktop", True, 5)]
         for name, terminate, timeout in order:
             proc = self.procs.get(name)
             if proc is None:
@@ -7272,7 +7657,14 @@ def run_supervisor(setup: Setup, ready: typing.Callable[[str], None]) -> int:
             config.connections_per_window, config.db_write_limit_seconds, memory_total()))
         for note in rt.kernel.notes:
             rt.reporter.info(note)
-        for name in ("reader", "monitor", "primary"):      # (the reader first: events wait in the buffers)
+        try:
+            events_directory(rt.account)
+            live = ("live",)
+        except (OSError, PicosnitchError) as e:
+            rt.reporter.error(f"the live event stream cannot start ({e}); `top`, `events` and dash's live "
+                              "tab have nothing to show", always=True)
+            live = ()
+        for name in ("reader", "monitor", "primary") + live:      # (the reader first: events wait in the buffers)
             supervisor.start(name)
         ready(supervisor.wait_ready(READY_TIMEOUT))
         while not stop:
@@ -7488,7 +7880,7 @@ def packaged_tmpfiles() -> str:
     return f"d {STATE_DIR} 0750 {ACCOUNT} {ACCOUNT} -\n"
 
 ###############################################################################
-# 19. what the viewers share: the query layer, opening the log, labels
+# 20. what the viewers share: the query layer, opening the log, labels, the live stream
 ###############################################################################
 # `view` and `dash` read the same log through the query layer, first here.
 # What else both need lives here too: how a log is opened and what is said
@@ -8072,12 +8464,223 @@ def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typi
     """The GeoIP database the primary keeps, if "GeoIP lookup" is on."""
     return GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
 
+
+# -- the live stream, as `top` and dash's live tab read it ---------------------
+# Both connect to the daemon's event stream (section 16) and keep a LiveState:
+# per connection and per program, the bytes of the last ticks (a rate is what
+# the ticks of the last LIVE_RATE_SECONDS moved, per second) and in all since
+# the viewer connected; programs new to the record, and those whose every
+# process has exited; the totals of the last LIVE_HISTORY ticks, and a feed of
+# new connections, programs and reports. Times are the daemon's ticks', so
+# what is shown follows the stream, not the viewer's clock.
+
+LIVE_RATE_SECONDS = 2.0
+LIVE_HISTORY = 300          # ticks of totals kept (seconds), per program too
+LIVE_FEED = 200             # new connections, programs and reports kept
+LIVE_GONE_KEEP = 120.0      # seconds a program whose processes have all exited stays listed
+LIVE_GROUPS = [("program", "program"), ("connection", "connection"), ("remote host", "host"), ("user", "uid")]
+LIVE_SORTS = [("total", lambda r: r.send_rate + r.recv_rate, lambda r: r.sent + r.received),
+              ("sent", lambda r: r.send_rate, lambda r: r.sent),
+              ("received", lambda r: r.recv_rate, lambda r: r.received)]
+
+
+def stream_connect(path: str = EVENTS_SOCKET) -> socket.socket:
+    """A connection to the daemon's event stream; PicosnitchError says why there is none."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise PicosnitchError(f"picosnitch is not running: there is no event stream at {path} "
+                              "(start it with 'sudo picosnitch start')")
+    except OSError as e:
+        sock.close()
+        raise PicosnitchError(f"the event stream at {path} cannot be opened: {e.strerror or e}")
+    return sock
+
+
+class StreamLines:
+    """The events of a stream connection as they come (JSON objects). A
+    refusal, or the end of the stream, is PicosnitchError."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.buffer = sock, b""
+
+    def take(self, timeout: float = 0.0) -> typing.List[dict]:
+        if not select.select([self.sock], [], [], timeout)[0]:
+            return []
+        try:
+            data = self.sock.recv(1 << 20)
+        except OSError as e:
+            raise PicosnitchError(f"the event stream failed: {e.strerror or e}")
+        if not data:
+            raise PicosnitchError("the event stream ended: picosnitch stopped")
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        events = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict):
+                    events.append(event)
+        for event in events:
+            if event.get("type") == "refused":
+                raise PicosnitchError(f"the event stream refused this reader: {event.get('reason', '')}")
+        return events
+
+
+def stream_int(value) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def stream_str(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+@dataclasses.dataclass
+class LiveFlow:
+    """A connection, or an entry of a grouping, as the live views show it."""
+    key: tuple
+    label: str                       # what names it (shown() when drawn)
+    sent: int = 0
+    received: int = 0
+    send_rate: float = 0.0
+    recv_rate: float = 0.0
+    new: bool = False                # a program the record did not know
+    gone: bool = False               # every process of it has exited
+    children: typing.List["LiveFlow"] = dataclasses.field(default_factory=list)
+
+
+class LiveState:
+    """What the stream has said, since the viewer connected."""
+
+    def __init__(self, labels: Labels):
+        self.labels = labels
+        self.now = 0.0                                    # the latest tick's time
+        self.conns: typing.Dict[tuple, dict] = {}         # connection key -> what it is, totals, recent ticks
+        self.programs: typing.Dict[str, dict] = {}        # program -> pids, uid, new, gone since
+        self.history: typing.Deque[tuple] = collections.deque(maxlen=LIVE_HISTORY)   # (time, sent, received)
+        self.program_history: typing.Dict[str, typing.Deque[tuple]] = {}
+        self.feed: typing.Deque[tuple] = collections.deque(maxlen=LIVE_FEED)     # (time, kind, text)
+        self.lost = 0                                     # lines the daemon dropped for this reader
+
+    @staticmethod
+    def program_of(event: dict) -> str:
+        return stream_str(event.get("exe")) or f"({stream_str(event.get('name'))})"
+
+    def take(self, event: dict) -> None:
+        kind, when = event.get("type"), event.get("time")
+        when = float(when) if isinstance(when, (int, float)) and not isinstance(when, bool) else self.now
+        if kind == "tick":
+            self.tick(when, [c for c in event.get("conns", []) if isinstance(c, dict)],
+                      [p for p in event.get("exited", []) if isinstance(p, int)])
+        elif kind == "connection":
+            program = self.program(event)
+            program["new"] = program["new"] or event.get("new") is True
+            self.feed.append((when, "connection", f"{program['label']} → {self.peer(event)}"))
+        elif kind == "executable":
+            program = self.program(event)
+            program["new"] = program["new"] or event.get("new") is True
+            self.feed.append((when, "new program" if event.get("new") is True else "program", program["label"]))
+        elif kind == "report":
+            self.feed.append((when, stream_str(event.get("log")), stream_str(event.get("text"))))
+        elif kind == "lost":
+            self.lost += stream_int(event.get("lines"))
+
+    def program(self, event: dict) -> dict:
+        key = self.program_of(event)
+        if key not in self.programs:
+            name, exe = stream_str(event.get("name")), stream_str(event.get("exe"))
+            self.programs[key] = {"label": f"{exe} ({name})" if exe else f"{name} (no executable known)",
+                                  "pids": set(), "uid": stream_int(event.get("uid")), "new": False, "gone": 0.0}
+        return self.programs[key]
+
+    def peer(self, c: dict) -> str:
+        raddr, rport, domain = stream_str(c.get("raddr")), stream_int(c.get("rport")), stream_str(c.get("domain"))
+        if rport < 0:               # (a row of merged connections says how many in raddr)
+            return raddr
+        place = self.labels.place(raddr) if raddr else ""
+        where = f"[{raddr}]:{rport}" if ":" in raddr else f"{raddr}:{rport}"
+        return where + (f" {domain}" if domain else "") + (f" ({place})" if place else "")
+
+    def tick(self, when: float, conns: typing.List[dict], exited: typing.List[int]) -> None:
+        self.now = when
+        sent = received = 0
+        moved: typing.Dict[str, typing.List[int]] = collections.defaultdict(lambda: [0, 0])
+        for c in conns:
+            key = tuple(c.get(k) if isinstance(c.get(k), (int, str)) else None for k in
+                        ("exe", "name", "pid", "uid", "proto", "laddr", "lport", "raddr", "rport"))
+            program = self.program(c)
+            program["pids"].add(stream_int(c.get("pid")))
+            program["gone"] = 0.0
+            flow = self.conns.setdefault(key, {"program": self.program_of(c), "peer": self.peer(c),
+                                               "proto": stream_str(c.get("proto")), "uid": stream_int(c.get("uid")),
+                                               "sent": 0, "received": 0, "recent": collections.deque()})
+            send, recv = stream_int(c.get("send")), stream_int(c.get("recv"))
+            flow["sent"] += send
+            flow["received"] += recv
+            flow["recent"].append((when, send, recv))
+            moved[flow["program"]][0] += send
+            moved[flow["program"]][1] += recv
+            sent, received = sent + send, received + recv
+        self.history.append((when, sent, received))
+        for key, program in self.programs.items():
+            history = self.program_history.setdefault(key, collections.deque(maxlen=LIVE_HISTORY))
+            history.append((when, *moved.get(key, (0, 0))))
+            program["pids"] -= set(exited)
+            if not program["pids"] and not program["gone"] and exited:
+                program["gone"] = when
+        self.forget(when)
+
+    def forget(self, when: float) -> None:
+        """Ticks past the rate's span; programs gone for LIVE_GONE_KEEP, with their connections."""
+        for flow in self.conns.values():
+            while flow["recent"] and flow["recent"][0][0] <= when - LIVE_RATE_SECONDS:
+                flow["recent"].popleft()
+        old = {key for key, p in self.programs.items() if p["gone"] and p["gone"] <= when - LIVE_GONE_KEEP}
+        for key in old:
+            del self.programs[key]
+            self.program_history.pop(key, None)
+        self.conns = {k: f for k, f in self.conns.items() if f["program"] not in old}
+
+    def flows(self, group: str, text: str = "") -> typing.List[LiveFlow]:
+        """The entries of a grouping (program, connection, host or uid), each
+        with its rates and totals; a program's connections under it. text:
+        only what names it (case aside)."""
+        found: typing.Dict[tuple, LiveFlow] = {}
+        for key, c in self.conns.items():
+            program = self.programs.get(c["program"], {})
+            label = {"program": program.get("label", c["program"]), "connection":
+                     f"{program.get('label', c['program'])} → {c['peer']} {c['proto']}",
+                     "host": c["peer"].rsplit(":", 1)[0] if ":" in c["peer"] else c["peer"],
+                     "uid": self.labels.label("uid", c["uid"])}[group]
+            send_rate = sum(s for _, s, _ in c["recent"]) / LIVE_RATE_SECONDS
+            recv_rate = sum(r for _, _, r in c["recent"]) / LIVE_RATE_SECONDS
+            if text and text.casefold() not in f"{label} {c['peer']} {program.get('label', '')}".casefold():
+                continue
+            entry = found.setdefault((group, c["program"] if group == "program" else label), LiveFlow(
+                key, label, new=group in ("program", "connection") and program.get("new", False),
+                gone=group in ("program", "connection") and bool(program.get("gone"))))
+            entry.sent, entry.received = entry.sent + c["sent"], entry.received + c["received"]
+            entry.send_rate, entry.recv_rate = entry.send_rate + send_rate, entry.recv_rate + recv_rate
+            if group == "program":
+                entry.children.append(LiveFlow(key, f"{c['peer']} {c['proto']}", c["sent"], c["received"],
+                                               send_rate, recv_rate))
+        return list(found.values())
+
+    def sorted_flows(self, group: str, sort: int, text: str = "") -> typing.List[LiveFlow]:
+        """flows(), the largest first by the sort's rate, then by its total."""
+        _, rate, total = LIVE_SORTS[sort]
+        entries = sorted(self.flows(group, text), key=lambda f: (-rate(f), -total(f), f.label))
+        for entry in entries:
+            entry.children.sort(key=lambda f: (-rate(f), -total(f), f.label))
+        return entries
+
 ###############################################################################
-# 20. terminal viewer
+# 21. terminal viewer
 ###############################################################################
 # `picosnitch view`: snitch.db grouped by one column at a time, largest first,
 # under a chain of filters, a time range and byte units. Each key that changes
-# what is shown asks the query layer (section 19) for the totals: the log is
+# what is shown asks the query layer (section 20) for the totals: the log is
 # never loaded, whatever its size; r asks again.
 
 VIEWS = [("executable", "exe"), ("name", "name"), ("sha256", "sha256"), ("parent executable", "pexe"),
@@ -8350,12 +8953,208 @@ def run_viewer(state: str, config_dir: str) -> int:
     return 0
 
 ###############################################################################
-# 21. web UI
+# 22. live table (top)
+###############################################################################
+# `picosnitch top`: what uses the network now, from the event stream (the
+# LiveState of section 20), redrawn as ticks come. Per program its rates and
+# its totals since `top` started, its connections under it; grouped instead
+# by connection, remote host or user. Where a key means what it does in
+# `view`, it is the same key. Top's state and keys are here; curses only
+# draws the lines screen() gives.
+
+TOP_KEYS_HELP = [("← →", "group by program, connection, remote host, user"), ("s S", "sort by total, sent, received"),
+                 ("/", "filter: type, then Enter (Esc drops it)"), ("⌫", "remove the filter"),
+                 ("p", "pause (the stream is still read: nothing is missed)"), ("↑ ↓ PgUp PgDn Home End", "move"),
+                 ("u U", "units"), ("?", "these keys"), ("q", "quit")]
+TOP_HELP_LINE = "←→ group s sort / filter p pause u units ? keys q"
+TOP_CHILDREN = 3            # a program's connections listed under it (the largest)
+TOP_PAUSED_MOST = 3600      # events kept while paused (applied when it goes on)
+
+
+class Top:
+    """The state of `picosnitch top` and what a key press does to it."""
+
+    def __init__(self, labels: Labels):
+        self.live = LiveState(labels)
+        self.group, self.sort, self.unit, self.cursor, self.first = 0, 0, 0, 0, 0
+        self.filter, self.typing, self.paused, self.help = "", False, False, False
+        self.held: typing.List[dict] = []        # events that came while paused
+        self.ended = ""                          # why the stream ended
+
+    def take(self, events: typing.List[dict]) -> None:
+        if self.paused:
+            self.held = (self.held + events)[-TOP_PAUSED_MOST:]
+            return
+        for event in events:
+            self.live.take(event)
+
+    def press(self, key) -> bool:
+        """Apply one key; False to quit."""
+        if self.typing:
+            if key in ("\n", "\r", "KEY_ENTER"):
+                self.typing = False
+            elif key == "\x1b":
+                self.typing, self.filter = False, ""
+            elif key in ("\x7f", "\b", "KEY_BACKSPACE"):
+                self.filter = self.filter[:-1]
+            elif isinstance(key, str) and len(key) == 1 and key.isprintable():
+                self.filter += key
+            self.cursor = self.first = 0
+            return True
+        if key in ("q", "Q"):
+            return False
+        if self.help:
+            self.help = False
+            return True
+        moves = {"KEY_UP": -1, "KEY_DOWN": 1, "KEY_PPAGE": -10, "KEY_NPAGE": 10, "KEY_HOME": -10 ** 9,
+                 "KEY_END": 10 ** 9}
+        if key in moves:
+            self.cursor = max(0, self.cursor + moves[key])
+        elif key in ("KEY_LEFT", "KEY_RIGHT"):
+            self.group = (self.group + (1 if key == "KEY_RIGHT" else -1)) % len(LIVE_GROUPS)
+            self.cursor = self.first = 0
+        elif key in ("s", "S"):
+            self.sort = (self.sort + (1 if key == "s" else -1)) % len(LIVE_SORTS)
+        elif key in ("u", "U"):
+            self.unit = (self.unit + (1 if key == "u" else -1)) % len(UNITS)
+        elif key == "/":
+            self.typing, self.filter = True, ""
+        elif key in ("\x7f", "\b", "KEY_BACKSPACE"):
+            self.filter = ""
+        elif key == "p":
+            self.paused = not self.paused
+            if not self.paused:
+                held, self.held = self.held, []
+                self.take(held)
+        elif key == "?":
+            self.help = True
+        return True
+
+    def heading(self) -> str:
+        group, sort = LIVE_GROUPS[self.group][0], LIVE_SORTS[self.sort][0]
+        state = "PAUSED" if self.paused else time.strftime("%H:%M:%S", time.localtime(self.live.now)) \
+            if self.live.now else "waiting for the first tick"
+        return f"picosnitch top · by {group} ({self.group + 1}/{len(LIVE_GROUPS)}) · sort: {sort} · " \
+               f"{UNITS[self.unit][0]} · {state}"
+
+    def lines(self) -> typing.List[typing.Tuple[str, str]]:
+        """(text, style) of each entry row, children indented under programs."""
+        unit, out = UNITS[self.unit], []
+        amount = lambda n: format_amount(int(n), unit)
+        for entry in self.live.sorted_flows(LIVE_GROUPS[self.group][1], self.sort, self.filter):
+            mark = "NEW " if entry.new else "gone " if entry.gone else ""
+            style = "new" if entry.new else "gone" if entry.gone else ""
+            out.append((f"{amount(entry.send_rate) + '/s':>11} {amount(entry.recv_rate) + '/s':>11} "
+                        f"{amount(entry.sent):>10} {amount(entry.received):>10}  {mark}{shown(entry.label)}", style))
+            for child in entry.children[:TOP_CHILDREN]:
+                out.append((f"{amount(child.send_rate) + '/s':>11} {amount(child.recv_rate) + '/s':>11} "
+                            f"{amount(child.sent):>10} {amount(child.received):>10}    └ {shown(child.label)}",
+                            "child"))
+            if len(entry.children) > TOP_CHILDREN:
+                out.append((f"{'':>46}    └ and {len(entry.children) - TOP_CHILDREN} more connections", "child"))
+        return out
+
+    def screen(self, height: int, width: int) -> typing.List[typing.Tuple[str, str]]:
+        """The lines to show, each (text exactly width columns, style)."""
+        if height < 5 or width < 40:
+            return [(fit("terminal too small", width), "")][:height]
+        if self.help:
+            rows = [(fit("keys of picosnitch top (any key goes back)", width), "bar")]
+            rows += [(fit(f"  {keys:<24} {what}", width), "") for keys, what in TOP_KEYS_HELP]
+            return rows + [(" " * width, "")] * (height - len(rows))
+        rows = self.lines()
+        room = height - 4
+        self.cursor = min(self.cursor, max(len(rows) - 1, 0))
+        self.first = min(max(self.first, self.cursor - room + 1), self.cursor)
+        shown_filter = f"filter: {self.filter}" + ("▏" if self.typing else "") if self.typing or self.filter \
+            else "filter: none (/ to type one)"
+        out = [(fit(self.heading(), width), "bar"), (fit(shown_filter, width), ""),
+               (fit(f"{'up':>11} {'down':>11} {'sent':>10} {'received':>10}  {LIVE_GROUPS[self.group][0]}", width), "")]
+        for i in range(self.first, min(self.first + room, len(rows))):
+            text, style = rows[i]
+            out.append((fit(text, width), "cursor" if i == self.cursor else style))
+        if not rows:
+            out.append((fit("nothing has moved since top started" if self.live.now else
+                            "waiting for picosnitch's first tick…", width), ""))
+        out += [(" " * width, "")] * (height - 1 - len(out))
+        notes = [self.ended] + ([f"the daemon dropped {self.live.lost} lines top did not take in time"]
+                                if self.live.lost else [])
+        out.append((fit(" · ".join(n for n in notes if n) or TOP_HELP_LINE, width), "bar"))
+        return out
+
+
+def top_loop(stdscr, top: Top, lines: StreamLines) -> None:
+    """Read the stream, draw, apply keys; a resize redraws."""
+    import curses
+    styles = {"bar": curses.A_REVERSE, "cursor": curses.A_REVERSE, "new": curses.A_BOLD, "gone": curses.A_DIM,
+              "child": curses.A_NORMAL, "": curses.A_NORMAL}
+    with contextlib.suppress(curses.error):
+        curses.curs_set(0)
+    stdscr.keypad(True)
+    stdscr.timeout(250)
+    while True:
+        if not top.ended:
+            try:
+                top.take(lines.take(0))
+            except PicosnitchError as e:
+                top.ended = str(e)
+        height, width = stdscr.getmaxyx()
+        stdscr.erase()
+        for y, (text, style) in enumerate(top.screen(height, width)):
+            with contextlib.suppress(curses.error):       # (the bottom-right cell cannot be written)
+                stdscr.addstr(y, 0, text, styles.get(style, curses.A_NORMAL))
+        stdscr.refresh()
+        try:
+            key = stdscr.get_wch()
+        except curses.error:        # (no key within the timeout)
+            continue
+        if key == curses.KEY_RESIZE:
+            curses.update_lines_cols()
+            continue
+        if isinstance(key, int):
+            key = curses.keyname(key).decode("ascii", "replace")
+        if not top.press(key):
+            return
+
+
+def run_top(state: str, config_dir: str) -> int:
+    """The live table, from the daemon's event stream."""
+    import curses
+    lines = StreamLines(stream_connect())
+    said: typing.List[str] = []
+    top = Top(Labels(viewer_geoip(state, load_config(config_dir, create=False), said)))
+    top.take(lines.take(2.0))           # (the hello, or a refusal said before curses starts)
+    curses.wrapper(top_loop, top, lines)
+    return 0
+
+
+def run_events(out: typing.BinaryIO) -> int:
+    """Copy the event stream to out, line by line, until it ends or out is closed."""
+    sock = stream_connect()
+    lines = StreamLines(sock)
+    try:
+        for event in lines.take(5.0):       # (a refusal is said as an error)
+            out.write(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+        out.write(lines.buffer)
+        out.flush()
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                return 0
+            out.write(data)
+            out.flush()
+    except BrokenPipeError:         # (`picosnitch events | head`)
+        return 0
+    finally:
+        sock.close()
+
+###############################################################################
+# 23. web UI
 ###############################################################################
 # `picosnitch dash`: bytes sent and received over time, one trace per entry
 # of a grouping, a totals table and a drill-down per executable, under a
 # filter chain and a time range, as in `view`. Every interaction asks the
-# query layer (section 19) again; nothing is loaded whole. The whole view is
+# query layer (section 20) again; nothing is loaded whole. The whole view is
 # in the page's address, so a reload, a bookmark or the browser's history
 # shows it again. The server answers only requests for the address it
 # serves (no DNS rebinding), and off loopback only those with its token.
@@ -9235,7 +10034,7 @@ def run_dash(state: str, config_dir: str, host: str, port: int) -> int:
     return 0
 
 ###############################################################################
-# 22. command line
+# 24. command line
 ###############################################################################
 
 USAGE = """usage: picosnitch <command>
@@ -9248,6 +10047,8 @@ commands:
   start-no-daemon  run in the foreground; SIGINT or SIGTERM stop it cleanly (needs root)
   systemd          write a systemd service unit for picosnitch (needs root)
   view             browse the connection log in the terminal
+  top              what uses the network now, live, in the terminal
+  events           print the daemon's live event stream (JSON lines) until it ends
   dash             serve the web UI on http://localhost:5100 (HOST and PORT change the address)
   ebpf [MODE]      print the BPF program as it would be compiled on this kernel, for the capture
                    mode picosnitch would choose, or MODE (tracepoint, raw-tracepoint or kprobe)
@@ -9345,6 +10146,17 @@ def cmd_view(_: str) -> int:
     return run_viewer(state, user.directory)
 
 
+def cmd_top(_: str) -> int:
+    user, state = user_identity(), state_directory()
+    if os.geteuid() == 0:           # under sudo: the files are read as the user
+        confine(None, user)
+    return run_top(state, user.directory)
+
+
+def cmd_events(_: str) -> int:
+    return run_events(sys.stdout.buffer)
+
+
 def cmd_dash(_: str) -> int:
     user, state = user_identity(), state_directory()
     host, port = dash_address()
@@ -9379,7 +10191,8 @@ def cmd_help(_: str) -> int:
 COMMANDS = {
     "start": (cmd_start, True), "stop": (cmd_stop, True), "restart": (cmd_restart, True),
     "status": (cmd_status, False), "start-no-daemon": (cmd_start_no_daemon, True),
-    "systemd": (cmd_systemd, True), "view": (cmd_view, False), "dash": (cmd_dash, False),
+    "systemd": (cmd_systemd, True), "view": (cmd_view, False), "top": (cmd_top, False),
+    "events": (cmd_events, False), "dash": (cmd_dash, False),
     "ebpf": (cmd_ebpf, False), "version": (cmd_version, False), "help": (cmd_help, False),
     "--help": (cmd_help, False), "-h": (cmd_help, False),
 }

@@ -18,6 +18,7 @@ def test_every_message_type_goes_through_a_channel_unchanged():
                 picosnitch.ExecNotice(7, 64769, 1234, "/usr/bin/curl", 5, [7, 99], 5, True),
                 picosnitch.HashRequest(3, [picosnitch.HashItem(7, 64769, 1234, "/usr/bin/curl", 5, (7, 99))]),
                 picosnitch.HashAnswer(3, [["ab" * 32, ""]]), picosnitch.Batch(12, 0, True, "2026-11-29 10:00:00", [conn]),
+                picosnitch.LiveTick(1_765_000_000.25, [conn], [0], [7]), picosnitch.Listening(2),
                 picosnitch.Hello(11), picosnitch.Ack(12), picosnitch.Stop(),
                 picosnitch.Report("error", "x", "tb", 1_765_000_000.5, False, True),
                 picosnitch.Notice(4, 1_765_000_000.5, "picosnitch", "body"), picosnitch.Delivered(4, ""),
