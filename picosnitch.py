@@ -4589,14 +4589,25 @@ class LiveReading:
                     out.append((kid, key, value.send - send, value.recv - recv, getattr(value, "conns", 0)))
         return out
 
+    @staticmethod
+    def combined(moved: typing.List[tuple]) -> typing.List[tuple]:
+        """moved() entries with one per key (a key closing a window and going on in the next)."""
+        out: typing.Dict[bytes, tuple] = {}
+        for kid, key, send, recv, merged in moved:
+            if kid in out:
+                _, _, s, r, m = out[kid]
+                send, recv, merged = send + s, recv + r, max(merged, m)
+            out[kid] = (kid, key, send, recv, merged)
+        return list(out.values())
+
     def closed(self, window: "Window") -> None:
         """A window closed: what its closing read found past the last tick waits for the next."""
         if window.number != self.window:
             return
         if self.readers:
             self.closing += self.moved(window, self.told, self.known)
-        self.known = {prefix + bytes(k) for prefix, entries in ((b"", window.entries), (b"m", window.merged))
-                      for k, _ in entries}
+        self.known &= {prefix + bytes(k) for prefix, entries in ((b"", window.entries), (b"m", window.merged))
+                       for k, _ in entries}          # (those that may go on in the next window)
         self.window, self.told = window.number + 1, {}
 
     def rows(self, moved: typing.List[tuple], tracker: "Tracker") -> typing.Tuple[typing.List[Conn], typing.List[int]]:
@@ -4626,7 +4637,7 @@ class LiveReading:
         window = capture.peek()
         if window.number != self.window:
             self.window, self.told = window.number, {}
-        moved = self.closing + self.moved(window, self.told, self.known)
+        moved = self.combined(self.closing + self.moved(window, self.told, self.known))
         if not self.baseline:
             conns, new = self.rows(moved, tracker)
             exited = [pid for pid in self.pids if pid in tracker.exited]
@@ -4644,7 +4655,7 @@ class LiveReading:
         for prefix, entries in ((b"", window.entries), (b"m", window.merged)):
             for key, value in entries:
                 self.told[prefix + bytes(key)] = (value.send, value.recv)
-        self.known.update(self.told)
+        self.known.update(m[0] for m in moved)
 
 
 def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float]] = None) -> None:
@@ -6484,6 +6495,7 @@ STREAM_VERSION = 1
 STREAM_READERS = 16        # readers at once (one more is told so, and that is logged)
 STREAM_QUEUE = 4 << 20     # bytes waiting for one reader, at most
 STREAM_RECORD_CHECK = 2.0  # seconds between looks at the record (is a program new to it?)
+STREAM_NEW_SECONDS = 3600.0    # a program the record took in since is still new (its first window may be written first)
 STREAM_FULL_REPORTS = 60.0     # seconds between two reports of readers turned away
 
 
@@ -6569,9 +6581,11 @@ class Stream:
         self.rt, self.path = rt, path
         self.readers: typing.Dict[int, StreamReader] = {}       # by descriptor
         self.record: typing.Set[str] = set()                     # the executables record.json knows
-        self.record_seen, self.record_checked = (0, 0), 0.0
+        self.record_seen, self.record_checked = (0, 0), -STREAM_RECORD_CHECK
+        self.recorded: typing.Dict[str, float] = {}             # executables it took in since, and when
         self.programs: typing.Set[typing.Tuple[str, str, int]] = set()      # told of as new executables
         self.full_reported = -STREAM_FULL_REPORTS
+        self.is_new("")             # (what the record knows now is not new)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -6622,29 +6636,32 @@ class Stream:
             for line in lines:
                 reader.put(line)
 
-    def known(self) -> typing.Set[str]:
-        """The executables the record knows (looked at again every STREAM_RECORD_CHECK)."""
-        if time.monotonic() - self.record_checked >= STREAM_RECORD_CHECK:
-            self.record_checked = time.monotonic()
+    def is_new(self, exe: str) -> bool:
+        """Whether the record does not know a program, or took it in within
+        STREAM_NEW_SECONDS (looked at again every STREAM_RECORD_CHECK)."""
+        now = time.monotonic()
+        if now - self.record_checked >= STREAM_RECORD_CHECK:
+            first, self.record_checked = self.record_checked < 0, now
             path = os.path.join(self.rt.private, RECORD_NAME)
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
                 st = os.stat(path)
                 if (st.st_mtime_ns, st.st_size) != self.record_seen:
                     with open(path, encoding="utf-8") as f:
-                        self.record = set(json.load(f).get("Executables", {}))
-                    self.record_seen = (st.st_mtime_ns, st.st_size)
-        return self.record
+                        record = set(json.load(f).get("Executables", {}))
+                    self.recorded.update({e: now for e in record - self.record} if not first else {})
+                    self.record, self.record_seen = record, (st.st_mtime_ns, st.st_size)
+            self.recorded = {e: t for e, t in self.recorded.items() if now - t < STREAM_NEW_SECONDS}
+        return bool(exe) and (exe not in self.record or exe in self.recorded)
 
     def tick_lines(self, tick: LiveTick) -> typing.List[bytes]:
         """A tick, then each new connection and each program not told of before."""
-        known = self.known()
         lines = [stream_line("tick", tick.time, conns=[stream_conn(c) for c in tick.conns],
                              exited=[p for p in tick.exited if isinstance(p, int)])]
         for i in tick.new:
             if not (isinstance(i, int) and 0 <= i < len(tick.conns)):
                 continue
             c = tick.conns[i]
-            new = bool(c.proc.exe) and c.proc.exe not in known
+            new = self.is_new(c.proc.exe)
             lines.append(stream_line("connection", tick.time, new=new, **stream_conn(c)))
             program = (c.proc.exe, c.proc.name, c.uid)
             if program not in self.programs:
@@ -8590,7 +8607,7 @@ class LiveState:
         key = self.program_of(event)
         if key not in self.programs:
             name, exe = stream_str(event.get("name")), stream_str(event.get("exe"))
-            self.programs[key] = {"label": f"{exe} ({name})" if exe else f"{name} (no executable known)",
+            self.programs[key] = {"label": f"{name} ({exe})" if exe else f"{name} (no executable known)",
                                   "pids": set(), "uid": stream_int(event.get("uid")), "new": False, "gone": 0.0}
         return self.programs[key]
 
@@ -9042,8 +9059,8 @@ class Top:
         unit, out = UNITS[self.unit], []
         amount = lambda n: format_amount(int(n), unit)
         for entry in self.live.sorted_flows(LIVE_GROUPS[self.group][1], self.sort, self.filter):
-            mark = "NEW " if entry.new else "gone " if entry.gone else ""
-            style = "new" if entry.new else "gone" if entry.gone else ""
+            mark = ("NEW " if entry.new else "") + ("gone " if entry.gone else "")
+            style = "gone" if entry.gone else "new" if entry.new else ""
             out.append((f"{amount(entry.send_rate) + '/s':>11} {amount(entry.recv_rate) + '/s':>11} "
                         f"{amount(entry.sent):>10} {amount(entry.received):>10}  {mark}{shown(entry.label)}", style))
             for child in entry.children[:TOP_CHILDREN]:
