@@ -1395,6 +1395,51 @@ def rollup_statements(where: str) -> typing.Dict[int, typing.List[str]]:
 
 ROLL_STATEMENTS = rollup_statements("id > ? AND id <= ?")     # (the rows first < id <= last)
 
+# what a window's totals for each rollup are summed from, in this order: the
+# rows, or the window's totals for a wider rollup that keeps its keys (fewer
+# rows than the window's)
+WINDOW_SOURCES = {"rollups": "conns", "ports": "conns", "programs": "rollups", "times": "programs"}
+
+
+def window_statements() -> typing.List[str]:
+    """Statements adding the conns rows first < id <= last to the rollups
+    (those with ? marks take first and last). The rows are summed by hour once
+    per rollup, into a TEMP table, and every level is added from those hours
+    (the day and the whole log hold whole hours): each key of a window is
+    looked up once a level, not grouped from the rows again for each."""
+    out = []
+    for table, source in WINDOW_SOURCES.items():
+        keys = ROLLUPS[table]
+        columns, summed = "".join(k + ", " for k in keys), f"temp.window_{table}"
+        out += [f"CREATE TEMP TABLE IF NOT EXISTS window_{table} (b, {columns}send, recv, rows)",
+                f"DELETE FROM {summed}"]
+        if source == "conns":
+            bucket = f"CASE WHEN typeof(t) = 'integer' THEN t / {HOUR} * {HOUR} ELSE {NO_TIME} END"
+            values = [bucket] + [rollup_value(k) for k in keys]
+            out.append(f"INSERT INTO {summed} SELECT {', '.join(values)}, sum(send), sum(recv), count(*) FROM conns "
+                       f"WHERE id > ? AND id <= ? GROUP BY {', '.join(str(i + 1) for i in range(len(values)))}")
+        else:
+            out.append(f"INSERT INTO {summed} SELECT b, {columns}sum(send), sum(recv), sum(rows) "
+                       f"FROM temp.window_{source} GROUP BY b{''.join(', ' + k for k in keys)}")
+        for level in ROLLUP_LEVELS:     # (an hour's bucket is NO_TIME, or a multiple of the hour)
+            bucket = "b" if level == HOUR else f"CASE WHEN b = {NO_TIME} THEN b ELSE b / {level} * {level} END"
+            variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
+            for values in variants:     # (a key met twice in one statement is added up by its upsert)
+                out.append(f"INSERT INTO {table} (level, b, {columns}send, recv, rows) SELECT {level}, {bucket}, "
+                           f"{''.join(v + ', ' for v in values)}send, recv, rows FROM {summed} WHERE true "
+                           f"ON CONFLICT DO UPDATE SET send = send + excluded.send, "
+                           f"recv = recv + excluded.recv, rows = rows + excluded.rows")
+    return out
+
+
+WINDOW_STATEMENTS = window_statements()
+
+
+def add_to_rollups(con: sqlite3.Connection, first: int, last: int) -> None:
+    """Add the conns rows first < id <= last to the rollups, in the caller's transaction."""
+    for statement in WINDOW_STATEMENTS:
+        con.execute(statement, (first, last) if "?" in statement else ())
+
 
 # while older rows are rolled up, days with rows written since are told
 # apart (roll_day): the earliest time of those rows (NO_TIME for a row whose
@@ -1768,9 +1813,7 @@ class Log(OldLayouts):
             self.con.executemany(f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) VALUES (?, {marks})",
                                  [(i, *r) for i, r in zip(ids, rows)])
             first, last = ids[0] - 1, ids[-1]
-        for statements in ROLL_STATEMENTS.values():
-            for statement in statements:
-                self.con.execute(statement, (first, last))
+        add_to_rollups(self.con, first, last)
 
     def insert(self, rows: typing.Sequence[typing.Sequence], mark: typing.Tuple[str, int] = ("", 0)) -> None:
         """Insert rows (each a Row, or its values in order), in one transaction with mark (the
@@ -1940,9 +1983,8 @@ def catch_up(copy: str, path: str) -> int:
                             f"(SELECT coalesce(max(id), 0) FROM main.{table})")
             first = con.execute("SELECT coalesce(max(id), 0) FROM main.conns").fetchone()[0]
             n = con.execute("INSERT INTO main.conns SELECT * FROM live.conns WHERE id > ?", (first,)).rowcount
-            for statements in ROLL_STATEMENTS.values():
-                for statement in statements if n else ():
-                    con.execute(statement, (first, first + n))
+            if n:
+                add_to_rollups(con, first, first + n)
             con.execute("DELETE FROM main.meta")
             con.execute("INSERT INTO main.meta SELECT * FROM live.meta")
             con.execute("UPDATE main.sqlite_sequence SET seq = (SELECT seq FROM live.sqlite_sequence WHERE "
