@@ -583,11 +583,6 @@ class Conn:
     send: int
     recv: int
 
-    @classmethod
-    def from_list(cls, values: list) -> "Conn":
-        procs = [ProcInfo(*p[:7], tuple(p[7]), *p[8:]) for p in values[:3]]
-        return cls(*procs, *values[3:])
-
 
 # -- messages between the processes ----------------------------------------
 # Every message is one of these types. They travel as JSON (never pickle: the
@@ -667,7 +662,7 @@ class Batch(typing.NamedTuple):          # reader -> primary: part of one window
     part: int
     last: bool
     contime: str                         # local time of the window's end, as logged
-    conns: typing.List[Conn]
+    conns: typing.List[Conn]             # (sent as their processes and rows naming them: pack_conns)
 
 
 class Hello(typing.NamedTuple):          # primary -> reader: started; resend after this
@@ -723,15 +718,8 @@ def as_list(value) -> list:
     return [getattr(value, name) for name in names]
 
 
-def encode_message(message: typing.NamedTuple) -> bytes:
-    data = json.dumps([type(message).__name__, *message], default=as_list).encode()
-    if len(data) > MESSAGE_MAX:
-        raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
-    return data
-
-
 def field_ok(value, kind) -> bool:
-    """Whether a decoded field has the type its message declares."""
+    """Whether a decoded field has the type its message (or a process in it) declares."""
     kind = typing.get_origin(kind) or kind
     if kind is bool:
         return isinstance(value, bool)
@@ -742,6 +730,52 @@ def field_ok(value, kind) -> bool:
     if kind in (str, list):
         return isinstance(value, kind)
     return True
+
+
+def pack_conns(conns: typing.Sequence[Conn]) -> list:
+    """Connections as a Batch sends them: [processes, rows], each row a
+    Conn's fields with its process, parent and grandparent as places in the
+    processes. The rows of a window share a few processes (the Tracker's
+    objects, told apart by identity): each is sent, and decoded, once."""
+    places: typing.Dict[int, int] = {}
+    procs: typing.List[list] = []
+    rows = []
+    for c in conns:
+        row = as_list(c)
+        for i in range(3):
+            place = places.get(id(row[i]))
+            if place is None:
+                place = places[id(row[i])] = len(procs)
+                procs.append(as_list(row[i]))
+            row[i] = place
+        rows.append(row)
+    return [procs, rows]
+
+
+def unpack_conns(packed: list) -> typing.List[Conn]:
+    """The connections pack_conns sent; ValueError for anything else."""
+    if len(packed) != 2:
+        raise ValueError("not a list of processes and rows")
+    procs = {}
+    for i, p in enumerate(packed[0]):
+        info = procs[i] = ProcInfo(*p[:7], tuple(p[7]), *p[8:])
+        for field, kind in ProcInfo.__annotations__.items():
+            if not field_ok(getattr(info, field), kind):
+                raise ValueError(f"ProcInfo.{field} is not a {getattr(kind, '__name__', kind)}")
+    try:
+        return [Conn(procs[r[0]], procs[r[1]], procs[r[2]], *r[3:]) for r in packed[1]]
+    except KeyError as e:
+        raise ValueError(f"a row names process {e}, which was not sent")
+
+
+def encode_message(message: typing.NamedTuple) -> bytes:
+    fields = [*message]
+    if isinstance(message, Batch):
+        fields[-1] = pack_conns(message.conns)
+    data = json.dumps([type(message).__name__, *fields], default=as_list).encode()
+    if len(data) > MESSAGE_MAX:
+        raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
+    return data
 
 
 def decode_message(data: bytes) -> typing.NamedTuple:
@@ -755,7 +789,7 @@ def decode_message(data: bytes) -> typing.NamedTuple:
             if not field_ok(getattr(message, field), kind):
                 raise ValueError(f"{name}.{field} is not a {getattr(kind, '__name__', kind)}")
         if isinstance(message, Batch):
-            message = message._replace(conns=[Conn.from_list(c) for c in message.conns])
+            message = message._replace(conns=unpack_conns(message.conns))
         if isinstance(message, HashRequest):
             message = message._replace(procs=[HashItem.checked(p) for p in message.procs])
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
