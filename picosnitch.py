@@ -1313,12 +1313,11 @@ class Row(typing.NamedTuple):
     gpcmdline: str = ""
     gpsha256: str = ""
 
-    def process(self, prefix: str = "") -> tuple:
-        """The process (""), its parent ("p") or grandparent ("gp"): exe, name, cmdline, sha256."""
-        return tuple(getattr(self, prefix + a) for a in _PROC_ATTRS)
-
 
 DB_COLUMNS = list(Row._fields)
+# where a row has the process, its parent and its grandparent (each exe, name, cmdline, sha256)
+PROC_PLACES = [slice(DB_COLUMNS.index(p + "exe"), DB_COLUMNS.index(p + "exe") + len(_PROC_ATTRS))
+               for p in ("", "p", "gp")]
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
 SCHEMA_VERSION = 4
@@ -1824,13 +1823,13 @@ class Log(OldLayouts):
 
     def encode(self, row: typing.Sequence) -> tuple:
         """A row (a Row, or its values in order) as conns values (CONNS_COLUMNS)."""
-        r = Row(*row)
+        r = Row._make(row) if len(row) == len(DB_COLUMNS) else Row(*row)
         t = self.times.get(r.contime)
         if t is None:
             t = self.times[r.contime] = local_seconds(r.contime)
-        return (t, r.send, r.recv, self.proc_id(r.process()), self.proc_id(r.process("p")),
-                self.proc_id(r.process("gp")), r.uid, r.lport, r.rport, self.str_id(r.laddr), self.str_id(r.raddr),
-                self.str_id(r.domain), self.str_id(r.proto))
+        proc, parent, gp = (self.proc_id(r[place]) for place in PROC_PLACES)
+        return (t, r.send, r.recv, proc, parent, gp, r.uid, r.lport, r.rport, self.str_id(r.laddr),
+                self.str_id(r.raddr), self.str_id(r.domain), self.str_id(r.proto))
 
     def add(self, rows: typing.Sequence[tuple], ids: typing.Optional[typing.Sequence[int]] = None) -> None:
         """Insert encoded rows (with ids, for rows moved from an older log,
@@ -5804,15 +5803,12 @@ RETRY_WRITES = 2.0        # seconds between attempts to write what waits
 
 def conn_row(conn: Conn, contime: str, sha: str, psha: str, gpsha: str, domain: str, config: Config) -> Row:
     """A connection's row; the Log switches blank what is off."""
-    cmd = lambda p: p.cmdline if config.log_commands else ""
-    port = lambda p: p if config.log_ports else None
-    addr = lambda a: a if config.log_addresses else ""
-    return Row(contime=contime, send=conn.send, recv=conn.recv,
-               exe=conn.proc.exe, name=conn.proc.name, cmdline=cmd(conn.proc), sha256=sha,
-               pexe=conn.parent.exe, pname=conn.parent.name, pcmdline=cmd(conn.parent), psha256=psha,
-               uid=conn.uid, lport=port(conn.lport), rport=port(conn.rport), laddr=addr(conn.laddr),
-               raddr=addr(conn.raddr), domain=domain, proto=conn.proto, gpexe=conn.grandparent.exe,
-               gpname=conn.grandparent.name, gpcmdline=cmd(conn.grandparent), gpsha256=gpsha)
+    p, pp, gp = conn.proc, conn.parent, conn.grandparent
+    cmd, port, addr = config.log_commands, config.log_ports, config.log_addresses
+    return Row(contime, conn.send, conn.recv, p.exe, p.name, p.cmdline if cmd else "", sha,
+               pp.exe, pp.name, pp.cmdline if cmd else "", psha, conn.uid, conn.lport if port else None,
+               conn.rport if port else None, conn.laddr if addr else "", conn.raddr if addr else "", domain, conn.proto,
+               gp.exe, gp.name, gp.cmdline if cmd else "", gpsha)
 
 
 def record_add(section: dict, key: str, value: str) -> bool:
@@ -6206,6 +6202,18 @@ class Primary:
             self.reporter.error(f"could not hash {p.exe or p.name} (pid {p.pid}): {why}; it is logged without a hash")
         return sha
 
+    def program(self, conn: Conn, hashes: dict, messages: typing.List[str]) -> typing.Tuple[str, str, str]:
+        """Note a connection's program in record.json (what to tell the user
+        goes to messages), and have VirusTotal check its hash: its sha256, its
+        parent's and its grandparent's."""
+        shas = tuple(self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
+        new, said = update_record(self.record, conn, shas[0], self.imported)
+        self.record_dirty |= new
+        messages += said
+        if self.vt and shas[0] and self.record["SHA256"].get(conn.proc.exe, {}).get(shas[0]) == VT_UNCHECKED:
+            self.vt.ask(conn.proc.exe, shas[0])
+        return shas
+
     def window(self, seq: int, contime: str, conns: typing.List[Conn]) -> None:
         """Write one window's connections and tell the user what is new."""
         try:
@@ -6216,15 +6224,17 @@ class Primary:
         budget = min(0.5, self.config.db_write_limit_seconds / 4)
         names = self.names.resolve([c.raddr for c in conns if c.raddr and not c.domain], budget)
         rows, messages = [], []
+        programs: typing.Dict[tuple, typing.Tuple[str, str, str]] = {}
+        ignoring = any(self.ignore)
         for conn in conns:
-            sha, psha, gpsha = (self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
+            # (a window's connections share a few processes, the same objects: each is noted once)
+            who = (id(conn.proc), id(conn.parent), id(conn.grandparent), conn.rport == -1)
+            shas = programs.get(who)
+            if shas is None:
+                shas = programs[who] = self.program(conn, hashes, messages)
             domain = conn.domain or names.get(conn.raddr, "")
-            new, said = update_record(self.record, conn, sha, self.imported)
-            self.record_dirty, messages = self.record_dirty or new, messages + said
-            if self.vt and sha and self.record["SHA256"].get(conn.proc.exe, {}).get(sha) == VT_UNCHECKED:
-                self.vt.ask(conn.proc.exe, sha)
-            if not self.ignore.match(conn.lport, conn.rport, sha, domain, conn.raddr):
-                rows.append(conn_row(conn, contime, sha, psha, gpsha, domain, self.config))
+            if not (ignoring and self.ignore.match(conn.lport, conn.rport, shas[0], domain, conn.raddr)):
+                rows.append(conn_row(conn, contime, *shas, domain, self.config))
         self.write_rows(seq, rows)
         self.record_dirty |= self.virustotal_results()
         self.flush()
