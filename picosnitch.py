@@ -172,13 +172,22 @@ def kernel_dev_to_user(kdev: int) -> int:
     return os.makedev(kdev >> 20, kdev & 0xFFFFF)
 
 
+V4_MAPPED = bytes(10) + b"\xff\xff"     # the first 12 bytes of an IPv4 address mapped into IPv6
+
+
 def format_addr(family: int, raw: bytes) -> str:
-    """Text form of an address from a 16-byte kernel field ('' when none)."""
+    """Text form of an address from a 16-byte kernel field ('' when none), as
+    ipaddress writes it (an IPv4 address mapped into IPv6 as IPv4). inet_ntop
+    writes the same at a quarter of the cost, but for the addresses whose first
+    12 bytes are 0 (it writes ::a.b.c.d where ipaddress writes hex)."""
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
+        return socket.inet_ntop(AF_INET, raw[:4])
     if family == AF_INET6:
-        addr = ipaddress.IPv6Address(raw[:16])
-        return str(addr.ipv4_mapped or addr)
+        if raw[:12] == V4_MAPPED:
+            return socket.inet_ntop(AF_INET, raw[12:16])
+        if not any(raw[:12]):
+            return str(ipaddress.IPv6Address(raw[:16]))
+        return socket.inet_ntop(AF_INET6, raw[:16])
     return ""
 
 
@@ -4339,7 +4348,7 @@ class Tracker:
         if context is None:
             context = self.lost_context(key)
             self.contexts[(key.pid, key.exe)] = context
-        else:
+        elif context.window != self.window:
             self.contexts[(key.pid, key.exe)] = context._replace(window=self.window)      # (still in use)
         if not context.proc.exe:
             self.unattributed.append(f"pid {key.pid} ({context.proc.name or 'unknown'}), "
