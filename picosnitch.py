@@ -179,13 +179,22 @@ def kernel_dev_to_user(kdev: int) -> int:
     return os.makedev(kdev >> 20, kdev & 0xFFFFF)
 
 
+V4_MAPPED = bytes(10) + b"\xff\xff"     # the first 12 bytes of an IPv4 address mapped into IPv6
+
+
 def format_addr(family: int, raw: bytes) -> str:
-    """Text form of an address from a 16-byte kernel field ('' when none)."""
+    """Text form of an address from a 16-byte kernel field ('' when none), as
+    ipaddress writes it (an IPv4 address mapped into IPv6 as IPv4). inet_ntop
+    writes the same at a quarter of the cost, but for the addresses whose first
+    12 bytes are 0 (it writes ::a.b.c.d where ipaddress writes hex)."""
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
+        return socket.inet_ntop(AF_INET, raw[:4])
     if family == AF_INET6:
-        addr = ipaddress.IPv6Address(raw[:16])
-        return str(addr.ipv4_mapped or addr)
+        if raw[:12] == V4_MAPPED:
+            return socket.inet_ntop(AF_INET, raw[12:16])
+        if not any(raw[:12]):
+            return str(ipaddress.IPv6Address(raw[:16]))
+        return socket.inet_ntop(AF_INET6, raw[:16])
     return ""
 
 
@@ -590,11 +599,6 @@ class Conn:
     send: int
     recv: int
 
-    @classmethod
-    def from_list(cls, values: list) -> "Conn":
-        procs = [ProcInfo(*p[:7], tuple(p[7]), *p[8:]) for p in values[:3]]
-        return cls(*procs, *values[3:])
-
 
 # -- messages between the processes ----------------------------------------
 # Every message is one of these types. They travel as JSON (never pickle: the
@@ -674,12 +678,12 @@ class Batch(typing.NamedTuple):          # reader -> primary: part of one window
     part: int
     last: bool
     contime: str                         # local time of the window's end, as logged
-    conns: typing.List[Conn]
+    conns: typing.List[Conn]             # (sent as their processes and rows naming them: pack_conns)
 
 
 class LiveTick(typing.NamedTuple):       # reader -> live: what each connection moved since the last tick
     time: float                          # when the kernel's counts were read (seconds since the epoch)
-    conns: typing.List[Conn]             # send and recv: the bytes since the last tick
+    conns: typing.List[Conn]             # send and recv: the bytes since the last tick (sent as pack_conns)
     new: typing.List[int]                # the indexes in conns of connections not told of before
     exited: typing.List[int]             # pids of processes told of before that have exited since
 
@@ -741,15 +745,8 @@ def as_list(value) -> list:
     return [getattr(value, name) for name in names]
 
 
-def encode_message(message: typing.NamedTuple) -> bytes:
-    data = json.dumps([type(message).__name__, *message], default=as_list).encode()
-    if len(data) > MESSAGE_MAX:
-        raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
-    return data
-
-
 def field_ok(value, kind) -> bool:
-    """Whether a decoded field has the type its message declares."""
+    """Whether a decoded field has the type its message (or a process in it) declares."""
     kind = typing.get_origin(kind) or kind
     if kind is bool:
         return isinstance(value, bool)
@@ -760,6 +757,52 @@ def field_ok(value, kind) -> bool:
     if kind in (str, list):
         return isinstance(value, kind)
     return True
+
+
+def pack_conns(conns: typing.Sequence[Conn]) -> list:
+    """Connections as a Batch sends them: [processes, rows], each row a
+    Conn's fields with its process, parent and grandparent as places in the
+    processes. The rows of a window share a few processes (the Tracker's
+    objects, told apart by identity): each is sent, and decoded, once."""
+    places: typing.Dict[int, int] = {}
+    procs: typing.List[list] = []
+    rows = []
+    for c in conns:
+        row = as_list(c)
+        for i in range(3):
+            place = places.get(id(row[i]))
+            if place is None:
+                place = places[id(row[i])] = len(procs)
+                procs.append(as_list(row[i]))
+            row[i] = place
+        rows.append(row)
+    return [procs, rows]
+
+
+def unpack_conns(packed: list) -> typing.List[Conn]:
+    """The connections pack_conns sent; ValueError for anything else."""
+    if len(packed) != 2:
+        raise ValueError("not a list of processes and rows")
+    procs = {}
+    for i, p in enumerate(packed[0]):
+        info = procs[i] = ProcInfo(*p[:7], tuple(p[7]), *p[8:])
+        for field, kind in ProcInfo.__annotations__.items():
+            if not field_ok(getattr(info, field), kind):
+                raise ValueError(f"ProcInfo.{field} is not a {getattr(kind, '__name__', kind)}")
+    try:
+        return [Conn(procs[r[0]], procs[r[1]], procs[r[2]], *r[3:]) for r in packed[1]]
+    except KeyError as e:
+        raise ValueError(f"a row names process {e}, which was not sent")
+
+
+def encode_message(message: typing.NamedTuple) -> bytes:
+    fields = [*message]
+    if isinstance(message, (Batch, LiveTick)):
+        fields[1 if isinstance(message, LiveTick) else -1] = pack_conns(message.conns)
+    data = json.dumps([type(message).__name__, *fields], default=as_list).encode()
+    if len(data) > MESSAGE_MAX:
+        raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
+    return data
 
 
 def decode_message(data: bytes) -> typing.NamedTuple:
@@ -773,7 +816,7 @@ def decode_message(data: bytes) -> typing.NamedTuple:
             if not field_ok(getattr(message, field), kind):
                 raise ValueError(f"{name}.{field} is not a {getattr(kind, '__name__', kind)}")
         if isinstance(message, (Batch, LiveTick)):
-            message = message._replace(conns=[Conn.from_list(c) for c in message.conns])
+            message = message._replace(conns=unpack_conns(message.conns))
         if isinstance(message, HashRequest):
             message = message._replace(procs=[HashItem.checked(p) for p in message.procs])
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
@@ -1302,12 +1345,11 @@ class Row(typing.NamedTuple):
     gpcmdline: str = ""
     gpsha256: str = ""
 
-    def process(self, prefix: str = "") -> tuple:
-        """The process (""), its parent ("p") or grandparent ("gp"): exe, name, cmdline, sha256."""
-        return tuple(getattr(self, prefix + a) for a in _PROC_ATTRS)
-
 
 DB_COLUMNS = list(Row._fields)
+# where a row has the process, its parent and its grandparent (each exe, name, cmdline, sha256)
+PROC_PLACES = [slice(DB_COLUMNS.index(p + "exe"), DB_COLUMNS.index(p + "exe") + len(_PROC_ATTRS))
+               for p in ("", "p", "gp")]
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
 SCHEMA_VERSION = 4
@@ -1417,6 +1459,51 @@ def rollup_statements(where: str) -> typing.Dict[int, typing.List[str]]:
 
 
 ROLL_STATEMENTS = rollup_statements("id > ? AND id <= ?")     # (the rows first < id <= last)
+
+# what a window's totals for each rollup are summed from, in this order: the
+# rows, or the window's totals for a wider rollup that keeps its keys (fewer
+# rows than the window's)
+WINDOW_SOURCES = {"rollups": "conns", "ports": "conns", "programs": "rollups", "times": "programs"}
+
+
+def window_statements() -> typing.List[str]:
+    """Statements adding the conns rows first < id <= last to the rollups
+    (those with ? marks take first and last). The rows are summed by hour once
+    per rollup, into a TEMP table, and every level is added from those hours
+    (the day and the whole log hold whole hours): each key of a window is
+    looked up once a level, not grouped from the rows again for each."""
+    out = []
+    for table, source in WINDOW_SOURCES.items():
+        keys = ROLLUPS[table]
+        columns, summed = "".join(k + ", " for k in keys), f"temp.window_{table}"
+        out += [f"CREATE TEMP TABLE IF NOT EXISTS window_{table} (b, {columns}send, recv, rows)",
+                f"DELETE FROM {summed}"]
+        if source == "conns":
+            bucket = f"CASE WHEN typeof(t) = 'integer' THEN t / {HOUR} * {HOUR} ELSE {NO_TIME} END"
+            values = [bucket] + [rollup_value(k) for k in keys]
+            out.append(f"INSERT INTO {summed} SELECT {', '.join(values)}, sum(send), sum(recv), count(*) FROM conns "
+                       f"WHERE id > ? AND id <= ? GROUP BY {', '.join(str(i + 1) for i in range(len(values)))}")
+        else:
+            out.append(f"INSERT INTO {summed} SELECT b, {columns}sum(send), sum(recv), sum(rows) "
+                       f"FROM temp.window_{source} GROUP BY b{''.join(', ' + k for k in keys)}")
+        for level in ROLLUP_LEVELS:     # (an hour's bucket is NO_TIME, or a multiple of the hour)
+            bucket = "b" if level == HOUR else f"CASE WHEN b = {NO_TIME} THEN b ELSE b / {level} * {level} END"
+            variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
+            for values in variants:     # (a key met twice in one statement is added up by its upsert)
+                out.append(f"INSERT INTO {table} (level, b, {columns}send, recv, rows) SELECT {level}, {bucket}, "
+                           f"{''.join(v + ', ' for v in values)}send, recv, rows FROM {summed} WHERE true "
+                           f"ON CONFLICT DO UPDATE SET send = send + excluded.send, "
+                           f"recv = recv + excluded.recv, rows = rows + excluded.rows")
+    return out
+
+
+WINDOW_STATEMENTS = window_statements()
+
+
+def add_to_rollups(con: sqlite3.Connection, first: int, last: int) -> None:
+    """Add the conns rows first < id <= last to the rollups, in the caller's transaction."""
+    for statement in WINDOW_STATEMENTS:
+        con.execute(statement, (first, last) if "?" in statement else ())
 
 
 # while older rows are rolled up, days with rows written since are told
@@ -1768,13 +1855,13 @@ class Log(OldLayouts):
 
     def encode(self, row: typing.Sequence) -> tuple:
         """A row (a Row, or its values in order) as conns values (CONNS_COLUMNS)."""
-        r = Row(*row)
+        r = Row._make(row) if len(row) == len(DB_COLUMNS) else Row(*row)
         t = self.times.get(r.contime)
         if t is None:
             t = self.times[r.contime] = local_seconds(r.contime)
-        return (t, r.send, r.recv, self.proc_id(r.process()), self.proc_id(r.process("p")),
-                self.proc_id(r.process("gp")), r.uid, r.lport, r.rport, self.str_id(r.laddr), self.str_id(r.raddr),
-                self.str_id(r.domain), self.str_id(r.proto))
+        proc, parent, gp = (self.proc_id(r[place]) for place in PROC_PLACES)
+        return (t, r.send, r.recv, proc, parent, gp, r.uid, r.lport, r.rport, self.str_id(r.laddr),
+                self.str_id(r.raddr), self.str_id(r.domain), self.str_id(r.proto))
 
     def add(self, rows: typing.Sequence[tuple], ids: typing.Optional[typing.Sequence[int]] = None) -> None:
         """Insert encoded rows (with ids, for rows moved from an older log,
@@ -1791,9 +1878,7 @@ class Log(OldLayouts):
             self.con.executemany(f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) VALUES (?, {marks})",
                                  [(i, *r) for i, r in zip(ids, rows)])
             first, last = ids[0] - 1, ids[-1]
-        for statements in ROLL_STATEMENTS.values():
-            for statement in statements:
-                self.con.execute(statement, (first, last))
+        add_to_rollups(self.con, first, last)
 
     def insert(self, rows: typing.Sequence[typing.Sequence], mark: typing.Tuple[str, int] = ("", 0)) -> None:
         """Insert rows (each a Row, or its values in order), in one transaction with mark (the
@@ -1963,9 +2048,8 @@ def catch_up(copy: str, path: str) -> int:
                             f"(SELECT coalesce(max(id), 0) FROM main.{table})")
             first = con.execute("SELECT coalesce(max(id), 0) FROM main.conns").fetchone()[0]
             n = con.execute("INSERT INTO main.conns SELECT * FROM live.conns WHERE id > ?", (first,)).rowcount
-            for statements in ROLL_STATEMENTS.values():
-                for statement in statements if n else ():
-                    con.execute(statement, (first, first + n))
+            if n:
+                add_to_rollups(con, first, first + n)
             con.execute("DELETE FROM main.meta")
             con.execute("INSERT INTO main.meta SELECT * FROM live.meta")
             con.execute("UPDATE main.sqlite_sequence SET seq = (SELECT seq FROM live.sqlite_sequence WHERE "
@@ -4295,7 +4379,7 @@ class Tracker:
         if context is None:
             context = self.lost_context(key)
             self.contexts[(key.pid, key.exe)] = context
-        else:
+        elif context.window != self.window:
             self.contexts[(key.pid, key.exe)] = context._replace(window=self.window)      # (still in use)
         proto = self.protos.get(key.prot, -1)
         return context, proto_name(key.family, proto) if proto >= 0 else "unknown"
@@ -5893,15 +5977,12 @@ RETRY_WRITES = 2.0        # seconds between attempts to write what waits
 
 def conn_row(conn: Conn, contime: str, sha: str, psha: str, gpsha: str, domain: str, config: Config) -> Row:
     """A connection's row; the Log switches blank what is off."""
-    cmd = lambda p: p.cmdline if config.log_commands else ""
-    port = lambda p: p if config.log_ports else None
-    addr = lambda a: a if config.log_addresses else ""
-    return Row(contime=contime, send=conn.send, recv=conn.recv,
-               exe=conn.proc.exe, name=conn.proc.name, cmdline=cmd(conn.proc), sha256=sha,
-               pexe=conn.parent.exe, pname=conn.parent.name, pcmdline=cmd(conn.parent), psha256=psha,
-               uid=conn.uid, lport=port(conn.lport), rport=port(conn.rport), laddr=addr(conn.laddr),
-               raddr=addr(conn.raddr), domain=domain, proto=conn.proto, gpexe=conn.grandparent.exe,
-               gpname=conn.grandparent.name, gpcmdline=cmd(conn.grandparent), gpsha256=gpsha)
+    p, pp, gp = conn.proc, conn.parent, conn.grandparent
+    cmd, port, addr = config.log_commands, config.log_ports, config.log_addresses
+    return Row(contime, conn.send, conn.recv, p.exe, p.name, p.cmdline if cmd else "", sha,
+               pp.exe, pp.name, pp.cmdline if cmd else "", psha, conn.uid, conn.lport if port else None,
+               conn.rport if port else None, conn.laddr if addr else "", conn.raddr if addr else "", domain, conn.proto,
+               gp.exe, gp.name, gp.cmdline if cmd else "", gpsha)
 
 
 def record_add(section: dict, key: str, value: str) -> bool:
@@ -6295,6 +6376,18 @@ class Primary:
             self.reporter.error(f"could not hash {p.exe or p.name} (pid {p.pid}): {why}; it is logged without a hash")
         return sha
 
+    def program(self, conn: Conn, hashes: dict, messages: typing.List[str]) -> typing.Tuple[str, str, str]:
+        """Note a connection's program in record.json (what to tell the user
+        goes to messages), and have VirusTotal check its hash: its sha256, its
+        parent's and its grandparent's."""
+        shas = tuple(self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
+        new, said = update_record(self.record, conn, shas[0], self.imported)
+        self.record_dirty |= new
+        messages += said
+        if self.vt and shas[0] and self.record["SHA256"].get(conn.proc.exe, {}).get(shas[0]) == VT_UNCHECKED:
+            self.vt.ask(conn.proc.exe, shas[0])
+        return shas
+
     def window(self, seq: int, contime: str, conns: typing.List[Conn]) -> None:
         """Write one window's connections and tell the user what is new."""
         try:
@@ -6305,15 +6398,17 @@ class Primary:
         budget = min(0.5, self.config.db_write_limit_seconds / 4)
         names = self.names.resolve([c.raddr for c in conns if c.raddr and not c.domain], budget)
         rows, messages = [], []
+        programs: typing.Dict[tuple, typing.Tuple[str, str, str]] = {}
+        ignoring = any(self.ignore)
         for conn in conns:
-            sha, psha, gpsha = (self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
+            # (a window's connections share a few processes, the same objects: each is noted once)
+            who = (id(conn.proc), id(conn.parent), id(conn.grandparent), conn.rport == -1)
+            shas = programs.get(who)
+            if shas is None:
+                shas = programs[who] = self.program(conn, hashes, messages)
             domain = conn.domain or names.get(conn.raddr, "")
-            new, said = update_record(self.record, conn, sha, self.imported)
-            self.record_dirty, messages = self.record_dirty or new, messages + said
-            if self.vt and sha and self.record["SHA256"].get(conn.proc.exe, {}).get(sha) == VT_UNCHECKED:
-                self.vt.ask(conn.proc.exe, sha)
-            if not self.ignore.match(conn.lport, conn.rport, sha, domain, conn.raddr):
-                rows.append(conn_row(conn, contime, sha, psha, gpsha, domain, self.config))
+            if not (ignoring and self.ignore.match(conn.lport, conn.rport, shas[0], domain, conn.raddr)):
+                rows.append(conn_row(conn, contime, *shas, domain, self.config))
         self.write_rows(seq, rows)
         self.record_dirty |= self.virustotal_results()
         self.flush()
