@@ -32,6 +32,11 @@ Processes (all started by the supervisor, which restarts one that dies)::
       v notices (shown ones acknowledged)
     desktop (the user) -> desktop notifications on the user's session bus
 
+    reader --each second, while anyone listens--> live (picosnitch's account)
+      (what every connection moved)    ^ reports  -> /run/picosnitch/events.sock:
+                                       |             JSON lines for `top`,
+                                   notifier          `events` and dash's live tab
+
 Messages between processes are JSON over SOCK_SEQPACKET pairs: no process
 can make a root process run code or write a file. What picosnitch records
 is out of the reach of the user it works for, whose programs it watches:

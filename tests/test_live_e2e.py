@@ -90,20 +90,24 @@ def events(command="events", **kw):
 
 
 def test_events_show_a_programs_connection_with_its_exact_bytes(daemon, exe_dir):
-    proc = subprocess.Popen(["bash", "-c", f"set -o pipefail; {PYTHON} {SCRIPT} events | head -n 14"],
-                            stdout=subprocess.PIPE, text=True)
-    watch = watching(2)
-    exe, program = sender(exe_dir, 10, 0.5, size=1234)
+    proc = events()
+    lines = [json.loads(proc.stdout.readline())]
+    while lines[-1]["type"] != "tick":          # (past the reader process's baseline)
+        lines.append(json.loads(proc.stdout.readline()))
+    exe, program = sender(exe_dir, 1, 1, size=6170)
     sent = json.loads(program.communicate(timeout=30)[0])["sent"]
-    out, _ = proc.communicate(timeout=60)
-    watch.close()
-    assert proc.returncode == 0                 # (`head` closing the pipe is an end, not an error)
-    lines = [json.loads(line) for line in out.splitlines()]
+    told = []
+    while not (told and any(line["type"] == "connection" and line["exe"] == exe for line in lines)
+               and any(line["type"] == "executable" and line["exe"] == exe for line in lines)):
+        lines.append(json.loads(proc.stdout.readline()))
+        told += [c for c in lines[-1].get("conns", []) if c["exe"] == exe]
+    proc.stdout.close()                         # (as `head` does once it has its lines)
+    assert proc.wait(timeout=20) == 0
     assert lines[0]["type"] == "hello" and lines[0]["v"] == 1
-    ticks = [c for line in lines if line["type"] == "tick" for c in line["conns"] if c["exe"] == exe]
-    assert sum(c["send"] for c in ticks) == sent == 5 * 1234
+    assert sum(c["send"] for c in told) == sent == 6170 and len(told) == 1
     [connection] = [line for line in lines if line["type"] == "connection" and line["exe"] == exe]
     assert connection["new"] is True and connection["rport"] == SINK_PORT and connection["proto"] == "udp"
+    assert connection["send"] == 6170 and connection["name"] == os.path.basename(exe)
     assert [line["new"] for line in lines if line["type"] == "executable" and line["exe"] == exe] == [True]
     rows = daemon.wait_rows(exe=exe)
     assert sum(r["send"] for r in rows) == sent
