@@ -1059,7 +1059,8 @@ def parse_args(argv):
     if args.smoke:
         args.trials, args.scenarios, args.tools, args.sustain, args.pairs = 1, ",".join(SMOKE), "picosnitch", 3, 1
         args.churn = min(args.churn, 3)       # (one run, TCP from one program, with a 1-s write limit)
-    args.report = args.report or os.path.join(HERE, "reports", f"{datetime.date.today()}-{os.uname().release}.md")
+    kind = "churn-" if args.churn_only else "cost-" if args.cost_only else ""      # (a part: a report of its own)
+    args.report = args.report or os.path.join(HERE, "reports", f"{kind}{datetime.date.today()}-{os.uname().release}.md")
     return args
 
 
