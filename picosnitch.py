@@ -4595,8 +4595,10 @@ class LiveReading:
             return
         if self.readers:
             self.closing += self.moved(window, self.told, self.known)
+        # (a connection that only the closing read found stays unknown: the next tick tells of it as new)
+        unseen = {kid for kid, *_ in self.closing if kid not in self.known}
         self.known = {prefix + bytes(k) for prefix, entries in ((b"", window.entries), (b"m", window.merged))
-                      for k, _ in entries}
+                      for k, _ in entries} - unseen
         self.window, self.told = window.number + 1, {}
 
     def rows(self, moved: typing.List[tuple], tracker: "Tracker") -> typing.Tuple[typing.List[Conn], typing.List[int]]:
