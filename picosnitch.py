@@ -5817,10 +5817,12 @@ class GeoIP:
             if len(self.cache) >= GEOIP_CACHE:
                 self.cache.clear()
             try:
-                self.cache[addr] = self.reader.country(addr).country.iso_code or ""
+                found = self.reader.country(addr).country.iso_code or ""
             except Exception:      # not in the database, or not an address
-                self.cache[addr] = ""
-        return self.cache[addr]
+                found = ""
+            self.cache[addr] = found
+            return found        # (not read back: dash's threads share the cache, and one may clear it)
+        return self.cache.get(addr, "")
 
 
 ###############################################################################
@@ -8541,7 +8543,7 @@ def stream_str(value) -> str:
 @dataclasses.dataclass
 class LiveFlow:
     """A connection, or an entry of a grouping, as the live views show it."""
-    key: tuple
+    key: tuple                       # a connection's; an entry's (grouping, program key or label)
     label: str                       # what names it (shown() when drawn)
     sent: int = 0
     received: int = 0
@@ -8614,9 +8616,11 @@ class LiveState:
             program = self.program(c)
             program["pids"].add(stream_int(c.get("pid")))
             program["gone"] = 0.0
-            flow = self.conns.setdefault(key, {"program": self.program_of(c), "peer": self.peer(c),
-                                               "proto": stream_str(c.get("proto")), "uid": stream_int(c.get("uid")),
-                                               "sent": 0, "received": 0, "recent": collections.deque()})
+            flow = self.conns.get(key)
+            if flow is None:        # (named once: a peer's place is a lookup)
+                flow = self.conns[key] = {"program": self.program_of(c), "peer": self.peer(c),
+                                          "proto": stream_str(c.get("proto")), "uid": stream_int(c.get("uid")),
+                                          "sent": 0, "received": 0, "recent": collections.deque()}
             send, recv = stream_int(c.get("send")), stream_int(c.get("recv"))
             flow["sent"] += send
             flow["received"] += recv
@@ -8659,8 +8663,9 @@ class LiveState:
             recv_rate = sum(r for _, _, r in c["recent"]) / LIVE_RATE_SECONDS
             if text and text.casefold() not in f"{label} {c['peer']} {program.get('label', '')}".casefold():
                 continue
-            entry = found.setdefault((group, c["program"] if group == "program" else label), LiveFlow(
-                key, label, new=group in ("program", "connection") and program.get("new", False),
+            ident = (group, c["program"] if group == "program" else label)
+            entry = found.setdefault(ident, LiveFlow(
+                ident, label, new=group in ("program", "connection") and program.get("new", False),
                 gone=group in ("program", "connection") and bool(program.get("gone"))))
             entry.sent, entry.received = entry.sent + c["sent"], entry.received + c["received"]
             entry.send_rate, entry.recv_rate = entry.send_rate + send_rate, entry.recv_rate + recv_rate
