@@ -30,6 +30,7 @@ import os
 import pwd
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -657,6 +658,138 @@ def test_traffic_the_daemon_logged_is_on_the_chart_and_in_the_table(tmp_path, ex
         if server is not None:
             assert server.stop() == 0, server.output()
         assert daemon.stop() == 0
+
+
+# -- the live tab, from the daemon's event stream ------------------------------------
+
+LIVE_FIGURE = """
+var g = document.querySelector('#live-graph .js-plotly-plot');
+return g && g.data ? g.data.map(function (t) { return {meta: t.meta, axis: t.yaxis, y: t.y}; }) : [];
+"""
+BENCH = "/var/tmp/bench"
+
+
+def live_status(page):
+    """The live tab's status line ('' before the page has drawn it)."""
+    return page.browser.js("var e = document.getElementById('live-status'); return e ? e.innerText : '';")
+
+
+def live_row(page, program):
+    rows = page.props("live-table")["data"] or []
+    found = [r for r in rows if r["id"] == program]
+    assert len(found) == 1, f"{program} not in the live table: {[r['id'] for r in rows]}"
+    return found[0]
+
+
+def live_amounts(page, program):
+    row = live_row(page, program)
+    return row["sent_bytes"], row["received_bytes"]
+
+
+def live_connections(page):
+    found = page.props("live-conns")["data"]
+    assert found, "no connections shown"
+    return found
+
+
+def live_cell(page, program):
+    """The cell that names program in the live table, as drawn."""
+    cells = [c for c in page.driver.find_elements(By.CSS_SELECTOR, '#live-table td[data-dash-column="program"]')
+             if c.text.startswith(program + " (")]
+    assert len(cells) == 1, f"{program} is not drawn in the live table"
+    return cells[0]
+
+
+def live_charted(page, meta):
+    """The bytes a trace of the live chart has, above (sent) and below (received)."""
+    traces = page.browser.js(LIVE_FIGURE)
+    found = {t["axis"]: sum(t["y"]) for t in traces if t["meta"] == meta}
+    assert set(found) == {"y", "y2"}, f"{meta} is not charted: {[t['meta'] for t in traces]}"
+    return found["y"], found["y2"]
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def live_shot(browser, tmp_path, name):
+    """A screenshot of the page, in the test's directory and in BENCH."""
+    path = browser.screenshot(tmp_path / f"live-tab-{name}.png")
+    os.makedirs(BENCH, exist_ok=True)
+    shutil.copy(path, os.path.join(BENCH, path.name))
+
+
+def test_the_live_tab_shows_a_sender_as_the_daemon_streams_it(tmp_path, exe_dir, browser):
+    """Under the real daemon, the live tab (opened by its address) follows
+    the event stream: a new program that sends two datagrams over loopback
+    appears in the table as NEW with its exact bytes, in the feed as a new
+    program, and (filtered to it) on the chart; a click on it shows its
+    connection. In the history view the live tab asks nothing, and the
+    server's CPU stays low; when the daemon stops, the status line says so.
+    Screenshots go to the test's directory and to /var/tmp/bench."""
+    need_root()
+    daemon = Daemon(str(tmp_path), config={"Desktop notifications": False, "GeoIP lookup": False}).start()
+    server = None
+    try:
+        server = DashServer(tmp_path, tmp_path / "dash-output", daemon.state).start()
+        browser.read_console()
+        page = Page(browser, server)
+        browser.open(f"{server.url}?token={server.token}&v=live")
+        eventually(lambda: assert_equal(live_status(page)[:16], "connected since "))
+        assert page.query() == [("v", "live")] and page.props("live-tick")["disabled"] is False
+
+        sender = unique_c_sender(exe_dir)
+        name = os.path.basename(sender)
+        subprocess.run([sender, "127.0.0.1", str(PEER_PORT), "4321"], check=True)
+        subprocess.run([sender, "127.0.0.1", str(PEER_PORT), "1000", "1500"], check=True)
+        eventually(lambda: assert_equal(live_amounts(page, sender), (5321, 0)), timeout=30)
+        row = live_row(page, sender)
+        assert (row["program"], row["mark"], row["sent"]) == (f"{sender} ({name})", "NEW", "5.3 kB"), row
+        eventually(lambda: live_cell(page, sender))
+        eventually(lambda: assert_equal([line for line in page.text("live-feed").splitlines()
+                                         if line.endswith(f"new program{sender} ({name})")] != [], True))
+        feed = page.text("live-feed")      # (the page's questions to dash are left out)
+        assert f"127.0.0.1:{urllib.parse.urlsplit(server.url).port} " not in feed, feed
+        live_shot(browser, tmp_path, "light")
+
+        live_cell(page, sender).click()
+        eventually(lambda: assert_equal(page.text("live-conns-heading"), f"connections of {sender} ({name})"))
+        connections = eventually(lambda: live_connections(page))
+        assert sorted((c["connection"], c["sent_bytes"], c["received_bytes"]) for c in connections) == \
+            [(f"127.0.0.1:{PEER_PORT} (private) udp", 1000, 0), (f"127.0.0.1:{PEER_PORT} (private) udp", 4321, 0)]
+        field = page.driver.find_element(By.ID, "live-filter")
+        field.send_keys(name, Keys.ENTER)
+        eventually(lambda: assert_equal([r["id"] for r in page.props("live-table")["data"]], [sender]))
+        eventually(lambda: assert_equal(live_charted(page, f"{sender} ({name})"), (5321, 0)))
+        live_shot(browser, tmp_path, "chosen")
+        page.pick("theme", "dark")
+        eventually(lambda: assert_equal(page.query(), [("t", "dark"), ("v", "live")]))
+        live_shot(browser, tmp_path, "dark")
+        page.pick("theme", "light")
+
+        page.pick("view", "history")
+        eventually(lambda: assert_equal(page.query(), []))
+        eventually(lambda: assert_equal(page.props("live-tick")["disabled"], True))
+        page.settle()
+        before, started = cpu_seconds(server.proc.pid), time.monotonic()
+        time.sleep(10)
+        idle = (cpu_seconds(server.proc.pid) - before) / (time.monotonic() - started)
+        print(f"dash's CPU with the history view shown and the stream followed: {idle:.1%} of a core")
+        assert idle < 0.05, f"dash used {idle:.1%} of a core while idle"
+
+        page.pick("view", "live")
+        eventually(lambda: live_cell(page, sender))
+        assert daemon.stop() == 0
+        eventually(lambda: assert_equal(live_status(page).startswith("picosnitch is not running"), True),
+                   timeout=30)
+        live_shot(browser, tmp_path, "stopped")
+        assert_console_clean(browser, server)
+    finally:
+        if server is not None:
+            assert server.stop() == 0, server.output()
+        daemon.stop()
 
 
 def assert_in_table(page, exe, amounts, tip):
