@@ -17,6 +17,10 @@ end check what a page could easily get wrong: typing a time, applying a
 range twice, two actions while the server is busy, and a range with
 nothing in it.
 
+One test follows the live tab under the real daemon: a new program's
+bytes in its table, chart and feed, the status line when the daemon stops,
+and the server's CPU while the tab is shown and while it is not.
+
 One dash server runs per log and one browser per module; run the file in a
 mount namespace of its own when a daemon may be running elsewhere (the
 daemon test needs /run/picosnitch.pid for itself)."""
@@ -714,6 +718,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_share(pid, seconds):
+    """The share of a core a process uses over the next seconds."""
+    before, started = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / (time.monotonic() - started)
+
+
 def live_shot(browser, tmp_path, name):
     """A screenshot of the page, in the test's directory and in BENCH."""
     path = browser.screenshot(tmp_path / f"live-tab-{name}.png")
@@ -768,14 +779,13 @@ def test_the_live_tab_shows_a_sender_as_the_daemon_streams_it(tmp_path, exe_dir,
         eventually(lambda: assert_equal(page.query(), [("t", "dark"), ("v", "live")]))
         live_shot(browser, tmp_path, "dark")
         page.pick("theme", "light")
+        print(f"dash's CPU with the live tab shown: {cpu_share(server.proc.pid, 10):.1%} of a core")
 
         page.pick("view", "history")
         eventually(lambda: assert_equal(page.query(), []))
         eventually(lambda: assert_equal(page.props("live-tick")["disabled"], True))
         page.settle()
-        before, started = cpu_seconds(server.proc.pid), time.monotonic()
-        time.sleep(10)
-        idle = (cpu_seconds(server.proc.pid) - before) / (time.monotonic() - started)
+        idle = cpu_share(server.proc.pid, 10)
         print(f"dash's CPU with the history view shown and the stream followed: {idle:.1%} of a core")
         assert idle < 0.05, f"dash used {idle:.1%} of a core while idle"
 
@@ -1103,7 +1113,7 @@ def test_the_address_holds_the_view(page, world):
     eventually(lambda: assert_heading(page, SSH))
     assert page.props("units")["value"] == "bits" and page.props("smooth")["value"] == ["smooth"]
     assert page.props("refresh")["value"] == 15 and page.text("refresh") == "refresh 15 s"
-    assert page.props("theme")["value"] == "dark" and page.props("root")["className"] == "ps-dark"
+    assert page.props("theme")["value"] == "dark" and page.props("root")["className"] == "ps-dark ps-view-history"
     assert_console_clean(page.browser, page.server)
 
 
@@ -1129,13 +1139,13 @@ def test_bits_smoothing_and_the_dark_theme(page, world, tmp_path):
 
     page.pick("theme", "dark")
     expect(page, [("u", "bits"), ("s", "1"), ("t", "dark")], day, units="bits")
-    assert page.browser.js("return document.getElementById('root').className") == "ps-dark"
+    assert page.browser.js("return document.getElementById('root').className") == "ps-dark ps-view-history"
     colors = page.browser.js("""
         var style = function (e) { var s = getComputedStyle(e); return [s.backgroundColor, s.color]; };
         var g = document.querySelector('#graph .js-plotly-plot');
         return {root: style(document.getElementById('root')), cell: style(document.querySelector('#table td')),
-                label: style(document.querySelector('.ps-bar label')), paper: g._fullLayout.paper_bgcolor,
-                font: g._fullLayout.font.color};""")
+                label: style(document.querySelector('.ps-bar .ps-history label')),
+                paper: g._fullLayout.paper_bgcolor, font: g._fullLayout.font.color};""")
     dark = [(30, 31, 36, 1.0), (228, 228, 228, 1.0)]
     assert [color(c) for c in colors["root"]] == dark
     assert [color(c) for c in colors["cell"]] == dark
@@ -1148,7 +1158,7 @@ def test_bits_smoothing_and_the_dark_theme(page, world, tmp_path):
     eventually(lambda: assert_equal(page.query(), [("u", "bits")]))
     page.pick("units", "bytes")
     expect(page, [], day)
-    assert page.browser.js("return document.getElementById('root').className") == "ps-light"
+    assert page.browser.js("return document.getElementById('root').className") == "ps-light ps-view-history"
     assert_console_clean(page.browser, page.server)
 
 
@@ -1414,7 +1424,8 @@ def test_two_actions_while_the_server_is_busy_both_count(page):
         time.sleep(0.3)
     finally:
         page.server.proc.send_signal(signal.SIGCONT)
-    eventually(lambda: assert_equal(page.browser.js("return document.getElementById('root').className"), "ps-dark"))
+    eventually(lambda: assert_equal(page.browser.js("return document.getElementById('root').className"),
+                                    "ps-dark ps-view-history"))
     page.settle()
     assert page.query() == [("u", "bits"), ("t", "dark")]
 
