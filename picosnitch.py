@@ -32,6 +32,11 @@ Processes (all started by the supervisor, which restarts one that dies)::
       v notices (shown ones acknowledged)
     desktop (the user) -> desktop notifications on the user's session bus
 
+    reader --each second, while anyone listens--> live (picosnitch's account)
+      (what every connection moved)    ^ reports  -> /run/picosnitch/events.sock:
+                                       |             JSON lines for `top`,
+                                   notifier          `events` and dash's live tab
+
 Messages between processes are JSON over SOCK_SEQPACKET pairs: no process
 can make a root process run code or write a file. What picosnitch records
 is out of the reach of the user it works for, whose programs it watches:
@@ -179,13 +184,22 @@ def kernel_dev_to_user(kdev: int) -> int:
     return os.makedev(kdev >> 20, kdev & 0xFFFFF)
 
 
+V4_MAPPED = bytes(10) + b"\xff\xff"     # the first 12 bytes of an IPv4 address mapped into IPv6
+
+
 def format_addr(family: int, raw: bytes) -> str:
-    """Text form of an address from a 16-byte kernel field ('' when none)."""
+    """Text form of an address from a 16-byte kernel field ('' when none), as
+    ipaddress writes it (an IPv4 address mapped into IPv6 as IPv4). inet_ntop
+    writes the same at a quarter of the cost, but for the addresses whose first
+    12 bytes are 0 (it writes ::a.b.c.d where ipaddress writes hex)."""
     if family == AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
+        return socket.inet_ntop(AF_INET, raw[:4])
     if family == AF_INET6:
-        addr = ipaddress.IPv6Address(raw[:16])
-        return str(addr.ipv4_mapped or addr)
+        if raw[:12] == V4_MAPPED:
+            return socket.inet_ntop(AF_INET, raw[12:16])
+        if not any(raw[:12]):
+            return str(ipaddress.IPv6Address(raw[:16]))
+        return socket.inet_ntop(AF_INET6, raw[:16])
     return ""
 
 
@@ -590,11 +604,6 @@ class Conn:
     send: int
     recv: int
 
-    @classmethod
-    def from_list(cls, values: list) -> "Conn":
-        procs = [ProcInfo(*p[:7], tuple(p[7]), *p[8:]) for p in values[:3]]
-        return cls(*procs, *values[3:])
-
 
 # -- messages between the processes ----------------------------------------
 # Every message is one of these types. They travel as JSON (never pickle: the
@@ -674,12 +683,12 @@ class Batch(typing.NamedTuple):          # reader -> primary: part of one window
     part: int
     last: bool
     contime: str                         # local time of the window's end, as logged
-    conns: typing.List[Conn]
+    conns: typing.List[Conn]             # (sent as their processes and rows naming them: pack_conns)
 
 
 class LiveTick(typing.NamedTuple):       # reader -> live: what each connection moved since the last tick
     time: float                          # when the kernel's counts were read (seconds since the epoch)
-    conns: typing.List[Conn]             # send and recv: the bytes since the last tick
+    conns: typing.List[Conn]             # send and recv: the bytes since the last tick (sent as pack_conns)
     new: typing.List[int]                # the indexes in conns of connections not told of before
     exited: typing.List[int]             # pids of processes told of before that have exited since
 
@@ -741,15 +750,8 @@ def as_list(value) -> list:
     return [getattr(value, name) for name in names]
 
 
-def encode_message(message: typing.NamedTuple) -> bytes:
-    data = json.dumps([type(message).__name__, *message], default=as_list).encode()
-    if len(data) > MESSAGE_MAX:
-        raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
-    return data
-
-
 def field_ok(value, kind) -> bool:
-    """Whether a decoded field has the type its message declares."""
+    """Whether a decoded field has the type its message (or a process in it) declares."""
     kind = typing.get_origin(kind) or kind
     if kind is bool:
         return isinstance(value, bool)
@@ -760,6 +762,52 @@ def field_ok(value, kind) -> bool:
     if kind in (str, list):
         return isinstance(value, kind)
     return True
+
+
+def pack_conns(conns: typing.Sequence[Conn]) -> list:
+    """Connections as a Batch sends them: [processes, rows], each row a
+    Conn's fields with its process, parent and grandparent as places in the
+    processes. The rows of a window share a few processes (the Tracker's
+    objects, told apart by identity): each is sent, and decoded, once."""
+    places: typing.Dict[int, int] = {}
+    procs: typing.List[list] = []
+    rows = []
+    for c in conns:
+        row = as_list(c)
+        for i in range(3):
+            place = places.get(id(row[i]))
+            if place is None:
+                place = places[id(row[i])] = len(procs)
+                procs.append(as_list(row[i]))
+            row[i] = place
+        rows.append(row)
+    return [procs, rows]
+
+
+def unpack_conns(packed: list) -> typing.List[Conn]:
+    """The connections pack_conns sent; ValueError for anything else."""
+    if len(packed) != 2:
+        raise ValueError("not a list of processes and rows")
+    procs = {}
+    for i, p in enumerate(packed[0]):
+        info = procs[i] = ProcInfo(*p[:7], tuple(p[7]), *p[8:])
+        for field, kind in ProcInfo.__annotations__.items():
+            if not field_ok(getattr(info, field), kind):
+                raise ValueError(f"ProcInfo.{field} is not a {getattr(kind, '__name__', kind)}")
+    try:
+        return [Conn(procs[r[0]], procs[r[1]], procs[r[2]], *r[3:]) for r in packed[1]]
+    except KeyError as e:
+        raise ValueError(f"a row names process {e}, which was not sent")
+
+
+def encode_message(message: typing.NamedTuple) -> bytes:
+    fields = [*message]
+    if isinstance(message, (Batch, LiveTick)):
+        fields[1 if isinstance(message, LiveTick) else -1] = pack_conns(message.conns)
+    data = json.dumps([type(message).__name__, *fields], default=as_list).encode()
+    if len(data) > MESSAGE_MAX:
+        raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
+    return data
 
 
 def decode_message(data: bytes) -> typing.NamedTuple:
@@ -773,7 +821,7 @@ def decode_message(data: bytes) -> typing.NamedTuple:
             if not field_ok(getattr(message, field), kind):
                 raise ValueError(f"{name}.{field} is not a {getattr(kind, '__name__', kind)}")
         if isinstance(message, (Batch, LiveTick)):
-            message = message._replace(conns=[Conn.from_list(c) for c in message.conns])
+            message = message._replace(conns=unpack_conns(message.conns))
         if isinstance(message, HashRequest):
             message = message._replace(procs=[HashItem.checked(p) for p in message.procs])
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:
@@ -1302,12 +1350,11 @@ class Row(typing.NamedTuple):
     gpcmdline: str = ""
     gpsha256: str = ""
 
-    def process(self, prefix: str = "") -> tuple:
-        """The process (""), its parent ("p") or grandparent ("gp"): exe, name, cmdline, sha256."""
-        return tuple(getattr(self, prefix + a) for a in _PROC_ATTRS)
-
 
 DB_COLUMNS = list(Row._fields)
+# where a row has the process, its parent and its grandparent (each exe, name, cmdline, sha256)
+PROC_PLACES = [slice(DB_COLUMNS.index(p + "exe"), DB_COLUMNS.index(p + "exe") + len(_PROC_ATTRS))
+               for p in ("", "p", "gp")]
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
 SCHEMA_VERSION = 4
@@ -1417,6 +1464,51 @@ def rollup_statements(where: str) -> typing.Dict[int, typing.List[str]]:
 
 
 ROLL_STATEMENTS = rollup_statements("id > ? AND id <= ?")     # (the rows first < id <= last)
+
+# what a window's totals for each rollup are summed from, in this order: the
+# rows, or the window's totals for a wider rollup that keeps its keys (fewer
+# rows than the window's)
+WINDOW_SOURCES = {"rollups": "conns", "ports": "conns", "programs": "rollups", "times": "programs"}
+
+
+def window_statements() -> typing.List[str]:
+    """Statements adding the conns rows first < id <= last to the rollups
+    (those with ? marks take first and last). The rows are summed by hour once
+    per rollup, into a TEMP table, and every level is added from those hours
+    (the day and the whole log hold whole hours): each key of a window is
+    looked up once a level, not grouped from the rows again for each."""
+    out = []
+    for table, source in WINDOW_SOURCES.items():
+        keys = ROLLUPS[table]
+        columns, summed = "".join(k + ", " for k in keys), f"temp.window_{table}"
+        out += [f"CREATE TEMP TABLE IF NOT EXISTS window_{table} (b, {columns}send, recv, rows)",
+                f"DELETE FROM {summed}"]
+        if source == "conns":
+            bucket = f"CASE WHEN typeof(t) = 'integer' THEN t / {HOUR} * {HOUR} ELSE {NO_TIME} END"
+            values = [bucket] + [rollup_value(k) for k in keys]
+            out.append(f"INSERT INTO {summed} SELECT {', '.join(values)}, sum(send), sum(recv), count(*) FROM conns "
+                       f"WHERE id > ? AND id <= ? GROUP BY {', '.join(str(i + 1) for i in range(len(values)))}")
+        else:
+            out.append(f"INSERT INTO {summed} SELECT b, {columns}sum(send), sum(recv), sum(rows) "
+                       f"FROM temp.window_{source} GROUP BY b{''.join(', ' + k for k in keys)}")
+        for level in ROLLUP_LEVELS:     # (an hour's bucket is NO_TIME, or a multiple of the hour)
+            bucket = "b" if level == HOUR else f"CASE WHEN b = {NO_TIME} THEN b ELSE b / {level} * {level} END"
+            variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
+            for values in variants:     # (a key met twice in one statement is added up by its upsert)
+                out.append(f"INSERT INTO {table} (level, b, {columns}send, recv, rows) SELECT {level}, {bucket}, "
+                           f"{''.join(v + ', ' for v in values)}send, recv, rows FROM {summed} WHERE true "
+                           f"ON CONFLICT DO UPDATE SET send = send + excluded.send, "
+                           f"recv = recv + excluded.recv, rows = rows + excluded.rows")
+    return out
+
+
+WINDOW_STATEMENTS = window_statements()
+
+
+def add_to_rollups(con: sqlite3.Connection, first: int, last: int) -> None:
+    """Add the conns rows first < id <= last to the rollups, in the caller's transaction."""
+    for statement in WINDOW_STATEMENTS:
+        con.execute(statement, (first, last) if "?" in statement else ())
 
 
 # while older rows are rolled up, days with rows written since are told
@@ -1768,13 +1860,13 @@ class Log(OldLayouts):
 
     def encode(self, row: typing.Sequence) -> tuple:
         """A row (a Row, or its values in order) as conns values (CONNS_COLUMNS)."""
-        r = Row(*row)
+        r = Row._make(row) if len(row) == len(DB_COLUMNS) else Row(*row)
         t = self.times.get(r.contime)
         if t is None:
             t = self.times[r.contime] = local_seconds(r.contime)
-        return (t, r.send, r.recv, self.proc_id(r.process()), self.proc_id(r.process("p")),
-                self.proc_id(r.process("gp")), r.uid, r.lport, r.rport, self.str_id(r.laddr), self.str_id(r.raddr),
-                self.str_id(r.domain), self.str_id(r.proto))
+        proc, parent, gp = (self.proc_id(r[place]) for place in PROC_PLACES)
+        return (t, r.send, r.recv, proc, parent, gp, r.uid, r.lport, r.rport, self.str_id(r.laddr),
+                self.str_id(r.raddr), self.str_id(r.domain), self.str_id(r.proto))
 
     def add(self, rows: typing.Sequence[tuple], ids: typing.Optional[typing.Sequence[int]] = None) -> None:
         """Insert encoded rows (with ids, for rows moved from an older log,
@@ -1791,9 +1883,7 @@ class Log(OldLayouts):
             self.con.executemany(f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) VALUES (?, {marks})",
                                  [(i, *r) for i, r in zip(ids, rows)])
             first, last = ids[0] - 1, ids[-1]
-        for statements in ROLL_STATEMENTS.values():
-            for statement in statements:
-                self.con.execute(statement, (first, last))
+        add_to_rollups(self.con, first, last)
 
     def insert(self, rows: typing.Sequence[typing.Sequence], mark: typing.Tuple[str, int] = ("", 0)) -> None:
         """Insert rows (each a Row, or its values in order), in one transaction with mark (the
@@ -1963,9 +2053,8 @@ def catch_up(copy: str, path: str) -> int:
                             f"(SELECT coalesce(max(id), 0) FROM main.{table})")
             first = con.execute("SELECT coalesce(max(id), 0) FROM main.conns").fetchone()[0]
             n = con.execute("INSERT INTO main.conns SELECT * FROM live.conns WHERE id > ?", (first,)).rowcount
-            for statements in ROLL_STATEMENTS.values():
-                for statement in statements if n else ():
-                    con.execute(statement, (first, first + n))
+            if n:
+                add_to_rollups(con, first, first + n)
             con.execute("DELETE FROM main.meta")
             con.execute("INSERT INTO main.meta SELECT * FROM live.meta")
             con.execute("UPDATE main.sqlite_sequence SET seq = (SELECT seq FROM live.sqlite_sequence WHERE "
@@ -4295,7 +4384,7 @@ class Tracker:
         if context is None:
             context = self.lost_context(key)
             self.contexts[(key.pid, key.exe)] = context
-        else:
+        elif context.window != self.window:
             self.contexts[(key.pid, key.exe)] = context._replace(window=self.window)      # (still in use)
         proto = self.protos.get(key.prot, -1)
         return context, proto_name(key.family, proto) if proto >= 0 else "unknown"
@@ -4589,16 +4678,25 @@ class LiveReading:
                     out.append((kid, key, value.send - send, value.recv - recv, getattr(value, "conns", 0)))
         return out
 
+    @staticmethod
+    def combined(moved: typing.List[tuple]) -> typing.List[tuple]:
+        """moved() entries with one per key (a key closing a window and going on in the next)."""
+        out: typing.Dict[bytes, tuple] = {}
+        for kid, key, send, recv, merged in moved:
+            if kid in out:
+                _, _, s, r, m = out[kid]
+                send, recv, merged = send + s, recv + r, max(merged, m)
+            out[kid] = (kid, key, send, recv, merged)
+        return list(out.values())
+
     def closed(self, window: "Window") -> None:
         """A window closed: what its closing read found past the last tick waits for the next."""
         if window.number != self.window:
             return
         if self.readers:
             self.closing += self.moved(window, self.told, self.known)
-        # (a connection that only the closing read found stays unknown: the next tick tells of it as new)
-        unseen = {kid for kid, *_ in self.closing if kid not in self.known}
-        self.known = {prefix + bytes(k) for prefix, entries in ((b"", window.entries), (b"m", window.merged))
-                      for k, _ in entries} - unseen
+        self.known &= {prefix + bytes(k) for prefix, entries in ((b"", window.entries), (b"m", window.merged))
+                       for k, _ in entries}          # (those that may go on in the next window)
         self.window, self.told = window.number + 1, {}
 
     def rows(self, moved: typing.List[tuple], tracker: "Tracker") -> typing.Tuple[typing.List[Conn], typing.List[int]]:
@@ -4628,7 +4726,7 @@ class LiveReading:
         window = capture.peek()
         if window.number != self.window:
             self.window, self.told = window.number, {}
-        moved = self.closing + self.moved(window, self.told, self.known)
+        moved = self.combined(self.closing + self.moved(window, self.told, self.known))
         if not self.baseline:
             conns, new = self.rows(moved, tracker)
             exited = [pid for pid in self.pids if pid in tracker.exited]
@@ -4646,7 +4744,7 @@ class LiveReading:
         for prefix, entries in ((b"", window.entries), (b"m", window.merged)):
             for key, value in entries:
                 self.told[prefix + bytes(key)] = (value.send, value.recv)
-        self.known.update(self.told)
+        self.known.update(m[0] for m in moved)
 
 
 def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float]] = None) -> None:
@@ -5886,15 +5984,12 @@ RETRY_WRITES = 2.0        # seconds between attempts to write what waits
 
 def conn_row(conn: Conn, contime: str, sha: str, psha: str, gpsha: str, domain: str, config: Config) -> Row:
     """A connection's row; the Log switches blank what is off."""
-    cmd = lambda p: p.cmdline if config.log_commands else ""
-    port = lambda p: p if config.log_ports else None
-    addr = lambda a: a if config.log_addresses else ""
-    return Row(contime=contime, send=conn.send, recv=conn.recv,
-               exe=conn.proc.exe, name=conn.proc.name, cmdline=cmd(conn.proc), sha256=sha,
-               pexe=conn.parent.exe, pname=conn.parent.name, pcmdline=cmd(conn.parent), psha256=psha,
-               uid=conn.uid, lport=port(conn.lport), rport=port(conn.rport), laddr=addr(conn.laddr),
-               raddr=addr(conn.raddr), domain=domain, proto=conn.proto, gpexe=conn.grandparent.exe,
-               gpname=conn.grandparent.name, gpcmdline=cmd(conn.grandparent), gpsha256=gpsha)
+    p, pp, gp = conn.proc, conn.parent, conn.grandparent
+    cmd, port, addr = config.log_commands, config.log_ports, config.log_addresses
+    return Row(contime, conn.send, conn.recv, p.exe, p.name, p.cmdline if cmd else "", sha,
+               pp.exe, pp.name, pp.cmdline if cmd else "", psha, conn.uid, conn.lport if port else None,
+               conn.rport if port else None, conn.laddr if addr else "", conn.raddr if addr else "", domain, conn.proto,
+               gp.exe, gp.name, gp.cmdline if cmd else "", gpsha)
 
 
 def record_add(section: dict, key: str, value: str) -> bool:
@@ -6288,6 +6383,18 @@ class Primary:
             self.reporter.error(f"could not hash {p.exe or p.name} (pid {p.pid}): {why}; it is logged without a hash")
         return sha
 
+    def program(self, conn: Conn, hashes: dict, messages: typing.List[str]) -> typing.Tuple[str, str, str]:
+        """Note a connection's program in record.json (what to tell the user
+        goes to messages), and have VirusTotal check its hash: its sha256, its
+        parent's and its grandparent's."""
+        shas = tuple(self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
+        new, said = update_record(self.record, conn, shas[0], self.imported)
+        self.record_dirty |= new
+        messages += said
+        if self.vt and shas[0] and self.record["SHA256"].get(conn.proc.exe, {}).get(shas[0]) == VT_UNCHECKED:
+            self.vt.ask(conn.proc.exe, shas[0])
+        return shas
+
     def window(self, seq: int, contime: str, conns: typing.List[Conn]) -> None:
         """Write one window's connections and tell the user what is new."""
         try:
@@ -6298,15 +6405,17 @@ class Primary:
         budget = min(0.5, self.config.db_write_limit_seconds / 4)
         names = self.names.resolve([c.raddr for c in conns if c.raddr and not c.domain], budget)
         rows, messages = [], []
+        programs: typing.Dict[tuple, typing.Tuple[str, str, str]] = {}
+        ignoring = any(self.ignore)
         for conn in conns:
-            sha, psha, gpsha = (self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
+            # (a window's connections share a few processes, the same objects: each is noted once)
+            who = (id(conn.proc), id(conn.parent), id(conn.grandparent), conn.rport == -1)
+            shas = programs.get(who)
+            if shas is None:
+                shas = programs[who] = self.program(conn, hashes, messages)
             domain = conn.domain or names.get(conn.raddr, "")
-            new, said = update_record(self.record, conn, sha, self.imported)
-            self.record_dirty, messages = self.record_dirty or new, messages + said
-            if self.vt and sha and self.record["SHA256"].get(conn.proc.exe, {}).get(sha) == VT_UNCHECKED:
-                self.vt.ask(conn.proc.exe, sha)
-            if not self.ignore.match(conn.lport, conn.rport, sha, domain, conn.raddr):
-                rows.append(conn_row(conn, contime, sha, psha, gpsha, domain, self.config))
+            if not (ignoring and self.ignore.match(conn.lport, conn.rport, shas[0], domain, conn.raddr)):
+                rows.append(conn_row(conn, contime, *shas, domain, self.config))
         self.write_rows(seq, rows)
         self.record_dirty |= self.virustotal_results()
         self.flush()
@@ -6488,6 +6597,7 @@ STREAM_VERSION = 1
 STREAM_READERS = 16        # readers at once (one more is told so, and that is logged)
 STREAM_QUEUE = 4 << 20     # bytes waiting for one reader, at most
 STREAM_RECORD_CHECK = 2.0  # seconds between looks at the record (is a program new to it?)
+STREAM_NEW_SECONDS = 3600.0    # a program the record took in since is still new (its first window may be written first)
 STREAM_FULL_REPORTS = 60.0     # seconds between two reports of readers turned away
 
 
@@ -6573,9 +6683,11 @@ class Stream:
         self.rt, self.path = rt, path
         self.readers: typing.Dict[int, StreamReader] = {}       # by descriptor
         self.record: typing.Set[str] = set()                     # the executables record.json knows
-        self.record_seen, self.record_checked = (0, 0), 0.0
+        self.record_seen, self.record_checked = (0, 0), -STREAM_RECORD_CHECK
+        self.recorded: typing.Dict[str, float] = {}             # executables it took in since, and when
         self.programs: typing.Set[typing.Tuple[str, str, int]] = set()      # told of as new executables
         self.full_reported = -STREAM_FULL_REPORTS
+        self.is_new("")             # (what the record knows now is not new)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -6626,29 +6738,32 @@ class Stream:
             for line in lines:
                 reader.put(line)
 
-    def known(self) -> typing.Set[str]:
-        """The executables the record knows (looked at again every STREAM_RECORD_CHECK)."""
-        if time.monotonic() - self.record_checked >= STREAM_RECORD_CHECK:
-            self.record_checked = time.monotonic()
+    def is_new(self, exe: str) -> bool:
+        """Whether the record does not know a program, or took it in within
+        STREAM_NEW_SECONDS (looked at again every STREAM_RECORD_CHECK)."""
+        now = time.monotonic()
+        if now - self.record_checked >= STREAM_RECORD_CHECK:
+            first, self.record_checked = self.record_checked < 0, now
             path = os.path.join(self.rt.private, RECORD_NAME)
             with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
                 st = os.stat(path)
                 if (st.st_mtime_ns, st.st_size) != self.record_seen:
                     with open(path, encoding="utf-8") as f:
-                        self.record = set(json.load(f).get("Executables", {}))
-                    self.record_seen = (st.st_mtime_ns, st.st_size)
-        return self.record
+                        record = set(json.load(f).get("Executables", {}))
+                    self.recorded.update({e: now for e in record - self.record} if not first else {})
+                    self.record, self.record_seen = record, (st.st_mtime_ns, st.st_size)
+            self.recorded = {e: t for e, t in self.recorded.items() if now - t < STREAM_NEW_SECONDS}
+        return bool(exe) and (exe not in self.record or exe in self.recorded)
 
     def tick_lines(self, tick: LiveTick) -> typing.List[bytes]:
         """A tick, then each new connection and each program not told of before."""
-        known = self.known()
         lines = [stream_line("tick", tick.time, conns=[stream_conn(c) for c in tick.conns],
                              exited=[p for p in tick.exited if isinstance(p, int)])]
         for i in tick.new:
             if not (isinstance(i, int) and 0 <= i < len(tick.conns)):
                 continue
             c = tick.conns[i]
-            new = bool(c.proc.exe) and c.proc.exe not in known
+            new = self.is_new(c.proc.exe)
             lines.append(stream_line("connection", tick.time, new=new, **stream_conn(c)))
             program = (c.proc.exe, c.proc.name, c.uid)
             if program not in self.programs:
@@ -8594,7 +8709,7 @@ class LiveState:
         key = self.program_of(event)
         if key not in self.programs:
             name, exe = stream_str(event.get("name")), stream_str(event.get("exe"))
-            self.programs[key] = {"label": f"{exe} ({name})" if exe else f"{name} (no executable known)",
+            self.programs[key] = {"label": f"{name} ({exe})" if exe else f"{name} (no executable known)",
                                   "pids": set(), "uid": stream_int(event.get("uid")), "new": False, "gone": 0.0}
         return self.programs[key]
 
@@ -9049,8 +9164,8 @@ class Top:
         unit, out = UNITS[self.unit], []
         amount = lambda n: format_amount(int(n), unit)
         for entry in self.live.sorted_flows(LIVE_GROUPS[self.group][1], self.sort, self.filter):
-            mark = "NEW " if entry.new else "gone " if entry.gone else ""
-            style = "new" if entry.new else "gone" if entry.gone else ""
+            mark = ("NEW " if entry.new else "") + ("gone " if entry.gone else "")
+            style = "gone" if entry.gone else "new" if entry.new else ""
             out.append((f"{amount(entry.send_rate) + '/s':>11} {amount(entry.recv_rate) + '/s':>11} "
                         f"{amount(entry.sent):>10} {amount(entry.received):>10}  {mark}{shown(entry.label)}", style))
             for child in entry.children[:TOP_CHILDREN]:

@@ -1,6 +1,8 @@
 """The BPF program text: both capture modes pass the verifier; events decode."""
 import ctypes
+import ipaddress
 import os
+import random
 
 import pytest
 
@@ -185,6 +187,14 @@ def test_addresses_and_protocols_format():
     assert picosnitch.format_addr(picosnitch.AF_INET6, v6) == "127.0.0.1"
     assert picosnitch.format_addr(picosnitch.AF_INET6, bytes(15) + b"\x01") == "::1"
     assert picosnitch.format_addr(picosnitch.AF_PACKET, bytes(16)) == ""
+    rng = random.Random(5)
+    shapes = [lambda: bytes(rng.choice((0, 0, 1, 255)) for _ in range(16)),        # runs of zeros, ties among them
+              lambda: bytes(12) + rng.randbytes(4), lambda: bytes(10) + rng.randbytes(6),
+              lambda: bytes(rng.choice((0, 1)) for _ in range(16)), lambda: rng.randbytes(16)]
+    for raw in [rng.choice(shapes)() for _ in range(20000)] + [bytes(16), bytes(11) + b"\x01" + bytes(4)]:
+        assert picosnitch.format_addr(picosnitch.AF_INET6, raw) == \
+            str(ipaddress.IPv6Address(raw).ipv4_mapped or ipaddress.IPv6Address(raw)), raw.hex()
+        assert picosnitch.format_addr(picosnitch.AF_INET, raw) == str(ipaddress.IPv4Address(raw[:4]))
     assert [picosnitch.proto_name(f, p) for f, p in [(2, 6), (10, 17), (2, 253), (17, 768), (2, 1)]] == \
         ["tcp", "udp", "raw253", "packet", "icmp"]
 

@@ -447,9 +447,9 @@ def test_the_live_tables_show_rates_totals_and_the_connections_of_the_program_ch
     assert (curl["sent_bytes"], curl["received_bytes"], curl["mark"]) == (4010, 60_000, "")
     assert (curl["up"], curl["down"], curl["sent"]) == ("2.0 kB/s", "30.0 kB/s", "4.0 kB")     # (2 s of ticks)
     assert (evil["sent_bytes"], evil["mark"]) == (300, "NEW")    # new wins over gone: it says more
-    assert evil["program"] == picosnitch.shown(f"{HOSTILE} (evil)") and "\x1b" not in evil["program"]
+    assert evil["program"] == picosnitch.shown(f"evil ({HOSTILE})") and "\x1b" not in evil["program"]
     assert tables["tips"][0]["received"]["value"] == "60,000 bytes"
-    assert tables["chosen_row"] == 0 and tables["heading"] == "connections of /usr/bin/curl (curl)"
+    assert tables["chosen_row"] == 0 and tables["heading"] == "connections of curl (/usr/bin/curl)"
     assert sorted((c["connection"], c["sent_bytes"]) for c in tables["connections"]) == \
         [("192.0.2.1:443 tcp", 4000), ("192.0.2.2:80 tcp", 10)]
     bits = picosnitch.dash_live_tables(live, 1, "evil", None, "bits")
@@ -462,9 +462,9 @@ def test_the_live_chart_follows_the_last_minutes_and_the_feed_is_newest_first():
     live = fed_live()
     figure = picosnitch.dash_live_figure(live, picosnitch.DashState(), "")
     sent = [t for t in figure["data"] if t["yaxis"] == "y"]
-    assert [t["name"] for t in sent] == ["all programs", "/usr/bin/curl (curl)",
+    assert [t["name"] for t in sent] == ["all programs", "curl (/usr/bin/curl)",
                                          picosnitch.html.escape(picosnitch.shorten(picosnitch.shown(
-                                             f"{HOSTILE} (evil)")), quote=False)]
+                                             f"evil ({HOSTILE})")), quote=False)]
     assert sent[0]["y"] == [1300, 3010] and sent[1]["y"] == [1000, 3010] and sent[2]["y"] == [300, 0]
     assert figure["layout"]["xaxis"]["range"] == [picosnitch.dash_live_time(T0 + 2 - 60),      # (a minute at least)
                                                   picosnitch.dash_live_time(T0 + 2)]
@@ -475,7 +475,7 @@ def test_the_live_chart_follows_the_last_minutes_and_the_feed_is_newest_first():
         picosnitch.dash_live_time(T0 + 400 - picosnitch.LIVE_HISTORY)      # (what is kept: the last 300 ticks)
     assert "annotations" not in figure["layout"]
     only = picosnitch.dash_live_figure(live, picosnitch.DashState(), "", "CURL")
-    assert [t["name"] for t in only["data"] if t["yaxis"] == "y"] == ["all programs", "/usr/bin/curl (curl)"]
+    assert [t["name"] for t in only["data"] if t["yaxis"] == "y"] == ["all programs", "curl (/usr/bin/curl)"]
     bits = picosnitch.dash_live_figure(live, picosnitch.DashState(units="bits"), "")
     assert bits["data"][0]["y"] == [10400, 24080] and "bits/s" in bits["layout"]["yaxis"]["title"]["text"]
     waiting = picosnitch.dash_live_figure(picosnitch.LiveState(picosnitch.Labels(None)), picosnitch.DashState(),
@@ -537,7 +537,7 @@ def test_the_live_thread_follows_the_stream_as_it_ends_and_comes_back(tmp_path, 
     wait(lambda: follower.live.now == T0 + 2)
     with follower.lock:      # (totals since dash started: the earlier connection's too)
         curl = follower.live.sorted_flows("program", 0)[0]
-    assert (curl.label, curl.sent) == ("/usr/bin/curl (curl)", 4010)
+    assert (curl.label, curl.sent) == ("curl (/usr/bin/curl)", 4010)
     accepted[0].sendall(b'{"type": "refused", "reason": "only root and someone may read it"}\n')
     wait(lambda: "refused this reader: only root and someone" in follower.status)
     listener.close()

@@ -106,6 +106,43 @@ def test_rows_read_back_exactly_as_written(tmp_path):
     assert query.count() == 4
 
 
+def rollup_tables(con):
+    return {table: con.execute(f"SELECT * FROM {table} ORDER BY 1, 2, 3, 4, 5").fetchall()
+            for table in picosnitch.ROLLUPS}
+
+
+def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path):
+    """A window's rows are summed once per rollup and its levels added from
+    those hours: the totals are those of the rows grouped at each level
+    (ROLL_STATEMENTS), for windows across hours and days, times that are no
+    time, NULL ports and users, and a local port two processes share."""
+    rng = random.Random(7)
+    rows = list(loggen.rows(loggen.World(5, exes=6, domains=20), 1500, 3, end=NOW))
+    for i in range(0, len(rows), 7):
+        r = list(rows[i])
+        r[0] = "not a time" if i % 2 else r[0]
+        r[11 + i % 3] = None
+        rows[i] = tuple(r)
+    for i in range(40):     # (two programs on one port, across midnight)
+        rows.append((text(NOW - NOW % 86400 - 30 + i), i, 2 * i, f"/opt/p{i % 2}", "p", "", "", "", "", "", "",
+                     1000, 7400, 50000 + i, "127.0.0.1", "127.0.0.1", "", "tcp"))
+    rng.shuffle(rows)
+    windowed, grouped = picosnitch.Log.open(str(tmp_path / "a.db")), picosnitch.Log.open(str(tmp_path / "b.db"))
+    for start in range(0, len(rows), 300):
+        windowed.insert(rows[start:start + 300])
+        with grouped.con:
+            encoded = [grouped.encode(r) for r in rows[start:start + 300]]
+            grouped.con.executemany(f"INSERT INTO conns ({', '.join(picosnitch.CONNS_COLUMNS)}) VALUES "
+                                    f"({', '.join('?' * len(picosnitch.CONNS_COLUMNS))})", encoded)
+            for statements in picosnitch.ROLL_STATEMENTS.values():
+                for statement in statements:
+                    grouped.con.execute(statement, (start, start + len(encoded)))
+    assert rollup_tables(windowed.con) == rollup_tables(grouped.con)
+    assert len(rollup_tables(windowed.con)["ports"]) > 1000
+    windowed.close()
+    grouped.close()
+
+
 GROUPS = ["exe", "name", "cmdline", "sha256", "pexe", "pname", "gpexe", "domain", "raddr", "laddr", "lport", "rport",
           "uid", "proto", "time"]
 

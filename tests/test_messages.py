@@ -41,6 +41,25 @@ def test_what_is_not_a_message_is_refused():
             picosnitch.decode_message(data)
 
 
+def test_a_batch_sends_each_process_once_and_its_rows_name_it():
+    parent = picosnitch.ProcInfo(6, "/usr/bin/bash", "bash", "bash", 64769, 99)
+    conns = [picosnitch.Conn(PROC, parent, picosnitch.NO_PROC, 1000, "tcp", 40000 + i, 443, "10.0.0.2", "10.0.0.1",
+                             "", i, 0) for i in range(100)]
+    data = picosnitch.encode_message(picosnitch.Batch(3, 0, True, "2026-11-29 10:00:00", conns))
+    procs, rows = picosnitch.json.loads(data)[-1]
+    assert len(procs) == 3 and rows[0][:3] == [0, 1, 2] and rows[99][3:6] == [1000, "tcp", 40099]
+    got = picosnitch.decode_message(data)
+    assert got.conns == conns and got.conns[0].proc.exec_id == (7, 99)
+    assert got.conns[0].proc is got.conns[99].proc         # (decoded once)
+    for bad, why in [(["Batch", 3, 0, True, "t", [procs, [[0, 1, 3] + rows[0][3:]]]], "process 3, which was not sent"),
+                     (["Batch", 3, 0, True, "t", [procs, [[0, 1, -1] + rows[0][3:]]]], "process -1"),
+                     (["Batch", 3, 0, True, "t", [[["7"] + procs[0][1:]] + procs[1:], rows]], "ProcInfo.pid is not"),
+                     (["Batch", 3, 0, True, "t", [procs, [rows[0][:-1]]]], "TypeError"),
+                     (["Batch", 3, 0, True, "t", [procs]], "not a list of processes and rows")]:
+        with pytest.raises(ValueError, match=why):
+            picosnitch.decode_message(picosnitch.json.dumps(bad).encode())
+
+
 def test_big_messages_arrive_whole_and_descriptors_go_with_them(tmp_path):
     a, b = picosnitch.Channel.pair()
     report = picosnitch.Report("error", "x" * 1_500_000, "", 0.0)

@@ -71,6 +71,25 @@ def test_a_window_reaches_every_sink_and_skips_ignored_rows(tmp_path):
         vt.close()
 
 
+def test_a_program_of_many_connections_is_noted_once_and_each_row_ignored_or_kept(tmp_path):
+    """A window's connections share their processes (the same objects): the
+    program is hashed and noted once, each row keeps its hashes, and "Log
+    ignore" still decides row by row."""
+    p = primary(tmp_path, log_ignore=[53], geoip_lookup=False)
+    first = conn("/usr/bin/churn", "churn", 7)
+    conns = [first] + [picosnitch.dataclasses.replace(first, lport=40001 + i, rport=53 if i % 3 == 0 else 443)
+                       for i in range(29)]
+    conns.append(picosnitch.dataclasses.replace(first, proc=picosnitch.dataclasses.replace(first.proc, name="churn2")))
+    p.window(1, picosnitch.now_text(), conns)
+    rows = picosnitch.db_rows(str(tmp_path / "state" / "snitch.db"))
+    assert sorted(r["lport"] for r in rows) == sorted(c.lport for c in conns if c.rport != 53)
+    assert {(r["name"], r["sha256"], r["psha256"], r["gpsha256"]) for r in rows} == \
+        {(name, f"{7:064x}", f"{99:064x}", "") for name in ("churn", "churn2")}
+    assert [r.text for r in p.reports.read() if r.kind == "exe"] == \
+        ["First network connection detected for churn (/usr/bin/churn)", "/usr/bin/churn is running as a new name: churn2"]
+    p.close()
+
+
 def test_a_locked_database_keeps_windows_in_memory_and_is_reported_once(tmp_path):
     p = primary(tmp_path, geoip_lookup=False)
     db = str(tmp_path / "state" / "snitch.db")
