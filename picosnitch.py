@@ -5915,10 +5915,12 @@ class GeoIP:
             if len(self.cache) >= GEOIP_CACHE:
                 self.cache.clear()
             try:
-                self.cache[addr] = self.reader.country(addr).country.iso_code or ""
+                found = self.reader.country(addr).country.iso_code or ""
             except Exception:      # not in the database, or not an address
-                self.cache[addr] = ""
-        return self.cache[addr]
+                found = ""
+            self.cache[addr] = found
+            return found        # (not read back: dash's threads share the cache, and one may clear it)
+        return self.cache.get(addr, "")
 
 
 ###############################################################################
@@ -8656,7 +8658,7 @@ def stream_str(value) -> str:
 @dataclasses.dataclass
 class LiveFlow:
     """A connection, or an entry of a grouping, as the live views show it."""
-    key: tuple
+    key: tuple                       # a connection's; an entry's (grouping, program key or label)
     label: str                       # what names it (shown() when drawn)
     sent: int = 0
     received: int = 0
@@ -8729,9 +8731,11 @@ class LiveState:
             program = self.program(c)
             program["pids"].add(stream_int(c.get("pid")))
             program["gone"] = 0.0
-            flow = self.conns.setdefault(key, {"program": self.program_of(c), "peer": self.peer(c),
-                                               "proto": stream_str(c.get("proto")), "uid": stream_int(c.get("uid")),
-                                               "sent": 0, "received": 0, "recent": collections.deque()})
+            flow = self.conns.get(key)
+            if flow is None:        # (named once: a peer's place is a lookup)
+                flow = self.conns[key] = {"program": self.program_of(c), "peer": self.peer(c),
+                                          "proto": stream_str(c.get("proto")), "uid": stream_int(c.get("uid")),
+                                          "sent": 0, "received": 0, "recent": collections.deque()}
             send, recv = stream_int(c.get("send")), stream_int(c.get("recv"))
             flow["sent"] += send
             flow["received"] += recv
@@ -8774,8 +8778,9 @@ class LiveState:
             recv_rate = sum(r for _, _, r in c["recent"]) / LIVE_RATE_SECONDS
             if text and text.casefold() not in f"{label} {c['peer']} {program.get('label', '')}".casefold():
                 continue
-            entry = found.setdefault((group, c["program"] if group == "program" else label), LiveFlow(
-                key, label, new=group in ("program", "connection") and program.get("new", False),
+            ident = (group, c["program"] if group == "program" else label)
+            entry = found.setdefault(ident, LiveFlow(
+                ident, label, new=group in ("program", "connection") and program.get("new", False),
                 gone=group in ("program", "connection") and bool(program.get("gone"))))
             entry.sent, entry.received = entry.sent + c["sent"], entry.received + c["received"]
             entry.send_rate, entry.recv_rate = entry.send_rate + send_rate, entry.recv_rate + recv_rate
@@ -9271,9 +9276,11 @@ def run_events(out: typing.BinaryIO) -> int:
 # `picosnitch dash`: bytes sent and received over time, one trace per entry
 # of a grouping, a totals table and a drill-down per executable, under a
 # filter chain and a time range, as in `view`. Every interaction asks the
-# query layer (section 20) again; nothing is loaded whole. The whole view is
-# in the page's address, so a reload, a bookmark or the browser's history
-# shows it again. The server answers only requests for the address it
+# query layer (section 20) again; nothing is loaded whole. Its live tab
+# shows what `top` shows, from the event stream (the LiveState of section
+# 20), which a thread of the server follows from start to end. The whole
+# view is in the page's address, so a reload, a bookmark or the browser's
+# history shows it again. The server answers only requests for the address it
 # serves (no DNS rebinding), and off loopback only those with its token.
 # Dash and Plotly are imported here only, when the command runs; the page's
 # data (figures, rows) are plain values, built by functions of their own.
@@ -9303,6 +9310,13 @@ DASH_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
 DASH_THEMES = {"light": {"paper": "#ffffff", "plot": "#ffffff", "text": "#222222", "grid": "#e6e6e6"},
                "dark": {"paper": "#1e1f24", "plot": "#1e1f24", "text": "#e4e4e4", "grid": "#3a3c44"}}
 DASH_LABEL = 48            # characters of a label shown in a legend; the whole on hover
+# the tables' cells; a name takes the width the amounts leave it, cut short (whole on hover)
+DASH_CELL = {"maxWidth": "280px", "overflow": "hidden", "textOverflow": "ellipsis",
+             "fontFamily": "system-ui, sans-serif", "fontSize": "13px"}
+DASH_NAME_CELL = {"textAlign": "left", "width": "100%", "minWidth": "120px", "maxWidth": 0}
+# a click filters, opens the details or chooses: no cell stays marked
+DASH_UNMARKED = [{"selector": "td.cell--selected, td.focused",
+                  "rule": "background-color: inherit !important; border-color: inherit !important;"}]
 # plotly.js's basic bundle (scatter, bar and pie: all the page draws) is a
 # quarter of the full one that Plotly ships, and the browser runs it in about
 # a second less. .ci/install-deps puts this release of it in one of
@@ -9310,6 +9324,16 @@ DASH_LABEL = 48            # characters of a label shown in a legend; the whole 
 # own plotly.js is the same version, and Plotly's full bundle otherwise.
 DASH_PLOTLY_BASIC = ("4.1.1", "99784e3abfb07b142a15e521a439e6d9addceadb3f79553fd24c72774f0649ba")
 DASH_PLOTLY_PATHS = ["/usr/share/picosnitch/plotly-basic.min.js", "/usr/local/share/picosnitch/plotly-basic.min.js"]
+DASH_VIEWS = ["history", "live"]
+# the live tab: the page asks once a second while the tab is shown (and the
+# browser's tab is visible), and is told nothing when no event came meanwhile
+DASH_LIVE_REFRESH = 1000   # ms between the page's questions
+DASH_LIVE_RETRY = 2.0      # seconds between attempts to reach the event stream
+DASH_LIVE_WAIT = 60.0      # seconds the stream's thread waits for lines at a time
+DASH_LIVE_SPAN = 60        # seconds the chart spans at least (LIVE_HISTORY at most)
+DASH_LIVE_TRACES = 5       # programs charted one by one, beside all of them together
+DASH_LIVE_ROWS = 200       # programs listed at most (the busiest)
+DASH_LIVE_FEED = 100       # entries of the feed shown (the newest)
 
 
 @dataclasses.dataclass
@@ -9326,6 +9350,7 @@ class DashState:
     detail: typing.Any = None           # the executable drilled into
     refresh: int = 0                    # seconds between refreshes; 0: off
     theme: str = "light"
+    view: str = "history"               # or "live": the live tab
 
 
 def encode_value(value) -> str:
@@ -9399,6 +9424,7 @@ def dash_query(state: DashState) -> str:
     pairs += [("d", encode_value(state.detail))] if state.detail is not None else []
     pairs += [("a", str(state.refresh))] if state.refresh else []
     pairs += [("t", state.theme)] if state.theme != defaults.theme else []
+    pairs += [("v", state.view)] if state.view != defaults.view else []
     return "?" + urllib.parse.urlencode(pairs) if pairs else ""
 
 
@@ -9435,6 +9461,8 @@ def dash_state(query: str) -> typing.Tuple[DashState, typing.List[str]]:
                 state.refresh = int(text)
             elif key == "t" and text in DASH_THEMES:
                 state.theme = text
+            elif key == "v" and text in DASH_VIEWS:
+                state.view = text
             else:
                 raise ValueError(text)
         except ValueError:
@@ -9589,6 +9617,13 @@ def dash_table_rows(data: dict, state: DashState, labels: Labels) -> typing.Tupl
     return columns, rows, tips
 
 
+def dash_table_colors(theme: str) -> typing.Tuple[dict, dict]:
+    """The style of a table's header, and of its cells, in a theme."""
+    colors = DASH_THEMES[theme]
+    return ({"backgroundColor": colors["grid"], "color": colors["text"], "fontWeight": "600"},
+            {"backgroundColor": colors["paper"], "color": colors["text"]})
+
+
 def dash_options(column: str, entries: typing.Sequence[tuple], labels: Labels, typed: str = "",
                  chosen: typing.Optional[str] = None) -> typing.List[dict]:
     """The filter bar's values of a column, from its entries (largest first):
@@ -9691,7 +9726,7 @@ class DashGuard:
     the page in a Referer header."""
 
     def __init__(self, host: str, port: int, token: str = ""):
-        self.hosts, self.token = dash_hosts(host, port), token
+        self.hosts, self.token, self.port = dash_hosts(host, port), token, port
         self.prefix = f"/{secrets.token_urlsafe(16)}/" if token else "/"
 
     def check(self):
@@ -9757,6 +9792,27 @@ html, body { overflow-x: hidden; }
 .ps-detail h3 { margin: 12px 0 4px; font-size: 15px; }
 .ps-dark input, .ps-dark button { background: #2b2d35; color: #e4e4e4; border: 1px solid #555555; }
 button { cursor: pointer; }
+/* the view shown: history or live */
+.ps-bar .ps-history { display: contents; }
+.ps-view-live .ps-history, .ps-view-history .ps-live { display: none !important; }
+.ps-tabs label { padding: 3px 10px; border: 1px solid #888888; border-radius: 12px; margin-right: 2px; }
+.ps-tabs input { display: none; }
+.ps-tabs label:has(input:checked) { background: #1f77b4; border-color: #1f77b4; }
+.ps-tabs label:has(input:checked), .ps-tabs label:has(input:checked) * { color: #ffffff !important; }
+.ps-live .dash-input-container { flex: 0 0 320px; width: 320px; }
+.ps-dark { color-scheme: dark; }
+.ps-live-status { color: #666666; }
+.ps-dark .ps-live-status { color: #a8adb8; }
+.ps-live-left { flex: 3 1 0; min-width: 0; }
+.ps-live-chart { height: 420px; }
+.ps-live h3 { margin: 10px 0 4px; font-size: 15px; }
+.ps-note { margin-bottom: 4px; }
+.ps-feed { max-height: 300px; overflow-y: auto; font-size: 13px; border-top: 1px solid #8884; }
+.ps-feed div { padding: 2px 0; border-bottom: 1px solid #8882; overflow-wrap: anywhere; }
+.ps-feed .ps-when { color: #888888; margin-right: 8px; font-variant-numeric: tabular-nums; }
+.ps-feed .ps-kind { display: inline-block; min-width: 92px; margin-right: 8px; font-weight: 600; }
+.ps-feed .ps-new-program .ps-kind, .ps-feed .ps-error-log .ps-kind { color: #d62728; }
+@media (max-width: 1249px) { .ps-live-left { flex: none; width: 100%; } }
 """
 
 DASH_PAGE = """<!DOCTYPE html>
@@ -9795,6 +9851,7 @@ def dash_change(state: DashState, trigger, value, inputs: dict) -> None:
         state.smooth = bool(inputs["smooth"])
         state.refresh = inputs["refresh"] if inputs["refresh"] in dict(DASH_REFRESH) else state.refresh
         state.theme = inputs["theme"] if inputs["theme"] in DASH_THEMES else state.theme
+        state.view = inputs["view"] if inputs.get("view") in DASH_VIEWS else state.view
         if inputs["range"] in dict(DASH_RANGES) and inputs["range"] != state.range:
             state.range, state.offset, state.start, state.end = inputs["range"], 0, None, None
     if kind in ("older", "newer") and value:
@@ -9827,22 +9884,34 @@ def dash_control_values(state: DashState, now: int) -> dict:
     start, end = dash_span(state, now)
     return {"group": state.group, "range": state.range, "units": state.units,
             "smooth": ["smooth"] if state.smooth else [], "refresh": state.refresh, "theme": state.theme,
-            "from": dash_time_text(start), "to": dash_time_text(end - 1 if end is not None else None)}
+            "view": state.view, "from": dash_time_text(start), "to": dash_time_text(end - 1 if end is not None else None)}
 
 
 def dash_layout(config: Config):
     """The page: the toolbar, the filter chain, the message and details, the
-    chart and the totals table (the callbacks of dash_app fill them)."""
-    from dash import dash_table, dcc, html
+    chart and the totals table; the live tab (the callbacks of dash_app fill
+    them). The root's class says which view is shown."""
+    from dash import dcc, html
     option = lambda pairs: [{"label": label, "value": value} for value, label in pairs]
     columns = [(c, COLUMN_NAMES[c]) for c in DASH_GROUPS]
-    return html.Div(id="root", className="ps-light", children=[
+    return html.Div(id="root", className="ps-light ps-view-history", children=[
         dcc.Location(id="url", refresh=False),
         dcc.Store(id="zoom"),
         dcc.Interval(id="tick", interval=60_000, disabled=True),
         html.Div(className="ps-bar", children=[
             html.Span("picosnitch", className="ps-title"),
-            html.Label("group by"),
+            dcc.RadioItems(id="view", options=DASH_VIEWS, value="history", inline=True, className="ps-tabs"),
+            html.Div(className="ps-history", children=dash_history_controls(option, columns)),
+            dcc.RadioItems(id="units", options=["bytes", "bits"], value="bytes", inline=True),
+            dcc.RadioItems(id="theme", options=list(DASH_THEMES), value="light", inline=True)]),
+        html.Div(className="ps-history", children=dash_history_view(config, option, columns)),
+        html.Div(className="ps-live", children=dash_live_view())])
+
+
+def dash_history_controls(option: typing.Callable, columns: list) -> list:
+    """The toolbar's controls of the history view."""
+    from dash import dcc, html
+    return [html.Label("group by"),
             dcc.Dropdown(id="group", options=option(columns), value="exe", clearable=False),
             html.Label("range"),
             dcc.Dropdown(id="range", options=option([(n, n) for n, _ in DASH_RANGES] + [("custom", "custom")]),
@@ -9851,11 +9920,16 @@ def dash_layout(config: Config):
             dcc.Input(id="from", type="datetime-local", step=1),
             dcc.Input(id="to", type="datetime-local", step=1),
             html.Button("apply", id="apply-range", title="show this time range"),
-            dcc.RadioItems(id="units", options=["bytes", "bits"], value="bytes", inline=True),
             dcc.Checklist(id="smooth", options=[{"label": "smooth", "value": "smooth"}], value=[], inline=True),
             dcc.Dropdown(id="refresh", options=option([(s, f"refresh {label}") for s, label in DASH_REFRESH]),
-                         value=0, clearable=False),
-            dcc.RadioItems(id="theme", options=list(DASH_THEMES), value="light", inline=True)]),
+                         value=0, clearable=False)]
+
+
+def dash_history_view(config: Config, option: typing.Callable, columns: list) -> list:
+    """The history view below the toolbar: the filter chain, the message and
+    details, the chart and the totals table."""
+    from dash import dash_table, dcc, html
+    return [
         html.Div(className="ps-filters", children=[
             html.Span("filters:"), html.Span(id="chips"),
             dcc.Dropdown(id="add-column", options=option(columns), value="exe", clearable=False),
@@ -9876,17 +9950,51 @@ def dash_layout(config: Config):
                     dcc.Download(id="download")]),
                 dash_table.DataTable(
                     id="table", sort_action="native", page_size=25, tooltip_delay=300, tooltip_duration=None,
-                    style_table={"overflowX": "auto"},
-                    style_cell={"maxWidth": "280px", "overflow": "hidden", "textOverflow": "ellipsis",
-                                "fontFamily": "system-ui, sans-serif", "fontSize": "13px"},
+                    style_table={"overflowX": "auto"}, style_cell=DASH_CELL,
                     # (the entries take the width the amounts leave them, cut short: whole on hover)
-                    style_cell_conditional=[{"if": {"column_id": "entry"}, "textAlign": "left", "width": "100%",
-                                             "minWidth": "120px", "maxWidth": 0},
+                    style_cell_conditional=[{"if": {"column_id": "entry"}, **DASH_NAME_CELL},
                                             {"if": {"column_id": "details"}, "cursor": "pointer",
                                              "textDecoration": "underline", "minWidth": "64px"}],
-                    # a click filters or opens the details: no cell stays marked
-                    css=[{"selector": "td.cell--selected, td.focused",
-                          "rule": "background-color: inherit !important; border-color: inherit !important;"}])])])])
+                    css=DASH_UNMARKED)])])]
+
+
+def dash_live_view() -> list:
+    """The live tab: its status line, sort and filter; the chart of the last
+    minutes and the feed beside the programs' table and the connections of
+    the one clicked (the callbacks of dash_app fill them)."""
+    from dash import dash_table, dcc, html
+    amounts = [{"name": name, "id": column} for column, name in
+               (("up", "up"), ("down", "down"), ("sent", "sent"), ("received", "received"))]
+    table = lambda table_id, first, name: dash_table.DataTable(
+        id=table_id, columns=[{"name": name, "id": first}] + ([{"name": "", "id": "mark"}] if first == "program"
+                                                             else []) + amounts,
+        data=[], page_action="none", tooltip_delay=300, tooltip_duration=None, style_cell=DASH_CELL,
+        style_table={"overflowX": "auto", "maxHeight": "460px", "overflowY": "auto"},
+        style_cell_conditional=[{"if": {"column_id": first}, **DASH_NAME_CELL},
+                                {"if": {"column_id": "mark"}, "minWidth": "44px", "fontWeight": "600"}],
+        css=DASH_UNMARKED)
+    return [
+        dcc.Interval(id="live-tick", interval=DASH_LIVE_REFRESH, disabled=True),
+        dcc.Store(id="live-pulse"), dcc.Store(id="live-seen"), dcc.Store(id="live-chosen"),
+        html.Div(className="ps-filters", children=[
+            html.Label("sort by"),
+            dcc.RadioItems(id="live-sort", options=[{"label": name, "value": i} for i, (name, *_) in
+                                                    enumerate(LIVE_SORTS)], value=0, inline=True),
+            dcc.Input(id="live-filter", type="search", debounce=True, placeholder="filter: text in a name or address"),
+            html.Span(id="live-status", className="ps-live-status")]),
+        html.Div(className="ps-main", children=[
+            html.Div(className="ps-live-left", children=[
+                html.Div(className="ps-live-chart", children=[dcc.Graph(
+                    id="live-graph", responsive=True, config={"displayModeBar": False})]),
+                html.H3("new connections, programs, and reports"),
+                html.Div(id="live-feed", className="ps-feed")]),
+            html.Div(className="ps-side", children=[
+                html.Div("programs since dash started (click one for its connections)", className="ps-note"),
+                table("live-table", "program", "program"),
+                html.Div(id="live-conns-box", hidden=True, children=[
+                    html.H3([html.Span(id="live-conns-heading"), " ",
+                             html.Button("close", id="live-close")]),
+                    table("live-conns", "connection", "connection")])])])]
 
 
 def dash_detail_view(found: dict) -> list:
@@ -9916,6 +10024,151 @@ def dash_detail_view(found: dict) -> list:
         table(["time", "name", "protocol", "local", "remote", "domain", "sent", "received", "sha256"],
               [(c["time"], c["name"], c["proto"], c["local"], c["remote"], c["domain"], amount(c["sent"]),
                 amount(c["received"]), shorten(c["sha256"], 16)) for c in found["latest"]])]
+
+
+# -- the live tab ----------------------------------------------------------------
+
+class DashLive:
+    """The event stream as the live tab reads it: a thread follows the stream
+    (connecting again whenever the daemon stops and starts) into a LiveState,
+    under a lock the page's callbacks take too, and says in one line how it
+    stands. taken counts the events taken: a page that saw as many has
+    nothing new to show. The page's own questions, each a new connection to
+    port, are left out of the feed (which they would fill)."""
+
+    def __init__(self, labels: Labels, path: str = EVENTS_SOCKET, port: int = 0):
+        self.live, self.path, self.port = LiveState(labels), path, port
+        self.lock = threading.Lock()
+        self.status = "not following the event stream"
+        self.taken = 0
+
+    def start(self) -> None:
+        threading.Thread(target=self.follow, name="picosnitch-live", daemon=True).start()
+
+    def follow(self) -> None:
+        while True:
+            self.read_stream()
+            time.sleep(DASH_LIVE_RETRY)
+
+    def read_stream(self) -> None:
+        """Take the events of one connection until it ends; status says why it did."""
+        try:
+            sock = stream_connect(self.path)
+        except PicosnitchError as e:
+            self.say(str(e))
+            return
+        try:
+            lines = StreamLines(sock)
+            self.say(f"connected since {time.strftime('%H:%M:%S')}")
+            while True:
+                events = [e for e in lines.take(DASH_LIVE_WAIT)
+                          if not dash_own_connection(e, os.getpid(), self.port)]
+                with self.lock:
+                    for event in events:
+                        self.live.take(event)
+                    self.taken += len(events)
+        except PicosnitchError as e:
+            self.say(str(e))
+        finally:
+            sock.close()
+
+    def say(self, status: str) -> None:
+        with self.lock:
+            self.status, self.taken = status, self.taken + 1     # (a new status is news to the page)
+
+
+def dash_own_connection(event: dict, pid: int, port: int) -> bool:
+    """Whether an event is a new connection of dash's own (the server's, as
+    process pid) or of a browser to it on loopback."""
+    return event.get("type") == "connection" and (event.get("pid") == pid or (
+        port > 0 and event.get("rport") == port and is_loopback_host(stream_str(event.get("raddr")))))
+
+
+def dash_live_status(live: LiveState, status: str) -> str:
+    """The live tab's status line: the stream's, the latest tick, lines lost."""
+    notes = [status] + ([f"latest tick {time.strftime('%H:%M:%S', time.localtime(live.now))}"] if live.now else [])
+    notes += [f"the daemon dropped {live.lost} lines dash did not take in time"] if live.lost else []
+    return " · ".join(notes)
+
+
+def dash_live_tables(live: LiveState, sort: int, text: str, chosen: typing.Optional[str], units: str) -> dict:
+    """The live tab's tables: per program (the busiest first by the sort) its
+    rates, its totals since dash started and whether it is new or gone, with
+    the exact totals beside; the connections of the program chosen (by its
+    key), if it is listed. Names are shown()."""
+    unit = UNITS[5] if units == "bits" else UNITS[0]
+    amounts = lambda f: {"up": format_amount(round(f.send_rate), unit) + "/s",
+                         "down": format_amount(round(f.recv_rate), unit) + "/s",
+                         "sent": format_amount(f.sent, unit), "received": format_amount(f.received, unit),
+                         "sent_bytes": f.sent, "received_bytes": f.received}
+    rows, tips, chosen_row, connections = [], [], None, []
+    for i, flow in enumerate(live.sorted_flows("program", sort, text)[:DASH_LIVE_ROWS]):
+        key = flow.key[1]
+        label = shown(flow.label)
+        rows.append({"id": key, "program": label, "mark": "NEW" if flow.new else "gone" if flow.gone else "",
+                     **amounts(flow)})
+        tips.append({"program": {"value": label, "type": "text"},
+                     "sent": {"value": f"{flow.sent:,} bytes", "type": "text"},
+                     "received": {"value": f"{flow.received:,} bytes", "type": "text"}})
+        if key == chosen:
+            chosen_row = i
+            connections = [{"id": j, "connection": shown(c.label), **amounts(c)} for j, c in enumerate(flow.children)]
+    heading = "" if chosen is None else f"connections of {rows[chosen_row]['program']}" if chosen_row is not None \
+        else "the program chosen is not listed now"
+    return {"rows": rows, "tips": tips, "chosen_row": chosen_row, "heading": heading, "connections": connections}
+
+
+def dash_live_time(t: float) -> str:
+    """A tick's time as the chart's axis takes it (local, to the millisecond)."""
+    return time.strftime(TIME_FORMAT, time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def dash_live_figure(live: LiveState, state: DashState, empty: str, text: str = "") -> dict:
+    """The last minutes (see DASH_LIVE_SPAN) as a Plotly figure: bytes per second
+    sent above and received below, all programs together and the
+    DASH_LIVE_TRACES that moved the most in that time (of those whose name
+    has the text), one trace each (the same colour in both); `empty`
+    written on it before the first tick."""
+    theme, (factor, unit) = DASH_THEMES[state.theme], (8, "bits") if state.units == "bits" else (1, "bytes")
+    label = lambda key: live.programs[key]["label"] if key in live.programs else key
+    moved = {key: sum(s + r for _, s, r in history) for key, history in live.program_history.items()
+             if text.casefold() in label(key).casefold()}
+    busiest = sorted((k for k, n in moved.items() if n), key=lambda k: (-moved[k], k))[:DASH_LIVE_TRACES]
+    traces = [("all programs", live.history, theme["text"])] + [
+        (label(k), live.program_history[k], DASH_COLORS[i]) for i, k in enumerate(busiest)]
+    figure_data = []
+    for i, (name, history, color) in enumerate(traces):
+        x = [dash_live_time(t) for t, _, _ in history]
+        for direction, axis in ((1, "y"), (2, "y2")):
+            figure_data.append({       # (Plotly reads names as markup: they go as literal text)
+                "type": "scatter", "mode": "lines", "x": x, "y": [tick[direction] * factor for tick in history],
+                "yaxis": axis, "name": html.escape(shorten(shown(name)), quote=False), "legendgroup": str(i),
+                "showlegend": direction == 1, "meta": html.escape(shown(name), quote=False),
+                "line": {"color": color, "width": 2.5 if i == 0 else 1.5},
+                "hovertemplate": f"%{{meta}}<br>%{{x|%H:%M:%S}}<br>{'sent' if direction == 1 else 'received'} "
+                                 f"%{{y:,}} {unit}/s<extra></extra>"})
+    end = live.now or time.time()
+    # (the last minute at least, then all that is kept: a page opened just now is not one thin line at the edge)
+    start = max(end - LIVE_HISTORY, min(live.history[0][0] if live.history else end, end - DASH_LIVE_SPAN))
+    axis = {"gridcolor": theme["grid"], "zerolinecolor": theme["grid"], "rangemode": "tozero", "fixedrange": True}
+    layout = {
+        "paper_bgcolor": theme["paper"], "plot_bgcolor": theme["plot"], "font": {"color": theme["text"]},
+        "margin": {"l": 60, "r": 10, "t": 20, "b": 40}, "hovermode": "closest", "dragmode": False,
+        "legend": {"orientation": "h", "y": -0.12}, "uirevision": "live",
+        "xaxis": {**axis, "type": "date", "anchor": "y2",
+                  "range": [dash_live_time(start), dash_live_time(end)]},
+        "yaxis": {**axis, "domain": [0.54, 1], "title": {"text": f"sent ({unit}/s)"}},
+        "yaxis2": {**axis, "domain": [0, 0.46], "title": {"text": f"received ({unit}/s)"}}}
+    if not live.now:
+        layout["annotations"] = [{"text": html.escape(empty, quote=False), "showarrow": False, "xref": "paper",
+                                  "yref": "paper", "x": 0.5, "y": 0.77, "font": {"size": 15}}]
+    return {"data": figure_data, "layout": layout}
+
+
+def dash_live_feed(live: LiveState) -> typing.List[typing.Tuple[str, str, str]]:
+    """The feed, newest first: (time, kind, text shown())."""
+    newest = list(live.feed)[-DASH_LIVE_FEED:][::-1]
+    return [(time.strftime("%H:%M:%S", time.localtime(t)), kind, shown(text)) for t, kind, text in newest]
 
 
 def dash_server(config: Config, guard: DashGuard):
@@ -9952,7 +10205,7 @@ def dash_page_wiring() -> dict:
     controls, what is shown), what changes start it, and what it reads."""
     from dash import ALL, Input, Output, State
     controls = {name: Output(name, "value") for name in ("group", "range", "units", "smooth", "refresh", "theme",
-                                                           "from", "to")}
+                                                           "view", "from", "to")}
     shown = {"chips": Output("chips", "children"), "figure": Output("graph", "figure"),
              "columns": Output("table", "columns"), "rows": Output("table", "data"),
              "tips": Output("table", "tooltip_data"), "active": Output("table", "active_cell"),
@@ -9960,14 +10213,14 @@ def dash_page_wiring() -> dict:
              "note": Output("table-note", "children"), "detail": Output("detail", "children"),
              "message": Output("message", "children"), "interval": Output("tick", "interval"),
              "still": Output("tick", "disabled"), "theme_class": Output("root", "className"),
-             "offered": Output("add-value", "options")}
+             "offered": Output("add-value", "options"), "live_still": Output("live-tick", "disabled")}
     return {"output": {"search": Output("url", "search"), **controls, **shown},
             "inputs": {"search": Input("url", "search"), "group": Input("group", "value"),
                        "range_": Input("range", "value"), "older": Input("older", "n_clicks"),
                        "newer": Input("newer", "n_clicks"), "apply": Input("apply-range", "n_clicks"),
                        "units": Input("units", "value"), "smooth": Input("smooth", "value"),
                        "refresh": Input("refresh", "value"), "theme": Input("theme", "value"),
-                       "unfilter": Input({"type": "unfilter", "index": ALL}, "n_clicks"),
+                       "view": Input("view", "value"), "unfilter": Input({"type": "unfilter", "index": ALL}, "n_clicks"),
                        "add": Input("add-filter", "n_clicks"), "active": Input("table", "active_cell"),
                        "close": Input({"type": "close-detail", "index": ALL}, "n_clicks"),
                        "tick": Input("tick", "n_intervals")},
@@ -9976,9 +10229,33 @@ def dash_page_wiring() -> dict:
                       "add_mode": State("add-mode", "value"), "rows": State("table", "data")}}
 
 
-def dash_app(directory: str, config: Config, guard: DashGuard):
-    """The Dash application for the log in a state directory (see dash_state for its view)."""
-    from dash import Input, Output, State, ctx, html
+def dash_live_wiring() -> dict:
+    """The live tab's callback, by name: what it fills, what starts it
+    (a second passed, a control of the tab, the address), what it reads."""
+    from dash import Input, Output, State
+    return {"output": {"seen": Output("live-seen", "data"), "chosen": Output("live-chosen", "data"),
+                       "status": Output("live-status", "children"), "rows": Output("live-table", "data"),
+                       "tips": Output("live-table", "tooltip_data"),
+                       "marked": Output("live-table", "style_data_conditional"),
+                       "header": Output("live-table", "style_header"), "cells": Output("live-table", "style_data"),
+                       "active": Output("live-table", "active_cell"),
+                       "heading": Output("live-conns-heading", "children"),
+                       "connections": Output("live-conns", "data"),
+                       "conns_header": Output("live-conns", "style_header"),
+                       "conns_cells": Output("live-conns", "style_data"),
+                       "conns_hidden": Output("live-conns-box", "hidden"),
+                       "figure": Output("live-graph", "figure"), "feed": Output("live-feed", "children")},
+            "inputs": {"pulse": Input("live-pulse", "data"), "sort": Input("live-sort", "value"),
+                       "text": Input("live-filter", "value"), "active": Input("live-table", "active_cell"),
+                       "close": Input("live-close", "n_clicks"), "search": Input("url", "search")},
+            "state": {"seen": State("live-seen", "data"), "chosen": State("live-chosen", "data")}}
+
+
+def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = ""):
+    """The Dash application for the log in a state directory (see dash_state
+    for its view); its live tab follows the event stream at the path stream
+    ('': none)."""
+    from dash import Input, Output, State, ctx, html, no_update
     from dash.exceptions import PreventUpdate
     app = dash_server(config, guard)
     said: typing.List[str] = []
@@ -9992,26 +10269,32 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
         return local.reader
 
     app.layout = dash_layout(config)
+    live = DashLive(labels, stream, guard.port)
+    if stream:
+        live.start()
 
     @app.callback(**dash_page_wiring())
-    def update(search, group, range_, units, smooth, refresh, theme, start_text, end_text, add_column, add_value,
-               add_mode, rows, **_clicked):
+    def update(search, group, range_, units, smooth, refresh, theme, view, start_text, end_text, add_column,
+               add_value, add_mode, rows, **_clicked):
         """The page after any change: the address, the controls and what is
         shown (which change it was: ctx.triggered_id)."""
         state, problems = dash_state(search)
         now = now_seconds()
         inputs = {"group": group, "range": range_, "units": units, "smooth": smooth, "refresh": refresh,
-                  "theme": theme, "start": start_text, "end": end_text, "add_column": add_column,
+                  "theme": theme, "view": view, "start": start_text, "end": end_text, "add_column": add_column,
                   "add_value": add_value, "add_mode": add_mode, "rows": rows}
         try:
             dash_change(state, ctx.triggered_id, ctx.triggered[0]["value"] if ctx.triggered else None, inputs)
         except ValueError as e:         # a value from the page that is not one
             problems.append(str(e))
-        return {"search": dash_query(state), **dash_control_values(state, now),
-                **render(state, problems, now, add_column)}
+        return {**render(state, problems, now, add_column), "search": dash_query(state),
+                **dash_control_values(state, now)}
 
     def render(state: DashState, problems: typing.List[str], now: int, add_column: str) -> dict:
-        theme = DASH_THEMES[state.theme]
+        shows = {"theme_class": f"ps-{state.theme} ps-view-{state.view}", "live_still": state.view != "live"}
+        if state.view == "live":        # (the history is asked again when it is shown)
+            outputs = dash_page_wiring()["output"]
+            return {**{name: no_update for name in outputs}, **shows, "interval": 60_000, "still": True}
         chips = [html.Span(className="ps-chip", children=[
             html.Span(f"{COLUMN_NAMES[column]} {'≠' if exclude else '='} {labels.text(column, value)}",
                       title=labels.text(column, value)),
@@ -10037,14 +10320,13 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
             notes += [problem] if problem else []
             found = log.ask(lambda: dash_detail(log.log, record, state.detail, state, now, labels))
             detail = dash_detail_view(found) if found else []
-        header = {"backgroundColor": theme["grid"], "color": theme["text"], "fontWeight": "600"}
-        cells = {"backgroundColor": theme["paper"], "color": theme["text"]}
+        header, cells = dash_table_colors(state.theme)
         offered = options(add_column, state, now, data["entries"] if add_column == state.group else None)
         empty = "no data: see the message above" if log.problem else "no connections in this range"
         return {"chips": chips, "figure": dash_figure(data, state, labels, empty), "columns": columns, "rows": rows,
                 "tips": tips, "active": None, "header": header, "cells": cells, "note": note, "detail": detail,
                 "message": " · ".join(notes), "interval": max(state.refresh, 1) * 1000, "still": not state.refresh,
-                "theme_class": f"ps-{state.theme}", "offered": offered}
+                "offered": offered, **shows}
 
     # (what the chart reports of itself when drawn goes no further than the page)
     app.clientside_callback(
@@ -10117,6 +10399,48 @@ def dash_app(directory: str, config: Config, guard: DashGuard):
         return {"content": dash_csv([c["name"] for c in kept], [[cell(r, c["id"]) for c in kept] for r in rows or []]),
                 "filename": "picosnitch.csv"}
 
+    # (a browser's tab that is not shown asks nothing)
+    app.clientside_callback(
+        "function (n) { return document.hidden ? window.dash_clientside.no_update : n; }",
+        Output("live-pulse", "data"), Input("live-tick", "n_intervals"), prevent_initial_call=True)
+
+    @app.callback(**dash_live_wiring())
+    def live_update(pulse, sort, text, active, close, search, seen, chosen):
+        """The live tab, when a second has passed (and something came since
+        the page last asked) or a control of it changed."""
+        state, _ = dash_state(search)
+        trigger = ctx.triggered_id
+        if state.view != "live":
+            raise PreventUpdate
+        if trigger == "live-table" and isinstance(active, dict) and isinstance(active.get("row_id"), str):
+            chosen = active["row_id"]
+        elif trigger == "live-close":
+            chosen = None
+        with live.lock:
+            if trigger == "live-pulse" and seen == live.taken:
+                raise PreventUpdate
+            taken, status = live.taken, dash_live_status(live.live, live.status)
+            tables = dash_live_tables(live.live, sort if sort in range(len(LIVE_SORTS)) else 0, text or "",
+                                      chosen, state.units)
+            figure = dash_live_figure(live.live, state, live.status if not live.live.now else "", text or "")
+            feed = dash_live_feed(live.live)
+        header, cells = dash_table_colors(state.theme)
+        marked = [{"if": {"filter_query": '{mark} = "NEW"'}, "fontWeight": "600", "color": DASH_COLORS[3]},
+                  {"if": {"filter_query": '{mark} = "gone"'}, "opacity": 0.55}]
+        if tables["chosen_row"] is not None:
+            marked.append({"if": {"row_index": tables["chosen_row"]},
+                           "backgroundColor": DASH_THEMES[state.theme]["grid"]})
+        kind_class = lambda kind: "ps-" + re.sub(r"[^a-z]+", "-", kind.lower())
+        # (no cell stays active: a click on the same program, once closed, opens it again)
+        return {"seen": taken, "chosen": chosen, "status": status, "rows": tables["rows"], "tips": tables["tips"],
+                "active": None,
+                "marked": marked, "header": header, "cells": cells, "heading": tables["heading"],
+                "connections": tables["connections"], "conns_header": header, "conns_cells": cells,
+                "conns_hidden": chosen is None, "figure": figure,
+                "feed": [html.Div(className=kind_class(kind), children=[
+                    html.Span(when, className="ps-when"), html.Span(kind, className="ps-kind"), html.Span(what)])
+                    for when, kind, what in feed] or [html.Div("nothing yet")]}
+
     return app
 
 
@@ -10129,7 +10453,7 @@ def run_dash(state: str, config_dir: str, host: str, port: int) -> int:
         from werkzeug.serving import make_server
         config = load_config(config_dir, create=False)      # (the viewers write nothing)
         token = secrets.token_urlsafe(32)
-        app = dash_app(state, config, DashGuard(host, port, token))
+        app = dash_app(state, config, DashGuard(host, port, token), EVENTS_SOCKET)
     except ImportError as e:
         raise PicosnitchError(f"picosnitch dash needs Dash and Plotly ({e}): install them with "
                               f"pip install 'picosnitch[dash]', or run .ci/install-deps")

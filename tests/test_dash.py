@@ -2,13 +2,19 @@
 the chart's buckets, the chart, table and drill-down data checked against
 sums computed from the rows, the request guard through Flask's test
 client, and `picosnitch dash` itself over real HTTP (the loopback-only
-binding, a foreign Host header, the token on loopback and off it)."""
+binding, a foreign Host header, the token on loopback and off it). The
+live tab: its tables, chart and feed from a LiveState fed known events,
+and the thread that follows a real Unix socket serving the stream's
+lines, as it ends and comes back."""
 import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -48,7 +54,7 @@ def rows(log_path):
 
 def test_the_address_keeps_the_whole_view():
     state = picosnitch.DashState(group="raddr", range="custom", start=NOW - 7200, end=NOW, units="bits", smooth=True,
-                                 refresh=15, theme="dark", detail="/usr/bin/curl",
+                                 refresh=15, theme="dark", detail="/usr/bin/curl", view="live",
                                  filters=[("exe", "/usr/bin/a b&c=d", False), ("lport", None, True), ("uid", 1000, False),
                                           ("exe", b"/opt/bad\xffname", True), ("domain", "", False)])
     query = picosnitch.dash_query(state)
@@ -399,3 +405,139 @@ def test_what_each_control_of_the_page_does_to_the_view():
     assert state.start == start + 3600
     picosnitch.dash_change(state, "group", "1w", dict(inputs, range="1w"))
     assert (state.range, state.start, state.end) == ("1w", None, None)
+
+
+# -- the live tab ------------------------------------------------------------------
+
+T0 = 1_800_000_000.0
+
+
+def conn(exe, name, pid, send, recv, raddr="192.0.2.1", rport=443, proto="tcp"):
+    return {"exe": exe, "name": name, "pid": pid, "uid": 1000, "proto": proto, "laddr": "10.0.0.2", "lport": 40000,
+            "raddr": raddr, "rport": rport, "domain": "", "send": send, "recv": recv}
+
+
+HOSTILE = "/tmp/evil\x1b[31m\u202ename"       # (an escape sequence, a bidirectional control)
+LIVE_EVENTS = [
+    {"type": "hello", "time": T0},
+    {"type": "executable", "time": T0, "exe": HOSTILE, "name": "evil", "pid": 7, "uid": 1000, "new": True},
+    {"type": "tick", "time": T0 + 1, "conns": [conn("/usr/bin/curl", "curl", 5, 1000, 50_000),
+                                               conn(HOSTILE, "evil", 7, 300, 0, "192.0.2.9", 53, "udp")],
+     "exited": []},
+    {"type": "tick", "time": T0 + 2, "conns": [conn("/usr/bin/curl", "curl", 5, 3000, 10_000),
+                                               conn("/usr/bin/curl", "curl", 5, 10, 0, "192.0.2.2", 80)],
+     "exited": [7]},
+    {"type": "report", "time": T0 + 2.5, "log": "error.log", "text": "a problem with " + HOSTILE},
+]
+
+
+def fed_live():
+    live = picosnitch.LiveState(picosnitch.Labels(None))
+    for event in LIVE_EVENTS:
+        live.take(json.loads(json.dumps(event)))
+    return live
+
+
+def test_the_live_tables_show_rates_totals_and_the_connections_of_the_program_chosen():
+    live = fed_live()
+    tables = picosnitch.dash_live_tables(live, 0, "", "/usr/bin/curl", "bytes")
+    rows = {r["id"]: r for r in tables["rows"]}
+    curl, evil = rows["/usr/bin/curl"], rows[HOSTILE]
+    assert [r["id"] for r in tables["rows"]] == ["/usr/bin/curl", HOSTILE]       # the busiest first
+    assert (curl["sent_bytes"], curl["received_bytes"], curl["mark"]) == (4010, 60_000, "")
+    assert (curl["up"], curl["down"], curl["sent"]) == ("2.0 kB/s", "30.0 kB/s", "4.0 kB")     # (2 s of ticks)
+    assert (evil["sent_bytes"], evil["mark"]) == (300, "NEW")    # new wins over gone: it says more
+    assert evil["program"] == picosnitch.shown(f"evil ({HOSTILE})") and "\x1b" not in evil["program"]
+    assert tables["tips"][0]["received"]["value"] == "60,000 bytes"
+    assert tables["chosen_row"] == 0 and tables["heading"] == "connections of curl (/usr/bin/curl)"
+    assert sorted((c["connection"], c["sent_bytes"]) for c in tables["connections"]) == \
+        [("192.0.2.1:443 tcp", 4000), ("192.0.2.2:80 tcp", 10)]
+    bits = picosnitch.dash_live_tables(live, 1, "evil", None, "bits")
+    assert [r["sent"] for r in bits["rows"]] == ["2.4 kb"] and bits["connections"] == [] and bits["heading"] == ""
+    assert picosnitch.dash_live_tables(live, 0, "", "/gone", "bytes")["heading"] == \
+        "the program chosen is not listed now"
+
+
+def test_the_live_chart_follows_the_last_minutes_and_the_feed_is_newest_first():
+    live = fed_live()
+    figure = picosnitch.dash_live_figure(live, picosnitch.DashState(), "")
+    sent = [t for t in figure["data"] if t["yaxis"] == "y"]
+    assert [t["name"] for t in sent] == ["all programs", "curl (/usr/bin/curl)",
+                                         picosnitch.html.escape(picosnitch.shorten(picosnitch.shown(
+                                             f"evil ({HOSTILE})")), quote=False)]
+    assert sent[0]["y"] == [1300, 3010] and sent[1]["y"] == [1000, 3010] and sent[2]["y"] == [300, 0]
+    assert figure["layout"]["xaxis"]["range"] == [picosnitch.dash_live_time(T0 + 2 - 60),      # (a minute at least)
+                                                  picosnitch.dash_live_time(T0 + 2)]
+    longer = picosnitch.LiveState(picosnitch.Labels(None))
+    for t in range(400):
+        longer.take({"type": "tick", "time": T0 + t, "conns": [], "exited": []})
+    assert picosnitch.dash_live_figure(longer, picosnitch.DashState(), "")["layout"]["xaxis"]["range"][0] == \
+        picosnitch.dash_live_time(T0 + 400 - picosnitch.LIVE_HISTORY)      # (what is kept: the last 300 ticks)
+    assert "annotations" not in figure["layout"]
+    only = picosnitch.dash_live_figure(live, picosnitch.DashState(), "", "CURL")
+    assert [t["name"] for t in only["data"] if t["yaxis"] == "y"] == ["all programs", "curl (/usr/bin/curl)"]
+    bits = picosnitch.dash_live_figure(live, picosnitch.DashState(units="bits"), "")
+    assert bits["data"][0]["y"] == [10400, 24080] and "bits/s" in bits["layout"]["yaxis"]["title"]["text"]
+    waiting = picosnitch.dash_live_figure(picosnitch.LiveState(picosnitch.Labels(None)), picosnitch.DashState(),
+                                          "picosnitch is not running <b>")
+    assert waiting["layout"]["annotations"][0]["text"] == "picosnitch is not running &lt;b&gt;"
+
+    feed = picosnitch.dash_live_feed(live)
+    assert [kind for _, kind, _ in feed] == ["error.log", "new program"]
+    assert feed[0][2] == picosnitch.shown("a problem with " + HOSTILE) and "\u202e" not in feed[0][2]
+    assert picosnitch.dash_live_status(live, "connected since 10:00:00").startswith(
+        "connected since 10:00:00 · latest tick ")
+
+
+def test_the_feed_leaves_out_the_connections_of_dash_and_of_its_page():
+    own = lambda **event: picosnitch.dash_own_connection({"type": "connection", **event}, 4242, 5100)
+    assert own(pid=4242, raddr="192.0.2.1", rport=443) and own(pid=1, raddr="127.0.0.1", rport=5100)
+    assert own(pid=1, raddr="::1", rport=5100)
+    assert not own(pid=1, raddr="192.0.2.1", rport=5100) and not own(pid=1, raddr="127.0.0.1", rport=5101)
+    assert not picosnitch.dash_own_connection({"type": "executable", "pid": 4242}, 4242, 5100)
+
+
+def serve_stream(path, lines):
+    """A stream at path that sends lines to its first reader, then waits
+    for the test to close it; (listener, the reader's end)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    accepted = []
+
+    def serve():
+        sock, _ = listener.accept()
+        sock.sendall(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        accepted.append(sock)
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, accepted
+
+
+def wait(predicate, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_the_live_thread_follows_the_stream_as_it_ends_and_comes_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(picosnitch, "DASH_LIVE_RETRY", 0.05)
+    path = str(tmp_path / "events.sock")
+    follower = picosnitch.DashLive(picosnitch.Labels(None), path)
+    follower.start()
+    wait(lambda: follower.status.startswith("picosnitch is not running"))
+    listener, accepted = serve_stream(path, LIVE_EVENTS[:3])
+    wait(lambda: follower.live.now == T0 + 1)
+    assert follower.status.startswith("connected since ") and follower.taken >= 3
+    accepted[0].close()
+    listener.close()
+    os.unlink(path)
+    wait(lambda: follower.status.startswith("picosnitch is not running"))
+    listener, accepted = serve_stream(path, [LIVE_EVENTS[3]])
+    wait(lambda: follower.live.now == T0 + 2)
+    with follower.lock:      # (totals since dash started: the earlier connection's too)
+        curl = follower.live.sorted_flows("program", 0)[0]
+    assert (curl.label, curl.sent) == ("curl (/usr/bin/curl)", 4010)
+    accepted[0].sendall(b'{"type": "refused", "reason": "only root and someone may read it"}\n')
+    wait(lambda: "refused this reader: only root and someone" in follower.status)
+    listener.close()

@@ -17,6 +17,10 @@ end check what a page could easily get wrong: typing a time, applying a
 range twice, two actions while the server is busy, and a range with
 nothing in it.
 
+One test follows the live tab under the real daemon: a new program's
+bytes in its table, chart and feed, and the status line when the daemon
+stops.
+
 One dash server runs per log and one browser per module; run the file in a
 mount namespace of its own when a daemon may be running elsewhere (the
 daemon test needs /run/picosnitch.pid for itself)."""
@@ -30,6 +34,7 @@ import os
 import pwd
 import random
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -659,6 +664,126 @@ def test_traffic_the_daemon_logged_is_on_the_chart_and_in_the_table(tmp_path, ex
         assert daemon.stop() == 0
 
 
+# -- the live tab, from the daemon's event stream ------------------------------------
+
+LIVE_FIGURE = """
+var g = document.querySelector('#live-graph .js-plotly-plot');
+return g && g.data ? g.data.map(function (t) { return {meta: t.meta, axis: t.yaxis, y: t.y}; }) : [];
+"""
+BENCH = "/var/tmp/bench"
+
+
+def live_status(page):
+    """The live tab's status line ('' before the page has drawn it)."""
+    return page.browser.js("var e = document.getElementById('live-status'); return e ? e.innerText : '';")
+
+
+def live_row(page, program):
+    rows = page.props("live-table")["data"] or []
+    found = [r for r in rows if r["id"] == program]
+    assert len(found) == 1, f"{program} not in the live table: {[r['id'] for r in rows]}"
+    return found[0]
+
+
+def live_amounts(page, program):
+    row = live_row(page, program)
+    return row["sent_bytes"], row["received_bytes"]
+
+
+def live_connections(page):
+    found = page.props("live-conns")["data"]
+    assert found, "no connections shown"
+    return found
+
+
+def live_cell(page, program):
+    """The cell that names program in the live table, as drawn."""
+    cells = [c for c in page.driver.find_elements(By.CSS_SELECTOR, '#live-table td[data-dash-column="program"]')
+             if c.text.startswith(program + " (")]
+    assert len(cells) == 1, f"{program} is not drawn in the live table"
+    return cells[0]
+
+
+def live_charted(page, meta):
+    """The bytes a trace of the live chart has, above (sent) and below (received)."""
+    traces = page.browser.js(LIVE_FIGURE)
+    found = {t["axis"]: sum(t["y"]) for t in traces if t["meta"] == meta}
+    assert set(found) == {"y", "y2"}, f"{meta} is not charted: {[t['meta'] for t in traces]}"
+    return found["y"], found["y2"]
+
+
+def live_shot(browser, tmp_path, name):
+    """A screenshot of the page, in the test's directory and in BENCH."""
+    path = browser.screenshot(tmp_path / f"live-tab-{name}.png")
+    os.makedirs(BENCH, exist_ok=True)
+    shutil.copy(path, os.path.join(BENCH, path.name))
+
+
+def test_the_live_tab_shows_a_sender_as_the_daemon_streams_it(tmp_path, exe_dir, browser):
+    """Under the real daemon, the live tab (opened by its address) follows
+    the event stream: a new program that sends two datagrams over loopback
+    appears in the table as NEW with its exact bytes, in the feed as a new
+    program, and (filtered to it) on the chart; a click on it shows its
+    connection. In the history view the live tab asks nothing; when the
+    daemon stops, the status line says so.
+    Screenshots go to the test's directory and to /var/tmp/bench."""
+    need_root()
+    daemon = Daemon(str(tmp_path), config={"Desktop notifications": False, "GeoIP lookup": False}).start()
+    server = None
+    try:
+        server = DashServer(tmp_path, tmp_path / "dash-output", daemon.state).start()
+        browser.read_console()
+        page = Page(browser, server)
+        browser.open(f"{server.url}?token={server.token}&v=live")
+        eventually(lambda: assert_equal(live_status(page)[:16], "connected since "))
+        assert page.query() == [("v", "live")] and page.props("live-tick")["disabled"] is False
+
+        sender = unique_c_sender(exe_dir)
+        name = os.path.basename(sender)
+        subprocess.run([sender, "127.0.0.1", str(PEER_PORT), "4321"], check=True)
+        subprocess.run([sender, "127.0.0.1", str(PEER_PORT), "1000", "1500"], check=True)
+        eventually(lambda: assert_equal(live_amounts(page, sender), (5321, 0)), timeout=30)
+        row = live_row(page, sender)
+        assert (row["program"], row["mark"], row["sent"]) == (f"{name} ({sender})", "NEW", "5.3 kB"), row
+        eventually(lambda: live_cell(page, sender))
+        eventually(lambda: assert_equal([line for line in page.text("live-feed").splitlines()
+                                         if line.endswith(f"new program{name} ({sender})")] != [], True))
+        feed = page.text("live-feed")      # (the page's questions to dash are left out)
+        assert f"127.0.0.1:{urllib.parse.urlsplit(server.url).port} " not in feed, feed
+        live_shot(browser, tmp_path, "light")
+
+        live_cell(page, sender).click()
+        eventually(lambda: assert_equal(page.text("live-conns-heading"), f"connections of {name} ({sender})"))
+        connections = eventually(lambda: live_connections(page))
+        assert sorted((c["connection"], c["sent_bytes"], c["received_bytes"]) for c in connections) == \
+            [(f"127.0.0.1:{PEER_PORT} (private) udp", 1000, 0), (f"127.0.0.1:{PEER_PORT} (private) udp", 4321, 0)]
+        field = page.driver.find_element(By.ID, "live-filter")
+        field.send_keys(name, Keys.ENTER)
+        eventually(lambda: assert_equal([r["id"] for r in page.props("live-table")["data"]], [sender]))
+        eventually(lambda: assert_equal(live_charted(page, f"{name} ({sender})"), (5321, 0)))
+        live_shot(browser, tmp_path, "chosen")
+        page.pick("theme", "dark")
+        eventually(lambda: assert_equal(page.query(), [("t", "dark"), ("v", "live")]))
+        live_shot(browser, tmp_path, "dark")
+        page.pick("theme", "light")
+
+        page.pick("view", "history")
+        eventually(lambda: assert_equal(page.query(), []))
+        eventually(lambda: assert_equal(page.props("live-tick")["disabled"], True))     # (no polling)
+
+        page.pick("view", "live")
+        eventually(lambda: live_cell(page, sender))
+        assert daemon.stop() == 0
+        eventually(lambda: assert_equal(live_status(page).startswith("picosnitch is not running"), True),
+                   timeout=30)
+        live_shot(browser, tmp_path, "stopped")
+        assert_console_clean(browser, server)
+    finally:
+        if server is not None:
+            assert server.stop() == 0, server.output()
+        daemon.stop()
+
+
 def assert_in_table(page, exe, amounts, tip):
     """exe's row in the table's data has amounts (sent, received, rows), and its tooltip the sent bytes."""
     data = page.props("table")
@@ -970,7 +1095,7 @@ def test_the_address_holds_the_view(page, world):
     eventually(lambda: assert_heading(page, SSH))
     assert page.props("units")["value"] == "bits" and page.props("smooth")["value"] == ["smooth"]
     assert page.props("refresh")["value"] == 15 and page.text("refresh") == "refresh 15 s"
-    assert page.props("theme")["value"] == "dark" and page.props("root")["className"] == "ps-dark"
+    assert page.props("theme")["value"] == "dark" and page.props("root")["className"] == "ps-dark ps-view-history"
     assert_console_clean(page.browser, page.server)
 
 
@@ -996,13 +1121,13 @@ def test_bits_smoothing_and_the_dark_theme(page, world, tmp_path):
 
     page.pick("theme", "dark")
     expect(page, [("u", "bits"), ("s", "1"), ("t", "dark")], day, units="bits")
-    assert page.browser.js("return document.getElementById('root').className") == "ps-dark"
+    assert page.browser.js("return document.getElementById('root').className") == "ps-dark ps-view-history"
     colors = page.browser.js("""
         var style = function (e) { var s = getComputedStyle(e); return [s.backgroundColor, s.color]; };
         var g = document.querySelector('#graph .js-plotly-plot');
         return {root: style(document.getElementById('root')), cell: style(document.querySelector('#table td')),
-                label: style(document.querySelector('.ps-bar label')), paper: g._fullLayout.paper_bgcolor,
-                font: g._fullLayout.font.color};""")
+                label: style(document.querySelector('.ps-bar .ps-history label')),
+                paper: g._fullLayout.paper_bgcolor, font: g._fullLayout.font.color};""")
     dark = [(30, 31, 36, 1.0), (228, 228, 228, 1.0)]
     assert [color(c) for c in colors["root"]] == dark
     assert [color(c) for c in colors["cell"]] == dark
@@ -1015,7 +1140,7 @@ def test_bits_smoothing_and_the_dark_theme(page, world, tmp_path):
     eventually(lambda: assert_equal(page.query(), [("u", "bits")]))
     page.pick("units", "bytes")
     expect(page, [], day)
-    assert page.browser.js("return document.getElementById('root').className") == "ps-light"
+    assert page.browser.js("return document.getElementById('root').className") == "ps-light ps-view-history"
     assert_console_clean(page.browser, page.server)
 
 
@@ -1281,7 +1406,8 @@ def test_two_actions_while_the_server_is_busy_both_count(page):
         time.sleep(0.3)
     finally:
         page.server.proc.send_signal(signal.SIGCONT)
-    eventually(lambda: assert_equal(page.browser.js("return document.getElementById('root').className"), "ps-dark"))
+    eventually(lambda: assert_equal(page.browser.js("return document.getElementById('root').className"),
+                                    "ps-dark ps-view-history"))
     page.settle()
     assert page.query() == [("u", "bits"), ("t", "dark")]
 
