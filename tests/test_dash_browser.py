@@ -699,7 +699,7 @@ def live_connections(page):
 def live_cell(page, program):
     """The cell that names program in the live table, as drawn."""
     cells = [c for c in page.driver.find_elements(By.CSS_SELECTOR, '#live-table td[data-dash-column="program"]')
-             if c.text.startswith(program + " (")]
+             if c.text.startswith(os.path.basename(program) + " (")]        # (name, then the path, cut)
     assert len(cells) == 1, f"{program} is not drawn in the live table"
     return cells[0]
 
