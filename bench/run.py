@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -842,6 +843,156 @@ def churn_targets(runs):
     return rows
 
 
+# the live event stream: what its readers cost the daemon, how soon a new
+# sender is told of, and whether its ticks add up to what the log keeps
+LIVE_READERS = 3            # as `top` and two `events`
+LIVE_PORT = 21430           # (below the local port range)
+LIVE_PROBES = 5             # one-datagram senders, each timed from its datagram to the first tick naming it
+LIVE_EVENTS = "/run/picosnitch/events.sock"
+
+
+class LiveSink:
+    """A UDP socket on LIVE_PORT: when the first datagram from each port came."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", LIVE_PORT))
+        self.sock.settimeout(0.2)
+        self.first, self.stopping = {}, False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stopping:
+            with contextlib.suppress(socket.timeout):
+                _, (_, port) = self.sock.recvfrom(65536)
+                self.first.setdefault(port, time.time())
+
+    def close(self):
+        self.stopping = True
+        self.thread.join()
+        self.sock.close()
+
+
+class LiveListener:
+    """A reader of the stream that parses every line (as `top` does): the
+    bytes each executable sent by its ticks, and when a tick first named it."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.connect(LIVE_EVENTS)
+        self.sent, self.first, self.lines = collections.Counter(), {}, 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        for line in self.sock.makefile("rb"):
+            event = json.loads(line)
+            self.lines += 1
+            for c in event.get("conns", []) if event["type"] == "tick" else []:
+                self.sent[c["exe"]] += c["send"]
+                self.first.setdefault(c["exe"], time.time())
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.thread.join(5)
+        self.sock.close()
+
+
+def live_sender(workdir, *steps):
+    """A program of its own (a copy of python) running tests/live_sender.py to LIVE_PORT."""
+    exe = os.path.join(workdir, "live" + uuid.uuid4().hex[:8])
+    shutil.copy2(os.path.realpath(PYTHON), exe)
+    with open(exe, "ab") as f:
+        f.write(uuid.uuid4().bytes)
+    cmd = [exe, os.path.join(ROOT, "tests", "live_sender.py"), str(LIVE_PORT), "1000", *map(str, steps)]
+    return exe, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+
+def live(workdir, seconds):
+    """A steady sender (200 datagrams of 1000 bytes a second) for `seconds`,
+    under picosnitch with its default 10-s window, first with no reader of
+    the stream, then with LIVE_READERS; with them, LIVE_PROBES new
+    programs that each send one datagram. Figures: the daemon's CPU in each
+    run, the delay from a probe's datagram to the first tick naming it, and
+    the steady sender's bytes by the ticks against snitch.db."""
+    os.makedirs(workdir + "/live-exe", mode=0o755, exist_ok=True)
+    tool = Picosnitch(workdir + "/live", {"DB write limit (seconds)": 10})
+    tool.start()
+    sink, out = LiveSink(), {"seconds": seconds, "readers": LIVE_READERS}
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(LIVE_EVENTS) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for readers in (0, LIVE_READERS):
+            say(f"live: a steady sender for {seconds} s, {readers} readers of the stream")
+            listeners = [LiveListener() for _ in range(readers)]
+            time.sleep(2)           # (the reader process has taken its baseline)
+            roles = tool.processes()
+            before = {role: cpu_ticks_and_pss([pid])[0] for role, pid in roles.items()}
+            started = time.monotonic()
+            exe, steady = live_sender(workdir + "/live-exe", 200, seconds)
+            probes = []
+            for _ in range(LIVE_PROBES if readers else 0):
+                time.sleep(seconds / (LIVE_PROBES + 1))
+                probe, proc = live_sender(workdir + "/live-exe", 100, 0.01)      # (one datagram)
+                probes.append((probe, json.loads(proc.communicate()[0])["lport"]))
+            sent = json.loads(steady.communicate()[0])["sent"]
+            took = time.monotonic() - started
+            ticks = {role: cpu_ticks_and_pss([pid])[0] - before[role] for role, pid in roles.items()}
+            run = {"cpu": sum(ticks.values()) / CLK_TCK / took * 100,
+                   "cpu_by_role": {role: t / CLK_TCK / took * 100 for role, t in ticks.items()}}
+            if readers:
+                time.sleep(3)       # (the last ticks)
+                logged = churn_settled(tool.state, [exe], settle=20)[0][0][0]
+                run.update({"sent": sent, "logged": logged, "told": [lst.sent[exe] for lst in listeners],
+                            "delays": [lst.first[p] - sink.first[port] for p, port in probes for lst in listeners
+                                       if p in lst.first and port in sink.first],
+                            "probes": len(probes) * len(listeners)})
+            for listener in listeners:
+                listener.close()
+            out[readers] = run
+    finally:
+        sink.close()
+        tool.stop()
+    return out
+
+
+def live_table(lived):
+    on, off = lived[lived["readers"]], lived[0]
+    delays = sorted(on["delays"])
+    told = max(abs(t - on["logged"]) / on["logged"] * 100 for t in on["told"])
+    return ["## Live event stream", "",
+            f"A steady sender (200 datagrams of 1000 bytes a second) for {lived['seconds']} s, with the default "
+            f"10-s window; first with no reader of the stream, then with {lived['readers']} readers that parse "
+            f"every line (as `top` and two `events` do), while {LIVE_PROBES} new programs each send one datagram. "
+            "CPU: picosnitch's whole process tree. Delay: from a probe's datagram reaching its socket to the "
+            "first tick naming it reaching a reader. The BPF program is the same with or without readers: "
+            "the stream adds nothing to the cost of a send call.", "",
+            "| | no readers | with readers |", "|---|---|---|",
+            f"| picosnitch CPU (% of a core): all | {off['cpu']:.2f} | {on['cpu']:.2f} |",
+            "| reader, primary, live | " + ", ".join(f"{off['cpu_by_role'].get(r, 0):.2f}" for r in
+                                                     ("reader", "primary", "live")) + " | "
+            + ", ".join(f"{on['cpu_by_role'].get(r, 0):.2f}" for r in ("reader", "primary", "live")) + " |",
+            f"| delay to the first tick naming a new sender: median, most ({len(delays)} of {on['probes']}) | | "
+            f"{statistics.median(delays):.2f} s, {max(delays):.2f} s |" if delays else "| delay | | none seen |",
+            f"| the steady sender's bytes by the ticks against snitch.db ({on['logged']:,} bytes) | | "
+            f"{told:.3f}% off, worst reader |"]
+
+
+def live_targets(lived):
+    on = lived[lived["readers"]]
+    delays = on["delays"]
+    told = max(abs(t - on["logged"]) / on["logged"] * 100 for t in on["told"])
+    return [("live: a new sender is told of within 2 s of its first packet",
+             f"most {max(delays):.2f} s ({len(delays)} of {on['probes']})" if delays else "none seen",
+             bool(delays) and len(delays) == on["probes"] and max(delays) <= 2),
+            (f"live: picosnitch's CPU ≤ 1% of a core with {lived['readers']} readers", f"{on['cpu']:.2f}%",
+             on["cpu"] <= 1),
+            ("live: the ticks add up to what snitch.db logs, within 1%", f"{told:.3f}%", told <= 1)]
+
+
 ###############################################################################
 # report
 ###############################################################################
@@ -894,7 +1045,7 @@ def above_floor(cost, floors):
             if per_call >= 0.5 and hook_kind(name) in floors}
 
 
-def targets_table(results, samples, over, sust, empty, cost=None, floors=None, churned=None):
+def targets_table(results, samples, over, sust, empty, cost=None, floors=None, churned=None, lived=None):
     """The targets of the benchmark, what was measured, and why where missed."""
     ran = {sid: [t for t in trials if t["status"] == "ran"] for sid, trials in results.items()}
     not_run = [f"{sid}: {trials[0].get('why')}" for sid, trials in results.items() if not ran[sid]]
@@ -923,12 +1074,13 @@ def targets_table(results, samples, over, sust, empty, cost=None, floors=None, c
         else:
             rows.append((f"{LOOPS[mode][0]} ≥ 0.97", f"{ratio['ratio']:.3f}", ratio["ratio"] >= 0.97))
     rows += churn_targets(churned) if churned else []
+    rows += live_targets(lived) if lived else []
     lines = ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {'yes' if ok else 'no'} |" for t, m, ok in rows]
     return lines
 
 
-def report(args, results, samples, over, sust, tools, empty=None, cost=None, floors=None, churned=None):
+def report(args, results, samples, over, sust, tools, empty=None, cost=None, floors=None, churned=None, lived=None):
     lines = [f"# picosnitch benchmark, {datetime.date.today()}", "", *machine.describe(),
              f"- trials per scenario: {args.trials}; cells show the most common verdict (ties toward the worse),"
              " `*` where trials disagreed",
@@ -951,7 +1103,9 @@ def report(args, results, samples, over, sust, tools, empty=None, cost=None, flo
         lines += cost_table(cost, floors or {}) + [""]
     if churned:
         lines += churn_table(churned) + [""]
-    lines += targets_table(results, samples, over, sust, empty or {}, cost, floors, churned) + [""]
+    if lived:
+        lines += live_table(lived) + [""]
+    lines += targets_table(results, samples, over, sust, empty or {}, cost, floors, churned, lived) + [""]
     summary = summary_line(results, samples, over, sust, cost, churned) + f"; on {machine.summary()}"
     lines += ["## Summary", "", summary, ""]
     return "\n".join(lines), summary
@@ -1055,11 +1209,16 @@ def parse_args(argv):
                    help="only the cost per send call and the throughput ratios (no scenarios, no peers' tools)")
     p.add_argument("--churn", type=int, default=60, help="seconds of each connection-churn run (0: none)")
     p.add_argument("--churn-only", action="store_true", help="only the connection-churn runs")
+    p.add_argument("--live", type=int, default=30, help="seconds of each live-stream run (0: none)")
+    p.add_argument("--live-only", action="store_true", help="only the live-stream runs")
     args = p.parse_args(argv)
     if args.smoke:
         args.trials, args.scenarios, args.tools, args.sustain, args.pairs = 1, ",".join(SMOKE), "picosnitch", 3, 1
         args.churn = min(args.churn, 3)       # (one run, TCP from one program, with a 1-s write limit)
-    kind = "churn-" if args.churn_only else "cost-" if args.cost_only else ""      # (a part: a report of its own)
+        args.live = min(args.live, 6)
+    kind = "churn-" if args.churn_only else "cost-" if args.cost_only else "live-" if args.live_only else ""
+    if args.live_only:
+        args.churn, args.churn_only = 0, True           # (no scenario, cost or overhead loop either)
     args.report = args.report or os.path.join(HERE, "reports", f"{kind}{datetime.date.today()}-{os.uname().release}.md")
     return args
 
@@ -1100,7 +1259,7 @@ def main(argv=None):
         with Network():
             peers = [start_peer(["ip", "netns", "exec", PEER_NS], "all"), start_peer([], "basic")]
             millis = 3000 if not args.smoke else 1000
-            samples, tools, sust, cost, over, empty, floors, churned = {}, [], None, None, None, None, None, None
+            samples, tools, sust, cost, over, empty, floors, churned, lived = {}, [], None, None, None, None, None, None, None
             try:
                 if not (args.cost_only or args.churn_only):
                     samples, tools = run_tools(args, gen, workdir, results)
@@ -1118,10 +1277,13 @@ def main(argv=None):
                 if args.churn and not args.cost_only:
                     say("connection churn")
                     churned = churn(workdir, args.churn, *((CHURN_RUNS[:1], 1) if args.smoke else ()))
+                if args.live and not args.cost_only and (args.live_only or not args.churn_only):
+                    say("live event stream")
+                    lived = live(workdir, args.live)
             finally:
                 for peer in peers:
                     peer.kill()
-        text, summary = report(args, results, samples, over, sust, tools, empty, cost, floors, churned)
+        text, summary = report(args, results, samples, over, sust, tools, empty, cost, floors, churned, lived)
         os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
         with open(args.report, "w") as f:
             f.write(text)

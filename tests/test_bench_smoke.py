@@ -18,12 +18,16 @@ def test_smoke_run_writes_a_scorecard(tmp_path):
     summary = out.stdout.strip().splitlines()[-1]
     assert summary.startswith("picosnitch: detection 4/4; bandwidth 4/4 (4 within ±1% of application bytes")
     text = report.read_text()
-    for section in ("## Scenarios", "## Footprint", "## Overhead", "## Connection churn", "## Summary"):
+    for section in ("## Scenarios", "## Footprint", "## Overhead", "## Connection churn", "## Live event stream",
+                    "## Summary"):
         assert section in text
     for sid in ("s01", "s04", "s11", "s15"):
         assert f"| {sid} " in text
     churned = re.search(r"^\| TCP, 1 program, as fast as they can \| [\d,]+ \| 0\.000% off \|", text, re.M)
     assert churned, text[text.index("## Connection churn"):][:1500]
+    live = re.search(r"^\| the steady sender's bytes by the ticks against snitch\.db \([\d,]+ bytes\) \| \| "
+                     r"0\.000% off", text, re.M)
+    assert live, text[text.index("## Live event stream"):][:1500]
 
 
 def test_log_benchmark_on_a_small_log(tmp_path):
