@@ -4629,6 +4629,7 @@ class WindowSender:
 
 LIVE_SECONDS = 1.0        # how often the event stream is told what flowed, while it has readers
 LIVE_CONNS = 500          # connections a tick tells of one by one (the rest: summed per program)
+LIVE_UNTOLD = 65536       # connections of closed windows waiting for a tick the stream can take, at most
 
 
 class LiveReading:
@@ -4694,7 +4695,9 @@ class LiveReading:
         if window.number != self.window:
             return
         if self.readers:
-            self.closing += self.moved(window, self.told, self.known)
+            self.closing = self.combined(self.closing + self.moved(window, self.told, self.known))
+            if len(self.closing) > LIVE_UNTOLD:         # (the stream takes nothing: start over when it does)
+                self.closing, self.baseline = [], True
         self.known &= {prefix + bytes(k) for prefix, entries in ((b"", window.entries), (b"m", window.merged))
                        for k, _ in entries}          # (those that may go on in the next window)
         self.window, self.told = window.number + 1, {}
@@ -4717,6 +4720,10 @@ class LiveReading:
             rest[group] = (first, s + send, r + recv, n + max(merged, 1))
         for key, send, recv, n in rest.values():
             conns.append(tracker.merged_conn(key, MergedT(send, recv, n), tracker.who(key)))
+        bare: typing.Dict[int, ProcInfo] = {}       # (the stream names a parent by its pid, exe and name only)
+        for c in conns:
+            c.parent = bare.setdefault(id(c.parent), dataclasses.replace(c.parent, cmdline=""))
+            c.grandparent = NO_PROC
         return conns, new
 
     def tick(self, capture: "Capture", tracker: "Tracker") -> None:
