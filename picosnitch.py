@@ -4546,7 +4546,8 @@ class WindowSender:
     until the primary confirms it (Ack). A primary that starts says which
     window it wrote last (Hello), and everything after that is sent again.
     At most WINDOWS_KEPT windows are kept; older ones are dropped and counted."""
-    PART = 256      # connections per message
+    PART = 256      # connections per message (fewer where names are long: parts())
+    COMMAND_KEPT = 32768    # characters of a command line kept in a row too big to send whole
 
     def __init__(self, channel: Channel):
         self.channel = channel
@@ -4554,12 +4555,44 @@ class WindowSender:
         self.todo: "collections.deque[Batch]" = collections.deque()
         self.cond = threading.Condition()
         self.dropped: typing.List[int] = []         # connections of each dropped window
+        self.cut: typing.List[str] = []             # processes whose command line was cut to send their row
         self.stopped = False
         threading.Thread(target=self.send_loop, name="windows", daemon=True).start()
         threading.Thread(target=self.ack_loop, name="acks", daemon=True).start()
 
+    @staticmethod
+    def encoded_most(p: ProcInfo) -> int:
+        """The most a process takes in a message (every character escaped)."""
+        return 6 * (len(p.exe) + len(p.name) + len(p.cmdline)) + 200
+
+    def fitted(self, c: Conn) -> Conn:
+        """A row whose processes' names could pass MESSAGE_MAX alone, with their command lines cut (and said so)."""
+        cut = lambda p: p if len(p.cmdline) <= self.COMMAND_KEPT else dataclasses.replace(p, cmdline=marked_cut(
+            p.cmdline[:self.COMMAND_KEPT] + "…", f"the first {self.COMMAND_KEPT} characters of {len(p.cmdline)}"))
+        self.cut.append(f"pid {c.proc.pid} ({c.proc.exe or c.proc.name})")
+        return dataclasses.replace(c, proc=cut(c.proc), parent=cut(c.parent), grandparent=cut(c.grandparent))
+
+    def parts(self, conns: typing.List[Conn]) -> typing.List[typing.List[Conn]]:
+        """A window's connections in parts of PART at most, and of at most half
+        MESSAGE_MAX by the most their names may take: a program's very long
+        command line can keep no other row from the log."""
+        out: typing.List[typing.List[Conn]] = [[]]
+        size, seen = 0, set()
+        for c in conns:
+            procs = {id(p): p for p in (c.proc, c.parent, c.grandparent)}
+            cost = 300 + sum(self.encoded_most(p) for i, p in procs.items() if i not in seen)
+            if out[-1] and (len(out[-1]) >= self.PART or size + cost > MESSAGE_MAX // 2):
+                out.append([])
+                size, seen = 0, set()
+                cost = 300 + sum(self.encoded_most(p) for p in procs.values())
+            if cost > MESSAGE_MAX - (64 << 10):
+                c = self.fitted(c)
+            out[-1].append(c)
+            size, seen = size + cost, seen | set(procs)
+        return out
+
     def put(self, seq: int, conns: typing.List[Conn]) -> None:
-        chunks = [conns[i:i + self.PART] for i in range(0, len(conns), self.PART)] or [[]]
+        chunks = self.parts(conns)
         contime = now_text()
         parts = [Batch(seq, i, i == len(chunks) - 1, contime, chunk) for i, chunk in enumerate(chunks)]
         with self.cond:
@@ -4593,6 +4626,10 @@ class WindowSender:
         with self.cond:
             dropped, self.dropped = self.dropped, []
         return dropped
+
+    def take_cut(self) -> typing.List[str]:
+        cut, self.cut = self.cut, []
+        return cut
 
     def send_loop(self) -> None:
         while True:
@@ -4630,6 +4667,7 @@ class WindowSender:
 LIVE_SECONDS = 1.0        # how often the event stream is told what flowed, while it has readers
 LIVE_CONNS = 500          # connections a tick tells of one by one (the rest: summed per program)
 LIVE_UNTOLD = 65536       # connections of closed windows waiting for a tick the stream can take, at most
+LIVE_COMMAND = 1024       # characters of a command line the stream is told (the log keeps it whole)
 
 
 class LiveReading:
@@ -4642,8 +4680,9 @@ class LiveReading:
     cannot take now is not lost: the next one carries its bytes. The first
     reading after the stream gains a reader is only a baseline."""
 
-    def __init__(self, channel: typing.Optional[Channel]):
+    def __init__(self, channel: typing.Optional[Channel], reporter: typing.Optional["Reporter"] = None):
         self.channel, self.readers, self.due, self.limit = channel, 0, 0.0, LIVE_CONNS
+        self.reporter = reporter or Reporter()
         self.window, self.baseline = -1, True          # the window whose counts told holds
         self.told: typing.Dict[bytes, typing.Tuple[int, int]] = {}     # key -> (send, recv) told of so far
         self.known: typing.Set[bytes] = set()          # keys told of (in this window or the last)
@@ -4703,9 +4742,10 @@ class LiveReading:
         self.window, self.told = window.number + 1, {}
 
     def rows(self, moved: typing.List[tuple], tracker: "Tracker") -> typing.Tuple[typing.List[Conn], typing.List[int]]:
-        """The rows of a tick, the largest first; past self.limit, the rest of
-        each program's are summed in one row that says how many they were."""
-        moved = sorted(moved, key=lambda m: -(m[2] + m[3]))
+        """The rows of a tick, new connections first, then the largest; past
+        self.limit, the rest of each program's are summed in one row that
+        says how many they were."""
+        moved = sorted(moved, key=lambda m: (m[0] in self.known, -(m[2] + m[3])))
         conns, new, rest = [], [], {}
         for kid, key, send, recv, merged in moved[:self.limit]:
             if merged:
@@ -4715,15 +4755,19 @@ class LiveReading:
                 new.append(len(conns))
             conns.append(tracker.conn(key, ConnValT(send, recv), tracker.who(key)))
         for kid, key, send, recv, merged in moved[self.limit:]:
-            group = (key.pid, key.exe, key.uid, key.prot, key.family)
+            group = (key.exe, key.uid, key.prot, key.family)
             first, s, r, n = rest.get(group, (key, 0, 0, 0))
             rest[group] = (first, s + send, r + recv, n + max(merged, 1))
         for key, send, recv, n in rest.values():
             conns.append(tracker.merged_conn(key, MergedT(send, recv, n), tracker.who(key)))
-        bare: typing.Dict[int, ProcInfo] = {}       # (the stream names a parent by its pid, exe and name only)
+        told: typing.Dict[int, ProcInfo] = {}      # (a parent by its pid, exe and name only; a command cut)
         for c in conns:
-            c.parent = bare.setdefault(id(c.parent), dataclasses.replace(c.parent, cmdline=""))
-            c.grandparent = NO_PROC
+            if id(c.proc) not in told:
+                told[id(c.proc)] = c.proc if len(c.proc.cmdline) <= LIVE_COMMAND else dataclasses.replace(
+                    c.proc, cmdline=marked_cut(c.proc.cmdline[:LIVE_COMMAND] + "…", "the log has it whole"))
+            if id(c.parent) not in told:
+                told[id(c.parent)] = dataclasses.replace(c.parent, cmdline="")
+            c.proc, c.parent, c.grandparent = told[id(c.proc)], told[id(c.parent)], NO_PROC
         return conns, new
 
     def tick(self, capture: "Capture", tracker: "Tracker") -> None:
@@ -4731,6 +4775,7 @@ class LiveReading:
         self.due = time.monotonic() + LIVE_SECONDS
         capture.poll(0)
         window = capture.peek()
+        capture.poll(0)             # (who made the keys that came while it was read)
         if window.number != self.window:
             self.window, self.told = window.number, {}
         moved = self.combined(self.closing + self.moved(window, self.told, self.known))
@@ -4740,7 +4785,11 @@ class LiveReading:
             try:
                 if not self.channel.send(LiveTick(time.time(), conns, new, exited), block=False):
                     return
-            except ValueError:          # (too big: fewer rows of their own)
+            except ValueError:          # (too big: fewer rows of their own; at one, start over)
+                if self.limit == 1:
+                    self.baseline, self.closing = True, []
+                    self.reporter.error("a second of the live event stream was too big to send, even with one "
+                                        "connection named; its readers miss that second's bytes", notify=False)
                 self.limit = max(1, self.limit // 2)
                 return
             except OSError:
@@ -4777,7 +4826,7 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
             rt.reporter.info(f"the reader restarted ({span}); the kernel kept counting, nothing was lost")
     window = rt.config.db_write_limit_seconds
     started = time.monotonic()
-    live = LiveReading(rt.live_tx)
+    live = LiveReading(rt.live_tx, rt.reporter)
     while not stopping():
         capture.poll(int(max(0.0, min(started + window - time.monotonic(), 0.1)) * 1000))
         capture.clear_sent(windows.sent)
@@ -4828,6 +4877,11 @@ def send_window(rt: Runtime, capture: Capture, tracker: Tracker, windows: Window
         problems.append(f"{len(unattributed)} connections could not be attributed to an executable (their "
                         f"processes had exited before picosnitch could identify them, and their events were "
                         f"lost): " + "; ".join(unattributed[:5]) + (" …" if len(unattributed) > 5 else ""))
+    cut = windows.take_cut()
+    if cut:
+        problems.append(f"{len(cut)} rows were logged with command lines cut to their first "
+                        f"{WindowSender.COMMAND_KEPT} characters (whole, they were too big to send): "
+                        + "; ".join(cut[:5]) + (" …" if len(cut) > 5 else ""))
     dropped = windows.take_dropped()
     if dropped:
         problems.append(f"{len(dropped)} windows ({sum(dropped)} connections) were dropped: the primary "
@@ -6606,6 +6660,7 @@ STREAM_QUEUE = 4 << 20     # bytes waiting for one reader, at most
 STREAM_RECORD_CHECK = 2.0  # seconds between looks at the record (is a program new to it?)
 STREAM_NEW_SECONDS = 3600.0    # a program the record took in since is still new (its first window may be written first)
 STREAM_FULL_REPORTS = 60.0     # seconds between two reports of readers turned away
+STREAM_PROGRAMS = 65536    # programs remembered as told of (past it, they may be told of again)
 
 
 def stream_line(kind: str, when: float, **fields) -> bytes:
@@ -6619,9 +6674,10 @@ def stream_process(p: ProcInfo) -> dict:
     return {"pid": p.pid, "exe": p.exe, "name": p.name}
 
 
-def stream_conn(c: Conn) -> dict:
-    """A connection (and its bytes) as the stream says it."""
-    return {**stream_process(c.proc), "cmdline": c.proc.cmdline, "uid": c.uid, "parent": stream_process(c.parent),
+def stream_conn(c: Conn, command: bool = False) -> dict:
+    """A connection (and its bytes) as the stream says it (command: with its command line)."""
+    return {**stream_process(c.proc), **({"cmdline": c.proc.cmdline} if command else {}), "uid": c.uid,
+            "parent": stream_process(c.parent),
             "proto": c.proto, "laddr": c.laddr, "lport": c.lport, "raddr": c.raddr, "rport": c.rport,
             "domain": c.domain, "send": c.send, "recv": c.recv}
 
@@ -6679,8 +6735,8 @@ def events_directory(account: User) -> None:
     st = os.lstat(RUN_DIR)
     if not stat_module.S_ISDIR(st.st_mode):
         raise PicosnitchError(f"{RUN_DIR} is not a directory; the event stream needs it")
+    os.chmod(RUN_DIR, 0o755)        # (while root owns it: the service's sandbox leaves root no CAP_FOWNER)
     os.chown(RUN_DIR, account.uid, account.gid)
-    os.chmod(RUN_DIR, 0o755)
 
 
 class Stream:
@@ -6694,6 +6750,7 @@ class Stream:
         self.recorded: typing.Dict[str, float] = {}             # executables it took in since, and when
         self.programs: typing.Set[typing.Tuple[str, str, int]] = set()      # told of as new executables
         self.full_reported = -STREAM_FULL_REPORTS
+        self.listening, self.told_at = None, 0.0       # (what the reader process was last told, and when)
         self.is_new("")             # (what the record knows now is not new)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -6710,9 +6767,15 @@ class Stream:
         with contextlib.suppress(OSError):
             os.unlink(self.path)
 
-    def tell_reader_process(self) -> None:
-        with contextlib.suppress(OSError, ValueError):
-            self.rt.live_rx.send(Listening(len(self.readers)), block=False)
+    def tell_reader_process(self, again: bool = False) -> None:
+        """Say whether the stream has readers when that changes, and again
+        each LIVE_SECONDS (again): a reader process started since, or a word
+        the channel had no room for, is set right within a second."""
+        listening = bool(self.readers)
+        if listening != self.listening or (again and time.monotonic() >= self.told_at + LIVE_SECONDS):
+            with contextlib.suppress(OSError, ValueError):
+                if self.rt.live_rx.send(Listening(len(self.readers)), block=False):
+                    self.listening, self.told_at = listening, time.monotonic()
 
     def accept(self) -> None:
         """A new reader: welcomed if its account may read and there is room, else told why not."""
@@ -6771,8 +6834,10 @@ class Stream:
                 continue
             c = tick.conns[i]
             new = self.is_new(c.proc.exe)
-            lines.append(stream_line("connection", tick.time, new=new, **stream_conn(c)))
+            lines.append(stream_line("connection", tick.time, new=new, **stream_conn(c, command=True)))
             program = (c.proc.exe, c.proc.name, c.uid)
+            if len(self.programs) >= STREAM_PROGRAMS:
+                self.programs.clear()
             if program not in self.programs:
                 self.programs.add(program)
                 lines.append(stream_line("executable", tick.time, new=new, uid=c.uid, **stream_process(c.proc)))
@@ -6794,8 +6859,7 @@ class Stream:
             for reader in gone:
                 del self.readers[reader.sock.fileno()]
                 reader.sock.close()
-            if gone:
-                self.tell_reader_process()
+            self.tell_reader_process(again=True)
 
     def take(self, channel: Channel) -> None:
         try:
@@ -8604,6 +8668,7 @@ LIVE_RATE_SECONDS = 2.0
 LIVE_HISTORY = 300          # ticks of totals kept (seconds), per program too
 LIVE_FEED = 200             # new connections, programs and reports kept
 LIVE_GONE_KEEP = 120.0      # seconds a program whose processes have all exited stays listed
+LIVE_IDLE_KEEP = 600.0      # seconds a connection that moves nothing stays listed (then: in its program's "earlier")
 LIVE_GROUPS = [("program", "program"), ("connection", "connection"), ("remote host", "host"), ("user", "uid")]
 LIVE_SORTS = [("total", lambda r: r.send_rate + r.recv_rate, lambda r: r.sent + r.received),
               ("sent", lambda r: r.send_rate, lambda r: r.sent),
@@ -8747,6 +8812,7 @@ class LiveState:
             flow["sent"] += send
             flow["received"] += recv
             flow["recent"].append((when, send, recv))
+            flow["last"] = when
             moved[flow["program"]][0] += send
             moved[flow["program"]][1] += recv
             sent, received = sent + send, received + recv
@@ -8769,6 +8835,13 @@ class LiveState:
             del self.programs[key]
             self.program_history.pop(key, None)
         self.conns = {k: f for k, f in self.conns.items() if f["program"] not in old}
+        for key in [k for k, f in self.conns.items() if "last" in f and f["last"] <= when - LIVE_IDLE_KEEP]:
+            flow = self.conns.pop(key)          # (its bytes stay in its program's totals)
+            earlier = self.conns.setdefault((None, flow["program"]), {
+                "program": flow["program"], "peer": "earlier connections", "proto": "", "uid": flow["uid"],
+                "sent": 0, "received": 0, "recent": collections.deque()})
+            earlier["sent"] += flow["sent"]
+            earlier["received"] += flow["received"]
 
     def flows(self, group: str, text: str = "") -> typing.List[LiveFlow]:
         """The entries of a grouping (program, connection, host or uid), each
@@ -8778,7 +8851,7 @@ class LiveState:
         for key, c in self.conns.items():
             program = self.programs.get(c["program"], {})
             label = {"program": program.get("label", c["program"]), "connection":
-                     f"{program.get('label', c['program'])} → {c['peer']} {c['proto']}",
+                     f"{program.get('label', c['program'])} → {c['peer']} {c['proto']}".rstrip(),
                      "host": c["peer"].rsplit(":", 1)[0] if ":" in c["peer"] else c["peer"],
                      "uid": self.labels.label("uid", c["uid"])}[group]
             send_rate = sum(s for _, s, _ in c["recent"]) / LIVE_RATE_SECONDS
@@ -8792,7 +8865,7 @@ class LiveState:
             entry.sent, entry.received = entry.sent + c["sent"], entry.received + c["received"]
             entry.send_rate, entry.recv_rate = entry.send_rate + send_rate, entry.recv_rate + recv_rate
             if group == "program":
-                entry.children.append(LiveFlow(key, f"{c['peer']} {c['proto']}", c["sent"], c["received"],
+                entry.children.append(LiveFlow(key, f"{c['peer']} {c['proto']}".rstrip(), c["sent"], c["received"],
                                                send_rate, recv_rate))
         return list(found.values())
 
@@ -9097,7 +9170,6 @@ TOP_KEYS_HELP = [("← →", "group by program, connection, remote host, user"),
                  ("u U", "units"), ("?", "these keys"), ("q", "quit")]
 TOP_HELP_LINE = "←→ group s sort / filter p pause u units ? keys q"
 TOP_CHILDREN = 3            # a program's connections listed under it (the largest)
-TOP_PAUSED_MOST = 3600      # events kept while paused (applied when it goes on)
 
 
 class Top:
@@ -9106,14 +9178,12 @@ class Top:
     def __init__(self, labels: Labels):
         self.live = LiveState(labels)
         self.group, self.sort, self.unit, self.cursor, self.first = 0, 0, 0, 0, 0
-        self.filter, self.typing, self.paused, self.help = "", False, False, False
-        self.held: typing.List[dict] = []        # events that came while paused
+        self.filter, self.typing, self.help = "", False, False
+        self.paused: typing.Optional[typing.List[typing.Tuple[str, str]]] = None     # the lines shown when paused
         self.ended = ""                          # why the stream ended
 
     def take(self, events: typing.List[dict]) -> None:
-        if self.paused:
-            self.held = (self.held + events)[-TOP_PAUSED_MOST:]
-            return
+        """Events from the stream (taken in while paused too: only the display stands still)."""
         for event in events:
             self.live.take(event)
 
@@ -9151,17 +9221,14 @@ class Top:
         elif key in ("\x7f", "\b", "KEY_BACKSPACE"):
             self.filter = ""
         elif key == "p":
-            self.paused = not self.paused
-            if not self.paused:
-                held, self.held = self.held, []
-                self.take(held)
+            self.paused = None if self.paused is not None else self.lines()
         elif key == "?":
             self.help = True
         return True
 
     def heading(self) -> str:
         group, sort = LIVE_GROUPS[self.group][0], LIVE_SORTS[self.sort][0]
-        state = "PAUSED" if self.paused else time.strftime("%H:%M:%S", time.localtime(self.live.now)) \
+        state = "PAUSED" if self.paused is not None else time.strftime("%H:%M:%S", time.localtime(self.live.now)) \
             if self.live.now else "waiting for the first tick"
         return f"picosnitch top · by {group} ({self.group + 1}/{len(LIVE_GROUPS)}) · sort: {sort} · " \
                f"{UNITS[self.unit][0]} · {state}"
@@ -9191,7 +9258,7 @@ class Top:
             rows = [(fit("keys of picosnitch top (any key goes back)", width), "bar")]
             rows += [(fit(f"  {keys:<24} {what}", width), "") for keys, what in TOP_KEYS_HELP]
             return rows + [(" " * width, "")] * (height - len(rows))
-        rows = self.lines()
+        rows = self.paused if self.paused is not None else self.lines()
         room = height - 4
         self.cursor = min(self.cursor, max(len(rows) - 1, 0))
         self.first = min(max(self.first, self.cursor - room + 1), self.cursor)

@@ -62,8 +62,8 @@ def test_ticks_add_up_to_what_the_window_logs_across_its_close():
     assert ticked(live, theirs, capture, tracker) is None           # the first reading is a baseline
     capture.window = WINDOW(5, [(key(1), val(300, 7)), (key(2), val(50))], [])
     tick = ticked(live, theirs, capture, tracker)
-    assert [(c.lport, c.send, c.recv) for c in tick.conns] == [(40001, 200, 7), (40002, 50, 0)]
-    assert [tick.conns[i].lport for i in tick.new] == [40002]       # (the first was there before)
+    assert [(c.lport, c.send, c.recv) for c in tick.conns] == [(40002, 50, 0), (40001, 200, 7)]    # (new first)
+    assert [tick.conns[i].lport for i in tick.new] == [40002]       # (the other was there before)
     closed = WINDOW(5, [(key(1), val(350, 7)), (key(2), val(80))], [])
     live.closed(closed)                                              # its closing read: 50 and 30 more
     capture.window = WINDOW(6, [(key(1), val(10))], [])
@@ -96,6 +96,9 @@ def test_past_its_limit_a_tick_sums_a_programs_other_connections_in_one_row():
     rows = [(c.lport, c.raddr, c.send) for c in tick.conns]
     assert rows[:2] == [(40005, "192.0.2.10", 500), (40004, "192.0.2.10", 400)]
     assert rows[2:] == [(picosnitch.MERGED_PORT, picosnitch.merged_text(3), 600)]
+    capture.window = WINDOW(1, [(key(i), val(200 * i)) for i in range(1, 6)] + [(key(9), val(1))], [])
+    tick = ticked(live, theirs, capture, tracker)           # (a new connection has a row of its own first)
+    assert [(c.lport, c.send) for c in tick.conns][:2] == [(40009, 1), (40005, 500)] and tick.new == [0]
 
 
 def test_a_reader_that_does_not_read_loses_its_own_lines_and_is_told_how_many(monkeypatch):
@@ -172,6 +175,7 @@ def test_a_tick_tells_of_new_connections_and_programs_with_what_the_record_knows
             ("tick", None, None), ("connection", "/usr/bin/curl", False), ("executable", "/usr/bin/curl", False),
             ("connection", "/tmp/x\x1b[2J", True), ("executable", "/tmp/x\x1b[2J", True)]
         assert all(b.isascii() and b"\x1b" not in b for b in server.tick_lines(tick))      # (escaped as \\u001b)
+        assert "cmdline" not in lines[0]["conns"][0] and "cmdline" in lines[1]      # (a command: once)
         assert [json.loads(x)["type"] for x in server.tick_lines(tick)] == ["tick", "connection", "connection"]
     finally:
         server.close()
@@ -223,10 +227,11 @@ def test_top_keys_and_screen_at_80_by_24():
         for k in keys:
             assert top.press(k)
         assert seen in top.screen(24, 80)[0][0]
+    frozen = top.screen(24, 80)[1:]
     top.take([{"type": "tick", "time": 2.0, "exited": [], "conns": [conn_event(send=5)]}])
-    assert top.live.now == 1.0 and top.held                      # paused: held, not lost
+    assert top.live.now == 2.0 and top.screen(24, 80)[1:] == frozen     # paused: taken in, not shown yet
     top.press("p")
-    assert top.live.now == 2.0
+    assert top.screen(24, 80)[1:] != frozen
     for k in "/curl":
         top.press(k)
     top.press("\n")
@@ -235,3 +240,13 @@ def test_top_keys_and_screen_at_80_by_24():
     top.press("?")
     assert "keys of picosnitch top" in top.screen(24, 80)[0][0]
     assert top.press("x") and not top.help and not top.press("q")
+
+
+def test_a_connection_idle_for_long_is_folded_into_its_programs_earlier_ones():
+    live = state()
+    live.take({"type": "tick", "time": 1.0, "exited": [], "conns": [conn_event(send=300), conn_event(send=5, rport=80)]})
+    for t in range(2, 700):
+        live.take({"type": "tick", "time": float(t), "exited": [], "conns": [conn_event(send=1, rport=80)]})
+    [entry] = live.sorted_flows("program", 0)
+    assert entry.sent == 300 + 5 + 698 and len(live.conns) == 2
+    assert sorted(c.label for c in entry.children) == ["192.0.2.10:80 tcp", "earlier connections"]

@@ -195,3 +195,26 @@ def test_a_command_line_longer_than_the_event_keeps_is_marked_cut():
     cmdline = t.procs[BASE + 51].cmdline
     assert cmdline == f"prog {'x' * (picosnitch.ARGS_LEN - 6)}… (cut; {picosnitch.ARGS_LEN - 1} bytes of a longer " \
                       "command line)"
+
+
+def test_a_window_goes_in_parts_that_fit_however_long_a_command_line():
+    """A program with a command line of more than a message's worth (here of
+    characters JSON escapes: six bytes each) keeps no other row from the log:
+    the parts stay small enough to send, and only a row too big alone has its
+    command line cut, marked, and said so."""
+    ours, theirs = picosnitch.Channel.pair()
+    sender = picosnitch.WindowSender(ours)
+    plain = picosnitch.ProcInfo(1, "/usr/bin/curl", "curl", "curl x", 1, 2)
+    long_ = picosnitch.ProcInfo(2, "/tmp/long", "long", "\x01" * 200_000, 1, 3)
+    huge = picosnitch.ProcInfo(3, "/tmp/huge", "huge", "\x01" * 400_000, 1, 4)
+    row = lambda p, port: picosnitch.Conn(p, plain, plain, 1000, "udp", port, 53, "10.0.0.2", "10.0.0.1", "", 5, 0)
+    conns = [row(plain, i) for i in range(300)] + [row(long_, i) for i in range(3)] + [row(huge, 1)]
+    parts = sender.parts(conns)
+    assert [c.lport for part in parts for c in part] == [c.lport for c in conns]
+    for i, part in enumerate(parts):
+        batch = picosnitch.Batch(7, i, i == len(parts) - 1, "2026-12-06 10:00:00", part)
+        assert len(picosnitch.encode_message(batch)) <= picosnitch.MESSAGE_MAX
+    assert [c.proc.cmdline for part in parts for c in part if c.proc is long_] == [long_.cmdline] * 3
+    [cut] = [c.proc.cmdline for part in parts for c in part if c.proc.exe == "/tmp/huge"]
+    assert cut.startswith("\x01" * picosnitch.WindowSender.COMMAND_KEPT + "…") and "(cut; the first" in cut
+    assert sender.take_cut() == ["pid 3 (/tmp/huge)"]
