@@ -10325,6 +10325,56 @@ def dash_live_wiring() -> dict:
             "state": {"seen": State("live-seen", "data"), "chosen": State("live-chosen", "data")}}
 
 
+def dash_live_callbacks(app, live: DashLive) -> None:
+    """The live tab's callbacks: the page asks once a second while the tab is
+    shown (and the browser's tab too), and after each change of its controls."""
+    from dash import ctx, html
+    from dash.exceptions import PreventUpdate
+    from dash.dependencies import Input, Output
+
+    # (a browser's tab that is not shown asks nothing)
+    app.clientside_callback(
+        "function (n) { return document.hidden ? window.dash_clientside.no_update : n; }",
+        Output("live-pulse", "data"), Input("live-tick", "n_intervals"), prevent_initial_call=True)
+
+    @app.callback(**dash_live_wiring())
+    def live_update(pulse, sort, text, active, close, search, seen, chosen):
+        """The live tab, when a second has passed (and something came since
+        the page last asked) or a control of it changed."""
+        state, _ = dash_state(search)
+        trigger = ctx.triggered_id
+        if state.view != "live":
+            raise PreventUpdate
+        if trigger == "live-table" and isinstance(active, dict) and isinstance(active.get("row_id"), str):
+            chosen = active["row_id"]
+        elif trigger == "live-close":
+            chosen = None
+        with live.lock:
+            if trigger == "live-pulse" and seen == live.taken:
+                raise PreventUpdate
+            taken, status = live.taken, dash_live_status(live.live, live.status)
+            tables = dash_live_tables(live.live, sort if sort in range(len(LIVE_SORTS)) else 0, text or "",
+                                      chosen, state.units)
+            figure = dash_live_figure(live.live, state, live.status if not live.live.now else "", text or "")
+            feed = dash_live_feed(live.live)
+        header, cells = dash_table_colors(state.theme)
+        marked = [{"if": {"filter_query": '{mark} = "NEW"'}, "fontWeight": "600", "color": DASH_COLORS[3]},
+                  {"if": {"filter_query": '{mark} = "gone"'}, "opacity": 0.55}]
+        if tables["chosen_row"] is not None:
+            marked.append({"if": {"row_index": tables["chosen_row"]},
+                           "backgroundColor": DASH_THEMES[state.theme]["grid"]})
+        kind_class = lambda kind: "ps-" + re.sub(r"[^a-z]+", "-", kind.lower())
+        # (no cell stays active: a click on the same program, once closed, opens it again)
+        return {"seen": taken, "chosen": chosen, "status": status, "rows": tables["rows"], "tips": tables["tips"],
+                "active": None,
+                "marked": marked, "header": header, "cells": cells, "heading": tables["heading"],
+                "connections": tables["connections"], "conns_header": header, "conns_cells": cells,
+                "conns_hidden": chosen is None, "figure": figure,
+                "feed": [html.Div(className=kind_class(kind), children=[
+                    html.Span(when, className="ps-when"), html.Span(kind, className="ps-kind"), html.Span(what)])
+                    for when, kind, what in feed] or [html.Div("nothing yet")]}
+
+
 def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = ""):
     """The Dash application for the log in a state directory (see dash_state
     for its view); its live tab follows the event stream at the path stream
@@ -10473,48 +10523,7 @@ def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = "")
         return {"content": dash_csv([c["name"] for c in kept], [[cell(r, c["id"]) for c in kept] for r in rows or []]),
                 "filename": "picosnitch.csv"}
 
-    # (a browser's tab that is not shown asks nothing)
-    app.clientside_callback(
-        "function (n) { return document.hidden ? window.dash_clientside.no_update : n; }",
-        Output("live-pulse", "data"), Input("live-tick", "n_intervals"), prevent_initial_call=True)
-
-    @app.callback(**dash_live_wiring())
-    def live_update(pulse, sort, text, active, close, search, seen, chosen):
-        """The live tab, when a second has passed (and something came since
-        the page last asked) or a control of it changed."""
-        state, _ = dash_state(search)
-        trigger = ctx.triggered_id
-        if state.view != "live":
-            raise PreventUpdate
-        if trigger == "live-table" and isinstance(active, dict) and isinstance(active.get("row_id"), str):
-            chosen = active["row_id"]
-        elif trigger == "live-close":
-            chosen = None
-        with live.lock:
-            if trigger == "live-pulse" and seen == live.taken:
-                raise PreventUpdate
-            taken, status = live.taken, dash_live_status(live.live, live.status)
-            tables = dash_live_tables(live.live, sort if sort in range(len(LIVE_SORTS)) else 0, text or "",
-                                      chosen, state.units)
-            figure = dash_live_figure(live.live, state, live.status if not live.live.now else "", text or "")
-            feed = dash_live_feed(live.live)
-        header, cells = dash_table_colors(state.theme)
-        marked = [{"if": {"filter_query": '{mark} = "NEW"'}, "fontWeight": "600", "color": DASH_COLORS[3]},
-                  {"if": {"filter_query": '{mark} = "gone"'}, "opacity": 0.55}]
-        if tables["chosen_row"] is not None:
-            marked.append({"if": {"row_index": tables["chosen_row"]},
-                           "backgroundColor": DASH_THEMES[state.theme]["grid"]})
-        kind_class = lambda kind: "ps-" + re.sub(r"[^a-z]+", "-", kind.lower())
-        # (no cell stays active: a click on the same program, once closed, opens it again)
-        return {"seen": taken, "chosen": chosen, "status": status, "rows": tables["rows"], "tips": tables["tips"],
-                "active": None,
-                "marked": marked, "header": header, "cells": cells, "heading": tables["heading"],
-                "connections": tables["connections"], "conns_header": header, "conns_cells": cells,
-                "conns_hidden": chosen is None, "figure": figure,
-                "feed": [html.Div(className=kind_class(kind), children=[
-                    html.Span(when, className="ps-when"), html.Span(kind, className="ps-kind"), html.Span(what)])
-                    for when, kind, what in feed] or [html.Div("nothing yet")]}
-
+    dash_live_callbacks(app, live)
     return app
 
 
