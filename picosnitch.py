@@ -57,16 +57,17 @@ Table of contents (each numbered section uses only the ones above it):
     12. monitor process
     13. notifications
     14. helpers of the primary: names, the remote copy and its queue, VirusTotal, GeoIP
-    15. primary process, and record.json
-    16. the live event stream
-    17. privileges: capabilities, and doing work as another account
-    18. the state directory, picosnitch's account, and the move from ~/.config
-    19. supervisor, daemon and systemd unit
-    20. what the viewers share: the query layer, opening the log, labels, the live stream
-    21. terminal viewer
-    22. live table (top)
-    23. web UI
-    24. command line
+    15. novelty: what each program has reached, and what is new
+    16. primary process, and record.json
+    17. the live event stream
+    18. privileges: capabilities, and doing work as another account
+    19. the state directory, picosnitch's account, and the move from ~/.config
+    20. supervisor, daemon and systemd unit
+    21. what the viewers share: the query layer, opening the log, labels, the live stream
+    22. terminal viewer
+    23. live table (top)
+    24. web UI
+    25. command line
 
 Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|top|events|dash|ebpf [MODE]|version|help
 """
@@ -158,10 +159,18 @@ GEOIP_DOWNLOAD_ADDRESS = "https://download.db-ip.com/free/dbip-country-lite-{yea
 # how long a stop may take before the supervisor gives up waiting
 STOP_TIMEOUT = 30.0
 
-# the live event stream (section 16): a socket in a directory only
+# the live event stream (section 17): a socket in a directory only
 # picosnitch's account may write
 RUN_DIR = "/run/picosnitch"
 EVENTS_SOCKET = os.path.join(RUN_DIR, "events.sock")
+CONTROL_SOCKET = os.path.join(RUN_DIR, "control.sock")     # where the user's viewers ask for mutes
+
+# what is new (section 15): the public suffix list (Debian's publicsuffix),
+# each program's baseline (in the private directory), and the mutes (the
+# private copy decides, the state directory's is the user's to read)
+PUBLIC_SUFFIX_LIST = "/usr/share/publicsuffix/public_suffix_list.dat"
+BASELINE_NAME = "baseline.db"
+MUTES_NAME = "mutes.json"
 
 
 ###############################################################################
@@ -718,6 +727,22 @@ class Report(typing.NamedTuple):         # any -> notifier: for error.log or exe
     always: bool = False                 # shown even with "Desktop notifications" off
 
 
+# What the primary finds new about a program (section 15). Each kind but
+# "program" can be muted per executable, alone or as a group (MUTE_KINDS);
+# "all" mutes every kind. A muted event is still logged.
+NOVELTY_KINDS = ("program", "name", "hash", "domain", "country", "port", "volume")
+MUTE_KINDS = {"destination": ("domain", "country", "port"), "volume": ("volume",), "hash": ("hash",),
+              "name": ("name",), "all": NOVELTY_KINDS}
+
+
+class Novelty(typing.NamedTuple):        # primary -> notifier: something new about a program (for exe.log)
+    kind: str                            # one of NOVELTY_KINDS
+    exe: str                             # the program (what mutes name)
+    name: str
+    text: str                            # what exe.log says (names whole: what shows it escapes them)
+    time: float
+
+
 class Notice(typing.NamedTuple):         # notifier -> desktop: show this
     id: int
     time: float                          # when what it tells of happened
@@ -731,7 +756,8 @@ class Delivered(typing.NamedTuple):      # desktop -> notifier: shown (error '')
 
 
 MESSAGES = {cls.__name__: cls for cls in (Ready, Failed, Loaded, Answer, ExecNotice, HashRequest, HashAnswer, Batch,
-                                          LiveTick, Listening, Hello, Ack, Stop, Report, Notice, Delivered)}
+                                          LiveTick, Listening, Hello, Ack, Stop, Report, Novelty, Notice,
+                                          Delivered)}
 MESSAGE_BUFFER = 8 << 20       # bytes a channel may hold unread
 MESSAGE_MAX = 2 << 20          # bytes of one message at most (the kernel carries up to about 4 MB)
 
@@ -915,6 +941,10 @@ class Reporter:
     def exe(self, message: str) -> None:
         self.send(Report("exe", message, "", time.time()))
 
+    def novelty(self, kind: str, exe: str, name: str, text: str, when: typing.Optional[float] = None) -> None:
+        """Something new about a program: for exe.log, and shown unless muted."""
+        self.send(Novelty(kind, exe, name, text, time.time() if when is None else when))
+
     def info(self, message: str) -> None:
         print(f"picosnitch: {shown(message)}", flush=True)
 
@@ -931,7 +961,7 @@ class Reporter:
             if message:
                 self.info(message)
 
-    def send(self, report: Report) -> None:
+    def send(self, report: typing.Union[Report, Novelty]) -> None:
         """Never blocks: when the notifier cannot keep up, reports are counted
         as dropped, and the next one that gets through says how many."""
         if self.channel is None:
@@ -1006,6 +1036,12 @@ SETTINGS = [
     Setting("Log ignore", "log_ignore", [], (list,), "a list of ports, hashes, domains or subnets",
             note="connections left out of the logs (below)"),
     Setting("Log ports", "log_ports", True, (bool,), "true or false", note="off: ports are left null"),
+    Setting("Novelty settle days", "novelty_settle_days", 7, (int,), "a whole number of days >= 0",
+            lambda v: v >= 0, "days of use without a new destination before one is told of (below)"),
+    Setting("Novelty volume factor", "novelty_volume_factor", 10, (int, float), "a number >= 1",
+            lambda v: v >= 1, "an hour this many times a program's busiest is told of (below)"),
+    Setting("Novelty volume minimum (MB)", "novelty_volume_minimum_mb", 100, (int, float), "a number of MB >= 0",
+            lambda v: v >= 0, "(and when it moves at least this much)"),
     # the user's config sets root's resources: kernel memory and open files are bounded
     Setting("Perf ring buffer (pages)", "perf_ring_buffer_pages", 256, (int,), "a power of two up to 4096",
             lambda v: is_power_of_two(v) and v <= 4096, "per CPU, up to 4096; raise it if events are lost"),
@@ -1187,6 +1223,7 @@ CHANGE_KINDS = {"desktop_notifications": "off", "db_sql_log": "off", "db_text_lo
                 "log_addresses": "off", "log_commands": "off", "log_ports": "off", "geoip_lookup": "off",
                 "log_ignore": "added", "db_retention_days": "less", "db_write_limit_seconds": "more",
                 "perf_ring_buffer_pages": "less", "vt_request_limit_seconds": "more",
+                "novelty_settle_days": "more", "novelty_volume_factor": "more", "novelty_volume_minimum_mb": "more",
                 "dash_scroll_zoom": "harmless", "dash_theme": "harmless"}
 SECRET_SETTINGS = ("db_sql_server", "vt_api_key")      # (their values are never repeated)
 
@@ -1279,7 +1316,7 @@ def load_config(directory: str, create: bool = True) -> Config:
 @dataclasses.dataclass
 class Runtime:
     """What every process is given by the supervisor. Each process keeps only
-    its own ends of the channels (ROLES in section 19 lists them)."""
+    its own ends of the channels (ROLES in section 20 lists them)."""
     config: Config
     user: User                           # the user picosnitch works for (their session bus, their settings)
     account: User                        # picosnitch's own account, which writes the state directory
@@ -4671,7 +4708,7 @@ LIVE_COMMAND = 1024       # characters of a command line the stream is told (the
 
 
 class LiveReading:
-    """What the event stream (section 16) is told while it has readers: each
+    """What the event stream (section 17) is told while it has readers: each
     LIVE_SECONDS, what every connection moved since the last tick. It is an
     extra reading of the maps of the window being filled, which takes
     nothing from them: a window's bytes stay the window's. What a window's
@@ -5985,7 +6022,12 @@ class GeoIP:
 
 
 ###############################################################################
-# 15. primary process, and record.json
+# 15. novelty: what each program has reached, and what is new
+###############################################################################
+
+
+###############################################################################
+# 16. primary process, and record.json
 ###############################################################################
 # Receives each window's connections, has their executables hashed, writes
 # snitch.db and record.json, and tells the user what is new. It runs as
@@ -6101,7 +6143,7 @@ def unchecked_hashes(record: dict) -> typing.List[typing.Tuple[str, str]]:
 
 
 SPOOL_NAME = "unwritten-rows.json"     # rows a stop found waiting for a log, written at the next start
-IMPORTED_NAME = "imported-record.json"  # the record an older picosnitch kept in ~/.config (section 18)
+IMPORTED_NAME = "imported-record.json"  # the record an older picosnitch kept in ~/.config (section 19)
 
 
 def record_text(record: dict) -> bytes:
@@ -6321,7 +6363,7 @@ class Primary:
         return record
 
     def imported_record(self) -> dict:
-        """The record an older picosnitch kept in ~/.config, if one was moved in (section 17)."""
+        """The record an older picosnitch kept in ~/.config, if one was moved in (section 19)."""
         path = os.path.join(self.rt.private, IMPORTED_NAME)
         if not os.path.exists(path):
             return {}
@@ -6638,7 +6680,7 @@ def primary_main(rt: Runtime) -> None:
     primary.close()
 
 ###############################################################################
-# 16. the live event stream
+# 17. the live event stream
 ###############################################################################
 # While the log is written window by window, the live process tells whoever
 # listens what happens now, as newline-delimited JSON on a Unix socket
@@ -6882,9 +6924,9 @@ def live_main(rt: Runtime) -> None:
         stream.close()
 
 ###############################################################################
-# 17. privileges: capabilities, and doing work as another account
+# 18. privileges: capabilities, and doing work as another account
 ###############################################################################
-# Each process keeps only the privileges its work needs (ROLES, section 19),
+# Each process keeps only the privileges its work needs (ROLES, section 20),
 # and what is done on someone's behalf is done with their rights: the user's
 # settings and files are read as the user; picosnitch's state directory is
 # written as picosnitch's account. run_as does a piece of work so, in a child.
@@ -7015,7 +7057,7 @@ def run_as(who: User, work: typing.Callable[[], typing.Any], with_fds: bool = Fa
 
 
 ###############################################################################
-# 18. the state directory, picosnitch's account, and the move from ~/.config
+# 19. the state directory, picosnitch's account, and the move from ~/.config
 ###############################################################################
 # What picosnitch records lives in the state directory (STATE_DIR), which
 # only picosnitch's account writes: not the user picosnitch works for, whose
@@ -7439,7 +7481,7 @@ def prepare(user: User, environ: typing.Mapping[str, str] = os.environ) -> Setup
     return Setup(sql_files(config, user, account, state, warnings), user, account, state, warnings)
 
 ###############################################################################
-# 19. supervisor, daemon and systemd unit
+# 20. supervisor, daemon and systemd unit
 ###############################################################################
 # The supervisor runs as root. It loads the BPF program (section 9), holds its
 # descriptors, and starts each process through process_entry, which gives the
@@ -8070,7 +8112,7 @@ def packaged_tmpfiles() -> str:
     return f"d {STATE_DIR} 0750 {ACCOUNT} {ACCOUNT} -\n"
 
 ###############################################################################
-# 20. what the viewers share: the query layer, opening the log, labels, the live stream
+# 21. what the viewers share: the query layer, opening the log, labels, the live stream
 ###############################################################################
 # `view` and `dash` read the same log through the query layer, first here.
 # What else both need lives here too: how a log is opened and what is said
@@ -8656,7 +8698,7 @@ def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typi
 
 
 # -- the live stream, as `top` and dash's live tab read it ---------------------
-# Both connect to the daemon's event stream (section 16) and keep a LiveState:
+# Both connect to the daemon's event stream (section 17) and keep a LiveState:
 # per connection and per program, the bytes of the last ticks (a rate is what
 # the ticks of the last LIVE_RATE_SECONDS moved, per second) and in all since
 # the viewer connected; programs new to the record, and those whose every
@@ -8878,11 +8920,11 @@ class LiveState:
         return entries
 
 ###############################################################################
-# 21. terminal viewer
+# 22. terminal viewer
 ###############################################################################
 # `picosnitch view`: snitch.db grouped by one column at a time, largest first,
 # under a chain of filters, a time range and byte units. Each key that changes
-# what is shown asks the query layer (section 20) for the totals: the log is
+# what is shown asks the query layer (section 21) for the totals: the log is
 # never loaded, whatever its size; r asks again.
 
 VIEWS = [("executable", "exe"), ("name", "name"), ("sha256", "sha256"), ("parent executable", "pexe"),
@@ -9155,10 +9197,10 @@ def run_viewer(state: str, config_dir: str) -> int:
     return 0
 
 ###############################################################################
-# 22. live table (top)
+# 23. live table (top)
 ###############################################################################
 # `picosnitch top`: what uses the network now, from the event stream (the
-# LiveState of section 20), redrawn as ticks come. Per program its rates and
+# LiveState of section 21), redrawn as ticks come. Per program its rates and
 # its totals since `top` started, its connections under it; grouped instead
 # by connection, remote host or user. Where a key means what it does in
 # `view`, it is the same key. Top's state and keys are here; curses only
@@ -9345,12 +9387,12 @@ def run_events(out: typing.BinaryIO) -> int:
         sock.close()
 
 ###############################################################################
-# 23. web UI
+# 24. web UI
 ###############################################################################
 # `picosnitch dash`: bytes sent and received over time, one trace per entry
 # of a grouping, a totals table and a drill-down per executable, under a
 # filter chain and a time range, as in `view`. Every interaction asks the
-# query layer (section 20) again; nothing is loaded whole. Its live tab
+# query layer (section 21) again; nothing is loaded whole. Its live tab
 # shows what `top` shows, from the event stream (the LiveState of section
 # 20), which a thread of the server follows from start to end. The whole
 # view is in the page's address, so a reload, a bookmark or the browser's
@@ -10558,7 +10600,7 @@ def run_dash(state: str, config_dir: str, host: str, port: int) -> int:
     return 0
 
 ###############################################################################
-# 24. command line
+# 25. command line
 ###############################################################################
 
 USAGE = """usage: picosnitch <command>

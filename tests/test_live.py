@@ -1,6 +1,6 @@
 """The live view's parts, in-process: the reader's extra reading of the
 window's counts (section 10), the event stream's readers and lines (section
-16), what the viewers keep of it (section 20) and `top` (section 22)."""
+17), what the viewers keep of it (section 21) and `top` (section 23)."""
 import json
 import os
 import select

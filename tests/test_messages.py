@@ -21,6 +21,7 @@ def test_every_message_type_goes_through_a_channel_unchanged():
                 picosnitch.LiveTick(1_765_000_000.25, [conn], [0], [7]), picosnitch.Listening(2),
                 picosnitch.Hello(11), picosnitch.Ack(12), picosnitch.Stop(),
                 picosnitch.Report("error", "x", "tb", 1_765_000_000.5, False, True),
+                picosnitch.Novelty("domain", "/usr/bin/curl", "curl", "curl reached example.org", 1_765_000_000.5),
                 picosnitch.Notice(4, 1_765_000_000.5, "picosnitch", "body"), picosnitch.Delivered(4, ""),
                 picosnitch.Failed("already running (pid 7)"),
                 picosnitch.Loaded("tracepoint", ["a note"], [[0xffffffff81000000, 6]], ["fib_table_lookup"]),
