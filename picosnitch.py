@@ -1394,7 +1394,7 @@ PROC_PLACES = [slice(DB_COLUMNS.index(p + "exe"), DB_COLUMNS.index(p + "exe") + 
                for p in ("", "p", "gp")]
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 COMPACT_VERSION = 2         # the first version of the compact layout (which later ones extend)
 DB_BUSY_TIMEOUT = 1.0       # seconds a write waits for a lock; then the rows wait in memory
 HOUR, DAY = 3600, 86400
@@ -1425,7 +1425,8 @@ ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys aft
 # port alone: process 0). A question goes to the narrowest rollup that
 # keeps its columns. NULL is a value like any other in procs and strs
 # (their unique indexes map it to x'ff', which no text equals), so that
-# every id is set.
+# every id is set. Version 5 adds novelty: what was new about a program
+# (section 15), a row per event, in the window's transaction.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS procs (id INTEGER PRIMARY KEY, exe, name, cmdline, sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS procs_key ON procs (coalesce(exe, x'ff'), coalesce(name, x'ff'),
@@ -1451,7 +1452,18 @@ CREATE TABLE IF NOT EXISTS programs (level INTEGER, b INTEGER, proc INTEGER, par
     uid INTEGER, send INTEGER, recv INTEGER, rows INTEGER,
     PRIMARY KEY (level, b, proc, parent, gp, uid)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE IF NOT EXISTS novelty (id INTEGER PRIMARY KEY AUTOINCREMENT, t, kind TEXT, exe TEXT, name TEXT,
+    sha256 TEXT, value TEXT, domain TEXT, raddr TEXT, rport INTEGER, country TEXT, send INTEGER, recv INTEGER,
+    text TEXT);
+CREATE INDEX IF NOT EXISTS novelty_t ON novelty (t);
 """
+# a novelty row: when (the window's time), its kind (NOVELTY_KINDS), the
+# program, what is new (a registrable domain, a country, a remote port as
+# text, a name, a sha256, or for volume "sent" / "received"), the connection
+# that showed it, the bytes (a destination's in that window; the hour's so
+# far for volume) and what exe.log says
+NOVELTY_COLUMNS = ("t", "kind", "exe", "name", "sha256", "value", "domain", "raddr", "rport", "country", "send",
+                   "recv", "text")
 # rollup table -> its key columns (after level and b), narrowest first
 ROLLUPS = {"times": (), "programs": ("proc", "parent", "gp", "uid"),
            "rollups": ("proc", "parent", "gp", "uid", "domain", "laddr", "raddr", "rport", "proto"),
@@ -1922,10 +1934,12 @@ class Log(OldLayouts):
             first, last = ids[0] - 1, ids[-1]
         add_to_rollups(self.con, first, last)
 
-    def insert(self, rows: typing.Sequence[typing.Sequence], mark: typing.Tuple[str, int] = ("", 0)) -> None:
+    def insert(self, rows: typing.Sequence[typing.Sequence], mark: typing.Tuple[str, int] = ("", 0),
+               novelty: typing.Sequence[typing.Sequence] = ()) -> None:
         """Insert rows (each a Row, or its values in order), in one transaction with mark (the
         run and the window they came from), so that a window sent again after a
-        crash is recognised as written."""
+        crash is recognised as written, and with the window's novelty rows
+        (NOVELTY_COLUMNS, the time as the window's text)."""
         if len(self.procs) + len(self.strs) > INTERN_CACHE:
             self.procs.clear()
             self.strs.clear()
@@ -1938,6 +1952,10 @@ class Log(OldLayouts):
                 if encoded:
                     self.con.execute(LIVE_FROM_UPDATE.format("?"),
                                      (min(r[0] if isinstance(r[0], int) else NO_TIME for r in encoded),))
+                if novelty:
+                    self.con.executemany(f"INSERT INTO novelty ({', '.join(NOVELTY_COLUMNS)}) VALUES "
+                                         f"({', '.join('?' * len(NOVELTY_COLUMNS))})",
+                                         [(local_seconds(n[0]), *n[1:]) for n in novelty])
                 if mark[0]:
                     self.con.execute("INSERT OR REPLACE INTO meta VALUES ('written', ?)", (json.dumps(mark),))
         except sqlite3.Error:
@@ -1976,6 +1994,8 @@ class Log(OldLayouts):
                                      "ORDER BY t LIMIT ?)", (cutoff, PRUNE_BATCH)).rowcount
             deleted += n
             if n < PRUNE_BATCH:
+                with self.con:
+                    self.con.execute("DELETE FROM novelty WHERE t < ?", (cutoff,))
                 break
             if over():
                 return None
@@ -2085,7 +2105,7 @@ def catch_up(copy: str, path: str) -> int:
     try:
         con.execute("ATTACH DATABASE ? AS live", (path,))
         with con:
-            for table in ("procs", "strs"):
+            for table in ("procs", "strs", "novelty"):
                 con.execute(f"INSERT INTO main.{table} SELECT * FROM live.{table} WHERE id > "
                             f"(SELECT coalesce(max(id), 0) FROM main.{table})")
             first = con.execute("SELECT coalesce(max(id), 0) FROM main.conns").fetchone()[0]
