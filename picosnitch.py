@@ -6044,6 +6044,362 @@ class GeoIP:
 ###############################################################################
 # 15. novelty: what each program has reached, and what is new
 ###############################################################################
+# Once a program is known, what it does can still be new. The primary keeps
+# a baseline per program (its sha256, or its executable when it has none)
+# in the private directory: the registrable domains (eTLD+1, from the public
+# suffix list), countries and remote ports it has reached, the days it has
+# used the network on, and its busiest hour. Two rules, each one a user can
+# predict:
+#   - a program is settled once it has used the network on "Novelty settle
+#     days" days after the day it last reached something new; a settled
+#     program that reaches a new domain, country or remote port is told of,
+#     and is unsettled again (a browser, always somewhere new, never settles);
+#   - an hour in which a program sends (or receives) at least "Novelty volume
+#     factor" times its busiest hour so far, and at least "Novelty volume
+#     minimum (MB)", is told of, once per hour and direction.
+# A new executable of a known program starts from that program's baseline.
+# The baseline is built from the log at the first start, by a thread, while
+# windows go on (they are taken in once it is built).
+
+NOVELTY_QUEUE = 100_000     # sightings kept while the baseline is built (then the oldest are dropped)
+EPHEMERAL_PORTS = (32768, 60999)    # the kernel's default ip_local_port_range: a client's side of a connection
+BASELINE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS programs (ident TEXT PRIMARY KEY, exe TEXT, name TEXT, grown INTEGER, days INTEGER,
+    used INTEGER, hours INTEGER, hour INTEGER, sent INTEGER, received INTEGER, top_sent INTEGER,
+    top_received INTEGER, told TEXT);
+CREATE INDEX IF NOT EXISTS programs_exe ON programs (exe);
+CREATE TABLE IF NOT EXISTS seen (ident TEXT, kind TEXT, value TEXT, first INTEGER,
+    PRIMARY KEY (ident, kind, value)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
+"""
+# programs: grown, the day it last reached something new; days, the days of
+# use after that one; used, its last day of use; hours, its hours of use
+# before `hour` (the current one), whose totals are sent and received; its
+# busiest hour before it; told, the directions of `hour` already told of.
+# Days and hours are of local wall-clock seconds, as the log's times.
+PROGRAM_FIELDS = ("ident", "exe", "name", "grown", "days", "used", "hours", "hour", "sent", "received", "top_sent",
+                  "top_received", "told")
+DESTINATION_KINDS = ("domain", "country", "port")
+VOLUME_DIRECTIONS = (("sent", "send"), ("received", "recv"))
+
+
+class PublicSuffixes:
+    """The public suffix list's rules, for the registrable domain of a name
+    (the public suffix and one label more)."""
+
+    def __init__(self, text: str = ""):
+        self.rules, self.wildcards, self.exceptions = set(), set(), set()
+        for line in text.splitlines():
+            rule = line.strip().split(" ")[0].lower()
+            if not rule or rule.startswith("//"):
+                continue
+            for form in {rule, ascii_domain(rule)}:
+                if form.startswith("!"):
+                    self.exceptions.add(form[1:])
+                elif form.startswith("*."):
+                    self.wildcards.add(form[2:])
+                else:
+                    self.rules.add(form)
+
+    @classmethod
+    def load(cls, path: str = PUBLIC_SUFFIX_LIST) -> typing.Tuple["PublicSuffixes", str]:
+        """The list at path, and '' or why it could not be read (then every
+        name's last two labels are its registrable domain)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls(f.read()), ""
+        except (OSError, UnicodeDecodeError) as e:
+            return cls(), f"the public suffix list ({path}) cannot be read ({e}); a domain's last two labels " \
+                          "are taken as its registrable domain (install Debian's publicsuffix)"
+
+    def registrable(self, domain: str) -> str:
+        """www.example.co.uk -> example.co.uk; a public suffix itself, or a
+        name with an empty label, as it is; '' for no name or an address."""
+        name = domain.strip().rstrip(".").lower()
+        if not name or ip_network(name.split("%")[0]) is not None:
+            return ""
+        labels = name.split(".")
+        if "" in labels:
+            return name
+        suffix = 1                  # (the default rule, "*")
+        for i in range(len(labels)):
+            rest = ".".join(labels[i:])
+            if rest in self.exceptions:
+                suffix = len(labels) - i - 1
+                break
+            if rest in self.rules or ".".join(labels[i + 1:]) in self.wildcards and i + 1 < len(labels):
+                suffix = len(labels) - i
+                break
+        return name if suffix >= len(labels) else ".".join(labels[-suffix - 1:])
+
+
+def ascii_domain(name: str) -> str:
+    """A name in the ASCII form DNS answers carry (xn--...), or as it is."""
+    try:
+        return name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return name
+
+
+class Sighting:
+    """What one window shows of one program: its bytes, and each
+    destination (kind, value) with the first connection that reached it and
+    the bytes of all that did."""
+    __slots__ = ("ident", "exe", "name", "sha256", "send", "recv", "dests")
+
+    def __init__(self, ident: str, exe: str, name: str, sha256: str):
+        self.ident, self.exe, self.name, self.sha256 = ident, exe, name, sha256
+        self.send = self.recv = 0
+        self.dests: typing.Dict[typing.Tuple[str, str], list] = {}
+
+    def add(self, send: int, recv: int, dests: typing.Sequence[typing.Tuple[str, str]], domain: str, raddr: str,
+            rport: typing.Optional[int], country: str) -> None:
+        self.send += send
+        self.recv += recv
+        for key in dests:
+            found = self.dests.get(key)
+            if found is None:
+                self.dests[key] = [domain, raddr, rport, country, send, recv]
+            else:
+                found[4] += send
+                found[5] += recv
+
+
+def is_served(lport: int, rport: int, ephemeral: typing.Tuple[int, int] = EPHEMERAL_PORTS) -> bool:
+    """Whether a connection looks served, not made: its remote port is a
+    client's (in the ephemeral range) and its local one is not. Such a
+    remote port is no destination (each client brings another)."""
+    return ephemeral[0] <= rport <= ephemeral[1] and not ephemeral[0] <= lport <= ephemeral[1]
+
+
+def destinations(registrable: str, country: str, lport: typing.Optional[int],
+                 rport: typing.Optional[int]) -> typing.List[typing.Tuple[str, str]]:
+    """The (kind, value) destinations of a connection: its registrable
+    domain, its country, its remote port (of a connection it made)."""
+    found = []
+    if registrable:
+        found.append(("domain", registrable))
+    if country:
+        found.append(("country", country))
+    if rport is not None and rport > 0 and not (lport is not None and is_served(lport, rport)):
+        found.append(("port", str(rport)))
+    return found
+
+
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def destination_text(kind: str, s: Sighting, value: str, found: list, days: int) -> str:
+    """What exe.log says of a new destination."""
+    domain, raddr, rport, country = found[:4]
+    where = {"domain": f"the domain {value}" + (f" (as {domain})" if domain and domain != value else ""),
+             "country": f"the country {value}", "port": f"remote port {value}"}[kind]
+    via = ", ".join(x for x in (domain if kind != "domain" else "",
+                                f"{raddr} port {rport}" if raddr and rport not in (None, -1) else raddr,
+                                country if kind != "country" else "") if x)
+    return f"New destination for {s.name} ({s.exe}): {where}" + (f", via {via}" if via else "") + \
+        f"; it had reached nothing new in {days} days of use"
+
+
+class Baseline:
+    """The baselines, in the private directory (BASELINE_NAME): the
+    primary's alone. observe() takes in a window and says what was new."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.con = sqlite3.connect(path, timeout=DB_BUSY_TIMEOUT, isolation_level=None)
+        try:
+            self.con.execute("PRAGMA journal_mode = WAL")
+            self.con.execute("PRAGMA synchronous = NORMAL")
+            self.con.executescript(BASELINE_SCHEMA)
+        except sqlite3.Error:
+            self.con.close()
+            raise
+
+    def close(self) -> None:
+        self.con.close()
+
+    @classmethod
+    def create_built(cls, path: str) -> None:
+        """An empty baseline, marked built (when the log could not be read)."""
+        baseline = cls(path)
+        try:
+            if baseline.meta("built") is None:
+                baseline.set_meta("built", 0)
+        finally:
+            baseline.close()
+
+    def meta(self, key: str, default=None):
+        found = self.con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return found[0] if found else default
+
+    def set_meta(self, key: str, value) -> None:
+        self.con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def program(self, ident: str) -> typing.Optional[dict]:
+        found = self.con.execute(f"SELECT {', '.join(PROGRAM_FIELDS)} FROM programs WHERE ident = ?",
+                                 (ident,)).fetchone()
+        return dict(zip(PROGRAM_FIELDS, found)) if found else None
+
+    def put_program(self, p: dict) -> None:
+        self.con.execute(f"INSERT OR REPLACE INTO programs VALUES ({', '.join('?' * len(PROGRAM_FIELDS))})",
+                         [p[f] for f in PROGRAM_FIELDS])
+
+    def inherit(self, s: Sighting, day: int) -> dict:
+        """A program's baseline when it is first seen: that of the same
+        executable's last one (a new version goes on from the old one's), or a
+        new one that grows today."""
+        before = self.con.execute(f"SELECT {', '.join(PROGRAM_FIELDS)} FROM programs WHERE exe = ? AND ident != ? "
+                                  "ORDER BY used DESC LIMIT 1", (s.exe, s.ident)).fetchone() if s.exe else None
+        if before is None:
+            return {"ident": s.ident, "exe": s.exe, "name": s.name, "grown": day, "days": 0, "used": day,
+                    "hours": 0, "hour": None, "sent": 0, "received": 0, "top_sent": 0, "top_received": 0,
+                    "told": ""}
+        self.con.execute("INSERT OR IGNORE INTO seen SELECT ?, kind, value, first FROM seen WHERE ident = ?",
+                         (s.ident, before[0]))
+        return {**dict(zip(PROGRAM_FIELDS, before)), "ident": s.ident, "exe": s.exe, "name": s.name}
+
+    def observe(self, t: int, contime: str, sightings: typing.Iterable[Sighting], config: Config,
+                quiet: bool = False) -> typing.List[tuple]:
+        """Take a window in (t: its local wall-clock seconds); the novelty
+        rows (NOVELTY_COLUMNS) of what was new, none when quiet. One
+        transaction."""
+        events = []
+        day, hour = t // DAY, t // HOUR * HOUR
+        self.con.execute("BEGIN")
+        try:
+            for s in sightings:
+                events += self.observe_program(s, day, hour, contime, config, quiet)
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        return events
+
+    def observe_program(self, s: Sighting, day: int, hour: int, contime: str, config: Config,
+                        quiet: bool) -> typing.List[tuple]:
+        p = self.program(s.ident)
+        known = p is not None
+        if not known:
+            p = self.inherit(s, day)
+        if day > (p["used"] or 0):
+            p["used"] = day
+            if day > p["grown"]:
+                p["days"] += 1
+        days = p["days"]
+        settled = known and days >= config.novelty_settle_days
+        events = []
+        for (kind, value), found in s.dests.items():
+            if not self.con.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)",
+                                    (s.ident, kind, value, hour)).rowcount:
+                continue
+            if settled and not quiet:
+                events.append((contime, kind, s.exe, s.name, s.sha256, value, *found,
+                               destination_text(kind, s, value, found, days)))
+            p["grown"], p["days"] = day, 0
+        if quiet:
+            self.count_volume(p, s, hour)
+        else:
+            events += self.volume(p, s, hour, contime, config)
+        p["name"] = s.name
+        self.put_program(p)
+        return events
+
+    @staticmethod
+    def count_volume(p: dict, s: Sighting, hour: int) -> None:
+        """Add a window's bytes to the program's hour (a new hour closes the last)."""
+        if p["hour"] != hour:
+            if p["hour"] is not None:
+                p["hours"] += 1
+                p["top_sent"], p["top_received"] = max(p["top_sent"], p["sent"]), max(p["top_received"],
+                                                                                         p["received"])
+            p["hour"], p["sent"], p["received"], p["told"] = hour, 0, 0, ""
+        p["sent"] += s.send
+        p["received"] += s.recv
+
+    def volume(self, p: dict, s: Sighting, hour: int, contime: str, config: Config) -> typing.List[tuple]:
+        """The volume rule, on the program's hour with this window in."""
+        self.count_volume(p, s, hour)
+        events = []
+        for direction, column in VOLUME_DIRECTIONS:
+            so_far, top = p[direction], p["top_" + direction]
+            if p["hours"] and direction not in p["told"] and \
+                    so_far >= max(config.novelty_volume_factor * top, config.novelty_volume_minimum_mb * 1e6, 1):
+                p["told"] += direction + " "
+                times = f"{so_far / top:,.0f} times" if top else "far more than"
+                text = (f"{s.name} ({s.exe}) {direction} {megabytes(so_far)} this hour, {times} its busiest hour "
+                        f"before ({megabytes(top)})")
+                sums = (so_far, 0) if column == "send" else (0, so_far)
+                events.append((contime, "volume", s.exe, s.name, s.sha256, direction, "", "", None, "", *sums, text))
+        return events
+
+
+def served_flag(lport: str) -> str:
+    """SQL: 1 where a row's local port is in the ephemeral range (see is_served)."""
+    return f"coalesce({lport} BETWEEN {EPHEMERAL_PORTS[0]} AND {EPHEMERAL_PORTS[1]}, 0)"
+
+
+def build_baseline(log_path: str, baseline_path: str, through: int, suffixes: PublicSuffixes,
+                   country: typing.Callable[[str], str], log_ports: bool = True) -> typing.Tuple[int, float]:
+    """The baselines from the log's rows up to id `through`, quietly (what
+    they held is not news): the destinations each program reached, and its
+    hours of use. Reads the log in two grouped passes. (programs, seconds)."""
+    began = time.monotonic()
+    log = sqlite3.connect(f"file:{log_path}?mode=ro", uri=True, timeout=60)
+    baseline = Baseline(baseline_path)
+    try:
+        procs = {pid: (sha or exe or "", exe or "", name or "", sha or "")
+                 for pid, exe, name, sha in log.execute("SELECT id, exe, name, sha256 FROM procs")}
+        hours: typing.Dict[str, typing.Dict[int, list]] = {}
+        names: typing.Dict[str, tuple] = {}
+        for proc, hour, send, recv in log.execute(
+                f"SELECT proc, t / {HOUR} * {HOUR}, sum(send), sum(recv) FROM conns WHERE id <= ? AND "
+                "typeof(t) = 'integer' GROUP BY proc, 2", (through,)):
+            ident, exe, name, _ = procs.get(proc, ("", "", "", ""))
+            if ident:
+                sums = hours.setdefault(ident, {}).setdefault(hour, [0, 0])
+                sums[0], sums[1] = sums[0] + (send or 0), sums[1] + (recv or 0)
+                if hour >= names.get(ident, (-1,))[0]:
+                    names[ident] = (hour, exe, name)
+        baseline.con.execute("BEGIN")
+        for proc, domain, raddr, rport, eph, first in log.execute(
+                f"SELECT c.proc, d.value, a.value, c.rport, {served_flag('c.lport')}, min(c.t) FROM conns c "
+                "JOIN strs d ON d.id = c.domain JOIN strs a ON a.id = c.raddr WHERE c.id <= ? AND "
+                "typeof(c.t) = 'integer' GROUP BY c.proc, c.domain, c.raddr, c.rport, 5", (through,)):
+            ident = procs.get(proc, ("",))[0]
+            if not ident:
+                continue
+            lport = EPHEMERAL_PORTS[0] if eph else 0
+            for kind, value in destinations(suffixes.registrable(domain or ""), country(raddr or ""), lport,
+                                            rport if log_ports else None):
+                baseline.con.execute("INSERT INTO seen VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+                                     "first = min(first, excluded.first)", (ident, kind, value, first // HOUR * HOUR))
+        grown = dict(baseline.con.execute("SELECT ident, max(first) FROM seen GROUP BY ident"))
+        for ident, used in hours.items():
+            baseline.put_program(history_program(ident, names[ident][1:], used, grown.get(ident)))
+        baseline.set_meta("built", through)
+        baseline.con.execute("COMMIT")
+        return len(hours), time.monotonic() - began
+    finally:
+        if baseline.con.in_transaction:
+            baseline.con.execute("ROLLBACK")
+        baseline.close()
+        log.close()
+
+
+def history_program(ident: str, named: tuple, hours: typing.Dict[int, list], grown: typing.Optional[int]) -> dict:
+    """A program's baseline from its hours of use (hour -> [sent, received])
+    and the hour its newest destination was first reached."""
+    ordered = sorted(hours)
+    last, before = ordered[-1], ordered[:-1]
+    grown_day = (grown if grown is not None else ordered[0]) // DAY
+    days = {hour // DAY for hour in ordered}
+    return {"ident": ident, "exe": named[0], "name": named[1], "grown": grown_day,
+            "days": sum(1 for d in days if d > grown_day), "used": last // DAY, "hours": len(before), "hour": last,
+            "sent": hours[last][0], "received": hours[last][1],
+            "top_sent": max((hours[h][0] for h in before), default=0),
+            "top_received": max((hours[h][1] for h in before), default=0), "told": ""}
 
 
 ###############################################################################
@@ -6125,11 +6481,11 @@ def record_add(section: dict, key: str, value: str) -> bool:
 
 
 def update_record(record: dict, conn: Conn, sha: str, imported: typing.Optional[dict] = None
-                  ) -> typing.Tuple[bool, typing.List[str]]:
-    """Note a connection in record.json: (whether it changed, what to tell the
-    user). imported: the record an older picosnitch kept where the user's
-    programs could write it; it decides nothing, and a first connection it
-    knew says so."""
+                  ) -> typing.Tuple[bool, typing.List[typing.Tuple[str, str, str]]]:
+    """Note a connection in record.json: (whether it changed, what to tell
+    the user: a (novelty kind, what is new, text) each). imported: the record
+    an older picosnitch kept where the user's programs could write it; it
+    decides nothing, and a first connection it knew says so."""
     exe, name = conn.proc.exe, conn.proc.name
     if not exe:
         return False, []
@@ -6139,9 +6495,9 @@ def update_record(record: dict, conn: Conn, sha: str, imported: typing.Optional[
     if exe not in record["Executables"]:
         old = "; the record of ~/.config had it, but programs of yours could write that one" \
             if exe in (imported or {}).get("Executables", {}) else ""
-        messages.append(f"{first} for {name} ({exe}){memory}{old}")
+        messages.append(("program", exe, f"{first} for {name} ({exe}){memory}{old}"))
     elif name not in record["Executables"][exe]:
-        messages.append(f"{exe} is running as a new name: {name}{memory}")
+        messages.append(("name", name, f"{exe} is running as a new name: {name}{memory}"))
     changed = record_add(record["Executables"], exe, name)
     changed |= record_add(record["Names"], name, exe)
     if conn.parent.exe:
@@ -6150,7 +6506,7 @@ def update_record(record: dict, conn: Conn, sha: str, imported: typing.Optional[
     hashes = record["SHA256"].setdefault(exe, {})
     if sha and sha not in hashes:
         if hashes:
-            messages.append(f"New sha256 for {name} ({exe}): {sha}{memory}")
+            messages.append(("hash", sha, f"New sha256 for {name} ({exe}): {sha}{memory}"))
         hashes[sha] = VT_UNCHECKED
         changed = True
     return changed, messages
@@ -6358,6 +6714,17 @@ class Primary:
         self.pruned_at = 0.0
         self.reported: typing.Set[tuple] = set()
         self.request_id = 0
+        self.suffixes, why = PublicSuffixes.load()
+        if why:
+            self.reporter.error(why)
+        self.registrable: typing.Dict[str, str] = {}        # (a cache of suffixes.registrable)
+        self.geoip: typing.Optional[GeoIP] = None
+        self.geoip_file: tuple = ()                         # (the database's stat when it was opened)
+        self.baseline_path = os.path.join(rt.private, BASELINE_NAME)
+        self.baseline: typing.Optional[Baseline] = None
+        self.building: typing.Optional[concurrent.futures.Future] = None
+        self.waiting: typing.List[tuple] = []               # windows sighted while the baseline is built
+        self.waiting_size = self.waiting_dropped = 0
 
     # -- record.json ---------------------------------------------------------------
     def trusted_record(self) -> dict:
@@ -6408,7 +6775,7 @@ class Primary:
                 spooled = json.load(f)
             for name, items in spooled.items():
                 for item in items:      # (a window of the last run marks nothing written in this one)
-                    self.pending[name].add(*([0, item[1]], len(item[1])) if name == DB_NAME else (item, len(item)))
+                    self.pending[name].add(*([0, *item[1:3]], len(item[1])) if name == DB_NAME else (item, len(item)))
         except FileNotFoundError:
             return
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
@@ -6453,10 +6820,11 @@ class Primary:
             return 0
         return seq if run == self.rt.run_id else 0
 
-    def insert(self, item: typing.Tuple[int, typing.List[tuple]]) -> None:
-        seq, rows = item
+    def insert(self, item: tuple) -> None:
+        """A window's item: (seq, rows, novelty rows)."""
+        seq, rows, *novel = item
         try:
-            self.database().insert(rows, (self.rt.run_id, seq) if seq else ("", 0))
+            self.database().insert(rows, (self.rt.run_id, seq) if seq else ("", 0), novel[0] if novel else ())
         except sqlite3.DatabaseError as e:
             if not isinstance(e, sqlite3.OperationalError):     # damaged since it was opened
                 self.db.close()
@@ -6506,14 +6874,18 @@ class Primary:
             self.reporter.error(f"could not hash {p.exe or p.name} (pid {p.pid}): {why}; it is logged without a hash")
         return sha
 
-    def program(self, conn: Conn, hashes: dict, messages: typing.List[str]) -> typing.Tuple[str, str, str]:
+    def program(self, conn: Conn, hashes: dict, novel: typing.List[tuple], contime: str,
+                domain: str) -> typing.Tuple[str, str, str]:
         """Note a connection's program in record.json (what to tell the user
-        goes to messages), and have VirusTotal check its hash: its sha256, its
-        parent's and its grandparent's."""
+        goes to novel, as novelty rows), and have VirusTotal check its hash:
+        its sha256, its parent's and its grandparent's."""
         shas = tuple(self.sha(hashes, p) for p in (conn.proc, conn.parent, conn.grandparent))
         new, said = update_record(self.record, conn, shas[0], self.imported)
         self.record_dirty |= new
-        messages += said
+        raddr, rport = self.where(conn)
+        for kind, value, text in said:
+            novel.append((contime, kind, conn.proc.exe, conn.proc.name, shas[0], value, domain, raddr, rport,
+                          self.country(conn.raddr), conn.send, conn.recv, text))
         if self.vt and shas[0] and self.record["SHA256"].get(conn.proc.exe, {}).get(shas[0]) == VT_UNCHECKED:
             self.vt.ask(conn.proc.exe, shas[0])
         return shas
@@ -6527,28 +6899,156 @@ class Primary:
             hashes = {}
         budget = min(0.5, self.config.db_write_limit_seconds / 4)
         names = self.names.resolve([c.raddr for c in conns if c.raddr and not c.domain], budget)
-        rows, messages = [], []
+        rows, novel = [], []
         programs: typing.Dict[tuple, typing.Tuple[str, str, str]] = {}
+        sightings: typing.Dict[str, Sighting] = {}
         ignoring = any(self.ignore)
         for conn in conns:
+            domain = conn.domain or names.get(conn.raddr, "")
             # (a window's connections share a few processes, the same objects: each is noted once)
             who = (id(conn.proc), id(conn.parent), id(conn.grandparent), conn.rport == -1)
             shas = programs.get(who)
             if shas is None:
-                shas = programs[who] = self.program(conn, hashes, messages)
-            domain = conn.domain or names.get(conn.raddr, "")
+                shas = programs[who] = self.program(conn, hashes, novel, contime, domain)
             if not (ignoring and self.ignore.match(conn.lport, conn.rport, shas[0], domain, conn.raddr)):
                 rows.append(conn_row(conn, contime, *shas, domain, self.config))
-        self.write_rows(seq, rows)
+                self.sight(sightings, conn, shas[0], domain)
+        novel += self.novelty(contime, list(sightings.values()))
+        self.write_rows(seq, rows, novel)
         self.record_dirty |= self.virustotal_results()
         self.flush()
-        for message in messages:
-            self.reporter.exe(message)
+        for row in novel:
+            self.reporter.novelty(row[1], row[2], row[3], row[-1])
         self.prune()
 
-    def write_rows(self, seq: int, rows: typing.List[tuple]) -> None:
-        if self.config.db_sql_log and (rows or not self.pending[DB_NAME].items):
-            self.pending[DB_NAME].add((seq, rows), len(rows))       # an empty window still marks seq written
+    # -- what is new (section 15) ------------------------------------------------
+    def where(self, conn: Conn) -> typing.Tuple[str, typing.Optional[int]]:
+        """A connection's remote address and port, as the log switches have them."""
+        return conn.raddr if self.config.log_addresses else "", conn.rport if self.config.log_ports else None
+
+    def country(self, addr: str) -> str:
+        """An address's country, with "GeoIP lookup" on (the database is opened
+        again when the keeper has replaced it)."""
+        if not self.config.geoip_lookup or not addr:
+            return ""
+        path = os.path.join(self.rt.state, GEOIP_NAME)
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            if (st.st_ino, st.st_mtime_ns) != self.geoip_file:
+                self.geoip_file, self.geoip = (st.st_ino, st.st_mtime_ns), GeoIP(path, lambda _: None)
+        return self.geoip.country(addr) if self.geoip is not None else ""
+
+    def sight(self, sightings: typing.Dict[str, Sighting], conn: Conn, sha: str, domain: str) -> None:
+        """Add a logged connection to its program's sighting in this window
+        (a run with no connection is none)."""
+        p = conn.proc
+        if conn.rport == -1 or not (sha or p.exe):
+            return
+        s = sightings.get(sha or p.exe)
+        if s is None:
+            s = sightings[sha or p.exe] = Sighting(sha or p.exe, p.exe, p.name, sha)
+        registrable = self.registrable.get(domain)
+        if registrable is None:
+            if len(self.registrable) >= GEOIP_CACHE:
+                self.registrable.clear()
+            registrable = self.registrable[domain] = self.suffixes.registrable(domain)
+        raddr, rport = self.where(conn)
+        country = self.country(conn.raddr)
+        s.add(conn.send, conn.recv, destinations(registrable, country, conn.lport, rport), domain, raddr, rport,
+              country)
+
+    def novelty(self, contime: str, sightings: typing.List[Sighting]) -> typing.List[tuple]:
+        """The novelty rows of a window's sightings; none while the baseline
+        is built (they are taken in after it) or cannot be written."""
+        t = local_seconds(contime)
+        if not sightings or not isinstance(t, int):
+            return []
+        baseline = self.baseline_ready()
+        if baseline is None:
+            self.wait_for_baseline(t, contime, sightings)
+            return []
+        try:
+            events = baseline.observe(t, contime, sightings, self.config)
+            self.reporter.working("baseline", f"{BASELINE_NAME} is written again")
+            return events
+        except sqlite3.Error as e:
+            self.reporter.failing("baseline", f"{self.baseline_path} cannot be written ({e}); destinations and "
+                                              "volumes are not told of until it can")
+            return []
+
+    def wait_for_baseline(self, t: int, contime: str, sightings: typing.List[Sighting]) -> None:
+        self.waiting.append((t, contime, sightings))
+        self.waiting_size += len(sightings)
+        while self.waiting_size > NOVELTY_QUEUE:
+            self.waiting_size -= len(self.waiting.pop(0)[2])
+            self.waiting_dropped += 1
+
+    def baseline_ready(self) -> typing.Optional[Baseline]:
+        """The baseline, once it is open and built: built from the log by a
+        thread at the first start (after a migration of the log), then the
+        windows that came meanwhile taken in, quietly."""
+        if self.baseline is not None or (self.building is not None and not self.building.done()):
+            return self.baseline
+        if self.building is None:
+            self.building = self.start_baseline()
+            return None if self.building is not None else self.open_baseline()
+        try:
+            programs, seconds = self.building.result()
+            self.reporter.info(f"the baseline of {programs} programs was built from {DB_NAME} in {seconds:.1f} s")
+        except (sqlite3.Error, OSError) as e:
+            self.reporter.error(f"the baseline could not be built from {DB_NAME} ({e}); it starts from now")
+            with contextlib.suppress(sqlite3.Error, OSError):
+                Baseline.create_built(self.baseline_path)
+        baseline = self.open_baseline()
+        if baseline is not None:
+            for t, contime, sightings in self.waiting:
+                with contextlib.suppress(sqlite3.Error):
+                    baseline.observe(t, contime, sightings, self.config, quiet=True)
+            if self.waiting_dropped:
+                self.reporter.error(f"{self.waiting_dropped} windows came while the baseline was built and could "
+                                    "not all be kept; what they reached is learnt again, quietly")
+        self.waiting, self.waiting_size, self.waiting_dropped = [], 0, 0
+        return baseline
+
+    def open_baseline(self) -> typing.Optional[Baseline]:
+        """The built baseline (a damaged file is moved aside: a new one is
+        built next)."""
+        try:
+            self.baseline = Baseline(self.baseline_path)
+            if self.baseline.meta("built") is None:
+                self.baseline.close()
+                self.baseline = None
+        except sqlite3.DatabaseError as e:
+            if not isinstance(e, sqlite3.OperationalError):
+                self.reporter.error(f"{self.baseline_path} could not be read ({e}); it was moved to "
+                                    f"{move_aside(self.baseline_path)} and is built again from {DB_NAME}")
+            self.baseline, self.building = None, None
+        return self.baseline
+
+    def start_baseline(self) -> typing.Optional[concurrent.futures.Future]:
+        """A thread building the baseline from the log, if it is not built
+        (None when it is, or when the log is not there to build it from yet)."""
+        try:
+            with contextlib.closing(Baseline(self.baseline_path)) as baseline:
+                if baseline.meta("built") is not None:
+                    return None
+        except sqlite3.DatabaseError:
+            return None         # (open_baseline says why)
+        try:
+            log = self.database() if self.config.db_sql_log else None
+            if log is not None and log.migrating():
+                return concurrent.futures.Future()      # (never done: tried again after the migration)
+            through = log.con.execute("SELECT coalesce(max(id), 0) FROM conns").fetchone()[0] if log else 0
+        except sqlite3.Error:
+            through = 0
+        geoip = GeoIP(os.path.join(self.rt.state, GEOIP_NAME), lambda _: None) if self.config.geoip_lookup else None
+        return in_background("baseline", build_baseline, self.db_path, self.baseline_path, through, self.suffixes,
+                             geoip.country if geoip else lambda addr: "", self.config.log_ports)
+
+
+    def write_rows(self, seq: int, rows: typing.List[tuple], novel: typing.List[tuple] = ()) -> None:
+        if self.config.db_sql_log and (rows or novel or not self.pending[DB_NAME].items):
+            self.pending[DB_NAME].add((seq, rows, list(novel)), len(rows))     # an empty window still marks seq written
         if rows and self.config.db_text_log:
             self.pending[CONN_LOG_NAME].add([text_log_line(r) for r in rows], len(rows))
         if rows and self.remote is not None:

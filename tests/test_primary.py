@@ -85,8 +85,9 @@ def test_a_program_of_many_connections_is_noted_once_and_each_row_ignored_or_kep
     assert sorted(r["lport"] for r in rows) == sorted(c.lport for c in conns if c.rport != 53)
     assert {(r["name"], r["sha256"], r["psha256"], r["gpsha256"]) for r in rows} == \
         {(name, f"{7:064x}", f"{99:064x}", "") for name in ("churn", "churn2")}
-    assert [r.text for r in p.reports.read() if r.kind == "exe"] == \
-        ["First network connection detected for churn (/usr/bin/churn)", "/usr/bin/churn is running as a new name: churn2"]
+    assert [(r.kind, r.text) for r in p.reports.read() if isinstance(r, picosnitch.Novelty)] == \
+        [("program", "First network connection detected for churn (/usr/bin/churn)"),
+         ("name", "/usr/bin/churn is running as a new name: churn2")]
     p.close()
 
 
@@ -147,7 +148,7 @@ def test_a_record_changed_by_someone_else_is_reported_and_not_trusted(tmp_path):
     assert len(errors) == 1 and f"{public} is not the record picosnitch wrote" in errors[0]
     assert "/tmp/evil" not in json.loads(public.read_text())["Executables"]        # written over
     p.window(2, picosnitch.now_text(), [conn("/tmp/evil", "evil", 9)])
-    said = [r.text for r in p.reports.read() if r.kind == "exe"]
+    said = [r.text for r in p.reports.read() if isinstance(r, picosnitch.Novelty)]
     assert said == ["First network connection detected for evil (/tmp/evil)"]
     p.close()
 

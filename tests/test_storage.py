@@ -47,11 +47,12 @@ def conn(exe="/usr/bin/curl", name="curl"):
 def test_record_notes_new_executables_names_and_hashes():
     record = {s: {} for s in picosnitch.RECORD_SECTIONS}
     assert picosnitch.update_record(record, conn(), "aa") == \
-        (True, ["First network connection detected for curl (/usr/bin/curl)"])
+        (True, [("program", "/usr/bin/curl", "First network connection detected for curl (/usr/bin/curl)")])
     assert picosnitch.update_record(record, conn(), "aa") == (False, [])
     assert picosnitch.update_record(record, conn(name="curl2"), "aa") == \
-        (True, ["/usr/bin/curl is running as a new name: curl2"])
-    assert picosnitch.update_record(record, conn(), "bb") == (True, ["New sha256 for curl (/usr/bin/curl): bb"])
+        (True, [("name", "curl2", "/usr/bin/curl is running as a new name: curl2")])
+    assert picosnitch.update_record(record, conn(), "bb") == \
+        (True, [("hash", "bb", "New sha256 for curl (/usr/bin/curl): bb")])
     assert record["Parent Executables"] == {"/usr/bin/bash": ["bash"]}
     assert list(record["SHA256"]["/usr/bin/curl"]) == ["aa", "bb"]
     json.dumps(record)

@@ -1,0 +1,214 @@
+"""What is new (section 15): registrable domains, each program's baseline,
+the two rules (a settled program's new destination; an hour far above the
+busiest), the baseline built from a log, and the primary telling of it."""
+import time
+
+import picosnitch
+from test_primary import conn, primary
+
+DAY, HOUR = picosnitch.DAY, picosnitch.HOUR
+T0 = picosnitch.local_seconds("2026-11-02 00:00:00")    # (a Monday, local wall-clock seconds)
+MB = 1_000_000
+
+
+def text(t):
+    return time.strftime(picosnitch.TIME_FORMAT, time.gmtime(t))
+
+
+def test_registrable_domains_follow_the_public_suffix_list():
+    suffixes, why = picosnitch.PublicSuffixes.load()
+    assert why == ""
+    cases = {"www.example.co.uk": "example.co.uk", "a.b.example.com": "example.com", "example.com.": "example.com",
+             "EXAMPLE.org": "example.org", "s3.amazonaws.com": "s3.amazonaws.com",
+             "x.y.ck": "x.y.ck", "www.ck": "www.ck", "a.www.ck": "www.ck",      # (*.ck, and its exception !www.ck)
+             "co.uk": "co.uk", "localhost": "localhost", "printer.lan": "printer.lan",
+             "xn--85x722f.xn--55qx5d.cn": "xn--85x722f.xn--55qx5d.cn",         # (食狮.公司.cn, as DNS carries it)
+             "192.0.2.1": "", "2001:db8::1": "", "": "", "a..b": "a..b"}
+    assert {d: suffixes.registrable(d) for d in cases} == cases
+
+
+def test_without_the_list_the_last_two_labels_are_taken_and_the_reason_is_said(tmp_path):
+    suffixes, why = picosnitch.PublicSuffixes.load(str(tmp_path / "missing.dat"))
+    assert "missing.dat" in why and "publicsuffix" in why
+    assert suffixes.registrable("www.example.co.uk") == "co.uk"
+
+
+def test_a_served_connection_has_no_remote_port_as_destination():
+    assert picosnitch.destinations("example.org", "DE", 40000, 443) == \
+        [("domain", "example.org"), ("country", "DE"), ("port", "443")]
+    assert picosnitch.destinations("", "", 22, 51234) == []         # (sshd, a client's port)
+    assert picosnitch.destinations("", "", 41000, 51234) == [("port", "51234")]    # (both ephemeral: one made)
+    assert picosnitch.destinations("", "", 40000, None) == []
+
+
+def sighting(ident="aa" * 32, exe="/usr/bin/backup", name="backup", send=1000, recv=2000, dests=()):
+    s = picosnitch.Sighting(ident, exe, name, ident if len(ident) == 64 else "")
+    s.add(send, recv, list(dests), "", "192.0.2.1", 443, "")
+    return s
+
+
+def config(**settings):
+    return picosnitch.Config(**settings)
+
+
+def test_a_settled_program_is_told_of_a_new_destination_and_is_unsettled_by_it(tmp_path):
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_settle_days=7)
+    home = [("domain", "backup.example"), ("port", "443")]
+    assert b.observe(T0, text(T0), [sighting(dests=home)], c) == []         # (new: told of as a new program)
+    for day in range(1, 7):         # six days of use after the day it grew
+        assert b.observe(T0 + day * DAY, text(T0 + day * DAY), [sighting(dests=home)], c) == []
+    early = T0 + 6 * DAY + HOUR
+    assert b.observe(early, text(early), [sighting(dests=[("port", "8443")])], c) == []    # not settled yet
+    for day in range(7, 14):        # seven days of use after the 6th
+        assert b.observe(T0 + day * DAY, text(T0 + day * DAY), [sighting(dests=home)], c) == []
+    later = T0 + 14 * DAY + 5
+    events = b.observe(later, text(later), [sighting(dests=home + [("domain", "new.example"), ("country", "NL")])], c)
+    assert [(e[1], e[5], e[0]) for e in events] == [("domain", "new.example", text(later)),
+                                                    ("country", "NL", text(later))]
+    assert "New destination for backup (/usr/bin/backup): the domain new.example" in events[0][-1]
+    assert all("nothing new in 8 days of use" in e[-1] for e in events)       # (settled since the 13th)
+    again = later + DAY
+    assert b.observe(again, text(again), [sighting(dests=[("domain", "other.example")])], c) == []   # unsettled
+
+
+def test_a_browser_reaching_new_domains_every_day_is_never_told_of(tmp_path):
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config()
+    told = []
+    for day in range(60):
+        for visit in range(20):
+            t = T0 + day * DAY + visit * 600
+            dests = [("domain", f"site{day}-{visit % 3}.example"), ("domain", "search.example"), ("port", "443")]
+            told += b.observe(t, text(t), [sighting("bb" * 32, "/usr/lib/browser", "browser", dests=dests)], c)
+    assert told == []
+
+
+def test_days_without_use_do_not_settle_a_program(tmp_path):
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_settle_days=2)
+    b.observe(T0, text(T0), [sighting(dests=[("port", "443")])], c)
+    t = T0 + 30 * DAY           # a month without use is one day of use
+    assert b.observe(t, text(t), [sighting(dests=[("port", "22")])], c) == []
+
+
+def test_the_hours_volume_rule_at_its_threshold(tmp_path):
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_volume_factor=10, novelty_volume_minimum_mb=100)
+    b.observe(T0, text(T0), [sighting(send=15 * MB, recv=0)], c)
+    b.observe(T0 + 60, text(T0 + 60), [sighting(send=5 * MB, recv=0)], c)       # busiest hour: 20 MB sent
+    t = T0 + HOUR
+    assert b.observe(t, text(t), [sighting(send=200 * MB - 1, recv=0)], c) == []
+    events = b.observe(t + 10, text(t + 10), [sighting(send=1, recv=0)], c)      # 200 MB: 10 times the busiest
+    assert [(e[1], e[5], e[10], e[11]) for e in events] == [("volume", "sent", 200 * MB, 0)]
+    assert events[0][-1] == "backup (/usr/bin/backup) sent 200.0 MB this hour, 10 times its busiest hour before " \
+                            "(20.0 MB)"
+    assert b.observe(t + 20, text(t + 20), [sighting(send=500 * MB, recv=0)], c) == []     # once an hour
+    t = T0 + 3 * HOUR           # the busiest hour is 700 MB now
+    assert b.observe(t, text(t), [sighting(send=6999 * MB, recv=0)], c) == []
+    small = picosnitch.Baseline(str(tmp_path / "c.db"))
+    small.observe(T0, text(T0), [sighting(send=MB, recv=MB)], c)
+    t = T0 + HOUR               # ten times 1 MB, but under the minimum; then the minimum
+    assert small.observe(t, text(t), [sighting(send=99 * MB, recv=0)], c) == []
+    assert [e[5] for e in small.observe(t + 1, text(t + 1), [sighting(send=MB, recv=0)], c)] == ["sent"]
+
+
+def test_a_new_version_goes_on_from_the_old_ones_baseline(tmp_path):
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_settle_days=1)
+    b.observe(T0, text(T0), [sighting("aa" * 32, dests=[("port", "443")])], c)
+    b.observe(T0 + DAY, text(T0 + DAY), [sighting("aa" * 32, dests=[("port", "443")])], c)
+    t = T0 + 2 * DAY            # updated: a new sha256 of the same executable, settled as it was
+    assert b.observe(t, text(t), [sighting("cc" * 32, dests=[("port", "443")])], c) == []
+    assert [e[5] for e in b.observe(t + 60, text(t + 60), [sighting("cc" * 32, dests=[("port", "22")])], c)] == \
+        ["22"]
+
+
+def test_quiet_observing_learns_and_tells_nothing(tmp_path):
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_settle_days=0)
+    b.observe(T0, text(T0), [sighting(dests=[("port", "443")])], c)
+    assert b.observe(T0 + 60, text(T0 + 60), [sighting(dests=[("port", "22")])], c, quiet=True) == []
+    assert b.observe(T0 + 120, text(T0 + 120), [sighting(dests=[("port", "22")])], c) == []
+    assert [e[5] for e in b.observe(T0 + 180, text(T0 + 180), [sighting(dests=[("port", "25")])], c)] == ["25"]
+
+
+def log_rows(days):
+    """(window time, conns) of a small history: a daemon, a browser, a server."""
+    windows = []
+    for day in range(days):
+        for hour in (9, 14):
+            t = T0 + day * DAY + hour * HOUR
+            conns = [conn("/usr/bin/backupd", "backupd", 7, rport=443, raddr="192.0.2.1",
+                          domain="api.backup.example"),
+                     conn("/usr/lib/browser", "browser", 8, rport=443, raddr=f"198.51.100.{day}",
+                          domain=f"www.site{day}.example.com"),
+                     picosnitch.dataclasses.replace(conn("/usr/sbin/sshd", "sshd", 9, rport=40000 + day, raddr="10.0.0.5"),
+                                                    lport=22)]
+            windows.append((text(t), conns))
+    return windows
+
+
+def test_the_baseline_built_from_a_log_is_the_one_kept_as_it_was_written(tmp_path):
+    """A log written with the baseline kept, window by window, and the same
+    log's baseline built afterwards from its rows, hold the same."""
+    live = primary(tmp_path / "live", geoip_lookup=False)
+    for seq, (contime, conns) in enumerate(log_rows(12), 1):
+        live.window(seq, contime, conns)
+    live.baseline_ready()
+    kept = baseline_contents(live.baseline)
+    live.close()
+    db = tmp_path / "live" / "state" / "snitch.db"
+    suffixes = picosnitch.PublicSuffixes.load()[0]
+    programs, seconds = picosnitch.build_baseline(str(db), str(tmp_path / "built.db"), 10 ** 9, suffixes,
+                                                  lambda addr: "")
+    built = baseline_contents(picosnitch.Baseline(str(tmp_path / "built.db")))
+    assert programs == 3 and seconds >= 0
+    assert built == kept
+    assert built["seen"]["%064x" % 7] == {("port", "443"), ("domain", "backup.example")}
+    assert "%064x" % 9 not in built["seen"]           # (sshd: its remote ports are its clients')
+    assert built["programs"]["%064x" % 7][:3] == (0 + 0, 11, 11)     # (grew on day 0; 11 days of use since)
+
+
+def baseline_contents(baseline):
+    programs = {row[0]: row[3:12] for row in baseline.con.execute("SELECT * FROM programs")}
+    programs = {ident: (p[0] - T0 // DAY, p[1], p[2] - T0 // DAY, *p[3:]) for ident, p in programs.items()}
+    seen = {}
+    for ident, kind, value, _ in baseline.con.execute("SELECT * FROM seen"):
+        seen.setdefault(ident, set()).add((kind, value))
+    return {"programs": programs, "seen": seen}
+
+
+def test_the_primary_tells_of_a_settled_programs_new_destination_and_logs_it(tmp_path):
+    p = primary(tmp_path, geoip_lookup=False, novelty_settle_days=1)
+    for seq, day in enumerate(range(3), 1):
+        p.window(seq, text(T0 + day * DAY), [conn("/usr/bin/backupd", "backupd", 7, domain="api.backup.example")])
+    t = T0 + 3 * DAY
+    p.window(4, text(t), [conn("/usr/bin/backupd", "backupd", 7, raddr="203.0.113.9", domain="upload.evil-cdn.net",
+                               rport=8443)])
+    told = [r for r in p.reports.read() if isinstance(r, picosnitch.Novelty)]
+    assert [(r.kind, r.exe) for r in told] == [("program", "/usr/bin/backupd"), ("domain", "/usr/bin/backupd"),
+                                               ("port", "/usr/bin/backupd")]
+    assert "the domain evil-cdn.net (as upload.evil-cdn.net), via 203.0.113.9 port 8443" in told[1].text
+    p.close()
+    con = picosnitch.sqlite3.connect(str(tmp_path / "state" / "snitch.db"))
+    logged = con.execute("SELECT t, kind, exe, value, domain, raddr, rport, send, recv FROM novelty ORDER BY id").fetchall()
+    assert logged == [(T0, "program", "/usr/bin/backupd", "/usr/bin/backupd", "api.backup.example", "192.0.2.1", 443,
+                       10, 20),
+                      (t, "domain", "/usr/bin/backupd", "evil-cdn.net", "upload.evil-cdn.net", "203.0.113.9",
+                       8443, 10, 20),
+                      (t, "port", "/usr/bin/backupd", "8443", "upload.evil-cdn.net", "203.0.113.9", 8443, 10, 20)]
+
+
+def test_a_primary_builds_the_baseline_of_an_existing_log_first(tmp_path):
+    """A log written without a baseline (an older picosnitch's): the first
+    start builds it from the log, and then a settled program is told of."""
+    first = primary(tmp_path, geoip_lookup=False, novelty_settle_days=1)
+    for seq, (contime, conns) in enumerate(log_rows(5), 1):
+        first.window(seq, contime, conns)
+    first.close()
+    (tmp_path / "state" / "private" / "baseline.db").unlink()
+    p = primary(tmp_path, geoip_lookup=False, novelty_settle_days=1, run_id="second")
+    t = T0 + 6 * DAY
+    p.window(1, text(t), [conn("/usr/bin/backupd", "backupd", 7, domain="api.backup.example")])   # (while it builds)
+    deadline = time.monotonic() + 30
+    while p.baseline_ready() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.window(2, text(t + 60), [conn("/usr/bin/backupd", "backupd", 7, rport=25)])
+    told = [(r.kind, r.text) for r in p.reports.read() if isinstance(r, picosnitch.Novelty)]
+    assert [kind for kind, _ in told] == ["port"] and "remote port 25" in told[0][1]
+    p.close()
