@@ -212,3 +212,28 @@ def test_a_primary_builds_the_baseline_of_an_existing_log_first(tmp_path):
     told = [(r.kind, r.text) for r in p.reports.read() if isinstance(r, picosnitch.Novelty)]
     assert [kind for kind, _ in told] == ["port"] and "remote port 25" in told[0][1]
     p.close()
+
+
+def test_a_log_of_version_4_gains_the_novelty_table_and_keeps_its_rows(tmp_path):
+    path = str(tmp_path / "snitch.db")
+    log = picosnitch.Log.open(path)
+    log.insert([picosnitch.conn_row(conn("/usr/bin/curl", "curl", 7), text(T0), "", "", "", "", picosnitch.Config())])
+    log.con.execute("DROP TABLE novelty")
+    log.con.execute("PRAGMA user_version = 4")
+    log.close()
+    log = picosnitch.Log.open(path)
+    novel = (text(T0 + 60), "port", "/usr/bin/curl", "curl", "", "22", "", "192.0.2.1", 22, "", 1, 2, "t")
+    log.insert([], novelty=[novel])
+    assert log.con.execute("PRAGMA user_version").fetchone()[0] == picosnitch.SCHEMA_VERSION == 5
+    assert log.con.execute("SELECT t, kind, value FROM novelty").fetchall() == [(T0 + 60, "port", "22")]
+    log.close()
+    assert [r["exe"] for r in picosnitch.db_rows(path)] == ["/usr/bin/curl"]
+
+
+def test_retention_deletes_old_novelty_rows_with_the_old_rows(tmp_path):
+    log = picosnitch.Log.open(str(tmp_path / "snitch.db"))
+    novel = lambda t: (text(t), "port", "/usr/bin/curl", "curl", "", "22", "", "", 22, "", 1, 2, "t")
+    log.insert([], novelty=[novel(T0), novel(T0 + 40 * DAY)])
+    assert log.prune(30, T0 + 41 * DAY) == 0
+    assert log.con.execute("SELECT t FROM novelty").fetchall() == [(T0 + 40 * DAY,)]
+    log.close()
