@@ -6991,9 +6991,10 @@ class Primary:
             return self.baseline
         if self.building is None:
             self.building = self.start_baseline()
-            return None if self.building is not None else self.open_baseline()
+            return None if self.building is not None else self.open_baseline()    # (None: not built yet)
+        built, self.building = self.building, None
         try:
-            programs, seconds = self.building.result()
+            programs, seconds = built.result()
             self.reporter.info(f"the baseline of {programs} programs was built from {DB_NAME} in {seconds:.1f} s")
         except (sqlite3.Error, OSError) as e:
             self.reporter.error(f"the baseline could not be built from {DB_NAME} ({e}); it starts from now")
@@ -7007,7 +7008,7 @@ class Primary:
             if self.waiting_dropped:
                 self.reporter.error(f"{self.waiting_dropped} windows came while the baseline was built and could "
                                     "not all be kept; what they reached is learnt again, quietly")
-        self.waiting, self.waiting_size, self.waiting_dropped = [], 0, 0
+            self.waiting, self.waiting_size, self.waiting_dropped = [], 0, 0
         return baseline
 
     def open_baseline(self) -> typing.Optional[Baseline]:
@@ -7019,10 +7020,13 @@ class Primary:
                 self.baseline.close()
                 self.baseline = None
         except sqlite3.DatabaseError as e:
-            if not isinstance(e, sqlite3.OperationalError):
+            self.baseline = None
+            if isinstance(e, sqlite3.OperationalError):
+                self.reporter.failing("baseline", f"{self.baseline_path} cannot be opened ({e}); destinations and "
+                                                  "volumes are not told of until it can")
+            else:
                 self.reporter.error(f"{self.baseline_path} could not be read ({e}); it was moved to "
                                     f"{move_aside(self.baseline_path)} and is built again from {DB_NAME}")
-            self.baseline, self.building = None, None
         return self.baseline
 
     def start_baseline(self) -> typing.Optional[concurrent.futures.Future]:
@@ -7037,14 +7041,16 @@ class Primary:
         try:
             log = self.database() if self.config.db_sql_log else None
             if log is not None and log.migrating():
-                return concurrent.futures.Future()      # (never done: tried again after the migration)
+                return None         # (tried again at each window, until the migration is over)
             through = log.con.execute("SELECT coalesce(max(id), 0) FROM conns").fetchone()[0] if log else 0
         except sqlite3.Error:
-            through = 0
+            return None             # (a log held locked: tried again at the next window)
+        if not through:             # (nothing to build it from)
+            Baseline.create_built(self.baseline_path)
+            return None
         geoip = GeoIP(os.path.join(self.rt.state, GEOIP_NAME), lambda _: None) if self.config.geoip_lookup else None
         return in_background("baseline", build_baseline, self.db_path, self.baseline_path, through, self.suffixes,
                              geoip.country if geoip else lambda addr: "", self.config.log_ports)
-
 
     def write_rows(self, seq: int, rows: typing.List[tuple], novel: typing.List[tuple] = ()) -> None:
         if self.config.db_sql_log and (rows or novel or not self.pending[DB_NAME].items):
@@ -7164,6 +7170,8 @@ class Primary:
             remove_copy(self.db_path + COMPACT_SUFFIX)
         if self.db is not None:
             self.db.close(readable=True)
+        if self.baseline is not None:
+            self.baseline.close()
         self.names.close()
 
 
