@@ -27,15 +27,13 @@ Processes (all started by the supervisor, which restarts one that dies)::
     primary (picosnitch's account, no capabilities) -> snitch.db, record.json,
       |       conn.log, remote SQL copy, VirusTotal, GeoIP (the state directory)
       v
-    notifier (picosnitch's account) -> error.log, exe.log
-      |
+    notifier (picosnitch's account) -> error.log, exe.log, and
+      |       /run/picosnitch/events.sock: the event stream, JSON lines for
+      |       `top`, `events` and dash's live tab (its reports, and what the
+      |       reader tells it each second while anyone listens: what every
+      |       connection moved)
       v notices (shown ones acknowledged)
     desktop (the user) -> desktop notifications on the user's session bus
-
-    reader --each second, while anyone listens--> live (picosnitch's account)
-      (what every connection moved)    ^ reports  -> /run/picosnitch/events.sock:
-                                       |             JSON lines for `top`,
-                                   notifier          `events` and dash's live tab
 
 Messages between processes are JSON over SOCK_SEQPACKET pairs: no process
 can make a root process run code or write a file. What picosnitch records
@@ -695,14 +693,14 @@ class Batch(typing.NamedTuple):          # reader -> primary: part of one window
     conns: typing.List[Conn]             # (sent as their processes and rows naming them: pack_conns)
 
 
-class LiveTick(typing.NamedTuple):       # reader -> live: what each connection moved since the last tick
+class LiveTick(typing.NamedTuple):       # reader -> notifier: what each connection moved since the last tick
     time: float                          # when the kernel's counts were read (seconds since the epoch)
     conns: typing.List[Conn]             # send and recv: the bytes since the last tick (sent as pack_conns)
     new: typing.List[int]                # the indexes in conns of connections not told of before
     exited: typing.List[int]             # pids of processes told of before that have exited since
 
 
-class Listening(typing.NamedTuple):      # live -> reader: how many readers the event stream has
+class Listening(typing.NamedTuple):      # notifier -> reader: how many readers the event stream has
     readers: int
 
 
@@ -1339,10 +1337,8 @@ class Runtime:
     report_rx: typing.Optional[Channel] = None
     notice_tx: typing.Optional[Channel] = None   # notifier -> desktop: notices; desktop -> notifier: deliveries
     notice_rx: typing.Optional[Channel] = None
-    live_tx: typing.Optional[Channel] = None     # reader -> live: ticks; live -> reader: how many listen
+    live_tx: typing.Optional[Channel] = None     # reader -> notifier: ticks; notifier -> reader: how many listen
     live_rx: typing.Optional[Channel] = None
-    forward_tx: typing.Optional[Channel] = None  # notifier -> live: the reports it logs
-    forward_rx: typing.Optional[Channel] = None
 
     @property
     def private(self) -> str:
@@ -1350,8 +1346,7 @@ class Runtime:
         return os.path.join(self.state, PRIVATE_NAME)
 
     CHANNELS = ("exec_tx", "exec_rx", "batch_tx", "batch_rx", "hash_primary", "hash_monitor",
-                "ready_tx", "ready_rx", "report_tx", "report_rx", "notice_tx", "notice_rx", "live_tx", "live_rx",
-                "forward_tx", "forward_rx")
+                "ready_tx", "ready_rx", "report_tx", "report_rx", "notice_tx", "notice_rx", "live_tx", "live_rx")
 
 ###############################################################################
 # 7. storage: the log, its layouts, and conn.log
@@ -5478,6 +5473,8 @@ class Notifier:
         self.outbox: "collections.OrderedDict[int, Notice]" = collections.OrderedDict()
         self.next_id, self.dropped = 1, 0
         self.quiet_until = 0.0          # (monotonic) no error of the desktop's logged before then
+        # what it logs, as a line of the event stream (section 17 sets it: type, time, fields)
+        self.logged: typing.Callable[[str, float, dict], None] = lambda kind, when, fields: None
         for notice in self.load_outbox():
             self.queue(notice.summary, notice.body, notice.time)
         for report in self.take_warnings():
@@ -5555,9 +5552,7 @@ class Notifier:
         summary, log = REPORT_SUMMARIES.get(report.kind, REPORT_SUMMARIES["error"])
         detail = ["    " + line for line in report.detail.splitlines() if line.strip()]
         self.write(log, [f"{dated(report.time)} {report.text}"] + detail)
-        if self.rt.forward_tx is not None:          # (for the event stream, if it keeps up)
-            with contextlib.suppress(OSError, ValueError):
-                self.rt.forward_tx.send(report._replace(detail=""), block=False)
+        self.logged("report", report.time, {"log": log, "text": report.text})
         if report.notify and (self.rt.config.desktop_notifications or report.always):
             self.queue(summary, shown(report.text), report.time)
 
@@ -5578,27 +5573,27 @@ class Notifier:
                                         f"({one_line(message.error)[:DESKTOP_ERROR_LEN]}); "
                                         f"{len(self.outbox)} kept for retry"])
 
-    def run(self) -> None:
-        reports, desktop = self.rt.report_rx, self.rt.notice_tx
-        while True:
-            stopping = self.rt.stopping()
-            for channel in select.select([reports, desktop], [], [], 0 if stopping else 1)[0]:
-                try:
-                    message = channel.recv()
-                except ValueError:
-                    continue
-                if channel is reports and isinstance(message, Report):
-                    self.report(message)
-                elif channel is desktop:
-                    self.desktop_said(message)
-            if stopping and not select.select([reports], [], [], 0)[0]:
-                self.save_outbox()
-                return
+    def waiting(self) -> typing.List[Channel]:
+        """The channels it reads (its process's select() loop is in section 17)."""
+        return [self.rt.report_rx, self.rt.notice_tx]
 
+    def take(self, ready: typing.Collection) -> None:
+        """One message from each of its channels that has one."""
+        for channel in self.waiting():
+            if channel not in ready:
+                continue
+            try:
+                message = channel.recv(0)
+            except ValueError:
+                continue
+            if channel is self.rt.report_rx and isinstance(message, Report):
+                self.report(message)
+            elif channel is self.rt.notice_tx and message is not None:
+                self.desktop_said(message)
 
-def notifier_main(rt: Runtime) -> None:
-    """Process entry: write the logs and hand notices to the desktop, as picosnitch's account."""
-    Notifier(rt).run()
+    def drained(self) -> bool:
+        """Whether no report waits (at a stop: then the outbox is saved)."""
+        return not select.select([self.rt.report_rx], [], [], 0)[0]
 
 ###############################################################################
 # 14. helpers of the primary: names, the remote copy and its queue, VirusTotal, GeoIP
@@ -6702,19 +6697,23 @@ def primary_main(rt: Runtime) -> None:
 ###############################################################################
 # 17. the live event stream
 ###############################################################################
-# While the log is written window by window, the live process tells whoever
+# While the log is written window by window, the event stream tells whoever
 # listens what happens now, as newline-delimited JSON on a Unix socket
 # (EVENTS_SOCKET): each second, what every connection moved (the reader's
 # extra reading of the kernel's counts, LiveReading, section 10); the
 # connections not seen before and the programs that make them, with whether
 # the record knows them; and the reports written to error.log and exe.log.
-# Only root and the user picosnitch works for may read it: each reader's
-# account is checked as it connects (SO_PEERCRED). No reader can hold
-# anything up: the reader process never waits for this one, and this one
-# never waits for a reader. What a reader does not take waits for it up to
-# STREAM_QUEUE bytes; past that its lines are dropped, and when it takes
-# them again a "lost" line says how many. Nothing a reader sends is read.
-# The live process runs as picosnitch's account, out of the user's reach.
+# The notifier serves it: it runs as picosnitch's account, out of the user's
+# reach, and sees every report already (a process of its own cost more
+# memory than anything it did). One select() loop (notifier_main, at the end
+# of this section) drives both, and no step of the stream waits: reader
+# sockets are written without blocking, so no reader, slow or hostile, can
+# delay a log line or a notice. Only root and the user picosnitch works for
+# may read it: each reader's account is checked as it connects
+# (SO_PEERCRED). The reader process never waits for the stream either. What
+# a reader does not take waits for it up to STREAM_QUEUE bytes; past that
+# its lines are dropped, and when it takes them again a "lost" line says
+# how many. Nothing a reader sends is read.
 
 STREAM_VERSION = 1
 STREAM_READERS = 16        # readers at once (one more is told so, and that is logged)
@@ -6802,7 +6801,7 @@ def events_directory(account: User) -> None:
 
 
 class Stream:
-    """The live process's state: its socket, readers, and what the record knows."""
+    """The event stream's state: its socket, readers, and what the record knows."""
 
     def __init__(self, rt: Runtime, path: str = EVENTS_SOCKET):
         self.rt, self.path = rt, path
@@ -6825,6 +6824,8 @@ class Stream:
     def close(self) -> None:
         for reader in self.readers.values():
             reader.sock.close()
+        self.readers.clear()
+        self.tell_reader_process()          # (no one listens now: the reader process stops ticking)
         self.listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
@@ -6905,43 +6906,110 @@ class Stream:
                 lines.append(stream_line("executable", tick.time, new=new, uid=c.uid, **stream_process(c.proc)))
         return lines
 
-    def run(self) -> None:
-        live, forward = self.rt.live_rx, self.rt.forward_rx
-        self.tell_reader_process()
-        while not self.rt.stopping():
-            readers = list(self.readers.values())
-            ready, writable, _ = select.select([self.listener, live, forward] + [r.sock for r in readers],
-                                               [r.sock for r in readers if r.queue], [], 1.0)
-            for sock in ready:
-                if sock is self.listener:
-                    self.accept()
-                elif sock in (live, forward):
-                    self.take(sock)
-            gone = [r for r in readers if (r.sock in ready and r.gone()) or (r.sock in writable and not r.flush())]
-            for reader in gone:
-                del self.readers[reader.sock.fileno()]
-                reader.sock.close()
-            self.tell_reader_process(again=True)
+    def waiting(self) -> typing.Tuple[list, list]:
+        """What it reads (its socket, the reader process's ticks, each
+        reader, for its hang-up) and what it writes (readers with lines waiting)."""
+        socks = [r.sock for r in self.readers.values()]
+        return [self.listener, self.rt.live_rx] + socks, [r.sock for r in self.readers.values() if r.queue]
 
-    def take(self, channel: Channel) -> None:
+    def step(self, ready: typing.Collection, writable: typing.Collection) -> None:
+        """What select() found ready, done without waiting: a new reader, a
+        tick, a reader gone, lines sent as far as each reader takes them."""
+        if self.listener in ready:
+            self.accept()
+        if self.rt.live_rx in ready:
+            self.take()
+        gone = [r for r in list(self.readers.values())
+                if (r.sock in ready and r.gone()) or (r.sock in writable and not r.flush())]
+        for reader in gone:
+            del self.readers[reader.sock.fileno()]
+            reader.sock.close()
+        self.tell_reader_process(again=True)
+
+    def take(self) -> None:
         try:
-            message = channel.recv(0)
+            message = self.rt.live_rx.recv(0)
         except ValueError:
             return
         if isinstance(message, LiveTick):
             self.publish(self.tick_lines(message))
-        elif isinstance(message, Report):
-            self.publish([stream_line("report", message.time, log=REPORT_SUMMARIES.get(
-                message.kind, REPORT_SUMMARIES["error"])[1], text=message.text)])
+
+    def logged(self, kind: str, when: float, fields: dict) -> None:
+        """A line the notifier has logged (a report), for every reader."""
+        if self.readers:
+            self.publish([stream_line(kind, when, **fields)])
 
 
-def live_main(rt: Runtime) -> None:
-    """Process entry: the event stream, as picosnitch's account."""
-    stream = Stream(rt)
+STREAM_RETRY = 60.0         # seconds before a stream that failed is served again
+
+
+def open_stream(rt: Runtime, path: str = EVENTS_SOCKET) -> typing.Optional[Stream]:
+    """The event stream, or None when it cannot be served. Its directory is
+    made by the supervisor, as root, which says why when it cannot be: a
+    directory that is not the account's is left alone (and not told of twice)."""
     try:
-        stream.run()
+        if os.stat(os.path.dirname(path)).st_uid != os.geteuid():
+            return None
+        return Stream(rt, path)
+    except OSError as e:
+        rt.reporter.error(f"the live event stream cannot start ({e}); `top`, `events` and dash's live tab "
+                          "have nothing to show", always=True)
+        return None
+
+
+class NotifierLoop:
+    """The notifier process: the logs and notices (Notifier, section 13) and
+    the event stream, in one select() loop. A failure of the stream is
+    reported and the stream served again later: it never stops the logs."""
+
+    def __init__(self, rt: Runtime, path: str = EVENTS_SOCKET):
+        self.rt, self.path, self.notifier = rt, path, Notifier(rt)
+        self.stream: typing.Optional[Stream] = None
+        self.stream_at = 0.0            # (monotonic) when to try to serve the stream again
+        self.serve_stream()
+
+    def serve_stream(self) -> None:
+        if self.stream is None and time.monotonic() >= self.stream_at:
+            self.stream_at = time.monotonic() + STREAM_RETRY
+            self.stream = open_stream(self.rt, self.path)
+            self.notifier.logged = self.stream.logged if self.stream else lambda kind, when, fields: None
+
+    def stream_failed(self, e: Exception) -> None:
+        self.rt.reporter.error(f"the live event stream failed: {type(e).__name__}: {e}; it is served again "
+                               f"in {STREAM_RETRY:.0f}s", traceback.format_exc())
+        with contextlib.suppress(Exception):    # noqa: BLE001 - what is left of it goes
+            self.stream.close()
+        self.stream, self.notifier.logged = None, lambda kind, when, fields: None
+
+    def run(self) -> None:
+        while True:
+            stopping = self.rt.stopping()
+            reads, writes = self.stream.waiting() if self.stream else ([], [])
+            ready, writable, _ = select.select(self.notifier.waiting() + reads, writes, [], 0 if stopping else 1.0)
+            self.notifier.take(ready)
+            if self.stream is not None:
+                try:
+                    self.stream.step(ready, writable)
+                except Exception as e:      # noqa: BLE001 - the logs outlive the stream
+                    self.stream_failed(e)
+            if stopping and self.notifier.drained():
+                self.notifier.save_outbox()
+                return
+            self.serve_stream()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+
+def notifier_main(rt: Runtime) -> None:
+    """Process entry, as picosnitch's account: write the logs, hand notices
+    to the desktop, serve the event stream."""
+    loop = NotifierLoop(rt)
+    try:
+        loop.run()
     finally:
-        stream.close()
+        loop.close()
 
 ###############################################################################
 # 18. privileges: capabilities, and doing work as another account
@@ -7533,14 +7601,13 @@ class Role(typing.NamedTuple):
 
 
 ROLES = {
-    "notifier": Role(notifier_main, "account", (), ("report_rx", "report_tx", "notice_tx", "forward_tx")),
+    "notifier": Role(notifier_main, "account", (), ("report_rx", "report_tx", "notice_tx", "live_rx")),
     "desktop": Role(desktop_main, "user", (), ("notice_rx",)),
     "monitor": Role(monitor_main, "root", ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
                     ("exec_rx", "hash_monitor", "report_tx")),
     "primary": Role(primary_main, "account", (), ("batch_rx", "hash_primary", "report_tx")),
     "reader": Role(reader_main, "root", ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
                    ("exec_tx", "batch_tx", "ready_tx", "report_tx", "live_tx"), kernel=True),
-    "live": Role(live_main, "account", (), ("live_rx", "forward_rx", "report_tx")),
 }
 # the processes a program running as the user can kill: each death is
 # recorded with its time, and the process is started again at once
@@ -7627,7 +7694,6 @@ def make_runtime(setup: Setup, environ: typing.Mapping[str, str] = os.environ) -
     rt.report_tx, rt.report_rx = Channel.pair()
     rt.notice_tx, rt.notice_rx = Channel.pair()
     rt.live_tx, rt.live_rx = Channel.pair()
-    rt.forward_tx, rt.forward_rx = Channel.pair()
     rt.reporter = Reporter(rt.report_tx)
     return rt
 
@@ -7810,7 +7876,7 @@ class Supervisor:
         if "reader" in self.procs:
             self.ensure("primary")          # (the last windows go to a primary that runs)
         order = [("reader", True, STOP_TIMEOUT + 10), ("primary", False, STOP_TIMEOUT),
-                 ("monitor", True, 5), ("live", True, 5), ("notifier", True, 10), ("desktop", True, 5)]
+                 ("monitor", True, 5), ("notifier", True, 10), ("desktop", True, 5)]
         for name, terminate, timeout in order:
             proc = self.procs.get(name)
             if proc is None:
@@ -7899,6 +7965,11 @@ def run_supervisor(setup: Setup, ready: typing.Callable[[str], None]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     supervisor = Supervisor(rt, setup.warnings + reach)
+    try:
+        events_directory(rt.account)        # (before the notifier, which serves the stream there)
+    except (OSError, PicosnitchError) as e:
+        rt.reporter.error(f"the live event stream cannot start ({e}); `top`, `events` and dash's live "
+                          "tab have nothing to show", always=True)
     supervisor.start("notifier")            # (it logs what prepare warned of: keep_applied)
     supervisor.start("desktop")
     for warning in reach:
@@ -7909,14 +7980,7 @@ def run_supervisor(setup: Setup, ready: typing.Callable[[str], None]) -> int:
             config.connections_per_window, config.db_write_limit_seconds, memory_total()))
         for note in rt.kernel.notes:
             rt.reporter.info(note)
-        try:
-            events_directory(rt.account)
-            live = ("live",)
-        except (OSError, PicosnitchError) as e:
-            rt.reporter.error(f"the live event stream cannot start ({e}); `top`, `events` and dash's live "
-                              "tab have nothing to show", always=True)
-            live = ()
-        for name in ("reader", "monitor", "primary") + live:      # (the reader first: events wait in the buffers)
+        for name in ("reader", "monitor", "primary"):      # (the reader first: events wait in the buffers)
             supervisor.start(name)
         ready(supervisor.wait_ready(READY_TIMEOUT))
         while not stop:
