@@ -258,16 +258,16 @@ def test_the_notifier_logs_every_report_while_its_stream_readers_take_nothing(tm
     from conftest import runtime
     os.chmod(tmp_path, 0o755)
     rt = runtime(picosnitch.Config(desktop_notifications=False), tmp_path)
-    loop = picosnitch.NotifierLoop(rt, str(tmp_path / "events.sock"))
+    loop = picosnitch.NotifierLoop(rt, str(tmp_path / "events.sock"), str(tmp_path / "control.sock"))
     try:
         stuck = []
         for _ in range(3):
             s = socket.socket(socket.AF_UNIX)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            s.connect(loop.path)
+            s.connect(loop.paths["stream"])
             stuck.append(s)
         reading = socket.socket(socket.AF_UNIX)
-        reading.connect(loop.path)
+        reading.connect(loop.paths["stream"])
         while len(loop.stream.readers) < 4:
             loop.stream.step(select.select([loop.stream.listener], [], [], 5)[0], [])
         assert rt.live_tx.recv(1) == picosnitch.Listening(1)        # (told once there is one)
