@@ -27,15 +27,13 @@ Processes (all started by the supervisor, which restarts one that dies)::
     primary (picosnitch's account, no capabilities) -> snitch.db, record.json,
       |       conn.log, remote SQL copy, VirusTotal, GeoIP (the state directory)
       v
-    notifier (picosnitch's account) -> error.log, exe.log
-      |
+    notifier (picosnitch's account) -> error.log, exe.log, and
+      |       /run/picosnitch/events.sock: the event stream, JSON lines for
+      |       `top`, `events` and dash's live tab (its reports, and what the
+      |       reader tells it each second while anyone listens: what every
+      |       connection moved)
       v notices (shown ones acknowledged)
     desktop (the user) -> desktop notifications on the user's session bus
-
-    reader --each second, while anyone listens--> live (picosnitch's account)
-      (what every connection moved)    ^ reports  -> /run/picosnitch/events.sock:
-                                       |             JSON lines for `top`,
-                                   notifier          `events` and dash's live tab
 
 Messages between processes are JSON over SOCK_SEQPACKET pairs: no process
 can make a root process run code or write a file. What picosnitch records
@@ -69,7 +67,7 @@ Table of contents (each numbered section uses only the ones above it):
     24. web UI
     25. command line
 
-Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|top|events|dash|ebpf [MODE]|version|help
+Usage: picosnitch start|stop|restart|status|start-no-daemon|systemd|view|top|events|dash|mute [--undo] EXE [KIND ...]|ebpf [MODE]|version|help
 """
 
 ###############################################################################
@@ -695,14 +693,14 @@ class Batch(typing.NamedTuple):          # reader -> primary: part of one window
     conns: typing.List[Conn]             # (sent as their processes and rows naming them: pack_conns)
 
 
-class LiveTick(typing.NamedTuple):       # reader -> live: what each connection moved since the last tick
+class LiveTick(typing.NamedTuple):       # reader -> notifier: what each connection moved since the last tick
     time: float                          # when the kernel's counts were read (seconds since the epoch)
     conns: typing.List[Conn]             # send and recv: the bytes since the last tick (sent as pack_conns)
     new: typing.List[int]                # the indexes in conns of connections not told of before
     exited: typing.List[int]             # pids of processes told of before that have exited since
 
 
-class Listening(typing.NamedTuple):      # live -> reader: how many readers the event stream has
+class Listening(typing.NamedTuple):      # notifier -> reader: how many readers the event stream has
     readers: int
 
 
@@ -1339,10 +1337,8 @@ class Runtime:
     report_rx: typing.Optional[Channel] = None
     notice_tx: typing.Optional[Channel] = None   # notifier -> desktop: notices; desktop -> notifier: deliveries
     notice_rx: typing.Optional[Channel] = None
-    live_tx: typing.Optional[Channel] = None     # reader -> live: ticks; live -> reader: how many listen
+    live_tx: typing.Optional[Channel] = None     # reader -> notifier: ticks; notifier -> reader: how many listen
     live_rx: typing.Optional[Channel] = None
-    forward_tx: typing.Optional[Channel] = None  # notifier -> live: the reports it logs
-    forward_rx: typing.Optional[Channel] = None
 
     @property
     def private(self) -> str:
@@ -1350,8 +1346,7 @@ class Runtime:
         return os.path.join(self.state, PRIVATE_NAME)
 
     CHANNELS = ("exec_tx", "exec_rx", "batch_tx", "batch_rx", "hash_primary", "hash_monitor",
-                "ready_tx", "ready_rx", "report_tx", "report_rx", "notice_tx", "notice_rx", "live_tx", "live_rx",
-                "forward_tx", "forward_rx")
+                "ready_tx", "ready_rx", "report_tx", "report_rx", "notice_tx", "notice_rx", "live_tx", "live_rx")
 
 ###############################################################################
 # 7. storage: the log, its layouts, and conn.log
@@ -5389,6 +5384,90 @@ OUTBOX_NAME = "notices.json"        # (private) notices a stop left unshown
 WARNINGS_NAME = "warnings.json"     # (private) what starts warned of, until the notifier logs it
 REPORT_SUMMARIES = {"error": ("picosnitch error", ERROR_LOG_NAME), "exe": ("picosnitch", EXE_LOG_NAME)}
 
+# What is new (Novelty, from the primary) is written to exe.log one event a
+# line, and shown grouped, so that a burst (a new machine, an update) is one
+# notice: a group is shown once NOVELTY_GROUP_SECONDS pass with no new event,
+# or NOVELTY_GROUP_MOST after its first event at most.
+NOVELTY_GROUP_SECONDS = 3.0
+NOVELTY_GROUP_MOST = 30.0
+NOVELTY_NOUNS = {"program": ("program", "programs"), "name": ("name", "names"), "hash": ("hash", "hashes"),
+                 "domain": ("destination", "destinations"), "country": ("destination", "destinations"),
+                 "port": ("destination", "destinations"), "volume": ("traffic volume", "traffic volumes")}
+# Mutes: per program (an executable's path), the MUTE_KINDS keys whose events
+# are logged but not shown. The private copy decides; the state directory's
+# copy is the user's to read. Any program running as the user may ask for a
+# change (section 17), so each change is logged and shown, always.
+MUTED_PROGRAMS = 10000     # programs with mutes, at most
+
+
+def novelty_body(events: typing.Sequence[Novelty]) -> str:
+    """What one notice says of a group of events: the event's text if it is
+    alone; else how many of which kind, and the first."""
+    first = events[0]
+    if len(events) == 1:
+        return shown(first.text)
+    nouns = collections.Counter(NOVELTY_NOUNS.get(e.kind, ("thing", "things")) for e in events)
+    if len(nouns) == 1:
+        return f"{len(events)} new {next(iter(nouns))[1]}, the first: {shown(first.name)} ({shown(first.exe)})"
+    counts = ", ".join(f"{n} {noun[n > 1]}" for noun, n in nouns.most_common())
+    return f"{len(events)} things are new: {counts}; the first: {shown(first.text)}"
+
+
+class Mutes:
+    """The mutes the notifier keeps: {exe: [MUTE_KINDS keys, sorted]}, in
+    the private directory (which decides) and, for the user to read, in the
+    state directory ({"mutes": ...} in both)."""
+
+    def __init__(self, private: str, state: str):
+        self.paths = (os.path.join(private, MUTES_NAME), os.path.join(state, MUTES_NAME))
+        self.by_exe: typing.Dict[str, typing.List[str]] = {}
+
+    def load(self) -> str:
+        """Read the private copy; '' or why it could not be (then none is muted)."""
+        try:
+            with open(self.paths[0], encoding="utf-8") as f:
+                self.by_exe = mutes_checked(json.load(f))
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            return f"{MUTES_NAME}: the mutes could not be read ({e}); none applies until one is set again"
+        return ""
+
+    def muted(self, exe: str, kind: str) -> bool:
+        return any(kind in MUTE_KINDS[key] for key in self.by_exe.get(exe, ()))
+
+    def change(self, exe: str, keys: typing.Sequence[str], mute: bool) -> typing.List[str]:
+        """Mute (or unmute) these keys for exe, saved; the keys muted for it
+        now. ValueError (nothing changed) when too many programs have mutes
+        or the files cannot be written."""
+        before, had = dict(self.by_exe), set(self.by_exe.get(exe, ()))
+        now = sorted(had | set(keys) if mute else set() if "all" in keys else had - set(keys))  # (unmute all: every key)
+        if now and exe not in self.by_exe and len(self.by_exe) >= MUTED_PROGRAMS:
+            raise ValueError(f"{MUTED_PROGRAMS} programs have mutes already; unmute one first")
+        if now:
+            self.by_exe[exe] = now
+        else:
+            self.by_exe.pop(exe, None)
+        try:
+            data = json.dumps({"mutes": self.by_exe}, sort_keys=True).encode()
+            write_atomic(self.paths[0], data)
+            write_atomic(self.paths[1], data, 0o640)
+        except OSError as e:
+            self.by_exe = before
+            raise ValueError(f"the mutes could not be saved ({e.strerror or e})")
+        return now
+
+
+def mutes_checked(data) -> typing.Dict[str, typing.List[str]]:
+    """The mutes of a mutes.json's content; ValueError when it is not one."""
+    mutes = data.get("mutes") if isinstance(data, dict) else None
+    if not isinstance(mutes, dict):
+        raise ValueError("not a mutes file")
+    for exe, keys in mutes.items():
+        if not (isinstance(keys, list) and all(isinstance(k, str) and k in MUTE_KINDS for k in keys)):
+            raise ValueError(f"unknown mute kinds for {shown(exe)}")
+    return {exe: sorted(set(keys)) for exe, keys in mutes.items() if keys}
+
 
 def default_bus_address(uid: int, environ: typing.Mapping[str, str] = os.environ) -> str:
     return environ.get("DBUS_SESSION_BUS_ADDRESS") or f"unix:path=/run/user/{uid}/bus"
@@ -5478,10 +5557,18 @@ class Notifier:
         self.outbox: "collections.OrderedDict[int, Notice]" = collections.OrderedDict()
         self.next_id, self.dropped = 1, 0
         self.quiet_until = 0.0          # (monotonic) no error of the desktop's logged before then
+        # what it logs, as a line of the event stream (section 17 sets it: type, time, fields)
+        self.logged: typing.Callable[[str, float, dict], None] = lambda kind, when, fields: None
+        self.group: typing.List[Novelty] = []          # novelty waiting to be shown as one notice
+        self.group_at = (0.0, 0.0)                     # (monotonic) its first event, its last
+        self.mutes = Mutes(rt.private, rt.state)
         for notice in self.load_outbox():
             self.queue(notice.summary, notice.body, notice.time)
         for report in self.take_warnings():
             self.report(report)
+        unread = self.mutes.load()
+        if unread:
+            self.report(Report("error", unread, "", time.time()))
 
     def outbox_path(self) -> str:
         return os.path.join(self.rt.private, OUTBOX_NAME)
@@ -5555,11 +5642,44 @@ class Notifier:
         summary, log = REPORT_SUMMARIES.get(report.kind, REPORT_SUMMARIES["error"])
         detail = ["    " + line for line in report.detail.splitlines() if line.strip()]
         self.write(log, [f"{dated(report.time)} {report.text}"] + detail)
-        if self.rt.forward_tx is not None:          # (for the event stream, if it keeps up)
-            with contextlib.suppress(OSError, ValueError):
-                self.rt.forward_tx.send(report._replace(detail=""), block=False)
+        self.logged("report", report.time, {"log": log, "text": report.text})
         if report.notify and (self.rt.config.desktop_notifications or report.always):
             self.queue(summary, shown(report.text), report.time)
+
+    def novelty(self, event: Novelty) -> None:
+        """Something new about a program: in exe.log and on the stream
+        always; in the pending group unless muted or notifications are off."""
+        muted = self.mutes.muted(event.exe, event.kind)
+        self.write(EXE_LOG_NAME, [f"{dated(event.time)} {event.text}" + (" (muted)" if muted else "")])
+        self.logged("novelty", event.time, {"kind": event.kind, "exe": event.exe, "name": event.name,
+                                            "text": event.text, "muted": muted})
+        if muted or not self.rt.config.desktop_notifications:
+            return
+        now = time.monotonic()
+        self.group_at = (self.group_at[0] if self.group else now, now)
+        self.group.append(event)
+
+    def group_due(self) -> float:
+        """Seconds until the pending group is to be shown (inf: none waits)."""
+        if not self.group:
+            return math.inf
+        first, last = self.group_at
+        return max(0.0, min(last + NOVELTY_GROUP_SECONDS, first + NOVELTY_GROUP_MOST) - time.monotonic())
+
+    def show_group(self, now: bool = False) -> None:
+        """The pending group as one notice, once it is due (now: at once, as at a stop)."""
+        if self.group and (now or self.group_due() <= 0):
+            group, self.group = self.group, []
+            self.queue(REPORT_SUMMARIES["exe"][0], novelty_body(group), group[0].time)
+
+    def mute(self, exe: str, keys: typing.Sequence[str], mute: bool, asker: str) -> typing.List[str]:
+        """Change a program's mutes (ValueError: why not); logged and shown
+        whatever the settings say, with who asked. The keys muted for it now."""
+        now = self.mutes.change(exe, keys, mute)
+        what = "muted" if mute else "unmuted"
+        self.report(Report("exe", f"notices of {', '.join(sorted(keys))} {what} for {exe} by {asker}; "
+                                  f"muted for it now: {', '.join(now) or 'nothing'}", "", time.time(), True, True))
+        return now
 
     def desktop_said(self, message: typing.NamedTuple) -> None:
         """A Hello (the desktop process started: everything waiting goes again) or a Delivered."""
@@ -5578,27 +5698,29 @@ class Notifier:
                                         f"({one_line(message.error)[:DESKTOP_ERROR_LEN]}); "
                                         f"{len(self.outbox)} kept for retry"])
 
-    def run(self) -> None:
-        reports, desktop = self.rt.report_rx, self.rt.notice_tx
-        while True:
-            stopping = self.rt.stopping()
-            for channel in select.select([reports, desktop], [], [], 0 if stopping else 1)[0]:
-                try:
-                    message = channel.recv()
-                except ValueError:
-                    continue
-                if channel is reports and isinstance(message, Report):
-                    self.report(message)
-                elif channel is desktop:
-                    self.desktop_said(message)
-            if stopping and not select.select([reports], [], [], 0)[0]:
-                self.save_outbox()
-                return
+    def waiting(self) -> typing.List[Channel]:
+        """The channels it reads (its process's select() loop is in section 17)."""
+        return [self.rt.report_rx, self.rt.notice_tx]
 
+    def take(self, ready: typing.Collection) -> None:
+        """One message from each of its channels that has one."""
+        for channel in self.waiting():
+            if channel not in ready:
+                continue
+            try:
+                message = channel.recv(0)
+            except ValueError:
+                continue
+            if channel is self.rt.report_rx and isinstance(message, Report):
+                self.report(message)
+            elif channel is self.rt.report_rx and isinstance(message, Novelty):
+                self.novelty(message)
+            elif channel is self.rt.notice_tx and message is not None:
+                self.desktop_said(message)
 
-def notifier_main(rt: Runtime) -> None:
-    """Process entry: write the logs and hand notices to the desktop, as picosnitch's account."""
-    Notifier(rt).run()
+    def drained(self) -> bool:
+        """Whether no report waits (at a stop: then the outbox is saved)."""
+        return not select.select([self.rt.report_rx], [], [], 0)[0]
 
 ###############################################################################
 # 14. helpers of the primary: names, the remote copy and its queue, VirusTotal, GeoIP
@@ -7210,19 +7332,23 @@ def primary_main(rt: Runtime) -> None:
 ###############################################################################
 # 17. the live event stream
 ###############################################################################
-# While the log is written window by window, the live process tells whoever
+# While the log is written window by window, the event stream tells whoever
 # listens what happens now, as newline-delimited JSON on a Unix socket
 # (EVENTS_SOCKET): each second, what every connection moved (the reader's
 # extra reading of the kernel's counts, LiveReading, section 10); the
 # connections not seen before and the programs that make them, with whether
 # the record knows them; and the reports written to error.log and exe.log.
-# Only root and the user picosnitch works for may read it: each reader's
-# account is checked as it connects (SO_PEERCRED). No reader can hold
-# anything up: the reader process never waits for this one, and this one
-# never waits for a reader. What a reader does not take waits for it up to
-# STREAM_QUEUE bytes; past that its lines are dropped, and when it takes
-# them again a "lost" line says how many. Nothing a reader sends is read.
-# The live process runs as picosnitch's account, out of the user's reach.
+# The notifier serves it: it runs as picosnitch's account, out of the user's
+# reach, and sees every report already (a process of its own cost more
+# memory than anything it did). One select() loop (notifier_main, at the end
+# of this section) drives both, and no step of the stream waits: reader
+# sockets are written without blocking, so no reader, slow or hostile, can
+# delay a log line or a notice. Only root and the user picosnitch works for
+# may read it: each reader's account is checked as it connects
+# (SO_PEERCRED). The reader process never waits for the stream either. What
+# a reader does not take waits for it up to STREAM_QUEUE bytes; past that
+# its lines are dropped, and when it takes them again a "lost" line says
+# how many. Nothing a reader sends is read.
 
 STREAM_VERSION = 1
 STREAM_READERS = 16        # readers at once (one more is told so, and that is logged)
@@ -7252,10 +7378,29 @@ def stream_conn(c: Conn, command: bool = False) -> dict:
             "domain": c.domain, "send": c.send, "recv": c.recv}
 
 
+def peer_credentials(sock: socket.socket) -> typing.Tuple[int, int]:
+    """(pid, uid) of the process at the other end of a Unix socket, as it connected."""
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
+
+
 def peer_uid(sock: socket.socket) -> int:
     """The account of the process at the other end of a Unix socket."""
-    _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return uid
+    return peer_credentials(sock)[1]
+
+
+def listening_socket(path: str) -> socket.socket:
+    """A Unix stream socket at path (one left by a run before is replaced),
+    that anyone may connect to: who may use it is decided by each
+    connection's account."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.bind(path)
+    os.chmod(path, 0o666)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
 
 
 class StreamReader:
@@ -7310,7 +7455,7 @@ def events_directory(account: User) -> None:
 
 
 class Stream:
-    """The live process's state: its socket, readers, and what the record knows."""
+    """The event stream's state: its socket, readers, and what the record knows."""
 
     def __init__(self, rt: Runtime, path: str = EVENTS_SOCKET):
         self.rt, self.path = rt, path
@@ -7322,17 +7467,13 @@ class Stream:
         self.full_reported = -STREAM_FULL_REPORTS
         self.listening, self.told_at = None, 0.0       # (what the reader process was last told, and when)
         self.is_new("")             # (what the record knows now is not new)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self.listener.bind(path)
-        os.chmod(path, 0o666)           # (who may read is decided by each reader's account)
-        self.listener.listen(64)
-        self.listener.setblocking(False)
+        self.listener = listening_socket(path)
 
     def close(self) -> None:
         for reader in self.readers.values():
             reader.sock.close()
+        self.readers.clear()
+        self.tell_reader_process()          # (no one listens now: the reader process stops ticking)
         self.listener.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
@@ -7413,43 +7554,312 @@ class Stream:
                 lines.append(stream_line("executable", tick.time, new=new, uid=c.uid, **stream_process(c.proc)))
         return lines
 
-    def run(self) -> None:
-        live, forward = self.rt.live_rx, self.rt.forward_rx
-        self.tell_reader_process()
-        while not self.rt.stopping():
-            readers = list(self.readers.values())
-            ready, writable, _ = select.select([self.listener, live, forward] + [r.sock for r in readers],
-                                               [r.sock for r in readers if r.queue], [], 1.0)
-            for sock in ready:
-                if sock is self.listener:
-                    self.accept()
-                elif sock in (live, forward):
-                    self.take(sock)
-            gone = [r for r in readers if (r.sock in ready and r.gone()) or (r.sock in writable and not r.flush())]
-            for reader in gone:
-                del self.readers[reader.sock.fileno()]
-                reader.sock.close()
-            self.tell_reader_process(again=True)
+    def waiting(self) -> typing.Tuple[list, list]:
+        """What it reads (its socket, the reader process's ticks, each
+        reader, for its hang-up) and what it writes (readers with lines waiting)."""
+        socks = [r.sock for r in self.readers.values()]
+        return [self.listener, self.rt.live_rx] + socks, [r.sock for r in self.readers.values() if r.queue]
 
-    def take(self, channel: Channel) -> None:
+    def step(self, ready: typing.Collection, writable: typing.Collection) -> None:
+        """What select() found ready, done without waiting: a new reader, a
+        tick, a reader gone, lines sent as far as each reader takes them."""
+        if self.listener in ready:
+            self.accept()
+        if self.rt.live_rx in ready:
+            self.take()
+        gone = [r for r in list(self.readers.values())
+                if (r.sock in ready and r.gone()) or (r.sock in writable and not r.flush())]
+        for reader in gone:
+            del self.readers[reader.sock.fileno()]
+            reader.sock.close()
+        self.tell_reader_process(again=True)
+
+    def take(self) -> None:
         try:
-            message = channel.recv(0)
+            message = self.rt.live_rx.recv(0)
         except ValueError:
             return
         if isinstance(message, LiveTick):
             self.publish(self.tick_lines(message))
-        elif isinstance(message, Report):
-            self.publish([stream_line("report", message.time, log=REPORT_SUMMARIES.get(
-                message.kind, REPORT_SUMMARIES["error"])[1], text=message.text)])
+
+    def logged(self, kind: str, when: float, fields: dict) -> None:
+        """A line the notifier has logged (a report), for every reader."""
+        if self.readers:
+            self.publish([stream_line(kind, when, **fields)])
 
 
-def live_main(rt: Runtime) -> None:
-    """Process entry: the event stream, as picosnitch's account."""
-    stream = Stream(rt)
+# -- the control socket: mutes asked for by the user's viewers and `picosnitch mute`
+# A client sends one JSON line, {"v": 1, "type": "mute", "exe": PATH, "kinds":
+# [MUTE_KINDS keys], "mute": true or false}, and gets one line back, then the
+# socket closes: {"v": 1, "type": "mutes", "exe": PATH, "kinds": [the keys
+# muted for it now]}, or {"v": 1, "type": "error", "text": WHY}. The same
+# accounts as for the stream may ask; others are told "refused". Nothing
+# waits for a client: what it sends is read as it comes, up to
+# CONTROL_REQUEST bytes within CONTROL_SECONDS, and the answer is written
+# without blocking.
+
+CONTROL_CLIENTS = 8            # clients at once (one more is told so)
+CONTROL_REQUEST = 64 << 10     # bytes of a request, at most
+CONTROL_SECONDS = 5.0          # for a client to send its request and take the answer
+CONTROL_ASKER = 200            # characters of an asker's command line told
+
+
+def control_line(kind: str, **fields) -> bytes:
+    return (json.dumps({"v": STREAM_VERSION, "type": kind, **fields}, separators=(",", ":")) + "\n").encode()
+
+
+def mute_request(line: bytes) -> typing.Tuple[str, typing.List[str], bool]:
+    """(exe, MUTE_KINDS keys, mute) of a request; ValueError naming what is wrong."""
     try:
-        stream.run()
+        request = json.loads(line)
+    except (ValueError, RecursionError):
+        raise ValueError("the request is not JSON")
+    if not isinstance(request, dict) or request.get("v") != 1 or request.get("type") != "mute":
+        raise ValueError('the request is not {"v": 1, "type": "mute", ...}')
+    exe, kinds, mute = request.get("exe"), request.get("kinds"), request.get("mute", True)
+    if not isinstance(exe, str) or not exe.startswith("/") or "\0" in exe or len(exe) > 4096:
+        raise ValueError('"exe" must be an absolute path (a string of at most 4096 characters)')
+    if not isinstance(kinds, list) or not kinds or not all(isinstance(k, str) for k in kinds):
+        raise ValueError(f'"kinds" must be a list of one or more of: {", ".join(MUTE_KINDS)}')
+    unknown = [k for k in kinds if k not in MUTE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown kind {shown(unknown[0])[:100]!r} (one of: {', '.join(MUTE_KINDS)})")
+    if not isinstance(mute, bool):
+        raise ValueError('"mute" must be true or false')
+    return exe, sorted(set(kinds)), mute
+
+
+def asker_text(pid: int, uid: int) -> str:
+    """Who asked, as the change's log line says: uid, pid and what /proc
+    says it runs (its executable; when picosnitch's account may not read
+    that, its command line, which the process itself may have set)."""
+    exe = read_proc_link(pid, "exe")
+    if exe:
+        return f"uid {uid}, pid {pid} ({exe})"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = cmdline_text(f.read(CONTROL_ASKER * 4))[:CONTROL_ASKER]
+    except OSError:
+        command = ""
+    return f"uid {uid}, pid {pid} (" + (f"command line: {command}" if command else "gone already") + ")"
+
+
+class ControlClient:
+    """One client of the control socket: what it sent so far, the answer
+    waiting to be sent, and until when it may take."""
+
+    def __init__(self, sock: socket.socket, pid: int, uid: int):
+        self.sock, self.pid, self.uid = sock, pid, uid
+        self.request, self.answer = bytearray(), b""
+        self.deadline = time.monotonic() + CONTROL_SECONDS
+
+    def read(self) -> typing.Optional[bytes]:
+        """Take what it sent; its request line once whole (or all it sent
+        when it stopped sending), else None. ValueError when too long."""
+        try:
+            data = self.sock.recv(CONTROL_REQUEST + 1 - len(self.request), socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            data = b""
+        self.request += data
+        if b"\n" in self.request or not data:
+            return bytes(self.request.partition(b"\n")[0])
+        if len(self.request) > CONTROL_REQUEST:
+            raise ValueError(f"the request is longer than {CONTROL_REQUEST} bytes")
+        return None
+
+    def write(self) -> bool:
+        """Send what it takes of the answer; whether all is sent (or it is gone)."""
+        try:
+            sent = self.sock.send(self.answer, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        self.answer = self.answer[sent:]
+        return not self.answer
+
+
+class Control:
+    """The control socket's state: its listener and clients. Requests are
+    answered by mute(exe, keys, mute, asker), which returns the keys muted
+    now or raises ValueError."""
+
+    def __init__(self, rt: Runtime, mute: typing.Callable[[str, typing.List[str], bool, str], typing.List[str]],
+                 path: str = CONTROL_SOCKET):
+        self.rt, self.mute, self.path = rt, mute, path
+        self.clients: typing.Dict[int, ControlClient] = {}      # by descriptor
+        self.listener = listening_socket(path)
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.sock.close()
+        self.clients.clear()
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def waiting(self) -> typing.Tuple[list, list]:
+        clients = list(self.clients.values())
+        return ([self.listener] + [c.sock for c in clients if not c.answer],
+                [c.sock for c in clients if c.answer])
+
+    def timeout(self) -> float:
+        """Seconds until the first client's time is up (inf: no client)."""
+        return max(0.0, min((c.deadline for c in self.clients.values()), default=math.inf) - time.monotonic())
+
+    def accept(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        pid, uid = peer_credentials(sock)
+        refused = ""
+        if uid not in (0, self.rt.user.uid):
+            refused = control_line("refused", reason=f"only root and {self.rt.user.name} may ask picosnitch for mutes")
+        elif len(self.clients) >= CONTROL_CLIENTS:
+            refused = control_line("error", text=f"picosnitch is answering {CONTROL_CLIENTS} requests already; "
+                                                 "ask again")
+        if refused:
+            with contextlib.suppress(OSError):
+                sock.send(refused, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            sock.close()
+            return
+        self.clients[sock.fileno()] = ControlClient(sock, pid, uid)
+
+    def answer(self, client: ControlClient, line: bytes) -> bytes:
+        try:
+            exe, keys, mute = mute_request(line)
+            now = self.mute(exe, keys, mute, asker_text(client.pid, client.uid))
+        except ValueError as e:
+            return control_line("error", text=str(e))
+        return control_line("mutes", exe=exe, kinds=now)
+
+    def step(self, ready: typing.Collection, writable: typing.Collection) -> None:
+        """What select() found ready, done without waiting; clients whose time is up are closed."""
+        if self.listener in ready:
+            self.accept()
+        done = []
+        for client in list(self.clients.values()):
+            if client.sock in ready and not client.answer:
+                try:
+                    line = client.read()
+                except ValueError as e:
+                    line, client.answer = None, control_line("error", text=str(e))
+                if line is not None:
+                    client.answer = self.answer(client, line)
+            if client.answer and client.write():
+                done.append(client)
+            elif time.monotonic() >= client.deadline:
+                with contextlib.suppress(OSError):      # (a last word, if it takes it now)
+                    client.sock.send(client.answer or control_line("error", text="no whole request in "
+                                     f"{CONTROL_SECONDS:.0f}s"), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                done.append(client)
+        for client in done:
+            del self.clients[client.sock.fileno()]
+            client.sock.close()
+
+
+SERVE_RETRY = 60.0          # seconds before a socket that failed is served again
+
+
+def open_served(rt: Runtime, what: str, make: typing.Callable[[], typing.Any], path: str) -> typing.Any:
+    """The stream or the control socket (make()), or None when it cannot be
+    served. Their directory is made by the supervisor, as root, which says
+    why when it cannot be: a directory that is not the account's is left
+    alone (and not told of twice)."""
+    try:
+        if os.stat(os.path.dirname(path)).st_uid != os.geteuid():
+            return None
+        return make()
+    except OSError as e:
+        rt.reporter.error(f"{what} cannot start ({e})", always=True)
+        return None
+
+
+class NotifierLoop:
+    """The notifier process: the logs, notices and mutes (Notifier, section
+    13), the event stream and the control socket, in one select() loop. A
+    failure of either socket is reported and it is served again later: it
+    never stops the logs."""
+
+    def __init__(self, rt: Runtime, path: str = EVENTS_SOCKET, control: str = CONTROL_SOCKET):
+        self.rt, self.notifier = rt, Notifier(rt)
+        self.paths = {"stream": path, "control": control}
+        self.served: typing.Dict[str, typing.Any] = {"stream": None, "control": None}
+        self.retry_at = {"stream": 0.0, "control": 0.0}        # (monotonic) when to try to serve one again
+        self.serve()
+
+    @property
+    def stream(self) -> typing.Optional[Stream]:
+        return self.served["stream"]
+
+    @property
+    def control(self) -> typing.Optional[Control]:
+        return self.served["control"]
+
+    def serve(self) -> None:
+        """Serve what is not served yet (at most once each SERVE_RETRY)."""
+        makers = {"stream": ("the live event stream", lambda: Stream(self.rt, self.paths["stream"])),
+                  "control": ("the control socket (mutes)",
+                              lambda: Control(self.rt, self.notifier.mute, self.paths["control"]))}
+        for name, (what, make) in makers.items():
+            if self.served[name] is None and time.monotonic() >= self.retry_at[name]:
+                self.retry_at[name] = time.monotonic() + SERVE_RETRY
+                self.served[name] = open_served(self.rt, what, make, self.paths[name])
+        self.notifier.logged = self.stream.logged if self.stream else lambda kind, when, fields: None
+
+    def failed(self, name: str, e: Exception) -> None:
+        self.rt.reporter.error(f"the {name} socket failed: {type(e).__name__}: {e}; it is served again "
+                               f"in {SERVE_RETRY:.0f}s", traceback.format_exc())
+        with contextlib.suppress(Exception):    # noqa: BLE001 - what is left of it goes
+            self.served[name].close()
+        self.served[name] = None
+        self.notifier.logged = self.stream.logged if self.stream else lambda kind, when, fields: None
+
+    def waiting(self) -> typing.Tuple[list, list, float]:
+        """What select() waits for, and how long at most."""
+        reads, writes = list(self.notifier.waiting()), []
+        for part in self.served.values():
+            if part is not None:
+                r, w = part.waiting()
+                reads, writes = reads + r, writes + w
+        return reads, writes, min(1.0, self.notifier.group_due(), self.control.timeout() if self.control else 1.0)
+
+    def run(self) -> None:
+        while True:
+            stopping = self.rt.stopping()
+            reads, writes, timeout = self.waiting()
+            ready, writable, _ = select.select(reads, writes, [], 0 if stopping else timeout)
+            self.notifier.take(ready)
+            for name, part in list(self.served.items()):
+                if part is not None:
+                    try:
+                        part.step(ready, writable)
+                    except Exception as e:      # noqa: BLE001 - the logs outlive the sockets
+                        self.failed(name, e)
+            self.notifier.show_group()
+            if stopping and self.notifier.drained():
+                self.notifier.show_group(now=True)          # (kept with the other notices over the stop)
+                self.notifier.save_outbox()
+                return
+            self.serve()
+
+    def close(self) -> None:
+        for part in self.served.values():
+            if part is not None:
+                part.close()
+
+
+def notifier_main(rt: Runtime) -> None:
+    """Process entry, as picosnitch's account: write the logs, hand notices
+    to the desktop, serve the event stream and the control socket."""
+    loop = NotifierLoop(rt)
+    try:
+        loop.run()
     finally:
-        stream.close()
+        loop.close()
 
 ###############################################################################
 # 18. privileges: capabilities, and doing work as another account
@@ -8041,14 +8451,13 @@ class Role(typing.NamedTuple):
 
 
 ROLES = {
-    "notifier": Role(notifier_main, "account", (), ("report_rx", "report_tx", "notice_tx", "forward_tx")),
+    "notifier": Role(notifier_main, "account", (), ("report_rx", "report_tx", "notice_tx", "live_rx")),
     "desktop": Role(desktop_main, "user", (), ("notice_rx",)),
     "monitor": Role(monitor_main, "root", ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
                     ("exec_rx", "hash_monitor", "report_tx")),
     "primary": Role(primary_main, "account", (), ("batch_rx", "hash_primary", "report_tx")),
     "reader": Role(reader_main, "root", ("CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"),
                    ("exec_tx", "batch_tx", "ready_tx", "report_tx", "live_tx"), kernel=True),
-    "live": Role(live_main, "account", (), ("live_rx", "forward_rx", "report_tx")),
 }
 # the processes a program running as the user can kill: each death is
 # recorded with its time, and the process is started again at once
@@ -8135,7 +8544,6 @@ def make_runtime(setup: Setup, environ: typing.Mapping[str, str] = os.environ) -
     rt.report_tx, rt.report_rx = Channel.pair()
     rt.notice_tx, rt.notice_rx = Channel.pair()
     rt.live_tx, rt.live_rx = Channel.pair()
-    rt.forward_tx, rt.forward_rx = Channel.pair()
     rt.reporter = Reporter(rt.report_tx)
     return rt
 
@@ -8318,7 +8726,7 @@ class Supervisor:
         if "reader" in self.procs:
             self.ensure("primary")          # (the last windows go to a primary that runs)
         order = [("reader", True, STOP_TIMEOUT + 10), ("primary", False, STOP_TIMEOUT),
-                 ("monitor", True, 5), ("live", True, 5), ("notifier", True, 10), ("desktop", True, 5)]
+                 ("monitor", True, 5), ("notifier", True, 10), ("desktop", True, 5)]
         for name, terminate, timeout in order:
             proc = self.procs.get(name)
             if proc is None:
@@ -8407,6 +8815,11 @@ def run_supervisor(setup: Setup, ready: typing.Callable[[str], None]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     supervisor = Supervisor(rt, setup.warnings + reach)
+    try:
+        events_directory(rt.account)        # (before the notifier, which serves the stream there)
+    except (OSError, PicosnitchError) as e:
+        rt.reporter.error(f"the live event stream cannot start ({e}); `top`, `events` and dash's live "
+                          "tab have nothing to show", always=True)
     supervisor.start("notifier")            # (it logs what prepare warned of: keep_applied)
     supervisor.start("desktop")
     for warning in reach:
@@ -8417,14 +8830,7 @@ def run_supervisor(setup: Setup, ready: typing.Callable[[str], None]) -> int:
             config.connections_per_window, config.db_write_limit_seconds, memory_total()))
         for note in rt.kernel.notes:
             rt.reporter.info(note)
-        try:
-            events_directory(rt.account)
-            live = ("live",)
-        except (OSError, PicosnitchError) as e:
-            rt.reporter.error(f"the live event stream cannot start ({e}); `top`, `events` and dash's live "
-                              "tab have nothing to show", always=True)
-            live = ()
-        for name in ("reader", "monitor", "primary") + live:      # (the reader first: events wait in the buffers)
+        for name in ("reader", "monitor", "primary"):      # (the reader first: events wait in the buffers)
             supervisor.start(name)
         ready(supervisor.wait_ready(READY_TIMEOUT))
         while not stop:
@@ -9342,8 +9748,8 @@ class LiveState:
             program = self.program(event)
             program["new"] = program["new"] or event.get("new") is True
             self.feed.append((when, "new program" if event.get("new") is True else "program", program["label"]))
-        elif kind == "report":
-            self.feed.append((when, stream_str(event.get("log")), stream_str(event.get("text"))))
+        elif kind in ("report", "novelty"):
+            self.feed.append((when, stream_str(event.get("log")) or "new", stream_str(event.get("text"))))
         elif kind == "lost":
             self.lost += stream_int(event.get("lines"))
 
@@ -9446,6 +9852,75 @@ class LiveState:
         for entry in entries:
             entry.children.sort(key=lambda f: (-rate(f), -total(f), f.label))
         return entries
+
+# -- mutes, as `picosnitch mute`, `view` and `dash` ask for them and read them --
+# The notifier keeps them (section 13) and answers on its control socket
+# (section 17); its copy in the state directory is for reading here.
+
+MUTE_ANSWER = 64 << 10      # bytes of an answer read, at most
+MUTE_TIMEOUT = 10.0         # seconds to wait for the answer
+
+
+def request_mute(exe: str, kinds: typing.Sequence[str], mute: bool = True,
+                 path: str = CONTROL_SOCKET) -> typing.List[str]:
+    """Ask the daemon to mute (or, mute False, unmute) these MUTE_KINDS keys
+    for a program (its executable's absolute path); the keys muted for it
+    now. PicosnitchError with the daemon's word when it says no, or why it
+    could not be asked."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(MUTE_TIMEOUT)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise PicosnitchError(f"picosnitch is not running: there is no control socket at {path} "
+                                  "(start it with 'sudo picosnitch start')")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):    # (refused: its answer is read next)
+            sock.sendall(json.dumps({"v": 1, "type": "mute", "exe": exe, "kinds": list(kinds),
+                                     "mute": mute}).encode() + b"\n")
+        answer = b""
+        while b"\n" not in answer and len(answer) < MUTE_ANSWER:
+            data = sock.recv(MUTE_ANSWER - len(answer))
+            if not data:
+                break
+            answer += data
+    except socket.timeout:
+        raise PicosnitchError(f"picosnitch did not answer in {MUTE_TIMEOUT:.0f}s")
+    except OSError as e:
+        raise PicosnitchError(f"the control socket at {path} cannot be used: {e.strerror or e}")
+    finally:
+        sock.close()
+    return mute_answer(answer.partition(b"\n")[0])
+
+
+def mute_answer(line: bytes) -> typing.List[str]:
+    """The keys an answer of the control socket names; PicosnitchError for a refusal or an error."""
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise PicosnitchError("picosnitch's answer could not be read")
+    if answer.get("type") == "refused":
+        raise PicosnitchError(f"picosnitch refused: {shown(stream_str(answer.get('reason')))}")
+    if answer.get("type") == "error":
+        raise PicosnitchError(shown(stream_str(answer.get("text"))))
+    kinds = answer.get("kinds")
+    if answer.get("type") != "mutes" or not isinstance(kinds, list):
+        raise PicosnitchError("picosnitch's answer could not be read")
+    return [k for k in kinds if k in MUTE_KINDS]
+
+
+def read_mutes(state: str) -> typing.Dict[str, typing.List[str]]:
+    """The mutes as the state directory's copy says: {exe: [MUTE_KINDS keys,
+    sorted]} ({} when there is none). PicosnitchError when it cannot be read."""
+    path = os.path.join(state, MUTES_NAME)
+    try:
+        return mutes_checked(json.loads(read_regular(path, 16 << 20)))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise PicosnitchError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}")
 
 ###############################################################################
 # 22. terminal viewer
@@ -11144,6 +11619,10 @@ commands:
   top              what uses the network now, live, in the terminal
   events           print the daemon's live event stream (JSON lines) until it ends
   dash             serve the web UI on http://localhost:5100 (HOST and PORT change the address)
+  mute [--undo] EXE [KIND ...]
+                   do not show what is new about the program EXE (its path) as notifications, for
+                   KIND: destination, volume, hash, name or all (the default); --undo shows it again.
+                   It is still logged in exe.log, and each change is logged and shown, with who asked
   ebpf [MODE]      print the BPF program as it would be compiled on this kernel, for the capture
                    mode picosnitch would choose, or MODE (tracepoint, raw-tracepoint or kprobe)
   version          show the version
@@ -11251,6 +11730,19 @@ def cmd_events(_: str) -> int:
     return run_events(sys.stdout.buffer)
 
 
+def cmd_mute(_: str, *args: str) -> int:
+    """`picosnitch mute [--undo] EXE [KIND ...]`: what the daemon says mutes the program now."""
+    undo = args[:1] == ("--undo",)
+    args = args[1:] if undo else args
+    if not args:
+        raise PicosnitchError("mute: name the program (its executable's path): "
+                              "picosnitch mute [--undo] EXE [KIND ...]")
+    exe, kinds = args[0], list(args[1:]) or ["all"]
+    now = request_mute(exe, kinds, not undo)
+    print(f"{shown(exe)}: muted for {', '.join(now)}" if now else f"{shown(exe)}: nothing muted")
+    return 0
+
+
 def cmd_dash(_: str) -> int:
     user, state = user_identity(), state_directory()
     host, port = dash_address()
@@ -11286,16 +11778,16 @@ COMMANDS = {
     "start": (cmd_start, True), "stop": (cmd_stop, True), "restart": (cmd_restart, True),
     "status": (cmd_status, False), "start-no-daemon": (cmd_start_no_daemon, True),
     "systemd": (cmd_systemd, True), "view": (cmd_view, False), "top": (cmd_top, False),
-    "events": (cmd_events, False), "dash": (cmd_dash, False),
+    "events": (cmd_events, False), "dash": (cmd_dash, False), "mute": (cmd_mute, False),
     "ebpf": (cmd_ebpf, False), "version": (cmd_version, False), "help": (cmd_help, False),
     "--help": (cmd_help, False), "-h": (cmd_help, False),
 }
-TAKES_AN_ARGUMENT = ("ebpf",)       # (the others take none)
+TAKES_ARGUMENTS = {"ebpf": 1, "mute": math.inf}       # command -> how many arguments at most (others: none)
 
 
 def main(argv: typing.Optional[typing.List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS or len(argv) > 1 + (argv[0] in TAKES_AN_ARGUMENT):
+    if not argv or argv[0] not in COMMANDS or len(argv) > 1 + TAKES_ARGUMENTS.get(argv[0], 0):
         print(USAGE, end="", file=sys.stderr)
         if argv:
             print(f"\npicosnitch: unknown command: {shown(' '.join(argv))}", file=sys.stderr)

@@ -972,9 +972,9 @@ def live_table(lived):
             "the stream adds nothing to the cost of a send call.", "",
             "| | no readers | with readers |", "|---|---|---|",
             f"| picosnitch CPU (% of a core): all | {off['cpu']:.2f} | {on['cpu']:.2f} |",
-            "| reader, primary, live | " + ", ".join(f"{off['cpu_by_role'].get(r, 0):.2f}" for r in
-                                                     ("reader", "primary", "live")) + " | "
-            + ", ".join(f"{on['cpu_by_role'].get(r, 0):.2f}" for r in ("reader", "primary", "live")) + " |",
+            "| reader, primary, notifier | " + ", ".join(f"{off['cpu_by_role'].get(r, 0):.2f}" for r in
+                                                     ("reader", "primary", "notifier")) + " | "
+            + ", ".join(f"{on['cpu_by_role'].get(r, 0):.2f}" for r in ("reader", "primary", "notifier")) + " |",
             f"| delay to the first tick naming a new sender: median, most ({len(delays)} of {on['probes']}) | | "
             f"{statistics.median(delays):.2f} s, {max(delays):.2f} s |" if delays else "| delay | | none seen |",
             f"| the steady sender's bytes by the ticks against snitch.db ({on['logged']:,} bytes) | | "

@@ -465,6 +465,18 @@ def notifications(record):
         return []
 
 
+# a notice of several novelty events at once names only the first (the
+# notifier groups what comes within seconds; exe.log has each one)
+GROUPED = re.compile(r"\d+ (new [a-z ]+, the first: |things are new: )")
+
+
+def told_of(record, text, log="", after=0.0):
+    """The notices that tell of text: its own, or (when log, exe.log's
+    content, has text) one of a group of events shown together."""
+    return [n for n in notifications(record) if n["time"] >= after and
+            (text in n["body"] or (text in log and GROUPED.match(n["body"])))]
+
+
 @pytest.fixture(scope="session")
 def exe_dir():
     """A directory user nobody can read, with the traffic generator in it."""

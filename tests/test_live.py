@@ -250,3 +250,39 @@ def test_a_connection_idle_for_long_is_folded_into_its_programs_earlier_ones():
     [entry] = live.sorted_flows("program", 0)
     assert entry.sent == 300 + 5 + 698 and len(live.conns) == 2
     assert sorted(c.label for c in entry.children) == ["192.0.2.10:80 tcp", "earlier connections"]
+
+
+def test_the_notifier_logs_every_report_while_its_stream_readers_take_nothing(tmp_path):
+    """The notifier serves the stream in its own loop: readers that never
+    read lose their lines, and no report waits for them."""
+    from conftest import runtime
+    os.chmod(tmp_path, 0o755)
+    rt = runtime(picosnitch.Config(desktop_notifications=False), tmp_path)
+    loop = picosnitch.NotifierLoop(rt, str(tmp_path / "events.sock"), str(tmp_path / "control.sock"))
+    try:
+        stuck = []
+        for _ in range(3):
+            s = socket.socket(socket.AF_UNIX)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(loop.paths["stream"])
+            stuck.append(s)
+        reading = socket.socket(socket.AF_UNIX)
+        reading.connect(loop.paths["stream"])
+        while len(loop.stream.readers) < 4:
+            loop.stream.step(select.select([loop.stream.listener], [], [], 5)[0], [])
+        assert rt.live_tx.recv(1) == picosnitch.Listening(1)        # (told once there is one)
+        text = "x" * 2000
+        sent = 0
+        while sent < 3000:          # (in rounds the channel holds)
+            for _ in range(200):
+                rt.reporter.exe(f"{sent} {text}")
+                sent += 1
+            rt.stopping = lambda: True          # (run until every report waiting is taken)
+            loop.run()
+        log = open(os.path.join(rt.state, "exe.log")).read().splitlines()
+        assert len(log) == 3000 and log[-1].endswith(f"2999 {text}")
+        assert all(r.lost > 0 for r in loop.stream.readers.values())      # (their 4 MB were full)
+        got = reading.recv(1 << 16).decode().splitlines()
+        assert json.loads(got[0])["type"] == "hello" and json.loads(got[1])["type"] == "report"
+    finally:
+        loop.close()

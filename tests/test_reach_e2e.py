@@ -16,7 +16,7 @@ import pytest
 
 import picosnitch
 from conftest import (PYTHON, SCRIPT, SYSTEM_PYTHON, Daemon, as_user, bench_reach, dash_started, free_share,
-                      notifications, scratch_directory, wait_for)
+                      notifications, scratch_directory, told_of, wait_for)
 
 KILLING = 60            # seconds the program of the user kills picosnitch's processes of its uid
 
@@ -72,8 +72,9 @@ def test_a_program_that_kills_in_a_loop_neither_silences_nor_loses(user_home, us
         ended = time.time()
         sender.wait(30)
         assert row - first <= 10 and row < ended and kills >= 100, (row - first, kills)
-        assert wait_for(lambda: said(user_session_bus, exe), 15), "no notice once the killing stopped"
-        notice = said(user_session_bus, exe)[0]
+        assert wait_for(lambda: told_of(user_session_bus[1], exe, daemon.read("exe.log")), 15), \
+            "no notice once the killing stopped"
+        notice = told_of(user_session_bus[1], exe, daemon.read("exe.log"))[0]
         assert notice["time"] - ended <= 15
         shown_at = re.search(r"\(at (?:\d{4}-\d\d-\d\d )?(\d\d):(\d\d):(\d\d)\)$", notice["body"])   # (a date past midnight)
         assert shown_at, notice["body"]
@@ -135,8 +136,8 @@ def test_a_record_the_user_edits_preapproves_nothing(user_home, user_session_bus
         started = time.time()
         daemon.start()
         user_run(user_home, exe, "-c", bench_reach.SENDER, "1000", "1", "0", check=True)
-        assert wait_for(lambda: said(user_session_bus, f"First network connection detected for "
-                                                       f"{os.path.basename(exe)} ({exe})", started), 20), \
+        assert wait_for(lambda: told_of(user_session_bus[1], f"First network connection detected for "
+                                f"{os.path.basename(exe)} ({exe})", daemon.read("exe.log"), started), 20), \
             daemon.read("error.log") + "\n".join(daemon.lines)
         assert wait_for(lambda: exe in json.load(open(daemon.private("record.json")))["Executables"])
     finally:

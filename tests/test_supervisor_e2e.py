@@ -22,7 +22,7 @@ def test_killed_monitor_is_reported_and_restarted(tmp_path, peers, exe_dir):
         assert status.returncode == 0
         assert "capture mode: tracepoint (sock:sock_send_length, sock:sock_recv_length" in status.stdout
         before = children()
-        assert set(before) == {"reader", "monitor", "primary", "live", "notifier", "desktop"}
+        assert set(before) == {"reader", "monitor", "primary", "notifier", "desktop"}
         for pid in [picosnitch.read_pid(), *before.values()]:    # the module, not the script and its parse tree
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 assert f.read().split(b"\0")[:-1] == [PYTHON.encode(), b"-P", b"-c", picosnitch.MODULE_BOOT.encode(),

@@ -17,7 +17,7 @@ import pytest
 
 import picosnitch
 from conftest import (PEER_PORT, PYTHON, SCRIPT, Daemon, as_user, new_state, notifications, scratch_directory,
-                      sha256_file, unique_c_sender, wait_for)
+                      sha256_file, told_of, unique_c_sender, wait_for)
 from http_services import API_KEY, FakeVirusTotal
 from sqlservers import PasswordTrap
 
@@ -113,7 +113,8 @@ def test_links_the_user_plants_change_nothing_of_roots_files(user_home, user_ses
         exe = unique_c_sender(exe_dir)
         subprocess.run([exe, "127.0.0.1", str(PEER_PORT), "100"], check=True)
         said = lambda: " ".join(n["body"] for n in notifications(user_session_bus[1]))
-        assert wait_for(lambda: f"First network connection detected for {os.path.basename(exe)}" in said())
+        first = f"First network connection detected for {os.path.basename(exe)}"
+        assert wait_for(lambda: told_of(user_session_bus[1], first, daemon.read("exe.log")))
         assert [r["send"] for r in daemon.wait_rows(exe=exe)] == [100]
         assert "cannot be written" not in said()
     finally:
