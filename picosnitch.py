@@ -8717,6 +8717,29 @@ def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typi
     return GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
 
 
+# -- mutes, as the viewers ask for them and read them (stand-ins: the daemon
+# does not serve mutes yet)
+
+def request_mute(exe: str, kinds: list, mute: bool) -> list:
+    """Ask the running daemon to mute (or, mute False, unmute) kinds of what
+    is new about exe; the kinds muted for it now. PicosnitchError says why
+    it could not be asked."""
+    raise PicosnitchError(f"picosnitch is not running: there is nothing at {CONTROL_SOCKET} to ask "
+                          "(start it with 'sudo picosnitch start')")
+
+
+def read_mutes(state: str) -> dict:
+    """exe -> the kinds muted for it, from the state directory's mutes.json ({} when there is none)."""
+    try:
+        with open(os.path.join(state, MUTES_NAME), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {exe: [k for k in kinds if isinstance(k, str)] for exe, kinds in data.items() if isinstance(kinds, list)}
+
+
 # -- the live stream, as `top` and dash's live tab read it ---------------------
 # Both connect to the daemon's event stream (section 17) and keep a LiveState:
 # per connection and per program, the bytes of the last ticks (a rate is what
