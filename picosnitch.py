@@ -8206,6 +8206,29 @@ def split_range(start: typing.Optional[int], end: typing.Optional[int],
     return pieces
 
 
+# -- what is new: the novelty events (section 15), as both viewers list them
+NOVELTY_ROWS = 500          # events listed at most (the newest)
+# the kinds the viewers list what is new by: all of them, new programs, and
+# each group that a mute takes
+NOVELTY_GROUPS = {"all": NOVELTY_KINDS, "program": ("program",),
+                  **{key: kinds for key, kinds in MUTE_KINDS.items() if key != "all"}}
+NO_NOVELTY = ("nothing new can be listed: this log is in an older layout (version {version}), which keeps no "
+              "record of what is new; picosnitch adds one when it next starts")
+
+
+class NoveltyList(typing.NamedTuple):
+    """The answer of LogQuery.novelty."""
+    events: typing.List[dict]       # id and NOVELTY_COLUMNS (text as str), the newest first
+    counts: typing.Dict[str, int]   # kind -> how many events, of any kind asked for
+    programs: typing.List[str]      # the programs with events, the one with the latest first
+    missing: str                    # why the log has no events to list ('' when it keeps them)
+
+
+def text_of(value):
+    """A value read back as bytes (see LogQuery), as text; others as they are."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 class LogQuery:
     """Read-only questions to a snitch.db (version 2, or older while it is
     moved over: the old rows not moved yet are counted from the old table)."""
@@ -8220,6 +8243,8 @@ class LogQuery:
         self.last_old = 0                                          # the last old rowid to move
         self.v2 = False                                            # the compact layout (version 2 or later)
         self.rollups: typing.List[str] = []                        # the rollup tables it has
+        self.version = 0                                           # its layout version
+        self.has_novelty = False                                   # whether it keeps what is new (version 5)
 
     def close(self) -> None:
         self.con.close()
@@ -8232,9 +8257,11 @@ class LogQuery:
     def refresh(self) -> None:
         """Check the layout: whether old rows are still being moved over.
         sqlite3.Error when the log cannot be read (missing tables included)."""
-        self.v2 = self.con.execute("PRAGMA user_version").fetchone()[0] >= COMPACT_VERSION
+        self.version = self.con.execute("PRAGMA user_version").fetchone()[0]
+        self.v2 = self.version >= COMPACT_VERSION
         tables = {r[0].decode() for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.rollups = [table for table in ROLLUPS if table in tables]      # (older versions have fewer)
+        self.has_novelty = "novelty" in tables
         if not self.v2:
             if "connections" not in tables:
                 raise sqlite3.OperationalError("no connections table")
@@ -8558,6 +8585,38 @@ class LogQuery:
             high = max(([high] if high is not None else []) + seconds, default=None)
         return low, high
 
+    def novelty(self, kinds: typing.Optional[typing.Sequence[str]] = None, exe: typing.Optional[str] = None,
+                start: typing.Optional[int] = None, end: typing.Optional[int] = None,
+                limit: int = NOVELTY_ROWS) -> "NoveltyList":
+        """What was new (the novelty events) in [start, end), of kinds (None:
+        all) and of the program exe (None: any), the newest `limit` first;
+        with the count of each kind and the programs (whatever the kinds and
+        exe asked for). A log of an older layout has none, and says why."""
+        if not self.has_novelty:
+            return NoveltyList([], {}, [], NO_NOVELTY.format(version=self.version))
+        where, params = ["1"], []
+        for test, value in (("t >= ?", start), ("t < ?", end)):
+            if value is not None:
+                where.append(test)
+                params.append(value)
+        in_time = " AND ".join(where)
+        programs = [text_of(exe) for exe, in self.con.execute(
+            f"SELECT exe FROM novelty WHERE {in_time} GROUP BY exe ORDER BY max(t) DESC, exe", params)]
+        if exe is not None:
+            where.append("exe = ?")
+            params.append(exe)
+        counts = {text_of(kind): n for kind, n in self.con.execute(
+            f"SELECT kind, count(*) FROM novelty WHERE {' AND '.join(where)} GROUP BY kind", params)}
+        if kinds is not None:
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            params += list(kinds)
+        columns = ("id",) + NOVELTY_COLUMNS
+        # (a time that is no time, which only a hand-made row has, comes last)
+        cursor = self.con.execute(f"SELECT {', '.join(columns)} FROM novelty WHERE {' AND '.join(where)} "
+                                  "ORDER BY typeof(t) != 'integer', t DESC, id DESC LIMIT ?", params + [limit])
+        events = [{c: text_of(v) for c, v in zip(columns, row)} for row in cursor]
+        return NoveltyList(events, counts, programs, "")
+
     def has_rows(self) -> bool:
         if self.v2 and self.con.execute("SELECT EXISTS (SELECT 1 FROM conns)").fetchone()[0]:
             return True
@@ -8738,6 +8797,77 @@ def read_mutes(state: str) -> dict:
     if not isinstance(data, dict):
         return {}
     return {exe: [k for k in kinds if isinstance(k, str)] for exe, kinds in data.items() if isinstance(kinds, list)}
+
+
+# -- what is new, as both viewers show it: each event's time, what is new
+# about the program and its bytes; which of its kinds are muted, and asking
+# the daemon to mute or unmute a group of them (the only way the viewers do)
+
+def novelty_time(event: dict) -> str:
+    """An event's time (the window's local time), as text."""
+    t = event["t"]
+    return time.strftime(TIME_FORMAT, time.gmtime(t)) if isinstance(t, int) else shown(str(t))
+
+
+def novelty_what(event: dict) -> str:
+    """What was new about the program, with the connection that showed it, shown()."""
+    kind, value = event["kind"], event["value"] or ""
+    peer = event["domain"] or event["raddr"] or ""
+    if kind == "domain":
+        text = value + (f" ({peer})" if peer and peer != value else "")
+    elif kind in ("country", "port"):
+        text = ("port " if kind == "port" else "") + value + (f" via {peer}" if peer else "")
+    elif kind == "volume":
+        text = f"{value} far more in an hour than in its busiest hour before"
+    elif kind == "program":
+        text = f"first connection, as {event['name'] or '(no name)'}"
+    else:                   # (a new name or sha256)
+        text = f"{'sha256' if kind == 'hash' else kind} {value}"
+    return shown(text)
+
+
+def novelty_destination(event: dict) -> str:
+    """The connection that showed an event: domain, address and port, shown() ('' for none)."""
+    where = event["raddr"] or ""
+    if where and event["rport"] is not None:
+        where = f"[{where}]:{event['rport']}" if ":" in where else f"{where}:{event['rport']}"
+    return shown(" ".join(p for p in (event["domain"], where) if p))
+
+
+def novelty_bytes(event: dict) -> int:
+    """The bytes an event tells of: a volume's in its direction (the hour's
+    so far), the connection's (sent and received) otherwise."""
+    send, recv = event["send"] or 0, event["recv"] or 0
+    return (send if event["value"] == "sent" else recv) if event["kind"] == "volume" else send + recv
+
+
+def mute_group(kind: str) -> typing.Optional[str]:
+    """The group of MUTE_KINDS a kind is muted with alone (None: a new program, muted only with all)."""
+    return next((key for key, kinds in MUTE_KINDS.items() if key != "all" and kind in kinds), None)
+
+
+def muted_kinds(keys: typing.Iterable[str]) -> typing.Set[str]:
+    """The kinds that keys mute (each a kind, or a group of MUTE_KINDS)."""
+    return {kind for key in keys for kind in MUTE_KINDS.get(key, (key,)) if kind in NOVELTY_KINDS}
+
+
+def muted_groups(keys: typing.Iterable[str]) -> typing.List[str]:
+    """The groups of MUTE_KINDS that keys mute whole ("all" alone when they mute every kind)."""
+    kinds = muted_kinds(keys)
+    if set(NOVELTY_KINDS) <= kinds:
+        return ["all"]
+    return [key for key, group in MUTE_KINDS.items() if key != "all" and set(group) <= kinds]
+
+
+def change_mute(exe: str, group: str, mute: bool) -> str:
+    """Ask the daemon to mute (or unmute) a group of MUTE_KINDS for exe; its
+    answer, or why it could not be asked, in a line for the user."""
+    try:
+        now = request_mute(exe, list(MUTE_KINDS[group]), mute)
+    except PicosnitchError as e:
+        return str(e)
+    done = f"{'muted' if mute else 'unmuted'} {group} for {shown(exe)}"
+    return f"{done}; muted now: {', '.join(muted_groups(now)) or 'nothing'}"
 
 
 # -- the live stream, as `top` and dash's live tab read it ---------------------
