@@ -9098,7 +9098,9 @@ class LiveState:
 # `picosnitch view`: snitch.db grouped by one column at a time, largest first,
 # under a chain of filters, a time range and byte units. Each key that changes
 # what is shown asks the query layer (section 21) for the totals: the log is
-# never loaded, whatever its size; r asks again.
+# never loaded, whatever its size; r asks again. n shows what is new instead
+# (the novelty events of the time range), where m and x ask the daemon to
+# mute or unmute a program; ? lists every key.
 
 VIEWS = [("executable", "exe"), ("name", "name"), ("sha256", "sha256"), ("parent executable", "pexe"),
          ("parent name", "pname"), ("domain", "domain"), ("remote address", "raddr"), ("local port", "lport"),
@@ -9110,7 +9112,22 @@ DEFAULT_RANGE = "all"
 TIME_BUCKETS = {"minute": (1, "%Y-%m-%d %H:%M:%S"), "hour": (60, "%Y-%m-%d %H:%M"), "day": (3600, "%Y-%m-%d %H:00"),
                 "week": (86400, "%Y-%m-%d"), "month": (86400, "%Y-%m-%d"), "year": (86400, "%Y-%m-%d"),
                 "all": (86400, "%Y-%m-%d")}
-HELP_LINE = "←→ view f filter e exclude ⌫/F/E unfilter t/T range h/H history u/U units r q"
+HELP_LINE = "←→ view f filter e exclude ⌫/F/E unfilter t/T h/H time u/U units n new ? keys q"
+NEW_HELP_LINE = "k/K kind ⏎ program ⌫ any m/M mute x/X unmute t/T h/H time n back ? keys q"
+VIEW_KEYS_HELP = [
+    ("← →", "the previous / next view (executable, name, sha256, …, time)"),
+    ("↑ ↓ PgUp PgDn Home End", "move"), ("space enter f", "keep only the selected entry (then the next view)"),
+    ("e", "leave out the selected entry"), ("⌫ F E", "remove the last filter / all filters / all exclusions"),
+    ("t T", "the next / previous time range"), ("h H", "one range back in history / forward again"),
+    ("u U", "the next / previous unit"), ("r", "read the log again"), ("n", "what's new, and back"),
+    ("?", "these keys (any key goes back)"), ("q", "quit")]
+NEW_KEYS_HELP = [
+    ("k K", "the next / previous kind (all, program, destination, …)"),
+    ("enter space f", "only the selected event's program"), ("⌫ F", "every program again"),
+    ("m M", "mute the program for the selected event's kind / for all"),
+    ("x X", "unmute it for that kind / for all"), ("t T h H u U r", "as above"),
+    ("n", "back to the totals")]
+NEW_MARK = "M"              # in the column between the bytes and the program: the event's kind is muted for it
 
 
 def char_width(ch: str) -> int:
@@ -9131,6 +9148,17 @@ def fit(text: str, width: int) -> str:
     return "".join(out) + " " * (width - used)
 
 
+def wrap(text: str, width: int) -> typing.List[str]:
+    """text in lines of at most width characters, broken between words (a word longer than a line is cut)."""
+    lines: typing.List[str] = []
+    for word in text.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word[:width])
+    return lines
+
+
 @dataclasses.dataclass
 class ViewFilter:
     column: str
@@ -9141,6 +9169,100 @@ class ViewFilter:
 
     def query(self) -> Filter:
         return Filter(self.column, self.value, self.exclude, self.bucket)
+
+
+class NoveltyView:
+    """`view`'s what's new: the novelty events of the time range, newest
+    first, of a group of kinds (NOVELTY_GROUPS) and maybe of one program,
+    each marked when its kind is muted for its program (as mutes.json in the
+    state directory says)."""
+
+    def __init__(self, state: str):
+        self.state = state
+        self.group = 0                                 # of NOVELTY_GROUPS
+        self.exe: typing.Optional[str] = None          # the program listed alone
+        self.cursor = self.top = 0
+        self.found = NoveltyList([], {}, [], "")
+        self.mutes: typing.Dict[str, list] = {}
+        self.computed: typing.Optional[tuple] = None
+
+    def current(self, reader: LogReader, span: tuple, asked: tuple) -> NoveltyList:
+        """The events to list; asked: what else they depend on (the range, and r)."""
+        key = (self.group, self.exe, asked)
+        if key != self.computed and not reader.problem:
+            kinds = list(NOVELTY_GROUPS.values())[self.group]
+            self.found = reader.ask(lambda: reader.log.novelty(kinds, self.exe, *span)) or NoveltyList([], {}, [], "")
+            self.mutes = read_mutes(self.state)
+            self.computed = key
+            self.cursor = min(self.cursor, max(len(self.found.events) - 1, 0))
+        return self.found
+
+    def selected(self) -> typing.Optional[dict]:
+        events = self.found.events
+        return events[self.cursor] if events else None
+
+    def muted(self, exe: str) -> typing.List[str]:
+        """The groups muted for a program."""
+        return muted_groups(self.mutes.get(exe, []))
+
+    def step_group(self, step: int) -> None:
+        self.group = (self.group + step) % len(NOVELTY_GROUPS)
+        self.cursor = self.top = 0
+
+    def keep_program(self, exe: typing.Optional[str]) -> None:
+        self.exe, self.cursor, self.top = exe, 0, 0
+
+    def mute(self, group: typing.Optional[str], mute: bool) -> str:
+        """Ask the daemon to mute (or unmute) a group for the selected event's
+        program (group None: its event's kind's); what to say."""
+        event = self.selected()
+        if event is None:
+            return "no event selected"
+        group = group or mute_group(event["kind"])
+        if group is None:
+            return "a new program is told of once; M mutes everything new about it, X unmutes it"
+        said = change_mute(event["exe"], group, mute)
+        self.mutes = read_mutes(self.state)
+        return said
+
+    def screen(self, height: int, width: int, heading: str, unit: tuple, problem: str,
+               status: str) -> typing.List[typing.Tuple[str, bool]]:
+        """The lines to show (as Viewer.screen)."""
+        found, rows = self.found, height - 6
+        events = [] if problem else found.events
+        self.top = min(max(self.top, self.cursor - rows + 1), self.cursor)
+        group = list(NOVELTY_GROUPS)[self.group]
+        program = f"program: {shown(self.exe)}" if self.exe is not None else "program: any (enter: the selected one's)"
+        muted = self.muted(self.exe) if self.exe is not None else []
+        counts = " · ".join(f"{kind} {found.counts[kind]}" for kind in NOVELTY_KINDS if found.counts.get(kind))
+        lines = [(fit(f"what's new · kind: {group} ({self.group + 1}/{len(NOVELTY_GROUPS)}) · {heading}", width), True),
+                 (fit(program + (f" · muted: {', '.join(muted)}" if muted else ""), width), False),
+                 (fit(counts or "nothing new in this range", width), False)]
+        name_width = max(12, (width - 33) // 2)
+        lines.append((fit(f"{'time':<11} {'kind':<7} {'bytes':>9}   {'program':<{name_width}} what is new",
+                          width), False))
+        for i in range(self.top, min(self.top + rows, len(events))):
+            lines.append((fit(self.line(events[i], unit, name_width), width), i == self.cursor))
+        for text in wrap(problem or found.missing, width) if problem or found.missing else []:
+            lines.append((fit(text, width), False))
+        lines = lines[:height - 2]
+        lines += [(" " * width, False)] * (height - 2 - len(lines))
+        event = self.selected() if events else None
+        detail = "" if event is None else f"{novelty_time(event)} {shown(event['text'] or '')}"
+        said = wrap(status, width) if status else [NEW_HELP_LINE]
+        if len(said) > 1:            # (a long answer of the daemon takes the detail's line too)
+            detail, said = said[0], [" ".join(said[1:])]
+        lines.append((fit(detail, width), False))
+        lines.append((fit(said[0], width), True))
+        return lines
+
+    def line(self, event: dict, unit: tuple, name_width: int) -> str:
+        t = event["t"]
+        when = time.strftime("%m-%d %H:%M", time.gmtime(t)) if isinstance(t, int) else shown(str(t))
+        mark = NEW_MARK if event["kind"] in muted_kinds(self.mutes.get(event["exe"], [])) else " "
+        amount = format_amount(novelty_bytes(event), unit) if novelty_bytes(event) else ""   # (none: no connection)
+        return f"{when:<11} {event['kind']:<7} {amount:>9} {mark} {fit(shown(event['exe'] or ''), name_width)} " \
+               f"{novelty_what(event)}"
 
 
 class Viewer:
@@ -9157,6 +9279,9 @@ class Viewer:
         self.computed: typing.Optional[tuple] = None
         self.generation = 0           # bumped by r: ask again
         self.shown = (0, 0)           # the time span the entries were computed for
+        self.new = NoveltyView(os.path.dirname(path))
+        self.showing_new = False      # what's new is shown (n), not the totals
+        self.help = False             # the keys are shown (?)
         self.refresh()
 
     # -- data ---------------------------------------------------------------
@@ -9195,6 +9320,13 @@ class Viewer:
             self.cursor = min(self.cursor, max(len(self.entries) - 1, 0))
         return [] if self.problem else self.entries
 
+    def novelty(self) -> NoveltyList:
+        """What's new in the time range."""
+        asked = (self.range, self.offset, self.generation)
+        if (self.new.group, self.new.exe, asked) != self.new.computed and not self.problem:
+            self.shown = tuple(t or 0 for t in self.span())
+        return self.new.current(self.reader, self.span(), asked)
+
     def bucket(self) -> typing.Tuple[int, str]:
         return TIME_BUCKETS[TIME_RANGES[self.range][0]]
 
@@ -9207,15 +9339,52 @@ class Viewer:
     def press(self, action: typing.Optional[str], page: int) -> None:
         """Apply one key's action; page is how many entries fit on screen."""
         self.message = ""
-        if action is None:
+        if self.help or action is None:
+            self.help = False
             return
         moves = {"up": -1, "down": 1, "page_up": -page, "page_down": page, "home": -10 ** 12, "end": 10 ** 12}
-        if action in moves:
+        if action in moves and self.showing_new:
+            last = len(self.novelty().events) - 1
+            self.new.cursor = max(0, min(self.new.cursor + moves[action], last))
+        elif action in moves:
             self.cursor = max(0, min(self.cursor + moves[action], len(self.current()) - 1))
-            return
-        getattr(self, "do_" + action)()
+        elif action in NEW_ACTIONS and not self.showing_new:
+            self.message = f"{action.replace('_', ' ')}: a key of what's new (n shows it)"
+        else:
+            getattr(self, "do_" + action)()
+
+    def do_help(self) -> None:
+        self.help = True
+
+    def do_whatsnew(self) -> None:
+        self.showing_new = not self.showing_new
+
+    def do_kind_next(self) -> None:
+        self.new.step_group(1)
+
+    def do_kind_prev(self) -> None:
+        self.new.step_group(-1)
+
+    def do_mute(self) -> None:
+        self.message = self.new.mute(None, True)
+
+    def do_mute_all(self) -> None:
+        self.message = self.new.mute("all", True)
+
+    def do_unmute(self) -> None:
+        self.message = self.new.mute(None, False)
+
+    def do_unmute_all(self) -> None:
+        self.message = self.new.mute("all", False)
 
     def do_filter(self, exclude: bool = False) -> None:
+        if self.showing_new:
+            event = self.new.selected()
+            if exclude:
+                self.message = "e: not in what's new (enter keeps one program, ⌫ every one)"
+            elif event is not None:
+                self.new.keep_program(event["exe"])
+            return
         entries = self.current()
         if not entries:
             return
@@ -9231,11 +9400,16 @@ class Viewer:
         self.do_filter(exclude=True)
 
     def do_undo(self) -> None:
-        if self.filters:
+        if self.showing_new:
+            self.new.keep_program(None)
+        elif self.filters:
             self.filters.pop()
             self.cursor = self.top = 0
 
     def do_clear_filters(self) -> None:
+        if self.showing_new:
+            self.new.keep_program(None)
+            return
         self.filters = [f for f in self.filters if f.exclude]
         self.cursor = self.top = 0
 
@@ -9244,6 +9418,7 @@ class Viewer:
         self.cursor = self.top = 0
 
     def step_view(self, step: int) -> None:
+        self.showing_new = False        # (← → go back to the totals, as n does)
         self.view = (self.view + step) % len(VIEWS)
         self.cursor = self.top = 0
 
@@ -9256,6 +9431,7 @@ class Viewer:
     def step_range(self, step: int) -> None:
         self.range = (self.range + step) % len(TIME_RANGES)
         self.offset, self.cursor, self.top = 0, 0, 0
+        self.new.cursor = self.new.top = 0
 
     def do_range_next(self) -> None:
         self.step_range(1)
@@ -9266,12 +9442,12 @@ class Viewer:
     def do_older(self) -> None:
         if TIME_RANGES[self.range][1]:
             self.offset += 1
-            self.cursor = self.top = 0
+            self.cursor = self.top = self.new.cursor = self.new.top = 0
 
     def do_newer(self) -> None:
         if self.offset:
             self.offset -= 1
-            self.cursor = self.top = 0
+            self.cursor = self.top = self.new.cursor = self.new.top = 0
 
     def do_unit_next(self) -> None:
         self.unit = (self.unit + 1) % len(UNITS)
@@ -9284,22 +9460,38 @@ class Viewer:
         self.refresh()
 
     # -- screen -------------------------------------------------------------
-    def heading(self) -> str:
+    def when(self, computed: bool) -> str:
+        """The time range, as the heading says it (computed: as asked, not as now)."""
         name, seconds = TIME_RANGES[self.range]
-        if seconds:
-            start, end = self.shown if self.computed else self.span()
-            fmt = lambda t: time.strftime("%m-%d %H:%M", time.gmtime(t))
-            when = f"{name} {fmt(start)} to {fmt(end - 1)}" + (f" (-{self.offset})" if self.offset else "")
-        else:
-            when = "all time"
+        if not seconds:
+            return "all time"
+        start, end = self.shown if computed else self.span()
+        fmt = lambda t: time.strftime("%m-%d %H:%M", time.gmtime(t))
+        return f"{name} {fmt(start)} to {fmt(end - 1)}" + (f" (-{self.offset})" if self.offset else "")
+
+    def heading(self) -> str:
         moving = self.reader.log.moving() if self.reader.log is not None and not self.problem else None
-        return f"by {VIEWS[self.view][0]} ({self.view + 1}/{len(VIEWS)}) · {when} · {UNITS[self.unit][0]}" + \
-            (f" · moving: {moving}%" if moving is not None else "")
+        return f"by {VIEWS[self.view][0]} ({self.view + 1}/{len(VIEWS)}) · {self.when(bool(self.computed))} · " \
+               f"{UNITS[self.unit][0]}" + (f" · moving: {moving}%" if moving is not None else "")
+
+    def help_screen(self, height: int, width: int) -> typing.List[typing.Tuple[str, bool]]:
+        """Every key, of the totals and of what's new."""
+        rows = [(fit("keys of picosnitch view (any key goes back)", width), True)]
+        rows += [(fit(f"  {keys:<14} {what}", width), False) for keys, what in VIEW_KEYS_HELP]
+        rows += [(fit("in what's new (n):", width), False)]
+        rows += [(fit(f"  {keys:<14} {what}", width), False) for keys, what in NEW_KEYS_HELP]
+        return rows[:height] + [(" " * width, False)] * (height - len(rows))
 
     def screen(self, height: int, width: int) -> typing.List[typing.Tuple[str, bool]]:
         """The lines to show, each (text exactly width columns, highlighted)."""
-        if height < 5 or width < 20:
+        if height < (7 if self.showing_new or self.help else 5) or width < 20:
             return [(fit("terminal too small", width), False)][:height]
+        if self.help:
+            return self.help_screen(height, width)
+        if self.showing_new:
+            self.novelty()
+            return self.new.screen(height, width, f"{self.when(True)} · {UNITS[self.unit][0]}", UNITS[self.unit],
+                                   self.problem, self.message)
         entries = self.current()
         rows = height - 4
         self.top = min(max(self.top, self.cursor - rows + 1), self.cursor)
@@ -9324,7 +9516,10 @@ class Viewer:
 VIEW_KEYS = {" ": "filter", "\n": "filter", "\r": "filter", "f": "filter", "e": "exclude",
              "\x7f": "undo", "\b": "undo", "F": "clear_filters", "E": "clear_excludes",
              "t": "range_next", "T": "range_prev", "h": "older", "H": "newer",
-             "u": "unit_next", "U": "unit_prev", "r": "refresh"}
+             "u": "unit_next", "U": "unit_prev", "r": "refresh", "?": "help", "n": "whatsnew",
+             "k": "kind_next", "K": "kind_prev", "m": "mute", "M": "mute_all", "x": "unmute", "X": "unmute_all"}
+# the actions of what's new alone
+NEW_ACTIONS = {"kind_next", "kind_prev", "mute", "mute_all", "unmute", "unmute_all"}
 CURSES_KEYS = {"KEY_ENTER": "filter", "KEY_BACKSPACE": "undo", "KEY_UP": "up", "KEY_DOWN": "down",
                "KEY_PPAGE": "page_up", "KEY_NPAGE": "page_down", "KEY_HOME": "home", "KEY_END": "end",
                "KEY_LEFT": "view_prev", "KEY_RIGHT": "view_next"}

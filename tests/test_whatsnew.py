@@ -6,12 +6,16 @@ test_dash_browser.py, against the log built here."""
 import datetime
 import json
 import os
+import pathlib
 import sqlite3
 
 import pytest
 
 import picosnitch
-from test_view import row
+import test_view
+from test_view import NOBODY, body, row, view
+
+home = test_view.home         # (a fixture: a home of user nobody with its state directory)
 
 HOSTILE_EXE = "/tmp/\u202egpj.exe\x1b[31m"
 HOSTILE_DOMAIN = "evil\nexample.org<b>x</b>"
@@ -24,8 +28,9 @@ def ago(**delta):
 def event(when, kind, exe, value, name="", sha256="", domain=None, raddr=None, rport=None, country=None, send=0,
           recv=0):
     """A novelty row as Log.insert takes it (NOVELTY_COLUMNS, the time as the window's text)."""
+    name = name or os.path.basename(exe)
     text = f"{kind}: {value} for {name} ({exe})"
-    return (when, kind, exe, name or os.path.basename(exe), sha256 or "ab" * 32, value, domain, raddr, rport,
+    return (when, kind, exe, name, sha256 or "ab" * 32, value, domain, raddr, rport,
             country, send, recv, text)
 
 
@@ -147,3 +152,141 @@ def test_mutes_are_read_from_the_state_directory(tmp_path):
     assert picosnitch.read_mutes(str(tmp_path)) == {"/usr/bin/curl": ["domain", "country", "port"]}
     (tmp_path / picosnitch.MUTES_NAME).write_text("{not json")
     assert picosnitch.read_mutes(str(tmp_path)) == {}
+
+
+# -- view's what's new, in process ------------------------------------------------
+
+def screen(viewer, height=24, width=80):
+    lines = viewer.screen(height, width)
+    assert len(lines) == height and all(len(text) == width for text, _ in lines)
+    return [text.rstrip() for text, _ in lines]
+
+
+def entries(lines):
+    """The event lines: between the column header and the detail line."""
+    return [line for line in lines[4:-2] if line]
+
+
+def test_whats_new_in_view_at_80_by_24(sample, tmp_path):
+    (tmp_path / picosnitch.MUTES_NAME).write_text(json.dumps({"/usr/bin/ssh": ["domain", "country", "port"]}))
+    viewer = picosnitch.Viewer(sample, None)
+    try:
+        assert screen(viewer)[-1].startswith("←→ view") and " n new " in screen(viewer)[-1]
+        viewer.press("whatsnew", 18)
+        lines = screen(viewer)
+        assert lines[0] == "what's new · kind: all (1/6) · all time · bytes"
+        assert lines[1].startswith("program: any")
+        assert lines[2] == "program 1 · name 1 · hash 1 · domain 2 · country 1 · port 1 · volume 1"
+        assert lines[3].split() == ["time", "kind", "bytes", "program", "what", "is", "new"]
+        shown = entries(lines)
+        assert [line.split()[2] for line in shown] == ["domain", "country", "domain", "volume", "port", "hash",
+                                                       "name", "program"]
+        assert "53.0 kB" in shown[0] and "/usr/bin/curl" in shown[0] and "example.org (www.example" in shown[0]
+        assert "900.0 MB" in shown[3] and "received far more" in shown[3]
+        assert " M /usr/bin/ssh" in shown[4] and " M " not in shown[6]      # (ssh's destinations are muted)
+        assert lines[-2].endswith("domain: example.org for curl (/usr/bin/curl)")
+        assert lines[-1].startswith("k/K kind")
+        # hostile names: escaped, never a control, a bidi override or a line break on the screen
+        hostile = shown[2]
+        assert "/tmp/\\u202egpj.exe\\x1b[" in hostile and "evil\\x0aexample.org<b>x<" in hostile
+        assert not any(picosnitch.acts(ch) for line in lines for ch in line)
+        viewer.press("down", 18)
+        viewer.press("down", 18)
+        assert "x\\x1b]0;t\\x07" in screen(viewer)[-2]
+    finally:
+        viewer.close()
+
+
+def test_whats_new_keys_filter_kind_program_and_ask_for_mutes(sample):
+    viewer = picosnitch.Viewer(sample, None)
+    try:
+        viewer.press("whatsnew", 18)
+        viewer.press("kind_next", 18)
+        assert [line.split()[2] for line in entries(screen(viewer))] == ["program"]
+        viewer.press("kind_next", 18)
+        lines = screen(viewer)
+        assert lines[0].startswith("what's new · kind: destination (3/6)")
+        assert [line.split()[2] for line in entries(lines)] == ["domain", "country", "domain", "port"]
+        viewer.press("kind_prev", 18)
+        viewer.press("kind_prev", 18)
+        viewer.press("filter", 18)                  # the selected event's program: curl
+        lines = screen(viewer)
+        assert lines[1] == "program: /usr/bin/curl" and lines[2] == "hash 1 · domain 1 · country 1"
+        assert [line.split()[2] for line in entries(lines)] == ["domain", "country", "hash"]
+        viewer.press("mute", 18)                    # the stand-in: the daemon is not there
+        lines = screen(viewer)
+        assert lines[-2].startswith("picosnitch is not running")
+        viewer.press("end", 18)
+        viewer.press("mute", 18)
+        assert screen(viewer)[-1].startswith("k/K kind") is False
+        viewer.press("undo", 18)
+        assert screen(viewer)[1].startswith("program: any") and len(entries(screen(viewer))) == 8
+        viewer.press("end", 18)                     # a new program: muted only with everything
+        viewer.press("unmute", 18)
+        assert "M mutes everything new" in screen(viewer)[-1]
+        viewer.press("range_next", 18)              # a minute: nothing new
+        assert screen(viewer)[2] == "nothing new in this range" and entries(screen(viewer)) == []
+        viewer.press("range_prev", 18)
+        viewer.press("whatsnew", 18)
+        assert screen(viewer)[0].startswith("by executable")
+        viewer.press("mute", 18)
+        assert "a key of what's new" in screen(viewer)[-1]
+        viewer.press("help", 18)
+        assert screen(viewer)[0] == "keys of picosnitch view (any key goes back)"
+        assert any(line.startswith("  n ") for line in screen(viewer))
+        viewer.press("down", 18)
+        assert screen(viewer)[0].startswith("by executable")
+    finally:
+        viewer.close()
+
+
+def test_whats_new_of_an_older_log_says_why_it_is_empty(tmp_path):
+    path = write_log(tmp_path / "snitch.db", sample_rows(), [])
+    older_layout(path)
+    viewer = picosnitch.Viewer(path, None)
+    try:
+        viewer.press("whatsnew", 18)
+        lines = screen(viewer)
+        assert lines[2] == "nothing new in this range"
+        assert lines[4].startswith("nothing new can be listed: this log is in an older layout")
+        assert "version 4" in " ".join(lines)
+        viewer.press("mute", 18)
+        assert screen(viewer)[-1] == "no event selected"
+    finally:
+        viewer.close()
+
+
+# -- view's what's new in tmux ---------------------------------------------------
+
+CAPTURES = pathlib.Path("/var/tmp/picosnitch-captures")
+
+
+def test_whats_new_in_view_in_tmux(home):
+    path = write_log(home / "state" / "snitch.db", sample_rows(), sample_events())
+    (home / "state" / picosnitch.MUTES_NAME).write_text(json.dumps({"/usr/bin/ssh": ["all"]}))
+    for name in os.listdir(home / "state"):
+        os.chown(os.path.join(home / "state", name), NOBODY, NOBODY)
+    assert path
+    t = view(home)
+    try:
+        t.wait("by executable (1/11)")
+        s = t.press("n", "what's new · kind: all (1/6)")
+        lines = s.splitlines()
+        assert all(len(line) <= 80 for line in lines) and len(lines) == 24
+        assert "\u202e" not in s and "\x1b" not in s and "/tmp/\\u202egpj.exe" in s
+        CAPTURES.mkdir(parents=True, exist_ok=True)
+        (CAPTURES / "view-whatsnew.txt").write_text(s)
+        assert " M /usr/bin/ssh" in s
+        s = t.press("k", "kind: program (2/6)")
+        s = t.press("K", "kind: all (1/6)")
+        s = t.press("down", lambda s: True)
+        s = t.press("enter", "program: /usr/bin/curl")
+        assert [line.split()[2] for line in body(s)[1:-1]] == ["domain", "country", "hash"]
+        s = t.press("m", "picosnitch is not running")
+        s = t.press("BSpace", "program: any")
+        s = t.press("?", "keys of picosnitch view")
+        s = t.press("space", "what's new · kind: all")
+        s = t.press("n", "by executable (1/11)")
+        t.press("q", "view exited with status 0")
+    finally:
+        t.close()
