@@ -9808,7 +9808,8 @@ DASH_UNMARKED = [{"selector": "td.cell--selected, td.focused",
 # own plotly.js is the same version, and Plotly's full bundle otherwise.
 DASH_PLOTLY_BASIC = ("4.1.1", "99784e3abfb07b142a15e521a439e6d9addceadb3f79553fd24c72774f0649ba")
 DASH_PLOTLY_PATHS = ["/usr/share/picosnitch/plotly-basic.min.js", "/usr/local/share/picosnitch/plotly-basic.min.js"]
-DASH_VIEWS = ["history", "live"]
+DASH_VIEWS = ["history", "live", "new"]
+DASH_VIEW_NAMES = {"history": "history", "live": "live", "new": "what's new"}
 # the live tab: the page asks once a second while the tab is shown (and the
 # browser's tab is visible), and is told nothing when no event came meanwhile
 DASH_LIVE_REFRESH = 1000   # ms between the page's questions
@@ -9834,7 +9835,9 @@ class DashState:
     detail: typing.Any = None           # the executable drilled into
     refresh: int = 0                    # seconds between refreshes; 0: off
     theme: str = "light"
-    view: str = "history"               # or "live": the live tab
+    view: str = "history"               # or "live": the live tab; "new": what's new
+    kinds: str = "all"                  # what's new: the kinds listed (a key of NOVELTY_GROUPS)
+    program: typing.Any = None          # what's new: the program listed alone, and detailed
 
 
 def encode_value(value) -> str:
@@ -9909,6 +9912,8 @@ def dash_query(state: DashState) -> str:
     pairs += [("a", str(state.refresh))] if state.refresh else []
     pairs += [("t", state.theme)] if state.theme != defaults.theme else []
     pairs += [("v", state.view)] if state.view != defaults.view else []
+    pairs += [("k", state.kinds)] if state.kinds != defaults.kinds else []
+    pairs += [("p", encode_value(state.program))] if state.program is not None else []
     return "?" + urllib.parse.urlencode(pairs) if pairs else ""
 
 
@@ -9947,6 +9952,10 @@ def dash_state(query: str) -> typing.Tuple[DashState, typing.List[str]]:
                 state.theme = text
             elif key == "v" and text in DASH_VIEWS:
                 state.view = text
+            elif key == "k" and text in NOVELTY_GROUPS:
+                state.kinds = text
+            elif key == "p":
+                state.program = decode_value(text)
             else:
                 raise ValueError(text)
         except ValueError:
@@ -10276,9 +10285,13 @@ html, body { overflow-x: hidden; }
 .ps-detail h3 { margin: 12px 0 4px; font-size: 15px; }
 .ps-dark input, .ps-dark button { background: #2b2d35; color: #e4e4e4; border: 1px solid #555555; }
 button { cursor: pointer; }
-/* the view shown: history or live */
+/* the view shown: history, live or what's new */
 .ps-bar .ps-history { display: contents; }
-.ps-view-live .ps-history, .ps-view-history .ps-live { display: none !important; }
+.ps-view-live .ps-history, .ps-view-history .ps-live, .ps-view-new .ps-history, .ps-view-new .ps-live,
+.ps-view-history .ps-new, .ps-view-live .ps-new { display: none !important; }
+.ps-new-left { flex: 3 1 0; min-width: 0; }
+.ps-new .ps-detail p { margin: 4px 0; overflow-wrap: anywhere; }
+@media (max-width: 1249px) { .ps-new-left { flex: none; width: 100%; } }
 .ps-tabs label { padding: 3px 10px; border: 1px solid #888888; border-radius: 12px; margin-right: 2px; }
 .ps-tabs input { display: none; }
 .ps-tabs label:has(input:checked) { background: #1f77b4; border-color: #1f77b4; }
@@ -10384,12 +10397,14 @@ def dash_layout(config: Config):
         dcc.Interval(id="tick", interval=60_000, disabled=True),
         html.Div(className="ps-bar", children=[
             html.Span("picosnitch", className="ps-title"),
-            dcc.RadioItems(id="view", options=DASH_VIEWS, value="history", inline=True, className="ps-tabs"),
+            dcc.RadioItems(id="view", options=option([(v, DASH_VIEW_NAMES[v]) for v in DASH_VIEWS]),
+                           value="history", inline=True, className="ps-tabs"),
             html.Div(className="ps-history", children=dash_history_controls(option, columns)),
             dcc.RadioItems(id="units", options=["bytes", "bits"], value="bytes", inline=True),
             dcc.RadioItems(id="theme", options=list(DASH_THEMES), value="light", inline=True)]),
         html.Div(className="ps-history", children=dash_history_view(config, option, columns)),
-        html.Div(className="ps-live", children=dash_live_view())])
+        html.Div(className="ps-live", children=dash_live_view()),
+        html.Div(className="ps-new", children=dash_new_view())])
 
 
 def dash_history_controls(option: typing.Callable, columns: list) -> list:
@@ -10785,6 +10800,194 @@ def dash_live_callbacks(app, live: DashLive) -> None:
                     for when, kind, what in feed] or [html.Div("nothing yet")]}
 
 
+# -- what's new ------------------------------------------------------------------
+# The novelty events as `view` lists them (LogQuery.novelty), newest first,
+# by kind group and program, both in the address (k, p); a click on an event
+# keeps its program and details it: its names and hashes, its totals, what
+# is new about it, its mutes (asked of the daemon with the buttons), and a
+# link to its history.
+
+DASH_NEW_COLUMNS = [("time", "time"), ("kind", "kind"), ("program", "program"), ("what", "what is new"),
+                    ("destination", "destination"), ("country", "country"), ("sent", "sent"),
+                    ("received", "received"), ("muted", "muted")]
+
+
+def dash_new_view() -> list:
+    """What's new: kind and program, the message line, the events' table and
+    beside it the program chosen (the callbacks of dash_new_callbacks fill them)."""
+    from dash import dash_table, dcc, html
+    return [
+        html.Div(className="ps-filters", children=[
+            html.Label("kind"),
+            dcc.RadioItems(id="new-kind", options=list(NOVELTY_GROUPS), value="all", inline=True),
+            html.Label("program"),
+            dcc.Dropdown(id="new-program", options=[], placeholder="any program", style={"minWidth": "320px"})]),
+        html.Div(id="new-message", className="ps-message"),
+        html.Div(className="ps-main", children=[
+            html.Div(className="ps-new-left", children=[
+                html.Div(id="new-counts", className="ps-note"),
+                dash_table.DataTable(
+                    id="new-table", columns=[{"name": name, "id": column} for column, name in DASH_NEW_COLUMNS],
+                    data=[], page_size=25, tooltip_delay=300, tooltip_duration=None, style_cell=DASH_CELL,
+                    style_table={"overflowX": "auto"}, css=DASH_UNMARKED,
+                    # (what is new takes the width the rest leave it, cut short: whole on hover)
+                    style_cell_conditional=[{"if": {"column_id": c}, "textAlign": "left"}
+                                            for c in ("time", "kind", "program", "destination")] +
+                                           [{"if": {"column_id": "what"}, **DASH_NAME_CELL},
+                                            {"if": {"column_id": "program"}, "cursor": "pointer", "maxWidth": "220px"},
+                                            {"if": {"column_id": "destination"}, "maxWidth": "200px"}])]),
+            html.Div(id="new-program-box", className="ps-side ps-detail", hidden=True, children=[
+                html.H3(["program: ", html.Code(id="new-program-name")]),
+                html.Div(id="new-program-detail"),
+                html.Div(className="ps-filters", children=[
+                    dcc.RadioItems(id="new-mute-group", options=[k for k in MUTE_KINDS], value="destination",
+                                   inline=True),
+                    html.Button("mute", id="new-mute", title="ask picosnitch not to tell of these kinds for it"),
+                    html.Button("unmute", id="new-unmute", title="ask picosnitch to tell of them again")]),
+                html.Div(id="new-mute-said", className="ps-message"),
+                dcc.Link("its history →", id="new-history", href="")])])]
+
+
+def dash_new_rows(found: NoveltyList, mutes: dict, units: str) -> typing.Tuple[list, list]:
+    """The events' table: its rows (every name shown()) and their tooltips."""
+    unit = UNITS[5] if units == "bits" else UNITS[0]
+    rows, tips = [], []
+    for event in found.events:
+        muted = event["kind"] in muted_kinds(mutes.get(event["exe"], []))
+        program, what = shown(event["exe"] or ""), novelty_what(event)
+        rows.append({"id": event["id"], "key": encode_value(event["exe"]), "time": novelty_time(event),
+                     "kind": event["kind"], "program": program, "what": what,
+                     "destination": novelty_destination(event), "country": shown(event["country"] or ""),
+                     **({"sent": format_amount(event["send"] or 0, unit), "received": format_amount(event["recv"] or 0, unit)}
+                        if event["send"] or event["recv"] else {"sent": "", "received": ""}),   # (none: no connection)
+                     "muted": "muted" if muted else ""})
+        tips.append({"program": {"value": program, "type": "text"}, "what": {"value": what, "type": "text"},
+                     "destination": {"value": rows[-1]["destination"], "type": "text"},
+                     "time": {"value": shown(event["text"] or ""), "type": "text"}})
+    return rows, tips
+
+
+def dash_new_program(log: LogQuery, record: dict, exe: str, found: NoveltyList, mutes: dict) -> dict:
+    """What the page says of one program: its names and hashes (with
+    VirusTotal's verdicts) from record.json, its totals and first and last
+    connection over the whole log, what was new about it and its mutes."""
+    mine = [Filter("exe", exe)]
+    totals = log.totals("exe", mine)
+    first, last = log.seen(mine)
+    when = lambda t: time.strftime(TIME_FORMAT, time.gmtime(t)) if t is not None else "never"
+    hashes = record.get("SHA256", {}).get(exe, {})
+    return {"exe": shown(exe), "names": [shown(n) for n in record.get("Executables", {}).get(exe, [])],
+            "hashes": [(shown(sha), shown(str(verdict))) for sha, verdict in hashes.items()],
+            "sent": totals[0][1] if totals else 0, "received": totals[0][2] if totals else 0,
+            "rows": totals[0][3] if totals else 0, "first": when(first), "last": when(last),
+            "counts": {kind: found.counts[kind] for kind in NOVELTY_KINDS if found.counts.get(kind)},
+            "muted": muted_groups(mutes.get(exe, []))}
+
+
+def dash_new_program_view(found: dict) -> list:
+    """The program's details, from dash_new_program's answer."""
+    from dash import html
+    amount = lambda n: format_amount(n, UNITS[0])
+    new = " · ".join(f"{kind} {n}" for kind, n in found["counts"].items()) or "nothing"
+    return [html.P(f"names: {', '.join(found['names']) or '(none recorded)'}"),
+            html.P(f"sent {amount(found['sent'])} · received {amount(found['received'])} in {found['rows']:,} "
+                   f"{'row' if found['rows'] == 1 else 'rows'} · first seen {found['first']} · last seen {found['last']}"),
+            html.P(f"new about it: {new}"),
+            html.P(f"muted: {', '.join(found['muted']) or 'nothing'}"),
+            html.Table([html.Tr([html.Th("sha256"), html.Th("VirusTotal")])] +
+                       [html.Tr([html.Td(shorten(sha, 24), title=sha), html.Td(verdict)])
+                        for sha, verdict in found["hashes"]]) if found["hashes"] else html.P("no sha256 recorded")]
+
+
+def dash_new_wiring() -> dict:
+    """What's new's callback, by name: what it fills, what starts it (the
+    address, the mute buttons), what it reads."""
+    from dash import Input, Output, State
+    return {"output": {"kind": Output("new-kind", "value"), "program": Output("new-program", "value"),
+                       "offered": Output("new-program", "options"), "counts": Output("new-counts", "children"),
+                       "rows": Output("new-table", "data"), "tips": Output("new-table", "tooltip_data"),
+                       "active": Output("new-table", "active_cell"), "header": Output("new-table", "style_header"),
+                       "cells": Output("new-table", "style_data"), "message": Output("new-message", "children"),
+                       "hidden": Output("new-program-box", "hidden"), "name": Output("new-program-name", "children"),
+                       "detail": Output("new-program-detail", "children"), "said": Output("new-mute-said", "children"),
+                       "history": Output("new-history", "href")},
+            "inputs": {"search": Input("url", "search"), "mute": Input("new-mute", "n_clicks"),
+                       "unmute": Input("new-unmute", "n_clicks")},
+            "state": {"group": State("new-mute-group", "value")}}
+
+
+def dash_new_choice(state: DashState, trigger, kinds, program, active, rows) -> None:
+    """What a control of what's new asks of the state: a kind, a program, or
+    (a click on an event) its program."""
+    if trigger == "new-kind" and kinds in NOVELTY_GROUPS:
+        state.kinds = kinds
+    elif trigger == "new-program":
+        state.program = decode_value(program) if program else None
+    elif trigger == "new-table" and isinstance(active, dict):
+        row = next((r for r in rows or [] if r["id"] == active.get("row_id")), None)
+        if row is not None:
+            state.program = decode_value(row["key"])
+
+
+def dash_new_callbacks(app, reader: typing.Callable[[], LogReader], directory: str) -> None:
+    """What's new's callbacks: a choice goes to the address; the address (or
+    a mute button) fills the page."""
+    from dash import Input, Output, State, ctx, no_update
+    from dash.exceptions import PreventUpdate
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("new-kind", "value"),
+                  Input("new-program", "value"), Input("new-table", "active_cell"), State("new-table", "data"),
+                  State("url", "search"), prevent_initial_call=True)
+    def choose(kinds, program, active, rows, search):
+        state, _ = dash_state(search)
+        if state.view != "new":
+            raise PreventUpdate
+        try:
+            dash_new_choice(state, ctx.triggered_id, kinds, program, active, rows)
+        except ValueError:          # (a value from the page that is not one)
+            raise PreventUpdate
+        if dash_query(state) == (search or ""):
+            raise PreventUpdate     # (the controls shown again after a change of the address)
+        return dash_query(state)
+
+    @app.callback(**dash_new_wiring())
+    def render(search, mute, unmute, group):
+        state, problems = dash_state(search)
+        if state.view != "new":
+            raise PreventUpdate
+        exe = text_of(state.program) if state.program is not None else None
+        said = ""
+        if ctx.triggered_id in ("new-mute", "new-unmute") and exe is not None and group in MUTE_KINDS:
+            said = change_mute(exe, group, ctx.triggered_id == "new-mute")
+        log = reader()
+        log.refresh()
+        found = None if log.problem else log.ask(lambda: log.log.novelty(NOVELTY_GROUPS[state.kinds], exe))
+        found = found or NoveltyList([], {}, [], "")
+        mutes = read_mutes(directory)
+        notes = [f"not understood in the address, and left out: {', '.join(problems)}"] if problems else []
+        notes += [n for n in (log.problem, found.missing) if n]
+        rows, tips = dash_new_rows(found, mutes, state.units)
+        detail = None
+        if exe is not None and not log.problem:
+            record, problem = read_record(os.path.join(directory, RECORD_NAME))
+            notes += [problem] if problem else []
+            detail = log.ask(lambda: dash_new_program(log.log, record, exe, found, mutes))
+        header, cells = dash_table_colors(state.theme)
+        total = sum(found.counts.values())
+        counts = " · ".join(f"{kind} {found.counts[kind]}" for kind in NOVELTY_KINDS if found.counts.get(kind))
+        history = dataclasses.replace(DashState(), range="all", units=state.units, theme=state.theme,
+                                      filters=[("exe", exe, False)], detail=exe)
+        return {"kind": state.kinds, "program": encode_value(exe) if exe is not None else None,
+                "offered": [{"label": shorten(shown(p), 90), "value": encode_value(p)} for p in found.programs],
+                "counts": f"{total} {'event' if total == 1 else 'events'}" + (f": {counts}" if counts else "") +
+                          (f"; the newest {NOVELTY_ROWS} listed" if len(rows) >= NOVELTY_ROWS else ""),
+                "rows": rows, "tips": tips, "active": None, "header": header, "cells": cells,
+                "message": " · ".join(notes), "hidden": detail is None,
+                "name": shown(exe) if exe is not None else "",
+                "detail": dash_new_program_view(detail) if detail else [], "said": said,
+                "history": dash_query(history) if exe is not None else no_update}
+
+
 def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = ""):
     """The Dash application for the log in a state directory (see dash_state
     for its view); its live tab follows the event stream at the path stream
@@ -10826,7 +11029,7 @@ def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = "")
 
     def render(state: DashState, problems: typing.List[str], now: int, add_column: str) -> dict:
         shows = {"theme_class": f"ps-{state.theme} ps-view-{state.view}", "live_still": state.view != "live"}
-        if state.view == "live":        # (the history is asked again when it is shown)
+        if state.view != "history":     # (the history is asked again when it is shown)
             outputs = dash_page_wiring()["output"]
             return {**{name: no_update for name in outputs}, **shows, "interval": 60_000, "still": True}
         chips = [html.Span(className="ps-chip", children=[
@@ -10934,6 +11137,7 @@ def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = "")
                 "filename": "picosnitch.csv"}
 
     dash_live_callbacks(app, live)
+    dash_new_callbacks(app, reader, directory)
     return app
 
 

@@ -290,3 +290,23 @@ def test_whats_new_in_view_in_tmux(home):
         t.press("q", "view exited with status 0")
     finally:
         t.close()
+
+
+# -- dash's what's new, without a browser (test_dash_browser.py drives it in one) --
+
+def test_dash_keeps_whats_new_in_the_address_and_shows_names_escaped(sample):
+    state = picosnitch.DashState(view="new", kinds="destination", program=HOSTILE_EXE)
+    address = picosnitch.dash_query(state)
+    assert "v=new" in address and "k=destination" in address
+    assert picosnitch.dash_state(address) == (state, [])
+    assert picosnitch.dash_state("?v=new&k=nonsense")[1] == ["k=nonsense"]
+    q = query(sample)
+    rows, tips = picosnitch.dash_new_rows(q.novelty(), {"/usr/bin/ssh": ["all"]}, "bytes")
+    hostile = rows[2]
+    assert hostile["program"] == "/tmp/\\u202egpj.exe\\x1b[31m" and tips[2]["program"]["value"] == hostile["program"]
+    assert hostile["what"] == "evil\\x0aexample.org<b>x</b> (192.0.2.66)"
+    assert [r["muted"] for r in rows] == ["", "", "", "", "muted", "", "muted", ""]
+    assert (rows[5]["sent"], rows[5]["received"]) == ("", "")         # (a new hash: no connection)
+    shown = [v for r in rows for c, v in r.items() if c != "key"]      # (key: the exact name, for the address)
+    assert not any(picosnitch.acts(ch) for v in shown if isinstance(v, str) for ch in v)
+    q.close()
