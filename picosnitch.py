@@ -9762,8 +9762,9 @@ def run_events(out: typing.BinaryIO) -> int:
 # filter chain and a time range, as in `view`. Every interaction asks the
 # query layer (section 21) again; nothing is loaded whole. Its live tab
 # shows what `top` shows, from the event stream (the LiveState of section
-# 20), which a thread of the server follows from start to end. The whole
-# view is in the page's address, so a reload, a bookmark or the browser's
+# 20), which a thread of the server follows from start to end; its
+# what's-new page lists the novelty events as `view` does, and asks the
+# daemon for mutes (section 21). The whole view is in the page's address, so a reload, a bookmark or the browser's
 # history shows it again. The server answers only requests for the address it
 # serves (no DNS rebinding), and off loopback only those with its token.
 # Dash and Plotly are imported here only, when the command runs; the page's
