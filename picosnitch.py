@@ -9120,6 +9120,29 @@ def split_range(start: typing.Optional[int], end: typing.Optional[int],
     return pieces
 
 
+# -- what is new: the novelty events (section 15), as both viewers list them
+NOVELTY_ROWS = 500          # events listed at most (the newest)
+# the kinds the viewers list what is new by: all of them, new programs, and
+# each group that a mute takes
+NOVELTY_GROUPS = {"all": NOVELTY_KINDS, "program": ("program",),
+                  **{key: kinds for key, kinds in MUTE_KINDS.items() if key != "all"}}
+NO_NOVELTY = ("nothing new can be listed: this log is in an older layout (version {version}), which keeps no "
+              "record of what is new; picosnitch adds one when it next starts")
+
+
+class NoveltyList(typing.NamedTuple):
+    """The answer of LogQuery.novelty."""
+    events: typing.List[dict]       # id and NOVELTY_COLUMNS (text as str), the newest first
+    counts: typing.Dict[str, int]   # kind -> how many events, of any kind asked for
+    programs: typing.List[str]      # the programs with events, the one with the latest first
+    missing: str                    # why the log has no events to list ('' when it keeps them)
+
+
+def text_of(value):
+    """A value read back as bytes (see LogQuery), as text; others as they are."""
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 class LogQuery:
     """Read-only questions to a snitch.db (version 2, or older while it is
     moved over: the old rows not moved yet are counted from the old table)."""
@@ -9134,6 +9157,8 @@ class LogQuery:
         self.last_old = 0                                          # the last old rowid to move
         self.v2 = False                                            # the compact layout (version 2 or later)
         self.rollups: typing.List[str] = []                        # the rollup tables it has
+        self.version = 0                                           # its layout version
+        self.has_novelty = False                                   # whether it keeps what is new (version 5)
 
     def close(self) -> None:
         self.con.close()
@@ -9146,9 +9171,11 @@ class LogQuery:
     def refresh(self) -> None:
         """Check the layout: whether old rows are still being moved over.
         sqlite3.Error when the log cannot be read (missing tables included)."""
-        self.v2 = self.con.execute("PRAGMA user_version").fetchone()[0] >= COMPACT_VERSION
+        self.version = self.con.execute("PRAGMA user_version").fetchone()[0]
+        self.v2 = self.version >= COMPACT_VERSION
         tables = {r[0].decode() for r in self.con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         self.rollups = [table for table in ROLLUPS if table in tables]      # (older versions have fewer)
+        self.has_novelty = "novelty" in tables
         if not self.v2:
             if "connections" not in tables:
                 raise sqlite3.OperationalError("no connections table")
@@ -9472,6 +9499,38 @@ class LogQuery:
             high = max(([high] if high is not None else []) + seconds, default=None)
         return low, high
 
+    def novelty(self, kinds: typing.Optional[typing.Sequence[str]] = None, exe: typing.Optional[str] = None,
+                start: typing.Optional[int] = None, end: typing.Optional[int] = None,
+                limit: int = NOVELTY_ROWS) -> "NoveltyList":
+        """What was new (the novelty events) in [start, end), of kinds (None:
+        all) and of the program exe (None: any), the newest `limit` first;
+        with the count of each kind and the programs (whatever the kinds and
+        exe asked for). A log of an older layout has none, and says why."""
+        if not self.has_novelty:
+            return NoveltyList([], {}, [], NO_NOVELTY.format(version=self.version))
+        where, params = ["1"], []
+        for test, value in (("t >= ?", start), ("t < ?", end)):
+            if value is not None:
+                where.append(test)
+                params.append(value)
+        in_time = " AND ".join(where)
+        programs = [text_of(exe) for exe, in self.con.execute(
+            f"SELECT exe FROM novelty WHERE {in_time} GROUP BY exe ORDER BY max(t) DESC, exe", params)]
+        if exe is not None:
+            where.append("exe = ?")
+            params.append(exe)
+        counts = {text_of(kind): n for kind, n in self.con.execute(
+            f"SELECT kind, count(*) FROM novelty WHERE {' AND '.join(where)} GROUP BY kind", params)}
+        if kinds is not None:
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            params += list(kinds)
+        columns = ("id",) + NOVELTY_COLUMNS
+        # (a time that is no time, which only a hand-made row has, comes last)
+        cursor = self.con.execute(f"SELECT {', '.join(columns)} FROM novelty WHERE {' AND '.join(where)} "
+                                  "ORDER BY typeof(t) != 'integer', t DESC, id DESC LIMIT ?", params + [limit])
+        events = [{c: text_of(v) for c, v in zip(columns, row)} for row in cursor]
+        return NoveltyList(events, counts, programs, "")
+
     def has_rows(self) -> bool:
         if self.v2 and self.con.execute("SELECT EXISTS (SELECT 1 FROM conns)").fetchone()[0]:
             return True
@@ -9629,6 +9688,100 @@ def moving_note(percent: int) -> str:
 def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typing.Optional["GeoIP"]:
     """The GeoIP database the primary keeps, if "GeoIP lookup" is on."""
     return GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
+
+
+# -- mutes, as the viewers ask for them and read them (stand-ins: the daemon
+# does not serve mutes yet)
+
+def request_mute(exe: str, kinds: list, mute: bool) -> list:
+    """Ask the running daemon to mute (or, mute False, unmute) kinds of what
+    is new about exe; the kinds muted for it now. PicosnitchError says why
+    it could not be asked."""
+    raise PicosnitchError(f"picosnitch is not running: there is nothing at {CONTROL_SOCKET} to ask "
+                          "(start it with 'sudo picosnitch start')")
+
+
+def read_mutes(state: str) -> dict:
+    """exe -> the kinds muted for it, from the state directory's mutes.json ({} when there is none)."""
+    try:
+        with open(os.path.join(state, MUTES_NAME), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {exe: [k for k in kinds if isinstance(k, str)] for exe, kinds in data.items() if isinstance(kinds, list)}
+
+
+# -- what is new, as both viewers show it: each event's time, what is new
+# about the program and its bytes; which of its kinds are muted, and asking
+# the daemon to mute or unmute a group of them (the only way the viewers do)
+
+def novelty_time(event: dict) -> str:
+    """An event's time (the window's local time), as text."""
+    t = event["t"]
+    return time.strftime(TIME_FORMAT, time.gmtime(t)) if isinstance(t, int) else shown(str(t))
+
+
+def novelty_what(event: dict) -> str:
+    """What was new about the program, with the connection that showed it, shown()."""
+    kind, value = event["kind"], event["value"] or ""
+    peer = event["domain"] or event["raddr"] or ""
+    if kind == "domain":
+        text = value + (f" ({peer})" if peer and peer != value else "")
+    elif kind in ("country", "port"):
+        text = ("port " if kind == "port" else "") + value + (f" via {peer}" if peer else "")
+    elif kind == "volume":
+        text = f"{value} far more in an hour than in its busiest hour before"
+    elif kind == "program":
+        text = f"first connection, as {event['name'] or '(no name)'}"
+    else:                   # (a new name or sha256)
+        text = f"{'sha256' if kind == 'hash' else kind} {value}"
+    return shown(text)
+
+
+def novelty_destination(event: dict) -> str:
+    """The connection that showed an event: domain, address and port, shown() ('' for none)."""
+    where = event["raddr"] or ""
+    if where and event["rport"] is not None:
+        where = f"[{where}]:{event['rport']}" if ":" in where else f"{where}:{event['rport']}"
+    return shown(" ".join(p for p in (event["domain"], where) if p))
+
+
+def novelty_bytes(event: dict) -> int:
+    """The bytes an event tells of: a volume's in its direction (the hour's
+    so far), the connection's (sent and received) otherwise."""
+    send, recv = event["send"] or 0, event["recv"] or 0
+    return (send if event["value"] == "sent" else recv) if event["kind"] == "volume" else send + recv
+
+
+def mute_group(kind: str) -> typing.Optional[str]:
+    """The group of MUTE_KINDS a kind is muted with alone (None: a new program, muted only with all)."""
+    return next((key for key, kinds in MUTE_KINDS.items() if key != "all" and kind in kinds), None)
+
+
+def muted_kinds(keys: typing.Iterable[str]) -> typing.Set[str]:
+    """The kinds that keys mute (each a kind, or a group of MUTE_KINDS)."""
+    return {kind for key in keys for kind in MUTE_KINDS.get(key, (key,)) if kind in NOVELTY_KINDS}
+
+
+def muted_groups(keys: typing.Iterable[str]) -> typing.List[str]:
+    """The groups of MUTE_KINDS that keys mute whole ("all" alone when they mute every kind)."""
+    kinds = muted_kinds(keys)
+    if set(NOVELTY_KINDS) <= kinds:
+        return ["all"]
+    return [key for key, group in MUTE_KINDS.items() if key != "all" and set(group) <= kinds]
+
+
+def change_mute(exe: str, group: str, mute: bool) -> str:
+    """Ask the daemon to mute (or unmute) a group of MUTE_KINDS for exe; its
+    answer, or why it could not be asked, in a line for the user."""
+    try:
+        now = request_mute(exe, list(MUTE_KINDS[group]), mute)
+    except PicosnitchError as e:
+        return str(e)
+    done = f"{'muted' if mute else 'unmuted'} {group} for {shown(exe)}"
+    return f"{done}; muted now: {', '.join(muted_groups(now)) or 'nothing'}"
 
 
 # -- the live stream, as `top` and dash's live tab read it ---------------------
@@ -9928,7 +10081,9 @@ def read_mutes(state: str) -> typing.Dict[str, typing.List[str]]:
 # `picosnitch view`: snitch.db grouped by one column at a time, largest first,
 # under a chain of filters, a time range and byte units. Each key that changes
 # what is shown asks the query layer (section 21) for the totals: the log is
-# never loaded, whatever its size; r asks again.
+# never loaded, whatever its size; r asks again. n shows what is new instead
+# (the novelty events of the time range), where m and x ask the daemon to
+# mute or unmute a program; ? lists every key.
 
 VIEWS = [("executable", "exe"), ("name", "name"), ("sha256", "sha256"), ("parent executable", "pexe"),
          ("parent name", "pname"), ("domain", "domain"), ("remote address", "raddr"), ("local port", "lport"),
@@ -9940,7 +10095,22 @@ DEFAULT_RANGE = "all"
 TIME_BUCKETS = {"minute": (1, "%Y-%m-%d %H:%M:%S"), "hour": (60, "%Y-%m-%d %H:%M"), "day": (3600, "%Y-%m-%d %H:00"),
                 "week": (86400, "%Y-%m-%d"), "month": (86400, "%Y-%m-%d"), "year": (86400, "%Y-%m-%d"),
                 "all": (86400, "%Y-%m-%d")}
-HELP_LINE = "←→ view f filter e exclude ⌫/F/E unfilter t/T range h/H history u/U units r q"
+HELP_LINE = "←→ view f filter e exclude ⌫/F/E unfilter t/T h/H time u/U units n new ? keys q"
+NEW_HELP_LINE = "k/K kind ⏎ program ⌫ any m/M mute x/X unmute t/T h/H time n back ? keys q"
+VIEW_KEYS_HELP = [
+    ("← →", "the previous / next view (executable, name, sha256, …, time)"),
+    ("↑ ↓ PgUp PgDn Home End", "move"), ("space enter f", "keep only the selected entry (then the next view)"),
+    ("e", "leave out the selected entry"), ("⌫ F E", "remove the last filter / all filters / all exclusions"),
+    ("t T", "the next / previous time range"), ("h H", "one range back in history / forward again"),
+    ("u U", "the next / previous unit"), ("r", "read the log again"), ("n", "what's new, and back"),
+    ("?", "these keys (any key goes back)"), ("q", "quit")]
+NEW_KEYS_HELP = [
+    ("k K", "the next / previous kind (all, program, destination, …)"),
+    ("enter space f", "only the selected event's program"), ("⌫ F", "every program again"),
+    ("m M", "mute the program for the selected event's kind / for all"),
+    ("x X", "unmute it for that kind / for all"), ("t T h H u U r", "as above"),
+    ("n", "back to the totals")]
+NEW_MARK = "M"              # in the column between the bytes and the program: the event's kind is muted for it
 
 
 def char_width(ch: str) -> int:
@@ -9961,6 +10131,17 @@ def fit(text: str, width: int) -> str:
     return "".join(out) + " " * (width - used)
 
 
+def wrap(text: str, width: int) -> typing.List[str]:
+    """text in lines of at most width characters, broken between words (a word longer than a line is cut)."""
+    lines: typing.List[str] = []
+    for word in text.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word[:width])
+    return lines
+
+
 @dataclasses.dataclass
 class ViewFilter:
     column: str
@@ -9971,6 +10152,100 @@ class ViewFilter:
 
     def query(self) -> Filter:
         return Filter(self.column, self.value, self.exclude, self.bucket)
+
+
+class NoveltyView:
+    """`view`'s what's new: the novelty events of the time range, newest
+    first, of a group of kinds (NOVELTY_GROUPS) and maybe of one program,
+    each marked when its kind is muted for its program (as mutes.json in the
+    state directory says)."""
+
+    def __init__(self, state: str):
+        self.state = state
+        self.group = 0                                 # of NOVELTY_GROUPS
+        self.exe: typing.Optional[str] = None          # the program listed alone
+        self.cursor = self.top = 0
+        self.found = NoveltyList([], {}, [], "")
+        self.mutes: typing.Dict[str, list] = {}
+        self.computed: typing.Optional[tuple] = None
+
+    def current(self, reader: LogReader, span: tuple, asked: tuple) -> NoveltyList:
+        """The events to list; asked: what else they depend on (the range, and r)."""
+        key = (self.group, self.exe, asked)
+        if key != self.computed and not reader.problem:
+            kinds = list(NOVELTY_GROUPS.values())[self.group]
+            self.found = reader.ask(lambda: reader.log.novelty(kinds, self.exe, *span)) or NoveltyList([], {}, [], "")
+            self.mutes = read_mutes(self.state)
+            self.computed = key
+            self.cursor = min(self.cursor, max(len(self.found.events) - 1, 0))
+        return self.found
+
+    def selected(self) -> typing.Optional[dict]:
+        events = self.found.events
+        return events[self.cursor] if events else None
+
+    def muted(self, exe: str) -> typing.List[str]:
+        """The groups muted for a program."""
+        return muted_groups(self.mutes.get(exe, []))
+
+    def step_group(self, step: int) -> None:
+        self.group = (self.group + step) % len(NOVELTY_GROUPS)
+        self.cursor = self.top = 0
+
+    def keep_program(self, exe: typing.Optional[str]) -> None:
+        self.exe, self.cursor, self.top = exe, 0, 0
+
+    def mute(self, group: typing.Optional[str], mute: bool) -> str:
+        """Ask the daemon to mute (or unmute) a group for the selected event's
+        program (group None: its event's kind's); what to say."""
+        event = self.selected()
+        if event is None:
+            return "no event selected"
+        group = group or mute_group(event["kind"])
+        if group is None:
+            return "a new program is told of once; M mutes everything new about it, X unmutes it"
+        said = change_mute(event["exe"], group, mute)
+        self.mutes = read_mutes(self.state)
+        return said
+
+    def screen(self, height: int, width: int, heading: str, unit: tuple, problem: str,
+               status: str) -> typing.List[typing.Tuple[str, bool]]:
+        """The lines to show (as Viewer.screen)."""
+        found, rows = self.found, height - 6
+        events = [] if problem else found.events
+        self.top = min(max(self.top, self.cursor - rows + 1), self.cursor)
+        group = list(NOVELTY_GROUPS)[self.group]
+        program = f"program: {shown(self.exe)}" if self.exe is not None else "program: any (enter: the selected one's)"
+        muted = self.muted(self.exe) if self.exe is not None else []
+        counts = " · ".join(f"{kind} {found.counts[kind]}" for kind in NOVELTY_KINDS if found.counts.get(kind))
+        lines = [(fit(f"what's new · kind: {group} ({self.group + 1}/{len(NOVELTY_GROUPS)}) · {heading}", width), True),
+                 (fit(program + (f" · muted: {', '.join(muted)}" if muted else ""), width), False),
+                 (fit(counts or "nothing new in this range", width), False)]
+        name_width = max(12, (width - 33) // 2)
+        lines.append((fit(f"{'time':<11} {'kind':<7} {'bytes':>9}   {'program':<{name_width}} what is new",
+                          width), False))
+        for i in range(self.top, min(self.top + rows, len(events))):
+            lines.append((fit(self.line(events[i], unit, name_width), width), i == self.cursor))
+        for text in wrap(problem or found.missing, width) if problem or found.missing else []:
+            lines.append((fit(text, width), False))
+        lines = lines[:height - 2]
+        lines += [(" " * width, False)] * (height - 2 - len(lines))
+        event = self.selected() if events else None
+        detail = "" if event is None else f"{novelty_time(event)} {shown(event['text'] or '')}"
+        said = wrap(status, width) if status else [NEW_HELP_LINE]
+        if len(said) > 1:            # (a long answer of the daemon takes the detail's line too)
+            detail, said = said[0], [" ".join(said[1:])]
+        lines.append((fit(detail, width), False))
+        lines.append((fit(said[0], width), True))
+        return lines
+
+    def line(self, event: dict, unit: tuple, name_width: int) -> str:
+        t = event["t"]
+        when = time.strftime("%m-%d %H:%M", time.gmtime(t)) if isinstance(t, int) else shown(str(t))
+        mark = NEW_MARK if event["kind"] in muted_kinds(self.mutes.get(event["exe"], [])) else " "
+        amount = format_amount(novelty_bytes(event), unit) if novelty_bytes(event) else ""   # (none: no connection)
+        return f"{when:<11} {event['kind']:<7} {amount:>9} {mark} {fit(shown(event['exe'] or ''), name_width)} " \
+               f"{novelty_what(event)}"
 
 
 class Viewer:
@@ -9987,6 +10262,9 @@ class Viewer:
         self.computed: typing.Optional[tuple] = None
         self.generation = 0           # bumped by r: ask again
         self.shown = (0, 0)           # the time span the entries were computed for
+        self.new = NoveltyView(os.path.dirname(path))
+        self.showing_new = False      # what's new is shown (n), not the totals
+        self.help = False             # the keys are shown (?)
         self.refresh()
 
     # -- data ---------------------------------------------------------------
@@ -10025,6 +10303,13 @@ class Viewer:
             self.cursor = min(self.cursor, max(len(self.entries) - 1, 0))
         return [] if self.problem else self.entries
 
+    def novelty(self) -> NoveltyList:
+        """What's new in the time range."""
+        asked = (self.range, self.offset, self.generation)
+        if (self.new.group, self.new.exe, asked) != self.new.computed and not self.problem:
+            self.shown = tuple(t or 0 for t in self.span())
+        return self.new.current(self.reader, self.span(), asked)
+
     def bucket(self) -> typing.Tuple[int, str]:
         return TIME_BUCKETS[TIME_RANGES[self.range][0]]
 
@@ -10037,15 +10322,52 @@ class Viewer:
     def press(self, action: typing.Optional[str], page: int) -> None:
         """Apply one key's action; page is how many entries fit on screen."""
         self.message = ""
-        if action is None:
+        if self.help or action is None:
+            self.help = False
             return
         moves = {"up": -1, "down": 1, "page_up": -page, "page_down": page, "home": -10 ** 12, "end": 10 ** 12}
-        if action in moves:
+        if action in moves and self.showing_new:
+            last = len(self.novelty().events) - 1
+            self.new.cursor = max(0, min(self.new.cursor + moves[action], last))
+        elif action in moves:
             self.cursor = max(0, min(self.cursor + moves[action], len(self.current()) - 1))
-            return
-        getattr(self, "do_" + action)()
+        elif action in NEW_ACTIONS and not self.showing_new:
+            self.message = f"{action.replace('_', ' ')}: a key of what's new (n shows it)"
+        else:
+            getattr(self, "do_" + action)()
+
+    def do_help(self) -> None:
+        self.help = True
+
+    def do_whatsnew(self) -> None:
+        self.showing_new = not self.showing_new
+
+    def do_kind_next(self) -> None:
+        self.new.step_group(1)
+
+    def do_kind_prev(self) -> None:
+        self.new.step_group(-1)
+
+    def do_mute(self) -> None:
+        self.message = self.new.mute(None, True)
+
+    def do_mute_all(self) -> None:
+        self.message = self.new.mute("all", True)
+
+    def do_unmute(self) -> None:
+        self.message = self.new.mute(None, False)
+
+    def do_unmute_all(self) -> None:
+        self.message = self.new.mute("all", False)
 
     def do_filter(self, exclude: bool = False) -> None:
+        if self.showing_new:
+            event = self.new.selected()
+            if exclude:
+                self.message = "e: not in what's new (enter keeps one program, ⌫ every one)"
+            elif event is not None:
+                self.new.keep_program(event["exe"])
+            return
         entries = self.current()
         if not entries:
             return
@@ -10061,11 +10383,16 @@ class Viewer:
         self.do_filter(exclude=True)
 
     def do_undo(self) -> None:
-        if self.filters:
+        if self.showing_new:
+            self.new.keep_program(None)
+        elif self.filters:
             self.filters.pop()
             self.cursor = self.top = 0
 
     def do_clear_filters(self) -> None:
+        if self.showing_new:
+            self.new.keep_program(None)
+            return
         self.filters = [f for f in self.filters if f.exclude]
         self.cursor = self.top = 0
 
@@ -10074,6 +10401,7 @@ class Viewer:
         self.cursor = self.top = 0
 
     def step_view(self, step: int) -> None:
+        self.showing_new = False        # (← → go back to the totals, as n does)
         self.view = (self.view + step) % len(VIEWS)
         self.cursor = self.top = 0
 
@@ -10086,6 +10414,7 @@ class Viewer:
     def step_range(self, step: int) -> None:
         self.range = (self.range + step) % len(TIME_RANGES)
         self.offset, self.cursor, self.top = 0, 0, 0
+        self.new.cursor = self.new.top = 0
 
     def do_range_next(self) -> None:
         self.step_range(1)
@@ -10096,12 +10425,12 @@ class Viewer:
     def do_older(self) -> None:
         if TIME_RANGES[self.range][1]:
             self.offset += 1
-            self.cursor = self.top = 0
+            self.cursor = self.top = self.new.cursor = self.new.top = 0
 
     def do_newer(self) -> None:
         if self.offset:
             self.offset -= 1
-            self.cursor = self.top = 0
+            self.cursor = self.top = self.new.cursor = self.new.top = 0
 
     def do_unit_next(self) -> None:
         self.unit = (self.unit + 1) % len(UNITS)
@@ -10114,22 +10443,38 @@ class Viewer:
         self.refresh()
 
     # -- screen -------------------------------------------------------------
-    def heading(self) -> str:
+    def when(self, computed: bool) -> str:
+        """The time range, as the heading says it (computed: as asked, not as now)."""
         name, seconds = TIME_RANGES[self.range]
-        if seconds:
-            start, end = self.shown if self.computed else self.span()
-            fmt = lambda t: time.strftime("%m-%d %H:%M", time.gmtime(t))
-            when = f"{name} {fmt(start)} to {fmt(end - 1)}" + (f" (-{self.offset})" if self.offset else "")
-        else:
-            when = "all time"
+        if not seconds:
+            return "all time"
+        start, end = self.shown if computed else self.span()
+        fmt = lambda t: time.strftime("%m-%d %H:%M", time.gmtime(t))
+        return f"{name} {fmt(start)} to {fmt(end - 1)}" + (f" (-{self.offset})" if self.offset else "")
+
+    def heading(self) -> str:
         moving = self.reader.log.moving() if self.reader.log is not None and not self.problem else None
-        return f"by {VIEWS[self.view][0]} ({self.view + 1}/{len(VIEWS)}) · {when} · {UNITS[self.unit][0]}" + \
-            (f" · moving: {moving}%" if moving is not None else "")
+        return f"by {VIEWS[self.view][0]} ({self.view + 1}/{len(VIEWS)}) · {self.when(bool(self.computed))} · " \
+               f"{UNITS[self.unit][0]}" + (f" · moving: {moving}%" if moving is not None else "")
+
+    def help_screen(self, height: int, width: int) -> typing.List[typing.Tuple[str, bool]]:
+        """Every key, of the totals and of what's new."""
+        rows = [(fit("keys of picosnitch view (any key goes back)", width), True)]
+        rows += [(fit(f"  {keys:<14} {what}", width), False) for keys, what in VIEW_KEYS_HELP]
+        rows += [(fit("in what's new (n):", width), False)]
+        rows += [(fit(f"  {keys:<14} {what}", width), False) for keys, what in NEW_KEYS_HELP]
+        return rows[:height] + [(" " * width, False)] * (height - len(rows))
 
     def screen(self, height: int, width: int) -> typing.List[typing.Tuple[str, bool]]:
         """The lines to show, each (text exactly width columns, highlighted)."""
-        if height < 5 or width < 20:
+        if height < (7 if self.showing_new or self.help else 5) or width < 20:
             return [(fit("terminal too small", width), False)][:height]
+        if self.help:
+            return self.help_screen(height, width)
+        if self.showing_new:
+            self.novelty()
+            return self.new.screen(height, width, f"{self.when(True)} · {UNITS[self.unit][0]}", UNITS[self.unit],
+                                   self.problem, self.message)
         entries = self.current()
         rows = height - 4
         self.top = min(max(self.top, self.cursor - rows + 1), self.cursor)
@@ -10154,7 +10499,10 @@ class Viewer:
 VIEW_KEYS = {" ": "filter", "\n": "filter", "\r": "filter", "f": "filter", "e": "exclude",
              "\x7f": "undo", "\b": "undo", "F": "clear_filters", "E": "clear_excludes",
              "t": "range_next", "T": "range_prev", "h": "older", "H": "newer",
-             "u": "unit_next", "U": "unit_prev", "r": "refresh"}
+             "u": "unit_next", "U": "unit_prev", "r": "refresh", "?": "help", "n": "whatsnew",
+             "k": "kind_next", "K": "kind_prev", "m": "mute", "M": "mute_all", "x": "unmute", "X": "unmute_all"}
+# the actions of what's new alone
+NEW_ACTIONS = {"kind_next", "kind_prev", "mute", "mute_all", "unmute", "unmute_all"}
 CURSES_KEYS = {"KEY_ENTER": "filter", "KEY_BACKSPACE": "undo", "KEY_UP": "up", "KEY_DOWN": "down",
                "KEY_PPAGE": "page_up", "KEY_NPAGE": "page_down", "KEY_HOME": "home", "KEY_END": "end",
                "KEY_LEFT": "view_prev", "KEY_RIGHT": "view_next"}
@@ -10397,8 +10745,9 @@ def run_events(out: typing.BinaryIO) -> int:
 # filter chain and a time range, as in `view`. Every interaction asks the
 # query layer (section 21) again; nothing is loaded whole. Its live tab
 # shows what `top` shows, from the event stream (the LiveState of section
-# 20), which a thread of the server follows from start to end. The whole
-# view is in the page's address, so a reload, a bookmark or the browser's
+# 20), which a thread of the server follows from start to end; its
+# what's-new page lists the novelty events as `view` does, and asks the
+# daemon for mutes (section 21). The whole view is in the page's address, so a reload, a bookmark or the browser's
 # history shows it again. The server answers only requests for the address it
 # serves (no DNS rebinding), and off loopback only those with its token.
 # Dash and Plotly are imported here only, when the command runs; the page's
@@ -10443,7 +10792,8 @@ DASH_UNMARKED = [{"selector": "td.cell--selected, td.focused",
 # own plotly.js is the same version, and Plotly's full bundle otherwise.
 DASH_PLOTLY_BASIC = ("4.1.1", "99784e3abfb07b142a15e521a439e6d9addceadb3f79553fd24c72774f0649ba")
 DASH_PLOTLY_PATHS = ["/usr/share/picosnitch/plotly-basic.min.js", "/usr/local/share/picosnitch/plotly-basic.min.js"]
-DASH_VIEWS = ["history", "live"]
+DASH_VIEWS = ["history", "live", "new"]
+DASH_VIEW_NAMES = {"history": "history", "live": "live", "new": "what's new"}
 # the live tab: the page asks once a second while the tab is shown (and the
 # browser's tab is visible), and is told nothing when no event came meanwhile
 DASH_LIVE_REFRESH = 1000   # ms between the page's questions
@@ -10469,7 +10819,9 @@ class DashState:
     detail: typing.Any = None           # the executable drilled into
     refresh: int = 0                    # seconds between refreshes; 0: off
     theme: str = "light"
-    view: str = "history"               # or "live": the live tab
+    view: str = "history"               # or "live": the live tab; "new": what's new
+    kinds: str = "all"                  # what's new: the kinds listed (a key of NOVELTY_GROUPS)
+    program: typing.Any = None          # what's new: the program listed alone, and detailed
 
 
 def encode_value(value) -> str:
@@ -10544,6 +10896,8 @@ def dash_query(state: DashState) -> str:
     pairs += [("a", str(state.refresh))] if state.refresh else []
     pairs += [("t", state.theme)] if state.theme != defaults.theme else []
     pairs += [("v", state.view)] if state.view != defaults.view else []
+    pairs += [("k", state.kinds)] if state.kinds != defaults.kinds else []
+    pairs += [("p", encode_value(state.program))] if state.program is not None else []
     return "?" + urllib.parse.urlencode(pairs) if pairs else ""
 
 
@@ -10582,6 +10936,10 @@ def dash_state(query: str) -> typing.Tuple[DashState, typing.List[str]]:
                 state.theme = text
             elif key == "v" and text in DASH_VIEWS:
                 state.view = text
+            elif key == "k" and text in NOVELTY_GROUPS:
+                state.kinds = text
+            elif key == "p":
+                state.program = decode_value(text)
             else:
                 raise ValueError(text)
         except ValueError:
@@ -10911,9 +11269,13 @@ html, body { overflow-x: hidden; }
 .ps-detail h3 { margin: 12px 0 4px; font-size: 15px; }
 .ps-dark input, .ps-dark button { background: #2b2d35; color: #e4e4e4; border: 1px solid #555555; }
 button { cursor: pointer; }
-/* the view shown: history or live */
+/* the view shown: history, live or what's new */
 .ps-bar .ps-history { display: contents; }
-.ps-view-live .ps-history, .ps-view-history .ps-live { display: none !important; }
+.ps-view-live .ps-history, .ps-view-history .ps-live, .ps-view-new .ps-history, .ps-view-new .ps-live,
+.ps-view-history .ps-new, .ps-view-live .ps-new { display: none !important; }
+.ps-new-left { flex: 3 1 0; min-width: 0; }
+.ps-new .ps-detail p { margin: 4px 0; overflow-wrap: anywhere; }
+@media (max-width: 1249px) { .ps-new-left { flex: none; width: 100%; } }
 .ps-tabs label { padding: 3px 10px; border: 1px solid #888888; border-radius: 12px; margin-right: 2px; }
 .ps-tabs input { display: none; }
 .ps-tabs label:has(input:checked) { background: #1f77b4; border-color: #1f77b4; }
@@ -11019,12 +11381,14 @@ def dash_layout(config: Config):
         dcc.Interval(id="tick", interval=60_000, disabled=True),
         html.Div(className="ps-bar", children=[
             html.Span("picosnitch", className="ps-title"),
-            dcc.RadioItems(id="view", options=DASH_VIEWS, value="history", inline=True, className="ps-tabs"),
+            dcc.RadioItems(id="view", options=option([(v, DASH_VIEW_NAMES[v]) for v in DASH_VIEWS]),
+                           value="history", inline=True, className="ps-tabs"),
             html.Div(className="ps-history", children=dash_history_controls(option, columns)),
             dcc.RadioItems(id="units", options=["bytes", "bits"], value="bytes", inline=True),
             dcc.RadioItems(id="theme", options=list(DASH_THEMES), value="light", inline=True)]),
         html.Div(className="ps-history", children=dash_history_view(config, option, columns)),
-        html.Div(className="ps-live", children=dash_live_view())])
+        html.Div(className="ps-live", children=dash_live_view()),
+        html.Div(className="ps-new", children=dash_new_view())])
 
 
 def dash_history_controls(option: typing.Callable, columns: list) -> list:
@@ -11420,6 +11784,194 @@ def dash_live_callbacks(app, live: DashLive) -> None:
                     for when, kind, what in feed] or [html.Div("nothing yet")]}
 
 
+# -- what's new ------------------------------------------------------------------
+# The novelty events as `view` lists them (LogQuery.novelty), newest first,
+# by kind group and program, both in the address (k, p); a click on an event
+# keeps its program and details it: its names and hashes, its totals, what
+# is new about it, its mutes (asked of the daemon with the buttons), and a
+# link to its history.
+
+DASH_NEW_COLUMNS = [("time", "time"), ("kind", "kind"), ("program", "program"), ("what", "what is new"),
+                    ("destination", "destination"), ("country", "country"), ("sent", "sent"),
+                    ("received", "received"), ("muted", "muted")]
+
+
+def dash_new_view() -> list:
+    """What's new: kind and program, the message line, the events' table and
+    beside it the program chosen (the callbacks of dash_new_callbacks fill them)."""
+    from dash import dash_table, dcc, html
+    return [
+        html.Div(className="ps-filters", children=[
+            html.Label("kind"),
+            dcc.RadioItems(id="new-kind", options=list(NOVELTY_GROUPS), value="all", inline=True),
+            html.Label("program"),
+            dcc.Dropdown(id="new-program", options=[], placeholder="any program", style={"minWidth": "320px"})]),
+        html.Div(id="new-message", className="ps-message"),
+        html.Div(className="ps-main", children=[
+            html.Div(className="ps-new-left", children=[
+                html.Div(id="new-counts", className="ps-note"),
+                dash_table.DataTable(
+                    id="new-table", columns=[{"name": name, "id": column} for column, name in DASH_NEW_COLUMNS],
+                    data=[], page_size=25, tooltip_delay=300, tooltip_duration=None, style_cell=DASH_CELL,
+                    style_table={"overflowX": "auto"}, css=DASH_UNMARKED,
+                    # (what is new takes the width the rest leave it, cut short: whole on hover)
+                    style_cell_conditional=[{"if": {"column_id": c}, "textAlign": "left"}
+                                            for c in ("time", "kind", "program", "destination")] +
+                                           [{"if": {"column_id": "what"}, **DASH_NAME_CELL},
+                                            {"if": {"column_id": "program"}, "cursor": "pointer", "maxWidth": "220px"},
+                                            {"if": {"column_id": "destination"}, "maxWidth": "200px"}])]),
+            html.Div(id="new-program-box", className="ps-side ps-detail", hidden=True, children=[
+                html.H3(["program: ", html.Code(id="new-program-name")]),
+                html.Div(id="new-program-detail"),
+                html.Div(className="ps-filters", children=[
+                    dcc.RadioItems(id="new-mute-group", options=[k for k in MUTE_KINDS], value="destination",
+                                   inline=True),
+                    html.Button("mute", id="new-mute", title="ask picosnitch not to tell of these kinds for it"),
+                    html.Button("unmute", id="new-unmute", title="ask picosnitch to tell of them again")]),
+                html.Div(id="new-mute-said", className="ps-message"),
+                dcc.Link("its history →", id="new-history", href="")])])]
+
+
+def dash_new_rows(found: NoveltyList, mutes: dict, units: str) -> typing.Tuple[list, list]:
+    """The events' table: its rows (every name shown()) and their tooltips."""
+    unit = UNITS[5] if units == "bits" else UNITS[0]
+    rows, tips = [], []
+    for event in found.events:
+        muted = event["kind"] in muted_kinds(mutes.get(event["exe"], []))
+        program, what = shown(event["exe"] or ""), novelty_what(event)
+        rows.append({"id": event["id"], "key": encode_value(event["exe"]), "time": novelty_time(event),
+                     "kind": event["kind"], "program": program, "what": what,
+                     "destination": novelty_destination(event), "country": shown(event["country"] or ""),
+                     **({"sent": format_amount(event["send"] or 0, unit), "received": format_amount(event["recv"] or 0, unit)}
+                        if event["send"] or event["recv"] else {"sent": "", "received": ""}),   # (none: no connection)
+                     "muted": "muted" if muted else ""})
+        tips.append({"program": {"value": program, "type": "text"}, "what": {"value": what, "type": "text"},
+                     "destination": {"value": rows[-1]["destination"], "type": "text"},
+                     "time": {"value": shown(event["text"] or ""), "type": "text"}})
+    return rows, tips
+
+
+def dash_new_program(log: LogQuery, record: dict, exe: str, found: NoveltyList, mutes: dict) -> dict:
+    """What the page says of one program: its names and hashes (with
+    VirusTotal's verdicts) from record.json, its totals and first and last
+    connection over the whole log, what was new about it and its mutes."""
+    mine = [Filter("exe", exe)]
+    totals = log.totals("exe", mine)
+    first, last = log.seen(mine)
+    when = lambda t: time.strftime(TIME_FORMAT, time.gmtime(t)) if t is not None else "never"
+    hashes = record.get("SHA256", {}).get(exe, {})
+    return {"exe": shown(exe), "names": [shown(n) for n in record.get("Executables", {}).get(exe, [])],
+            "hashes": [(shown(sha), shown(str(verdict))) for sha, verdict in hashes.items()],
+            "sent": totals[0][1] if totals else 0, "received": totals[0][2] if totals else 0,
+            "rows": totals[0][3] if totals else 0, "first": when(first), "last": when(last),
+            "counts": {kind: found.counts[kind] for kind in NOVELTY_KINDS if found.counts.get(kind)},
+            "muted": muted_groups(mutes.get(exe, []))}
+
+
+def dash_new_program_view(found: dict) -> list:
+    """The program's details, from dash_new_program's answer."""
+    from dash import html
+    amount = lambda n: format_amount(n, UNITS[0])
+    new = " · ".join(f"{kind} {n}" for kind, n in found["counts"].items()) or "nothing"
+    return [html.P(f"names: {', '.join(found['names']) or '(none recorded)'}"),
+            html.P(f"sent {amount(found['sent'])} · received {amount(found['received'])} in {found['rows']:,} "
+                   f"{'row' if found['rows'] == 1 else 'rows'} · first seen {found['first']} · last seen {found['last']}"),
+            html.P(f"new about it: {new}"),
+            html.P(f"muted: {', '.join(found['muted']) or 'nothing'}"),
+            html.Table([html.Tr([html.Th("sha256"), html.Th("VirusTotal")])] +
+                       [html.Tr([html.Td(shorten(sha, 24), title=sha), html.Td(verdict)])
+                        for sha, verdict in found["hashes"]]) if found["hashes"] else html.P("no sha256 recorded")]
+
+
+def dash_new_wiring() -> dict:
+    """What's new's callback, by name: what it fills, what starts it (the
+    address, the mute buttons), what it reads."""
+    from dash import Input, Output, State
+    return {"output": {"kind": Output("new-kind", "value"), "program": Output("new-program", "value"),
+                       "offered": Output("new-program", "options"), "counts": Output("new-counts", "children"),
+                       "rows": Output("new-table", "data"), "tips": Output("new-table", "tooltip_data"),
+                       "active": Output("new-table", "active_cell"), "header": Output("new-table", "style_header"),
+                       "cells": Output("new-table", "style_data"), "message": Output("new-message", "children"),
+                       "hidden": Output("new-program-box", "hidden"), "name": Output("new-program-name", "children"),
+                       "detail": Output("new-program-detail", "children"), "said": Output("new-mute-said", "children"),
+                       "history": Output("new-history", "href")},
+            "inputs": {"search": Input("url", "search"), "mute": Input("new-mute", "n_clicks"),
+                       "unmute": Input("new-unmute", "n_clicks")},
+            "state": {"group": State("new-mute-group", "value")}}
+
+
+def dash_new_choice(state: DashState, trigger, kinds, program, active, rows) -> None:
+    """What a control of what's new asks of the state: a kind, a program, or
+    (a click on an event) its program."""
+    if trigger == "new-kind" and kinds in NOVELTY_GROUPS:
+        state.kinds = kinds
+    elif trigger == "new-program":
+        state.program = decode_value(program) if program else None
+    elif trigger == "new-table" and isinstance(active, dict):
+        row = next((r for r in rows or [] if r["id"] == active.get("row_id")), None)
+        if row is not None:
+            state.program = decode_value(row["key"])
+
+
+def dash_new_callbacks(app, reader: typing.Callable[[], LogReader], directory: str) -> None:
+    """What's new's callbacks: a choice goes to the address; the address (or
+    a mute button) fills the page."""
+    from dash import Input, Output, State, ctx, no_update
+    from dash.exceptions import PreventUpdate
+
+    @app.callback(Output("url", "search", allow_duplicate=True), Input("new-kind", "value"),
+                  Input("new-program", "value"), Input("new-table", "active_cell"), State("new-table", "data"),
+                  State("url", "search"), prevent_initial_call=True)
+    def choose(kinds, program, active, rows, search):
+        state, _ = dash_state(search)
+        if state.view != "new":
+            raise PreventUpdate
+        try:
+            dash_new_choice(state, ctx.triggered_id, kinds, program, active, rows)
+        except ValueError:          # (a value from the page that is not one)
+            raise PreventUpdate
+        if dash_query(state) == (search or ""):
+            raise PreventUpdate     # (the controls shown again after a change of the address)
+        return dash_query(state)
+
+    @app.callback(**dash_new_wiring())
+    def render(search, mute, unmute, group):
+        state, problems = dash_state(search)
+        if state.view != "new":
+            raise PreventUpdate
+        exe = text_of(state.program) if state.program is not None else None
+        said = ""
+        if ctx.triggered_id in ("new-mute", "new-unmute") and exe is not None and group in MUTE_KINDS:
+            said = change_mute(exe, group, ctx.triggered_id == "new-mute")
+        log = reader()
+        log.refresh()
+        found = None if log.problem else log.ask(lambda: log.log.novelty(NOVELTY_GROUPS[state.kinds], exe))
+        found = found or NoveltyList([], {}, [], "")
+        mutes = read_mutes(directory)
+        notes = [f"not understood in the address, and left out: {', '.join(problems)}"] if problems else []
+        notes += [n for n in (log.problem, found.missing) if n]
+        rows, tips = dash_new_rows(found, mutes, state.units)
+        detail = None
+        if exe is not None and not log.problem:
+            record, problem = read_record(os.path.join(directory, RECORD_NAME))
+            notes += [problem] if problem else []
+            detail = log.ask(lambda: dash_new_program(log.log, record, exe, found, mutes))
+        header, cells = dash_table_colors(state.theme)
+        total = sum(found.counts.values())
+        counts = " · ".join(f"{kind} {found.counts[kind]}" for kind in NOVELTY_KINDS if found.counts.get(kind))
+        history = dataclasses.replace(DashState(), range="all", units=state.units, theme=state.theme,
+                                      filters=[("exe", exe, False)], detail=exe)
+        return {"kind": state.kinds, "program": encode_value(exe) if exe is not None else None,
+                "offered": [{"label": shorten(shown(p), 90), "value": encode_value(p)} for p in found.programs],
+                "counts": f"{total} {'event' if total == 1 else 'events'}" + (f": {counts}" if counts else "") +
+                          (f"; the newest {NOVELTY_ROWS} listed" if len(rows) >= NOVELTY_ROWS else ""),
+                "rows": rows, "tips": tips, "active": None, "header": header, "cells": cells,
+                "message": " · ".join(notes), "hidden": detail is None,
+                "name": shown(exe) if exe is not None else "",
+                "detail": dash_new_program_view(detail) if detail else [], "said": said,
+                "history": dash_query(history) if exe is not None else no_update}
+
+
 def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = ""):
     """The Dash application for the log in a state directory (see dash_state
     for its view); its live tab follows the event stream at the path stream
@@ -11461,7 +12013,7 @@ def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = "")
 
     def render(state: DashState, problems: typing.List[str], now: int, add_column: str) -> dict:
         shows = {"theme_class": f"ps-{state.theme} ps-view-{state.view}", "live_still": state.view != "live"}
-        if state.view == "live":        # (the history is asked again when it is shown)
+        if state.view != "history":     # (the history is asked again when it is shown)
             outputs = dash_page_wiring()["output"]
             return {**{name: no_update for name in outputs}, **shows, "interval": 60_000, "still": True}
         chips = [html.Span(className="ps-chip", children=[
@@ -11569,6 +12121,7 @@ def dash_app(directory: str, config: Config, guard: DashGuard, stream: str = "")
                 "filename": "picosnitch.csv"}
 
     dash_live_callbacks(app, live)
+    dash_new_callbacks(app, reader, directory)
     return app
 
 

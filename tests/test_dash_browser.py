@@ -48,6 +48,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
 import picosnitch
+import test_whatsnew
 from browser import Browser, eventually
 from conftest import PEER_PORT, PYTHON, SCRIPT, Daemon, need_root, sha256_file, unique_c_sender, wait_for
 from test_view import make_old_db
@@ -1427,3 +1428,99 @@ def test_a_range_without_connections_keeps_its_time_axis(page, world):
     expect(page, [("from", field_time(start)), ("to", field_time(end))], [])
     shown = page.browser.js("return document.querySelector('#graph .js-plotly-plot')._fullLayout.xaxis.range")
     assert chart_time(shown[0]) <= start and end - 1 <= chart_time(shown[1]), shown
+
+
+# -- what's new --------------------------------------------------------------------
+
+def new_rows(page):
+    return page.props("new-table")["data"]
+
+
+def test_whats_new_lists_the_events_and_a_click_keeps_a_program(browser, tmp_path):
+    """The what's-new page lists the novelty events of the log, newest first,
+    with the times, kinds, programs and destinations they were written
+    with (names escaped, markup as text); a click on an event keeps its
+    program and details it; a mute says the daemon is not there; the kind
+    buttons and the link to the program's history do what they say."""
+    home = make_home(tmp_path / "home")
+    events = test_whatsnew.sample_events()
+    test_whatsnew.write_log(home / "state" / "snitch.db", test_whatsnew.sample_rows(), events)
+    record = {"Executables": {"/usr/bin/curl": ["curl", "curl-wrapper"]}, "Names": {}, "Parent Executables": {},
+              "Parent Names": {}, "SHA256": {"/usr/bin/curl": {"cd" * 32: "VirusTotal: 0 malicious"}}}
+    (home / "state" / "record.json").write_text(json.dumps(record))
+    server = DashServer(home, tmp_path / "dash-output").start()
+    try:
+        browser.read_console()
+        page = Page(browser, server)
+        browser.open(f"{server.url}?token={server.token}&v=new")
+        rows = eventually(lambda: assert_length(new_rows(page), len(events)))
+        assert [(r["time"], r["kind"], r["program"]) for r in rows] == \
+            [(e[0], e[1], picosnitch.shown(e[2])) for e in events]
+        assert rows[0]["what"] == "example.org (www.example.org)" and rows[0]["country"] == "DE"
+        assert rows[0]["destination"] == "www.example.org 192.0.2.10:443" and rows[0]["sent"] == "3.0 kB"
+        hostile = rows[2]
+        assert hostile["program"] == "/tmp/\\u202egpj.exe\\x1b[31m"
+        assert hostile["what"] == "evil\\x0aexample.org<b>x</b> (192.0.2.66)"
+        shown = browser.js("return Array.from(document.querySelectorAll('#new-table td[data-dash-column=\"what\"]'))"
+                           ".map(function (c) { return c.innerText.trim(); })")
+        assert shown[2] == hostile["what"]
+        assert not browser.js("return document.querySelector('#new-table td b')")     # (markup is text)
+        assert page.text("new-counts") == "8 events: program 1 · name 1 · hash 1 · domain 2 · country 1 · " \
+                                          "port 1 · volume 1"
+        assert page.text("new-message") == ""
+
+        cell = eventually(lambda: next(c for c in page.driver.find_elements(
+            By.CSS_SELECTOR, '#new-table td[data-dash-column="program"]') if c.text == "/usr/bin/curl"))
+        cell.click()
+        eventually(lambda: assert_query_has(page, ("p", "s/usr/bin/curl")))
+        eventually(lambda: assert_equal([(r["kind"], r["program"]) for r in new_rows(page)],
+                                        [("domain", "/usr/bin/curl"), ("country", "/usr/bin/curl"),
+                                         ("hash", "/usr/bin/curl")]))
+        detail = eventually(lambda: assert_contains(page.text("new-program-box"), "curl-wrapper"))
+        assert "program: /usr/bin/curl" in detail and "new about it: hash 1 · domain 1 · country 1" in detail
+        assert "sent 3.0 kB · received 50.0 kB in 1 row" in detail and "VirusTotal: 0 malicious" in detail
+        os.makedirs("/var/tmp/bench", exist_ok=True)
+        browser.screenshot("/var/tmp/bench/whatsnew-dash.png")
+
+        page.click("new-mute")
+        eventually(lambda: assert_contains(page.text("new-mute-said"), "picosnitch is not running"))
+        page.pick("new-kind", "destination")
+        eventually(lambda: assert_query_has(page, ("k", "destination")))
+        eventually(lambda: assert_equal([r["kind"] for r in new_rows(page)], ["domain", "country"]))
+        page.click("new-history")
+        eventually(lambda: assert_query_has(page, ("f", "exe=s/usr/bin/curl")))
+        page.settle()
+        assert page.table() == [("/usr/bin/curl", 3000, 50000, 1)]
+        assert page.text("detail").startswith("details: /usr/bin/curl")
+        browser.driver.back()
+        eventually(lambda: assert_equal([r["kind"] for r in new_rows(page)], ["domain", "country"]))
+        assert_console_clean(browser, server)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_whats_new_of_an_older_log_says_why_it_lists_nothing(browser, tmp_path):
+    home = make_home(tmp_path / "home")
+    path = test_whatsnew.write_log(home / "state" / "snitch.db", test_whatsnew.sample_rows(), [])
+    test_whatsnew.older_layout(path)
+    server = DashServer(home, tmp_path / "dash-output").start()
+    try:
+        browser.read_console()
+        page = Page(browser, server)
+        browser.open(f"{server.url}?token={server.token}&v=new")
+        message = eventually(lambda: assert_contains(page.text("new-message"), "older layout (version 4)"))
+        assert message.startswith("nothing new can be listed")
+        assert new_rows(page) == [] and page.text("new-counts") == "0 events"
+        assert_console_clean(browser, server)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def assert_length(items, n):
+    assert len(items) == n, items
+    return items
+
+
+def assert_contains(text, part):
+    assert part in text, text
+    return text
