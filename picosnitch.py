@@ -9690,27 +9690,74 @@ def viewer_geoip(directory: str, config: Config, said: typing.List[str]) -> typi
     return GeoIP(os.path.join(directory, GEOIP_NAME), said.append) if config.geoip_lookup else None
 
 
-# -- mutes, as the viewers ask for them and read them (stand-ins: the daemon
-# does not serve mutes yet)
+# -- mutes, as `picosnitch mute`, `view` and `dash` ask for them and read them --
+# The notifier keeps them (section 13) and answers on its control socket
+# (section 17); its copy in the state directory is for reading here.
 
-def request_mute(exe: str, kinds: list, mute: bool) -> list:
-    """Ask the running daemon to mute (or, mute False, unmute) kinds of what
-    is new about exe; the kinds muted for it now. PicosnitchError says why
-    it could not be asked."""
-    raise PicosnitchError(f"picosnitch is not running: there is nothing at {CONTROL_SOCKET} to ask "
-                          "(start it with 'sudo picosnitch start')")
+MUTE_ANSWER = 64 << 10      # bytes of an answer read, at most
+MUTE_TIMEOUT = 10.0         # seconds to wait for the answer
 
 
-def read_mutes(state: str) -> dict:
-    """exe -> the kinds muted for it, from the state directory's mutes.json ({} when there is none)."""
+def request_mute(exe: str, kinds: typing.Sequence[str], mute: bool = True,
+                 path: str = CONTROL_SOCKET) -> typing.List[str]:
+    """Ask the daemon to mute (or, mute False, unmute) these MUTE_KINDS keys
+    for a program (its executable's absolute path); the keys muted for it
+    now. PicosnitchError with the daemon's word when it says no, or why it
+    could not be asked."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        with open(os.path.join(state, MUTES_NAME), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+        sock.settimeout(MUTE_TIMEOUT)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise PicosnitchError(f"picosnitch is not running: there is no control socket at {path} "
+                                  "(start it with 'sudo picosnitch start')")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):    # (refused: its answer is read next)
+            sock.sendall(json.dumps({"v": 1, "type": "mute", "exe": exe, "kinds": list(kinds),
+                                     "mute": mute}).encode() + b"\n")
+        answer = b""
+        while b"\n" not in answer and len(answer) < MUTE_ANSWER:
+            data = sock.recv(MUTE_ANSWER - len(answer))
+            if not data:
+                break
+            answer += data
+    except socket.timeout:
+        raise PicosnitchError(f"picosnitch did not answer in {MUTE_TIMEOUT:.0f}s")
+    except OSError as e:
+        raise PicosnitchError(f"the control socket at {path} cannot be used: {e.strerror or e}")
+    finally:
+        sock.close()
+    return mute_answer(answer.partition(b"\n")[0])
+
+
+def mute_answer(line: bytes) -> typing.List[str]:
+    """The keys an answer of the control socket names; PicosnitchError for a refusal or an error."""
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise PicosnitchError("picosnitch's answer could not be read")
+    if answer.get("type") == "refused":
+        raise PicosnitchError(f"picosnitch refused: {shown(stream_str(answer.get('reason')))}")
+    if answer.get("type") == "error":
+        raise PicosnitchError(shown(stream_str(answer.get("text"))))
+    kinds = answer.get("kinds")
+    if answer.get("type") != "mutes" or not isinstance(kinds, list):
+        raise PicosnitchError("picosnitch's answer could not be read")
+    return [k for k in kinds if k in MUTE_KINDS]
+
+
+def read_mutes(state: str) -> typing.Dict[str, typing.List[str]]:
+    """The mutes as the state directory's copy says: {exe: [MUTE_KINDS keys,
+    sorted]} ({} when there is none). PicosnitchError when it cannot be read."""
+    path = os.path.join(state, MUTES_NAME)
+    try:
+        return mutes_checked(json.loads(read_regular(path, 16 << 20)))
+    except FileNotFoundError:
         return {}
-    if not isinstance(data, dict):
-        return {}
-    return {exe: [k for k in kinds if isinstance(k, str)] for exe, kinds in data.items() if isinstance(kinds, list)}
+    except (OSError, ValueError) as e:
+        raise PicosnitchError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}")
 
 
 # -- what is new, as both viewers show it: each event's time, what is new
@@ -9773,11 +9820,19 @@ def muted_groups(keys: typing.Iterable[str]) -> typing.List[str]:
     return [key for key, group in MUTE_KINDS.items() if key != "all" and set(group) <= kinds]
 
 
+def mutes_or_why(state: str) -> typing.Tuple[typing.Dict[str, typing.List[str]], str]:
+    """The mutes (read_mutes), and '' or why they could not be read (then none are marked)."""
+    try:
+        return read_mutes(state), ""
+    except PicosnitchError as e:
+        return {}, str(e)
+
+
 def change_mute(exe: str, group: str, mute: bool) -> str:
     """Ask the daemon to mute (or unmute) a group of MUTE_KINDS for exe; its
     answer, or why it could not be asked, in a line for the user."""
     try:
-        now = request_mute(exe, list(MUTE_KINDS[group]), mute)
+        now = request_mute(exe, [group], mute)
     except PicosnitchError as e:
         return str(e)
     done = f"{'muted' if mute else 'unmuted'} {group} for {shown(exe)}"
@@ -10006,75 +10061,6 @@ class LiveState:
             entry.children.sort(key=lambda f: (-rate(f), -total(f), f.label))
         return entries
 
-# -- mutes, as `picosnitch mute`, `view` and `dash` ask for them and read them --
-# The notifier keeps them (section 13) and answers on its control socket
-# (section 17); its copy in the state directory is for reading here.
-
-MUTE_ANSWER = 64 << 10      # bytes of an answer read, at most
-MUTE_TIMEOUT = 10.0         # seconds to wait for the answer
-
-
-def request_mute(exe: str, kinds: typing.Sequence[str], mute: bool = True,
-                 path: str = CONTROL_SOCKET) -> typing.List[str]:
-    """Ask the daemon to mute (or, mute False, unmute) these MUTE_KINDS keys
-    for a program (its executable's absolute path); the keys muted for it
-    now. PicosnitchError with the daemon's word when it says no, or why it
-    could not be asked."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(MUTE_TIMEOUT)
-        try:
-            sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise PicosnitchError(f"picosnitch is not running: there is no control socket at {path} "
-                                  "(start it with 'sudo picosnitch start')")
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):    # (refused: its answer is read next)
-            sock.sendall(json.dumps({"v": 1, "type": "mute", "exe": exe, "kinds": list(kinds),
-                                     "mute": mute}).encode() + b"\n")
-        answer = b""
-        while b"\n" not in answer and len(answer) < MUTE_ANSWER:
-            data = sock.recv(MUTE_ANSWER - len(answer))
-            if not data:
-                break
-            answer += data
-    except socket.timeout:
-        raise PicosnitchError(f"picosnitch did not answer in {MUTE_TIMEOUT:.0f}s")
-    except OSError as e:
-        raise PicosnitchError(f"the control socket at {path} cannot be used: {e.strerror or e}")
-    finally:
-        sock.close()
-    return mute_answer(answer.partition(b"\n")[0])
-
-
-def mute_answer(line: bytes) -> typing.List[str]:
-    """The keys an answer of the control socket names; PicosnitchError for a refusal or an error."""
-    try:
-        answer = json.loads(line)
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict):
-        raise PicosnitchError("picosnitch's answer could not be read")
-    if answer.get("type") == "refused":
-        raise PicosnitchError(f"picosnitch refused: {shown(stream_str(answer.get('reason')))}")
-    if answer.get("type") == "error":
-        raise PicosnitchError(shown(stream_str(answer.get("text"))))
-    kinds = answer.get("kinds")
-    if answer.get("type") != "mutes" or not isinstance(kinds, list):
-        raise PicosnitchError("picosnitch's answer could not be read")
-    return [k for k in kinds if k in MUTE_KINDS]
-
-
-def read_mutes(state: str) -> typing.Dict[str, typing.List[str]]:
-    """The mutes as the state directory's copy says: {exe: [MUTE_KINDS keys,
-    sorted]} ({} when there is none). PicosnitchError when it cannot be read."""
-    path = os.path.join(state, MUTES_NAME)
-    try:
-        return mutes_checked(json.loads(read_regular(path, 16 << 20)))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise PicosnitchError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}")
-
 ###############################################################################
 # 22. terminal viewer
 ###############################################################################
@@ -10167,6 +10153,7 @@ class NoveltyView:
         self.cursor = self.top = 0
         self.found = NoveltyList([], {}, [], "")
         self.mutes: typing.Dict[str, list] = {}
+        self.mutes_problem = ""                         # (why mutes.json could not be read)
         self.computed: typing.Optional[tuple] = None
 
     def current(self, reader: LogReader, span: tuple, asked: tuple) -> NoveltyList:
@@ -10175,7 +10162,7 @@ class NoveltyView:
         if key != self.computed and not reader.problem:
             kinds = list(NOVELTY_GROUPS.values())[self.group]
             self.found = reader.ask(lambda: reader.log.novelty(kinds, self.exe, *span)) or NoveltyList([], {}, [], "")
-            self.mutes = read_mutes(self.state)
+            self.mutes, self.mutes_problem = mutes_or_why(self.state)
             self.computed = key
             self.cursor = min(self.cursor, max(len(self.found.events) - 1, 0))
         return self.found
@@ -10205,7 +10192,7 @@ class NoveltyView:
         if group is None:
             return "a new program is told of once; M mutes everything new about it, X unmutes it"
         said = change_mute(event["exe"], group, mute)
-        self.mutes = read_mutes(self.state)
+        self.mutes, self.mutes_problem = mutes_or_why(self.state)
         return said
 
     def screen(self, height: int, width: int, heading: str, unit: tuple, problem: str,
@@ -10226,7 +10213,8 @@ class NoveltyView:
                           width), False))
         for i in range(self.top, min(self.top + rows, len(events))):
             lines.append((fit(self.line(events[i], unit, name_width), width), i == self.cursor))
-        for text in wrap(problem or found.missing, width) if problem or found.missing else []:
+        note = problem or found.missing or self.mutes_problem
+        for text in wrap(note, width) if note else []:
             lines.append((fit(text, width), False))
         lines = lines[:height - 2]
         lines += [(" " * width, False)] * (height - 2 - len(lines))
@@ -11947,9 +11935,9 @@ def dash_new_callbacks(app, reader: typing.Callable[[], LogReader], directory: s
         log.refresh()
         found = None if log.problem else log.ask(lambda: log.log.novelty(NOVELTY_GROUPS[state.kinds], exe))
         found = found or NoveltyList([], {}, [], "")
-        mutes = read_mutes(directory)
+        mutes, unread = mutes_or_why(directory)
         notes = [f"not understood in the address, and left out: {', '.join(problems)}"] if problems else []
-        notes += [n for n in (log.problem, found.missing) if n]
+        notes += [n for n in (log.problem, found.missing, unread) if n]
         rows, tips = dash_new_rows(found, mutes, state.units)
         detail = None
         if exe is not None and not log.problem:

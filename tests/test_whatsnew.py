@@ -148,10 +148,12 @@ def test_how_events_and_mutes_are_shown():
 
 def test_mutes_are_read_from_the_state_directory(tmp_path):
     assert picosnitch.read_mutes(str(tmp_path)) == {}
-    (tmp_path / picosnitch.MUTES_NAME).write_text(json.dumps({"/usr/bin/curl": ["domain", "country", "port"]}))
-    assert picosnitch.read_mutes(str(tmp_path)) == {"/usr/bin/curl": ["domain", "country", "port"]}
+    (tmp_path / picosnitch.MUTES_NAME).write_text(json.dumps({"mutes": {"/usr/bin/curl": ["destination"]}}))
+    assert picosnitch.read_mutes(str(tmp_path)) == {"/usr/bin/curl": ["destination"]}
+    assert picosnitch.mutes_or_why(str(tmp_path)) == ({"/usr/bin/curl": ["destination"]}, "")
     (tmp_path / picosnitch.MUTES_NAME).write_text("{not json")
-    assert picosnitch.read_mutes(str(tmp_path)) == {}
+    mutes, why = picosnitch.mutes_or_why(str(tmp_path))
+    assert mutes == {} and why.startswith(f"{tmp_path / picosnitch.MUTES_NAME} cannot be read")
 
 
 # -- view's what's new, in process ------------------------------------------------
@@ -168,7 +170,7 @@ def entries(lines):
 
 
 def test_whats_new_in_view_at_80_by_24(sample, tmp_path):
-    (tmp_path / picosnitch.MUTES_NAME).write_text(json.dumps({"/usr/bin/ssh": ["domain", "country", "port"]}))
+    (tmp_path / picosnitch.MUTES_NAME).write_text(json.dumps({"mutes": {"/usr/bin/ssh": ["destination"]}}))
     viewer = picosnitch.Viewer(sample, None)
     try:
         assert screen(viewer)[-1].startswith("←→ view") and " n new " in screen(viewer)[-1]
@@ -263,7 +265,7 @@ CAPTURES = pathlib.Path("/var/tmp/picosnitch-captures")
 
 def test_whats_new_in_view_in_tmux(home):
     path = write_log(home / "state" / "snitch.db", sample_rows(), sample_events())
-    (home / "state" / picosnitch.MUTES_NAME).write_text(json.dumps({"/usr/bin/ssh": ["all"]}))
+    (home / "state" / picosnitch.MUTES_NAME).write_text(json.dumps({"mutes": {"/usr/bin/ssh": ["all"]}}))
     for name in os.listdir(home / "state"):
         os.chown(os.path.join(home / "state", name), NOBODY, NOBODY)
     assert path
