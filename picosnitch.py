@@ -5402,15 +5402,21 @@ MUTED_PROGRAMS = 10000     # programs with mutes, at most
 
 def novelty_body(events: typing.Sequence[Novelty]) -> str:
     """What one notice says of a group of events: the event's text if it is
-    alone; else how many of which kind, and the first."""
+    alone; else how many of which kind, and the first; of several kinds, a
+    line with the first of each (a new destination is not hidden behind a
+    burst of new programs)."""
     first = events[0]
     if len(events) == 1:
         return shown(first.text)
     nouns = collections.Counter(NOVELTY_NOUNS.get(e.kind, ("thing", "things")) for e in events)
     if len(nouns) == 1:
         return f"{len(events)} new {next(iter(nouns))[1]}, the first: {shown(first.name)} ({shown(first.exe)})"
+    firsts: typing.Dict[tuple, Novelty] = {}
+    for e in events:
+        firsts.setdefault(NOVELTY_NOUNS.get(e.kind, ("thing", "things")), e)
     counts = ", ".join(f"{n} {noun[n > 1]}" for noun, n in nouns.most_common())
-    return f"{len(events)} things are new: {counts}; the first: {shown(first.text)}"
+    return "\n".join([f"{len(events)} things are new: {counts}; the first of each:"] +
+                     [shown(e.text) for e in firsts.values()])
 
 
 class Mutes:
@@ -6317,9 +6323,9 @@ def destination_text(kind: str, s: Sighting, value: str, found: list, days: int)
     domain, raddr, rport, country = found[:4]
     where = {"domain": f"the domain {value}" + (f" (as {domain})" if domain and domain != value else ""),
              "country": f"the country {value}", "port": f"remote port {value}"}[kind]
-    via = ", ".join(x for x in (domain if kind != "domain" else "",
-                                f"{raddr} port {rport}" if raddr and rport not in (None, -1) else raddr,
-                                country if kind != "country" else "") if x)
+    address = f"{raddr} port {rport}" if raddr and rport is not None and kind != "port" else raddr
+    via = ", ".join(x for x in (domain if kind != "domain" else "", address, country if kind != "country" else "")
+                    if x)
     return f"New destination for {s.name} ({s.exe}): {where}" + (f", via {via}" if via else "") + \
         f"; it had reached nothing new in {days} days of use"
 

@@ -87,8 +87,9 @@ def test_a_group_of_kinds_says_how_many_of_each_and_a_steady_trickle_is_shown_wi
         n.novelty(novelty(kind, i))
     clock.now += picosnitch.NOVELTY_GROUP_SECONDS
     n.show_group()
-    assert bodies(n) == ["7 things are new: 5 programs, 2 destinations; the first: First network connection "
-                         "detected for p0 (/opt/p0)"]
+    assert bodies(n)[0].splitlines()[:2] == ["7 things are new: 5 programs, 2 destinations; the first of each:",
+                                             "First network connection detected for p0 (/opt/p0)"]
+    assert len(bodies(n)[0].splitlines()) == 3 and "p5" in bodies(n)[0].splitlines()[2]
     for i in range(20):                 # one every 2 s: never quiet for 3 s
         n.novelty(novelty(i=i))
         clock.now += 2
