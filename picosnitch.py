@@ -6279,10 +6279,8 @@ class Baseline:
 
     def observe_program(self, s: Sighting, day: int, hour: int, contime: str, config: Config,
                         quiet: bool) -> typing.List[tuple]:
-        p = self.program(s.ident)
-        known = p is not None
-        if not known:
-            p = self.inherit(s, day)
+        p = self.program(s.ident) or self.inherit(s, day)
+        known = p["hour"] is not None       # (it, or the version it goes on from, was seen before)
         if day > (p["used"] or 0):
             p["used"] = day
             if day > p["grown"]:
