@@ -6063,6 +6063,7 @@ class GeoIP:
 
 NOVELTY_QUEUE = 100_000     # sightings kept while the baseline is built (then the oldest are dropped)
 EPHEMERAL_PORTS = (32768, 60999)    # the kernel's default ip_local_port_range: a client's side of a connection
+CLIENT_PORTS = (32768, 65535)       # a remote client's side: Linux's range, or IANA's 49152-65535 (macOS, iOS, Windows)
 BASELINE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS programs (ident TEXT PRIMARY KEY, exe TEXT, name TEXT, grown INTEGER, days INTEGER,
     used INTEGER, hours INTEGER, hour INTEGER, sent INTEGER, received INTEGER, top_sent INTEGER,
@@ -6167,9 +6168,10 @@ class Sighting:
 
 def is_served(lport: int, rport: int, ephemeral: typing.Tuple[int, int] = EPHEMERAL_PORTS) -> bool:
     """Whether a connection looks served, not made: its remote port is a
-    client's (in the ephemeral range) and its local one is not. Such a
-    remote port is no destination (each client brings another)."""
-    return ephemeral[0] <= rport <= ephemeral[1] and not ephemeral[0] <= lport <= ephemeral[1]
+    client's (in an ephemeral range: Linux's, or the one other systems use)
+    and its local one is not (in this kernel's). Such a remote port is no
+    destination (each client brings another)."""
+    return CLIENT_PORTS[0] <= rport <= CLIENT_PORTS[1] and not ephemeral[0] <= lport <= ephemeral[1]
 
 
 def destinations(registrable: str, country: str, lport: typing.Optional[int],

@@ -39,6 +39,8 @@ def test_a_served_connection_has_no_remote_port_as_destination():
     assert picosnitch.destinations("", "", 22, 51234) == []         # (sshd, a client's port)
     assert picosnitch.destinations("", "", 41000, 51234) == [("port", "51234")]    # (both ephemeral: one made)
     assert picosnitch.destinations("", "", 40000, None) == []
+    assert picosnitch.destinations("", "", 22, 63211) == []         # (a Mac's or a Windows client's port)
+    assert picosnitch.destinations("", "", 45000, 63211) == [("port", "63211")]
 
 
 def sighting(ident="aa" * 32, exe="/usr/bin/backup", name="backup", send=1000, recv=2000, dests=()):
