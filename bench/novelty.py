@@ -49,9 +49,9 @@ it backs up at night):
   reads 500 MB back;
 - rarely used programs: zoom (a weekly meeting), steam (installed on day
   21, a game of 3 GB), libreoffice (an update check when opened), curl;
-- sshd: the user's laptop (Linux) logs in some evenings, a Mac now and
-  then; its remote ports are those clients' ephemeral ports (the Mac's from
-  49152-65535, as macOS has them); an scp of a few hundred MB sometimes.
+- sshd: the user's Linux laptop or Mac logs in some evenings; its remote
+  ports are those clients' ephemeral ports (the Mac's from 49152-65535, as
+  macOS has them); an scp of a few hundred MB sometimes.
 
 Held out (injected on the last days, never seen before): the backup tool
 reaching its usual domain at an address in a new country (day 27), apt
@@ -94,7 +94,6 @@ import mmdb  # noqa: E402
 import picosnitch  # noqa: E402
 
 DAY, HOUR, WINDOW, MB = picosnitch.DAY, picosnitch.HOUR, 10, 1_000_000
-LEARNING = 7                # the first days, the baseline being learnt
 GROUP_SECONDS = 3           # the notifier's grouping of novelty events into one notification
 TARGET_PER_DAY = 3
 TARGET_COST_MS = 1.0
@@ -521,7 +520,7 @@ def plan_month(start, days, inject=True):
         # -- sshd: the laptop some evenings, a Mac now and then
         if rng.random() < 0.35:
             a = t0 + rng.uniform(19, 22) * HOUR
-            mac = rng.random() < 0.3
+            mac = rng.random() < 0.5
             client = LAN + ("41" if mac else "40")
             port = rng.randint(49152, 65535) if mac else rng.randint(32768, 60999)
             big = rng.random() < 0.15
@@ -639,10 +638,10 @@ class Timed:
             self.spent += time.perf_counter() - began
 
 
-def run_month(desktop, home, days, say=print):
+def run_month(desktop, home, days, settle_days, say=print):
     """Every window of the month (windows with no row are not sent: they
     could tell nothing new) through Primary.window; what it told, when."""
-    primary, rt = make_primary(home, desktop.inodes, db_retention_days=3650)
+    primary, rt = make_primary(home, desktop.inodes, db_retention_days=3650, novelty_settle_days=settle_days)
     timed = Timed(primary)
     told, errors, hourly, added, whole = [], [], collections.defaultdict(dict), [], []
     last = days * DAY // WINDOW
@@ -846,8 +845,9 @@ def verdict(ok):
 
 def report(args, desktop, month, results, days_rows, table, replay_ok, cost, size, builds, log_rows, shared, settled):
     told, windows = month["told"], month["windows"]
-    learning = [r[3] for r in days_rows[:LEARNING]]
-    rest = [r[3] for r in days_rows[LEARNING:]] or [0]
+    learning_days = args.settle_days
+    learning = [r[3] for r in days_rows[:learning_days]] or [0]
+    rest = [r[3] for r in days_rows[learning_days:]] or [0]
     caught = sum(1 for r in results if r[2])
     added_med, added_p95 = statistics.median(cost["added"]), quantile(cost["added"], 0.95)
     lines = [f"# picosnitch's novelty rules on a realistic desktop month ({datetime.date.today()}, kernel "
@@ -862,8 +862,9 @@ def report(args, desktop, month, results, days_rows, table, replay_ok, cost, siz
               "NetworkManager, avahi, cupsd), dev tools (git, ssh, python3), a nightly backup (restic), rarely "
               "used programs (zoom, steam, libreoffice, curl) and sshd serving a Linux laptop and a Mac. Each "
               "window's rows went through picosnitch's `Primary.window`, in this process, with its defaults "
-              "(settle days, volume factor and minimum) but a retention of 10 years (the month lies in the "
-              "past); hashes answered by a thread as the monitor would, the real public suffix list, a GeoIP "
+              f"(volume factor and minimum) but {args.settle_days} settle days"
+              f"{' (the default)' if args.settle_days == picosnitch.Config().novelty_settle_days else ''} and a "
+              "retention of 10 years (the month lies in the past); hashes answered by a thread as the monitor would, the real public suffix list, a GeoIP "
               "database of a fixed table (each /8 one country's) and no reverse look-ups.", "",
               f"- rows: {log_rows:,} in {month['seq']:,} windows with rows (of {args.days * DAY // WINDOW:,}); "
               f"{len(desktop.programs)} programs, {len(desktop.inodes)} executables' versions (parents "
@@ -873,21 +874,21 @@ def report(args, desktop, month, results, days_rows, table, replay_ok, cost, siz
               "## Notifications a day", "",
               "Novelty events by kind, and notifications: the notifier makes one of events that come within "
               f"{GROUP_SECONDS} s of each other; windows are 10 s apart, so each window with events is one. "
-              f"The first {LEARNING} days learn the baseline (every program is new). The held-out anomalies' "
+              f"The first {learning_days} days learn the baseline (every program is new). The held-out anomalies' "
               "events are not counted here (see below).", "",
               "| day | | " + " | ".join(KINDS) + " | notifications |", "|---|---|" + "---|" * (len(KINDS) + 1)]
     for day, weekday, kinds, count in days_rows:
         lines.append(f"| {day} | {weekday} | " + " | ".join(str(kinds.get(k, "")) for k in KINDS) + f" | {count} |")
-    lines += ["", f"- learning (days 0-{LEARNING - 1}): {sum(learning)} notifications, max {max(learning)} a day, "
-                  f"median {statistics.median(learning):g}",
-              f"- after (days {LEARNING}-{args.days - 1}): {sum(rest)} notifications, max {max(rest)} a day, median "
+    lines += ["", f"- learning (days 0-{learning_days - 1}): {sum(learning)} notifications, max {max(learning)} a "
+                  f"day, median {statistics.median(learning):g}",
+              f"- after (days {learning_days}-{args.days - 1}): {sum(rest)} notifications, max {max(rest)} a day, median "
               f"{statistics.median(rest):g}, mean {statistics.mean(rest):.2f}",
               "", "What was told after the learning days:", ""]
     for t, kind, exe, name, text in told:
-        if t >= desktop.start + LEARNING * DAY and not any(t == e[0] and text == e[4] for r in results for e in r[3]):
+        if t >= desktop.start + learning_days * DAY and not any(t == e[0] and text == e[4] for r in results for e in r[3]):
             lines.append(f"- {contime_of(t)} {kind}: {text}")
     lines += ["", "Each executable's baseline at the end of the month (its newest sha256): days of use since it "
-              "last reached something new (a program is settled after 7), the days since then, and what it has "
+              f"last reached something new (a program is settled after {args.settle_days}), the days since then, and what it has "
               "reached:", "", "| executable | days of use since new | days since | settled | domains | countries | "
               "remote ports |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {exe} | {days} | {since} | {'yes' if ok else 'no'} | {dom} | {cc} | {ports} |"
@@ -914,7 +915,7 @@ def report(args, desktop, month, results, days_rows, table, replay_ok, cost, siz
         cells = []
         for minimum in VOLUME_MINIMA:
             found, hit = table[(factor, minimum)]
-            learnt = sum(1 for e in found if e[1] < desktop.start + LEARNING * DAY)
+            learnt = sum(1 for e in found if e[1] < desktop.start + learning_days * DAY)
             cells.append(f"{len(found)} ({learnt} learning){' · caught' if hit else ''}")
         lines.append(f"| {factor} | " + " | ".join(cells) + " |")
     lines += ["", "At the default (10, 100 MB), the month's volume events:", ""]
@@ -964,7 +965,7 @@ def report(args, desktop, month, results, days_rows, table, replay_ok, cost, siz
     lines += ["", "## Targets", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {what} | {got} | {verdict(ok)} |" for what, got, ok in targets]
     big = builds[-1] if builds else None
-    summary = (f"novelty: {sum(rest)} notifications in {args.days - LEARNING} days after learning (max {rest_max} a "
+    summary = (f"novelty: {sum(rest)} notifications in {args.days - learning_days} days after learning (max {rest_max} a "
                f"day, target {TARGET_PER_DAY}); anomalies caught {caught}/{len(results)}; added cost "
                f"{ms(added_med)} ms median / {ms(added_p95)} ms p95 per {cost['rows']}-row window; baseline "
                f"{b_size / 1e6 / (log_rows / 1e6):.2f} MB per million rows"
@@ -974,15 +975,17 @@ def report(args, desktop, month, results, days_rows, table, replay_ok, cost, siz
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--days", type=int, default=30, help="days of the month (at least 10)")
+    parser.add_argument("--days", type=int, default=30, help="days of the month (at least the settle days and 3)")
+    parser.add_argument("--settle-days", type=int, default=picosnitch.Config().novelty_settle_days,
+                        help="\"Novelty settle days\" (default picosnitch's); also the days counted as learning")
     parser.add_argument("--rows", default="1000000,10000000", help="sizes of the logs to build a baseline from "
                                                                  "(bench/loggen.py; none: '')")
     parser.add_argument("--keep", default="/var/tmp/pslogs", help="where those logs are kept (and reused)")
     parser.add_argument("--cost-windows", type=int, default=300, help="40-row windows with novelty (as many without)")
     parser.add_argument("--report", help="also write the report to this markdown file")
     args = parser.parse_args(argv)
-    if args.days < 10:
-        parser.error("--days: at least 10 (7 days to learn, 3 of anomalies)")
+    if args.days < args.settle_days + 3:
+        parser.error("--days: at least the settle days and 3 (the anomalies' days)")
     say = lambda text: print(text, flush=True)
     start = picosnitch.local_seconds(time.strftime("%Y-%m-%d 00:00:00", time.localtime())) - (args.days + 1) * DAY
     workdir = tempfile.mkdtemp(prefix="psnovelty-", dir="/var/tmp")
@@ -990,7 +993,8 @@ def main(argv=None):
         began = time.monotonic()
         desktop = plan_month(start, args.days)
         say(f"planned {args.days} days in {time.monotonic() - began:.0f} s")
-        primary, rt, timed, month = run_month(desktop, os.path.join(workdir, "home"), args.days, say)
+        primary, rt, timed, month = run_month(desktop, os.path.join(workdir, "home"), args.days, args.settle_days,
+                                              say)
         log_rows = sqlite3.connect(os.path.join(rt.state, picosnitch.DB_NAME)).execute(
             "SELECT count(*) FROM conns").fetchone()[0]
         results = anomaly_results(desktop, month["told"])
@@ -998,8 +1002,7 @@ def main(argv=None):
         days_rows = per_day(desktop, month["told"], args.days, excluded)
         table, *replay = volume_table(desktop, month["hourly"], month["told"])
         size = baseline_size(primary.baseline)
-        settled = settled_programs(primary.baseline, (start + args.days * DAY) // DAY,
-                                   primary.config.novelty_settle_days)
+        settled = settled_programs(primary.baseline, (start + args.days * DAY) // DAY, args.settle_days)
         say(f"month: {month['seq']:,} windows, {log_rows:,} rows in {month['seconds']:.0f} s; measuring the cost")
         cost = measure_cost(primary, rt, timed, desktop, args.days, args.cost_windows)
         primary.close()
