@@ -757,6 +757,7 @@ def measure_cost(primary, rt, timed, desktop, days, count):
     """Primary.window on 40-row windows, alternately with novelty (its added
     part timed) and without it, after the month."""
     windows = cost_windows(desktop, days, count=2 * count)
+    windows = [windows[i % len(windows)] for i in range(2 * count)]     # (a day's desk hours, again if need be)
     t = desktop.start + days * DAY + 9 * HOUR
     added, with_, without = [], [], []
     seq = 10 ** 6
@@ -925,7 +926,8 @@ def report(args, desktop, month, results, days_rows, table, replay_ok, cost, siz
                      f"{month['hourly'][exe][hour][0 if direction == 'sent' else 1] / MB:,.0f} MB")
     lines += ["", "## Cost", "",
               f"Primary.window on {len(cost['with'])} + {len(cost['without'])} windows of {cost['rows']} rows from "
-              "the day after the month (a weekday's desk hours), alternately with novelty and without it "
+              "the day after the month (a weekday's desk hours, over again with later times when they run out), "
+              "alternately with novelty and without it "
               "(Primary.sight and Primary.novelty replaced by nothing), against the month's baseline. The added "
               "cost is the time in Primary.sight (a sighting per program: registrable domain, country, "
               "destinations) and Primary.novelty (Baseline.observe, one transaction) of each window with it.", "",
