@@ -6191,6 +6191,7 @@ class GeoIP:
 
 NOVELTY_QUEUE = 100_000     # sightings kept while the baseline is built (then the oldest are dropped)
 EPHEMERAL_PORTS = (32768, 60999)    # the kernel's default ip_local_port_range: a client's side of a connection
+CLIENT_PORTS = (32768, 65535)       # a remote client's side: Linux's range, or IANA's 49152-65535 (macOS, iOS, Windows)
 BASELINE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS programs (ident TEXT PRIMARY KEY, exe TEXT, name TEXT, grown INTEGER, days INTEGER,
     used INTEGER, hours INTEGER, hour INTEGER, sent INTEGER, received INTEGER, top_sent INTEGER,
@@ -6295,9 +6296,10 @@ class Sighting:
 
 def is_served(lport: int, rport: int, ephemeral: typing.Tuple[int, int] = EPHEMERAL_PORTS) -> bool:
     """Whether a connection looks served, not made: its remote port is a
-    client's (in the ephemeral range) and its local one is not. Such a
-    remote port is no destination (each client brings another)."""
-    return ephemeral[0] <= rport <= ephemeral[1] and not ephemeral[0] <= lport <= ephemeral[1]
+    client's (in an ephemeral range: Linux's, or the one other systems use)
+    and its local one is not (in this kernel's). Such a remote port is no
+    destination (each client brings another)."""
+    return CLIENT_PORTS[0] <= rport <= CLIENT_PORTS[1] and not ephemeral[0] <= lport <= ephemeral[1]
 
 
 def destinations(registrable: str, country: str, lport: typing.Optional[int],
@@ -6407,10 +6409,8 @@ class Baseline:
 
     def observe_program(self, s: Sighting, day: int, hour: int, contime: str, config: Config,
                         quiet: bool) -> typing.List[tuple]:
-        p = self.program(s.ident)
-        known = p is not None
-        if not known:
-            p = self.inherit(s, day)
+        p = self.program(s.ident) or self.inherit(s, day)
+        known = p["hour"] is not None       # (it, or the version it goes on from, was seen before)
         if day > (p["used"] or 0):
             p["used"] = day
             if day > p["grown"]:

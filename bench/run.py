@@ -3,6 +3,7 @@
 
 usage: sudo /usr/bin/python3 bench/run.py [--trials N] [--scenarios s01,s04] [--tools picosnitch,nethogs]
                                           [--smoke] [--report PATH] [--sustain SECONDS]
+       /usr/bin/python3 bench/run.py --novelty-only [--report PATH]
 
 Traffic goes only to a peer in a private network namespace (over veth) and
 over loopback. References: application bytes counted by the generators
@@ -35,6 +36,7 @@ sys.path.insert(0, HERE)
 import machine  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
+NOVELTY_PYTHON = "/opt/picosnitch/bin/python3"
 PICOSNITCH = os.path.join(ROOT, "picosnitch.py")
 PEER_NS, CT_NS = "psbench-peer", "psbench-ct"
 HOST_IF, PEER_IF, CT_IF, CT_PEER_IF = "psb0", "psb1", "psc0", "psc1"
@@ -1211,12 +1213,15 @@ def parse_args(argv):
     p.add_argument("--churn-only", action="store_true", help="only the connection-churn runs")
     p.add_argument("--live", type=int, default=30, help="seconds of each live-stream run (0: none)")
     p.add_argument("--live-only", action="store_true", help="only the live-stream runs")
+    p.add_argument("--novelty-only", action="store_true",
+                   help="only the novelty rules on a realistic desktop month (bench/novelty.py; no root needed)")
     args = p.parse_args(argv)
     if args.smoke:
         args.trials, args.scenarios, args.tools, args.sustain, args.pairs = 1, ",".join(SMOKE), "picosnitch", 3, 1
         args.churn = min(args.churn, 3)       # (one run, TCP from one program, with a 1-s write limit)
         args.live = min(args.live, 6)
-    kind = "churn-" if args.churn_only else "cost-" if args.cost_only else "live-" if args.live_only else ""
+    kind = "churn-" if args.churn_only else "cost-" if args.cost_only else "live-" if args.live_only else \
+        "novelty-" if args.novelty_only else ""
     if args.live_only:
         args.churn, args.churn_only = 0, True           # (no scenario, cost or overhead loop either)
     args.report = args.report or os.path.join(HERE, "reports", f"{kind}{datetime.date.today()}-{os.uname().release}.md")
@@ -1246,8 +1251,17 @@ def run_tools(args, gen, workdir, results):
     return {t.name: sampler.summary(t.name) for t in tools}, [t.name for t in tools]
 
 
+def novelty_only(args):
+    """bench/novelty.py, in picosnitch's environment when there is one (it
+    reads GeoIP databases with geoip2)."""
+    python = NOVELTY_PYTHON if os.path.exists(NOVELTY_PYTHON) else sys.executable
+    return subprocess.run([python, os.path.join(HERE, "novelty.py"), "--report", args.report]).returncode
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.novelty_only:
+        return novelty_only(args)
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (BPF, network namespaces)")
     workdir = tempfile.mkdtemp(prefix="psbench-")

@@ -39,6 +39,8 @@ def test_a_served_connection_has_no_remote_port_as_destination():
     assert picosnitch.destinations("", "", 22, 51234) == []         # (sshd, a client's port)
     assert picosnitch.destinations("", "", 41000, 51234) == [("port", "51234")]    # (both ephemeral: one made)
     assert picosnitch.destinations("", "", 40000, None) == []
+    assert picosnitch.destinations("", "", 22, 63211) == []         # (a Mac's or a Windows client's port)
+    assert picosnitch.destinations("", "", 45000, 63211) == [("port", "63211")]
 
 
 def sighting(ident="aa" * 32, exe="/usr/bin/backup", name="backup", send=1000, recv=2000, dests=()):
@@ -119,6 +121,18 @@ def test_a_new_version_goes_on_from_the_old_ones_baseline(tmp_path):
         ["22"]
 
 
+def test_a_new_version_of_a_settled_program_is_told_of_what_its_first_window_reaches(tmp_path):
+    """The window a new sha256 is first seen in (an update, or a replaced
+    binary) is judged by the old version's baseline, as the windows after it."""
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_settle_days=1)
+    b.observe(T0, text(T0), [sighting("aa" * 32, dests=[("port", "443")])], c)
+    b.observe(T0 + DAY, text(T0 + DAY), [sighting("aa" * 32, dests=[("port", "443")])], c)
+    t = T0 + 2 * DAY
+    events = b.observe(t, text(t), [sighting("cc" * 32, dests=[("port", "443"), ("domain", "evil.example")])], c)
+    assert [(e[1], e[5]) for e in events] == [("domain", "evil.example")]
+    assert "it had reached nothing new in 2 days of use" in events[0][-1]
+
+
 def test_quiet_observing_learns_and_tells_nothing(tmp_path):
     b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_settle_days=0)
     b.observe(T0, text(T0), [sighting(dests=[("port", "443")])], c)
@@ -177,6 +191,9 @@ def test_the_primary_tells_of_a_settled_programs_new_destination_and_logs_it(tmp
     p = primary(tmp_path, geoip_lookup=False, novelty_settle_days=1)
     for seq, day in enumerate(range(3), 1):
         p.window(seq, text(T0 + day * DAY), [conn("/usr/bin/backupd", "backupd", 7, domain="api.backup.example")])
+    deadline = time.monotonic() + 30        # (windows until the baseline is built are taken in quietly)
+    while p.baseline_ready() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     t = T0 + 3 * DAY
     p.window(4, text(t), [conn("/usr/bin/backupd", "backupd", 7, raddr="203.0.113.9", domain="upload.evil-cdn.net",
                                rport=8443)])
