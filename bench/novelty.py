@@ -643,7 +643,7 @@ def run_month(desktop, home, days, settle_days, say=print):
     could tell nothing new) through Primary.window; what it told, when."""
     primary, rt = make_primary(home, desktop.inodes, db_retention_days=3650, novelty_settle_days=settle_days)
     timed = Timed(primary)
-    told, errors, hourly, added, whole = [], [], collections.defaultdict(dict), [], []
+    told, errors, hourly, whole = [], [], collections.defaultdict(dict), []
     last = days * DAY // WINDOW
     seq, began = 0, time.monotonic()
     for w in sorted(k for k in desktop.windows if k < last):

@@ -14,7 +14,7 @@ SPEC_DEFAULTS = {
     "DB write limit (seconds)": 10, "Dash scroll zoom": True, "Dash theme": "",
     "Desktop notifications": True, "Every exe (not just conns)": False, "GeoIP lookup": True,
     "Log addresses": True, "Log commands": True, "Log ignore": [], "Log ports": True,
-    "Novelty settle days": 7, "Novelty volume factor": 10, "Novelty volume minimum (MB)": 100,   # (picosnitch's own)
+    "Novelty settle days": 7, "Novelty volume factor": 5, "Novelty volume minimum (MB)": 100,   # (picosnitch's own)
     "Perf ring buffer (pages)": 256, "Set RLIMIT_NOFILE": None, "Set st_dev mask": None,
     "VT API key": "", "VT file upload": False, "VT request limit (seconds)": 15,
     "VT API address": "https://www.virustotal.com/api/v3",
