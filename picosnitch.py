@@ -5377,7 +5377,7 @@ def monitor_main(rt: Runtime) -> None:
 
 NOTIFY_RETRY_SECONDS = 30
 NOTIFY_KEEP = 1000          # notices waiting to be shown, at most (older ones are counted, then dropped)
-NOTICE_LATE = 3.0           # seconds after which a notice says when it happened
+NOTICE_LATE = 6.0           # seconds after which a notice says when it happened (a group waits 3 s)
 DESKTOP_ERROR_INTERVAL = 60.0   # seconds between two errors of the desktop process in error.log
 DESKTOP_ERROR_LEN = 300     # characters of such an error logged
 OUTBOX_NAME = "notices.json"        # (private) notices a stop left unshown
@@ -5390,6 +5390,7 @@ REPORT_SUMMARIES = {"error": ("picosnitch error", ERROR_LOG_NAME), "exe": ("pico
 # or NOVELTY_GROUP_MOST after its first event at most.
 NOVELTY_GROUP_SECONDS = 3.0
 NOVELTY_GROUP_MOST = 30.0
+NOVELTY_LISTED = 3          # events of a group told one by one, at most (a larger one is summed up)
 NOVELTY_NOUNS = {"program": ("program", "programs"), "name": ("name", "names"), "hash": ("hash", "hashes"),
                  "domain": ("destination", "destinations"), "country": ("destination", "destinations"),
                  "port": ("destination", "destinations"), "volume": ("traffic volume", "traffic volumes")}
@@ -5401,13 +5402,13 @@ MUTED_PROGRAMS = 10000     # programs with mutes, at most
 
 
 def novelty_body(events: typing.Sequence[Novelty]) -> str:
-    """What one notice says of a group of events: the event's text if it is
-    alone; else how many of which kind, and the first; of several kinds, a
-    line with the first of each (a new destination is not hidden behind a
-    burst of new programs)."""
+    """What one notice says of a group of events: each one's text, a line
+    each, up to NOVELTY_LISTED; else how many of which kind, and the first;
+    of several kinds, a line with the first of each (a new destination is
+    not hidden behind a burst of new programs)."""
     first = events[0]
-    if len(events) == 1:
-        return shown(first.text)
+    if len(events) <= NOVELTY_LISTED:
+        return "\n".join(shown(e.text) for e in events)
     nouns = collections.Counter(NOVELTY_NOUNS.get(e.kind, ("thing", "things")) for e in events)
     if len(nouns) == 1:
         return f"{len(events)} new {next(iter(nouns))[1]}, the first: {shown(first.name)} ({shown(first.exe)})"
@@ -5676,7 +5677,7 @@ class Notifier:
         """The pending group as one notice, once it is due (now: at once, as at a stop)."""
         if self.group and (now or self.group_due() <= 0):
             group, self.group = self.group, []
-            self.queue(REPORT_SUMMARIES["exe"][0], novelty_body(group), group[0].time)
+            self.queue(REPORT_SUMMARIES["exe"][0], novelty_body(group), group[-1].time)   # (late: see NOTICE_LATE)
 
     def mute(self, exe: str, keys: typing.Sequence[str], mute: bool, asker: str) -> typing.List[str]:
         """Change a program's mutes (ValueError: why not); logged and shown

@@ -103,7 +103,11 @@ def test_names_in_a_notice_are_shown_escaped(tmp_path, clock):
     n.novelty(evil)
     n.novelty(evil)
     n.show_group(now=True)
-    assert bodies(n) == ["2 new names, the first: x\\u202e (/tmp/x\\x1b[2J)"]
+    assert bodies(n) == ["x\\u202e (/tmp/x\\x1b[2J) has a new name\nx\\u202e (/tmp/x\\x1b[2J) has a new name"]
+    for _ in range(4):
+        n.novelty(evil)
+    n.show_group(now=True)
+    assert bodies(n)[1] == "4 new names, the first: x\\u202e (/tmp/x\\x1b[2J)"
     assert "\x1b" not in open(os.path.join(n.rt.state, "exe.log")).read()
 
 
@@ -117,9 +121,10 @@ def test_a_stop_keeps_the_pending_group_with_the_notices(tmp_path, clock):
     loop.retry_at = {"stream": float("inf"), "control": float("inf")}
     loop.run()
     kept = json.load(open(os.path.join(n.rt.private, picosnitch.OUTBOX_NAME)))
-    assert [body for _, _, body in kept] == ["2 new programs, the first: p1 (/opt/p1)"]
+    both = "First network connection detected for p1 (/opt/p1)\nFirst network connection detected for p2 (/opt/p2)"
+    assert [body for _, _, body in kept] == [both]
     again = picosnitch.Notifier(n.rt)
-    assert bodies(again) == ["2 new programs, the first: p1 (/opt/p1)"]
+    assert bodies(again) == [both]
 
 
 def test_notifications_off_logs_novelty_and_shows_nothing(tmp_path, clock):
