@@ -5399,6 +5399,7 @@ NOVELTY_NOUNS = {"program": ("program", "programs"), "name": ("name", "names"), 
 # copy is the user's to read. Any program running as the user may ask for a
 # change (section 17), so each change is logged and shown, always.
 MUTED_PROGRAMS = 10000     # programs with mutes, at most
+MUTE_CHANGES = 20          # changes of mutes a minute, at most (each is a notice: a flood would bury the others)
 
 
 def novelty_body(events: typing.Sequence[Novelty]) -> str:
@@ -5569,6 +5570,7 @@ class Notifier:
         self.group: typing.List[Novelty] = []          # novelty waiting to be shown as one notice
         self.group_at = (0.0, 0.0)                     # (monotonic) its first event, its last
         self.mutes = Mutes(rt.private, rt.state)
+        self.mute_times: typing.List[float] = []       # (monotonic) the changes of the last minute
         for notice in self.load_outbox():
             self.queue(notice.summary, notice.body, notice.time)
         for report in self.take_warnings():
@@ -5682,7 +5684,12 @@ class Notifier:
     def mute(self, exe: str, keys: typing.Sequence[str], mute: bool, asker: str) -> typing.List[str]:
         """Change a program's mutes (ValueError: why not); logged and shown
         whatever the settings say, with who asked. The keys muted for it now."""
+        clock = time.monotonic()
+        self.mute_times = [t for t in self.mute_times if clock - t < 60]
+        if len(self.mute_times) >= MUTE_CHANGES:
+            raise ValueError(f"mutes were changed {MUTE_CHANGES} times in the last minute; try again later")
         now = self.mutes.change(exe, keys, mute)
+        self.mute_times.append(clock)
         what = "muted" if mute else "unmuted"
         self.report(Report("exe", f"notices of {', '.join(sorted(keys))} {what} for {exe} by {asker}; "
                                   f"muted for it now: {', '.join(now) or 'nothing'}", "", time.time(), True, True))

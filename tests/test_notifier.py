@@ -161,6 +161,16 @@ def test_a_mute_is_kept_in_both_files_applied_logged_and_shown_with_who_asked(tm
     assert picosnitch.read_mutes(n.rt.state) == {}
 
 
+def test_changes_of_mutes_are_bounded_a_minute(tmp_path, clock):
+    """Each change is a notice: a program asking in a loop cannot bury the others."""
+    n = notifier(tmp_path)
+    for i in range(picosnitch.MUTE_CHANGES):
+        n.mute("/opt/p1", ["volume"], i % 2 == 0, "me")
+    with pytest.raises(ValueError, match="changed 20 times in the last minute"):
+        n.mute("/opt/p1", ["volume"], True, "me")
+    assert len(bodies(n)) == picosnitch.MUTE_CHANGES
+
+
 def test_the_number_of_muted_programs_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(picosnitch, "MUTED_PROGRAMS", 2)
     n = notifier(tmp_path)
