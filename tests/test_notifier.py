@@ -171,6 +171,18 @@ def test_changes_of_mutes_are_bounded_a_minute(tmp_path, clock):
     assert len(bodies(n)) == picosnitch.MUTE_CHANGES
 
 
+def test_a_program_using_up_the_changes_of_a_minute_cannot_keep_root_from_unmuting(tmp_path, clock):
+    n = notifier(tmp_path)
+    n.mute("/home/u/evil", ["all"], True, "uid 1000, pid 42 (command line: evil)")
+    for i in range(picosnitch.MUTE_CHANGES - 1):
+        n.mute(f"/tmp/decoy{i}", ["volume"], True, "uid 1000, pid 42 (command line: evil)")
+    with pytest.raises(ValueError, match="as root"):
+        n.mute("/home/u/evil", ["all"], False, "uid 1000, pid 43 (command line: picosnitch mute)")
+    assert n.mute("/home/u/evil", ["all"], False, "uid 0, pid 44 (command line: picosnitch mute)", root=True) == []
+    assert "/home/u/evil" not in n.mutes.by_exe
+    assert bodies(n)[-1].startswith("notices of all unmuted for /home/u/evil by uid 0, pid 44")
+
+
 def test_the_number_of_muted_programs_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setattr(picosnitch, "MUTED_PROGRAMS", 2)
     n = notifier(tmp_path)
