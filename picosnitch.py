@@ -6307,25 +6307,31 @@ class Sighting:
                 found[5] += recv
 
 
+CLIENT_PORT = f"{CLIENT_PORTS[0]}-{CLIENT_PORTS[1]}"   # the one remote port of served connections
+
+
 def is_served(lport: int, rport: int, ephemeral: typing.Tuple[int, int] = EPHEMERAL_PORTS) -> bool:
     """Whether a connection looks served, not made: its remote port is a
     client's (in an ephemeral range: Linux's, or the one other systems use)
-    and its local one is not (in this kernel's). Such a remote port is no
-    destination (each client brings another)."""
+    and its local one is not (in this kernel's). Such a remote port is not a
+    destination of its own (each client brings another): all of them are
+    one, CLIENT_PORT. (A program can look served by binding a local port
+    outside the ephemeral range before it connects: then its first such
+    connection is still new.)"""
     return CLIENT_PORTS[0] <= rport <= CLIENT_PORTS[1] and not ephemeral[0] <= lport <= ephemeral[1]
 
 
 def destinations(registrable: str, country: str, lport: typing.Optional[int],
                  rport: typing.Optional[int]) -> typing.List[typing.Tuple[str, str]]:
     """The (kind, value) destinations of a connection: its registrable
-    domain, its country, its remote port (of a connection it made)."""
+    domain, its country, its remote port (CLIENT_PORT for a served one)."""
     found = []
     if registrable:
         found.append(("domain", registrable))
     if country:
         found.append(("country", country))
-    if rport is not None and rport > 0 and not (lport is not None and is_served(lport, rport)):
-        found.append(("port", str(rport)))
+    if rport is not None and rport > 0:
+        found.append(("port", CLIENT_PORT if lport is not None and is_served(lport, rport) else str(rport)))
     return found
 
 
@@ -6337,7 +6343,9 @@ def destination_text(kind: str, s: Sighting, value: str, found: list, days: int)
     """What exe.log says of a new destination."""
     domain, raddr, rport, country = found[:4]
     where = {"domain": f"the domain {value}" + (f" (as {domain})" if domain and domain != value else ""),
-             "country": f"the country {value}", "port": f"remote port {value}"}[kind]
+             "country": f"the country {value}",
+             "port": f"remote port {value}" if value != CLIENT_PORT else
+                     f"a client's remote port ({value}: a connection that looks served)"}[kind]
     address = f"{raddr} port {rport}" if raddr and rport is not None and kind != "port" else raddr
     via = ", ".join(x for x in (domain if kind != "domain" else "", address, country if kind != "country" else "")
                     if x)

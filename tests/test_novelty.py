@@ -33,14 +33,35 @@ def test_without_the_list_the_last_two_labels_are_taken_and_the_reason_is_said(t
     assert suffixes.registrable("www.example.co.uk") == "co.uk"
 
 
-def test_a_served_connection_has_no_remote_port_as_destination():
+def test_a_served_connection_has_one_remote_port_for_all_its_clients():
+    client = ("port", "32768-65535")
     assert picosnitch.destinations("example.org", "DE", 40000, 443) == \
         [("domain", "example.org"), ("country", "DE"), ("port", "443")]
-    assert picosnitch.destinations("", "", 22, 51234) == []         # (sshd, a client's port)
+    assert picosnitch.destinations("", "", 22, 51234) == [client]   # (sshd, a client's port)
     assert picosnitch.destinations("", "", 41000, 51234) == [("port", "51234")]    # (both ephemeral: one made)
     assert picosnitch.destinations("", "", 40000, None) == []
-    assert picosnitch.destinations("", "", 22, 63211) == []         # (a Mac's or a Windows client's port)
+    assert picosnitch.destinations("", "", 22, 63211) == [client]   # (a Mac's or a Windows client's port)
     assert picosnitch.destinations("", "", 45000, 63211) == [("port", "63211")]
+
+
+def test_a_connection_made_from_a_bound_port_to_look_served_is_still_new_once(tmp_path):
+    """A program may bind a local port outside the ephemeral range before
+    it connects (any account may, above 1023): its remote port is then
+    taken for a client's. A settled program's first such connection is
+    told of all the same."""
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_settle_days=1)
+    home = picosnitch.destinations("backup.example", "", 40000, 443)
+    for day in range(3):
+        assert b.observe(T0 + day * DAY, text(T0 + day * DAY), [sighting(dests=home)], c) == []
+    t = T0 + 3 * DAY
+    sneaky = picosnitch.destinations("", "", 61000, 50000)             # (bound 61000, connected to port 50000)
+    events = b.observe(t, text(t), [sighting(dests=sneaky)], c)
+    assert [(e[1], e[5]) for e in events] == [("port", "32768-65535")]
+    assert "a client's remote port (32768-65535: a connection that looks served)" in events[0][-1]
+    sshd = [sighting("bb" * 32, "/usr/sbin/sshd", "sshd", dests=picosnitch.destinations("", "", 22, p))
+            for p in (51234, 63211)]
+    for day in range(6):            # (a server learns its clients' port once, and settles)
+        assert b.observe(T0 + day * DAY, text(T0 + day * DAY), [sshd[day % 2]], c) == []
 
 
 def sighting(ident="aa" * 32, exe="/usr/bin/backup", name="backup", send=1000, recv=2000, dests=()):
@@ -174,7 +195,7 @@ def test_the_baseline_built_from_a_log_is_the_one_kept_as_it_was_written(tmp_pat
     assert programs == 3 and seconds >= 0
     assert built == kept
     assert built["seen"]["%064x" % 7] == {("port", "443"), ("domain", "backup.example")}
-    assert "%064x" % 9 not in built["seen"]           # (sshd: its remote ports are its clients')
+    assert built["seen"]["%064x" % 9] == {("port", "32768-65535")}     # (sshd: its remote ports are its clients')
     assert built["programs"]["%064x" % 7][:3] == (0 + 0, 11, 11)     # (grew on day 0; 11 days of use since)
 
 
