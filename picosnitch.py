@@ -6202,7 +6202,8 @@ class GeoIP:
 # The baseline is built from the log at the first start, by a thread, while
 # windows go on (they are taken in once it is built).
 
-NOVELTY_QUEUE = 100_000     # sightings kept while the baseline is built (then the oldest are dropped)
+NOVELTY_QUEUE = 100_000     # sightings and their destinations kept while the baseline is built (then the
+                            # oldest windows are dropped): one program can reach thousands in a window
 EPHEMERAL_PORTS = (32768, 60999)    # the kernel's default ip_local_port_range: a client's side of a connection
 CLIENT_PORTS = (32768, 65535)       # a remote client's side: Linux's range, or IANA's 49152-65535 (macOS, iOS, Windows)
 BASELINE_SCHEMA = """
@@ -6482,6 +6483,12 @@ class Baseline:
                 sums = (so_far, 0) if column == "send" else (0, so_far)
                 events.append((contime, "volume", s.exe, s.name, s.sha256, direction, "", "", None, "", *sums, text))
         return events
+
+
+def waiting_cost(sightings: typing.Sequence[Sighting]) -> int:
+    """What a window's sightings count against NOVELTY_QUEUE: each one and
+    each of its destinations."""
+    return sum(1 + len(s.dests) for s in sightings)
 
 
 def served_flag(lport: str) -> str:
@@ -7127,9 +7134,9 @@ class Primary:
 
     def wait_for_baseline(self, t: int, contime: str, sightings: typing.List[Sighting]) -> None:
         self.waiting.append((t, contime, sightings))
-        self.waiting_size += len(sightings)
+        self.waiting_size += waiting_cost(sightings)
         while self.waiting_size > NOVELTY_QUEUE:
-            self.waiting_size -= len(self.waiting.pop(0)[2])
+            self.waiting_size -= waiting_cost(self.waiting.pop(0)[2])
             self.waiting_dropped += 1
 
     def baseline_ready(self) -> typing.Optional[Baseline]:
@@ -7156,7 +7163,8 @@ class Primary:
                     baseline.observe(t, contime, sightings, self.config, quiet=True)
             if self.waiting_dropped:
                 self.reporter.error(f"{self.waiting_dropped} windows came while the baseline was built and could "
-                                    "not all be kept; what they reached is learnt again, quietly")
+                                    "not all be kept; what only they reached is not in the baseline, and is "
+                                    "new when it is reached again")
             self.waiting, self.waiting_size, self.waiting_dropped = [], 0, 0
         return baseline
 

@@ -275,3 +275,17 @@ def test_retention_deletes_old_novelty_rows_with_the_old_rows(tmp_path):
     assert log.prune(30, T0 + 41 * DAY) == 0
     assert log.con.execute("SELECT t FROM novelty").fetchall() == [(T0 + 40 * DAY,)]
     log.close()
+
+
+def test_windows_kept_while_the_baseline_is_built_are_bounded_by_their_destinations(tmp_path, monkeypatch):
+    """One program reaching thousands of ports a window is one sighting: the
+    queue counts its destinations too, or it would grow without bound."""
+    monkeypatch.setattr(picosnitch, "NOVELTY_QUEUE", 1000)
+    p = primary(tmp_path, geoip_lookup=False)
+    try:
+        for w in range(3):
+            s = sighting("cc" * 32, "/home/u/.x", "x", dests=[("port", str(port)) for port in range(1, 601)])
+            p.wait_for_baseline(T0 + w * 60, text(T0 + w * 60), [s])
+        assert len(p.waiting) == 1 and p.waiting_dropped == 2 and p.waiting_size == 601
+    finally:
+        p.close()
