@@ -7394,10 +7394,10 @@ STREAM_FULL_REPORTS = 60.0     # seconds between two reports of readers turned a
 STREAM_PROGRAMS = 65536    # programs remembered as told of (past it, they may be told of again)
 
 
-def stream_line(kind: str, when: float, **fields) -> bytes:
+def stream_line(line_type: str, when: float, /, **fields) -> bytes:
     """One line of the stream: JSON in ASCII (a name's every character
     escaped past ASCII, so that no terminal that prints it is acted on)."""
-    return (json.dumps({"v": STREAM_VERSION, "type": kind, "time": round(when, 3), **fields},
+    return (json.dumps({"v": STREAM_VERSION, "type": line_type, "time": round(when, 3), **fields},
                        separators=(",", ":")) + "\n").encode()
 
 

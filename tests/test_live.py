@@ -286,3 +286,26 @@ def test_the_notifier_logs_every_report_while_its_stream_readers_take_nothing(tm
         assert json.loads(got[0])["type"] == "hello" and json.loads(got[1])["type"] == "report"
     finally:
         loop.close()
+
+
+def test_what_is_new_reaches_a_stream_reader_through_the_notifiers_loop(tmp_path):
+    """A Novelty goes to exe.log and, as a novelty line, to a reader (its
+    own fields, kind among them, beside the line's type)."""
+    from conftest import runtime
+    os.chmod(tmp_path, 0o755)
+    rt = runtime(picosnitch.Config(desktop_notifications=False), tmp_path)
+    loop = picosnitch.NotifierLoop(rt, str(tmp_path / "events.sock"), str(tmp_path / "control.sock"))
+    try:
+        reading = socket.socket(socket.AF_UNIX)
+        reading.connect(loop.paths["stream"])
+        while not loop.stream.readers:
+            loop.stream.step(select.select([loop.stream.listener], [], [], 5)[0], [])
+        rt.reporter.novelty("port", "/usr/bin/evil\x1b[2J", "evil", "New destination for evil: remote port 25")
+        rt.stopping = lambda: True
+        loop.run()
+        lines = [json.loads(line) for line in reading.recv(1 << 16).decode().splitlines()]
+        assert [(line["type"], line.get("kind"), line.get("exe")) for line in lines] == \
+            [("hello", None, None), ("novelty", "port", "/usr/bin/evil\x1b[2J")]
+        assert open(os.path.join(rt.state, "exe.log")).read().endswith("New destination for evil: remote port 25\n")
+    finally:
+        loop.close()
