@@ -359,7 +359,11 @@ class Page:
         return urllib.parse.parse_qsl(self.browser.js("return location.search").lstrip("?"), keep_blank_values=True)
 
     def text(self, element_id):
-        return self.browser.js("return document.getElementById(arguments[0]).innerText", element_id).strip()
+        """An element's text; AssertionError while the page has not drawn it yet."""
+        text = self.browser.js("const e = document.getElementById(arguments[0]); return e ? e.innerText : null",
+                               element_id)
+        assert text is not None, f"no element {element_id} yet"
+        return text.strip()
 
     def value(self, element_id):
         return self.browser.js("return document.getElementById(arguments[0]).value", element_id)
