@@ -728,8 +728,8 @@ class Report(typing.NamedTuple):         # any -> notifier: for error.log or exe
 # What the primary finds new about a program (section 15). Each kind but
 # "program" can be muted per executable, alone or as a group (MUTE_KINDS);
 # "all" mutes every kind. A muted event is still logged.
-NOVELTY_KINDS = ("program", "name", "hash", "domain", "country", "port", "volume")
-MUTE_KINDS = {"destination": ("domain", "country", "port"), "volume": ("volume",), "hash": ("hash",),
+NOVELTY_KINDS = ("program", "name", "hash", "domain", "network", "country", "port", "volume")
+MUTE_KINDS = {"destination": ("domain", "network", "country", "port"), "volume": ("volume",), "hash": ("hash",),
               "name": ("name",), "all": NOVELTY_KINDS}
 
 
@@ -5392,7 +5392,8 @@ NOVELTY_GROUP_SECONDS = 3.0
 NOVELTY_GROUP_MOST = 30.0
 NOVELTY_LISTED = 3          # events of a group told one by one, at most (a larger one is summed up)
 NOVELTY_NOUNS = {"program": ("program", "programs"), "name": ("name", "names"), "hash": ("hash", "hashes"),
-                 "domain": ("destination", "destinations"), "country": ("destination", "destinations"),
+                 "domain": ("destination", "destinations"), "network": ("destination", "destinations"),
+                 "country": ("destination", "destinations"),
                  "port": ("destination", "destinations"), "volume": ("traffic volume", "traffic volumes")}
 # Mutes: per program (an executable's path), the MUTE_KINDS keys whose events
 # are logged but not shown. The private copy decides; the state directory's
@@ -6202,6 +6203,7 @@ class GeoIP:
 # The baseline is built from the log at the first start, by a thread, while
 # windows go on (they are taken in once it is built).
 
+NOVELTY_TOLD = 5            # novelty events of a program told one by one per window (the rest in a line)
 NOVELTY_QUEUE = 100_000     # sightings and their destinations kept while the baseline is built (then the
                             # oldest windows are dropped): one program can reach thousands in a window
 EPHEMERAL_PORTS = (32768, 60999)    # the kernel's default ip_local_port_range: a client's side of a connection
@@ -6222,7 +6224,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value);
 # Days and hours are of local wall-clock seconds, as the log's times.
 PROGRAM_FIELDS = ("ident", "exe", "name", "grown", "days", "used", "hours", "hour", "sent", "received", "top_sent",
                   "top_received", "told")
-DESTINATION_KINDS = ("domain", "country", "port")
+DESTINATION_KINDS = ("domain", "network", "country", "port")
+SEEN_MOST = 10_000          # destinations of one kind kept per program (past them, each is new: never settled)
 VOLUME_DIRECTIONS = (("sent", "send"), ("received", "recv"))
 
 
@@ -6322,13 +6325,29 @@ def is_served(lport: int, rport: int, ephemeral: typing.Tuple[int, int] = EPHEME
     return CLIENT_PORTS[0] <= rport <= CLIENT_PORTS[1] and not ephemeral[0] <= lport <= ephemeral[1]
 
 
+def address_network(addr: str) -> str:
+    """The network an address is in, as a destination: its /24 (IPv4) or /48
+    (IPv6); '' for what is no address."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%")[0])
+    except ValueError:
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ipaddress.ip_network(f"{ip}/{24 if ip.version == 4 else 48}", strict=False))
+
+
 def destinations(registrable: str, country: str, lport: typing.Optional[int],
-                 rport: typing.Optional[int]) -> typing.List[typing.Tuple[str, str]]:
+                 rport: typing.Optional[int], network: str = "") -> typing.List[typing.Tuple[str, str]]:
     """The (kind, value) destinations of a connection: its registrable
-    domain, its country, its remote port (CLIENT_PORT for a served one)."""
+    domain, or the network of an address reached with no name looked up (a
+    reverse name is the address owner's to choose: it names nothing), its
+    country, its remote port (CLIENT_PORT for a served one)."""
     found = []
     if registrable:
         found.append(("domain", registrable))
+    if network:
+        found.append(("network", network))
     if country:
         found.append(("country", country))
     if rport is not None and rport > 0:
@@ -6344,6 +6363,7 @@ def destination_text(kind: str, s: Sighting, value: str, found: list, days: int)
     """What exe.log says of a new destination."""
     domain, raddr, rport, country = found[:4]
     where = {"domain": f"the domain {value}" + (f" (as {domain})" if domain and domain != value else ""),
+             "network": f"the network {value} (an address reached with no name looked up)",
              "country": f"the country {value}",
              "port": f"remote port {value}" if value != CLIENT_PORT else
                      f"a client's remote port ({value}: a connection that looks served)"}[kind]
@@ -6360,6 +6380,7 @@ class Baseline:
 
     def __init__(self, path: str):
         self.path = path
+        self.sizes: typing.Dict[typing.Tuple[str, str], int] = {}     # destinations kept per (program, kind)
         self.con = sqlite3.connect(path, timeout=DB_BUSY_TIMEOUT, isolation_level=None)
         try:
             self.con.execute("PRAGMA journal_mode = WAL")
@@ -6444,6 +6465,7 @@ class Baseline:
             if not self.con.execute("INSERT OR IGNORE INTO seen VALUES (?, ?, ?, ?)",
                                     (s.ident, kind, value, hour)).rowcount:
                 continue
+            self.bound(s.ident, kind, value)
             if settled and not quiet:
                 events.append((contime, kind, s.exe, s.name, s.sha256, value, *found,
                                destination_text(kind, s, value, found, days)))
@@ -6455,6 +6477,22 @@ class Baseline:
         p["name"] = s.name
         self.put_program(p)
         return events
+
+    def bound(self, ident: str, kind: str, value: str) -> None:
+        """Keep at most SEEN_MOST destinations of a kind per program: a newly
+        seen one past them is not kept (a program can reach endless ports or
+        addresses, but cannot grow the baseline without end)."""
+        key = (ident, kind)
+        if key not in self.sizes:
+            if len(self.sizes) > 4 * SEEN_MOST:
+                self.sizes.clear()
+            self.sizes[key] = self.con.execute("SELECT count(*) FROM seen WHERE ident = ? AND kind = ?",
+                                               key).fetchone()[0]
+        else:
+            self.sizes[key] += 1
+        if self.sizes[key] > SEEN_MOST:
+            self.con.execute("DELETE FROM seen WHERE ident = ? AND kind = ? AND value = ?", (ident, kind, value))
+            self.sizes[key] -= 1
 
     @staticmethod
     def count_volume(p: dict, s: Sighting, hour: int) -> None:
@@ -6527,8 +6565,9 @@ def build_baseline(log_path: str, baseline_path: str, through: int, suffixes: Pu
             if not ident:
                 continue
             lport = EPHEMERAL_PORTS[0] if eph else 0
+            # (a name may be a reverse one here: every address's network is taken in too)
             for kind, value in destinations(suffixes.registrable(domain or ""), country(raddr or ""), lport,
-                                            rport if log_ports else None):
+                                            rport if log_ports else None, address_network(raddr or "")):
                 baseline.con.execute("INSERT INTO seen VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
                                      "first = min(first, excluded.first)", (ident, kind, value, first // HOUR * HOUR))
         grown = dict(baseline.con.execute("SELECT ident, max(first) FROM seen GROUP BY ident"))
@@ -6873,7 +6912,7 @@ class Primary:
         self.suffixes, why = PublicSuffixes.load()
         if why:
             self.reporter.error(why)
-        self.registrable: typing.Dict[str, str] = {}        # (a cache of suffixes.registrable)
+        self.derived: typing.Dict[tuple, str] = {}          # (registrable domains and networks: cached)
         self.geoip: typing.Optional[GeoIP] = None
         self.geoip_file: tuple = ()                         # (the database's stat when it was opened)
         self.baseline_path = os.path.join(rt.private, BASELINE_NAME)
@@ -7073,11 +7112,29 @@ class Primary:
         self.write_rows(seq, rows, novel)
         self.record_dirty |= self.virustotal_results()
         self.flush()
-        for row in novel:
-            self.reporter.novelty(row[1], row[2], row[3], row[-1])
+        self.tell(novel)
         self.prune()
 
     # -- what is new (section 15) ------------------------------------------------
+    def tell(self, novel: typing.List[tuple]) -> None:
+        """Tell the notifier of a window's novelty rows: NOVELTY_TOLD a
+        program at most, and one line for the rest (they are all in the
+        log): a program that reaches thousands of new ports at once fills no
+        channel, and buries no other program's news."""
+        told: typing.Dict[str, list] = {}
+        for row in novel:
+            kind, exe, name, text = row[1], row[2], row[3], row[-1]
+            held = told.setdefault(exe, [0, None, name])
+            held[0] += 1
+            if held[0] <= NOVELTY_TOLD:
+                self.reporter.novelty(kind, exe, name, text)
+            elif held[1] is None:
+                held[1] = kind
+        for exe, (n, kind, name) in told.items():
+            if n > NOVELTY_TOLD:
+                self.reporter.novelty(kind, exe, name, f"{name} ({exe}) had {n - NOVELTY_TOLD} more things new in "
+                                                       f"this window: {DB_NAME}'s novelty table has each")
+
     def where(self, conn: Conn) -> typing.Tuple[str, typing.Optional[int]]:
         """A connection's remote address and port, as the log switches have them."""
         return conn.raddr if self.config.log_addresses else "", conn.rport if self.config.log_ports else None
@@ -7103,15 +7160,22 @@ class Primary:
         s = sightings.get(sha or p.exe)
         if s is None:
             s = sightings[sha or p.exe] = Sighting(sha or p.exe, p.exe, p.name, sha)
-        registrable = self.registrable.get(domain)
-        if registrable is None:
-            if len(self.registrable) >= GEOIP_CACHE:
-                self.registrable.clear()
-            registrable = self.registrable[domain] = self.suffixes.registrable(domain)
         raddr, rport = self.where(conn)
+        # (a name the program looked up, or else the address's network: a reverse name is not one)
+        name, network = (conn.domain, "") if conn.domain else ("", self.cached(address_network, raddr))
         country = self.country(conn.raddr)
-        s.add(conn.send, conn.recv, destinations(registrable, country, conn.lport, rport), domain, raddr, rport,
-              country)
+        s.add(conn.send, conn.recv, destinations(self.cached(self.suffixes.registrable, name), country, conn.lport,
+                                                 rport, network), domain, raddr, rport, country)
+
+    def cached(self, how: typing.Callable[[str], str], text: str) -> str:
+        """how(text), remembered (registrable domains and networks, per connection otherwise)."""
+        key = (how.__name__, text)
+        found = self.derived.get(key)
+        if found is None:
+            if len(self.derived) >= GEOIP_CACHE:
+                self.derived.clear()
+            found = self.derived[key] = how(text) if text else ""
+        return found
 
     def novelty(self, contime: str, sightings: typing.List[Sighting]) -> typing.List[tuple]:
         """The novelty rows of a window's sightings; none while the baseline

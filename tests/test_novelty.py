@@ -193,9 +193,16 @@ def test_the_baseline_built_from_a_log_is_the_one_kept_as_it_was_written(tmp_pat
                                                   lambda addr: "")
     built = baseline_contents(picosnitch.Baseline(str(tmp_path / "built.db")))
     assert programs == 3 and seconds >= 0
-    assert built == kept
-    assert built["seen"]["%064x" % 7] == {("port", "443"), ("domain", "backup.example")}
-    assert built["seen"]["%064x" % 9] == {("port", "32768-65535")}     # (sshd: its remote ports are its clients')
+    # (a log does not say whether a row's name was looked up or a reverse one: the build takes every
+    # address's network in; as written, only those of addresses reached with no name were)
+    networks = lambda seen: {ident: {d for d in values if d[0] != "network"} for ident, values in seen.items()}
+    assert built["programs"] == kept["programs"] and networks(built["seen"]) == networks(kept["seen"])
+    assert all(kept["seen"].get(ident, set()) <= values for ident, values in built["seen"].items())
+    assert built["seen"]["%064x" % 7] == {("port", "443"), ("domain", "backup.example"), ("network", "192.0.2.0/24")}
+    assert kept["seen"]["%064x" % 7] == {("port", "443"), ("domain", "backup.example")}
+    # (sshd: its remote ports are its clients', and it was reached with no name)
+    assert built["seen"]["%064x" % 9] == kept["seen"]["%064x" % 9] == {("port", "32768-65535"),
+                                                                       ("network", "10.0.0.0/24")}
     assert built["programs"]["%064x" % 7][:3] == (0 + 0, 11, 11)     # (grew on day 0; 11 days of use since)
 
 
@@ -289,3 +296,51 @@ def test_windows_kept_while_the_baseline_is_built_are_bounded_by_their_destinati
         assert len(p.waiting) == 1 and p.waiting_dropped == 2 and p.waiting_size == 601
     finally:
         p.close()
+
+
+def test_an_address_reached_with_no_name_is_a_new_network_and_a_reverse_name_is_no_domain(tmp_path):
+    """A settled program reaching a new server by its address, in a known
+    country and on a known port, is told of its network; a reverse name under
+    a known domain (its owner's choice) does not pass for that domain."""
+    p = primary(tmp_path, geoip_lookup=False, novelty_settle_days=1)
+    for seq, day in enumerate(range(3), 1):
+        p.window(seq, text(T0 + day * DAY), [conn("/usr/bin/backupd", "backupd", 7, domain="api.backup.example")])
+    p.names.resolve = lambda addrs, budget: {a: "x.backup.example" for a in addrs}      # (a reverse name)
+    p.window(4, text(T0 + 3 * DAY), [conn("/usr/bin/backupd", "backupd", 7, raddr="203.0.113.50")])
+    told = [r for r in p.reports.read() if isinstance(r, picosnitch.Novelty) and r.kind != "program"]
+    assert [(r.kind, r.text.split(": ", 1)[1]) for r in told] == \
+        [("network", "the network 203.0.113.0/24 (an address reached with no name looked up), via x.backup.example, "
+                     "203.0.113.50 port 443; it had reached nothing new in 3 days of use")]
+    assert picosnitch.address_network("2001:db8:1:2::5") == "2001:db8:1::/48"
+    assert picosnitch.address_network("::ffff:198.51.100.7") == "198.51.100.0/24"
+    assert picosnitch.address_network("") == picosnitch.address_network("x") == ""
+    p.close()
+
+
+def test_a_program_cannot_grow_its_baseline_without_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(picosnitch, "SEEN_MOST", 5)
+    b, c = picosnitch.Baseline(str(tmp_path / "b.db")), config(novelty_settle_days=0)
+    b.observe(T0, text(T0), [sighting(dests=[("port", "443")])], c)
+    for i in range(20):
+        t = T0 + 60 * (i + 1)
+        assert [e[5] for e in b.observe(t, text(t), [sighting(dests=[("port", str(1000 + i))])], c)] == [str(1000 + i)]
+    assert b.con.execute("SELECT count(*) FROM seen WHERE kind = 'port'").fetchone()[0] == 5
+    t = T0 + 3 * DAY            # (kept: not new again; past the bound: new each time)
+    assert b.observe(t, text(t), [sighting(dests=[("port", "1000")])], c) == []
+    assert [e[5] for e in b.observe(t + 60, text(t + 60), [sighting(dests=[("port", "1019")])], c)] == ["1019"]
+
+
+def test_a_flood_of_news_from_one_program_is_told_in_a_few_lines_and_logged_whole(tmp_path):
+    p = primary(tmp_path, geoip_lookup=False, novelty_settle_days=0)
+    p.window(1, text(T0), [conn("/usr/bin/scan", "scan", 7, rport=1)])
+    p.window(2, text(T0 + 60), [conn("/usr/bin/scan", "scan", 7, rport=1 + i) for i in range(1, 41)] +
+             [conn("/usr/bin/backupd", "backupd", 8, rport=443)])
+    told = [r for r in p.reports.read() if isinstance(r, picosnitch.Novelty)]
+    scan = [r.text for r in told if r.exe == "/usr/bin/scan" and r.kind != "program"]
+    assert len(scan) == picosnitch.NOVELTY_TOLD + 1
+    assert scan[-1] == f"scan (/usr/bin/scan) had {40 - picosnitch.NOVELTY_TOLD} more things new in this window: " \
+                       "snitch.db's novelty table has each"
+    assert [r.kind for r in told if r.exe == "/usr/bin/backupd"] == ["program"]
+    p.close()
+    con = picosnitch.sqlite3.connect(str(tmp_path / "state" / "snitch.db"))
+    assert con.execute("SELECT count(*) FROM novelty WHERE exe = '/usr/bin/scan' AND kind = 'port'").fetchone()[0] == 40

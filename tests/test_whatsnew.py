@@ -138,8 +138,8 @@ def test_how_events_and_mutes_are_shown():
     assert picosnitch.novelty_bytes(events["volumerec"]) == 900_000_000
     assert picosnitch.novelty_bytes(events["domainexa"]) == 53000
     assert [picosnitch.mute_group(k) for k in picosnitch.NOVELTY_KINDS] == \
-        [None, "name", "hash", "destination", "destination", "destination", "volume"]
-    assert picosnitch.muted_groups(["domain", "country", "port", "hash"]) == ["destination", "hash"]
+        [None, "name", "hash", "destination", "destination", "destination", "destination", "volume"]
+    assert picosnitch.muted_groups(["domain", "network", "country", "port", "hash"]) == ["destination", "hash"]
     assert picosnitch.muted_groups(["destination", "volume"]) == ["destination", "volume"]
     assert picosnitch.muted_groups(["all"]) == ["all"] and picosnitch.muted_kinds(["domain"]) == {"domain"}
     said = picosnitch.change_mute("/usr/bin/curl", "destination", True)
