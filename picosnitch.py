@@ -7502,6 +7502,17 @@ def listening_socket(path: str) -> socket.socket:
     return sock
 
 
+def send_nowait(sock: socket.socket, data) -> typing.Optional[int]:
+    """The bytes of data a socket takes now, never waiting (0: none yet);
+    None when its peer is gone."""
+    try:
+        return sock.send(data, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError:
+        return None
+
+
 class StreamReader:
     """One connected reader: the lines waiting for it, and how many it lost."""
 
@@ -7523,11 +7534,8 @@ class StreamReader:
 
     def flush(self) -> bool:
         """Send what it takes now; False when it is gone."""
-        try:
-            sent = self.sock.send(self.queue, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
+        sent = send_nowait(self.sock, self.queue)
+        if sent is None:
             return False
         del self.queue[:sent]
         return True
@@ -7770,11 +7778,8 @@ class ControlClient:
 
     def write(self) -> bool:
         """Send what it takes of the answer; whether all is sent (or it is gone)."""
-        try:
-            sent = self.sock.send(self.answer, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            return False
-        except OSError:
+        sent = send_nowait(self.sock, self.answer)
+        if sent is None:
             return True
         self.answer = self.answer[sent:]
         return not self.answer
