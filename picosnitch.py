@@ -4,10 +4,12 @@
 # SPDX-License-Identifier: GPL-3.0-or-later
 """picosnitch: per-program network monitor for Linux, built on BPF.
 
-It notifies the desktop user when a program connects for the first time or
-when a known program's executable changes (new sha256), and logs every
-connection with the bytes sent and received, the executable and its hash,
-its parent and its hash, the user, ports, addresses and domain.
+It notifies the desktop user when a program connects for the first time,
+when a known program's executable changes (new sha256), and when a settled
+program reaches a new destination or moves far more in an hour than it
+ever did; and logs every connection with the bytes sent and received, the
+executable and its hash, its parent and its hash, the user, ports,
+addresses and domain.
 
 Processes (all started by the supervisor, which restarts one that dies)::
 
@@ -25,9 +27,11 @@ Processes (all started by the supervisor, which restarts one that dies)::
       | windows (acked)            | hash requests / answers
       v                            v
     primary (picosnitch's account, no capabilities) -> snitch.db, record.json,
-      |       conn.log, remote SQL copy, VirusTotal, GeoIP (the state directory)
+      |       conn.log, remote SQL copy, VirusTotal, GeoIP (the state directory),
+      |       each program's baseline (what is new, in the private directory)
       v
-    notifier (picosnitch's account) -> error.log, exe.log, and
+    notifier (picosnitch's account) -> error.log, exe.log, mutes, grouped
+      |       notices of what is new; /run/picosnitch/control.sock (mutes); and
       |       /run/picosnitch/events.sock: the event stream, JSON lines for
       |       `top`, `events` and dash's live tab (its reports, and what the
       |       reader tells it each second while anyone listens: what every
