@@ -97,6 +97,7 @@ DAY, HOUR, WINDOW, MB = picosnitch.DAY, picosnitch.HOUR, 10, 1_000_000
 GROUP_SECONDS = 3           # the notifier's grouping of novelty events into one notification
 TARGET_PER_DAY = 3
 TARGET_COST_MS = 1.0
+DEFAULT = picosnitch.Config()    # (the rule's defaults, as the report names them)
 VOLUME_FACTORS = (3, 5, 10, 20)
 VOLUME_MINIMA = (10, 50, 100, 500)
 LAN, LAN6 = "192.168.1.", "fe80::"
@@ -902,7 +903,8 @@ def report(args, desktop, month, results, days_rows, table, replay_ok, cost, siz
     top = max((s for h, (s, _) in month["hourly"][restic].items() if h < desktop.upload[0] // HOUR * HOUR), default=0)
     lines += ["", f"The backup's nightly upload: median {desktop.backup_median / MB:.0f} MB; its busiest hour before "
                   f"the tenfold upload: {top / MB:.0f} MB sent, so the rule (\"factor\" times the busiest hour) "
-                  f"asked for {max(10 * top, 100 * MB) / MB:,.0f} MB at the default; the upload was "
+                  f"asked for {max(DEFAULT.novelty_volume_factor * top, DEFAULT.novelty_volume_minimum_mb * MB) / MB:,.0f}"
+                  " MB at the default; the upload was "
                   f"{desktop.upload[1] / MB:,.0f} MB ({desktop.upload[1] / max(top, 1):.1f} times the busiest "
                   "hour).", "",
               "## The volume rule's factor and minimum", "",
@@ -919,8 +921,9 @@ def report(args, desktop, month, results, days_rows, table, replay_ok, cost, siz
             learnt = sum(1 for e in found if e[1] < desktop.start + learning_days * DAY)
             cells.append(f"{len(found)} ({learnt} learning){' · caught' if hit else ''}")
         lines.append(f"| {factor} | " + " | ".join(cells) + " |")
-    lines += ["", "At the default (10, 100 MB), the month's volume events:", ""]
-    found, _ = table[(10, 100)]
+    factor, minimum = DEFAULT.novelty_volume_factor, DEFAULT.novelty_volume_minimum_mb
+    lines += ["", f"At the default ({factor}, {minimum} MB), the month's volume events:", ""]
+    found, _ = table[(factor, minimum)]
     for exe, hour, direction in sorted(found, key=lambda e: e[1]):
         lines.append(f"- {contime_of(hour)[:13]}h {exe} {direction} "
                      f"{month['hourly'][exe][hour][0 if direction == 'sent' else 1] / MB:,.0f} MB")
