@@ -352,7 +352,11 @@ class Page:
 
     # -- reading ---------------------------------------------------------------
     def props(self, element_id):
-        return self.browser.js("return window.dash_component_api.getLayout(arguments[0]).props", element_id)
+        """A component's properties; AssertionError while the page has not laid it out yet."""
+        props = self.browser.js("const api = window.dash_component_api; const c = api && api.getLayout(arguments[0]); "
+                                "return c ? c.props : null", element_id)
+        assert props is not None, f"no component {element_id} yet"
+        return props
 
     def query(self):
         """The address's query string as (key, value) pairs."""
@@ -366,7 +370,9 @@ class Page:
         return text.strip()
 
     def value(self, element_id):
-        return self.browser.js("return document.getElementById(arguments[0]).value", element_id)
+        value = self.browser.js("const e = document.getElementById(arguments[0]); return e ? e.value : null", element_id)
+        assert value is not None, f"no element {element_id} yet"
+        return value
 
     def figure(self):
         return self.browser.js(FIGURE)
