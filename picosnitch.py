@@ -7098,6 +7098,7 @@ class Primary:
             hashes = {}
         budget = min(0.5, self.config.db_write_limit_seconds / 4)
         names = self.names.resolve([c.raddr for c in conns if c.raddr and not c.domain], budget)
+        self.open_geoip()
         rows, novel = [], []
         programs: typing.Dict[tuple, typing.Tuple[str, str, str]] = {}
         sightings: typing.Dict[str, Sighting] = {}
@@ -7143,17 +7144,20 @@ class Primary:
         """A connection's remote address and port, as the log switches have them."""
         return conn.raddr if self.config.log_addresses else "", conn.rport if self.config.log_ports else None
 
-    def country(self, addr: str) -> str:
-        """An address's country, with "GeoIP lookup" on (the database is opened
-        again when the keeper has replaced it)."""
-        if not self.config.geoip_lookup or not addr:
-            return ""
+    def open_geoip(self) -> None:
+        """With "GeoIP lookup" on, the country database, opened again when the
+        keeper has replaced it (once a window, not per connection)."""
+        if not self.config.geoip_lookup:
+            return
         path = os.path.join(self.rt.state, GEOIP_NAME)
         with contextlib.suppress(OSError):
             st = os.stat(path)
             if (st.st_ino, st.st_mtime_ns) != self.geoip_file:
                 self.geoip_file, self.geoip = (st.st_ino, st.st_mtime_ns), GeoIP(path, lambda _: None)
-        return self.geoip.country(addr) if self.geoip is not None else ""
+
+    def country(self, addr: str) -> str:
+        """An address's country ('' without GeoIP, or for no address)."""
+        return self.geoip.country(addr) if self.geoip is not None and addr else ""
 
     def sight(self, sightings: typing.Dict[str, Sighting], conn: Conn, sha: str, domain: str) -> None:
         """Add a logged connection to its program's sighting in this window
