@@ -309,6 +309,13 @@ var graph = document.querySelector('#graph .js-plotly-plot');
 var sized = window.dash_component_api.getLayout('graph').props.relayoutData;
 return !busy && !!graph && !!graph.data && !!sized && !!document.getElementById('table-note').textContent;
 """
+# (the layout is asked only once the page is hydrated: before, dash's own
+# lookup may fail inside itself while it builds the layout)
+COMPONENT_PROPS = """
+var s = window.store && window.store.getState(), api = window.dash_component_api;
+if (!s || s.appLifecycle !== 'HYDRATED' || !api) return null;
+try { var c = api.getLayout(arguments[0]); return c ? c.props : null; } catch (e) { return String(e); }
+"""
 FIGURE = """
 var g = document.querySelector('#graph .js-plotly-plot');
 return {traces: g.data.map(function (t) {
@@ -353,9 +360,8 @@ class Page:
     # -- reading ---------------------------------------------------------------
     def props(self, element_id):
         """A component's properties; AssertionError while the page has not laid it out yet."""
-        props = self.browser.js("const api = window.dash_component_api; const c = api && api.getLayout(arguments[0]); "
-                                "return c ? c.props : null", element_id)
-        assert props is not None, f"no component {element_id} yet"
+        props = self.browser.js(COMPONENT_PROPS, element_id)
+        assert isinstance(props, dict), f"no component {element_id} yet ({props})"
         return props
 
     def query(self):
