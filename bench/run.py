@@ -1211,11 +1211,18 @@ def parse_args(argv):
                    help="only the cost per send call and the throughput ratios (no scenarios, no peers' tools)")
     p.add_argument("--churn", type=int, default=60, help="seconds of each connection-churn run (0: none)")
     p.add_argument("--churn-only", action="store_true", help="only the connection-churn runs")
+    p.add_argument("--churn-runs", default="", help="the churn runs to make, as PROTO:PROGRAMS:RATE (RATE 0: as fast "
+                                                    "as they can), comma separated (default: all of CHURN_RUNS)")
     p.add_argument("--live", type=int, default=30, help="seconds of each live-stream run (0: none)")
     p.add_argument("--live-only", action="store_true", help="only the live-stream runs")
     p.add_argument("--novelty-only", action="store_true",
                    help="only the novelty rules on a realistic desktop month (bench/novelty.py; no root needed)")
     args = p.parse_args(argv)
+    try:
+        args.churn_runs = [(proto, int(n), int(rate)) for proto, n, rate in
+                           (run.split(":") for run in args.churn_runs.split(",") if run)] or CHURN_RUNS
+    except ValueError:
+        p.error(f"--churn-runs: not PROTO:PROGRAMS:RATE, ...: {args.churn_runs!r}")
     if args.smoke:
         args.trials, args.scenarios, args.tools, args.sustain, args.pairs = 1, ",".join(SMOKE), "picosnitch", 3, 1
         args.churn = min(args.churn, 3)       # (one run, TCP from one program, with a 1-s write limit)
@@ -1290,7 +1297,7 @@ def main(argv=None):
                     empty, floors = floor(gen, args.pairs, millis)
                 if args.churn and not args.cost_only:
                     say("connection churn")
-                    churned = churn(workdir, args.churn, *((CHURN_RUNS[:1], 1) if args.smoke else ()))
+                    churned = churn(workdir, args.churn, *((CHURN_RUNS[:1], 1) if args.smoke else (args.churn_runs,)))
                 if args.live and not args.cost_only and (args.live_only or not args.churn_only):
                     say("live event stream")
                     lived = live(workdir, args.live)
