@@ -1401,6 +1401,14 @@ ALL_TIME = 1 << 40          # the rollup level of the whole log: one bucket
 ROLLUP_LEVELS = (HOUR, DAY, ALL_TIME)
 NOT_LOGGED = -1000          # a NULL uid or port, in the rollups (whose keys cannot be NULL)
 INTEGER_KEYS = ("uid", "lport", "rport")
+# Ports from HIGH_PORTS up are the ones clients take for a connection
+# (Linux's ephemeral range 32768-60999, IANA's 49152-65535): each is one
+# connection's, so the rollups keep them as one key, HIGH_PORTS_KEY, and the
+# totals by port show them as one value. The rows keep every port.
+HIGH_PORTS = 32768
+HIGH_PORTS_KEY = -3000
+HIGH_PORTS_TEXT = f"{HIGH_PORTS}-65535"
+PORT_KEYS = ("lport", "rport")
 NO_TIME = -1                # the bucket of rows whose time is no time (kept as text)
 INTERN_CACHE = 200_000      # strings and processes remembered by id, per open log
 PRUNE_BATCH = 20_000        # rows deleted per transaction
@@ -1421,8 +1429,9 @@ ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys aft
 # the whole log: times by time alone, programs by process, parent,
 # grandparent and user, rollups by every column but the local port, ports
 # by process and local port (and, per day and for the whole log, by local
-# port alone: process 0). A question goes to the narrowest rollup that
-# keeps its columns. NULL is a value like any other in procs and strs
+# port alone: process 0), each with the high ports as one (HIGH_PORTS_KEY;
+# logs written before kept them one by one, and are read as if they had
+# not). A question goes to the narrowest rollup that keeps its columns. NULL is a value like any other in procs and strs
 # (their unique indexes map it to x'ff', which no text equals), so that
 # every id is set. Version 5 adds novelty: what was new about a program
 # (section 15), a row per event, in the window's transaction.
@@ -1489,9 +1498,17 @@ VIEW_FROM = ("conns c JOIN procs p ON p.id = c.proc JOIN procs pp ON pp.id = c.p
 LEGACY_TABLE = "connections_v1"
 
 
+def port_key(column: str) -> str:
+    """A port column with every high port as HIGH_PORTS_KEY (NULL stays NULL)."""
+    return f"(CASE WHEN {column} >= {HIGH_PORTS} THEN {HIGH_PORTS_KEY} ELSE {column} END)"
+
+
 def rollup_value(column: str) -> str:
-    """A conns column as its rollups key (NULL integers become NOT_LOGGED)."""
-    return f"coalesce({column}, {NOT_LOGGED})" if column in INTEGER_KEYS else column
+    """A conns column as its rollups key (NULL integers become NOT_LOGGED,
+    high ports HIGH_PORTS_KEY)."""
+    if column in INTEGER_KEYS:
+        return f"coalesce({port_key(column) if column in PORT_KEYS else column}, {NOT_LOGGED})"
+    return column
 
 
 def rollup_statements(where: str) -> typing.Dict[int, typing.List[str]]:
@@ -6211,7 +6228,7 @@ NOVELTY_TOLD = 5            # novelty events of a program told one by one per wi
 NOVELTY_QUEUE = 100_000     # sightings and their destinations kept while the baseline is built (then the
                             # oldest windows are dropped): one program can reach thousands in a window
 EPHEMERAL_PORTS = (32768, 60999)    # the kernel's default ip_local_port_range: a client's side of a connection
-CLIENT_PORTS = (32768, 65535)       # a remote client's side: Linux's range, or IANA's 49152-65535 (macOS, iOS, Windows)
+CLIENT_PORTS = (HIGH_PORTS, 65535)  # a remote client's side: Linux's range, or IANA's 49152-65535 (macOS, iOS, Windows)
 BASELINE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS programs (ident TEXT PRIMARY KEY, exe TEXT, name TEXT, grown INTEGER, days INTEGER,
     used INTEGER, hours INTEGER, hour INTEGER, sent INTEGER, received INTEGER, top_sent INTEGER,
@@ -6315,7 +6332,7 @@ class Sighting:
                 found[5] += recv
 
 
-CLIENT_PORT = f"{CLIENT_PORTS[0]}-{CLIENT_PORTS[1]}"   # the one remote port of served connections
+CLIENT_PORT = HIGH_PORTS_TEXT       # the one remote port of served connections
 
 
 def is_served(lport: int, rport: int, ephemeral: typing.Tuple[int, int] = EPHEMERAL_PORTS) -> bool:
@@ -9198,6 +9215,12 @@ def param(value) -> str:
     return "CAST(? AS TEXT)" if isinstance(value, bytes) else "?"
 
 
+def is_high_port(f: Filter) -> bool:
+    """Whether a filter names a high port of its own (which only the rows keep)."""
+    values = f.value if isinstance(f.value, tuple) else (f.value,)
+    return f.column in PORT_KEYS and any(isinstance(v, int) and v >= HIGH_PORTS for v in values)
+
+
 class Piece(typing.NamedTuple):
     """Part of a time range and where its totals come from: a rollup level,
     or the rows (level 0); start or end None: unbounded."""
@@ -9341,10 +9364,12 @@ class LogQuery:
                 total[1] += sign * (recv or 0)
                 total[2] += sign * (n or 0)
 
-    def table(self, columns: typing.Set[str], bucket_sizes: typing.Set[int]) -> str:
-        """The rollup that keeps every column asked about (None: the rows)."""
+    def table(self, columns: typing.Set[str], bucket_sizes: typing.Set[int],
+              filters: typing.Sequence[Filter] = ()) -> str:
+        """The rollup that keeps every column asked about ('': the rows; so
+        for a high port of its own, which the rollups keep with the others)."""
         refs = {QUERY_COLUMNS[c][0] for c in columns if c != "time"}
-        if any(size % HOUR for size in bucket_sizes):
+        if any(size % HOUR for size in bucket_sizes) or any(is_high_port(f) for f in filters):
             return ""
         return next((table for table in self.rollups if refs <= set(ROLLUPS[table])), "")
 
@@ -9353,7 +9378,7 @@ class LogQuery:
         with split (a column), the keys are (split key, group key)."""
         sizes = {bucket} if group == "time" else set()
         sizes |= {f.bucket for f in filters if f.column == "time"}
-        table = self.table({group} | {f.column for f in filters} | ({split} if split else set()), sizes)
+        table = self.table({group} | {f.column for f in filters} | ({split} if split else set()), sizes, filters)
         levels = [level for level in ((HOUR,) if self.legacy is not None else (DAY, HOUR))
                   if all(s % level == 0 for s in sizes)] if table else []
         sums: dict = {}
@@ -9445,7 +9470,8 @@ class LogQuery:
         if column == "time":
             return "s.b" if rollup else f"(s.t / {bucket} * {bucket})"
         ref, kind = QUERY_COLUMNS[column]
-        return f"NULLIF(s.{ref}, {NOT_LOGGED})" if rollup and kind is None else f"s.{ref}"
+        value = port_key(f"s.{ref}") if column in PORT_KEYS else f"s.{ref}"
+        return f"NULLIF({value}, {NOT_LOGGED})" if rollup and kind is None else value
 
     @staticmethod
     def _filter(f: Filter, rollup: bool, params: list, alias: str = "s") -> str:
@@ -9461,9 +9487,12 @@ class LogQuery:
         if kind is None:            # an integer column: NULL (not logged) is NOT_LOGGED in the rollups
             if rollup:
                 present = [NOT_LOGGED if v is None else v for v in values]
+            high = f.column in PORT_KEYS and HIGH_PORTS_KEY in present      # (every high port)
+            present = [v for v in present if not (high and v == HIGH_PORTS_KEY)]
             params += present
             tests = ([f"{alias}.{ref} IN ({','.join('?' * len(present))})"] if present else []) + \
-                    ([f"{alias}.{ref} IS NULL"] if None in values and not rollup else [])
+                    ([f"{alias}.{ref} IS NULL"] if None in values and not rollup else []) + \
+                    ([f"{port_key(f'{alias}.{ref}')} = {HIGH_PORTS_KEY}"] if high else [])
             return f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)"     # (NULL IN (...) is NULL)
         table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
         params += present
@@ -9492,7 +9521,8 @@ class LogQuery:
         the keys are values, not ids."""
         where, params = self._legacy_where(filters, start, end)
         col = lambda c: c if c in (self.legacy or []) else "NULL"
-        key = lambda c: f"CAST(strftime('%s', contime) AS INTEGER) / {bucket} * {bucket}" if c == "time" else col(c)
+        key = lambda c: f"CAST(strftime('%s', contime) AS INTEGER) / {bucket} * {bucket}" if c == "time" else \
+            port_key(col(c)) if c in PORT_KEYS else col(c)
         if group == "time":
             where += " AND strftime('%s', contime) IS NOT NULL"
         keys = [key(c) for c in [group] + ([split] if split else [])]
@@ -9517,10 +9547,12 @@ class LogQuery:
                 where.append(f"{negate}(contime >= ? AND contime < ?)")
                 continue
             values = list(f.value) if isinstance(f.value, tuple) else [f.value]
-            present = [v for v in values if v is not None]
+            high = f.column in PORT_KEYS and HIGH_PORTS_KEY in values       # (every high port)
+            present = [v for v in values if v is not None and not (high and v == HIGH_PORTS_KEY)]
             params += present
             tests = ([f"{col(f.column)} IN ({','.join(param(v) for v in present)})"] if present else []) + \
-                    ([f"{col(f.column)} IS NULL"] if None in values else [])
+                    ([f"{col(f.column)} IS NULL"] if None in values else []) + \
+                    ([f"{port_key(col(f.column))} = {HIGH_PORTS_KEY}"] if high else [])
             where.append(f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)")
         return " AND ".join(where), params
 
@@ -9720,6 +9752,8 @@ class Labels:
                 except (KeyError, TypeError, OverflowError):
                     self.users[value] = str(value)
             return self.users[value]
+        if column in PORT_KEYS and value == HIGH_PORTS_KEY:
+            return f"{HIGH_PORTS_TEXT} (clients' ports, together)"
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
         if column in ("raddr", "laddr") and value:

@@ -49,6 +49,7 @@ from selenium.webdriver.common.keys import Keys
 
 import picosnitch
 import test_whatsnew
+from test_log import port_key
 from browser import Browser, eventually
 from conftest import PEER_PORT, PYTHON, SCRIPT, Daemon, need_root, sha256_file, unique_c_sender, wait_for
 from test_view import make_old_db
@@ -206,7 +207,8 @@ class World:
         sums = {}
         for r in self.rows:
             if within(r) and all((r[c] == v) != exclude for c, v, exclude in filters):
-                total = sums.setdefault(r[group], [0, 0, 0])
+                total = sums.setdefault(port_key(r[group]) if group in picosnitch.PORT_KEYS else r[group],
+                                        [0, 0, 0])
                 total[0] += r["send"]
                 total[1] += r["recv"]
                 total[2] += 1
@@ -217,6 +219,8 @@ def label(column, value):
     """How the page names a value: users by name, private addresses as such."""
     if value is None:
         return "(not logged)"
+    if column in picosnitch.PORT_KEYS and value == picosnitch.HIGH_PORTS_KEY:
+        return "32768-65535 (clients' ports, together)"
     if column == "uid":
         try:
             return f"{pwd.getpwuid(value).pw_name} ({value})"
@@ -1233,8 +1237,8 @@ def test_the_filter_bar_offers_the_largest_values_and_finds_others_typed(browser
     offers the largest; a value typed is looked up among all of them."""
     home = make_home(tmp_path / "home")
     now = picosnitch.now_seconds()
-    rows = [make_row(i, now - 5 * MINUTE - i, "curl", 1000 + i, 0, "deb.example.org", "192.0.2.1", 80, "tcp")
-            for i in range(picosnitch.DASH_OPTIONS + 30)]
+    rows = [dict(make_row(i, now - 5 * MINUTE - i, "curl", 1000 + i, 0, "deb.example.org", "192.0.2.1", 80, "tcp"),
+                 lport=20000 + i) for i in range(picosnitch.DASH_OPTIONS + 30)]      # (ports of their own: low ones)
     log = picosnitch.Log.open(str(home / "state" / "snitch.db"))
     log.insert([tuple(r[c] for c in picosnitch.DB_COLUMNS) for r in rows])
     log.close()

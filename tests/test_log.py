@@ -30,6 +30,11 @@ def value(v):
     return v.decode() if isinstance(v, bytes) else v
 
 
+def port_key(port):
+    """A port as the totals by port have it: the high ones together."""
+    return picosnitch.HIGH_PORTS_KEY if isinstance(port, int) and port >= picosnitch.HIGH_PORTS else port
+
+
 def brute(rows, group, filters=(), start=None, end=None, bucket=86400):
     """What totals() must answer, computed from the rows of the view."""
     out = {}
@@ -43,6 +48,8 @@ def brute(rows, group, filters=(), start=None, end=None, bucket=86400):
         for f in filters:
             if f.column == "time":
                 match = isinstance(t, int) and f.value <= t < f.value + f.bucket
+            elif f.column in picosnitch.PORT_KEYS and f.value == picosnitch.HIGH_PORTS_KEY:
+                match = port_key(r[f.column]) == picosnitch.HIGH_PORTS_KEY
             else:
                 match = r[f.column] == value(f.value)
             keep &= match != f.exclude
@@ -53,7 +60,7 @@ def brute(rows, group, filters=(), start=None, end=None, bucket=86400):
                 continue
             key = t // bucket * bucket
         else:
-            key = r[group]
+            key = port_key(r[group]) if group in picosnitch.PORT_KEYS else r[group]
         total = out.setdefault(key, [0, 0, 0])
         total[0] += r["send"]
         total[1] += r["recv"]
@@ -115,7 +122,8 @@ def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path):
     """A window's rows are summed once per rollup and its levels added from
     those hours: the totals are those of the rows grouped at each level
     (ROLL_STATEMENTS), for windows across hours and days, times that are no
-    time, NULL ports and users, and a local port two processes share."""
+    time, NULL ports and users, a local port two processes share, and high
+    ports, which are one key."""
     rng = random.Random(7)
     rows = list(loggen.rows(loggen.World(5, exes=6, domains=20), 1500, 3, end=NOW))
     for i in range(0, len(rows), 7):
@@ -138,7 +146,11 @@ def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path):
                 for statement in statements:
                     grouped.con.execute(statement, (start, start + len(encoded)))
     assert rollup_tables(windowed.con) == rollup_tables(grouped.con)
-    assert len(rollup_tables(windowed.con)["ports"]) > 1000
+    tables = rollup_tables(windowed.con)
+    assert len(tables["ports"]) > 500 and {r[3] for r in tables["ports"]} >= {7400, picosnitch.HIGH_PORTS_KEY}
+    # (the high ports, a client's each, are one key: the rollups do not grow with connections)
+    assert max(r[3] for r in tables["ports"]) < picosnitch.HIGH_PORTS
+    assert max(r[9] for r in tables["rollups"]) < picosnitch.HIGH_PORTS
     windowed.close()
     grouped.close()
 
@@ -168,6 +180,8 @@ def test_totals_match_the_rows_for_every_column_filter_and_range(tmp_path, monke
     lport = rows[0]["lport"]
     chains = [[], [picosnitch.Filter("exe", exe)], [picosnitch.Filter("exe", exe), picosnitch.Filter("domain", domain, True)],
               [picosnitch.Filter("lport", lport, True)], [picosnitch.Filter("uid", 0)],
+              [picosnitch.Filter("lport", picosnitch.HIGH_PORTS_KEY)],
+              [picosnitch.Filter("rport", picosnitch.HIGH_PORTS_KEY, True), picosnitch.Filter("rport", 443, True)],
               [picosnitch.Filter("time", (NOW - 86400) // 3600 * 3600, False, 3600)],
               [picosnitch.Filter("time", (NOW - 86400) // 86400 * 86400, True, 86400)]]
     ranges = [(None, None), (NOW - 3600, NOW + 1), (NOW - 86400, NOW + 1), (NOW - 7 * 86400, NOW + 1),
@@ -187,7 +201,7 @@ def test_totals_match_the_rows_for_every_column_filter_and_range(tmp_path, monke
 
 def test_totals_match_the_rows_for_random_filter_chains_and_ranges(tmp_path):
     """Chains of up to three filters and exclusions on any column (a value
-    the rows have, or NULL), over ranges that start and end anywhere."""
+    the rows have, NULL, or the high ports), over ranges that start and end anywhere."""
     path, rows, query = made_log(tmp_path, with_unlogged_ports)
     rng = random.Random(5)
     columns = [c for c in GROUPS if c != "time"]
@@ -199,8 +213,10 @@ def test_totals_match_the_rows_for_random_filter_chains_and_ranges(tmp_path):
                 size = rng.choice([3600, 86400])
                 chain.append(picosnitch.Filter("time", (NOW - rng.randrange(3 * 86400)) // size * size,
                                                rng.random() < 0.5, size))
-            else:       # (the ports and user of some rows were not logged: NULL)
+            else:       # (the ports and user of some rows were not logged: NULL; the high ports are one value)
                 chosen = None if column in ("uid", "lport", "rport") and rng.random() < 0.2 else rng.choice(rows)[column]
+                if column in picosnitch.PORT_KEYS and rng.random() < 0.3:
+                    chosen = picosnitch.HIGH_PORTS_KEY
                 chain.append(picosnitch.Filter(column, chosen, rng.random() < 0.4))
         start = rng.choice([None, NOW - rng.randrange(4 * 86400)])
         end = rng.choice([None, NOW + 1 - rng.randrange(2 * 86400)])
@@ -428,11 +444,13 @@ LATE = [(f"2026-12-01 10:00:0{i}", 5 + i, 6, "/usr/bin/late", "late", "late --no
 
 
 @pytest.mark.parametrize("layout", ["v1", "upstream-1.0.3"])
-def test_a_moved_log_gives_its_space_back_and_reads_back_equal(tmp_path, layout):
+def test_a_moved_log_gives_its_space_back_and_reads_back_equal(tmp_path, monkeypatch, layout):
     """The old table leaves most of the file free; a compact copy, made while
     windows go on and caught up with them, takes its place: fewer than 5% of
     its pages are free, every row and every total is the same, and it gives
-    what retention frees back by itself."""
+    what retention frees back by itself (in steps made small for a small log)."""
+    monkeypatch.setattr(picosnitch, "SHRINK_MIN_PAGES", 64)
+    monkeypatch.setattr(picosnitch, "GIVE_BACK_STEP", 64)
     path = str(tmp_path / "snitch.db")
     log = moved_over(path, 20000, layout)
     assert log.wasteful() and not log.incremental() and free_share(path) > 0.5
