@@ -91,6 +91,7 @@ import ctypes.util
 import dataclasses
 import datetime
 import errno
+import gc
 import gzip
 import hashlib
 import hmac
@@ -160,6 +161,9 @@ GEOIP_DOWNLOAD_ADDRESS = "https://download.db-ip.com/free/dbip-country-lite-{yea
 
 # how long a stop may take before the supervisor gives up waiting
 STOP_TIMEOUT = 30.0
+# the cyclic collector's thresholds in picosnitch's processes: a window's
+# rows are many short-lived objects, and few of them make cycles
+GC_THRESHOLDS = (50_000, 20, 20)
 
 # the live event stream (section 17): a socket in a directory only
 # picosnitch's account may write
@@ -8622,6 +8626,8 @@ def process_entry(name: str, rt: Runtime, args: tuple) -> None:
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)       # after confine: a change of user clears it
         if os.getppid() != supervisor:
             os._exit(0)
+        gc.freeze()                     # (what start made is kept: collections look at what came since)
+        gc.set_threshold(*GC_THRESHOLDS)
         role.main(rt, *args)
     except BaseException as e:      # noqa: BLE001 - whatever ends a process is reported, then it exits
         rt.reporter.error(f"the {name} process failed: {type(e).__name__}: {e}", traceback.format_exc())
