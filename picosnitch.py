@@ -1435,9 +1435,9 @@ ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys aft
 # by process and local port (and, per day and for the whole log, by local
 # port alone: process 0), each with the high ports as one (HIGH_PORTS_KEY;
 # logs written before kept them one by one, and are read as if they had
-# not). A question goes to the narrowest rollup that keeps its columns. NULL is a value like any other in procs and strs
-# (their unique indexes map it to x'ff', which no text equals), so that
-# every id is set. Version 5 adds novelty: what was new about a program
+# not). A question goes to the narrowest rollup that keeps its columns.
+# NULL is a value like any other in procs and strs (their unique indexes
+# map it to x'ff', which no text equals), so that every id is set. Version 5 adds novelty: what was new about a program
 # (section 15), a row per event, in the window's transaction.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS procs (id INTEGER PRIMARY KEY, exe, name, cmdline, sha256);

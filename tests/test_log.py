@@ -155,6 +155,41 @@ def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path):
     grouped.close()
 
 
+def test_rollups_that_kept_each_high_port_are_read_as_if_they_kept_them_as_one(tmp_path, monkeypatch):
+    """A log whose rollups were written with every port a key of its own
+    (before the high ports were one), and windows added since, answers
+    totals and filters by port as the rows say."""
+    path = str(tmp_path / "snitch.db")
+    make_log(path)
+    log = picosnitch.Log.open(path)
+    exact = lambda column: f"coalesce({column}, {picosnitch.NOT_LOGGED})" if column in picosnitch.INTEGER_KEYS \
+        else column
+    monkeypatch.setattr(picosnitch, "rollup_value", exact)
+    with log.con:
+        for table in picosnitch.ROLLUPS:
+            log.con.execute(f"DELETE FROM {table}")
+        for statements in picosnitch.rollup_statements("id > ? AND id <= ?").values():
+            for statement in statements:
+                log.con.execute(statement, (0, 10 ** 9))
+    assert log.con.execute("SELECT count(*) FROM ports WHERE lport >= ?", (picosnitch.HIGH_PORTS,)).fetchone()[0]
+    monkeypatch.undo()
+    log.insert([(text(NOW - 10 - i), 7, 9, "/usr/bin/late", "late", "", "", "", "", "", "", 1000, 40000 + i, 443,
+                 "10.0.0.2", "192.0.2.9", "late.example", "tcp") for i in range(20)])
+    log.close()
+    rows = picosnitch.db_rows(path)
+    query = picosnitch.LogQuery(path)
+    query.refresh()
+    for group in ("lport", "rport", "exe"):
+        for chain in ([], [picosnitch.Filter("lport", picosnitch.HIGH_PORTS_KEY)],
+                      [picosnitch.Filter("lport", picosnitch.HIGH_PORTS_KEY, True)],
+                      [picosnitch.Filter("lport", 40003)]):
+            for start, end in ((None, None), (NOW - 86400, NOW + 1), (NOW - 2 * 86400 - 1800, NOW - 3600 + 17)):
+                assert answer(query, group, chain, start, end) == brute(rows, group, chain, start, end), \
+                    (group, chain, start, end)
+    assert answer(query, "exe", [picosnitch.Filter("lport", 40003)]) == {"/usr/bin/late": (7, 9, 1)}
+    query.close()
+
+
 GROUPS = ["exe", "name", "cmdline", "sha256", "pexe", "pname", "gpexe", "domain", "raddr", "laddr", "lport", "rport",
           "uid", "proto", "time"]
 
