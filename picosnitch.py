@@ -1395,6 +1395,10 @@ DB_COLUMNS = list(Row._fields)
 # where a row has the process, its parent and its grandparent (each exe, name, cmdline, sha256)
 PROC_PLACES = [slice(DB_COLUMNS.index(p + "exe"), DB_COLUMNS.index(p + "exe") + len(_PROC_ATTRS))
                for p in ("", "p", "gp")]
+# where a row has its other columns (CONNS_COLUMNS' strings, in their order)
+ROW_TIME, ROW_SEND, ROW_RECV, ROW_UID, ROW_LPORT, ROW_RPORT = (DB_COLUMNS.index(c) for c in
+                                                               ("contime", "send", "recv", "uid", "lport", "rport"))
+ROW_STRS = [DB_COLUMNS.index(c) for c in ("laddr", "raddr", "domain", "proto")]
 # the remote copy keeps the columns it has always had
 REMOTE_COLUMNS = DB_COLUMNS[:DB_COLUMNS.index("proto") + 1]
 SCHEMA_VERSION = 5
@@ -1929,13 +1933,15 @@ class Log(OldLayouts):
 
     def encode(self, row: typing.Sequence) -> tuple:
         """A row (a Row, or its values in order) as conns values (CONNS_COLUMNS)."""
-        r = Row._make(row) if len(row) == len(DB_COLUMNS) else Row(*row)
-        t = self.times.get(r.contime)
+        r = row if isinstance(row, tuple) and len(row) == len(DB_COLUMNS) else Row(*row)
+        t = self.times.get(r[ROW_TIME])
         if t is None:
-            t = self.times[r.contime] = local_seconds(r.contime)
-        proc, parent, gp = (self.proc_id(r[place]) for place in PROC_PLACES)
-        return (t, r.send, r.recv, proc, parent, gp, r.uid, r.lport, r.rport, self.str_id(r.laddr),
-                self.str_id(r.raddr), self.str_id(r.domain), self.str_id(r.proto))
+            t = self.times[r[ROW_TIME]] = local_seconds(r[ROW_TIME])
+        procs, strs = self.procs, self.strs       # (found there for all but a window's first rows)
+        ids = [procs.get(r[place]) or self.proc_id(r[place]) for place in PROC_PLACES] + \
+              [strs.get(r[place]) or self.str_id(r[place]) for place in ROW_STRS]
+        return (t, r[ROW_SEND], r[ROW_RECV], ids[0], ids[1], ids[2], r[ROW_UID], r[ROW_LPORT], r[ROW_RPORT],
+                ids[3], ids[4], ids[5], ids[6])
 
     def add(self, rows: typing.Sequence[tuple], ids: typing.Optional[typing.Sequence[int]] = None) -> None:
         """Insert encoded rows (with ids, for rows moved from an older log,
@@ -4246,6 +4252,7 @@ class Capture:
 # waits for another process: its messages go out from threads.
 
 DOMAIN_CACHE = 8192       # (process, address) pairs remembered from getaddrinfo answers
+ADDRESS_CACHE = 65536     # addresses remembered as text
 MERGED_PORT = -2          # the ports of a row of merged connections (-1: a row of an exec)
 WINDOWS_KEPT = 60         # windows the primary has not confirmed, kept to send again
 EXEC_NOTICES_KEPT = 65536
@@ -4321,6 +4328,7 @@ class Tracker:
         self.contexts: typing.Dict[typing.Tuple[int, int], Context] = {}      # (pid, executable) -> who
         self.protos: typing.Dict[int, int] = dict(protos or {})      # struct proto address -> protocol
         self.domains: "collections.OrderedDict[typing.Tuple[int, str], str]" = collections.OrderedDict()
+        self.addresses: typing.Dict[typing.Tuple[int, bytes], str] = {}     # (family, raw) -> as text
         self.unattributed: typing.List[str] = []
         self.replaced: typing.Dict[int, str] = {}      # pid -> what it ran, for processes that replaced it
         self.alerts: typing.List[str] = []
@@ -4477,10 +4485,19 @@ class Tracker:
     def conn(self, key: ConnKeyT, val: ConnValT, context: typing.Optional[typing.Tuple[Context, str]] = None) -> Conn:
         """A key's row (context: who(), when it is not a window's row)."""
         context, proto = context or self.whose(key, val)
-        raddr = format_addr(key.family, bytes(key.raddr))
+        family = key.family
+        raddr, laddr = self.address(family, bytes(key.raddr)), self.address(family, bytes(key.laddr))
         return Conn(context.proc, context.parent, context.grandparent, key.uid, proto, key.lport, key.rport,
-                    format_addr(key.family, bytes(key.laddr)), raddr, self.domain(key.pid, raddr),
-                    val.send, val.recv)
+                    laddr, raddr, self.domain(key.pid, raddr), val.send, val.recv)
+
+    def address(self, family: int, raw: bytes) -> str:
+        """format_addr(family, raw), remembered (a window's connections share a few addresses)."""
+        found = self.addresses.get((family, raw))
+        if found is None:
+            if len(self.addresses) >= ADDRESS_CACHE:
+                self.addresses.clear()
+            found = self.addresses[(family, raw)] = format_addr(family, raw)
+        return found
 
     def merged_conn(self, key: ConnKeyT, val: MergedT,
                     context: typing.Optional[typing.Tuple[Context, str]] = None) -> Conn:
@@ -7123,6 +7140,7 @@ class Primary:
         rows, novel = [], []
         programs: typing.Dict[tuple, typing.Tuple[str, str, str]] = {}
         sightings: typing.Dict[str, Sighting] = {}
+        derived: typing.Dict[tuple, tuple] = {}
         ignoring = any(self.ignore)
         for conn in conns:
             domain = conn.domain or names.get(conn.raddr, "")
@@ -7133,7 +7151,7 @@ class Primary:
                 shas = programs[who] = self.program(conn, hashes, novel, contime, domain)
             if not (ignoring and self.ignore.match(conn.lport, conn.rport, shas[0], domain, conn.raddr)):
                 rows.append(conn_row(conn, contime, *shas, domain, self.config))
-                self.sight(sightings, conn, shas[0], domain)
+                self.sight(sightings, conn, shas[0], domain, derived)
         novel += self.novelty(contime, list(sightings.values()))
         self.write_rows(seq, rows, novel)
         self.record_dirty |= self.virustotal_results()
@@ -7180,9 +7198,13 @@ class Primary:
         """An address's country ('' without GeoIP, or for no address)."""
         return self.geoip.country(addr) if self.geoip is not None and addr else ""
 
-    def sight(self, sightings: typing.Dict[str, Sighting], conn: Conn, sha: str, domain: str) -> None:
+    def sight(self, sightings: typing.Dict[str, Sighting], conn: Conn, sha: str, domain: str,
+              derived: typing.Dict[tuple, tuple]) -> None:
         """Add a logged connection to its program's sighting in this window
-        (a run with no connection is none)."""
+        (a run with no connection is none). derived: the window's
+        destinations and countries by what they follow from (the connections
+        of a busy program differ in their ports, the clients' of a served one
+        in their remote ports too)."""
         p = conn.proc
         if conn.rport == -1 or not (sha or p.exe):
             return
@@ -7190,11 +7212,16 @@ class Primary:
         if s is None:
             s = sightings[sha or p.exe] = Sighting(sha or p.exe, p.exe, p.name, sha)
         raddr, rport = self.where(conn)
-        # (a name the program looked up, or else the address's network: a reverse name is not one)
-        name, network = (conn.domain, "") if conn.domain else ("", self.cached(address_network, raddr))
-        country = self.country(conn.raddr)
-        s.add(conn.send, conn.recv, destinations(self.cached(self.suffixes.registrable, name), country, conn.lport,
-                                                 rport, network), domain, raddr, rport, country)
+        served = rport is not None and conn.lport is not None and is_served(conn.lport, rport)
+        key = (conn.domain, conn.raddr, raddr, CLIENT_PORT if served else rport)
+        found = derived.get(key)
+        if found is None:
+            # (a name the program looked up, or else the address's network: a reverse name is not one)
+            name, network = (conn.domain, "") if conn.domain else ("", self.cached(address_network, raddr))
+            country = self.country(conn.raddr)
+            found = derived[key] = (destinations(self.cached(self.suffixes.registrable, name), country, conn.lport,
+                                                 rport, network), country)
+        s.add(conn.send, conn.recv, found[0], domain, raddr, rport, found[1])
 
     def cached(self, how: typing.Callable[[str], str], text: str) -> str:
         """how(text), remembered (registrable domains and networks, per connection otherwise)."""

@@ -751,8 +751,9 @@ def churn(workdir, seconds, runs=CHURN_RUNS, write_limit=10):
                      for i, exe in enumerate(programs)]
             did = [json.loads(p.communicate()[0]) for p in procs]
             took = time.monotonic() - started
-            ticks = {role: cpu_ticks_and_pss([pid])[0] - ticks_before[role] for role, pid in roles.items()}
             logged, behind = churn_settled(tool.state, programs, settle=3 * write_limit)
+            # (the CPU of the whole work, what was written after the programs ended too, over their time)
+            ticks = {role: cpu_ticks_and_pss([pid])[0] - ticks_before[role] for role, pid in roles.items()}
             errors = tool.errors()[len(errors_before):]
             out.append({
                 "proto": proto, "programs": count, "paced": rate, "seconds": took, "write_limit": write_limit,
@@ -817,7 +818,8 @@ def churn_table(runs):
              f"Each connection moves {CHURN_BYTES} bytes (TCP: connect, write, close, to a listener of the same "
              "program; UDP: a socket that sends once and is closed). Bytes: the worst program's logged bytes "
              "against what it sent (and, TCP, what its listener read). CPU: picosnitch's whole process tree "
-             "while the programs ran. Growth: snitch.db and its WAL.", "",
+             "from the programs' start until every row was written (what was written after they ended "
+             "included), over the time the programs ran. Growth: snitch.db and its WAL.", "",
              "| loop | connections/s | bytes, worst program | rows | merged connections | lost events "
              "| uncounted windows | picosnitch CPU (% of a core): all (reader, primary, monitor) "
              "| written, after the programs ended | log growth per minute |",
