@@ -4671,18 +4671,22 @@ class WindowSender:
         MESSAGE_MAX by the most their names may take: a program's very long
         command line can keep no other row from the log."""
         out: typing.List[typing.List[Conn]] = [[]]
-        size, seen = 0, set()
+        size, seen = 0, set()       # (the ids of the processes the part names already)
         for c in conns:
-            procs = {id(p): p for p in (c.proc, c.parent, c.grandparent)}
-            cost = 300 + sum(self.encoded_most(p) for i, p in procs.items() if i not in seen)
+            trio = (c.proc, c.parent, c.grandparent)
+            known = id(c.proc) in seen and id(c.parent) in seen and id(c.grandparent) in seen
+            new = {} if known else {id(p): p for p in trio if id(p) not in seen}
+            cost = 300 + sum(self.encoded_most(p) for p in new.values())
             if out[-1] and (len(out[-1]) >= self.PART or size + cost > MESSAGE_MAX // 2):
                 out.append([])
                 size, seen = 0, set()
-                cost = 300 + sum(self.encoded_most(p) for p in procs.values())
+                new = {id(p): p for p in trio}
+                cost = 300 + sum(self.encoded_most(p) for p in new.values())
             if cost > MESSAGE_MAX - (64 << 10):
                 c = self.fitted(c)
             out[-1].append(c)
-            size, seen = size + cost, seen | set(procs)
+            size += cost
+            seen.update(new)
         return out
 
     def put(self, seq: int, conns: typing.List[Conn]) -> None:
