@@ -831,7 +831,20 @@ def churn_table(runs):
                      f"| {r['rows']:,} | {r['merged']:,} | {r['lost']:,} | {r['uncounted']} | {r['cpu']:.1f} ("
                      + ", ".join(f"{r['cpu_by_role'].get(role, 0):.1f}" for role in ("reader", "primary", "monitor"))
                      + f") | {r['behind']:.0f} s | {r['growth'] / 1e6:.2f} MB |")
+    off = [(r, i) for r in runs for i in range(len(r["sent"])) if churn_program_off(r, i)]
+    if off:
+        lines += ["", "Programs more than 1% off (sent and received as the program counted them; logged: "
+                      "sent, received, rows, merged connections):", ""]
+        lines += [f"- {r['proto'].upper()} × {r['programs']}, program {i}: sent {r['sent'][i]:,}, received "
+                  f"{r['received'][i]:,}; logged {', '.join(f'{n:,}' for n in r['logged'][i])}" for r, i in off]
     return lines
+
+
+def churn_program_off(run, i):
+    """Whether program i of a run logged more than 1% off what it sent (or its listener read)."""
+    send, recv = run["logged"][i][:2]
+    return any(reference and abs(counted - reference) > reference / 100
+               for counted, reference in ((send, run["sent"][i]), (recv, run["received"][i])))
 
 
 def churn_targets(runs):

@@ -87,6 +87,9 @@ def at(**delta):
     return (datetime.datetime.now() - datetime.timedelta(**delta)).strftime(picosnitch.TIME_FORMAT)
 
 
+CAPTURES = pathlib.Path("/var/tmp/picosnitch-captures")
+
+
 @pytest.fixture
 def home():
     """A home of user nobody (outside pytest's private temporary directory),
@@ -254,6 +257,11 @@ def test_views_cover_every_grouping(sample, home):
         assert "root (0)" in s
         s = t.press("left", "by remote port (9/11)")
         assert "(not logged)" in s and any(e.endswith(" 443") for e in body(s))
+        s = t.press("left", "by local port (8/11)")       # (the clients' high ports: one entry)
+        assert any(e.endswith(" 32768-65535 (clients' ports, together)") for e in body(s))
+        assert not any(e.endswith(" 40000") for e in body(s))
+        CAPTURES.mkdir(parents=True, exist_ok=True)
+        (CAPTURES / "view-local-ports.txt").write_text(s)
     finally:
         t.close()
 

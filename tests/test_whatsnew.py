@@ -6,14 +6,13 @@ test_dash_browser.py, against the log built here."""
 import datetime
 import json
 import os
-import pathlib
 import sqlite3
 
 import pytest
 
 import picosnitch
 import test_view
-from test_view import NOBODY, body, row, view
+from test_view import CAPTURES, NOBODY, body, row, view
 
 home = test_view.home         # (a fixture: a home of user nobody with its state directory)
 
@@ -259,9 +258,6 @@ def test_whats_new_of_an_older_log_says_why_it_is_empty(tmp_path):
 
 
 # -- view's what's new in tmux ---------------------------------------------------
-
-CAPTURES = pathlib.Path("/var/tmp/picosnitch-captures")
-
 
 def test_whats_new_in_view_in_tmux(home):
     path = write_log(home / "state" / "snitch.db", sample_rows(), sample_events())
