@@ -1395,7 +1395,7 @@ DB_COLUMNS = list(Row._fields)
 # where a row has the process, its parent and its grandparent (each exe, name, cmdline, sha256)
 PROC_PLACES = [slice(DB_COLUMNS.index(p + "exe"), DB_COLUMNS.index(p + "exe") + len(_PROC_ATTRS))
                for p in ("", "p", "gp")]
-# where a row has its other columns (CONNS_COLUMNS' strings, in their order)
+# where a row has its time, bytes, user and ports, and (ROW_STRS) the strings of CONNS_COLUMNS, in their order
 ROW_TIME, ROW_SEND, ROW_RECV, ROW_UID, ROW_LPORT, ROW_RPORT = (DB_COLUMNS.index(c) for c in
                                                                ("contime", "send", "recv", "uid", "lport", "rport"))
 ROW_STRS = [DB_COLUMNS.index(c) for c in ("laddr", "raddr", "domain", "proto")]
@@ -1441,8 +1441,9 @@ ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys aft
 # logs written before kept them one by one, and are read as if they had
 # not). A question goes to the narrowest rollup that keeps its columns.
 # NULL is a value like any other in procs and strs (their unique indexes
-# map it to x'ff', which no text equals), so that every id is set. Version 5 adds novelty: what was new about a program
-# (section 15), a row per event, in the window's transaction.
+# map it to x'ff', which no text equals), so that every id is set. Version
+# 5 adds novelty: what was new about a program (section 15), a row per
+# event, in the window's transaction.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS procs (id INTEGER PRIMARY KEY, exe, name, cmdline, sha256);
 CREATE UNIQUE INDEX IF NOT EXISTS procs_key ON procs (coalesce(exe, x'ff'), coalesce(name, x'ff'),
