@@ -767,7 +767,8 @@ def test_the_live_tab_shows_a_sender_as_the_daemon_streams_it(tmp_path, exe_dir,
         browser.open(f"{server.url}?token={server.token}&v=live")
         eventually(lambda: assert_equal(live_status(page)[:16], "connected since "))
         assert page.query() == [("v", "live")] and page.props("live-tick")["disabled"] is False
-
+        # (a tick has come: the reader process has taken its baseline, so what is sent now is told whole)
+        eventually(lambda: assert_contains(live_status(page), " · latest tick "), timeout=30)
         sender = unique_c_sender(exe_dir)
         name = os.path.basename(sender)
         subprocess.run([sender, "127.0.0.1", str(PEER_PORT), "4321"], check=True)
