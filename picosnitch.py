@@ -9259,6 +9259,14 @@ def is_high_port(f: Filter) -> bool:
     return f.column in PORT_KEYS and any(isinstance(v, int) and v >= HIGH_PORTS for v in values)
 
 
+def high_ports_apart(column: str, values: list, sql: str) -> typing.Tuple[list, typing.List[str]]:
+    """A filter's values without the high ports' entry (HIGH_PORTS_KEY), and
+    the test for that entry on sql (the column as a query names it), if asked."""
+    if column not in PORT_KEYS or HIGH_PORTS_KEY not in values:
+        return values, []
+    return [v for v in values if v != HIGH_PORTS_KEY], [f"{port_key(sql)} = {HIGH_PORTS_KEY}"]
+
+
 class Piece(typing.NamedTuple):
     """Part of a time range and where its totals come from: a rollup level,
     or the rows (level 0); start or end None: unbounded."""
@@ -9525,12 +9533,10 @@ class LogQuery:
         if kind is None:            # an integer column: NULL (not logged) is NOT_LOGGED in the rollups
             if rollup:
                 present = [NOT_LOGGED if v is None else v for v in values]
-            high = f.column in PORT_KEYS and HIGH_PORTS_KEY in present      # (every high port)
-            present = [v for v in present if not (high and v == HIGH_PORTS_KEY)]
+            present, high = high_ports_apart(f.column, present, f"{alias}.{ref}")
             params += present
             tests = ([f"{alias}.{ref} IN ({','.join('?' * len(present))})"] if present else []) + \
-                    ([f"{alias}.{ref} IS NULL"] if None in values and not rollup else []) + \
-                    ([f"{port_key(f'{alias}.{ref}')} = {HIGH_PORTS_KEY}"] if high else [])
+                    ([f"{alias}.{ref} IS NULL"] if None in values and not rollup else []) + high
             return f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)"     # (NULL IN (...) is NULL)
         table, attr = ("strs", "value") if kind == "str" else ("procs", kind)
         params += present
@@ -9585,12 +9591,10 @@ class LogQuery:
                 where.append(f"{negate}(contime >= ? AND contime < ?)")
                 continue
             values = list(f.value) if isinstance(f.value, tuple) else [f.value]
-            high = f.column in PORT_KEYS and HIGH_PORTS_KEY in values       # (every high port)
-            present = [v for v in values if v is not None and not (high and v == HIGH_PORTS_KEY)]
+            present, high = high_ports_apart(f.column, [v for v in values if v is not None], col(f.column))
             params += present
             tests = ([f"{col(f.column)} IN ({','.join(param(v) for v in present)})"] if present else []) + \
-                    ([f"{col(f.column)} IS NULL"] if None in values else []) + \
-                    ([f"{port_key(col(f.column))} = {HIGH_PORTS_KEY}"] if high else [])
+                    ([f"{col(f.column)} IS NULL"] if None in values else []) + high
             where.append(f"{negate}coalesce({' OR '.join(tests) or '0'}, 0)")
         return " AND ".join(where), params
 

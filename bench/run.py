@@ -804,12 +804,14 @@ def churn_logged(state, exes):
 
 def churn_error_pct(run):
     """The worst per-program error, in % of what it sent (and received)."""
-    worst = 0.0
-    for sent, received, (send, recv, _, _) in zip(run["sent"], run["received"], run["logged"]):
-        for counted, reference in ((send, sent), (recv, received)):
-            if reference:
-                worst = max(worst, abs(counted - reference) / reference * 100)
-    return worst
+    return max((churn_program_pct(run, i) for i in range(len(run["sent"]))), default=0.0)
+
+
+def churn_program_pct(run, i):
+    """How far program i of a run logged off what it sent (and its listener read), in %."""
+    send, recv = run["logged"][i][:2]
+    return max((abs(counted - reference) / reference * 100 for counted, reference in
+                ((send, run["sent"][i]), (recv, run["received"][i])) if reference), default=0.0)
 
 
 def churn_table(runs):
@@ -831,20 +833,13 @@ def churn_table(runs):
                      f"| {r['rows']:,} | {r['merged']:,} | {r['lost']:,} | {r['uncounted']} | {r['cpu']:.1f} ("
                      + ", ".join(f"{r['cpu_by_role'].get(role, 0):.1f}" for role in ("reader", "primary", "monitor"))
                      + f") | {r['behind']:.0f} s | {r['growth'] / 1e6:.2f} MB |")
-    off = [(r, i) for r in runs for i in range(len(r["sent"])) if churn_program_off(r, i)]
+    off = [(r, i) for r in runs for i in range(len(r["sent"])) if churn_program_pct(r, i) > 1]
     if off:
         lines += ["", "Programs more than 1% off (sent and received as the program counted them; logged: "
                       "sent, received, rows, merged connections):", ""]
         lines += [f"- {r['proto'].upper()} × {r['programs']}, program {i}: sent {r['sent'][i]:,}, received "
                   f"{r['received'][i]:,}; logged {', '.join(f'{n:,}' for n in r['logged'][i])}" for r, i in off]
     return lines
-
-
-def churn_program_off(run, i):
-    """Whether program i of a run logged more than 1% off what it sent (or its listener read)."""
-    send, recv = run["logged"][i][:2]
-    return any(reference and abs(counted - reference) > reference / 100
-               for counted, reference in ((send, run["sent"][i]), (recv, run["received"][i])))
 
 
 def churn_targets(runs):
