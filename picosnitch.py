@@ -1545,44 +1545,97 @@ ROLL_STATEMENTS = rollup_statements("id > ? AND id <= ?")     # (the rows first 
 WINDOW_SOURCES = {"rollups": "conns", "ports": "conns", "programs": "rollups", "times": "programs"}
 
 
-def window_statements() -> typing.List[str]:
+def window_statements() -> typing.List[typing.Tuple[str, str]]:
     """Statements adding the conns rows first < id <= last to the rollups
-    (those with ? marks take first and last). The rows are summed by hour once
-    per rollup, into a TEMP table, and every level is added from those hours
-    (the day and the whole log hold whole hours): each key of a window is
-    looked up once a level, not grouped from the rows again for each."""
+    (those with ? marks take first and last), each with the table whose
+    hours it sums from the rows ('' for the others). The rows are summed by
+    hour once per rollup, into a TEMP table, and every level is added from
+    those hours (the day and the whole log hold whole hours): each key of a
+    window is looked up once a level, not grouped from the rows again for
+    each."""
     out = []
     for table, source in WINDOW_SOURCES.items():
         keys = ROLLUPS[table]
         columns, summed = "".join(k + ", " for k in keys), f"temp.window_{table}"
-        out += [f"CREATE TEMP TABLE IF NOT EXISTS window_{table} (b, {columns}send, recv, rows)",
-                f"DELETE FROM {summed}"]
+        out += [("", f"CREATE TEMP TABLE IF NOT EXISTS window_{table} (b, {columns}send, recv, rows)"),
+                ("", f"DELETE FROM {summed}")]
         if source == "conns":
             bucket = f"CASE WHEN typeof(t) = 'integer' THEN t / {HOUR} * {HOUR} ELSE {NO_TIME} END"
             values = [bucket] + [rollup_value(k) for k in keys]
-            out.append(f"INSERT INTO {summed} SELECT {', '.join(values)}, sum(send), sum(recv), count(*) FROM conns "
-                       f"WHERE id > ? AND id <= ? GROUP BY {', '.join(str(i + 1) for i in range(len(values)))}")
+            out.append((table, f"INSERT INTO {summed} SELECT {', '.join(values)}, sum(send), sum(recv), count(*) "
+                               f"FROM conns WHERE id > ? AND id <= ? GROUP BY "
+                               f"{', '.join(str(i + 1) for i in range(len(values)))}"))
         else:
-            out.append(f"INSERT INTO {summed} SELECT b, {columns}sum(send), sum(recv), sum(rows) "
-                       f"FROM temp.window_{source} GROUP BY b{''.join(', ' + k for k in keys)}")
+            out.append(("", f"INSERT INTO {summed} SELECT b, {columns}sum(send), sum(recv), sum(rows) "
+                            f"FROM temp.window_{source} GROUP BY b{''.join(', ' + k for k in keys)}"))
         for level in ROLLUP_LEVELS:     # (an hour's bucket is NO_TIME, or a multiple of the hour)
             bucket = "b" if level == HOUR else f"CASE WHEN b = {NO_TIME} THEN b ELSE b / {level} * {level} END"
             variants = [keys] + ([("0",) + keys[1:]] if table == "ports" and level in ALL_PROCS_LEVELS else [])
             for values in variants:     # (a key met twice in one statement is added up by its upsert)
-                out.append(f"INSERT INTO {table} (level, b, {columns}send, recv, rows) SELECT {level}, {bucket}, "
-                           f"{''.join(v + ', ' for v in values)}send, recv, rows FROM {summed} WHERE true "
-                           f"ON CONFLICT DO UPDATE SET send = send + excluded.send, "
-                           f"recv = recv + excluded.recv, rows = rows + excluded.rows")
+                out.append(("", f"INSERT INTO {table} (level, b, {columns}send, recv, rows) SELECT {level}, "
+                                f"{bucket}, {''.join(v + ', ' for v in values)}send, recv, rows FROM {summed} "
+                                f"WHERE true ON CONFLICT DO UPDATE SET send = send + excluded.send, "
+                                f"recv = recv + excluded.recv, rows = rows + excluded.rows"))
     return out
 
 
 WINDOW_STATEMENTS = window_statements()
 
 
-def add_to_rollups(con: sqlite3.Connection, first: int, last: int) -> None:
-    """Add the conns rows first < id <= last to the rollups, in the caller's transaction."""
-    for statement in WINDOW_STATEMENTS:
-        con.execute(statement, (first, last) if "?" in statement else ())
+def hour_of(t) -> int:
+    """The hour bucket of a conns time, as window_statements() has it in SQL
+    (whose division truncates toward zero)."""
+    if not isinstance(t, int):
+        return NO_TIME
+    return t // HOUR * HOUR if t >= 0 else -(-t // HOUR * HOUR)
+
+
+def window_sums(rows: typing.Iterable[tuple]) -> typing.Optional[typing.Dict[str, list]]:
+    """What window_statements() sums from the rows (conns values, in
+    CONNS_COLUMNS order) into its TEMP tables, summed here, as they are
+    encoded, instead of read back and grouped: {table: [(b, keys..., send,
+    recv, rows)]}. None for rows whose ports are no numbers (the SQL, which
+    reads them as stored, sums those)."""
+    rollups: typing.Dict[tuple, list] = {}
+    ports: typing.Dict[tuple, list] = {}
+    hours: typing.Dict[typing.Any, int] = {}
+    try:
+        for t, send, recv, proc, parent, gp, uid, lport, rport, laddr, raddr, domain, proto in rows:
+            b = hours.get(t)
+            if b is None:
+                b = hours[t] = hour_of(t)
+            key = (b, proc, parent, gp, NOT_LOGGED if uid is None else uid, domain, laddr, raddr,
+                   NOT_LOGGED if rport is None else HIGH_PORTS_KEY if rport >= HIGH_PORTS else rport, proto)
+            total = rollups.get(key)
+            if total is None:
+                rollups[key] = [send, recv, 1]
+            else:
+                total[0] += send
+                total[1] += recv
+                total[2] += 1
+            key = (b, proc, NOT_LOGGED if lport is None else HIGH_PORTS_KEY if lport >= HIGH_PORTS else lport)
+            total = ports.get(key)
+            if total is None:
+                ports[key] = [send, recv, 1]
+            else:
+                total[0] += send
+                total[1] += recv
+                total[2] += 1
+    except TypeError:
+        return None
+    return {"rollups": [(*k, *v) for k, v in rollups.items()], "ports": [(*k, *v) for k, v in ports.items()]}
+
+
+def add_to_rollups(con: sqlite3.Connection, first: int, last: int,
+                   sums: typing.Optional[typing.Dict[str, list]] = None) -> None:
+    """Add the conns rows first < id <= last to the rollups, in the caller's
+    transaction (sums: their window_sums(), when the caller has them)."""
+    for table, statement in WINDOW_STATEMENTS:
+        if table and sums is not None:
+            con.executemany(f"INSERT INTO temp.window_{table} VALUES "
+                            f"({', '.join('?' * (len(ROLLUPS[table]) + 4))})", sums[table])
+        else:
+            con.execute(statement, (first, last) if "?" in statement else ())
 
 
 # while older rows are rolled up, days with rows written since are told
@@ -1938,11 +1991,12 @@ class Log(OldLayouts):
         t = self.times.get(r[ROW_TIME])
         if t is None:
             t = self.times[r[ROW_TIME]] = local_seconds(r[ROW_TIME])
-        procs, strs = self.procs, self.strs       # (found there for all but a window's first rows)
-        ids = [procs.get(r[place]) or self.proc_id(r[place]) for place in PROC_PLACES] + \
-              [strs.get(r[place]) or self.str_id(r[place]) for place in ROW_STRS]
-        return (t, r[ROW_SEND], r[ROW_RECV], ids[0], ids[1], ids[2], r[ROW_UID], r[ROW_LPORT], r[ROW_RPORT],
-                ids[3], ids[4], ids[5], ids[6])
+        proc, s = self.procs.get, self.strs.get       # (found there for all but a window's first rows)
+        p, pp, gp = r[PROC_PLACES[0]], r[PROC_PLACES[1]], r[PROC_PLACES[2]]      # (written out: once a row)
+        la, ra, d, pr = r[ROW_STRS[0]], r[ROW_STRS[1]], r[ROW_STRS[2]], r[ROW_STRS[3]]
+        return (t, r[ROW_SEND], r[ROW_RECV], proc(p) or self.proc_id(p), proc(pp) or self.proc_id(pp),
+                proc(gp) or self.proc_id(gp), r[ROW_UID], r[ROW_LPORT], r[ROW_RPORT], s(la) or self.str_id(la),
+                s(ra) or self.str_id(ra), s(d) or self.str_id(d), s(pr) or self.str_id(pr))
 
     def add(self, rows: typing.Sequence[tuple], ids: typing.Optional[typing.Sequence[int]] = None) -> None:
         """Insert encoded rows (with ids, for rows moved from an older log,
@@ -1959,7 +2013,7 @@ class Log(OldLayouts):
             self.con.executemany(f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) VALUES (?, {marks})",
                                  [(i, *r) for i, r in zip(ids, rows)])
             first, last = ids[0] - 1, ids[-1]
-        add_to_rollups(self.con, first, last)
+        add_to_rollups(self.con, first, last, window_sums(rows))
 
     def insert(self, rows: typing.Sequence[typing.Sequence], mark: typing.Tuple[str, int] = ("", 0),
                novelty: typing.Sequence[typing.Sequence] = ()) -> None:

@@ -122,8 +122,10 @@ def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path):
     """A window's rows are summed once per rollup and its levels added from
     those hours: the totals are those of the rows grouped at each level
     (ROLL_STATEMENTS), for windows across hours and days, times that are no
-    time, NULL ports and users, a local port two processes share, and high
-    ports, which are one key."""
+    time, NULL ports and users, a local port two processes share, times
+    before 1970 (SQL's division truncates), and high ports, which are one
+    key. Log.insert sums a window as it encodes it (window_sums); a window
+    with a port as text is summed by the SQL, as stored."""
     rng = random.Random(7)
     rows = list(loggen.rows(loggen.World(5, exes=6, domains=20), 1500, 3, end=NOW))
     for i in range(0, len(rows), 7):
@@ -134,7 +136,12 @@ def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path):
     for i in range(40):     # (two programs on one port, across midnight)
         rows.append((text(NOW - NOW % 86400 - 30 + i), i, 2 * i, f"/opt/p{i % 2}", "p", "", "", "", "", "", "",
                      1000, 7400, 50000 + i, "127.0.0.1", "127.0.0.1", "", "tcp"))
+    for i in range(30):     # (before 1970, on both sides of an hour)
+        rows.append((f"1969-12-31 {22 + i % 2}:{i:02d}:00", i, 1, "/opt/old", "old", "", "", "", "", "", "",
+                     1000, 80, 40000 + i, "10.0.0.1", "10.0.0.2", "", "tcp"))
     rng.shuffle(rows)
+    rows.insert(301, rows[301][:12] + ("8080", "40000") + rows[301][14:])     # (its window is summed by the SQL)
+    assert picosnitch.window_sums([(0, 1, 1, 1, 1, 1, 0, "8080", 1, 1, 1, 1, 1)]) is None
     windowed, grouped = picosnitch.Log.open(str(tmp_path / "a.db")), picosnitch.Log.open(str(tmp_path / "b.db"))
     for start in range(0, len(rows), 300):
         windowed.insert(rows[start:start + 300])
