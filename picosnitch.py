@@ -98,6 +98,7 @@ import hmac
 import html
 import io
 import ipaddress
+import itertools
 import json
 import math
 import multiprocessing
@@ -1424,6 +1425,7 @@ FORGET_BATCH = 1_000        # a day's totals taken out of the whole-log ones per
 SHRINK_FREE = 0.2           # a log whose free pages pass this share of its pages gives them back
 SHRINK_MIN_PAGES = 256      # (when there are at least this many)
 GIVE_BACK_STEP = 1024       # pages given back per transaction, by a log that can do it by itself
+ROWS_A_STATEMENT = 500      # rows of a window inserted by one statement (13 values each: SQLite takes 32766)
 ROLLUP_SEEKS = 1000         # buckets of a rollup named one by one (the keys after b then narrow each)
 
 # The compact layout (version 2; version 3 adds the times and programs
@@ -2007,7 +2009,11 @@ class Log(OldLayouts):
         marks = ",".join("?" * len(CONNS_COLUMNS))
         if ids is None:
             first = self.con.execute("SELECT coalesce(max(id), 0) FROM conns").fetchone()[0]
-            self.con.executemany(f"INSERT INTO conns ({', '.join(CONNS_COLUMNS)}) VALUES ({marks})", rows)
+            most = ROWS_A_STATEMENT if sqlite3.sqlite_version_info >= (3, 32) else 999 // len(CONNS_COLUMNS)
+            for start in range(0, len(rows), most):     # (a statement each: fewer steps than a row each)
+                chunk = rows[start:start + most]
+                self.con.execute(f"INSERT INTO conns ({', '.join(CONNS_COLUMNS)}) VALUES "
+                                 f"{', '.join([f'({marks})'] * len(chunk))}", list(itertools.chain.from_iterable(chunk)))
             last = self.con.execute("SELECT max(id) FROM conns").fetchone()[0]
         else:
             self.con.executemany(f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) VALUES (?, {marks})",

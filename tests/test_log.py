@@ -118,14 +118,17 @@ def rollup_tables(con):
             for table in picosnitch.ROLLUPS}
 
 
-def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path):
+def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path, monkeypatch):
     """A window's rows are summed once per rollup and its levels added from
     those hours: the totals are those of the rows grouped at each level
     (ROLL_STATEMENTS), for windows across hours and days, times that are no
     time, NULL ports and users, a local port two processes share, times
     before 1970 (SQL's division truncates), and high ports, which are one
     key. Log.insert sums a window as it encodes it (window_sums); a window
-    with a port as text is summed by the SQL, as stored."""
+    with a port as text is summed by the SQL, as stored. Rows go in
+    ROWS_A_STATEMENT a statement (here 7: a window takes several, and a
+    part)."""
+    monkeypatch.setattr(picosnitch, "ROWS_A_STATEMENT", 7)
     rng = random.Random(7)
     rows = list(loggen.rows(loggen.World(5, exes=6, domains=20), 1500, 3, end=NOW))
     for i in range(0, len(rows), 7):
@@ -153,6 +156,9 @@ def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path):
                 for statement in statements:
                     grouped.con.execute(statement, (start, start + len(encoded)))
     assert rollup_tables(windowed.con) == rollup_tables(grouped.con)
+    columns = ", ".join(picosnitch.CONNS_COLUMNS)
+    assert windowed.con.execute(f"SELECT id, {columns} FROM conns ORDER BY id").fetchall() == \
+        grouped.con.execute(f"SELECT id, {columns} FROM conns ORDER BY id").fetchall()
     tables = rollup_tables(windowed.con)
     assert len(tables["ports"]) > 500 and {r[3] for r in tables["ports"]} >= {7400, picosnitch.HIGH_PORTS_KEY}
     # (the high ports, a client's each, are one key: the rollups do not grow with connections)
