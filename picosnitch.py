@@ -578,6 +578,31 @@ def c_struct(cls: type, name: str) -> str:
     return "struct %s {\n%s\n};\n" % (name, "\n".join(lines))
 
 
+_STRUCT_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I", ctypes.c_uint64: "Q",
+                 ctypes.c_char: "s"}
+
+
+def struct_of(cls: type) -> struct.Struct:
+    """A flat ctypes structure as a struct.Struct of its fields, in order
+    (a byte array as one bytes value): unpack_from() reads an instance in
+    one step, where each attribute would be a step of its own."""
+    codes = []
+    for _, ftype in cls._fields_:
+        if hasattr(ftype, "_length_"):
+            if ftype._type_ not in (ctypes.c_uint8, ctypes.c_char):
+                raise ValueError(f"{cls.__name__}: only byte arrays can be read as bytes")
+            codes.append(f"{ftype._length_}s")
+        else:
+            codes.append(_STRUCT_CODES[ftype])
+    out = struct.Struct("=" + "".join(codes))
+    if out.size != ctypes.sizeof(cls):
+        raise ValueError(f"{cls.__name__} has padding between its fields: it cannot be read as {out.format}")
+    return out
+
+
+CONN_KEY = struct_of(ConnKeyT)
+
+
 STRUCT_NAMES = {ProcT: "proc_t", ConnKeyT: "conn_key_t", ConnValT: "conn_val_t", ConnInfoT: "conn_info_t",
                 ConnT: "conn_t", EventHdrT: "event_hdr_t", ExecT: "exec_t", DnsT: "dns_t", EpochT: "epoch_t",
                 SlotT: "slot_t", MergedT: "merged_t"}
@@ -804,16 +829,17 @@ def pack_conns(conns: typing.Sequence[Conn]) -> list:
     objects, told apart by identity): each is sent, and decoded, once."""
     places: typing.Dict[int, int] = {}
     procs: typing.List[list] = []
+
+    def place(p: ProcInfo) -> int:
+        places[id(p)] = len(procs)
+        procs.append(as_list(p))
+        return len(procs) - 1
     rows = []
     for c in conns:
-        row = as_list(c)
-        for i in range(3):
-            place = places.get(id(row[i]))
-            if place is None:
-                place = places[id(row[i])] = len(procs)
-                procs.append(as_list(row[i]))
-            row[i] = place
-        rows.append(row)
+        p, pp, gp = id(c.proc), id(c.parent), id(c.grandparent)
+        rows.append([places[p] if p in places else place(c.proc), places[pp] if pp in places else place(c.parent),
+                     places[gp] if gp in places else place(c.grandparent),
+                     c.uid, c.proto, c.lport, c.rport, c.laddr, c.raddr, c.domain, c.send, c.recv])
     return [procs, rows]
 
 
@@ -4545,11 +4571,28 @@ class Tracker:
 
     def conn(self, key: ConnKeyT, val: ConnValT, context: typing.Optional[typing.Tuple[Context, str]] = None) -> Conn:
         """A key's row (context: who(), when it is not a window's row)."""
-        context, proto = context or self.whose(key, val)
-        family = key.family
-        raddr, laddr = self.address(family, bytes(key.raddr)), self.address(family, bytes(key.laddr))
-        return Conn(context.proc, context.parent, context.grandparent, key.uid, proto, key.lport, key.rport,
-                    laddr, raddr, self.domain(key.pid, raddr), val.send, val.recv)
+        return self.conns([(key, val)], context)[0]
+
+    def conns(self, entries: typing.List[typing.Tuple[ConnKeyT, ConnValT]],
+              context: typing.Optional[typing.Tuple[Context, str]] = None) -> typing.List[Conn]:
+        """A window's rows, a key's each (context: who() for all of them,
+        when they are not a window's rows). Who a process is is found once
+        (its keys share it), and each key is read in one step (CONN_KEY)."""
+        out, found, unpack, domains = [], {}, CONN_KEY.unpack_from, self.domains
+        addresses, address = self.addresses, self.address
+        for key, val in entries:
+            _, exe, prot, pid, uid, raddr, laddr, rport, lport, family, _ = unpack(key)
+            who = context or found.get((pid, exe, prot))
+            if who is None:
+                who = found[(pid, exe, prot)] = self.who(key)
+            if not who[0].proc.exe and not context:
+                self.whose(key, val)        # (reported, a key each)
+            proc = who[0]
+            raddr = addresses.get((family, raddr)) or address(family, raddr)
+            laddr = addresses.get((family, laddr)) or address(family, laddr)
+            out.append(Conn(proc.proc, proc.parent, proc.grandparent, uid, who[1], lport, rport, laddr, raddr,
+                            domains.get((pid, raddr)) or domains.get((0, raddr), ""), val.send, val.recv))
+        return out
 
     def address(self, family: int, raw: bytes) -> str:
         """format_addr(family, raw), remembered (a window's connections share a few addresses)."""
@@ -4734,14 +4777,15 @@ class WindowSender:
         out: typing.List[typing.List[Conn]] = [[]]
         size, seen = 0, set()       # (the ids of the processes the part names already)
         for c in conns:
-            trio = (c.proc, c.parent, c.grandparent)
-            known = id(c.proc) in seen and id(c.parent) in seen and id(c.grandparent) in seen
-            new = {} if known else {id(p): p for p in trio if id(p) not in seen}
-            cost = 300 + sum(self.encoded_most(p) for p in new.values())
+            if id(c.proc) in seen and id(c.parent) in seen and id(c.grandparent) in seen:    # (mostly)
+                new, cost = {}, 300
+            else:
+                new = {id(p): p for p in (c.proc, c.parent, c.grandparent) if id(p) not in seen}
+                cost = 300 + sum(self.encoded_most(p) for p in new.values())
             if out[-1] and (len(out[-1]) >= self.PART or size + cost > MESSAGE_MAX // 2):
                 out.append([])
                 size, seen = 0, set()
-                new = {id(p): p for p in trio}
+                new = {id(p): p for p in (c.proc, c.parent, c.grandparent)}
                 cost = 300 + sum(self.encoded_most(p) for p in new.values())
             if cost > MESSAGE_MAX - (64 << 10):
                 c = self.fitted(c)
@@ -5004,7 +5048,7 @@ def reader_main(rt: Runtime, downtime: typing.Optional[typing.Tuple[float, float
 
 
 def window_conns(tracker: Tracker, window: Window) -> typing.List[Conn]:
-    return [tracker.conn(k, v) for k, v in window.entries] + [tracker.merged_conn(k, v) for k, v in window.merged]
+    return tracker.conns(window.entries) + [tracker.merged_conn(k, v) for k, v in window.merged]
 
 
 def merged_report(window: Window, room: int, conns: typing.List[Conn]) -> str:

@@ -11,7 +11,7 @@ row, the other way round. Each stage is timed on that window, its best of
 the thread that runs it (what picosnitch's share of a core is made of; a
 machine busy meanwhile changes it less than the time a stage takes):
 
-1. the reader: Tracker.conn, from the kernel's keys and values, as read from
+1. the reader: Tracker.conns, from the kernel's keys and values, as read from
    its maps, to Conn rows;
 2. the reader: encode_message of the window's Batch messages (as
    WindowSender cuts them), and the primary: decode_message of them;
@@ -93,7 +93,7 @@ def tracker_stage(n, repeat):
                               lport=lport, family=ps.AF_INET)
             key.raddr[:4] = key.laddr[:4] = [127, 0, 0, 1]
             entries.append((key, ps.ConnValT(5, 0)))
-    say("reader: Tracker.conn", timed(lambda: [tracker.conn(k, v) for k, v in entries], repeat), len(entries))
+    say("reader: Tracker.conns", timed(lambda: tracker.conns(entries), repeat), len(entries))
 
 
 def message_stage(n, repeat):

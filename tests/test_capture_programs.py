@@ -153,6 +153,20 @@ def test_c_structs_match_ctypes():
     assert "u8 raddr[16];" in picosnitch.c_struct(picosnitch.ConnKeyT, "conn_key_t")
 
 
+def test_a_key_is_read_in_one_step_as_its_fields():
+    """CONN_KEY, made from ConnKeyT's fields, reads a key as its attributes say."""
+    key = picosnitch.ConnKeyT(sk=1 << 60, exe=2, prot=3, pid=4, uid=5, rport=6, lport=65535, family=10, pad=7)
+    key.raddr[:] = range(16)
+    key.laddr[:] = range(16, 32)
+    assert picosnitch.CONN_KEY.unpack_from(key) == (1 << 60, 2, 3, 4, 5, bytes(range(16)), bytes(range(16, 32)),
+                                                   6, 65535, 10, 7)
+
+    class Padded(ctypes.Structure):
+        _fields_ = [("a", ctypes.c_uint8), ("b", ctypes.c_uint64)]
+    with pytest.raises(ValueError, match="padding"):
+        picosnitch.struct_of(Padded)
+
+
 def test_exec_event_decodes_to_a_path():
     ex = picosnitch.ExecT()
     ex.leaf = b"prog"                 # the file's own name, whole; then its directories, up to the root
