@@ -583,12 +583,15 @@ _STRUCT_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I"
 
 
 def struct_of(cls: type) -> struct.Struct:
-    """A flat ctypes structure as a struct.Struct of its fields, in order
-    (a byte array as one bytes value): unpack_from() reads an instance in
-    one step, where each attribute would be a step of its own."""
+    """A ctypes structure as a struct.Struct of its fields, in order (a
+    byte array, or a structure in it, as one bytes value): unpack_from()
+    reads an instance in one step, where each attribute would be a step of
+    its own."""
     codes = []
     for _, ftype in cls._fields_:
-        if hasattr(ftype, "_length_"):
+        if issubclass(ftype, ctypes.Structure):
+            codes.append(f"{ctypes.sizeof(ftype)}s")
+        elif hasattr(ftype, "_length_"):
             if ftype._type_ not in (ctypes.c_uint8, ctypes.c_char):
                 raise ValueError(f"{cls.__name__}: only byte arrays can be read as bytes")
             codes.append(f"{ftype._length_}s")
@@ -600,7 +603,7 @@ def struct_of(cls: type) -> struct.Struct:
     return out
 
 
-CONN_KEY = struct_of(ConnKeyT)
+CONN_KEY, SLOT = struct_of(ConnKeyT), struct_of(SlotT)
 
 
 STRUCT_NAMES = {ProcT: "proc_t", ConnKeyT: "conn_key_t", ConnValT: "conn_val_t", ConnInfoT: "conn_info_t",
@@ -3988,22 +3991,25 @@ class BpfMap:
                 raise OSError(err, "bpf map batch lookup")
             first = False
 
-    def read_first(self, n: int, start: int = 0) -> typing.List[tuple]:
-        """n entries of an array from index start on, in batches: [(index, value)]."""
-        out: typing.List[tuple] = []
+    def read_first(self, n: int, start: int = 0) -> bytes:
+        """The values of n entries of an array from index start on, read in
+        batches, one after the other (as bytes: struct_of() reads them)."""
+        out: typing.List[bytes] = []
+        size, got = ctypes.sizeof(self.value_type), 0
         token, first = ctypes.c_uint64(start - 1 if start else 0), not start     # (a batch goes on after its token)
-        while len(out) < n:
+        while got < n:
             attr = _BatchAttr(0 if first else ctypes.addressof(token), ctypes.addressof(token),
                               ctypes.addressof(self.keys), ctypes.addressof(self.values),
-                              min(len(self.keys), n - len(out)), self.fd, 0, 0)
+                              min(len(self.keys), n - got), self.fd, 0, 0)
             result, err = self._call(BPF_MAP_LOOKUP_BATCH, attr), ctypes.get_errno()
-            out += [(self.keys[i], self.value_type.from_buffer_copy(self.values[i])) for i in range(attr.count)]
+            out.append(ctypes.string_at(ctypes.addressof(self.values), attr.count * size))
+            got += attr.count
             if result:
                 if err == errno.ENOENT:
                     break
                 raise OSError(err, "bpf map batch lookup")
             first = False
-        return out[:n]
+        return b"".join(out)[:n * size]
 
     def delete(self, keys: typing.Sequence) -> None:
         """Delete these keys (those already gone are skipped), in batches."""
@@ -4260,11 +4266,14 @@ class Capture:
         and its merged connections."""
         summed: typing.Dict[bytes, typing.Tuple[ConnKeyT, ConnValT]] = {bytes(k): (k, v) for k, v in entries}
         taken = min(self.taken.lookup(epoch).value, self.room)
-        for _, slot in self.slots.read_first(taken, epoch * self.room):
-            if slot.window == number:
-                key, value = summed.setdefault(bytes(slot.key), (slot.key, ConnValT()))
-                value.send += slot.send
-                value.recv += slot.recv
+        for key, window, send, recv in SLOT.iter_unpack(self.slots.read_first(taken, epoch * self.room)):
+            if window == number:
+                found = summed.get(key)
+                if found is None:
+                    summed[key] = (ConnKeyT.from_buffer_copy(key), ConnValT(send, recv))
+                else:
+                    found[1].send += send
+                    found[1].recv += recv
         return Window(number, list(summed.values()), merged)
 
     def near_full(self) -> bool:
@@ -7182,8 +7191,10 @@ class Primary:
         """[sha256, why not] of every executable, parent and grandparent in a
         window, by (exec, device, inode), from the monitor. A request that
         gets no answer is sent again, for a monitor that was restarted."""
-        wanted, found = {}, {}
-        for p in [p for c in conns for p in (c.proc, c.parent, c.grandparent)]:
+        wanted, found, procs = {}, {}, {}
+        for c in conns:         # (a window's rows share a few processes, the same objects)
+            procs[id(c.proc)], procs[id(c.parent)], procs[id(c.grandparent)] = c.proc, c.parent, c.grandparent
+        for p in procs.values():
             key = (tuple(p.exec_id), p.dev, p.ino)
             if p.ino and key not in wanted and key not in found:
                 try:

@@ -154,12 +154,14 @@ def test_c_structs_match_ctypes():
 
 
 def test_a_key_is_read_in_one_step_as_its_fields():
-    """CONN_KEY, made from ConnKeyT's fields, reads a key as its attributes say."""
+    """CONN_KEY and SLOT, made from ConnKeyT's and SlotT's fields, read them as their attributes say."""
     key = picosnitch.ConnKeyT(sk=1 << 60, exe=2, prot=3, pid=4, uid=5, rport=6, lport=65535, family=10, pad=7)
     key.raddr[:] = range(16)
     key.laddr[:] = range(16, 32)
     assert picosnitch.CONN_KEY.unpack_from(key) == (1 << 60, 2, 3, 4, 5, bytes(range(16)), bytes(range(16, 32)),
                                                    6, 65535, 10, 7)
+    slot = picosnitch.SlotT(key=key, window=8, send=9, recv=1 << 63)
+    assert picosnitch.SLOT.unpack_from(slot) == (bytes(key), 8, 9, 1 << 63)
 
     class Padded(ctypes.Structure):
         _fields_ = [("a", ctypes.c_uint8), ("b", ctypes.c_uint64)]
