@@ -7257,10 +7257,8 @@ class Primary:
         budget = min(0.5, self.config.db_write_limit_seconds / 4)
         names = self.names.resolve([c.raddr for c in conns if c.raddr and not c.domain], budget)
         self.open_geoip()
-        rows, novel = [], []
+        rows, novel, logged = [], [], []
         programs: typing.Dict[tuple, typing.Tuple[str, str, str]] = {}
-        sightings: typing.Dict[str, Sighting] = {}
-        derived: typing.Dict[tuple, tuple] = {}
         ignoring = any(self.ignore)
         for conn in conns:
             domain = conn.domain or names.get(conn.raddr, "")
@@ -7271,8 +7269,8 @@ class Primary:
                 shas = programs[who] = self.program(conn, hashes, novel, contime, domain)
             if not (ignoring and self.ignore.match(conn.lport, conn.rport, shas[0], domain, conn.raddr)):
                 rows.append(conn_row(conn, contime, *shas, domain, self.config))
-                self.sight(sightings, conn, shas[0], domain, derived)
-        novel += self.novelty(contime, list(sightings.values()))
+                logged.append((conn, shas[0], domain))
+        novel += self.novelty(contime, self.sight(logged))
         self.write_rows(seq, rows, novel)
         self.record_dirty |= self.virustotal_results()
         self.flush()
@@ -7318,30 +7316,48 @@ class Primary:
         """An address's country ('' without GeoIP, or for no address)."""
         return self.geoip.country(addr) if self.geoip is not None and addr else ""
 
-    def sight(self, sightings: typing.Dict[str, Sighting], conn: Conn, sha: str, domain: str,
-              derived: typing.Dict[tuple, tuple]) -> None:
-        """Add a logged connection to its program's sighting in this window
-        (a run with no connection is none). derived: the window's
-        destinations and countries by what they follow from (the connections
-        of a busy program differ in their ports, the clients' of a served one
-        in their remote ports too)."""
-        p = conn.proc
-        if conn.rport == -1 or not (sha or p.exe):
-            return
-        s = sightings.get(sha or p.exe)
-        if s is None:
-            s = sightings[sha or p.exe] = Sighting(sha or p.exe, p.exe, p.name, sha)
-        raddr, rport = self.where(conn)
-        served = rport is not None and conn.lport is not None and is_served(conn.lport, rport)
-        key = (conn.domain, conn.raddr, raddr, CLIENT_PORT if served else rport)
-        found = derived.get(key)
-        if found is None:
-            # (a name the program looked up, or else the address's network: a reverse name is not one)
-            name, network = (conn.domain, "") if conn.domain else ("", self.cached(address_network, raddr))
-            country = self.country(conn.raddr)
-            found = derived[key] = (destinations(self.cached(self.suffixes.registrable, name), country, conn.lport,
-                                                 rport, network), country)
-        s.add(conn.send, conn.recv, found[0], domain, raddr, rport, found[1])
+    def sight(self, logged: typing.List[typing.Tuple[Conn, str, str]]) -> typing.List[Sighting]:
+        """The sightings of a window's logged connections [(connection, its
+        sha256, its domain)]: each program's bytes and destinations (a run
+        with no connection is none). Connections that tell the same (one
+        process, domain and address, and one remote port, or a served one's
+        clients' ports) are summed first, and go in once, as the first of
+        them with all their bytes: each destination still has the first
+        connection that reached it. The destinations and countries are
+        derived once a window from what they follow from."""
+        same: typing.Dict[tuple, list] = {}
+        for conn, sha, domain in logged:
+            if conn.rport == -1:
+                continue
+            served = conn.lport is not None and conn.rport is not None and is_served(conn.lport, conn.rport)
+            key = (id(conn.proc), sha, domain, conn.domain, conn.raddr, CLIENT_PORT if served else conn.rport)
+            found = same.get(key)
+            if found is None:
+                same[key] = [conn, sha, domain, conn.send, conn.recv]
+            else:
+                found[3] += conn.send
+                found[4] += conn.recv
+        sightings: typing.Dict[str, Sighting] = {}
+        derived: typing.Dict[tuple, tuple] = {}
+        for conn, sha, domain, send, recv in same.values():
+            p = conn.proc
+            if not (sha or p.exe):
+                continue
+            s = sightings.get(sha or p.exe)
+            if s is None:
+                s = sightings[sha or p.exe] = Sighting(sha or p.exe, p.exe, p.name, sha)
+            raddr, rport = self.where(conn)
+            served = rport is not None and conn.lport is not None and is_served(conn.lport, rport)
+            key = (conn.domain, conn.raddr, raddr, CLIENT_PORT if served else rport)
+            found = derived.get(key)
+            if found is None:
+                # (a name the program looked up, or else the address's network: a reverse name is not one)
+                name, network = (conn.domain, "") if conn.domain else ("", self.cached(address_network, raddr))
+                country = self.country(conn.raddr)
+                found = derived[key] = (destinations(self.cached(self.suffixes.registrable, name), country,
+                                                     conn.lport, rport, network), country)
+            s.add(send, recv, found[0], domain, raddr, rport, found[1])
+        return list(sightings.values())
 
     def cached(self, how: typing.Callable[[str], str], text: str) -> str:
         """how(text), remembered (registrable domains and networks, per connection otherwise)."""

@@ -624,9 +624,12 @@ class Timed:
         self.on = True
 
     def timed_sight(self, *args):
-        if self.on:
-            began = time.perf_counter()
-            self.sight(*args)
+        if not self.on:
+            return []
+        began = time.perf_counter()
+        try:
+            return self.sight(*args)
+        finally:
             self.spent += time.perf_counter() - began
 
     def timed_novelty(self, *args):

@@ -1,6 +1,7 @@
 """What is new (section 15): registrable domains, each program's baseline,
 the two rules (a settled program's new destination; an hour far above the
 busiest), the baseline built from a log, and the primary telling of it."""
+import random
 import time
 
 import picosnitch
@@ -42,6 +43,39 @@ def test_a_served_connection_has_one_remote_port_for_all_its_clients():
     assert picosnitch.destinations("", "", 40000, None) == []
     assert picosnitch.destinations("", "", 22, 63211) == [client]   # (a Mac's or a Windows client's port)
     assert picosnitch.destinations("", "", 45000, 63211) == [("port", "63211")]
+
+
+def test_a_windows_sightings_are_its_connections_added_one_by_one(tmp_path):
+    """Primary.sight sums connections that tell the same before it adds
+    them: each program's bytes and destinations, and the first connection
+    that reached each destination, are what adding them one by one gives,
+    for served and made connections, names and none, and runs (which are
+    no connection)."""
+    rng = random.Random(5)
+    p = primary(tmp_path, geoip_lookup=False)
+    procs = [conn(f"/usr/bin/p{i}", f"p{i}", i).proc for i in range(3)]
+    logged = []
+    for i in range(600):
+        c = conn("", "", 0, rport=rng.choice([443, 53, rng.randint(32768, 65535), -1, 8080]),
+                 raddr=rng.choice(["192.0.2.1", "198.51.100.7", "2001:db8::1"]),
+                 domain=rng.choice(["", "a.example.org", "b.example.com"]))
+        c.proc, c.lport = rng.choice(procs), rng.choice([22, 40000, 50000, 7400])
+        c.send, c.recv = rng.randint(0, 1000), rng.randint(0, 1000)
+        logged.append((c, rng.choice(["aa" * 32, ""]) if c.proc is procs[0] else "", rng.choice(["", "x.example"])))
+    one_by_one = {}
+    for c, sha, domain in logged:
+        if c.rport == -1 or not (sha or c.proc.exe):
+            continue
+        s = one_by_one.setdefault(sha or c.proc.exe, picosnitch.Sighting(sha or c.proc.exe, c.proc.exe, c.proc.name,
+                                                                          sha))
+        served = picosnitch.is_served(c.lport, c.rport)
+        dests = picosnitch.destinations(p.suffixes.registrable(c.domain) if c.domain else "", "", c.lport, c.rport,
+                                        "" if c.domain else picosnitch.address_network(c.raddr))
+        assert served == (("port", picosnitch.CLIENT_PORT) in dests)
+        s.add(c.send, c.recv, dests, domain, c.raddr, c.rport, "")
+    seen = lambda sightings: [(s.ident, s.exe, s.name, s.sha256, s.send, s.recv, s.dests) for s in sightings]
+    assert seen(p.sight(logged)) == seen(one_by_one.values())
+    assert sum(len(s.dests) for s in one_by_one.values()) > 30
 
 
 def test_a_connection_made_from_a_bound_port_to_look_served_is_still_new_once(tmp_path):
