@@ -3977,17 +3977,26 @@ class BpfMap:
 
     def read_all(self, delete: bool = False) -> typing.List[tuple]:
         """Every entry, in batches: [(key, value)]; deleted as read with delete."""
-        out, token, first = [], ctypes.c_uint64(), True
+        keys, values = self.read_raw(delete)
+        ks, vs = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
+        return [(self.key_type.from_buffer_copy(keys, i * ks), self.value_type.from_buffer_copy(values, i * vs))
+                for i in range(len(keys) // ks)]
+
+    def read_raw(self, delete: bool = False) -> typing.Tuple[bytes, bytes]:
+        """Every entry, in batches, as bytes: (the keys one after the other,
+        the values in the same order); deleted as read with delete."""
+        keys, values, token, first = [], [], ctypes.c_uint64(), True
+        ks, vs = ctypes.sizeof(self.key_type), ctypes.sizeof(self.value_type)
         cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
         while True:
             attr = _BatchAttr(0 if first else ctypes.addressof(token), ctypes.addressof(token),
                               ctypes.addressof(self.keys), ctypes.addressof(self.values), len(self.keys), self.fd, 0, 0)
             result, err = self._call(cmd, attr), ctypes.get_errno()
-            out += [(self.key_type.from_buffer_copy(self.keys[i]), self.value_type.from_buffer_copy(self.values[i]))
-                    for i in range(attr.count)]
+            keys.append(ctypes.string_at(ctypes.addressof(self.keys), attr.count * ks))
+            values.append(ctypes.string_at(ctypes.addressof(self.values), attr.count * vs))
             if result:
                 if err == errno.ENOENT:
-                    return out
+                    return b"".join(keys), b"".join(values)
                 raise OSError(err, "bpf map batch lookup")
             first = False
 
@@ -4011,13 +4020,14 @@ class BpfMap:
             first = False
         return b"".join(out)[:n * size]
 
-    def delete(self, keys: typing.Sequence) -> None:
-        """Delete these keys (those already gone are skipped), in batches."""
-        for start in range(0, len(keys), len(self.keys)):
-            chunk = keys[start:start + len(self.keys)]
-            for i, key in enumerate(chunk):
-                self.keys[i] = key
-            attr = _BatchAttr(0, 0, ctypes.addressof(self.keys), 0, len(chunk), self.fd, 0, 0)
+    def delete(self, keys: bytes) -> None:
+        """Delete these keys, one after the other as read_raw() has them
+        (those already gone are skipped), in batches."""
+        ks = ctypes.sizeof(self.key_type)
+        for start in range(0, len(keys), len(self.keys) * ks):
+            chunk = keys[start:start + len(self.keys) * ks]
+            ctypes.memmove(self.keys, chunk, len(chunk))
+            attr = _BatchAttr(0, 0, ctypes.addressof(self.keys), 0, len(chunk) // ks, self.fd, 0, 0)
             if self._call(BPF_MAP_DELETE_BATCH, attr) and ctypes.get_errno() != errno.ENOENT:
                 raise OSError(ctypes.get_errno(), "bpf map delete batch")
 
@@ -4204,7 +4214,7 @@ class Capture:
         self.route_progs, self.route_links, self.route_seen = kernel.routes, [], (0, 0.0)
         self.route_error = ""
         self.route_use.update(0, 0)
-        self.unclear: typing.Dict[int, typing.Tuple[int, list, list]] = {}   # epoch -> (window, keys, merged keys)
+        self.unclear: typing.Dict[int, typing.Tuple[int, bytes, bytes]] = {}   # epoch -> (window, keys, merged keys)
 
     def poll(self, timeout_ms: int) -> None:
         """Hand new events over in the order they happened, across CPUs (an
@@ -4251,20 +4261,28 @@ class Capture:
 
     def read(self, epoch: int, number: int) -> "Window":
         """A closed window, whose keys read are cleared once it is sent (clear)."""
-        entries, merged = self.maps[epoch].read_all(), self.merged[epoch].read_all()
-        self.unclear[epoch] = (number, [k for k, _ in entries], [k for k, _ in merged])
-        return self.contents(epoch, number, entries, merged)
+        keys, values = self.maps[epoch].read_raw()
+        merged_keys, merged_values = self.merged[epoch].read_raw()
+        self.unclear[epoch] = (number, keys, merged_keys)
+        return self.contents(epoch, number, keys, values, merged_keys, merged_values)
 
     def peek(self) -> "Window":
         """The window being filled, as it stands (nothing is taken from it)."""
-        return self.contents(self.epoch, self.number, self.maps[self.epoch].read_all(),
-                             self.merged[self.epoch].read_all())
+        return self.contents(self.epoch, self.number, *self.maps[self.epoch].read_raw(),
+                             *self.merged[self.epoch].read_raw())
 
-    def contents(self, epoch: int, number: int, entries: list, merged: list) -> "Window":
-        """A window's connections: those of its hash map (entries), and those
-        of the slots taken in its window (one key may have several: summed);
-        and its merged connections."""
-        summed: typing.Dict[bytes, typing.Tuple[ConnKeyT, ConnValT]] = {bytes(k): (k, v) for k, v in entries}
+    def contents(self, epoch: int, number: int, keys: bytes, values: bytes, merged_keys: bytes,
+                 merged_values: bytes) -> "Window":
+        """A window's connections: those of its hash map (its keys and values,
+        as read_raw() has them), and those of the slots taken in its window
+        (one key may have several: summed); and its merged connections."""
+        ks, vs, ms = CONN_KEY.size, ctypes.sizeof(ConnValT), ctypes.sizeof(MergedT)
+        summed: typing.Dict[bytes, typing.Tuple[ConnKeyT, ConnValT]] = {}
+        for i in range(len(keys) // ks):
+            key = keys[i * ks:(i + 1) * ks]
+            summed[key] = (ConnKeyT.from_buffer_copy(key), ConnValT.from_buffer_copy(values, i * vs))
+        merged = [(ConnKeyT.from_buffer_copy(merged_keys, i * ks), MergedT.from_buffer_copy(merged_values, i * ms))
+                  for i in range(len(merged_keys) // ks)]
         taken = min(self.taken.lookup(epoch).value, self.room)
         for key, window, send, recv in SLOT.iter_unpack(self.slots.read_first(taken, epoch * self.room)):
             if window == number:
