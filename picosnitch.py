@@ -4170,8 +4170,14 @@ class Window(typing.NamedTuple):
     """A window as the kernel counted it: its number, its connections, and
     its merged ones (those that found no room of their own)."""
     number: int
-    entries: typing.List[typing.Tuple[ConnKeyT, ConnValT]]
+    entries: typing.List[typing.Tuple[typing.Union[bytes, ConnKeyT], ConnValT]]     # (a key as read: as_key())
     merged: typing.List[typing.Tuple[ConnKeyT, MergedT]] = []
+
+
+def as_key(key: typing.Union[bytes, ConnKeyT]) -> ConnKeyT:
+    """A connection's key, from its bytes as a window's map had them (a
+    window's rows read them with CONN_KEY, in one step: few keys need this)."""
+    return ConnKeyT.from_buffer_copy(key) if isinstance(key, bytes) else key
 
 
 def decode_event(raw: bytes) -> typing.Tuple[str, EventHdrT, typing.Any]:
@@ -4277,10 +4283,10 @@ class Capture:
         as read_raw() has them), and those of the slots taken in its window
         (one key may have several: summed); and its merged connections."""
         ks, vs, ms = CONN_KEY.size, ctypes.sizeof(ConnValT), ctypes.sizeof(MergedT)
-        summed: typing.Dict[bytes, typing.Tuple[ConnKeyT, ConnValT]] = {}
+        summed: typing.Dict[bytes, typing.Tuple[bytes, ConnValT]] = {}
         for i in range(len(keys) // ks):
             key = keys[i * ks:(i + 1) * ks]
-            summed[key] = (ConnKeyT.from_buffer_copy(key), ConnValT.from_buffer_copy(values, i * vs))
+            summed[key] = (key, ConnValT.from_buffer_copy(values, i * vs))
         merged = [(ConnKeyT.from_buffer_copy(merged_keys, i * ks), MergedT.from_buffer_copy(merged_values, i * ms))
                   for i in range(len(merged_keys) // ks)]
         taken = min(self.taken.lookup(epoch).value, self.room)
@@ -4288,7 +4294,7 @@ class Capture:
             if window == number:
                 found = summed.get(key)
                 if found is None:
-                    summed[key] = (ConnKeyT.from_buffer_copy(key), ConnValT(send, recv))
+                    summed[key] = (key, ConnValT(send, recv))
                 else:
                     found[1].send += send
                     found[1].recv += recv
@@ -4576,9 +4582,10 @@ class Tracker:
         parent, grandparent = self.lineage.get(key.pid) or (parent, NO_PROC)
         return Context(proc, parent, grandparent, self.window)
 
-    def who(self, key: ConnKeyT) -> typing.Tuple[Context, str]:
+    def who(self, key: typing.Union[bytes, ConnKeyT]) -> typing.Tuple[Context, str]:
         """Who a key's process is (its announcement, else what /proc still
         says), and its protocol's name."""
+        key = as_key(key)
         context = self.contexts.get((key.pid, key.exe))
         if context is None:
             context = self.lost_context(key)
@@ -4588,19 +4595,21 @@ class Tracker:
         proto = self.protos.get(key.prot, -1)
         return context, proto_name(key.family, proto) if proto >= 0 else "unknown"
 
-    def whose(self, key: ConnKeyT, val) -> typing.Tuple[Context, str]:
+    def whose(self, key: typing.Union[bytes, ConnKeyT], val) -> typing.Tuple[Context, str]:
         """who(), for a window's row: one of no known executable is reported."""
+        key = as_key(key)
         context, proto = self.who(key)
         if not context.proc.exe:
             self.unattributed.append(f"pid {key.pid} ({context.proc.name or 'unknown'}), "
                                      f"{val.send + val.recv} bytes")
         return context, proto
 
-    def conn(self, key: ConnKeyT, val: ConnValT, context: typing.Optional[typing.Tuple[Context, str]] = None) -> Conn:
+    def conn(self, key: typing.Union[bytes, ConnKeyT], val: ConnValT,
+             context: typing.Optional[typing.Tuple[Context, str]] = None) -> Conn:
         """A key's row (context: who(), when it is not a window's row)."""
         return self.conns([(key, val)], context)[0]
 
-    def conns(self, entries: typing.List[typing.Tuple[ConnKeyT, ConnValT]],
+    def conns(self, entries: typing.List[typing.Tuple[typing.Union[bytes, ConnKeyT], ConnValT]],
               context: typing.Optional[typing.Tuple[Context, str]] = None) -> typing.List[Conn]:
         """A window's rows, a key's each (context: who() for all of them,
         when they are not a window's rows). Who a process is is found once
@@ -4985,6 +4994,7 @@ class LiveReading:
                 new.append(len(conns))
             conns.append(tracker.conn(key, ConnValT(send, recv), tracker.who(key)))
         for kid, key, send, recv, merged in moved[self.limit:]:
+            key = as_key(key)
             group = (key.exe, key.uid, key.prot, key.family)
             first, s, r, n = rest.get(group, (key, 0, 0, 0))
             rest[group] = (first, s + send, r + recv, n + max(merged, 1))
@@ -6838,10 +6848,11 @@ def conn_row(conn: Conn, contime: str, sha: str, psha: str, gpsha: str, domain: 
     """A connection's row; the Log switches blank what is off."""
     p, pp, gp = conn.proc, conn.parent, conn.grandparent
     cmd, port, addr = config.log_commands, config.log_ports, config.log_addresses
-    return Row(contime, conn.send, conn.recv, p.exe, p.name, p.cmdline if cmd else "", sha,
-               pp.exe, pp.name, pp.cmdline if cmd else "", psha, conn.uid, conn.lport if port else None,
-               conn.rport if port else None, conn.laddr if addr else "", conn.raddr if addr else "", domain, conn.proto,
-               gp.exe, gp.name, gp.cmdline if cmd else "", gpsha)
+    # (tuple.__new__: Row() would take a step more, once a row)
+    return tuple.__new__(Row, (contime, conn.send, conn.recv, p.exe, p.name, p.cmdline if cmd else "", sha,
+                               pp.exe, pp.name, pp.cmdline if cmd else "", psha, conn.uid, conn.lport if port else None,
+                               conn.rport if port else None, conn.laddr if addr else "", conn.raddr if addr else "",
+                               domain, conn.proto, gp.exe, gp.name, gp.cmdline if cmd else "", gpsha))
 
 
 def record_add(section: dict, key: str, value: str) -> bool:

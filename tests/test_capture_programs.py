@@ -119,7 +119,7 @@ def test_a_window_sums_its_slots_and_its_hash_entries():
         merged = picosnitch.ConnKeyT(pid=30, exe=3)
         capture.merged[epoch].update(merged, picosnitch.MergedT(10, 20, 3))
         read = capture.read(epoch, window)
-        got = {(k.sk, k.pid): (v.send, v.recv) for k, v in read.entries}
+        got = {(picosnitch.as_key(k).sk, picosnitch.as_key(k).pid): (v.send, v.recv) for k, v in read.entries}
         assert read.number == window and got == {(1, 10): (13, 3)}
         assert [(k.pid, v.send, v.recv, v.conns) for k, v in read.merged] == [(30, 10, 20, 3)]
         capture.clear(epoch)

@@ -86,12 +86,13 @@ def test_a_tick_the_stream_cannot_take_is_carried_by_the_next():
 
 
 def test_past_its_limit_a_tick_sums_a_programs_other_connections_in_one_row():
+    """(The keys as a window's maps are read: bytes.)"""
     tracker = picosnitch.Tracker(0, lambda notice: None)
     live, theirs = reading()
     capture = Capture(1, [])
     live.tick(capture, tracker)
     live.limit = 2
-    capture.window = WINDOW(1, [(key(i), val(100 * i)) for i in range(1, 6)], [])
+    capture.window = WINDOW(1, [(bytes(key(i)), val(100 * i)) for i in range(1, 6)], [])
     tick = ticked(live, theirs, capture, tracker)
     rows = [(c.lport, c.raddr, c.send) for c in tick.conns]
     assert rows[:2] == [(40005, "192.0.2.10", 500), (40004, "192.0.2.10", 400)]
