@@ -4626,8 +4626,9 @@ class Tracker:
             proc = who[0]
             raddr = addresses.get((family, raddr)) or address(family, raddr)
             laddr = addresses.get((family, laddr)) or address(family, laddr)
-            out.append(Conn(proc.proc, proc.parent, proc.grandparent, uid, who[1], lport, rport, laddr, raddr,
-                            domains.get((pid, raddr)) or domains.get((0, raddr), ""), val.send, val.recv))
+            domain = (domains.get((pid, raddr)) or domains.get((0, raddr), "")) if domains else ""
+            out.append(Conn(proc.proc, proc.parent, proc.grandparent, uid, who[1], lport, rport, laddr, raddr, domain,
+                            val.send, val.recv))
         return out
 
     def address(self, family: int, raw: bytes) -> str:
