@@ -825,65 +825,111 @@ def field_ok(value, kind) -> bool:
     return True
 
 
-def pack_conns(conns: typing.Sequence[Conn]) -> list:
-    """Connections as a Batch sends them: [processes, rows], each row a
-    Conn's fields with its process, parent and grandparent as places in the
-    processes. The rows of a window share a few processes (the Tracker's
-    objects, told apart by identity): each is sent, and decoded, once."""
+# a row of a Batch or LiveTick as it follows the message's JSON (pack_conns):
+# the places of its process, parent and grandparent, its user, the place of
+# its protocol's name, its ports, the places of its addresses and domain,
+# its bytes sent and received
+CONN_ROW = struct.Struct("=IIIqIqqIIIqq")
+CONN_ROW_FIELDS = 12
+CONN_ROW_PLACES = (0, 1, 2, 4, 7, 8, 9)      # (the fields of a row that are places)
+
+
+def pack_conns(conns: typing.Sequence[Conn]) -> typing.Tuple[list, bytes]:
+    """Connections as a Batch sends them: ([processes, strings, n], the n
+    rows packed as CONN_ROW), each row naming its processes and strings by
+    their places. The rows of a window share a few processes (the Tracker's
+    objects, told apart by identity) and a few strings: each is sent, and
+    decoded, once, and the rows go as numbers (JSON would write and parse
+    every one). A row whose numbers CONN_ROW cannot hold sends them all in
+    the JSON: ([processes, strings, rows], b"")."""
     places: typing.Dict[int, int] = {}
     procs: typing.List[list] = []
+    texts: typing.Dict[str, int] = {}
 
     def place(p: ProcInfo) -> int:
         places[id(p)] = len(procs)
         procs.append(as_list(p))
         return len(procs) - 1
+
+    def text(value: str) -> int:
+        return texts.setdefault(value, len(texts))
     rows = []
     for c in conns:
         p, pp, gp = id(c.proc), id(c.parent), id(c.grandparent)
-        rows.append([places[p] if p in places else place(c.proc), places[pp] if pp in places else place(c.parent),
-                     places[gp] if gp in places else place(c.grandparent),
-                     c.uid, c.proto, c.lport, c.rport, c.laddr, c.raddr, c.domain, c.send, c.recv])
-    return [procs, rows]
+        proto, laddr, raddr, domain = c.proto, c.laddr, c.raddr, c.domain
+        rows.append((places[p] if p in places else place(c.proc), places[pp] if pp in places else place(c.parent),
+                     places[gp] if gp in places else place(c.grandparent), c.uid,
+                     texts[proto] if proto in texts else text(proto), c.lport, c.rport,
+                     texts[laddr] if laddr in texts else text(laddr), texts[raddr] if raddr in texts else text(raddr),
+                     texts[domain] if domain in texts else text(domain), c.send, c.recv))
+    pack = CONN_ROW.pack
+    try:
+        return [procs, list(texts), len(rows)], b"".join([pack(*r) for r in rows])
+    except struct.error:
+        return [procs, list(texts), rows], b""
 
 
-def unpack_conns(packed: list) -> typing.List[Conn]:
+def unpack_conns(packed: list, tail: bytes) -> typing.List[Conn]:
     """The connections pack_conns sent; ValueError for anything else."""
-    if len(packed) != 2:
-        raise ValueError("not a list of processes and rows")
-    procs = {}
-    for i, p in enumerate(packed[0]):
-        info = procs[i] = ProcInfo(*p[:7], tuple(p[7]), *p[8:])
+    if len(packed) != 3 or not isinstance(packed[1], list):
+        raise ValueError("not a list of processes, strings and rows")
+    procs = []
+    for p in packed[0]:
+        info = ProcInfo(*p[:7], tuple(p[7]), *p[8:])
         for field, kind in ProcInfo.__annotations__.items():
             if not field_ok(getattr(info, field), kind):
                 raise ValueError(f"ProcInfo.{field} is not a {getattr(kind, '__name__', kind)}")
+        procs.append(info)
+    texts = packed[1]
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("a string sent is not one")
+    rows = packed[2]
+    if isinstance(rows, list):
+        if tail or not all(isinstance(r, list) and len(r) == CONN_ROW_FIELDS for r in rows):
+            raise ValueError(f"rows are not lists of {CONN_ROW_FIELDS} values")
+        if any(r[i] < 0 for r in rows for i in CONN_ROW_PLACES if isinstance(r[i], int)):
+            raise ValueError("a row names a process or string at a place below 0")
+    elif isinstance(rows, int) and not isinstance(rows, bool) and len(tail) == rows * CONN_ROW.size:
+        rows = CONN_ROW.iter_unpack(tail)
+    else:
+        raise ValueError(f"not {rows} rows of {CONN_ROW.size} bytes: {len(tail)} bytes")
     try:
-        return [Conn(procs[r[0]], procs[r[1]], procs[r[2]], *r[3:]) for r in packed[1]]
-    except KeyError as e:
-        raise ValueError(f"a row names process {e}, which was not sent")
+        return [Conn(procs[r[0]], procs[r[1]], procs[r[2]], r[3], texts[r[4]], r[5], r[6], texts[r[7]], texts[r[8]],
+                     texts[r[9]], r[10], r[11]) for r in rows]
+    except (IndexError, TypeError) as e:
+        raise ValueError(f"a row names a process or string that was not sent ({e})")
+
 
 
 def encode_message(message: typing.NamedTuple) -> bytes:
-    fields = [*message]
+    """A message as JSON; a Batch's or LiveTick's rows follow it packed,
+    after a NUL (which JSON text never holds)."""
+    fields, tail = [*message], b""
     if isinstance(message, (Batch, LiveTick)):
-        fields[1 if isinstance(message, LiveTick) else -1] = pack_conns(message.conns)
-    data = json.dumps([type(message).__name__, *fields], default=as_list).encode()
+        at = 1 if isinstance(message, LiveTick) else -1
+        fields[at], tail = pack_conns(message.conns)
+    data = json.dumps([type(message).__name__, *fields], default=as_list).encode() + (b"\0" + tail if tail else b"")
     if len(data) > MESSAGE_MAX:
         raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
     return data
 
 
 def decode_message(data: bytes) -> typing.NamedTuple:
-    """A message from its JSON, each field of its declared type; ValueError
-    for anything else (a message may come from a process a user controls)."""
+    """A message from its JSON (and a Batch's or LiveTick's packed rows),
+    each field of its declared type; ValueError for anything else (a message
+    may come from a process a user controls)."""
+    text, _, tail = data.partition(b"\0")
     try:
-        name, *fields = json.loads(data)
+        name, *fields = json.loads(text)
         cls = MESSAGES[name]
         message = cls(*fields)
         for field, kind in cls.__annotations__.items():
             if not field_ok(getattr(message, field), kind):
                 raise ValueError(f"{name}.{field} is not a {getattr(kind, '__name__', kind)}")
         if isinstance(message, (Batch, LiveTick)):
-            message = message._replace(conns=unpack_conns(message.conns))
+            message = message._replace(conns=unpack_conns(message.conns, tail))
+        elif tail:
+            raise ValueError(f"a {name} has nothing after its JSON")
         if isinstance(message, HashRequest):
             message = message._replace(procs=[HashItem.checked(p) for p in message.procs])
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as e:

@@ -42,23 +42,42 @@ def test_what_is_not_a_message_is_refused():
             picosnitch.decode_message(data)
 
 
-def test_a_batch_sends_each_process_once_and_its_rows_name_it():
+def test_a_batch_sends_each_process_and_string_once_and_its_rows_as_numbers():
     parent = picosnitch.ProcInfo(6, "/usr/bin/bash", "bash", "bash", 64769, 99)
     conns = [picosnitch.Conn(PROC, parent, picosnitch.NO_PROC, 1000, "tcp", 40000 + i, 443, "10.0.0.2", "10.0.0.1",
                              "", i, 0) for i in range(100)]
     data = picosnitch.encode_message(picosnitch.Batch(3, 0, True, "2026-11-29 10:00:00", conns))
-    procs, rows = picosnitch.json.loads(data)[-1]
-    assert len(procs) == 3 and rows[0][:3] == [0, 1, 2] and rows[99][3:6] == [1000, "tcp", 40099]
+    text, tail = data.split(b"\0", 1)
+    head = picosnitch.json.loads(text)
+    procs, texts, n = head[-1]
+    assert len(procs) == 3 and texts == ["tcp", "10.0.0.2", "10.0.0.1", ""] and n == 100
+    rows = list(picosnitch.CONN_ROW.iter_unpack(tail))
+    assert len(tail) == 100 * picosnitch.CONN_ROW.size and rows[0][:3] == (0, 1, 2)
+    assert rows[99] == (0, 1, 2, 1000, 0, 40099, 443, 1, 2, 3, 99, 0)
     got = picosnitch.decode_message(data)
     assert got.conns == conns and got.conns[0].proc.exec_id == (7, 99)
     assert got.conns[0].proc is got.conns[99].proc         # (decoded once)
-    for bad, why in [(["Batch", 3, 0, True, "t", [procs, [[0, 1, 3] + rows[0][3:]]]], "process 3, which was not sent"),
-                     (["Batch", 3, 0, True, "t", [procs, [[0, 1, -1] + rows[0][3:]]]], "process -1"),
-                     (["Batch", 3, 0, True, "t", [[["7"] + procs[0][1:]] + procs[1:], rows]], "ProcInfo.pid is not"),
-                     (["Batch", 3, 0, True, "t", [procs, [rows[0][:-1]]]], "TypeError"),
-                     (["Batch", 3, 0, True, "t", [procs]], "not a list of processes and rows")]:
+    # numbers the packed rows cannot hold go in the JSON, every row there
+    odd = conns[:2] + [picosnitch.dataclasses.replace(conns[2], uid=None, send=1 << 70)]
+    data = picosnitch.encode_message(picosnitch.Batch(3, 0, True, "t", odd))
+    assert b"\0" not in data and picosnitch.decode_message(data).conns == odd
+    json_rows = picosnitch.json.loads(data)[-1][2]
+    packed = lambda *row: picosnitch.CONN_ROW.pack(*row)
+    for bad, after, why in [
+            ([procs, texts, 101], tail, "not 101 rows"),
+            ([procs, texts, 100], tail[:-1], "not 100 rows"),
+            ([procs, texts, 1], packed(0, 1, 3, *rows[0][3:]), "process or string that was not sent"),
+            ([procs, texts, 1], packed(*rows[0][:9], 4, *rows[0][10:]), "process or string that was not sent"),
+            ([procs, texts, [[0, 1, -1] + json_rows[0][3:]]], b"", "below 0"),
+            ([procs, texts, [json_rows[0][:-1]]], b"", "lists of 12"),
+            ([procs, texts, json_rows], tail, "lists of 12"),
+            ([procs, [1], 100], tail, "a string sent is not one"),
+            ([[["7"] + procs[0][1:]] + procs[1:], texts, 100], tail, "ProcInfo.pid is not"),
+            ([procs, texts], tail, "not a list of processes, strings and rows")]:
         with pytest.raises(ValueError, match=why):
-            picosnitch.decode_message(picosnitch.json.dumps(bad).encode())
+            picosnitch.decode_message(picosnitch.json.dumps(head[:-1] + [bad]).encode() + b"\0" * bool(after) + after)
+    with pytest.raises(ValueError, match="nothing after"):
+        picosnitch.decode_message(picosnitch.encode_message(picosnitch.Ack(1)) + b"\0" + tail)
 
 
 def test_big_messages_arrive_whole_and_descriptors_go_with_them(tmp_path):
