@@ -596,6 +596,8 @@ def struct_of(cls: type) -> struct.Struct:
                 raise ValueError(f"{cls.__name__}: only byte arrays can be read as bytes")
             codes.append(f"{ftype._length_}s")
         else:
+            if ftype not in _STRUCT_CODES:
+                raise ValueError(f"{cls.__name__}: no struct code for {ftype.__name__}")
             codes.append(_STRUCT_CODES[ftype])
     out = struct.Struct("=" + "".join(codes))
     if out.size != ctypes.sizeof(cls):
@@ -832,16 +834,17 @@ def field_ok(value, kind) -> bool:
 CONN_ROW = struct.Struct("=IIIqIqqIIIqq")
 CONN_ROW_FIELDS = 12
 CONN_ROW_PLACES = (0, 1, 2, 4, 7, 8, 9)      # (the fields of a row that are places)
+CONN_ROW_NUMBERS = (3, 5, 6, 10, 11)         # (its user, ports and bytes)
 
 
-def pack_conns(conns: typing.Sequence[Conn]) -> typing.Tuple[list, bytes]:
+def pack_conns(conns: typing.Sequence[Conn]) -> typing.Tuple[list, typing.Optional[bytes]]:
     """Connections as a Batch sends them: ([processes, strings, n], the n
     rows packed as CONN_ROW), each row naming its processes and strings by
     their places. The rows of a window share a few processes (the Tracker's
     objects, told apart by identity) and a few strings: each is sent, and
     decoded, once, and the rows go as numbers (JSON would write and parse
     every one). A row whose numbers CONN_ROW cannot hold sends them all in
-    the JSON: ([processes, strings, rows], b"")."""
+    the JSON: ([processes, strings, rows], None)."""
     places: typing.Dict[int, int] = {}
     procs: typing.List[list] = []
     texts: typing.Dict[str, int] = {}
@@ -866,11 +869,12 @@ def pack_conns(conns: typing.Sequence[Conn]) -> typing.Tuple[list, bytes]:
     try:
         return [procs, list(texts), len(rows)], b"".join([pack(*r) for r in rows])
     except struct.error:
-        return [procs, list(texts), rows], b""
+        return [procs, list(texts), rows], None
 
 
-def unpack_conns(packed: list, tail: bytes) -> typing.List[Conn]:
-    """The connections pack_conns sent; ValueError for anything else."""
+def unpack_conns(packed: list, tail: typing.Optional[bytes]) -> typing.List[Conn]:
+    """The connections pack_conns sent (tail: what followed the JSON's NUL,
+    None without one); ValueError for anything else."""
     if len(packed) != 3 or not isinstance(packed[1], list):
         raise ValueError("not a list of processes, strings and rows")
     procs = []
@@ -885,14 +889,17 @@ def unpack_conns(packed: list, tail: bytes) -> typing.List[Conn]:
         raise ValueError("a string sent is not one")
     rows = packed[2]
     if isinstance(rows, list):
-        if tail or not all(isinstance(r, list) and len(r) == CONN_ROW_FIELDS for r in rows):
+        if tail is not None or not all(isinstance(r, list) and len(r) == CONN_ROW_FIELDS for r in rows):
             raise ValueError(f"rows are not lists of {CONN_ROW_FIELDS} values")
-        if any(r[i] < 0 for r in rows for i in CONN_ROW_PLACES if isinstance(r[i], int)):
-            raise ValueError("a row names a process or string at a place below 0")
-    elif isinstance(rows, int) and not isinstance(rows, bool) and len(tail) == rows * CONN_ROW.size:
+        for r in rows:
+            if not all(type(r[i]) is int and r[i] >= 0 for i in CONN_ROW_PLACES):
+                raise ValueError("a row names a process or string by what is no place")
+            if not all(r[i] is None or type(r[i]) is int for i in CONN_ROW_NUMBERS):
+                raise ValueError("a row's user, ports and bytes are not integers")
+    elif type(rows) is int and tail is not None and len(tail) == rows * CONN_ROW.size:
         rows = CONN_ROW.iter_unpack(tail)
     else:
-        raise ValueError(f"not {rows} rows of {CONN_ROW.size} bytes: {len(tail)} bytes")
+        raise ValueError(f"not {rows} rows of {CONN_ROW.size} bytes: {len(tail or b'')} bytes")
     try:
         return [Conn(procs[r[0]], procs[r[1]], procs[r[2]], r[3], texts[r[4]], r[5], r[6], texts[r[7]], texts[r[8]],
                      texts[r[9]], r[10], r[11]) for r in rows]
@@ -900,15 +907,15 @@ def unpack_conns(packed: list, tail: bytes) -> typing.List[Conn]:
         raise ValueError(f"a row names a process or string that was not sent ({e})")
 
 
-
 def encode_message(message: typing.NamedTuple) -> bytes:
     """A message as JSON; a Batch's or LiveTick's rows follow it packed,
     after a NUL (which JSON text never holds)."""
-    fields, tail = [*message], b""
+    fields, tail = [*message], None
     if isinstance(message, (Batch, LiveTick)):
-        at = 1 if isinstance(message, LiveTick) else -1
-        fields[at], tail = pack_conns(message.conns)
-    data = json.dumps([type(message).__name__, *fields], default=as_list).encode() + (b"\0" + tail if tail else b"")
+        fields[1 if isinstance(message, LiveTick) else -1], tail = pack_conns(message.conns)
+    data = json.dumps([type(message).__name__, *fields], default=as_list).encode()
+    if tail is not None:
+        data += b"\0" + tail
     if len(data) > MESSAGE_MAX:
         raise ValueError(f"a {type(message).__name__} message of {len(data)} bytes is too big to send")
     return data
@@ -918,7 +925,7 @@ def decode_message(data: bytes) -> typing.NamedTuple:
     """A message from its JSON (and a Batch's or LiveTick's packed rows),
     each field of its declared type; ValueError for anything else (a message
     may come from a process a user controls)."""
-    text, _, tail = data.partition(b"\0")
+    text, nul, tail = data.partition(b"\0")
     try:
         name, *fields = json.loads(text)
         cls = MESSAGES[name]
@@ -927,8 +934,8 @@ def decode_message(data: bytes) -> typing.NamedTuple:
             if not field_ok(getattr(message, field), kind):
                 raise ValueError(f"{name}.{field} is not a {getattr(kind, '__name__', kind)}")
         if isinstance(message, (Batch, LiveTick)):
-            message = message._replace(conns=unpack_conns(message.conns, tail))
-        elif tail:
+            message = message._replace(conns=unpack_conns(message.conns, tail if nul else None))
+        elif nul:
             raise ValueError(f"a {name} has nothing after its JSON")
         if isinstance(message, HashRequest):
             message = message._replace(procs=[HashItem.checked(p) for p in message.procs])
@@ -1671,13 +1678,17 @@ def window_sums(rows: typing.Iterable[tuple]) -> typing.Optional[typing.Dict[str
     """What window_statements() sums from the rows (conns values, in
     CONNS_COLUMNS order) into its TEMP tables, summed here, as they are
     encoded, instead of read back and grouped: {table: [(b, keys..., send,
-    recv, rows)]}. None for rows whose ports are no numbers (the SQL, which
-    reads them as stored, sums those)."""
+    recv, rows)]}. None for rows whose bytes are not integers, or whose user
+    or ports are neither integers nor NULL, and for sums past SQLite's
+    integers: the SQL, which reads them as stored, sums those (or fails)."""
     rollups: typing.Dict[tuple, list] = {}
     ports: typing.Dict[tuple, list] = {}
     hours: typing.Dict[typing.Any, int] = {}
     try:
         for t, send, recv, proc, parent, gp, uid, lport, rport, laddr, raddr, domain, proto in rows:
+            if type(send) is not int or type(recv) is not int or not (uid is None or type(uid) is int) or \
+                    not (lport is None or type(lport) is int) or not (rport is None or type(rport) is int):
+                return None
             b = hours.get(t)
             if b is None:
                 b = hours[t] = hour_of(t)
@@ -1699,6 +1710,8 @@ def window_sums(rows: typing.Iterable[tuple]) -> typing.Optional[typing.Dict[str
                 total[1] += recv
                 total[2] += 1
     except TypeError:
+        return None
+    if any(not -1 << 63 <= v < 1 << 63 for totals in (rollups, ports) for total in totals.values() for v in total):
         return None
     return {"rollups": [(*k, *v) for k, v in rollups.items()], "ports": [(*k, *v) for k, v in ports.items()]}
 
@@ -2088,7 +2101,8 @@ class Log(OldLayouts):
             for start in range(0, len(rows), most):     # (a statement each: fewer steps than a row each)
                 chunk = rows[start:start + most]
                 self.con.execute(f"INSERT INTO conns ({', '.join(CONNS_COLUMNS)}) VALUES "
-                                 f"{', '.join([f'({marks})'] * len(chunk))}", list(itertools.chain.from_iterable(chunk)))
+                                 f"{', '.join([f'({marks})'] * len(chunk))}",
+                                 list(itertools.chain.from_iterable(chunk)))
             last = self.con.execute("SELECT max(id) FROM conns").fetchone()[0]
         else:
             self.con.executemany(f"INSERT INTO conns (id, {', '.join(CONNS_COLUMNS)}) VALUES (?, {marks})",
@@ -4664,9 +4678,9 @@ class Tracker:
         addresses, address = self.addresses, self.address
         for key, val in entries:
             _, exe, prot, pid, uid, raddr, laddr, rport, lport, family, _ = unpack(key)
-            who = context or found.get((pid, exe, prot))
+            who = context or found.get((pid, exe, prot, family))
             if who is None:
-                who = found[(pid, exe, prot)] = self.who(key)
+                who = found[(pid, exe, prot, family)] = self.who(key)
             if not who[0].proc.exe and not context:
                 self.whose(key, val)        # (reported, a key each)
             proc = who[0]

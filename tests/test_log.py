@@ -168,6 +168,23 @@ def test_a_windows_rollups_are_its_rows_grouped_at_every_level(tmp_path, monkeyp
     grouped.close()
 
 
+def test_odd_values_are_summed_by_the_sql_as_stored(tmp_path):
+    """window_sums() leaves to the SQL the rows whose bytes are not
+    integers, or whose user or ports are neither integers nor NULL, and
+    sums past SQLite's integers (which the SQL refuses, as before)."""
+    row = lambda send=5, uid=1000, lport=80: (0, send, 1, 1, 1, 1, uid, lport, 40000, 1, 1, 1, 1)
+    assert picosnitch.window_sums([row(), row(uid=None, lport=None)]) is not None
+    for odd in ([row(), row(send="6")], [row(uid=float("nan"))], [row(lport=True)], [row(1 << 62), row(1 << 62)]):
+        assert picosnitch.window_sums(odd) is None
+    rows = [(text(NOW), send, 0, "/opt/p", "p", "", "", "", "", "", "", 1000, 7400, 40000, "127.0.0.1", "127.0.0.1",
+             "", "tcp") for send in ("5", "6", 7)]
+    log = picosnitch.Log.open(str(tmp_path / "a.db"))
+    log.insert(rows)
+    totals = log.con.execute("SELECT send, rows FROM ports WHERE level = ? AND proc > 0", (picosnitch.ALL_TIME,))
+    assert totals.fetchall() == [(18, 3)]
+    log.close()
+
+
 def test_rollups_that_kept_each_high_port_are_read_as_if_they_kept_them_as_one(tmp_path, monkeypatch):
     """A log whose rollups were written with every port a key of its own
     (before the high ports were one), and windows added since, answers

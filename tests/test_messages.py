@@ -68,16 +68,24 @@ def test_a_batch_sends_each_process_and_string_once_and_its_rows_as_numbers():
             ([procs, texts, 100], tail[:-1], "not 100 rows"),
             ([procs, texts, 1], packed(0, 1, 3, *rows[0][3:]), "process or string that was not sent"),
             ([procs, texts, 1], packed(*rows[0][:9], 4, *rows[0][10:]), "process or string that was not sent"),
-            ([procs, texts, [[0, 1, -1] + json_rows[0][3:]]], b"", "below 0"),
-            ([procs, texts, [json_rows[0][:-1]]], b"", "lists of 12"),
+            ([procs, texts, [[0, 1, -1] + json_rows[0][3:]]], None, "no place"),
+            ([procs, texts, [[0, True] + json_rows[0][2:]]], None, "no place"),
+            ([procs, texts, [json_rows[0][:10] + [float("nan"), 0]]], None, "not integers"),
+            ([procs, texts, [json_rows[0][:3] + ["1000"] + json_rows[0][4:]]], None, "not integers"),
+            ([procs, texts, 0], None, "not 0 rows"),
+            ([procs, texts, [json_rows[0][:-1]]], None, "lists of 12"),
             ([procs, texts, json_rows], tail, "lists of 12"),
             ([procs, [1], 100], tail, "a string sent is not one"),
             ([[["7"] + procs[0][1:]] + procs[1:], texts, 100], tail, "ProcInfo.pid is not"),
             ([procs, texts], tail, "not a list of processes, strings and rows")]:
         with pytest.raises(ValueError, match=why):
-            picosnitch.decode_message(picosnitch.json.dumps(head[:-1] + [bad]).encode() + b"\0" * bool(after) + after)
-    with pytest.raises(ValueError, match="nothing after"):
-        picosnitch.decode_message(picosnitch.encode_message(picosnitch.Ack(1)) + b"\0" + tail)
+            picosnitch.decode_message(picosnitch.json.dumps(head[:-1] + [bad]).encode() +
+                                      (b"" if after is None else b"\0" + after))
+    empty = picosnitch.encode_message(picosnitch.Batch(3, 0, True, "t", []))
+    assert empty.endswith(b"\0") and picosnitch.decode_message(empty).conns == []
+    for after in (tail, b""):
+        with pytest.raises(ValueError, match="nothing after"):
+            picosnitch.decode_message(picosnitch.encode_message(picosnitch.Ack(1)) + b"\0" + after)
 
 
 def test_big_messages_arrive_whole_and_descriptors_go_with_them(tmp_path):
