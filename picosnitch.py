@@ -4686,6 +4686,7 @@ class Tracker:
             proc = who[0]
             raddr = addresses.get((family, raddr)) or address(family, raddr)
             laddr = addresses.get((family, laddr)) or address(family, laddr)
+            # (the name the process itself looked up for the address, else the latest anyone did)
             domain = (domains.get((pid, raddr)) or domains.get((0, raddr), "")) if domains else ""
             out.append(Conn(proc.proc, proc.parent, proc.grandparent, uid, who[1], lport, rport, laddr, raddr, domain,
                             val.send, val.recv))
@@ -4708,10 +4709,6 @@ class Tracker:
         context, proto = context or self.whose(key, val)
         return Conn(context.proc, context.parent, context.grandparent, key.uid, proto, MERGED_PORT, MERGED_PORT,
                     "", merged_text(val.conns), "", val.send, val.recv)
-
-    def domain(self, pid: int, addr: str) -> str:
-        """The name the process itself looked up for addr, else the latest anyone did."""
-        return self.domains.get((pid, addr)) or self.domains.get((0, addr), "")
 
     def take_runs(self) -> typing.List[Conn]:
         runs, self.runs = self.runs, []
