@@ -1684,33 +1684,24 @@ def window_sums(rows: typing.Iterable[tuple]) -> typing.Optional[typing.Dict[str
     rollups: typing.Dict[tuple, list] = {}
     ports: typing.Dict[tuple, list] = {}
     hours: typing.Dict[typing.Any, int] = {}
-    try:
-        for t, send, recv, proc, parent, gp, uid, lport, rport, laddr, raddr, domain, proto in rows:
-            if type(send) is not int or type(recv) is not int or not (uid is None or type(uid) is int) or \
-                    not (lport is None or type(lport) is int) or not (rport is None or type(rport) is int):
-                return None
-            b = hours.get(t)
-            if b is None:
-                b = hours[t] = hour_of(t)
-            key = (b, proc, parent, gp, NOT_LOGGED if uid is None else uid, domain, laddr, raddr,
-                   NOT_LOGGED if rport is None else HIGH_PORTS_KEY if rport >= HIGH_PORTS else rport, proto)
-            total = rollups.get(key)
+    for t, send, recv, proc, parent, gp, uid, lport, rport, laddr, raddr, domain, proto in rows:
+        if type(send) is not int or type(recv) is not int or not (uid is None or type(uid) is int) or \
+                not (lport is None or type(lport) is int) or not (rport is None or type(rport) is int):
+            return None
+        b = hours.get(t)
+        if b is None:
+            b = hours[t] = hour_of(t)
+        rport = NOT_LOGGED if rport is None else HIGH_PORTS_KEY if rport >= HIGH_PORTS else rport
+        lport = NOT_LOGGED if lport is None else HIGH_PORTS_KEY if lport >= HIGH_PORTS else lport
+        for totals, key in ((rollups, (b, proc, parent, gp, NOT_LOGGED if uid is None else uid, domain, laddr,
+                                       raddr, rport, proto)), (ports, (b, proc, lport))):
+            total = totals.get(key)
             if total is None:
-                rollups[key] = [send, recv, 1]
+                totals[key] = [send, recv, 1]
             else:
                 total[0] += send
                 total[1] += recv
                 total[2] += 1
-            key = (b, proc, NOT_LOGGED if lport is None else HIGH_PORTS_KEY if lport >= HIGH_PORTS else lport)
-            total = ports.get(key)
-            if total is None:
-                ports[key] = [send, recv, 1]
-            else:
-                total[0] += send
-                total[1] += recv
-                total[2] += 1
-    except TypeError:
-        return None
     if any(not -1 << 63 <= v < 1 << 63 for totals in (rollups, ports) for total in totals.values() for v in total):
         return None
     return {"rollups": [(*k, *v) for k, v in rollups.items()], "ports": [(*k, *v) for k, v in ports.items()]}
