@@ -59,12 +59,18 @@ def test_a_program_that_kills_in_a_loop_neither_silences_nor_loses(user_home, us
     of the connection), each death is on record with its time, and a stop
     5 s after the killing, then a start, lose nothing."""
     daemon = Daemon(user=user_home, env={"DBUS_SESSION_BUS_ADDRESS": user_session_bus[0]}).start()
+    killer = None
     try:
         exe = new_program(user_programs)
+        # (the sender starts before the killing, and waits for a line to send: between its fork and its
+        # exec it has this process's command line, which names picosnitch, and would be killed)
+        sender = user_popen(user_home, exe, "-c", "import sys; sys.stdin.readline()\n" + bench_reach.SENDER,
+                            str(bench_reach.TOTAL), str(bench_reach.DATAGRAMS), str(KILLING - 15),
+                            stdin=subprocess.PIPE)
         killer = user_popen(user_home, SYSTEM_PYTHON, "-c", bench_reach.KILLER, str(KILLING))
         time.sleep(2)
-        sender = user_popen(user_home, exe, "-c", bench_reach.SENDER, str(bench_reach.TOTAL),
-                            str(bench_reach.DATAGRAMS), str(KILLING - 15))
+        sender.stdin.write("go\n")
+        sender.stdin.close()
         first = float(sender.stdout.readline())
         assert wait_for(lambda: sent(daemon, exe) > 0, 15)
         row = time.time()
@@ -96,6 +102,9 @@ def test_a_program_that_kills_in_a_loop_neither_silences_nor_loses(user_home, us
         daemon.start()
         assert wait_for(lambda: sent(daemon, exe) == bench_reach.TOTAL, 20), sent(daemon, exe)
     finally:
+        if killer is not None and killer.poll() is None:      # (it would kill the next tests' helpers)
+            killer.kill()
+            killer.wait()
         assert daemon.stop() == 0
 
 
